@@ -1,0 +1,629 @@
+//! The broker: the only module that speaks AMQP.
+//!
+//! Topology (declared idempotently at every start):
+//!
+//! ```text
+//!  web app ──▶ sms.jobs (topic) ──type──▶ sms.urgent  (login_code, booking_change, booking_cancellation)
+//!                 │                 └───▶ sms.default (booking_confirmation, booking_reminder)
+//!                 │                 └───▶ sms.bulk    (announcement)
+//!                 └─ unroutable ─▶ sms.unrouted (fanout) ─▶ sms.default (decoded, dead-lettered)
+//!
+//!  retry / defer ─▶ sms.retry.<delay> (fanout) ─▶ sms.retry.<delay> queue, TTL = delay
+//!                                  └─ expired ─▶ sms.requeue (direct, key = type) ─▶ its lane
+//!
+//!  dead letters ─▶ sms.dead (fanout) ─▶ sms.dead queue
+//!  lanes past x-delivery-limit ──────────▲ (the broker dead-letters them itself)
+//! ```
+//!
+//! Every queue is a quorum queue; the broker dead-letters at-least-once. Every publish of
+//! ours waits for the broker's confirm before the delivery it replaces is acked.
+
+use std::{sync::Arc, time::Duration};
+
+use futures_util::StreamExt;
+use lapin::{
+    Acker, BasicProperties, Channel, Connection, ConnectionProperties, Consumer, ExchangeKind,
+    options::{
+        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+        BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+        QueueBindOptions, QueueDeclareOptions,
+    },
+    types::{AMQPValue, FieldTable, LongString, ShortString},
+};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::{
+    disposition::{DeadReason, Disposition},
+    job::{JobType, Lane},
+};
+
+pub const JOBS_EXCHANGE: &str = "sms.jobs";
+pub const UNROUTED_EXCHANGE: &str = "sms.unrouted";
+pub const REQUEUE_EXCHANGE: &str = "sms.requeue";
+pub const DEAD_EXCHANGE: &str = "sms.dead";
+pub const DEAD_QUEUE: &str = "sms.dead";
+
+pub const HEADER_REASON: &str = "x-smsgw-reason";
+pub const HEADER_ERROR: &str = "x-smsgw-error";
+pub const HEADER_ATTEMPTS: &str = "x-smsgw-attempts";
+/// On a message fanned out of an announcement: the announcement's job id.
+pub const HEADER_BULK_ID: &str = "x-smsgw-bulk-id";
+
+/// How long we wait for the broker to confirm a publish or take an ack.
+const BROKER_TIMEOUT: Duration = Duration::from_secs(15);
+/// Longest `x-smsgw-error` we write.
+const MAX_ERROR_HEADER: usize = 1_000;
+
+pub fn lane_queue(lane: Lane) -> &'static str {
+    match lane {
+        Lane::Urgent => "sms.urgent",
+        Lane::Default => "sms.default",
+        Lane::Bulk => "sms.bulk",
+    }
+}
+
+/// `sms.retry.10s`, `sms.retry.1m`, `sms.retry.1h30m`.
+pub fn tier_name(delay: Duration) -> String {
+    let text: String = humantime::format_duration(delay)
+        .to_string()
+        .split_whitespace()
+        .collect();
+    format!("sms.retry.{text}")
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("AMQP error: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("the broker refused the publish (nack)")]
+    Nacked,
+    #[error("the broker could not route the publish: {0}")]
+    Returned(String),
+    #[error("the broker did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+impl BrokerError {
+    /// A topology mismatch (a queue declared with other arguments) will not fix itself.
+    pub fn is_precondition_failed(&self) -> bool {
+        matches!(self, BrokerError::Amqp(e) if e.to_string().contains("PRECONDITION_FAILED"))
+    }
+}
+
+async fn within<T, E>(future: impl Future<Output = Result<T, E>>) -> Result<T, BrokerError>
+where
+    BrokerError: From<E>,
+{
+    match tokio::time::timeout(BROKER_TIMEOUT, future).await {
+        Ok(result) => result.map_err(BrokerError::from),
+        Err(_) => Err(BrokerError::Timeout(BROKER_TIMEOUT)),
+    }
+}
+
+/// The shape of the queues, from configuration.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    /// Delay tiers, shortest first.
+    pub delays: Vec<Duration>,
+    pub delivery_limit: u32,
+}
+
+impl Topology {
+    /// The tier to wait in for a retry: the shortest one at least `delay` long.
+    fn tier_at_least(&self, delay: Duration) -> Duration {
+        self.delays
+            .iter()
+            .copied()
+            .find(|tier| *tier >= delay)
+            .or_else(|| self.delays.last().copied())
+            .unwrap_or(delay)
+    }
+
+    /// The tier to wait in for a scheduled send: the longest one that does not overshoot
+    /// `remaining` (the shortest when all do), so the message comes back on time.
+    fn tier_at_most(&self, remaining: Duration) -> Duration {
+        self.delays
+            .iter()
+            .rev()
+            .copied()
+            .find(|tier| *tier <= remaining)
+            .or_else(|| self.delays.first().copied())
+            .unwrap_or(remaining)
+    }
+}
+
+/// A delivery taken from a lane, with what the pipeline needs to know about it.
+pub struct Incoming {
+    pub lane: Lane,
+    pub body: Vec<u8>,
+    /// The broker delivered it before (to us or another consumer) without a settlement.
+    pub redelivered: bool,
+    /// Provider calls made for this job so far, from our `x-smsgw-attempts` header.
+    pub attempts: u32,
+    pub bulk_id: Option<Uuid>,
+    routing_key: ShortString,
+    properties: BasicProperties,
+    acker: Acker,
+}
+
+impl std::fmt::Debug for Incoming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Incoming")
+            .field("lane", &self.lane)
+            .field("bytes", &self.body.len())
+            .field("redelivered", &self.redelivered)
+            .field("attempts", &self.attempts)
+            .finish()
+    }
+}
+
+impl Incoming {
+    fn from_delivery(lane: Lane, delivery: lapin::message::Delivery) -> Self {
+        let headers = delivery.properties.headers().as_ref();
+        let attempts = headers
+            .and_then(|h| h.inner().get(HEADER_ATTEMPTS))
+            .and_then(amqp_int)
+            .and_then(|n| u32::try_from(n).ok())
+            .unwrap_or(0);
+        let bulk_id = headers
+            .and_then(|h| h.inner().get(HEADER_BULK_ID))
+            .and_then(amqp_text)
+            .and_then(|text| Uuid::parse_str(&text).ok());
+        Incoming {
+            lane,
+            redelivered: delivery.redelivered,
+            attempts,
+            bulk_id,
+            routing_key: delivery.routing_key,
+            properties: delivery.properties,
+            acker: delivery.acker,
+            body: delivery.data,
+        }
+    }
+
+    /// Whether the delivery can still be settled (its channel is alive and it was not yet).
+    pub fn settleable(&self) -> bool {
+        self.acker.usable()
+    }
+
+    /// The `message_id` property, as the web app set it.
+    pub fn message_id(&self) -> Option<&str> {
+        self.properties.message_id().as_ref().map(|id| id.as_str())
+    }
+}
+
+fn amqp_int(value: &AMQPValue) -> Option<i64> {
+    match value {
+        AMQPValue::ShortShortInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortShortUInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortUInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongUInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongLongInt(n) => Some(*n),
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok()?.parse().ok(),
+        _ => None,
+    }
+}
+
+fn amqp_text(value: &AMQPValue) -> Option<String> {
+    match value {
+        AMQPValue::LongString(s) => String::from_utf8(s.as_bytes().to_vec()).ok(),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+fn long_string(text: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(text.as_bytes().to_vec()))
+}
+
+/// A consumer on one lane, on its own channel with its own prefetch.
+pub struct LaneConsumer {
+    pub lane: Lane,
+    channel: Channel,
+    consumer: Consumer,
+    tag: ShortString,
+}
+
+impl LaneConsumer {
+    /// The next delivery; `None` when the consumer was cancelled or its channel closed.
+    pub async fn next(&mut self) -> Option<Result<Incoming, BrokerError>> {
+        let lane = self.lane;
+        self.consumer.next().await.map(|delivery| {
+            delivery
+                .map(|d| Incoming::from_delivery(lane, d))
+                .map_err(BrokerError::from)
+        })
+    }
+
+    /// Asks the broker to stop delivering; what was delivered stays ours to settle.
+    pub async fn cancel(&self) -> Result<(), BrokerError> {
+        within(
+            self.channel
+                .basic_cancel(self.tag.clone(), BasicCancelOptions::default()),
+        )
+        .await
+    }
+
+    pub async fn close(&self) {
+        let _ = within(self.channel.close(200, "smsgw stopping".into())).await;
+    }
+}
+
+/// A connection with a confirmed publishing channel.
+#[derive(Clone)]
+pub struct Broker {
+    connection: Arc<Connection>,
+    publisher: Channel,
+    topology: Arc<Topology>,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("connected", &self.is_connected())
+            .finish()
+    }
+}
+
+/// Adds a heartbeat to the URL unless it already sets one, so a dead peer is noticed in
+/// seconds, not minutes.
+fn with_heartbeat(url: &str) -> String {
+    if url.contains("heartbeat=") {
+        url.to_owned()
+    } else if url.contains('?') {
+        format!("{url}&heartbeat=20")
+    } else {
+        format!("{url}?heartbeat=20")
+    }
+}
+
+impl Broker {
+    pub async fn connect(url: &str, name: &str, topology: Topology) -> Result<Self, BrokerError> {
+        let properties =
+            ConnectionProperties::default().with_connection_name(LongString::from(name));
+        let connection = within(Connection::connect(&with_heartbeat(url), properties)).await?;
+        let publisher = within(connection.create_channel()).await?;
+        within(publisher.confirm_select(ConfirmSelectOptions::default())).await?;
+        Ok(Broker {
+            connection: Arc::new(connection),
+            publisher,
+            topology: Arc::new(topology),
+        })
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connection.status().connected() && self.publisher.status().connected()
+    }
+
+    pub async fn close(&self) {
+        let _ = within(self.publisher.close(200, "smsgw stopping".into())).await;
+        let _ = within(self.connection.close(200, "smsgw stopping".into())).await;
+    }
+
+    /// Declares every exchange, queue and binding. Idempotent; fails with
+    /// PRECONDITION_FAILED when a queue exists with other arguments.
+    pub async fn declare_topology(&self) -> Result<(), BrokerError> {
+        let channel = within(self.connection.create_channel()).await?;
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        let mut jobs_args = FieldTable::default();
+        jobs_args.insert("alternate-exchange".into(), long_string(UNROUTED_EXCHANGE));
+        for (name, kind, args) in [
+            (UNROUTED_EXCHANGE, ExchangeKind::Fanout, FieldTable::default()),
+            (JOBS_EXCHANGE, ExchangeKind::Topic, jobs_args),
+            (REQUEUE_EXCHANGE, ExchangeKind::Direct, FieldTable::default()),
+            (DEAD_EXCHANGE, ExchangeKind::Fanout, FieldTable::default()),
+        ] {
+            within(channel.exchange_declare(name.into(), kind, durable, args)).await?;
+        }
+
+        declare_quorum(&channel, DEAD_QUEUE, FieldTable::default()).await?;
+        bind(&channel, DEAD_QUEUE, DEAD_EXCHANGE, "").await?;
+
+        for lane in Lane::ALL {
+            let queue = lane_queue(lane);
+            let mut args = FieldTable::default();
+            args.insert(
+                "x-delivery-limit".into(),
+                AMQPValue::LongLongInt(i64::from(self.topology.delivery_limit)),
+            );
+            args.insert("x-dead-letter-exchange".into(), long_string(DEAD_EXCHANGE));
+            args.insert("x-dead-letter-strategy".into(), long_string("at-least-once"));
+            args.insert("x-overflow".into(), long_string("reject-publish"));
+            declare_quorum(&channel, queue, args).await?;
+            for kind in JobType::ALL.into_iter().filter(|k| k.lane() == lane) {
+                bind(&channel, queue, JOBS_EXCHANGE, kind.as_str()).await?;
+                bind(&channel, queue, REQUEUE_EXCHANGE, kind.as_str()).await?;
+            }
+        }
+        bind(&channel, lane_queue(Lane::Default), UNROUTED_EXCHANGE, "").await?;
+
+        for delay in &self.topology.delays {
+            let name = tier_name(*delay);
+            within(channel.exchange_declare(
+                name.as_str().into(),
+                ExchangeKind::Fanout,
+                durable,
+                FieldTable::default(),
+            ))
+            .await?;
+            let mut args = FieldTable::default();
+            let ttl = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+            args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
+            args.insert("x-dead-letter-exchange".into(), long_string(REQUEUE_EXCHANGE));
+            args.insert("x-dead-letter-strategy".into(), long_string("at-least-once"));
+            args.insert("x-overflow".into(), long_string("reject-publish"));
+            declare_quorum(&channel, &name, args).await?;
+            bind(&channel, &name, &name, "").await?;
+        }
+        let _ = within(channel.close(200, "topology declared".into())).await;
+        Ok(())
+    }
+
+    /// Starts consuming `lane` on a channel of its own, with at most `prefetch` unsettled.
+    pub async fn consume(&self, lane: Lane, prefetch: u16) -> Result<LaneConsumer, BrokerError> {
+        let channel = within(self.connection.create_channel()).await?;
+        within(channel.basic_qos(prefetch, BasicQosOptions::default())).await?;
+        let tag = ShortString::from(format!("smsgw-{}-{}", lane.as_str(), Uuid::new_v4()));
+        let consumer = within(channel.basic_consume(
+            lane_queue(lane).into(),
+            tag.clone(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        ))
+        .await?;
+        Ok(LaneConsumer {
+            lane,
+            channel,
+            consumer,
+            tag,
+        })
+    }
+
+    /// Publishes a job onto `sms.jobs` (as the web app does) and waits for the confirm.
+    pub async fn publish_job(&self, id: Uuid, kind: &str, body: &[u8]) -> Result<(), BrokerError> {
+        let properties = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_message_id(id.to_string().into());
+        self.publish_confirmed(JOBS_EXCHANGE, kind, body, properties)
+            .await
+    }
+
+    /// Publishes fanned-out messages of announcement `bulk_id` straight to their lane,
+    /// pipelined, and returns once the broker confirmed every one.
+    pub async fn publish_fanout(
+        &self,
+        bulk_id: Uuid,
+        kind: JobType,
+        messages: impl IntoIterator<Item = (Uuid, Vec<u8>)>,
+    ) -> Result<(), BrokerError> {
+        let mut headers = FieldTable::default();
+        headers.insert(HEADER_BULK_ID.into(), long_string(&bulk_id.to_string()));
+        let mut pending = Vec::new();
+        for (id, body) in messages {
+            let properties = BasicProperties::default()
+                .with_content_type("application/json".into())
+                .with_delivery_mode(2)
+                .with_message_id(id.to_string().into())
+                .with_headers(headers.clone());
+            let confirm = within(self.publisher.basic_publish(
+                REQUEUE_EXCHANGE.into(),
+                kind.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &body,
+                properties,
+            ))
+            .await?;
+            pending.push(confirm);
+        }
+        for confirm in pending {
+            check_confirmation(within(confirm).await?)?;
+        }
+        Ok(())
+    }
+
+    async fn publish_confirmed(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), BrokerError> {
+        let confirm = within(self.publisher.basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            body,
+            properties,
+        ))
+        .await?;
+        check_confirmation(within(confirm).await?)
+    }
+
+    /// Carries out a disposition. The delivery is acked only after any republish it needs
+    /// was confirmed; on an error it stays unsettled (the caller decides what next).
+    pub async fn settle(
+        &self,
+        incoming: &Incoming,
+        disposition: &Disposition,
+    ) -> Result<(), BrokerError> {
+        match disposition {
+            Disposition::Ack => {}
+            Disposition::Retry {
+                delay,
+                attempts,
+                kind,
+            } => {
+                let tier = self.topology.tier_at_least(*delay);
+                self.republish(incoming, &tier_name(tier), kind.as_str(), *attempts, None)
+                    .await?;
+            }
+            Disposition::Defer { until, kind } => {
+                let remaining = (*until - OffsetDateTime::now_utc())
+                    .try_into()
+                    .unwrap_or(Duration::ZERO);
+                let tier = self.topology.tier_at_most(remaining);
+                self.republish(
+                    incoming,
+                    &tier_name(tier),
+                    kind.as_str(),
+                    incoming.attempts,
+                    None,
+                )
+                .await?;
+            }
+            Disposition::DeadLetter {
+                reason,
+                error,
+                attempts,
+            } => {
+                let routing_key = incoming.routing_key.as_str().to_owned();
+                self.republish(
+                    incoming,
+                    DEAD_EXCHANGE,
+                    &routing_key,
+                    *attempts,
+                    Some((*reason, error.as_str())),
+                )
+                .await?;
+            }
+            Disposition::Unsettled => return Ok(()),
+            Disposition::Requeue => {
+                within(incoming.acker.nack(BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                }))
+                .await?;
+                return Ok(());
+            }
+        }
+        let acked = within(incoming.acker.ack(BasicAckOptions::default())).await?;
+        if !acked {
+            // The channel died under us: the broker will deliver it again, and the log
+            // (not the broker) tells the next delivery what was already done.
+            tracing::warn!("could not ack: the channel closed; the message will come back");
+        }
+        Ok(())
+    }
+
+    /// Publishes the delivery's body unchanged with our headers added.
+    async fn republish(
+        &self,
+        incoming: &Incoming,
+        exchange: &str,
+        routing_key: &str,
+        attempts: u32,
+        dead: Option<(DeadReason, &str)>,
+    ) -> Result<(), BrokerError> {
+        let mut headers = incoming
+            .properties
+            .headers()
+            .clone()
+            .unwrap_or_default();
+        headers.insert(
+            HEADER_ATTEMPTS.into(),
+            AMQPValue::LongLongInt(i64::from(attempts)),
+        );
+        if let Some((reason, error)) = dead {
+            headers.insert(HEADER_REASON.into(), long_string(reason.as_str()));
+            let error: String = error.chars().take(MAX_ERROR_HEADER).collect();
+            headers.insert(HEADER_ERROR.into(), long_string(&error));
+        }
+        let properties = incoming
+            .properties
+            .clone()
+            .with_delivery_mode(2)
+            .with_headers(headers);
+        self.publish_confirmed(exchange, routing_key, &incoming.body, properties)
+            .await
+    }
+}
+
+fn check_confirmation(confirmation: lapin::Confirmation) -> Result<(), BrokerError> {
+    if confirmation.is_nack() {
+        return Err(BrokerError::Nacked);
+    }
+    match confirmation.take_message() {
+        Some(returned) => Err(BrokerError::Returned(returned.reply_text.to_string())),
+        None => Ok(()),
+    }
+}
+
+async fn declare_quorum(
+    channel: &Channel,
+    name: &str,
+    mut args: FieldTable,
+) -> Result<(), BrokerError> {
+    args.insert("x-queue-type".into(), long_string("quorum"));
+    within(channel.queue_declare(
+        name.into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        },
+        args,
+    ))
+    .await?;
+    Ok(())
+}
+
+async fn bind(channel: &Channel, queue: &str, exchange: &str, key: &str) -> Result<(), BrokerError> {
+    within(channel.queue_bind(
+        queue.into(),
+        exchange.into(),
+        key.into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    ))
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topology() -> Topology {
+        Topology {
+            delays: [10, 60, 300]
+                .into_iter()
+                .map(Duration::from_secs)
+                .collect(),
+            delivery_limit: 10,
+        }
+    }
+
+    #[test]
+    fn tier_names_are_compact() {
+        assert_eq!(tier_name(Duration::from_secs(10)), "sms.retry.10s");
+        assert_eq!(tier_name(Duration::from_secs(90)), "sms.retry.1m30s");
+        assert_eq!(tier_name(Duration::from_millis(200)), "sms.retry.200ms");
+    }
+
+    #[test]
+    fn retries_wait_at_least_the_delay_asked() {
+        let t = topology();
+        assert_eq!(t.tier_at_least(Duration::from_secs(10)), Duration::from_secs(10));
+        assert_eq!(t.tier_at_least(Duration::from_secs(11)), Duration::from_secs(60));
+        assert_eq!(t.tier_at_least(Duration::from_secs(9999)), Duration::from_secs(300));
+    }
+
+    #[test]
+    fn scheduled_sends_never_overshoot_by_more_than_the_shortest_tier() {
+        let t = topology();
+        assert_eq!(t.tier_at_most(Duration::from_secs(3)), Duration::from_secs(10));
+        assert_eq!(t.tier_at_most(Duration::from_secs(70)), Duration::from_secs(60));
+        assert_eq!(t.tier_at_most(Duration::from_secs(9999)), Duration::from_secs(300));
+    }
+}

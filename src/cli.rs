@@ -1,0 +1,219 @@
+//! The command line: `smsgw run | migrate | send`. Exit codes: 0 done, 1 failed at run
+//! time, 2 bad usage or configuration.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::{
+    broker::{Broker, Topology},
+    config::Settings,
+    daemon::{self, DaemonError},
+    job::{Job, JobType},
+    store::Store,
+    telemetry,
+};
+
+const EXIT_FAILED: u8 = 1;
+const EXIT_USAGE: u8 = 2;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "smsgw",
+    version,
+    about = "The SMS gateway worker: consumes SMS jobs from RabbitMQ, applies each school's \
+             settings from PostgreSQL, sends through the configured provider and records every \
+             attempt.",
+    after_help = "Configuration comes from SMSGW_* and TWILIO_* environment variables; see the \
+                  README. Exit codes: 0 done, 1 failed at run time, 2 bad usage or configuration."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the daemon until SIGTERM or SIGINT (a second signal exits at once).
+    Run,
+    /// Create the database if needed and apply pending schema migrations.
+    Migrate,
+    /// Publish one job onto sms.jobs, as the web app does, and print its id.
+    Send(SendArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct SendArgs {
+    /// The school the text is sent for (sms_school_settings.school_id).
+    #[arg(long, value_name = "ID")]
+    school: i64,
+    /// Recipient: E.164 (+447700900123) or a national number read with the school's country.
+    #[arg(long, value_name = "NUMBER")]
+    to: String,
+    /// Job type.
+    #[arg(long = "type", value_name = "TYPE", value_parser = job_types())]
+    kind: String,
+    /// The text, 1 to 1,600 characters.
+    #[arg(long, value_name = "TEXT")]
+    body: String,
+    /// Job id (idempotency key); a new one when left out.
+    #[arg(long, value_name = "UUID")]
+    id: Option<Uuid>,
+    /// Do not send before this RFC 3339 time.
+    #[arg(long, value_name = "TIME")]
+    not_before: Option<String>,
+    /// Never send after this RFC 3339 time.
+    #[arg(long, value_name = "TIME")]
+    expires_at: Option<String>,
+}
+
+fn job_types() -> clap::builder::PossibleValuesParser {
+    clap::builder::PossibleValuesParser::new(JobType::ALL.map(JobType::as_str))
+}
+
+/// The whole program: parse, configure, run; returns the exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match &cli.command {
+        Command::Run => Settings::from_env(),
+        Command::Migrate | Command::Send(_) => Settings::from_env_for_tools(),
+    };
+    let settings = match settings {
+        Ok(settings) => settings,
+        Err(e) => {
+            eprintln!("smsgw: configuration error: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    telemetry::init(settings.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("smsgw: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Run => run(settings).await,
+            Command::Migrate => migrate(&settings).await,
+            Command::Send(args) => send(&settings, args).await,
+        }
+    })
+}
+
+async fn run(settings: Settings) -> ExitCode {
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("stopping: finishing in-flight messages (signal again to exit at once)");
+        stop.cancel();
+        wait_for_signal().await;
+        tracing::warn!("second signal: exiting now; unsettled messages return to the broker");
+        std::process::exit(i32::from(EXIT_FAILED));
+    });
+    match daemon::run(settings, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(DaemonError::Config(e)) => {
+            eprintln!("smsgw: configuration error: {e}");
+            ExitCode::from(EXIT_USAGE)
+        }
+        Err(DaemonError::Runtime(_)) => ExitCode::from(EXIT_FAILED),
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+async fn migrate(settings: &Settings) -> ExitCode {
+    let result = async {
+        Store::create_database_if_missing(&settings.database_url).await?;
+        let store = Store::connect(&settings.database_url, 2).await?;
+        store.migrate().await?;
+        let version = store.schema_version().await?;
+        store.close().await;
+        Ok::<_, crate::store::StoreError>(version)
+    }
+    .await;
+    match result {
+        Ok(version) => {
+            println!("schema is at version {version}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!(
+                "smsgw: migration failed ({}): {e}",
+                settings.database_url_redacted()
+            );
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
+async fn send(settings: &Settings, args: SendArgs) -> ExitCode {
+    let id = args.id.unwrap_or_else(Uuid::new_v4);
+    let mut job = json!({
+        "id": id,
+        "type": args.kind,
+        "school_id": args.school,
+        "to": args.to,
+        "body": args.body,
+    });
+    if let Some(at) = args.not_before {
+        job["not_before"] = at.into();
+    }
+    if let Some(at) = args.expires_at {
+        job["expires_at"] = at.into();
+    }
+    let body = job.to_string().into_bytes();
+    if let Err(e) = Job::decode(&body) {
+        eprintln!("smsgw: this job would be invalid: {e}");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    let topology = Topology {
+        delays: settings.retry_delays.clone(),
+        delivery_limit: settings.delivery_limit,
+    };
+    let result = async {
+        let broker = Broker::connect(&settings.amqp_url, "smsgw send", topology).await?;
+        // Declaring is idempotent; it makes a job sent before the daemon's first start
+        // land in its queue instead of nowhere.
+        broker.declare_topology().await?;
+        broker.publish_job(id, &args.kind, &body).await?;
+        broker.close().await;
+        Ok::<_, crate::broker::BrokerError>(())
+    }
+    .await;
+    match result {
+        Ok(()) => {
+            println!("{id}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!(
+                "smsgw: could not publish to {}: {e}",
+                settings.amqp_url_redacted()
+            );
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}

@@ -1,0 +1,570 @@
+//! Settings from the environment (`SMSGW_*`, `TWILIO_*`), validated once at start-up.
+//!
+//! Everything that can be wrong with the configuration is found here, before the daemon
+//! touches the broker, so that a bad deployment fails fast with exit code 2 and a message
+//! that names the variable.
+
+use std::{collections::HashMap, fmt, net::SocketAddr, str::FromStr, time::Duration};
+
+use secrecy::SecretString;
+
+use crate::phone::PhoneNumber;
+
+/// Where this daemon runs; decides what is allowed to reach a real phone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Environment {
+    Development,
+    Staging,
+    Production,
+}
+
+impl Environment {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Environment::Development => "development",
+            Environment::Staging => "staging",
+            Environment::Production => "production",
+        }
+    }
+}
+
+/// Which adapter sends the messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderKind {
+    /// Logs one masked line per message and sends nothing.
+    Log,
+    Twilio,
+}
+
+impl ProviderKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::Log => "log",
+            ProviderKind::Twilio => "twilio",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+/// The default sender when a school has no `sender_id` of its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TwilioSender {
+    From(String),
+    MessagingService(String),
+}
+
+/// Twilio credentials and endpoint.
+#[derive(Debug, Clone)]
+pub struct TwilioSettings {
+    pub account_sid: String,
+    /// Never logged; exposed only to build the Authorization header.
+    pub auth_token: SecretString,
+    pub sender: TwilioSender,
+    /// `https://api.twilio.com` in real use; tests point it at a local stub.
+    pub base_url: String,
+}
+
+/// Concurrency budget of each lane: how many messages of it may be in flight at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LaneBudgets {
+    pub urgent: u16,
+    pub default: u16,
+    pub bulk: u16,
+}
+
+/// All of smsgw's settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub env: Environment,
+    /// May hold a password: use [`Settings::amqp_url_redacted`] in anything printed.
+    pub amqp_url: String,
+    pub database_url: String,
+    pub http_addr: SocketAddr,
+    /// Base URL that providers call back; `None` means no status callbacks are asked for.
+    pub public_url: Option<String>,
+    pub provider: ProviderKind,
+    pub twilio: Option<TwilioSettings>,
+    /// Staging: every message goes to this one number instead of its recipient.
+    pub redirect_to: Option<PhoneNumber>,
+    pub max_attempts: u32,
+    /// Retry tiers, shortest first; the n-th temporary failure waits the n-th delay
+    /// (the last one repeats).
+    pub retry_delays: Vec<Duration>,
+    pub rate_limit: Option<u32>,
+    pub body_retention: Duration,
+    /// Upper bound of one provider call; far below RabbitMQ's consumer timeout.
+    pub provider_timeout: Duration,
+    pub lanes: LaneBudgets,
+    /// `x-delivery-limit` of the lane queues: after this many deliveries without a
+    /// settlement (daemon crashes) a message is dead-lettered by the broker.
+    pub delivery_limit: u32,
+    pub shutdown_grace: Duration,
+    pub log_format: Option<LogFormat>,
+}
+
+/// A configuration problem, naming the variable. Exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{variable}: {problem}")]
+pub struct ConfigError {
+    pub variable: &'static str,
+    pub problem: String,
+}
+
+fn bad(variable: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError {
+        variable,
+        problem: problem.into(),
+    }
+}
+
+pub const DEFAULT_TWILIO_BASE_URL: &str = "https://api.twilio.com";
+
+impl Settings {
+    /// Reads the process environment, for the daemon: every rule about where messages may
+    /// go is enforced.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let vars: HashMap<String, String> = std::env::vars().collect();
+        Self::from_lookup(|name| vars.get(name).cloned())
+    }
+
+    /// Reads the process environment for a tool that sends nothing itself (`migrate`,
+    /// `send`): the provider settings are not required, so ops can migrate before the
+    /// provider's credentials exist.
+    pub fn from_env_for_tools() -> Result<Self, ConfigError> {
+        let vars: HashMap<String, String> = std::env::vars().collect();
+        Self::read(|name| vars.get(name).cloned(), false)
+    }
+
+    /// Reads settings through `lookup`, so tests can build settings without touching the
+    /// process environment. Empty values count as unset.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        Self::read(lookup, true)
+    }
+
+    fn read(
+        lookup: impl Fn(&str) -> Option<String>,
+        delivery: bool,
+    ) -> Result<Self, ConfigError> {
+        let get = |name: &str| {
+            if !delivery && is_delivery_variable(name) {
+                return None;
+            }
+            lookup(name).filter(|v| !v.trim().is_empty())
+        };
+
+        let env = match get("SMSGW_ENV").as_deref() {
+            None | Some("development") => Environment::Development,
+            Some("staging") => Environment::Staging,
+            Some("production") => Environment::Production,
+            Some(other) => {
+                return Err(bad(
+                    "SMSGW_ENV",
+                    format!("'{other}' is not one of development, staging, production"),
+                ));
+            }
+        };
+
+        let provider = match get("SMSGW_PROVIDER").as_deref() {
+            None if env == Environment::Production && delivery => {
+                return Err(bad(
+                    "SMSGW_PROVIDER",
+                    "production needs a real provider (e.g. twilio); the log provider sends nothing",
+                ));
+            }
+            None | Some("log") => ProviderKind::Log,
+            Some("twilio") => ProviderKind::Twilio,
+            Some(other) => {
+                return Err(bad(
+                    "SMSGW_PROVIDER",
+                    format!("unknown provider '{other}' (known: log, twilio)"),
+                ));
+            }
+        };
+        if env == Environment::Production && provider == ProviderKind::Log && delivery {
+            return Err(bad(
+                "SMSGW_PROVIDER",
+                "production refuses the log provider: it would silently send nothing",
+            ));
+        }
+
+        let twilio = read_twilio(&get, provider == ProviderKind::Twilio)?;
+
+        let redirect_to = match get("SMSGW_REDIRECT_TO") {
+            None => None,
+            Some(raw) => Some(PhoneNumber::parse(&raw, None).map_err(|e| {
+                bad(
+                    "SMSGW_REDIRECT_TO",
+                    format!("{e} (give the number in E.164, e.g. +447700900123)"),
+                )
+            })?),
+        };
+        if env == Environment::Production && redirect_to.is_some() {
+            return Err(bad(
+                "SMSGW_REDIRECT_TO",
+                "is for staging; production never redirects messages",
+            ));
+        }
+        if let Some(twilio) = &twilio {
+            let real = twilio.base_url.trim_end_matches('/') == DEFAULT_TWILIO_BASE_URL;
+            if env != Environment::Production && real && redirect_to.is_none() {
+                return Err(bad(
+                    "SMSGW_REDIRECT_TO",
+                    format!(
+                        "{} with Twilio's real API would text real people: set SMSGW_REDIRECT_TO \
+                         to your own number (or use SMSGW_PROVIDER=log)",
+                        env.as_str()
+                    ),
+                ));
+            }
+        }
+
+        let public_url = match get("SMSGW_PUBLIC_URL") {
+            None => None,
+            Some(url) => {
+                let parsed = reqwest::Url::parse(&url)
+                    .map_err(|e| bad("SMSGW_PUBLIC_URL", format!("not a URL: {e}")))?;
+                if !matches!(parsed.scheme(), "http" | "https") {
+                    return Err(bad("SMSGW_PUBLIC_URL", "must be an http(s) URL"));
+                }
+                Some(url.trim_end_matches('/').to_owned())
+            }
+        };
+
+        let retry_delays = match get("SMSGW_RETRY_DELAYS") {
+            None => parse_delays("10s,1m,5m,30m,2h")
+                .map_err(|problem| bad("SMSGW_RETRY_DELAYS", problem))?,
+            Some(raw) => parse_delays(&raw).map_err(|problem| bad("SMSGW_RETRY_DELAYS", problem))?,
+        };
+
+        let lanes = LaneBudgets {
+            urgent: number(&get, "SMSGW_URGENT_CONCURRENCY", 32, 1, 10_000)?,
+            default: number(&get, "SMSGW_DEFAULT_CONCURRENCY", 64, 1, 10_000)?,
+            bulk: number(&get, "SMSGW_BULK_CONCURRENCY", 64, 1, 10_000)?,
+        };
+
+        let log_format = match get("SMSGW_LOG_FORMAT").as_deref() {
+            None => None,
+            Some("pretty") => Some(LogFormat::Pretty),
+            Some("json") => Some(LogFormat::Json),
+            Some(other) => {
+                return Err(bad(
+                    "SMSGW_LOG_FORMAT",
+                    format!("'{other}' is not one of pretty, json"),
+                ));
+            }
+        };
+
+        Ok(Settings {
+            env,
+            amqp_url: get("SMSGW_AMQP_URL")
+                .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned()),
+            database_url: get("SMSGW_DATABASE_URL")
+                .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/smsgw".to_owned()),
+            http_addr: parsed(&get, "SMSGW_HTTP_ADDR", "127.0.0.1:9464")?,
+            public_url,
+            provider,
+            twilio,
+            redirect_to,
+            max_attempts: number(&get, "SMSGW_MAX_ATTEMPTS", 6, 1, 100)?,
+            retry_delays,
+            rate_limit: match get("SMSGW_RATE_LIMIT") {
+                None => None,
+                Some(_) => Some(number(&get, "SMSGW_RATE_LIMIT", 0, 1, 1_000_000)?),
+            },
+            body_retention: duration(&get, "SMSGW_BODY_RETENTION", "30d")?,
+            provider_timeout: duration(&get, "SMSGW_PROVIDER_TIMEOUT", "10s")?,
+            lanes,
+            delivery_limit: number(&get, "SMSGW_DELIVERY_LIMIT", 10, 2, 1_000)?,
+            shutdown_grace: duration(&get, "SMSGW_SHUTDOWN_GRACE", "20s")?,
+            log_format,
+        })
+    }
+
+    /// The AMQP URL with any password replaced, for log lines.
+    pub fn amqp_url_redacted(&self) -> String {
+        redact_url_password(&self.amqp_url)
+    }
+
+    /// The database URL with any password replaced, for log lines.
+    pub fn database_url_redacted(&self) -> String {
+        redact_url_password(&self.database_url)
+    }
+
+    /// One line that says where messages will really go. Printed at start-up in every mode.
+    pub fn destination_summary(&self) -> String {
+        let env = self.env.as_str();
+        match (self.provider, &self.twilio) {
+            (ProviderKind::Log, _) => {
+                format!("{env}: provider 'log': messages are written to the log, none is sent")
+            }
+            (ProviderKind::Twilio, Some(twilio)) => {
+                let api = if twilio.base_url.trim_end_matches('/') == DEFAULT_TWILIO_BASE_URL {
+                    "Twilio's API".to_owned()
+                } else {
+                    format!("a Twilio-compatible endpoint at {}", twilio.base_url)
+                };
+                match &self.redirect_to {
+                    Some(number) => format!(
+                        "{env}: provider 'twilio' via {api}: every message is redirected to {}",
+                        number.masked()
+                    ),
+                    None => format!(
+                        "{env}: provider 'twilio' via {api}: messages go to their real recipients"
+                    ),
+                }
+            }
+            (ProviderKind::Twilio, None) => format!("{env}: provider 'twilio' is not configured"),
+        }
+    }
+}
+
+/// Variables that decide where messages go; tools that send nothing ignore them.
+fn is_delivery_variable(name: &str) -> bool {
+    name == "SMSGW_PROVIDER" || name == "SMSGW_REDIRECT_TO" || name.starts_with("TWILIO_")
+}
+
+fn read_twilio(
+    get: &impl Fn(&str) -> Option<String>,
+    required: bool,
+) -> Result<Option<TwilioSettings>, ConfigError> {
+    if !required {
+        return Ok(None);
+    }
+    let account_sid = get("TWILIO_ACCOUNT_SID")
+        .ok_or_else(|| bad("TWILIO_ACCOUNT_SID", "is required by the twilio provider"))?;
+    if !(account_sid.len() == 34
+        && account_sid.starts_with("AC")
+        && account_sid[2..].chars().all(|c| c.is_ascii_hexdigit()))
+    {
+        return Err(bad(
+            "TWILIO_ACCOUNT_SID",
+            "is not an account SID (AC followed by 32 hex digits)",
+        ));
+    }
+    let auth_token = get("TWILIO_AUTH_TOKEN")
+        .ok_or_else(|| bad("TWILIO_AUTH_TOKEN", "is required by the twilio provider"))?;
+    let sender = match (get("TWILIO_FROM"), get("TWILIO_MESSAGING_SERVICE_SID")) {
+        (Some(from), None) => TwilioSender::From(from),
+        (None, Some(sid)) => {
+            if !(sid.len() == 34
+                && sid.starts_with("MG")
+                && sid[2..].chars().all(|c| c.is_ascii_hexdigit()))
+            {
+                return Err(bad(
+                    "TWILIO_MESSAGING_SERVICE_SID",
+                    "is not a messaging service SID (MG followed by 32 hex digits)",
+                ));
+            }
+            TwilioSender::MessagingService(sid)
+        }
+        (Some(_), Some(_)) => {
+            return Err(bad(
+                "TWILIO_FROM",
+                "set either TWILIO_FROM or TWILIO_MESSAGING_SERVICE_SID, not both",
+            ));
+        }
+        (None, None) => {
+            return Err(bad(
+                "TWILIO_FROM",
+                "the twilio provider needs TWILIO_FROM or TWILIO_MESSAGING_SERVICE_SID",
+            ));
+        }
+    };
+    let base_url = get("SMSGW_TWILIO_BASE_URL")
+        .unwrap_or_else(|| DEFAULT_TWILIO_BASE_URL.to_owned())
+        .trim_end_matches('/')
+        .to_owned();
+    reqwest::Url::parse(&base_url)
+        .map_err(|e| bad("SMSGW_TWILIO_BASE_URL", format!("not a URL: {e}")))?;
+    Ok(Some(TwilioSettings {
+        account_sid,
+        auth_token: SecretString::from(auth_token),
+        sender,
+        base_url,
+    }))
+}
+
+/// Parses `10s,1m,5m` into durations: each at least 1 ms, at most 24 h, strictly growing.
+pub fn parse_delays(raw: &str) -> Result<Vec<Duration>, String> {
+    let mut delays = Vec::new();
+    for part in raw.split(',') {
+        let part = part.trim();
+        let delay = humantime::parse_duration(part)
+            .map_err(|e| format!("'{part}' is not a duration ({e})"))?;
+        if delay < Duration::from_millis(1) || delay > Duration::from_secs(24 * 3600) {
+            return Err(format!("'{part}' must be between 1ms and 24h"));
+        }
+        if delays.last().is_some_and(|last| *last >= delay) {
+            return Err("delays must grow from one tier to the next".to_owned());
+        }
+        delays.push(delay);
+    }
+    if delays.len() > 20 {
+        return Err("at most 20 tiers".to_owned());
+    }
+    Ok(delays)
+}
+
+fn number<T>(
+    get: &impl Fn(&str) -> Option<String>,
+    variable: &'static str,
+    default: T,
+    min: T,
+    max: T,
+) -> Result<T, ConfigError>
+where
+    T: FromStr + PartialOrd + fmt::Display + Copy,
+{
+    let Some(raw) = get(variable) else {
+        return Ok(default);
+    };
+    let value: T = raw
+        .trim()
+        .parse()
+        .map_err(|_| bad(variable, format!("'{raw}' is not a whole number")))?;
+    if value < min || value > max {
+        return Err(bad(variable, format!("must be between {min} and {max}")));
+    }
+    Ok(value)
+}
+
+fn duration(
+    get: &impl Fn(&str) -> Option<String>,
+    variable: &'static str,
+    default: &str,
+) -> Result<Duration, ConfigError> {
+    let raw = get(variable).unwrap_or_else(|| default.to_owned());
+    humantime::parse_duration(raw.trim())
+        .map_err(|e| bad(variable, format!("'{raw}' is not a duration ({e})")))
+}
+
+fn parsed<T: FromStr>(
+    get: &impl Fn(&str) -> Option<String>,
+    variable: &'static str,
+    default: &str,
+) -> Result<T, ConfigError>
+where
+    T::Err: fmt::Display,
+{
+    let raw = get(variable).unwrap_or_else(|| default.to_owned());
+    raw.trim()
+        .parse()
+        .map_err(|e| bad(variable, format!("'{raw}': {e}")))
+}
+
+fn redact_url_password(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            // Only fails for URLs that cannot have a password, which this one has.
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        Ok(parsed) => parsed.to_string(),
+        Err(_) => "<unparsable URL>".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(pairs: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Settings::from_lookup(|k| map.get(k).cloned())
+    }
+
+    const SID: &str = "AC0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn development_defaults_to_the_log_provider() {
+        let s = settings(&[]).expect("defaults are valid");
+        assert_eq!(s.env, Environment::Development);
+        assert_eq!(s.provider, ProviderKind::Log);
+        assert_eq!(s.max_attempts, 6);
+        assert_eq!(s.retry_delays.len(), 5);
+        assert!(s.destination_summary().contains("none is sent"));
+    }
+
+    #[test]
+    fn production_refuses_the_log_provider() {
+        let err = settings(&[("SMSGW_ENV", "production"), ("SMSGW_PROVIDER", "log")])
+            .expect_err("log in production");
+        assert_eq!(err.variable, "SMSGW_PROVIDER");
+        let err = settings(&[("SMSGW_ENV", "production")]).expect_err("no provider");
+        assert_eq!(err.variable, "SMSGW_PROVIDER");
+    }
+
+    #[test]
+    fn production_refuses_missing_credentials() {
+        let err = settings(&[("SMSGW_ENV", "production"), ("SMSGW_PROVIDER", "twilio")])
+            .expect_err("no sid");
+        assert_eq!(err.variable, "TWILIO_ACCOUNT_SID");
+        let err = settings(&[
+            ("SMSGW_ENV", "production"),
+            ("SMSGW_PROVIDER", "twilio"),
+            ("TWILIO_ACCOUNT_SID", SID),
+            ("TWILIO_AUTH_TOKEN", "secret"),
+        ])
+        .expect_err("no sender");
+        assert_eq!(err.variable, "TWILIO_FROM");
+    }
+
+    #[test]
+    fn staging_with_real_twilio_needs_a_redirect() {
+        let base = [
+            ("SMSGW_ENV", "staging"),
+            ("SMSGW_PROVIDER", "twilio"),
+            ("TWILIO_ACCOUNT_SID", SID),
+            ("TWILIO_AUTH_TOKEN", "secret"),
+            ("TWILIO_FROM", "+15005550006"),
+        ];
+        let err = settings(&base).expect_err("no redirect");
+        assert_eq!(err.variable, "SMSGW_REDIRECT_TO");
+        let mut with_redirect = base.to_vec();
+        with_redirect.push(("SMSGW_REDIRECT_TO", "+447700900123"));
+        let s = settings(&with_redirect).expect("redirected staging is fine");
+        let line = s.destination_summary();
+        assert!(line.contains("redirected to +44*******123"), "{line}");
+    }
+
+    #[test]
+    fn tools_do_not_need_provider_credentials() {
+        let vars: HashMap<String, String> = [("SMSGW_ENV", "production"), ("SMSGW_PROVIDER", "twilio")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let s = Settings::read(|k| vars.get(k).cloned(), false).expect("tools need no provider");
+        assert_eq!(s.env, Environment::Production);
+    }
+
+    #[test]
+    fn retry_delays_must_grow() {
+        assert!(parse_delays("10s,1m,5m").is_ok());
+        assert!(parse_delays("1m,10s").is_err());
+        assert!(parse_delays("soon").is_err());
+        assert!(parse_delays("0s").is_err());
+    }
+
+    #[test]
+    fn absurd_numbers_are_refused() {
+        let err = settings(&[("SMSGW_MAX_ATTEMPTS", "0")]).expect_err("zero");
+        assert_eq!(err.variable, "SMSGW_MAX_ATTEMPTS");
+        let err = settings(&[("SMSGW_MAX_ATTEMPTS", "-3")]).expect_err("negative");
+        assert_eq!(err.variable, "SMSGW_MAX_ATTEMPTS");
+    }
+
+    #[test]
+    fn passwords_are_redacted_from_urls() {
+        let s = settings(&[("SMSGW_AMQP_URL", "amqp://user:hunter2@rabbit:5672/%2f")])
+            .expect("valid");
+        assert!(!s.amqp_url_redacted().contains("hunter2"));
+    }
+}

@@ -1,0 +1,418 @@
+//! The daemon: wires the store, the broker and the pipeline, keeps the broker connection
+//! alive, and shuts down without losing a message.
+//!
+//! Shutdown, in order: stop taking deliveries (cancel the consumers), let in-flight messages
+//! finish within `SMSGW_SHUTDOWN_GRACE`, settle every delivery, close the channels, then the
+//! connection. Whatever could not finish is left unsettled and the broker delivers it again.
+
+use std::{panic::AssertUnwindSafe, sync::Arc, time::Duration};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use futures_util::FutureExt;
+use tokio::{net::TcpListener, sync::watch, task::JoinSet};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    broker::{Broker, Incoming, LaneConsumer, Topology},
+    config::{Environment, Settings},
+    disposition::Disposition,
+    health::Health,
+    http,
+    job::Lane,
+    pipeline::{Pipeline, PipelineSettings},
+    provider::Provider,
+    store::Store,
+};
+
+/// Why the daemon stopped with an error. Configuration errors exit 2, the rest 1.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("{0}")]
+    Runtime(String),
+}
+
+fn reconnect_backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(10))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// Waits `delay`, or less if `stop` fires; returns whether it fired.
+async fn pause(delay: Duration, stop: &CancellationToken) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(delay) => false,
+        () = stop.cancelled() => true,
+    }
+}
+
+/// Runs the daemon until `shutdown` fires, then drains and returns.
+pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), DaemonError> {
+    let provider =
+        Provider::from_settings(&settings).map_err(|e| DaemonError::Config(e.to_string()))?;
+    tracing::info!("{}", settings.destination_summary());
+
+    let health = Arc::new(Health::default());
+    let listener = TcpListener::bind(settings.http_addr).await.map_err(|e| {
+        DaemonError::Runtime(format!("cannot listen on {}: {e}", settings.http_addr))
+    })?;
+    tracing::info!(address = %settings.http_addr, "health endpoints listening");
+    let (store_tx, store_rx) = watch::channel(None);
+    let http_stop = CancellationToken::new();
+    let http_task = tokio::spawn(http::serve(
+        listener,
+        health.clone(),
+        store_rx,
+        http_stop.clone(),
+    ));
+
+    let result = async {
+        let Some(store) = connect_store(&settings, &shutdown).await? else {
+            return Ok(());
+        };
+        health.set_database(true);
+        let _ = store_tx.send(Some(store.clone()));
+        let pipeline = Arc::new(Pipeline::new(
+            store.clone(),
+            provider,
+            PipelineSettings {
+                max_attempts: settings.max_attempts,
+                retry_delays: settings.retry_delays.clone(),
+                redirect_to: settings.redirect_to.clone(),
+                provider_timeout: settings.provider_timeout,
+            },
+            health.clone(),
+        ));
+        let worker = Worker {
+            settings: &settings,
+            pipeline,
+            health: health.clone(),
+            tracker: TaskTracker::new(),
+            abandon: CancellationToken::new(),
+        };
+        let consumed = worker.consume_until_stopped(&shutdown).await;
+        worker.drain(consumed.as_ref().ok()).await;
+        store.close().await;
+        consumed.map(|_| ())
+    }
+    .await;
+
+    http_stop.cancel();
+    let _ = http_task.await;
+    match &result {
+        Ok(()) => tracing::info!("stopped"),
+        Err(e) => tracing::error!(error = %e, "stopped with an error"),
+    }
+    result
+}
+
+/// Connects to PostgreSQL, retrying until it answers or `shutdown` fires (`Ok(None)`).
+/// Development creates and migrates the database; elsewhere the schema must be current.
+async fn connect_store(
+    settings: &Settings,
+    shutdown: &CancellationToken,
+) -> Result<Option<Store>, DaemonError> {
+    let mut backoff = reconnect_backoff();
+    let development = settings.env == Environment::Development;
+    loop {
+        let attempt = async {
+            if development {
+                Store::create_database_if_missing(&settings.database_url).await?;
+            }
+            Store::connect(&settings.database_url, 16).await
+        };
+        match attempt.await {
+            Ok(store) => {
+                if development {
+                    store.migrate().await.map_err(|e| {
+                        DaemonError::Runtime(format!("database migration failed: {e}"))
+                    })?;
+                } else {
+                    let have = store
+                        .schema_version()
+                        .await
+                        .map_err(|e| DaemonError::Runtime(e.to_string()))?;
+                    let need = Store::latest_migration();
+                    if have < need {
+                        return Err(DaemonError::Runtime(format!(
+                            "the database schema is at version {have}, this build needs {need}: \
+                             run `smsgw migrate` first"
+                        )));
+                    }
+                }
+                tracing::info!(database = %settings.database_url_redacted(), "database ready");
+                return Ok(Some(store));
+            }
+            Err(e) => {
+                let wait = backoff.next().unwrap_or(Duration::from_secs(10));
+                tracing::warn!(
+                    database = %settings.database_url_redacted(),
+                    error = %e,
+                    retry_in = ?wait,
+                    "database unavailable"
+                );
+                if pause(wait, shutdown).await {
+                    return Ok(None);
+                }
+            }
+        }
+    }
+}
+
+/// The consuming side of the daemon.
+struct Worker<'a> {
+    settings: &'a Settings,
+    pipeline: Arc<Pipeline>,
+    health: Arc<Health>,
+    /// Every in-flight message, across broker sessions.
+    tracker: TaskTracker,
+    /// Fires when shutdown stops waiting for in-flight messages.
+    abandon: CancellationToken,
+}
+
+/// A broker session that ended because we were told to stop; its channels are still open
+/// so the in-flight messages can be settled on them.
+struct Stopped {
+    broker: Broker,
+    consumers: Vec<LaneConsumer>,
+}
+
+enum SessionEnd {
+    Stopped(Vec<LaneConsumer>),
+    Lost(String),
+}
+
+impl Worker<'_> {
+    fn topology(&self) -> Topology {
+        Topology {
+            delays: self.settings.retry_delays.clone(),
+            delivery_limit: self.settings.delivery_limit,
+        }
+    }
+
+    fn budget(&self, lane: Lane) -> u16 {
+        match lane {
+            Lane::Urgent => self.settings.lanes.urgent,
+            Lane::Default => self.settings.lanes.default,
+            Lane::Bulk => self.settings.lanes.bulk,
+        }
+    }
+
+    /// Connects, declares, consumes; reconnects with backoff whenever the broker is lost.
+    async fn consume_until_stopped(
+        &self,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Stopped>, DaemonError> {
+        let mut backoff = reconnect_backoff();
+        let name = format!(
+            "smsgw {} pid {}",
+            env!("CARGO_PKG_VERSION"),
+            std::process::id()
+        );
+        while !shutdown.is_cancelled() {
+            let connected = async {
+                let broker =
+                    Broker::connect(&self.settings.amqp_url, &name, self.topology()).await?;
+                broker.declare_topology().await?;
+                Ok::<_, crate::broker::BrokerError>(broker)
+            }
+            .await;
+            let broker = match connected {
+                Ok(broker) => broker,
+                Err(e) if e.is_precondition_failed() => {
+                    return Err(DaemonError::Runtime(format!(
+                        "the broker's queues do not match this configuration ({e}); \
+                         see the README on changing queue arguments"
+                    )));
+                }
+                Err(e) => {
+                    let wait = backoff.next().unwrap_or(Duration::from_secs(10));
+                    tracing::warn!(
+                        broker = %self.settings.amqp_url_redacted(),
+                        error = %e,
+                        retry_in = ?wait,
+                        "broker unavailable"
+                    );
+                    if pause(wait, shutdown).await {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            self.health.set_broker(true);
+            tracing::info!(broker = %self.settings.amqp_url_redacted(), "broker connected; consuming");
+            backoff = reconnect_backoff();
+            match self.session(&broker, shutdown).await {
+                SessionEnd::Stopped(consumers) => {
+                    return Ok(Some(Stopped { broker, consumers }));
+                }
+                SessionEnd::Lost(reason) => {
+                    self.health.set_broker(false);
+                    tracing::warn!(reason = %reason, "lost the broker; reconnecting");
+                    broker.close().await;
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    async fn session(&self, broker: &Broker, shutdown: &CancellationToken) -> SessionEnd {
+        let mut consumers = Vec::new();
+        for lane in Lane::ALL {
+            match broker.consume(lane, self.budget(lane)).await {
+                Ok(consumer) => consumers.push(consumer),
+                Err(e) => return SessionEnd::Lost(format!("cannot consume {}: {e}", lane.as_str())),
+            }
+        }
+        self.health.set_consumers(consumers.len());
+
+        let stop = shutdown.child_token();
+        let mut lanes = JoinSet::new();
+        for consumer in consumers {
+            lanes.spawn(run_lane(
+                consumer,
+                self.pipeline.clone(),
+                broker.clone(),
+                self.tracker.clone(),
+                stop.clone(),
+                self.abandon.clone(),
+            ));
+        }
+        let mut lost = None;
+        let mut kept = Vec::new();
+        while let Some(ended) = lanes.join_next().await {
+            // The first lane to end ends the session: stop the others too.
+            stop.cancel();
+            match ended {
+                Ok((consumer, None)) => kept.push(consumer),
+                Ok((_, Some(reason))) => {
+                    lost.get_or_insert(reason);
+                }
+                Err(e) => {
+                    lost.get_or_insert(format!("lane task failed: {e}"));
+                }
+            }
+        }
+        self.health.set_consumers(0);
+        match lost {
+            Some(reason) if !shutdown.is_cancelled() => SessionEnd::Lost(reason),
+            _ => SessionEnd::Stopped(kept),
+        }
+    }
+
+    /// Waits for in-flight messages (up to the grace period), then closes the channels
+    /// and the connection.
+    async fn drain(&self, stopped: Option<&Option<Stopped>>) {
+        self.tracker.close();
+        let in_flight = self.tracker.len();
+        if in_flight > 0 {
+            tracing::info!(in_flight, "finishing in-flight messages");
+        }
+        if tokio::time::timeout(self.settings.shutdown_grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                left = self.tracker.len(),
+                "grace period over; leaving the rest to the broker"
+            );
+            self.abandon.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(2), self.tracker.wait()).await;
+        }
+        if let Some(Some(stopped)) = stopped {
+            for consumer in &stopped.consumers {
+                consumer.close().await;
+            }
+            stopped.broker.close().await;
+        }
+    }
+}
+
+/// Takes deliveries from one lane until stopped or the channel fails. Returns the consumer
+/// (kept open so in-flight deliveries can still be acked) and why it ended, if not stopped.
+async fn run_lane(
+    mut consumer: LaneConsumer,
+    pipeline: Arc<Pipeline>,
+    broker: Broker,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+    abandon: CancellationToken,
+) -> (LaneConsumer, Option<String>) {
+    loop {
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => {
+                if let Err(e) = consumer.cancel().await {
+                    tracing::debug!(error = %e, "cancelling the consumer failed");
+                }
+                return (consumer, None);
+            }
+            next = consumer.next() => match next {
+                Some(Ok(incoming)) => {
+                    tracker.spawn(process(incoming, pipeline.clone(), broker.clone(), abandon.clone()));
+                }
+                Some(Err(e)) => return (consumer, Some(e.to_string())),
+                None => {
+                    let lane = consumer.lane.as_str();
+                    return (consumer, Some(format!("the {lane} consumer was cancelled by the broker")));
+                }
+            }
+        }
+    }
+}
+
+/// Handles one delivery and settles it. A panic in the pipeline requeues the delivery, so
+/// a message that keeps failing this way ends in `sms.dead` by the delivery limit.
+async fn process(
+    incoming: Incoming,
+    pipeline: Arc<Pipeline>,
+    broker: Broker,
+    abandon: CancellationToken,
+) {
+    let handled = AssertUnwindSafe(pipeline.handle(&incoming, &broker, &abandon))
+        .catch_unwind()
+        .await;
+    let disposition = match handled {
+        Ok(disposition) => disposition,
+        Err(_) => {
+            tracing::error!(lane = incoming.lane.as_str(), "the pipeline panicked; message requeued");
+            Disposition::Requeue
+        }
+    };
+    settle(&broker, &incoming, disposition, &abandon).await;
+}
+
+/// Settles a delivery, trying a refused or timed-out republish again. If it keeps failing
+/// the delivery is requeued rather than acked: nothing is acked before its republish is
+/// confirmed.
+async fn settle(
+    broker: &Broker,
+    incoming: &Incoming,
+    mut disposition: Disposition,
+    abandon: &CancellationToken,
+) {
+    let mut wait = Duration::from_millis(100);
+    for attempt in 1.. {
+        match broker.settle(incoming, &disposition).await {
+            Ok(()) => return,
+            Err(e) => {
+                if !incoming.settleable() {
+                    tracing::debug!(error = %e, "channel gone; the broker will deliver it again");
+                    return;
+                }
+                tracing::warn!(error = %e, attempt, "could not settle the delivery; trying again");
+                if attempt >= 5 && disposition != Disposition::Requeue {
+                    disposition = Disposition::Requeue;
+                }
+                if pause(wait, abandon).await {
+                    return;
+                }
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}

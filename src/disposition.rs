@@ -1,0 +1,52 @@
+//! The one place an outcome becomes a broker action.
+
+use std::time::Duration;
+
+use time::OffsetDateTime;
+
+use crate::job::JobType;
+
+/// What the broker does with a delivery once the pipeline is done with it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Disposition {
+    /// Done (sent, suppressed, expired, or a duplicate of something done).
+    Ack,
+    /// A temporary failure: wait at least `delay` in a retry tier, then back to its lane.
+    /// `attempts` is the number of provider calls made so far.
+    Retry {
+        delay: Duration,
+        attempts: u32,
+        kind: JobType,
+    },
+    /// Not due yet (`not_before`): wait in the tier that brings it back closest to `until`.
+    Defer { until: OffsetDateTime, kind: JobType },
+    /// Never going to work as it stands: to `sms.dead` for ops to inspect and replay.
+    DeadLetter {
+        reason: DeadReason,
+        error: String,
+        attempts: u32,
+    },
+    /// Give it back to the broker now (counts towards the lane's delivery limit).
+    Requeue,
+    /// Leave it unsettled: the broker delivers it again when our channel closes. Used when
+    /// shutting down mid-outage, where any settlement would be a guess.
+    Unsettled,
+}
+
+/// `x-smsgw-reason` of a dead letter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadReason {
+    InvalidJob,
+    PermanentFailure,
+    AttemptsExhausted,
+}
+
+impl DeadReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadReason::InvalidJob => "invalid_job",
+            DeadReason::PermanentFailure => "permanent_failure",
+            DeadReason::AttemptsExhausted => "attempts_exhausted",
+        }
+    }
+}

@@ -1,0 +1,36 @@
+//! What `/readyz` reports: shared flags the daemon's parts set as they come and go.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+#[derive(Debug, Default)]
+pub struct Health {
+    broker: AtomicBool,
+    consumers: AtomicUsize,
+    database: AtomicBool,
+}
+
+impl Health {
+    pub fn set_broker(&self, connected: bool) {
+        self.broker.store(connected, Ordering::Relaxed);
+    }
+
+    pub fn set_consumers(&self, active: usize) {
+        self.consumers.store(active, Ordering::Relaxed);
+    }
+
+    pub fn set_database(&self, reachable: bool) {
+        self.database.store(reachable, Ordering::Relaxed);
+    }
+
+    pub fn broker(&self) -> bool {
+        self.broker.load(Ordering::Relaxed)
+    }
+
+    pub fn consumers(&self) -> usize {
+        self.consumers.load(Ordering::Relaxed)
+    }
+
+    pub fn database(&self) -> bool {
+        self.database.load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,64 @@
+//! The HTTP surface on `SMSGW_HTTP_ADDR`: liveness and readiness.
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{Json, Router, extract::State, http::StatusCode, routing::get};
+use serde_json::json;
+use tokio::{net::TcpListener, sync::watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::{health::Health, job::Lane, store::Store};
+
+#[derive(Clone)]
+struct AppState {
+    health: Arc<Health>,
+    /// `None` until the database is first reached.
+    store: watch::Receiver<Option<Store>>,
+}
+
+/// Serves until `shutdown` fires.
+pub async fn serve(
+    listener: TcpListener,
+    health: Arc<Health>,
+    store: watch::Receiver<Option<Store>>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(AppState { health, store });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<serde_json::Value>) {
+    let store = state.store.borrow().clone();
+    let database = match &store {
+        Some(store) => tokio::time::timeout(Duration::from_secs(2), store.ping())
+            .await
+            .unwrap_or(false),
+        None => false,
+    };
+    let broker = state.health.broker();
+    let consumers = state.health.consumers();
+    let ready = broker && database && consumers == Lane::ALL.len();
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(json!({
+            "ready": ready,
+            "broker": broker,
+            "consumers": consumers,
+            "database": database,
+        })),
+    )
+}

@@ -1,0 +1,460 @@
+//! The v1 job the web app publishes, decoded and validated in one place.
+//!
+//! Decoding never echoes field values into its errors: an error lands in a log line and an
+//! `x-smsgw-error` header, and a value may be a phone number or a message body.
+
+use serde_json::{Map, Value};
+use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+use uuid::Uuid;
+
+/// Longest body accepted, in characters (Twilio's limit).
+pub const MAX_BODY_CHARS: usize = 1_600;
+/// Largest `context`, serialised, in bytes.
+pub const MAX_CONTEXT_BYTES: usize = 2_048;
+/// Most recipients one announcement may fan out to.
+pub const MAX_RECIPIENTS: usize = 50_000;
+
+/// What kind of text a job is; decides its lane and which school setting allows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum JobType {
+    BookingConfirmation,
+    BookingReminder,
+    BookingChange,
+    BookingCancellation,
+    Announcement,
+    LoginCode,
+}
+
+/// The lanes are consumed with separate budgets so that bulk never starves urgent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Lane {
+    Urgent,
+    Default,
+    Bulk,
+}
+
+impl Lane {
+    pub const ALL: [Lane; 3] = [Lane::Urgent, Lane::Default, Lane::Bulk];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lane::Urgent => "urgent",
+            Lane::Default => "default",
+            Lane::Bulk => "bulk",
+        }
+    }
+}
+
+impl JobType {
+    pub const ALL: [JobType; 6] = [
+        JobType::BookingConfirmation,
+        JobType::BookingReminder,
+        JobType::BookingChange,
+        JobType::BookingCancellation,
+        JobType::Announcement,
+        JobType::LoginCode,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobType::BookingConfirmation => "booking_confirmation",
+            JobType::BookingReminder => "booking_reminder",
+            JobType::BookingChange => "booking_change",
+            JobType::BookingCancellation => "booking_cancellation",
+            JobType::Announcement => "announcement",
+            JobType::LoginCode => "login_code",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        JobType::ALL.into_iter().find(|t| t.as_str() == name)
+    }
+
+    pub fn lane(self) -> Lane {
+        match self {
+            JobType::LoginCode | JobType::BookingChange | JobType::BookingCancellation => {
+                Lane::Urgent
+            }
+            JobType::BookingConfirmation | JobType::BookingReminder => Lane::Default,
+            JobType::Announcement => Lane::Bulk,
+        }
+    }
+}
+
+/// Who a job goes to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Target {
+    /// One recipient, as given (E.164 or national); normalised with the school's country.
+    One(String),
+    /// An announcement to many; fanned out into one message per recipient.
+    Many(Vec<BulkRecipient>),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BulkRecipient {
+    pub to: String,
+    pub reference: Option<String>,
+}
+
+/// A decoded, validated v1 job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    pub id: Uuid,
+    pub kind: JobType,
+    pub school_id: i64,
+    pub target: Target,
+    pub body: String,
+    /// Kept with the log row; at most [`MAX_CONTEXT_BYTES`] serialised.
+    pub context: Option<Value>,
+    pub not_before: Option<OffsetDateTime>,
+    pub expires_at: Option<OffsetDateTime>,
+    /// `ref` of one recipient of an announcement, carried by the job fanned out for it.
+    pub reference: Option<String>,
+}
+
+/// Why a job is invalid. The text names the field and never contains its value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidJob(pub String);
+
+fn invalid(text: impl Into<String>) -> InvalidJob {
+    InvalidJob(text.into())
+}
+
+fn kind_of(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn required_str<'a>(object: &'a Map<String, Value>, field: &str) -> Result<&'a str, InvalidJob> {
+    match object.get(field) {
+        None | Some(Value::Null) => Err(invalid(format!("{field}: missing"))),
+        Some(Value::String(s)) => Ok(s),
+        Some(other) => Err(invalid(format!(
+            "{field}: expected a string, got {}",
+            kind_of(other)
+        ))),
+    }
+}
+
+fn optional_time(
+    object: &Map<String, Value>,
+    field: &str,
+) -> Result<Option<OffsetDateTime>, InvalidJob> {
+    match object.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => OffsetDateTime::parse(s, &Rfc3339)
+            .map(Some)
+            .map_err(|_| invalid(format!("{field}: not an RFC 3339 timestamp"))),
+        Some(other) => Err(invalid(format!(
+            "{field}: expected an RFC 3339 string, got {}",
+            kind_of(other)
+        ))),
+    }
+}
+
+impl Job {
+    /// Decodes a message body. Unknown fields are ignored.
+    pub fn decode(bytes: &[u8]) -> Result<Job, InvalidJob> {
+        let text = std::str::from_utf8(bytes).map_err(|e| {
+            invalid(format!(
+                "not UTF-8: invalid byte at offset {}",
+                e.valid_up_to()
+            ))
+        })?;
+        let value: Value =
+            serde_json::from_str(text).map_err(|e| invalid(format!("not JSON: {e}")))?;
+        let Value::Object(object) = value else {
+            return Err(invalid(format!(
+                "not a JSON object: got {}",
+                kind_of(&value)
+            )));
+        };
+
+        let id = Uuid::parse_str(required_str(&object, "id")?)
+            .map_err(|_| invalid("id: not a UUID"))?;
+
+        let type_name = required_str(&object, "type")?;
+        let kind = JobType::parse(type_name).ok_or_else(|| {
+            let shown: String = type_name.chars().take(40).collect();
+            if shown.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                invalid(format!("type: unknown type '{shown}'"))
+            } else {
+                invalid("type: unknown type")
+            }
+        })?;
+
+        let school_id = match object.get("school_id") {
+            None | Some(Value::Null) => return Err(invalid("school_id: missing")),
+            Some(Value::Number(n)) => match n.as_i64() {
+                Some(id) if id > 0 => id,
+                _ => return Err(invalid("school_id: expected a positive whole number")),
+            },
+            Some(other) => {
+                return Err(invalid(format!(
+                    "school_id: expected a positive whole number, got {}",
+                    kind_of(other)
+                )));
+            }
+        };
+
+        let target = match (object.get("to"), object.get("recipients")) {
+            (Some(to), None) | (Some(to), Some(Value::Null)) if !to.is_null() => {
+                Target::One(recipient_str("to", to)?.to_owned())
+            }
+            (None, Some(list)) | (Some(Value::Null), Some(list)) if !list.is_null() => {
+                if kind != JobType::Announcement {
+                    return Err(invalid(
+                        "recipients: only an announcement may have recipients",
+                    ));
+                }
+                Target::Many(decode_recipients(list)?)
+            }
+            (Some(_), Some(_)) => {
+                return Err(invalid("to and recipients: give one of them, not both"));
+            }
+            _ => return Err(invalid("to: missing")),
+        };
+
+        let body = required_str(&object, "body")?;
+        let chars = body.chars().count();
+        if chars == 0 || body.trim().is_empty() {
+            return Err(invalid("body: empty"));
+        }
+        if chars > MAX_BODY_CHARS {
+            return Err(invalid(format!(
+                "body: {chars} characters, more than {MAX_BODY_CHARS}"
+            )));
+        }
+
+        let context = match object.get("context") {
+            None | Some(Value::Null) => None,
+            Some(value @ Value::Object(_)) => {
+                let size = value.to_string().len();
+                if size > MAX_CONTEXT_BYTES {
+                    return Err(invalid(format!(
+                        "context: {size} bytes, more than {MAX_CONTEXT_BYTES}"
+                    )));
+                }
+                Some(value.clone())
+            }
+            Some(other) => {
+                return Err(invalid(format!(
+                    "context: expected an object, got {}",
+                    kind_of(other)
+                )));
+            }
+        };
+
+        Ok(Job {
+            id,
+            kind,
+            school_id,
+            target,
+            body: body.to_owned(),
+            context,
+            not_before: optional_time(&object, "not_before")?,
+            expires_at: optional_time(&object, "expires_at")?,
+            reference: match object.get("ref") {
+                Some(Value::String(s)) => Some(s.chars().take(200).collect()),
+                _ => None,
+            },
+        })
+    }
+}
+
+fn recipient_str<'a>(field: &str, value: &'a Value) -> Result<&'a str, InvalidJob> {
+    match value {
+        Value::String(s) if s.trim().is_empty() => Err(invalid(format!("{field}: empty"))),
+        Value::String(s) if s.len() > 40 => Err(invalid(format!(
+            "{field}: {} characters is too long for a phone number",
+            s.len()
+        ))),
+        Value::String(s) => Ok(s),
+        other => Err(invalid(format!(
+            "{field}: expected a string, got {}",
+            kind_of(other)
+        ))),
+    }
+}
+
+fn decode_recipients(list: &Value) -> Result<Vec<BulkRecipient>, InvalidJob> {
+    let Value::Array(items) = list else {
+        return Err(invalid(format!(
+            "recipients: expected an array, got {}",
+            kind_of(list)
+        )));
+    };
+    if items.is_empty() {
+        return Err(invalid("recipients: empty"));
+    }
+    if items.len() > MAX_RECIPIENTS {
+        return Err(invalid(format!(
+            "recipients: {} entries, more than {MAX_RECIPIENTS}",
+            items.len()
+        )));
+    }
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let Value::Object(entry) = item else {
+                return Err(invalid(format!(
+                    "recipients[{i}]: expected an object, got {}",
+                    kind_of(item)
+                )));
+            };
+            let to = match entry.get("to") {
+                None | Some(Value::Null) => return Err(invalid(format!("recipients[{i}].to: missing"))),
+                Some(value) => recipient_str(&format!("recipients[{i}].to"), value)?,
+            };
+            let reference = match entry.get("ref") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(s)) if s.len() <= 200 => Some(s.clone()),
+                Some(Value::String(_)) => {
+                    return Err(invalid(format!("recipients[{i}].ref: longer than 200 bytes")));
+                }
+                Some(Value::Number(n)) => Some(n.to_string()),
+                Some(other) => {
+                    return Err(invalid(format!(
+                        "recipients[{i}].ref: expected a string, got {}",
+                        kind_of(other)
+                    )));
+                }
+            };
+            Ok(BulkRecipient {
+                to: to.to_owned(),
+                reference,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn valid() -> Value {
+        json!({
+            "id": "6f1c2d3e-8a9b-4c5d-9e0f-1a2b3c4d5e6f",
+            "type": "booking_reminder",
+            "school_id": 42,
+            "to": "+447700900123",
+            "body": "Reminder: driving lesson tomorrow 10:00 with Sam.",
+            "context": {"booking_id": 981, "user_id": 77},
+            "not_before": "2026-11-25T08:00:00Z",
+            "expires_at": "2026-11-26T09:00:00Z",
+            "some_future_field": [1, 2, 3]
+        })
+    }
+
+    fn decode(value: &Value) -> Result<Job, InvalidJob> {
+        Job::decode(value.to_string().as_bytes())
+    }
+
+    fn error_of(mutate: impl FnOnce(&mut Map<String, Value>)) -> String {
+        let mut value = valid();
+        if let Value::Object(object) = &mut value {
+            mutate(object);
+        }
+        decode(&value).expect_err("should be invalid").0
+    }
+
+    #[test]
+    fn the_contract_example_decodes() {
+        let job = decode(&valid()).expect("valid job");
+        assert_eq!(job.kind, JobType::BookingReminder);
+        assert_eq!(job.school_id, 42);
+        assert_eq!(job.target, Target::One("+447700900123".into()));
+        assert!(job.not_before.is_some() && job.expires_at.is_some());
+        assert_eq!(job.kind.lane(), Lane::Default);
+    }
+
+    #[test]
+    fn each_invalid_field_is_named_without_its_value() {
+        assert_eq!(error_of(|o| { o.remove("id"); }), "id: missing");
+        assert_eq!(error_of(|o| { o.insert("id".into(), json!("nope")); }), "id: not a UUID");
+        assert_eq!(
+            error_of(|o| { o.insert("type".into(), json!("fax")); }),
+            "type: unknown type 'fax'"
+        );
+        assert_eq!(
+            error_of(|o| { o.insert("school_id".into(), json!("42")); }),
+            "school_id: expected a positive whole number, got a string"
+        );
+        assert_eq!(
+            error_of(|o| { o.insert("school_id".into(), json!(1e30)); }),
+            "school_id: expected a positive whole number"
+        );
+        assert_eq!(
+            error_of(|o| { o.insert("school_id".into(), json!(-1)); }),
+            "school_id: expected a positive whole number"
+        );
+        assert_eq!(error_of(|o| { o.insert("body".into(), json!("")); }), "body: empty");
+        assert_eq!(
+            error_of(|o| { o.insert("body".into(), json!("é".repeat(1601))); }),
+            "body: 1601 characters, more than 1600"
+        );
+        assert!(error_of(|o| { o.insert("context".into(), json!({"x": "y".repeat(3000)})); })
+            .starts_with("context: "));
+        assert_eq!(
+            error_of(|o| { o.insert("context".into(), json!([1])); }),
+            "context: expected an object, got an array"
+        );
+        assert_eq!(
+            error_of(|o| { o.insert("not_before".into(), json!("tomorrow")); }),
+            "not_before: not an RFC 3339 timestamp"
+        );
+        let text = error_of(|o| { o.insert("to".into(), json!(447700900123u64)); });
+        assert_eq!(text, "to: expected a string, got a number");
+        assert!(!text.contains("7700900123"));
+        assert_eq!(error_of(|o| { o.remove("to"); }), "to: missing");
+    }
+
+    #[test]
+    fn a_body_of_exactly_the_limit_is_accepted() {
+        let mut value = valid();
+        value["body"] = json!("a".repeat(MAX_BODY_CHARS));
+        assert!(decode(&value).is_ok());
+    }
+
+    #[test]
+    fn garbage_is_invalid_not_a_panic() {
+        assert!(Job::decode(b"").is_err());
+        assert!(Job::decode(b"not json").unwrap_err().0.starts_with("not JSON"));
+        assert_eq!(Job::decode(b"[1,2]").unwrap_err().0, "not a JSON object: got an array");
+        assert!(Job::decode(&[0xff, 0xfe, 0x00]).unwrap_err().0.starts_with("not UTF-8"));
+        let deep = "[".repeat(100_000);
+        assert!(Job::decode(deep.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn recipients_are_for_announcements_only() {
+        let mut value = valid();
+        value["type"] = json!("announcement");
+        value.as_object_mut().map(|o| o.remove("to"));
+        value["recipients"] = json!([{"to": "+447700900123", "ref": "user-77"}, {"to": "07700900124"}]);
+        let job = decode(&value).expect("valid announcement");
+        assert!(matches!(job.target, Target::Many(ref r) if r.len() == 2));
+
+        value["type"] = json!("login_code");
+        assert_eq!(
+            decode(&value).unwrap_err().0,
+            "recipients: only an announcement may have recipients"
+        );
+
+        value["type"] = json!("announcement");
+        value["to"] = json!("+447700900123");
+        assert_eq!(
+            decode(&value).unwrap_err().0,
+            "to and recipients: give one of them, not both"
+        );
+    }
+}

@@ -1,0 +1,36 @@
+//! smsgw: the SMS gateway worker of a driving-school platform.
+//!
+//! Data flows one way, and each outside system sits behind one module:
+//!
+//! ```text
+//! broker (consume) -> job (decode) -> policy (settings, opt-out) -> provider (send)
+//!       -> store (record outcome) -> disposition -> broker (ack / retry / dead-letter)
+//! ```
+//!
+//! - [`config`]: settings from the environment, validated at start-up.
+//! - [`broker`]: RabbitMQ topology, consuming, confirmed republishing. Only it speaks AMQP.
+//! - [`job`]: the v1 job format, decoded and validated.
+//! - [`phone`]: phone numbers (E.164, masked in logs) and sender IDs.
+//! - [`policy`]: the pure decision: send, suppress, expire, defer or refuse.
+//! - [`provider`]: the adapters (`log`, Twilio) behind one interface.
+//! - [`store`]: PostgreSQL: settings, opt-outs, the message log. Only it speaks SQL.
+//! - [`disposition`]: what the broker does with a delivery once it is handled.
+//! - [`pipeline`]: one delivery through all of the above.
+//! - [`daemon`]: wiring, reconnection, graceful shutdown.
+//! - [`http`], [`health`]: `/healthz` and `/readyz`.
+//! - [`telemetry`]: logging setup; [`cli`]: the command line.
+
+pub mod broker;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod disposition;
+pub mod health;
+pub mod http;
+pub mod job;
+pub mod phone;
+pub mod pipeline;
+pub mod policy;
+pub mod provider;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,241 @@
+//! Phone numbers and sender IDs: parsed once into validated newtypes, masked in every log.
+
+use std::fmt;
+
+/// A recipient in E.164 (`+447700900123`), checked against the numbering plan.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct PhoneNumber(String);
+
+/// Why a string is not a phone number. Carries no part of the input, so it is safe to log.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PhoneError {
+    #[error("not a phone number")]
+    Unparsable,
+    #[error("not a possible phone number (wrong length or unknown country code)")]
+    Impossible,
+    #[error("a national number needs the school's country, and none is set")]
+    NoCountry,
+    #[error("the school's country '{0}' is not an ISO 3166 alpha-2 code")]
+    UnknownCountry(String),
+}
+
+impl PhoneNumber {
+    /// Parses `raw`, reading a national number (no leading `+`) with `country`.
+    pub fn parse(raw: &str, country: Option<&str>) -> Result<Self, PhoneError> {
+        let raw = raw.trim();
+        if raw.is_empty() || raw.len() > 40 {
+            return Err(PhoneError::Unparsable);
+        }
+        let international = raw.starts_with('+') || raw.starts_with("00");
+        let country = match country {
+            Some(code) => Some(
+                code.trim()
+                    .to_ascii_uppercase()
+                    .parse::<phonenumber::country::Id>()
+                    .map_err(|_| PhoneError::UnknownCountry(code.chars().take(8).collect()))?,
+            ),
+            None if international => None,
+            None => return Err(PhoneError::NoCountry),
+        };
+        let parsed = phonenumber::parse(country, raw).map_err(|_| PhoneError::Unparsable)?;
+        // "Possible", as libphonenumber means it: a known country code and a national
+        // number of a length that country uses. Stricter validity checks against number
+        // ranges would refuse numbers allocated after this build's metadata; the provider
+        // is the judge of those.
+        let national_digits = parsed.national().to_string().len();
+        let possible = phonenumber::metadata::DATABASE
+            .by_code(&parsed.code().value())
+            .unwrap_or_default()
+            .iter()
+            .any(|meta| possible_lengths(meta).any(|len| usize::from(len) == national_digits));
+        if !possible {
+            return Err(PhoneError::Impossible);
+        }
+        Ok(PhoneNumber(
+            parsed.format().mode(phonenumber::Mode::E164).to_string(),
+        ))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The number as logs show it: `+44*******123`.
+    pub fn masked(&self) -> String {
+        mask(&self.0)
+    }
+}
+
+/// The national number lengths a region uses, over all its number types (the metadata
+/// leaves the general descriptor's lengths empty).
+fn possible_lengths(meta: &phonenumber::Metadata) -> impl Iterator<Item = u16> + '_ {
+    let d = meta.descriptors();
+    [
+        d.fixed_line(),
+        d.mobile(),
+        d.toll_free(),
+        d.premium_rate(),
+        d.shared_cost(),
+        d.personal_number(),
+        d.voip(),
+        d.pager(),
+        d.uan(),
+        d.voicemail(),
+    ]
+    .into_iter()
+    .flatten()
+    .flat_map(|descriptor| descriptor.possible_length().iter().copied())
+}
+
+/// Debug never shows the full number, so a stray `{:?}` cannot leak one into a log.
+impl fmt::Debug for PhoneNumber {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PhoneNumber({})", self.masked())
+    }
+}
+
+/// Masks all but the first three and last three characters: `+44*******123`.
+pub fn mask(number: &str) -> String {
+    let chars: Vec<char> = number.chars().collect();
+    if chars.len() < 8 {
+        return "*".repeat(chars.len());
+    }
+    let hidden = chars.len() - 6;
+    let mut out: String = chars[..3].iter().collect();
+    out.extend(std::iter::repeat_n('*', hidden));
+    out.extend(&chars[chars.len() - 3..]);
+    out
+}
+
+/// Masks every run that looks like a phone number (six digits or more, with optional `+`,
+/// spaces or dashes inside) in free text such as a provider's error message.
+pub fn redact_numbers(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut run = String::new();
+    let mut digits = 0;
+    let flush = |run: &mut String, digits: &mut usize, out: &mut String| {
+        if *digits >= 6 {
+            let compact: String = run.chars().filter(|c| !c.is_whitespace()).collect();
+            let trailing_ws: String = run
+                .chars()
+                .rev()
+                .take_while(|c| c.is_whitespace())
+                .collect();
+            out.push_str(&mask(compact.trim_end()));
+            out.push_str(&trailing_ws);
+        } else {
+            out.push_str(run);
+        }
+        run.clear();
+        *digits = 0;
+    };
+    for c in text.chars() {
+        let continues = c.is_ascii_digit()
+            || (c == '+' && run.is_empty())
+            || (!run.is_empty() && (c == ' ' || c == '-' || c == '(' || c == ')'));
+        if continues {
+            if c.is_ascii_digit() {
+                digits += 1;
+            }
+            run.push(c);
+        } else {
+            flush(&mut run, &mut digits, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut run, &mut digits, &mut out);
+    out
+}
+
+/// A school's own sender: alphanumeric, 1 to 11 characters, or an E.164 number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SenderId(String);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("sender_id must be 1 to 11 letters and digits, or a number in E.164")]
+pub struct SenderIdError;
+
+impl SenderId {
+    pub fn parse(raw: &str) -> Result<Self, SenderIdError> {
+        let raw = raw.trim();
+        let alphanumeric =
+            (1..=11).contains(&raw.len()) && raw.chars().all(|c| c.is_ascii_alphanumeric());
+        let e164 = raw.len() >= 8
+            && raw.len() <= 16
+            && raw.starts_with('+')
+            && raw[1..].chars().all(|c| c.is_ascii_digit())
+            && !raw[1..].starts_with('0');
+        if alphanumeric || e164 {
+            Ok(SenderId(raw.to_owned()))
+        } else {
+            Err(SenderIdError)
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn e164_numbers_pass_through() {
+        let n = PhoneNumber::parse("+447700900123", None).expect("valid UK mobile");
+        assert_eq!(n.as_str(), "+447700900123");
+    }
+
+    #[test]
+    fn national_numbers_are_read_with_the_country() {
+        let n = PhoneNumber::parse("07700 900123", Some("GB")).expect("valid national");
+        assert_eq!(n.as_str(), "+447700900123");
+        let n = PhoneNumber::parse("(201) 555-0123", Some("us")).expect("valid US number");
+        assert_eq!(n.as_str(), "+12015550123");
+        assert_eq!(
+            PhoneNumber::parse("07700 900123", None),
+            Err(PhoneError::NoCountry)
+        );
+        assert!(matches!(
+            PhoneNumber::parse("07700 900123", Some("XX")),
+            Err(PhoneError::UnknownCountry(_))
+        ));
+    }
+
+    #[test]
+    fn impossible_numbers_are_refused() {
+        assert!(PhoneNumber::parse("+44123", None).is_err());
+        assert!(PhoneNumber::parse("hello", Some("GB")).is_err());
+        assert!(PhoneNumber::parse("", Some("GB")).is_err());
+        assert!(PhoneNumber::parse("+999999999999", None).is_err());
+    }
+
+    #[test]
+    fn masks_keep_only_the_edges() {
+        assert_eq!(mask("+447700900123"), "+44*******123");
+        assert_eq!(mask("12345"), "*****");
+        let n = PhoneNumber::parse("+447700900123", None).expect("valid");
+        assert_eq!(format!("{n:?}"), "PhoneNumber(+44*******123)");
+    }
+
+    #[test]
+    fn numbers_inside_text_are_redacted() {
+        let text = "The 'To' number +447700900123 is not valid; code 21211.";
+        let red = redact_numbers(text);
+        assert!(!red.contains("7700900123"), "{red}");
+        assert!(red.contains("+44*******123"), "{red}");
+        assert!(red.contains("21211"), "short codes stay readable: {red}");
+        assert_eq!(redact_numbers("call 0770 090 0123 now"), "call 077*****123 now");
+    }
+
+    #[test]
+    fn sender_ids_are_alphanumeric_or_e164() {
+        assert!(SenderId::parse("DriveSafe").is_ok());
+        assert!(SenderId::parse("+447700900123").is_ok());
+        assert!(SenderId::parse("TooLongSenderName").is_err());
+        assert!(SenderId::parse("Drive Safe").is_err());
+        assert!(SenderId::parse("").is_err());
+        assert!(SenderId::parse("Café").is_err());
+    }
+}

@@ -1,0 +1,589 @@
+//! The pipeline: one delivery in, one [`Disposition`] out.
+//!
+//! ```text
+//! Incoming ─▶ Job::decode ─▶ log lookup ─▶ settings, recipient, opt-out ─▶ policy::decide
+//!    │            │ invalid      │ done before                             │
+//!    │            ▼              ▼                                         ▼
+//!    │        DeadLetter        Ack       Suppress/Expire ─▶ record ─▶ Ack
+//!    │                                    Refuse ─▶ record ─▶ DeadLetter
+//!    │                                    Defer ─▶ record queued ─▶ Defer
+//!    │                                    Send ─▶ begin_attempt ─▶ provider ─▶ finish_attempt
+//!    │                                                  ─▶ Ack / Retry / DeadLetter
+//!    └─ announcement with recipients ─▶ fan out one job per recipient ─▶ Ack
+//! ```
+//!
+//! The pipeline never guesses about the database: a failed write is retried (the delivery
+//! held, unsettled) until it works or the daemon gives up at shutdown, and no provider call
+//! starts before its attempt row is committed.
+
+use std::{
+    collections::HashSet,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use backon::{ExponentialBuilder, Retryable};
+use serde_json::{Value, json};
+use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::{
+    broker::{Broker, Incoming},
+    disposition::{DeadReason, Disposition},
+    health::Health,
+    job::{BulkRecipient, Job, JobType, Target},
+    phone::{PhoneNumber, redact_numbers},
+    policy::{Decision, Facts, decide},
+    provider::{OutboundSms, Provider, ProviderError},
+    store::{
+        AttemptOutcome, AttemptRecord, Claim, MessageState, MessageStatus, NewMessage, Store,
+        StoreError,
+    },
+};
+
+/// What the pipeline needs from the configuration.
+#[derive(Debug, Clone)]
+pub struct PipelineSettings {
+    pub max_attempts: u32,
+    pub retry_delays: Vec<Duration>,
+    pub redirect_to: Option<PhoneNumber>,
+    pub provider_timeout: Duration,
+}
+
+/// The pipeline gave up on a database write because the daemon is stopping.
+#[derive(Debug)]
+struct Abandoned;
+
+pub struct Pipeline {
+    store: Store,
+    provider: Provider,
+    settings: PipelineSettings,
+    health: Arc<Health>,
+}
+
+impl Pipeline {
+    pub fn new(
+        store: Store,
+        provider: Provider,
+        settings: PipelineSettings,
+        health: Arc<Health>,
+    ) -> Self {
+        Pipeline {
+            store,
+            provider,
+            settings,
+            health,
+        }
+    }
+
+    /// Handles one delivery. `abandon` fires when the daemon must stop waiting for the
+    /// database; the delivery is then left unsettled for the broker to deliver again.
+    pub async fn handle(
+        &self,
+        incoming: &Incoming,
+        broker: &Broker,
+        abandon: &CancellationToken,
+    ) -> Disposition {
+        let job = match Job::decode(&incoming.body) {
+            Ok(job) => job,
+            Err(invalid) => {
+                let message_id: String = incoming
+                    .message_id()
+                    .unwrap_or("-")
+                    .chars()
+                    .take(64)
+                    .collect();
+                tracing::warn!(
+                    lane = incoming.lane.as_str(),
+                    message_id = %redact_numbers(&message_id),
+                    error = %invalid,
+                    "invalid job dead-lettered"
+                );
+                return Disposition::DeadLetter {
+                    reason: DeadReason::InvalidJob,
+                    error: invalid.to_string(),
+                    attempts: incoming.attempts,
+                };
+            }
+        };
+        let span = tracing::info_span!(
+            "message",
+            job_id = %job.id,
+            school_id = job.school_id,
+            r#type = job.kind.as_str(),
+            provider = self.provider.name(),
+        );
+        async {
+            let result = match &job.target {
+                Target::Many(recipients) => self.fan_out(&job, recipients, broker, abandon).await,
+                Target::One(to) => self.handle_one(incoming, &job, to, abandon).await,
+            };
+            result.unwrap_or(Disposition::Unsettled)
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn handle_one(
+        &self,
+        incoming: &Incoming,
+        job: &Job,
+        to: &str,
+        abandon: &CancellationToken,
+    ) -> Result<Disposition, Abandoned> {
+        let mut take_over = None;
+        if let Some(state) = self
+            .persist(abandon, || self.store.message_state(job.id))
+            .await?
+        {
+            match self.already_handled(incoming, job, &state) {
+                Some(disposition) => return Ok(disposition),
+                None if state.status == MessageStatus::Sending => take_over = Some(state.attempts),
+                None => {}
+            }
+        }
+
+        let settings = self
+            .persist(abandon, || self.store.school_settings(job.school_id))
+            .await?;
+        let country = settings.as_ref().and_then(|s| s.country.as_deref());
+        let recipient = PhoneNumber::parse(to, country);
+        let opted_out = match (&recipient, &settings) {
+            (Ok(number), Some(_)) => {
+                self.persist(abandon, || self.store.is_opted_out(job.school_id, number))
+                    .await?
+            }
+            _ => false,
+        };
+        let now = OffsetDateTime::now_utc();
+        let decision = decide(
+            job.kind,
+            job.not_before,
+            job.expires_at,
+            &Facts {
+                settings: settings.as_ref(),
+                recipient: &recipient,
+                opted_out,
+                now,
+            },
+        );
+
+        let recorded_recipient = match &recipient {
+            Ok(number) => number.as_str().to_owned(),
+            Err(_) => to.trim().to_owned(),
+        };
+        let context = context_with_reference(job);
+        let message = NewMessage {
+            id: job.id,
+            bulk_id: incoming.bulk_id,
+            school_id: job.school_id,
+            kind: job.kind,
+            recipient: &recorded_recipient,
+            body: &job.body,
+            context: context.as_ref(),
+            provider: self.provider.name(),
+        };
+
+        let (status, reason, disposition) = match decision {
+            Decision::Send { to, sender } => {
+                return self
+                    .send(incoming, job, &message, &to, sender.as_ref(), take_over, abandon)
+                    .await;
+            }
+            Decision::Expire => {
+                tracing::info!("expired before it could be sent");
+                (MessageStatus::Expired, "expires_at passed".to_owned(), Disposition::Ack)
+            }
+            Decision::Suppress(reason) => {
+                tracing::info!(reason = reason.as_str(), "suppressed");
+                (MessageStatus::Suppressed, reason.as_str().to_owned(), Disposition::Ack)
+            }
+            Decision::Refuse(refusal) => {
+                tracing::warn!(reason = refusal.reason(), error = %refusal, "refused before sending");
+                (
+                    MessageStatus::Failed,
+                    refusal.reason().to_owned(),
+                    Disposition::DeadLetter {
+                        reason: DeadReason::PermanentFailure,
+                        error: refusal.to_string(),
+                        attempts: incoming.attempts,
+                    },
+                )
+            }
+            Decision::Defer { until } => {
+                tracing::debug!(until = %until.format(&Rfc3339).unwrap_or_default(), "not due yet");
+                (
+                    MessageStatus::Queued,
+                    "not_before".to_owned(),
+                    Disposition::Defer {
+                        until,
+                        kind: job.kind,
+                    },
+                )
+            }
+        };
+        let found = self
+            .persist(abandon, || {
+                self.store
+                    .record_without_call(&message, status, Some(&reason))
+            })
+            .await?;
+        match found {
+            None => Ok(disposition),
+            Some(state) => Ok(self
+                .already_handled(incoming, job, &state)
+                .unwrap_or(disposition)),
+        }
+    }
+
+    /// Decides a delivery of a job the log already knows: done (ack), in flight elsewhere
+    /// (ack, or wait and look again), or `None` to carry on.
+    fn already_handled(
+        &self,
+        incoming: &Incoming,
+        job: &Job,
+        state: &MessageState,
+    ) -> Option<Disposition> {
+        if state.status.is_final() {
+            tracing::info!(
+                status = state.status.as_str(),
+                "already handled; acked without a second provider call"
+            );
+            return Some(Disposition::Ack);
+        }
+        if state.status != MessageStatus::Sending {
+            return None;
+        }
+        if !incoming.redelivered {
+            // A second publish of a job that another delivery is sending right now. That
+            // delivery is unacked, so the broker keeps it until it has an outcome.
+            tracing::info!("duplicate of a message in flight; acked");
+            return Some(Disposition::Ack);
+        }
+        let age = state
+            .open_attempt_started
+            .map(|started| OffsetDateTime::now_utc() - started)
+            .and_then(|age| Duration::try_from(age).ok())
+            .unwrap_or(Duration::MAX);
+        if age < self.settings.provider_timeout * 2 {
+            // Its attempt may still be running in another process: look again later.
+            tracing::info!("redelivered while an attempt may still be running; waiting");
+            return Some(Disposition::Retry {
+                delay: self.settings.provider_timeout * 2,
+                attempts: incoming.attempts,
+                kind: job.kind,
+            });
+        }
+        tracing::warn!(
+            attempt = state.attempts,
+            "an attempt was cut off without an outcome (crash?); trying again"
+        );
+        None
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn send(
+        &self,
+        incoming: &Incoming,
+        job: &Job,
+        message: &NewMessage<'_>,
+        number: &PhoneNumber,
+        sender: Option<&crate::phone::SenderId>,
+        take_over: Option<i32>,
+        abandon: &CancellationToken,
+    ) -> Result<Disposition, Abandoned> {
+        let claim = self
+            .persist(abandon, || self.store.begin_attempt(message, take_over))
+            .await?;
+        let attempt = match claim {
+            Claim::Started { attempt } => attempt,
+            Claim::Busy(state) => {
+                return Ok(self
+                    .already_handled(incoming, job, &state)
+                    .unwrap_or(Disposition::Retry {
+                        delay: self.settings.provider_timeout * 2,
+                        attempts: incoming.attempts,
+                        kind: job.kind,
+                    }));
+            }
+        };
+
+        let to = self.settings.redirect_to.as_ref().unwrap_or(number);
+        if self.settings.redirect_to.is_some() {
+            tracing::info!(to = %number.masked(), redirected_to = %to.masked(), "staging redirect");
+        }
+        let validity = job
+            .expires_at
+            .and_then(|at| Duration::try_from(at - OffsetDateTime::now_utc()).ok());
+        let sms = OutboundSms {
+            message_id: job.id,
+            to,
+            sender,
+            body: &job.body,
+            validity,
+        };
+        let started = Instant::now();
+        // The adapter has its own timeout; this one only guards against an adapter bug.
+        let result = match tokio::time::timeout(
+            self.settings.provider_timeout + Duration::from_secs(1),
+            self.provider.send(&sms),
+        )
+        .await
+        {
+            Ok(result) => result,
+            Err(_) => Err(ProviderError::Timeout {
+                after: self.settings.provider_timeout,
+            }),
+        };
+        let duration = started.elapsed();
+        let attempts = incoming.attempts.saturating_add(1);
+        match result {
+            Ok(accepted) => {
+                let record = AttemptRecord {
+                    outcome: AttemptOutcome::Sent,
+                    duration,
+                    http_status: accepted.http_status,
+                    error_code: None,
+                    error_message: None,
+                    provider_message_id: Some(&accepted.provider_message_id),
+                    status: MessageStatus::Sent,
+                    reason: None,
+                };
+                self.persist(abandon, || self.store.finish_attempt(job.id, attempt, &record))
+                    .await?;
+                tracing::info!(
+                    to = %to.masked(),
+                    sender = sender.map(|s| s.as_str()).unwrap_or("default"),
+                    attempt,
+                    provider_message_id = %accepted.provider_message_id,
+                    duration_ms = duration.as_millis() as u64,
+                    "sent via {}",
+                    self.provider.name()
+                );
+                Ok(Disposition::Ack)
+            }
+            Err(error) => {
+                self.failed(job, number, attempt, attempts, duration, error, abandon)
+                    .await
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn failed(
+        &self,
+        job: &Job,
+        number: &PhoneNumber,
+        attempt: i32,
+        attempts: u32,
+        duration: Duration,
+        error: ProviderError,
+        abandon: &CancellationToken,
+    ) -> Result<Disposition, Abandoned> {
+        let text = error.to_string();
+        let error_message = match &error {
+            ProviderError::Rejected { message, .. } => message.clone(),
+            ProviderError::Unavailable { message, .. } | ProviderError::Throttled { message, .. } => {
+                message.clone().unwrap_or_else(|| text.clone())
+            }
+            _ => text.clone(),
+        };
+        let (outcome, status, reason, disposition) = if !error.is_retryable() {
+            let reason = if error.recipient_opted_out() {
+                "recipient_opted_out"
+            } else {
+                "permanent_failure"
+            };
+            (
+                AttemptOutcome::PermanentFailure,
+                MessageStatus::Failed,
+                Some(reason),
+                Disposition::DeadLetter {
+                    reason: DeadReason::PermanentFailure,
+                    error: text.clone(),
+                    attempts,
+                },
+            )
+        } else if attempts >= self.settings.max_attempts {
+            (
+                AttemptOutcome::TemporaryFailure,
+                MessageStatus::Failed,
+                Some("attempts_exhausted"),
+                Disposition::DeadLetter {
+                    reason: DeadReason::AttemptsExhausted,
+                    error: format!("after {attempts} attempts: {text}"),
+                    attempts,
+                },
+            )
+        } else {
+            let delay = self.retry_delay(attempts, error.retry_after());
+            (
+                AttemptOutcome::TemporaryFailure,
+                MessageStatus::Retrying,
+                None,
+                Disposition::Retry {
+                    delay,
+                    attempts,
+                    kind: job.kind,
+                },
+            )
+        };
+        let record = AttemptRecord {
+            outcome,
+            duration,
+            http_status: error.http_status(),
+            error_code: error.code(),
+            error_message: Some(&error_message),
+            provider_message_id: None,
+            status,
+            reason,
+        };
+        self.persist(abandon, || self.store.finish_attempt(job.id, attempt, &record))
+            .await?;
+        if error.recipient_opted_out() {
+            self.persist(abandon, || {
+                self.store
+                    .add_opt_out(Some(job.school_id), number, "provider")
+            })
+            .await?;
+            tracing::info!(to = %number.masked(), "recipient unsubscribed at the carrier; opt-out recorded");
+        }
+        let logged = redact_numbers(&text);
+        match &disposition {
+            Disposition::Retry { delay, .. } => tracing::warn!(
+                attempt,
+                error = %logged,
+                retry_in = %humantime::format_duration(*delay),
+                "temporary failure; will retry"
+            ),
+            _ => tracing::warn!(
+                attempt,
+                error = %logged,
+                reason = reason.unwrap_or_default(),
+                "failed; dead-lettered"
+            ),
+        }
+        Ok(disposition)
+    }
+
+    /// The wait before attempt `attempts + 1`: the tier for this attempt, or longer when the
+    /// provider asked for it.
+    fn retry_delay(&self, attempts: u32, retry_after: Option<Duration>) -> Duration {
+        let delays = &self.settings.retry_delays;
+        let index = (attempts as usize).saturating_sub(1).min(delays.len().saturating_sub(1));
+        let tier = delays.get(index).copied().unwrap_or(Duration::from_secs(10));
+        tier.max(retry_after.unwrap_or_default())
+    }
+
+    /// Turns an announcement to many into one job per recipient, each with an id derived
+    /// from the announcement's id and the recipient, so a redelivered announcement (or a
+    /// number listed twice) never texts anyone twice.
+    async fn fan_out(
+        &self,
+        job: &Job,
+        recipients: &[BulkRecipient],
+        broker: &Broker,
+        abandon: &CancellationToken,
+    ) -> Result<Disposition, Abandoned> {
+        let settings = self
+            .persist(abandon, || self.store.school_settings(job.school_id))
+            .await?;
+        let country = settings.as_ref().and_then(|s| s.country.as_deref());
+        let mut seen = HashSet::with_capacity(recipients.len());
+        let mut messages = Vec::with_capacity(recipients.len());
+        for recipient in recipients {
+            let to = PhoneNumber::parse(&recipient.to, country)
+                .map(|n| n.as_str().to_owned())
+                .unwrap_or_else(|_| recipient.to.trim().to_owned());
+            let id = Uuid::new_v5(&job.id, to.as_bytes());
+            if !seen.insert(id) {
+                continue;
+            }
+            messages.push((id, child_job(job, id, &to, recipient.reference.as_deref())));
+        }
+        let count = messages.len();
+        match broker.publish_fanout(job.id, job.kind, messages).await {
+            Ok(()) => {
+                tracing::info!(recipients = count, "announcement fanned out");
+                Ok(Disposition::Ack)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "fan-out failed; the announcement goes back to its lane");
+                Ok(Disposition::Requeue)
+            }
+        }
+    }
+
+    /// Runs a store operation until it succeeds, waiting longer between tries, while the
+    /// delivery stays unsettled. Gives up only when `abandon` fires.
+    async fn persist<T, F, Fut>(&self, abandon: &CancellationToken, op: F) -> Result<T, Abandoned>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        let retrying = op
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(50))
+                    .with_max_delay(Duration::from_secs(5))
+                    .with_jitter()
+                    .without_max_times(),
+            )
+            .notify(|error, wait| {
+                self.health.set_database(false);
+                tracing::warn!(
+                    error = %redact_numbers(&error.to_string()),
+                    retry_in = ?wait,
+                    "database unavailable; holding the message"
+                );
+            });
+        tokio::select! {
+            result = retrying => {
+                let value = result.map_err(|_| Abandoned)?;
+                self.health.set_database(true);
+                Ok(value)
+            }
+            () = abandon.cancelled() => Err(Abandoned),
+        }
+    }
+}
+
+/// The job's context with the bulk recipient's `ref` merged in, as the log row keeps it.
+fn context_with_reference(job: &Job) -> Option<Value> {
+    match (&job.context, &job.reference) {
+        (context, None) => context.clone(),
+        (Some(Value::Object(object)), Some(reference)) => {
+            let mut object = object.clone();
+            object.insert("ref".into(), Value::String(reference.clone()));
+            Some(Value::Object(object))
+        }
+        (_, Some(reference)) => Some(json!({ "ref": reference })),
+    }
+}
+
+/// The v1 job for one recipient of an announcement.
+fn child_job(parent: &Job, id: Uuid, to: &str, reference: Option<&str>) -> Vec<u8> {
+    let time = |t: Option<OffsetDateTime>| t.and_then(|t| t.format(&Rfc3339).ok());
+    let mut child = json!({
+        "id": id,
+        "type": JobType::Announcement.as_str(),
+        "school_id": parent.school_id,
+        "to": to,
+        "body": parent.body,
+    });
+    if let Some(context) = &parent.context {
+        child["context"] = context.clone();
+    }
+    if let Some(reference) = reference {
+        child["ref"] = Value::String(reference.to_owned());
+    }
+    if let Some(at) = time(parent.not_before) {
+        child["not_before"] = Value::String(at);
+    }
+    if let Some(at) = time(parent.expires_at) {
+        child["expires_at"] = Value::String(at);
+    }
+    child.to_string().into_bytes()
+}

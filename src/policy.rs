@@ -1,0 +1,318 @@
+//! Policy: whether, when and from whom a message is sent. A pure function over the job,
+//! the school's settings and the opt-outs, so every rule is unit-tested without mocks.
+
+use time::OffsetDateTime;
+
+use crate::{
+    job::JobType,
+    phone::{PhoneError, PhoneNumber, SenderId},
+};
+
+/// A school's row in `sms_school_settings`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SchoolSettings {
+    pub school_id: i64,
+    pub sms_enabled: bool,
+    pub country: Option<String>,
+    pub sender_id: Option<String>,
+    pub provider: Option<String>,
+    pub allow_confirmations: bool,
+    pub allow_reminders: bool,
+    pub allow_changes: bool,
+    pub allow_announcements: bool,
+    pub allow_login_codes: bool,
+}
+
+impl SchoolSettings {
+    pub fn allows(&self, kind: JobType) -> bool {
+        match kind {
+            JobType::BookingConfirmation => self.allow_confirmations,
+            JobType::BookingReminder => self.allow_reminders,
+            JobType::BookingChange | JobType::BookingCancellation => self.allow_changes,
+            JobType::Announcement => self.allow_announcements,
+            JobType::LoginCode => self.allow_login_codes,
+        }
+    }
+}
+
+/// Why a message is not sent although nothing failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SuppressReason {
+    NoSchoolSettings,
+    SchoolDisabled,
+    TypeNotAllowed,
+    OptedOut,
+}
+
+impl SuppressReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SuppressReason::NoSchoolSettings => "no_school_settings",
+            SuppressReason::SchoolDisabled => "school_disabled",
+            SuppressReason::TypeNotAllowed => "type_not_allowed",
+            SuppressReason::OptedOut => "opted_out",
+        }
+    }
+}
+
+/// Why a message can never be sent as it stands: a permanent failure before any provider call.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("invalid recipient: {0}")]
+    InvalidRecipient(PhoneError),
+    #[error("invalid school sender_id: {0}")]
+    InvalidSender(crate::phone::SenderIdError),
+}
+
+impl Refusal {
+    /// The short reason stored in `sms_messages.reason`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::InvalidRecipient(_) => "invalid_number",
+            Refusal::InvalidSender(_) => "invalid_sender_id",
+        }
+    }
+}
+
+/// What to do with a message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Send it now to `to`, from the school's sender if it has one (else the default).
+    Send {
+        to: PhoneNumber,
+        sender: Option<SenderId>,
+    },
+    Suppress(SuppressReason),
+    /// Past `expires_at`: never sent.
+    Expire,
+    /// Not before this moment; come back then.
+    Defer { until: OffsetDateTime },
+    Refuse(Refusal),
+}
+
+/// The inputs of [`decide`] that come from outside the job itself.
+#[derive(Debug, Clone)]
+pub struct Facts<'a> {
+    pub settings: Option<&'a SchoolSettings>,
+    /// The recipient normalised with the school's country (or why it could not be).
+    pub recipient: &'a Result<PhoneNumber, PhoneError>,
+    pub opted_out: bool,
+    pub now: OffsetDateTime,
+}
+
+/// Decides a message's fate. Expiry first (an expired text is never useful), then the
+/// school's settings, the recipient, the opt-outs, and last the schedule.
+pub fn decide(
+    kind: JobType,
+    not_before: Option<OffsetDateTime>,
+    expires_at: Option<OffsetDateTime>,
+    facts: &Facts<'_>,
+) -> Decision {
+    if expires_at.is_some_and(|at| at <= facts.now) {
+        return Decision::Expire;
+    }
+    let Some(settings) = facts.settings else {
+        return Decision::Suppress(SuppressReason::NoSchoolSettings);
+    };
+    if !settings.sms_enabled {
+        return Decision::Suppress(SuppressReason::SchoolDisabled);
+    }
+    if !settings.allows(kind) {
+        return Decision::Suppress(SuppressReason::TypeNotAllowed);
+    }
+    let to = match facts.recipient {
+        Ok(number) => number.clone(),
+        Err(e) => return Decision::Refuse(Refusal::InvalidRecipient(e.clone())),
+    };
+    if facts.opted_out {
+        return Decision::Suppress(SuppressReason::OptedOut);
+    }
+    let sender = match settings.sender_id.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(raw) => match SenderId::parse(raw) {
+            Ok(sender) => Some(sender),
+            Err(e) => return Decision::Refuse(Refusal::InvalidSender(e)),
+        },
+    };
+    if let Some(until) = not_before.filter(|at| *at > facts.now) {
+        return Decision::Defer { until };
+    }
+    Decision::Send { to, sender }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    fn school() -> SchoolSettings {
+        SchoolSettings {
+            school_id: 42,
+            sms_enabled: true,
+            country: Some("GB".into()),
+            sender_id: None,
+            provider: None,
+            allow_confirmations: true,
+            allow_reminders: true,
+            allow_changes: true,
+            allow_announcements: true,
+            allow_login_codes: true,
+        }
+    }
+
+    const NOW: OffsetDateTime = datetime!(2026-11-25 10:00 UTC);
+
+    fn number() -> Result<PhoneNumber, PhoneError> {
+        PhoneNumber::parse("+447700900123", None)
+    }
+
+    fn decide_with(settings: Option<&SchoolSettings>, opted_out: bool) -> Decision {
+        let recipient = number();
+        decide(
+            JobType::BookingReminder,
+            None,
+            None,
+            &Facts {
+                settings,
+                recipient: &recipient,
+                opted_out,
+                now: NOW,
+            },
+        )
+    }
+
+    #[test]
+    fn an_enabled_school_sends() {
+        assert_eq!(
+            decide_with(Some(&school()), false),
+            Decision::Send {
+                to: number().expect("valid"),
+                sender: None
+            }
+        );
+    }
+
+    #[test]
+    fn each_suppression_reason() {
+        assert_eq!(
+            decide_with(None, false),
+            Decision::Suppress(SuppressReason::NoSchoolSettings)
+        );
+        let disabled = SchoolSettings {
+            sms_enabled: false,
+            ..school()
+        };
+        assert_eq!(
+            decide_with(Some(&disabled), false),
+            Decision::Suppress(SuppressReason::SchoolDisabled)
+        );
+        let no_reminders = SchoolSettings {
+            allow_reminders: false,
+            ..school()
+        };
+        assert_eq!(
+            decide_with(Some(&no_reminders), false),
+            Decision::Suppress(SuppressReason::TypeNotAllowed)
+        );
+        assert_eq!(
+            decide_with(Some(&school()), true),
+            Decision::Suppress(SuppressReason::OptedOut)
+        );
+    }
+
+    #[test]
+    fn changes_and_cancellations_share_one_setting() {
+        let s = SchoolSettings {
+            allow_changes: false,
+            ..school()
+        };
+        assert!(!s.allows(JobType::BookingChange));
+        assert!(!s.allows(JobType::BookingCancellation));
+        assert!(s.allows(JobType::LoginCode));
+    }
+
+    #[test]
+    fn expiry_wins_over_everything() {
+        let recipient = number();
+        let facts = Facts {
+            settings: None,
+            recipient: &recipient,
+            opted_out: true,
+            now: NOW,
+        };
+        assert_eq!(
+            decide(JobType::LoginCode, None, Some(NOW), &facts),
+            Decision::Expire
+        );
+    }
+
+    #[test]
+    fn not_before_in_the_future_defers() {
+        let recipient = number();
+        let s = school();
+        let facts = Facts {
+            settings: Some(&s),
+            recipient: &recipient,
+            opted_out: false,
+            now: NOW,
+        };
+        let later = datetime!(2026-11-25 11:00 UTC);
+        assert_eq!(
+            decide(JobType::BookingReminder, Some(later), None, &facts),
+            Decision::Defer { until: later }
+        );
+        let earlier = datetime!(2026-11-25 09:00 UTC);
+        assert!(matches!(
+            decide(JobType::BookingReminder, Some(earlier), None, &facts),
+            Decision::Send { sender: None, .. }
+        ));
+    }
+
+    #[test]
+    fn sender_override_is_validated() {
+        let recipient = number();
+        let good = SchoolSettings {
+            sender_id: Some("DriveSafe".into()),
+            ..school()
+        };
+        let facts = Facts {
+            settings: Some(&good),
+            recipient: &recipient,
+            opted_out: false,
+            now: NOW,
+        };
+        assert_eq!(
+            decide(JobType::LoginCode, None, None, &facts),
+            Decision::Send {
+                to: number().expect("valid"),
+                sender: Some(SenderId::parse("DriveSafe").expect("valid"))
+            }
+        );
+        let bad = SchoolSettings {
+            sender_id: Some("Drive Safe School".into()),
+            ..school()
+        };
+        let facts = Facts {
+            settings: Some(&bad),
+            ..facts
+        };
+        assert!(matches!(
+            decide(JobType::LoginCode, None, None, &facts),
+            Decision::Refuse(Refusal::InvalidSender(_))
+        ));
+    }
+
+    #[test]
+    fn an_impossible_number_is_refused() {
+        let recipient = PhoneNumber::parse("+44123", None);
+        let s = school();
+        let facts = Facts {
+            settings: Some(&s),
+            recipient: &recipient,
+            opted_out: false,
+            now: NOW,
+        };
+        let decision = decide(JobType::LoginCode, None, None, &facts);
+        assert!(matches!(decision, Decision::Refuse(Refusal::InvalidRecipient(_))));
+    }
+}

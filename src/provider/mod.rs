@@ -1,0 +1,264 @@
+//! Providers: the one place that knows how a text leaves the building.
+//!
+//! Every adapter speaks our own types ([`OutboundSms`] in, [`Accepted`] or
+//! [`ProviderError`] out) and keeps its wire format private. [`Provider`] chooses the
+//! adapter by enum dispatch, so adding one is a new variant and a new file.
+
+mod log;
+mod twilio;
+
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use crate::{
+    config::{ProviderKind, Settings},
+    phone::{PhoneNumber, SenderId},
+};
+
+pub use self::{log::LogProvider, twilio::Twilio};
+
+/// One text to hand to a provider.
+#[derive(Debug, Clone)]
+pub struct OutboundSms<'a> {
+    pub message_id: Uuid,
+    /// Where it really goes (the staging redirect is already applied).
+    pub to: &'a PhoneNumber,
+    /// The school's own sender; `None` means the provider's configured default.
+    pub sender: Option<&'a SenderId>,
+    pub body: &'a str,
+    /// How long the provider may keep trying to deliver it (from `expires_at`).
+    pub validity: Option<Duration>,
+}
+
+/// The provider took the message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accepted {
+    pub provider_message_id: String,
+    pub http_status: Option<u16>,
+}
+
+/// Why a provider call did not end in acceptance.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProviderError {
+    /// The request never reached the provider (connection refused, DNS, TLS).
+    #[error("could not reach the provider: {detail}")]
+    Unreachable { detail: String },
+    /// The connection broke after the request was sent: the provider may have taken it.
+    #[error("connection lost during the call: {detail}")]
+    ConnectionLost { detail: String },
+    #[error("no answer within {after:?}")]
+    Timeout { after: Duration },
+    /// 5xx: the provider is having trouble; try again later.
+    #[error("provider unavailable (HTTP {http_status}){}", describe(code, message))]
+    Unavailable {
+        http_status: u16,
+        code: Option<String>,
+        message: Option<String>,
+        retry_after: Option<Duration>,
+    },
+    /// 429 or a provider throttling code: too fast; try again after `retry_after`.
+    #[error("throttled by the provider (HTTP {http_status}){}", describe(code, message))]
+    Throttled {
+        http_status: u16,
+        code: Option<String>,
+        message: Option<String>,
+        retry_after: Option<Duration>,
+    },
+    /// The provider refused this message for good (bad number, not mobile, bad credentials...).
+    #[error("refused by the provider (HTTP {http_status}){}", describe(code, &Some(message.clone())))]
+    Rejected {
+        http_status: u16,
+        code: Option<String>,
+        message: String,
+        /// The recipient has unsubscribed at the carrier (Twilio 21610): record an opt-out.
+        recipient_opted_out: bool,
+    },
+    /// A 2xx answer we cannot read (no message id, HTML, truncated JSON): the message may
+    /// or may not have been taken.
+    #[error("unreadable answer to an accepted request (HTTP {http_status}): {detail}")]
+    Unreadable { http_status: u16, detail: String },
+}
+
+fn describe(code: &Option<String>, message: &Option<String>) -> String {
+    match (code, message) {
+        (Some(code), Some(message)) => format!(": {code} {message}"),
+        (Some(code), None) => format!(": {code}"),
+        (None, Some(message)) => format!(": {message}"),
+        (None, None) => String::new(),
+    }
+}
+
+impl ProviderError {
+    /// Whether trying again later can succeed. Every variant is decided here, with no
+    /// wildcard, so a new variant forces the question.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ProviderError::Unreachable { .. } => true,
+            ProviderError::ConnectionLost { .. } => true,
+            ProviderError::Timeout { .. } => true,
+            ProviderError::Unavailable { .. } => true,
+            ProviderError::Throttled { .. } => true,
+            ProviderError::Rejected { .. } => false,
+            ProviderError::Unreadable { .. } => true,
+        }
+    }
+
+    /// Whether the provider may have taken the message although we got no acceptance.
+    pub fn outcome_unknown(&self) -> bool {
+        match self {
+            ProviderError::ConnectionLost { .. }
+            | ProviderError::Timeout { .. }
+            | ProviderError::Unreadable { .. } => true,
+            ProviderError::Unreachable { .. }
+            | ProviderError::Unavailable { .. }
+            | ProviderError::Throttled { .. }
+            | ProviderError::Rejected { .. } => false,
+        }
+    }
+
+    /// The earliest moment the provider asked us to come back.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ProviderError::Unavailable { retry_after, .. }
+            | ProviderError::Throttled { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    pub fn http_status(&self) -> Option<u16> {
+        match self {
+            ProviderError::Unavailable { http_status, .. }
+            | ProviderError::Throttled { http_status, .. }
+            | ProviderError::Rejected { http_status, .. }
+            | ProviderError::Unreadable { http_status, .. } => Some(*http_status),
+            _ => None,
+        }
+    }
+
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            ProviderError::Unavailable { code, .. }
+            | ProviderError::Throttled { code, .. }
+            | ProviderError::Rejected { code, .. } => code.as_deref(),
+            _ => None,
+        }
+    }
+
+    pub fn recipient_opted_out(&self) -> bool {
+        matches!(
+            self,
+            ProviderError::Rejected {
+                recipient_opted_out: true,
+                ..
+            }
+        )
+    }
+}
+
+/// The adapters, chosen by configuration.
+#[derive(Debug, Clone)]
+pub enum Provider {
+    Log(LogProvider),
+    Twilio(Twilio),
+}
+
+/// Error building a provider from settings.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot set up the {provider} provider: {reason}")]
+pub struct ProviderSetupError {
+    provider: &'static str,
+    reason: String,
+}
+
+impl Provider {
+    pub fn from_settings(settings: &Settings) -> Result<Self, ProviderSetupError> {
+        match (settings.provider, &settings.twilio) {
+            (ProviderKind::Log, _) => Ok(Provider::Log(LogProvider)),
+            (ProviderKind::Twilio, Some(twilio)) => Twilio::new(
+                twilio,
+                settings.public_url.as_deref(),
+                settings.provider_timeout,
+            )
+            .map(Provider::Twilio)
+            .map_err(|e| ProviderSetupError {
+                provider: "twilio",
+                reason: e.to_string(),
+            }),
+            (ProviderKind::Twilio, None) => Err(ProviderSetupError {
+                provider: "twilio",
+                reason: "no Twilio settings".into(),
+            }),
+        }
+    }
+
+    /// The name recorded in `sms_messages.provider` and `sms_attempts.provider`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Provider::Log(_) => "log",
+            Provider::Twilio(_) => "twilio",
+        }
+    }
+
+    pub async fn send(&self, sms: &OutboundSms<'_>) -> Result<Accepted, ProviderError> {
+        match self {
+            Provider::Log(p) => p.send(sms).await,
+            Provider::Twilio(p) => p.send(sms).await,
+        }
+    }
+}
+
+/// Parses `Retry-After`: delay-seconds or an HTTP date.
+pub(crate) fn parse_retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds.min(24 * 3600)));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO)
+            .min(Duration::from_secs(24 * 3600)),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_reads_seconds_and_dates() {
+        assert_eq!(parse_retry_after("30"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_retry_after(" 5 "), Some(Duration::from_secs(5)));
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("soon"), None);
+        assert_eq!(
+            parse_retry_after("99999999999"),
+            Some(Duration::from_secs(24 * 3600))
+        );
+    }
+
+    #[test]
+    fn only_rejections_are_final() {
+        let rejected = ProviderError::Rejected {
+            http_status: 400,
+            code: Some("21211".into()),
+            message: "invalid To".into(),
+            recipient_opted_out: false,
+        };
+        assert!(!rejected.is_retryable());
+        assert!(
+            ProviderError::Timeout {
+                after: Duration::from_secs(1)
+            }
+            .is_retryable()
+        );
+        assert_eq!(
+            rejected.to_string(),
+            "refused by the provider (HTTP 400): 21211 invalid To"
+        );
+    }
+}

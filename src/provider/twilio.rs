@@ -1,0 +1,314 @@
+//! Twilio's Create Message (`POST /2010-04-01/Accounts/{AccountSid}/Messages.json`),
+//! built to Twilio's OpenAPI description: form-encoded, basic auth, JSON answers.
+
+use std::time::{Duration, Instant};
+
+use reqwest::{StatusCode, header::RETRY_AFTER};
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::Value;
+
+use super::{Accepted, OutboundSms, ProviderError, parse_retry_after};
+use crate::config::{TwilioSender, TwilioSettings};
+
+/// Largest answer we read; Twilio's are a few KiB.
+const MAX_ANSWER_BYTES: usize = 64 * 1024;
+/// Twilio's documented maximum `ValidityPeriod`, in seconds.
+const MAX_VALIDITY_SECS: u64 = 36_000;
+
+/// The recipient replied STOP: do not try this number again.
+const CODE_UNSUBSCRIBED: &str = "21610";
+/// Too many requests.
+const CODE_TOO_MANY_REQUESTS: &str = "20429";
+
+#[derive(Debug, Clone)]
+pub struct Twilio {
+    client: reqwest::Client,
+    messages_url: String,
+    account_sid: String,
+    /// Never logged; only put into the Authorization header.
+    auth_token: SecretString,
+    default_sender: TwilioSender,
+    status_callback: Option<String>,
+    timeout: Duration,
+}
+
+impl Twilio {
+    pub fn new(
+        settings: &TwilioSettings,
+        public_url: Option<&str>,
+        timeout: Duration,
+    ) -> Result<Self, reqwest::Error> {
+        // reqwest is built without a default TLS crypto provider; ring is the one every
+        // TLS user in this crate (lapin, sqlx) shares. A second install is a no-op error.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("smsgw/", env!("CARGO_PKG_VERSION")))
+            .pool_max_idle_per_host(256)
+            .build()?;
+        Ok(Twilio {
+            client,
+            messages_url: format!(
+                "{}/2010-04-01/Accounts/{}/Messages.json",
+                settings.base_url, settings.account_sid
+            ),
+            account_sid: settings.account_sid.clone(),
+            auth_token: settings.auth_token.clone(),
+            default_sender: settings.sender.clone(),
+            status_callback: public_url.map(|url| format!("{url}/webhooks/twilio/status")),
+            timeout,
+        })
+    }
+
+    fn form<'a>(&'a self, sms: &'a OutboundSms<'a>) -> Vec<(&'static str, String)> {
+        let mut form = vec![
+            ("To", sms.to.as_str().to_owned()),
+            ("Body", sms.body.to_owned()),
+        ];
+        match (sms.sender, &self.default_sender) {
+            (Some(sender), TwilioSender::MessagingService(sid)) => {
+                form.push(("From", sender.as_str().to_owned()));
+                form.push(("MessagingServiceSid", sid.clone()));
+            }
+            (Some(sender), TwilioSender::From(_)) => {
+                form.push(("From", sender.as_str().to_owned()))
+            }
+            (None, TwilioSender::From(from)) => form.push(("From", from.clone())),
+            (None, TwilioSender::MessagingService(sid)) => {
+                form.push(("MessagingServiceSid", sid.clone()))
+            }
+        }
+        if let Some(url) = &self.status_callback {
+            form.push(("StatusCallback", url.clone()));
+        }
+        if let Some(validity) = sms.validity {
+            let seconds = validity.as_secs().clamp(1, MAX_VALIDITY_SECS);
+            form.push(("ValidityPeriod", seconds.to_string()));
+        }
+        form
+    }
+
+    pub async fn send(&self, sms: &OutboundSms<'_>) -> Result<Accepted, ProviderError> {
+        let started = Instant::now();
+        let response = self
+            .client
+            .post(&self.messages_url)
+            .basic_auth(&self.account_sid, Some(self.auth_token.expose_secret()))
+            .form(&self.form(sms))
+            .send()
+            .await
+            .map_err(|e| self.transport_error(e, started))?;
+
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after);
+        let body = read_capped(response)
+            .await
+            .map_err(|e| self.transport_error(e, started))?;
+        interpret(status, retry_after, &body)
+    }
+
+    fn transport_error(&self, error: reqwest::Error, started: Instant) -> ProviderError {
+        // The URL holds the account SID only, but keep error text minimal anyway.
+        let error = error.without_url();
+        if error.is_timeout() {
+            ProviderError::Timeout {
+                after: started.elapsed().min(self.timeout),
+            }
+        } else if error.is_connect() {
+            ProviderError::Unreachable {
+                detail: error_chain(&error),
+            }
+        } else {
+            ProviderError::ConnectionLost {
+                detail: error_chain(&error),
+            }
+        }
+    }
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+async fn read_capped(mut response: reqwest::Response) -> Result<Vec<u8>, reqwest::Error> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        let room = MAX_ANSWER_BYTES.saturating_sub(body.len());
+        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if body.len() >= MAX_ANSWER_BYTES {
+            break;
+        }
+    }
+    Ok(body)
+}
+
+/// Twilio's error fields, read leniently: `code` may come as a number or a string.
+fn error_fields(body: &[u8]) -> (Option<String>, Option<String>) {
+    let Ok(Value::Object(object)) = serde_json::from_slice::<Value>(body) else {
+        return (None, None);
+    };
+    let code = match object.get("code") {
+        Some(Value::Number(n)) => Some(n.to_string()),
+        Some(Value::String(s)) if !s.is_empty() => Some(s.chars().take(32).collect()),
+        _ => None,
+    };
+    let message = match object.get("message") {
+        Some(Value::String(s)) => Some(s.chars().take(500).collect()),
+        _ => None,
+    };
+    (code, message)
+}
+
+/// A short, printable excerpt of an answer we could not read.
+fn excerpt(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&body[..body.len().min(120)]);
+    let cleaned: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if cleaned.trim().is_empty() {
+        "empty body".to_owned()
+    } else {
+        format!("body starts '{}'", cleaned.trim())
+    }
+}
+
+/// Turns Twilio's answer into ours. Pure, so every branch is unit-tested.
+fn interpret(
+    status: StatusCode,
+    retry_after: Option<Duration>,
+    body: &[u8],
+) -> Result<Accepted, ProviderError> {
+    let http_status = status.as_u16();
+    if status.is_success() {
+        let sid = serde_json::from_slice::<Value>(body)
+            .ok()
+            .and_then(|v| v.get("sid").and_then(Value::as_str).map(str::to_owned))
+            .filter(|sid| !sid.is_empty() && sid.len() <= 64);
+        return match sid {
+            Some(sid) => Ok(Accepted {
+                provider_message_id: sid,
+                http_status: Some(http_status),
+            }),
+            None => Err(ProviderError::Unreadable {
+                http_status,
+                detail: format!("no message sid ({})", excerpt(body)),
+            }),
+        };
+    }
+    let (code, message) = error_fields(body);
+    let message = message.or_else(|| {
+        if code.is_none() {
+            Some(format!("unreadable error answer ({})", excerpt(body)))
+        } else {
+            None
+        }
+    });
+    if status == StatusCode::TOO_MANY_REQUESTS || code.as_deref() == Some(CODE_TOO_MANY_REQUESTS)
+    {
+        return Err(ProviderError::Throttled {
+            http_status,
+            code,
+            message,
+            retry_after,
+        });
+    }
+    if status.is_server_error() {
+        return Err(ProviderError::Unavailable {
+            http_status,
+            code,
+            message,
+            retry_after,
+        });
+    }
+    let recipient_opted_out = code.as_deref() == Some(CODE_UNSUBSCRIBED);
+    Err(ProviderError::Rejected {
+        http_status,
+        message: message.unwrap_or_else(|| format!("HTTP {http_status}")),
+        code,
+        recipient_opted_out,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_created_message_is_accepted_with_its_sid() {
+        let body = br#"{"sid": "SMaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", "status": "queued"}"#;
+        let accepted = interpret(StatusCode::CREATED, None, body).expect("accepted");
+        assert_eq!(
+            accepted.provider_message_id,
+            "SMaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+        );
+    }
+
+    #[test]
+    fn garbage_answers_are_errors_not_panics() {
+        for body in [
+            &b"<html>Bad Gateway</html>"[..],
+            b"{\"sid\": \"SMaaaa",
+            b"",
+            b"{\"status\": \"queued\"}",
+            b"\xff\xfe",
+            b"null",
+        ] {
+            let err = interpret(StatusCode::OK, None, body).expect_err("no sid");
+            assert!(matches!(err, ProviderError::Unreadable { .. }), "{err:?}");
+            assert!(err.is_retryable() && err.outcome_unknown());
+        }
+        let err = interpret(StatusCode::BAD_GATEWAY, None, b"<html>oops</html>")
+            .expect_err("5xx");
+        assert!(matches!(err, ProviderError::Unavailable { http_status: 502, .. }));
+    }
+
+    #[test]
+    fn twilio_codes_are_kept() {
+        let body = br#"{"code": 21211, "message": "Invalid 'To' Phone Number", "more_info": "https://www.twilio.com/docs/errors/21211", "status": 400}"#;
+        let err = interpret(StatusCode::BAD_REQUEST, None, body).expect_err("rejected");
+        assert_eq!(err.code(), Some("21211"));
+        assert!(!err.is_retryable());
+        assert!(!err.recipient_opted_out());
+
+        let body = br#"{"code": 21610, "message": "Attempt to send to unsubscribed recipient", "status": 400}"#;
+        let err = interpret(StatusCode::BAD_REQUEST, None, body).expect_err("stop");
+        assert!(err.recipient_opted_out());
+    }
+
+    #[test]
+    fn throttling_is_temporary_and_keeps_retry_after() {
+        let body = br#"{"code": 20429, "message": "Too Many Requests", "status": 429}"#;
+        let err = interpret(
+            StatusCode::TOO_MANY_REQUESTS,
+            Some(Duration::from_secs(7)),
+            body,
+        )
+        .expect_err("throttled");
+        assert!(err.is_retryable());
+        assert_eq!(err.retry_after(), Some(Duration::from_secs(7)));
+        let err = interpret(StatusCode::BAD_REQUEST, None, body).expect_err("20429 on 400");
+        assert!(matches!(err, ProviderError::Throttled { .. }));
+    }
+
+    #[test]
+    fn authentication_failure_is_permanent() {
+        let body = br#"{"code": 20003, "message": "Authenticate", "status": 401}"#;
+        let err = interpret(StatusCode::UNAUTHORIZED, None, body).expect_err("401");
+        assert!(!err.is_retryable());
+        assert_eq!(err.code(), Some("20003"));
+    }
+}

@@ -1,0 +1,446 @@
+//! The store: the only module that speaks SQL. Settings and opt-outs in; the message log
+//! (`sms_messages`, `sms_attempts`) out.
+//!
+//! The rule it keeps: an attempt row exists, committed, before its provider call starts, and
+//! claiming that attempt is one atomic statement, so two deliveries of one job can never both
+//! call the provider.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use sqlx::{
+    PgPool, Row,
+    migrate::MigrateDatabase,
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::{
+    job::JobType,
+    phone::PhoneNumber,
+    policy::SchoolSettings,
+};
+
+/// The migrations in `schema/`, embedded at build time.
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./schema");
+
+/// A database failure. Every one is treated as "the database is unavailable": the caller
+/// keeps the delivery and tries again, it never guesses.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("unexpected data in the database: {0}")]
+    Corrupt(String),
+}
+
+/// The status of a message, as `sms_messages.status` stores it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageStatus {
+    Queued,
+    Sending,
+    Sent,
+    Delivered,
+    Undelivered,
+    Failed,
+    Retrying,
+    Suppressed,
+    Expired,
+}
+
+impl MessageStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageStatus::Queued => "queued",
+            MessageStatus::Sending => "sending",
+            MessageStatus::Sent => "sent",
+            MessageStatus::Delivered => "delivered",
+            MessageStatus::Undelivered => "undelivered",
+            MessageStatus::Failed => "failed",
+            MessageStatus::Retrying => "retrying",
+            MessageStatus::Suppressed => "suppressed",
+            MessageStatus::Expired => "expired",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        [
+            MessageStatus::Queued,
+            MessageStatus::Sending,
+            MessageStatus::Sent,
+            MessageStatus::Delivered,
+            MessageStatus::Undelivered,
+            MessageStatus::Failed,
+            MessageStatus::Retrying,
+            MessageStatus::Suppressed,
+            MessageStatus::Expired,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == text)
+    }
+
+    /// Whether the message has an outcome: nothing more will be sent for it.
+    pub fn is_final(self) -> bool {
+        match self {
+            MessageStatus::Queued | MessageStatus::Sending | MessageStatus::Retrying => false,
+            MessageStatus::Sent
+            | MessageStatus::Delivered
+            | MessageStatus::Undelivered
+            | MessageStatus::Failed
+            | MessageStatus::Suppressed
+            | MessageStatus::Expired => true,
+        }
+    }
+}
+
+/// What `sms_attempts.outcome` records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptOutcome {
+    Sent,
+    TemporaryFailure,
+    PermanentFailure,
+}
+
+impl AttemptOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttemptOutcome::Sent => "sent",
+            AttemptOutcome::TemporaryFailure => "temporary_failure",
+            AttemptOutcome::PermanentFailure => "permanent_failure",
+        }
+    }
+}
+
+/// A message as first recorded.
+#[derive(Debug, Clone)]
+pub struct NewMessage<'a> {
+    pub id: Uuid,
+    pub bulk_id: Option<Uuid>,
+    pub school_id: i64,
+    pub kind: JobType,
+    /// E.164 when it could be normalised, else as given.
+    pub recipient: &'a str,
+    pub body: &'a str,
+    pub context: Option<&'a Value>,
+    pub provider: &'a str,
+}
+
+/// The state of a message already in the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageState {
+    pub status: MessageStatus,
+    pub attempts: i32,
+    /// When the latest attempt started, if it has no outcome yet.
+    pub open_attempt_started: Option<OffsetDateTime>,
+}
+
+/// The answer to "may I start an attempt?".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// Yes: attempt number `attempt` is recorded as started.
+    Started { attempt: i32 },
+    /// No: the message is in this state (final, or in flight elsewhere).
+    Busy(MessageState),
+}
+
+/// How one provider call ended, for `finish_attempt`.
+#[derive(Debug, Clone)]
+pub struct AttemptRecord<'a> {
+    pub outcome: AttemptOutcome,
+    pub duration: Duration,
+    pub http_status: Option<u16>,
+    pub error_code: Option<&'a str>,
+    pub error_message: Option<&'a str>,
+    pub provider_message_id: Option<&'a str>,
+    /// The message's status after this attempt.
+    pub status: MessageStatus,
+    pub reason: Option<&'a str>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: PgPool,
+}
+
+impl Store {
+    /// Connects a pool. The pool replaces connections that died and times out acquiring.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        let options: PgConnectOptions = url.parse()?;
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .min_connections(1)
+            .acquire_timeout(Duration::from_secs(5))
+            .test_before_acquire(false)
+            .connect_with(options.application_name("smsgw"))
+            .await?;
+        Ok(Store { pool })
+    }
+
+    /// Creates the database named in `url` if it does not exist yet.
+    pub async fn create_database_if_missing(url: &str) -> Result<bool, StoreError> {
+        if sqlx::Postgres::database_exists(url).await? {
+            return Ok(false);
+        }
+        match sqlx::Postgres::create_database(url).await {
+            Ok(()) => Ok(true),
+            // Another process created it between our check and our create.
+            Err(e) if sqlx::Postgres::database_exists(url).await.unwrap_or(false) => {
+                tracing::debug!(error = %e, "database appeared meanwhile");
+                Ok(false)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Applies pending migrations. Safe to run twice and from two processes at once: the
+    /// migrator holds a Postgres advisory lock while it works.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Version of the newest migration this build knows.
+    pub fn latest_migration() -> i64 {
+        MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0)
+    }
+
+    /// The newest migration applied to this database (0 when none is).
+    pub async fn schema_version(&self) -> Result<i64, StoreError> {
+        let exists: bool =
+            sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+                .fetch_one(&self.pool)
+                .await?;
+        if !exists {
+            return Ok(0);
+        }
+        let version: Option<i64> =
+            sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(version.unwrap_or(0))
+    }
+
+    pub async fn ping(&self) -> bool {
+        sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    pub async fn school_settings(
+        &self,
+        school_id: i64,
+    ) -> Result<Option<SchoolSettings>, StoreError> {
+        let row = sqlx::query(
+            "SELECT school_id, sms_enabled, country, sender_id, provider,
+                    allow_confirmations, allow_reminders, allow_changes,
+                    allow_announcements, allow_login_codes
+             FROM sms_school_settings WHERE school_id = $1",
+        )
+        .bind(school_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        // A NULL flag (written by hand) reads as "no": never send on a guess.
+        let flag = |name: &str| -> Result<bool, StoreError> {
+            Ok(row.try_get::<Option<bool>, _>(name)?.unwrap_or(false))
+        };
+        Ok(Some(SchoolSettings {
+            school_id: row.try_get("school_id")?,
+            sms_enabled: flag("sms_enabled")?,
+            country: row.try_get("country")?,
+            sender_id: row.try_get("sender_id")?,
+            provider: row.try_get("provider")?,
+            allow_confirmations: flag("allow_confirmations")?,
+            allow_reminders: flag("allow_reminders")?,
+            allow_changes: flag("allow_changes")?,
+            allow_announcements: flag("allow_announcements")?,
+            allow_login_codes: flag("allow_login_codes")?,
+        }))
+    }
+
+    pub async fn is_opted_out(
+        &self,
+        school_id: i64,
+        phone: &PhoneNumber,
+    ) -> Result<bool, StoreError> {
+        let opted_out: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM sms_opt_outs
+                            WHERE phone = $1 AND (school_id IS NULL OR school_id = $2))",
+        )
+        .bind(phone.as_str())
+        .bind(school_id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(opted_out)
+    }
+
+    /// Records an opt-out; a second one for the same number and school changes nothing.
+    pub async fn add_opt_out(
+        &self,
+        school_id: Option<i64>,
+        phone: &PhoneNumber,
+        source: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO sms_opt_outs (school_id, phone, source) VALUES ($1, $2, $3)
+             ON CONFLICT (phone, (COALESCE(school_id, -1))) DO NOTHING",
+        )
+        .bind(school_id)
+        .bind(phone.as_str())
+        .bind(source)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn message_state(&self, id: Uuid) -> Result<Option<MessageState>, StoreError> {
+        let row = sqlx::query(
+            "SELECT m.status, m.attempts,
+                    (SELECT a.started_at FROM sms_attempts a
+                      WHERE a.message_id = m.id AND a.attempt = m.attempts AND a.outcome IS NULL)
+                      AS open_started
+             FROM sms_messages m WHERE m.id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let status: String = row.try_get("status")?;
+        Ok(Some(MessageState {
+            status: MessageStatus::parse(&status)
+                .ok_or_else(|| StoreError::Corrupt(format!("unknown status '{status}'")))?,
+            attempts: row.try_get("attempts")?,
+            open_attempt_started: row.try_get("open_started")?,
+        }))
+    }
+
+    /// Records a message that ends without a provider call (suppressed, expired, refused),
+    /// or that waits (queued). Returns the state it found instead when the message already
+    /// has an outcome or is in flight.
+    pub async fn record_without_call(
+        &self,
+        message: &NewMessage<'_>,
+        status: MessageStatus,
+        reason: Option<&str>,
+    ) -> Result<Option<MessageState>, StoreError> {
+        let done = sqlx::query(
+            "INSERT INTO sms_messages
+                (id, bulk_id, school_id, type, recipient, body, context, status, reason, provider)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+             ON CONFLICT (id) DO UPDATE
+                SET status = EXCLUDED.status, reason = EXCLUDED.reason, updated_at = now()
+                WHERE sms_messages.status IN ('queued', 'retrying')",
+        )
+        .bind(message.id)
+        .bind(message.bulk_id)
+        .bind(message.school_id)
+        .bind(message.kind.as_str())
+        .bind(message.recipient)
+        .bind(message.body)
+        .bind(message.context)
+        .bind(status.as_str())
+        .bind(reason)
+        .bind(message.provider)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        if done == 1 {
+            return Ok(None);
+        }
+        self.message_state(message.id).await
+    }
+
+    /// Claims the next attempt: inserts the message (or moves it from `queued`/`retrying`,
+    /// or takes over attempt `take_over` left open by a crash) to `sending`, and records the
+    /// attempt as started, in one statement.
+    pub async fn begin_attempt(
+        &self,
+        message: &NewMessage<'_>,
+        take_over: Option<i32>,
+    ) -> Result<Claim, StoreError> {
+        let attempt: Option<i32> = sqlx::query_scalar(
+            "WITH claimed AS (
+                INSERT INTO sms_messages
+                    (id, bulk_id, school_id, type, recipient, body, context, status, provider,
+                     attempts)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, 'sending', $8, 1)
+                ON CONFLICT (id) DO UPDATE
+                    SET status = 'sending', attempts = sms_messages.attempts + 1,
+                        provider = EXCLUDED.provider, recipient = EXCLUDED.recipient,
+                        reason = NULL, updated_at = now()
+                    WHERE sms_messages.status IN ('queued', 'retrying')
+                       OR (sms_messages.status = 'sending' AND sms_messages.attempts = $9)
+                RETURNING id, attempts
+             )
+             INSERT INTO sms_attempts (message_id, attempt, provider, started_at)
+             SELECT id, attempts, $8, now() FROM claimed
+             RETURNING attempt",
+        )
+        .bind(message.id)
+        .bind(message.bulk_id)
+        .bind(message.school_id)
+        .bind(message.kind.as_str())
+        .bind(message.recipient)
+        .bind(message.body)
+        .bind(message.context)
+        .bind(message.provider)
+        .bind(take_over)
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some(attempt) = attempt {
+            return Ok(Claim::Started { attempt });
+        }
+        match self.message_state(message.id).await? {
+            Some(state) => Ok(Claim::Busy(state)),
+            None => Err(StoreError::Corrupt(
+                "claim found neither a claimable nor an existing message".into(),
+            )),
+        }
+    }
+
+    /// Records how attempt `attempt` ended and the message's new status, atomically.
+    pub async fn finish_attempt(
+        &self,
+        id: Uuid,
+        attempt: i32,
+        record: &AttemptRecord<'_>,
+    ) -> Result<(), StoreError> {
+        let duration_ms = i32::try_from(record.duration.as_millis()).unwrap_or(i32::MAX);
+        sqlx::query(
+            "WITH attempt AS (
+                UPDATE sms_attempts
+                   SET duration_ms = $3, outcome = $4, http_status = $5,
+                       error_code = $6, error_message = $7
+                 WHERE message_id = $1 AND attempt = $2
+             )
+             UPDATE sms_messages
+                SET status = $8, reason = $9,
+                    provider_message_id = COALESCE($10, provider_message_id),
+                    sent_at = CASE WHEN $8 = 'sent' THEN now() ELSE sent_at END,
+                    updated_at = now()
+              WHERE id = $1 AND status = 'sending' AND attempts = $2",
+        )
+        .bind(id)
+        .bind(attempt)
+        .bind(duration_ms)
+        .bind(record.outcome.as_str())
+        .bind(record.http_status.map(i32::from))
+        .bind(record.error_code)
+        .bind(record.error_message)
+        .bind(record.status.as_str())
+        .bind(record.reason)
+        .bind(record.provider_message_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+}
