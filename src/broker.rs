@@ -49,6 +49,9 @@ pub const HEADER_ERROR: &str = "x-smsgw-error";
 pub const HEADER_ATTEMPTS: &str = "x-smsgw-attempts";
 /// On a message fanned out of an announcement: the announcement's job id.
 pub const HEADER_BULK_ID: &str = "x-smsgw-bulk-id";
+/// On a retried message: not to be tried before this moment (Unix milliseconds). A retry
+/// longer than the longest tier (a long `Retry-After`) waits in that tier more than once.
+pub const HEADER_RETRY_AT: &str = "x-smsgw-retry-at";
 
 /// How long we wait for the broker to confirm a publish or take an ack.
 const BROKER_TIMEOUT: Duration = Duration::from_secs(15);
@@ -142,6 +145,8 @@ pub struct Incoming {
     /// Provider calls made for this job so far, from our `x-smsgw-attempts` header.
     pub attempts: u32,
     pub bulk_id: Option<Uuid>,
+    /// Set on retries: not to be tried before this moment.
+    pub retry_at: Option<OffsetDateTime>,
     routing_key: ShortString,
     properties: BasicProperties,
     acker: Acker,
@@ -170,11 +175,18 @@ impl Incoming {
             .and_then(|h| h.inner().get(HEADER_BULK_ID))
             .and_then(amqp_text)
             .and_then(|text| Uuid::parse_str(&text).ok());
+        let retry_at = headers
+            .and_then(|h| h.inner().get(HEADER_RETRY_AT))
+            .and_then(amqp_int)
+            .and_then(|ms| {
+                OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok()
+            });
         Incoming {
             lane,
             redelivered: delivery.redelivered,
             attempts,
             bulk_id,
+            retry_at,
             routing_key: delivery.routing_key,
             properties: delivery.properties,
             acker: delivery.acker,
@@ -314,9 +326,17 @@ impl Broker {
         let mut jobs_args = FieldTable::default();
         jobs_args.insert("alternate-exchange".into(), long_string(UNROUTED_EXCHANGE));
         for (name, kind, args) in [
-            (UNROUTED_EXCHANGE, ExchangeKind::Fanout, FieldTable::default()),
+            (
+                UNROUTED_EXCHANGE,
+                ExchangeKind::Fanout,
+                FieldTable::default(),
+            ),
             (JOBS_EXCHANGE, ExchangeKind::Topic, jobs_args),
-            (REQUEUE_EXCHANGE, ExchangeKind::Direct, FieldTable::default()),
+            (
+                REQUEUE_EXCHANGE,
+                ExchangeKind::Direct,
+                FieldTable::default(),
+            ),
             (DEAD_EXCHANGE, ExchangeKind::Fanout, FieldTable::default()),
         ] {
             within(channel.exchange_declare(name.into(), kind, durable, args)).await?;
@@ -333,7 +353,10 @@ impl Broker {
                 AMQPValue::LongLongInt(i64::from(self.topology.delivery_limit)),
             );
             args.insert("x-dead-letter-exchange".into(), long_string(DEAD_EXCHANGE));
-            args.insert("x-dead-letter-strategy".into(), long_string("at-least-once"));
+            args.insert(
+                "x-dead-letter-strategy".into(),
+                long_string("at-least-once"),
+            );
             args.insert("x-overflow".into(), long_string("reject-publish"));
             declare_quorum(&channel, queue, args).await?;
             for kind in JobType::ALL.into_iter().filter(|k| k.lane() == lane) {
@@ -355,8 +378,14 @@ impl Broker {
             let mut args = FieldTable::default();
             let ttl = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
             args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
-            args.insert("x-dead-letter-exchange".into(), long_string(REQUEUE_EXCHANGE));
-            args.insert("x-dead-letter-strategy".into(), long_string("at-least-once"));
+            args.insert(
+                "x-dead-letter-exchange".into(),
+                long_string(REQUEUE_EXCHANGE),
+            );
+            args.insert(
+                "x-dead-letter-strategy".into(),
+                long_string("at-least-once"),
+            );
             args.insert("x-overflow".into(), long_string("reject-publish"));
             declare_quorum(&channel, &name, args).await?;
             bind(&channel, &name, &name, "").await?;
@@ -467,8 +496,16 @@ impl Broker {
                 kind,
             } => {
                 let tier = self.topology.tier_at_least(*delay);
-                self.republish(incoming, &tier_name(tier), kind.as_str(), *attempts, None)
-                    .await?;
+                let retry_at = OffsetDateTime::now_utc() + *delay;
+                self.republish(
+                    incoming,
+                    &tier_name(tier),
+                    kind.as_str(),
+                    *attempts,
+                    Some(retry_at),
+                    None,
+                )
+                .await?;
             }
             Disposition::Defer { until, kind } => {
                 let remaining = (*until - OffsetDateTime::now_utc())
@@ -480,6 +517,7 @@ impl Broker {
                     &tier_name(tier),
                     kind.as_str(),
                     incoming.attempts,
+                    incoming.retry_at,
                     None,
                 )
                 .await?;
@@ -495,6 +533,7 @@ impl Broker {
                     DEAD_EXCHANGE,
                     &routing_key,
                     *attempts,
+                    None,
                     Some((*reason, error.as_str())),
                 )
                 .await?;
@@ -525,17 +564,30 @@ impl Broker {
         exchange: &str,
         routing_key: &str,
         attempts: u32,
+        retry_at: Option<OffsetDateTime>,
         dead: Option<(DeadReason, &str)>,
     ) -> Result<(), BrokerError> {
-        let mut headers = incoming
+        let mut headers: FieldTable = incoming
             .properties
             .headers()
-            .clone()
+            .as_ref()
+            .map(|h| {
+                h.inner()
+                    .iter()
+                    .filter(|(k, _)| k.as_str() != HEADER_RETRY_AT)
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect::<std::collections::BTreeMap<_, _>>()
+                    .into()
+            })
             .unwrap_or_default();
         headers.insert(
             HEADER_ATTEMPTS.into(),
             AMQPValue::LongLongInt(i64::from(attempts)),
         );
+        if let Some(at) = retry_at {
+            let ms = i64::try_from(at.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX);
+            headers.insert(HEADER_RETRY_AT.into(), AMQPValue::LongLongInt(ms));
+        }
         if let Some((reason, error)) = dead {
             headers.insert(HEADER_REASON.into(), long_string(reason.as_str()));
             let error: String = error.chars().take(MAX_ERROR_HEADER).collect();
@@ -579,7 +631,12 @@ async fn declare_quorum(
     Ok(())
 }
 
-async fn bind(channel: &Channel, queue: &str, exchange: &str, key: &str) -> Result<(), BrokerError> {
+async fn bind(
+    channel: &Channel,
+    queue: &str,
+    exchange: &str,
+    key: &str,
+) -> Result<(), BrokerError> {
     within(channel.queue_bind(
         queue.into(),
         exchange.into(),
@@ -596,10 +653,7 @@ mod tests {
 
     fn topology() -> Topology {
         Topology {
-            delays: [10, 60, 300]
-                .into_iter()
-                .map(Duration::from_secs)
-                .collect(),
+            delays: [10, 60, 300].into_iter().map(Duration::from_secs).collect(),
             delivery_limit: 10,
         }
     }
@@ -614,16 +668,34 @@ mod tests {
     #[test]
     fn retries_wait_at_least_the_delay_asked() {
         let t = topology();
-        assert_eq!(t.tier_at_least(Duration::from_secs(10)), Duration::from_secs(10));
-        assert_eq!(t.tier_at_least(Duration::from_secs(11)), Duration::from_secs(60));
-        assert_eq!(t.tier_at_least(Duration::from_secs(9999)), Duration::from_secs(300));
+        assert_eq!(
+            t.tier_at_least(Duration::from_secs(10)),
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            t.tier_at_least(Duration::from_secs(11)),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            t.tier_at_least(Duration::from_secs(9999)),
+            Duration::from_secs(300)
+        );
     }
 
     #[test]
     fn scheduled_sends_never_overshoot_by_more_than_the_shortest_tier() {
         let t = topology();
-        assert_eq!(t.tier_at_most(Duration::from_secs(3)), Duration::from_secs(10));
-        assert_eq!(t.tier_at_most(Duration::from_secs(70)), Duration::from_secs(60));
-        assert_eq!(t.tier_at_most(Duration::from_secs(9999)), Duration::from_secs(300));
+        assert_eq!(
+            t.tier_at_most(Duration::from_secs(3)),
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            t.tier_at_most(Duration::from_secs(70)),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            t.tier_at_most(Duration::from_secs(9999)),
+            Duration::from_secs(300)
+        );
     }
 }

@@ -89,6 +89,7 @@ pub fn main() -> ExitCode {
         }
     };
     telemetry::init(settings.log_format);
+    crate::install_crypto_provider();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

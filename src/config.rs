@@ -146,10 +146,7 @@ impl Settings {
         Self::read(lookup, true)
     }
 
-    fn read(
-        lookup: impl Fn(&str) -> Option<String>,
-        delivery: bool,
-    ) -> Result<Self, ConfigError> {
+    fn read(lookup: impl Fn(&str) -> Option<String>, delivery: bool) -> Result<Self, ConfigError> {
         let get = |name: &str| {
             if !delivery && is_delivery_variable(name) {
                 return None;
@@ -238,7 +235,9 @@ impl Settings {
         let retry_delays = match get("SMSGW_RETRY_DELAYS") {
             None => parse_delays("10s,1m,5m,30m,2h")
                 .map_err(|problem| bad("SMSGW_RETRY_DELAYS", problem))?,
-            Some(raw) => parse_delays(&raw).map_err(|problem| bad("SMSGW_RETRY_DELAYS", problem))?,
+            Some(raw) => {
+                parse_delays(&raw).map_err(|problem| bad("SMSGW_RETRY_DELAYS", problem))?
+            }
         };
 
         let lanes = LaneBudgets {
@@ -537,10 +536,11 @@ mod tests {
 
     #[test]
     fn tools_do_not_need_provider_credentials() {
-        let vars: HashMap<String, String> = [("SMSGW_ENV", "production"), ("SMSGW_PROVIDER", "twilio")]
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let vars: HashMap<String, String> =
+            [("SMSGW_ENV", "production"), ("SMSGW_PROVIDER", "twilio")]
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
         let s = Settings::read(|k| vars.get(k).cloned(), false).expect("tools need no provider");
         assert_eq!(s.env, Environment::Production);
     }
@@ -563,8 +563,8 @@ mod tests {
 
     #[test]
     fn passwords_are_redacted_from_urls() {
-        let s = settings(&[("SMSGW_AMQP_URL", "amqp://user:hunter2@rabbit:5672/%2f")])
-            .expect("valid");
+        let s =
+            settings(&[("SMSGW_AMQP_URL", "amqp://user:hunter2@rabbit:5672/%2f")]).expect("valid");
         assert!(!s.amqp_url_redacted().contains("hunter2"));
     }
 }

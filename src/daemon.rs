@@ -265,7 +265,9 @@ impl Worker<'_> {
         for lane in Lane::ALL {
             match broker.consume(lane, self.budget(lane)).await {
                 Ok(consumer) => consumers.push(consumer),
-                Err(e) => return SessionEnd::Lost(format!("cannot consume {}: {e}", lane.as_str())),
+                Err(e) => {
+                    return SessionEnd::Lost(format!("cannot consume {}: {e}", lane.as_str()));
+                }
             }
         }
         self.health.set_consumers(consumers.len());
@@ -379,7 +381,10 @@ async fn process(
     let disposition = match handled {
         Ok(disposition) => disposition,
         Err(_) => {
-            tracing::error!(lane = incoming.lane.as_str(), "the pipeline panicked; message requeued");
+            tracing::error!(
+                lane = incoming.lane.as_str(),
+                "the pipeline panicked; message requeued"
+            );
             Disposition::Requeue
         }
     };

@@ -19,7 +19,10 @@ pub enum Disposition {
         kind: JobType,
     },
     /// Not due yet (`not_before`): wait in the tier that brings it back closest to `until`.
-    Defer { until: OffsetDateTime, kind: JobType },
+    Defer {
+        until: OffsetDateTime,
+        kind: JobType,
+    },
     /// Never going to work as it stands: to `sms.dead` for ops to inspect and replay.
     DeadLetter {
         reason: DeadReason,

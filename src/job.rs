@@ -177,8 +177,8 @@ impl Job {
             )));
         };
 
-        let id = Uuid::parse_str(required_str(&object, "id")?)
-            .map_err(|_| invalid("id: not a UUID"))?;
+        let id =
+            Uuid::parse_str(required_str(&object, "id")?).map_err(|_| invalid("id: not a UUID"))?;
 
         let type_name = required_str(&object, "type")?;
         let kind = JobType::parse(type_name).ok_or_else(|| {
@@ -311,14 +311,18 @@ fn decode_recipients(list: &Value) -> Result<Vec<BulkRecipient>, InvalidJob> {
                 )));
             };
             let to = match entry.get("to") {
-                None | Some(Value::Null) => return Err(invalid(format!("recipients[{i}].to: missing"))),
+                None | Some(Value::Null) => {
+                    return Err(invalid(format!("recipients[{i}].to: missing")));
+                }
                 Some(value) => recipient_str(&format!("recipients[{i}].to"), value)?,
             };
             let reference = match entry.get("ref") {
                 None | Some(Value::Null) => None,
                 Some(Value::String(s)) if s.len() <= 200 => Some(s.clone()),
                 Some(Value::String(_)) => {
-                    return Err(invalid(format!("recipients[{i}].ref: longer than 200 bytes")));
+                    return Err(invalid(format!(
+                        "recipients[{i}].ref: longer than 200 bytes"
+                    )));
                 }
                 Some(Value::Number(n)) => Some(n.to_string()),
                 Some(other) => {
@@ -379,43 +383,83 @@ mod tests {
 
     #[test]
     fn each_invalid_field_is_named_without_its_value() {
-        assert_eq!(error_of(|o| { o.remove("id"); }), "id: missing");
-        assert_eq!(error_of(|o| { o.insert("id".into(), json!("nope")); }), "id: not a UUID");
         assert_eq!(
-            error_of(|o| { o.insert("type".into(), json!("fax")); }),
+            error_of(|o| {
+                o.remove("id");
+            }),
+            "id: missing"
+        );
+        assert_eq!(
+            error_of(|o| {
+                o.insert("id".into(), json!("nope"));
+            }),
+            "id: not a UUID"
+        );
+        assert_eq!(
+            error_of(|o| {
+                o.insert("type".into(), json!("fax"));
+            }),
             "type: unknown type 'fax'"
         );
         assert_eq!(
-            error_of(|o| { o.insert("school_id".into(), json!("42")); }),
+            error_of(|o| {
+                o.insert("school_id".into(), json!("42"));
+            }),
             "school_id: expected a positive whole number, got a string"
         );
         assert_eq!(
-            error_of(|o| { o.insert("school_id".into(), json!(1e30)); }),
+            error_of(|o| {
+                o.insert("school_id".into(), json!(1e30));
+            }),
             "school_id: expected a positive whole number"
         );
         assert_eq!(
-            error_of(|o| { o.insert("school_id".into(), json!(-1)); }),
+            error_of(|o| {
+                o.insert("school_id".into(), json!(-1));
+            }),
             "school_id: expected a positive whole number"
         );
-        assert_eq!(error_of(|o| { o.insert("body".into(), json!("")); }), "body: empty");
         assert_eq!(
-            error_of(|o| { o.insert("body".into(), json!("é".repeat(1601))); }),
+            error_of(|o| {
+                o.insert("body".into(), json!(""));
+            }),
+            "body: empty"
+        );
+        assert_eq!(
+            error_of(|o| {
+                o.insert("body".into(), json!("é".repeat(1601)));
+            }),
             "body: 1601 characters, more than 1600"
         );
-        assert!(error_of(|o| { o.insert("context".into(), json!({"x": "y".repeat(3000)})); })
-            .starts_with("context: "));
+        assert!(
+            error_of(|o| {
+                o.insert("context".into(), json!({"x": "y".repeat(3000)}));
+            })
+            .starts_with("context: ")
+        );
         assert_eq!(
-            error_of(|o| { o.insert("context".into(), json!([1])); }),
+            error_of(|o| {
+                o.insert("context".into(), json!([1]));
+            }),
             "context: expected an object, got an array"
         );
         assert_eq!(
-            error_of(|o| { o.insert("not_before".into(), json!("tomorrow")); }),
+            error_of(|o| {
+                o.insert("not_before".into(), json!("tomorrow"));
+            }),
             "not_before: not an RFC 3339 timestamp"
         );
-        let text = error_of(|o| { o.insert("to".into(), json!(447700900123u64)); });
+        let text = error_of(|o| {
+            o.insert("to".into(), json!(447700900123u64));
+        });
         assert_eq!(text, "to: expected a string, got a number");
         assert!(!text.contains("7700900123"));
-        assert_eq!(error_of(|o| { o.remove("to"); }), "to: missing");
+        assert_eq!(
+            error_of(|o| {
+                o.remove("to");
+            }),
+            "to: missing"
+        );
     }
 
     #[test]
@@ -428,9 +472,22 @@ mod tests {
     #[test]
     fn garbage_is_invalid_not_a_panic() {
         assert!(Job::decode(b"").is_err());
-        assert!(Job::decode(b"not json").unwrap_err().0.starts_with("not JSON"));
-        assert_eq!(Job::decode(b"[1,2]").unwrap_err().0, "not a JSON object: got an array");
-        assert!(Job::decode(&[0xff, 0xfe, 0x00]).unwrap_err().0.starts_with("not UTF-8"));
+        assert!(
+            Job::decode(b"not json")
+                .unwrap_err()
+                .0
+                .starts_with("not JSON")
+        );
+        assert_eq!(
+            Job::decode(b"[1,2]").unwrap_err().0,
+            "not a JSON object: got an array"
+        );
+        assert!(
+            Job::decode(&[0xff, 0xfe, 0x00])
+                .unwrap_err()
+                .0
+                .starts_with("not UTF-8")
+        );
         let deep = "[".repeat(100_000);
         assert!(Job::decode(deep.as_bytes()).is_err());
     }
@@ -440,7 +497,8 @@ mod tests {
         let mut value = valid();
         value["type"] = json!("announcement");
         value.as_object_mut().map(|o| o.remove("to"));
-        value["recipients"] = json!([{"to": "+447700900123", "ref": "user-77"}, {"to": "07700900124"}]);
+        value["recipients"] =
+            json!([{"to": "+447700900123", "ref": "user-77"}, {"to": "07700900124"}]);
         let job = decode(&value).expect("valid announcement");
         assert!(matches!(job.target, Target::Many(ref r) if r.len() == 2));
 

@@ -34,3 +34,9 @@ pub mod policy;
 pub mod provider;
 pub mod store;
 pub mod telemetry;
+
+/// Makes ring the process's TLS crypto provider (reqwest is built without a default; lapin
+/// and sqlx use ring too). Call before building any HTTP client; calling again is harmless.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

@@ -226,7 +226,10 @@ mod tests {
         assert!(!red.contains("7700900123"), "{red}");
         assert!(red.contains("+44*******123"), "{red}");
         assert!(red.contains("21211"), "short codes stay readable: {red}");
-        assert_eq!(redact_numbers("call 0770 090 0123 now"), "call 077*****123 now");
+        assert_eq!(
+            redact_numbers("call 0770 090 0123 now"),
+            "call 077*****123 now"
+        );
     }
 
     #[test]

@@ -116,6 +116,15 @@ impl Pipeline {
             provider = self.provider.name(),
         );
         async {
+            if let Some(at) = incoming.retry_at
+                && at - OffsetDateTime::now_utc() > time::Duration::milliseconds(20)
+            {
+                // Back from a tier shorter than the provider asked us to wait.
+                return Disposition::Defer {
+                    until: at,
+                    kind: job.kind,
+                };
+            }
             let result = match &job.target {
                 Target::Many(recipients) => self.fan_out(&job, recipients, broker, abandon).await,
                 Target::One(to) => self.handle_one(incoming, &job, to, abandon).await,
@@ -189,16 +198,32 @@ impl Pipeline {
         let (status, reason, disposition) = match decision {
             Decision::Send { to, sender } => {
                 return self
-                    .send(incoming, job, &message, &to, sender.as_ref(), take_over, abandon)
+                    .send(
+                        incoming,
+                        job,
+                        &message,
+                        &to,
+                        sender.as_ref(),
+                        take_over,
+                        abandon,
+                    )
                     .await;
             }
             Decision::Expire => {
                 tracing::info!("expired before it could be sent");
-                (MessageStatus::Expired, "expires_at passed".to_owned(), Disposition::Ack)
+                (
+                    MessageStatus::Expired,
+                    "expires_at passed".to_owned(),
+                    Disposition::Ack,
+                )
             }
             Decision::Suppress(reason) => {
                 tracing::info!(reason = reason.as_str(), "suppressed");
-                (MessageStatus::Suppressed, reason.as_str().to_owned(), Disposition::Ack)
+                (
+                    MessageStatus::Suppressed,
+                    reason.as_str().to_owned(),
+                    Disposition::Ack,
+                )
             }
             Decision::Refuse(refusal) => {
                 tracing::warn!(reason = refusal.reason(), error = %refusal, "refused before sending");
@@ -300,13 +325,13 @@ impl Pipeline {
         let attempt = match claim {
             Claim::Started { attempt } => attempt,
             Claim::Busy(state) => {
-                return Ok(self
-                    .already_handled(incoming, job, &state)
-                    .unwrap_or(Disposition::Retry {
+                return Ok(self.already_handled(incoming, job, &state).unwrap_or(
+                    Disposition::Retry {
                         delay: self.settings.provider_timeout * 2,
                         attempts: incoming.attempts,
                         kind: job.kind,
-                    }));
+                    },
+                ));
             }
         };
 
@@ -351,8 +376,10 @@ impl Pipeline {
                     status: MessageStatus::Sent,
                     reason: None,
                 };
-                self.persist(abandon, || self.store.finish_attempt(job.id, attempt, &record))
-                    .await?;
+                self.persist(abandon, || {
+                    self.store.finish_attempt(job.id, attempt, &record)
+                })
+                .await?;
                 tracing::info!(
                     to = %to.masked(),
                     sender = sender.map(|s| s.as_str()).unwrap_or("default"),
@@ -385,7 +412,8 @@ impl Pipeline {
         let text = error.to_string();
         let error_message = match &error {
             ProviderError::Rejected { message, .. } => message.clone(),
-            ProviderError::Unavailable { message, .. } | ProviderError::Throttled { message, .. } => {
+            ProviderError::Unavailable { message, .. }
+            | ProviderError::Throttled { message, .. } => {
                 message.clone().unwrap_or_else(|| text.clone())
             }
             _ => text.clone(),
@@ -440,8 +468,10 @@ impl Pipeline {
             status,
             reason,
         };
-        self.persist(abandon, || self.store.finish_attempt(job.id, attempt, &record))
-            .await?;
+        self.persist(abandon, || {
+            self.store.finish_attempt(job.id, attempt, &record)
+        })
+        .await?;
         if error.recipient_opted_out() {
             self.persist(abandon, || {
                 self.store
@@ -472,8 +502,13 @@ impl Pipeline {
     /// provider asked for it.
     fn retry_delay(&self, attempts: u32, retry_after: Option<Duration>) -> Duration {
         let delays = &self.settings.retry_delays;
-        let index = (attempts as usize).saturating_sub(1).min(delays.len().saturating_sub(1));
-        let tier = delays.get(index).copied().unwrap_or(Duration::from_secs(10));
+        let index = (attempts as usize)
+            .saturating_sub(1)
+            .min(delays.len().saturating_sub(1));
+        let tier = delays
+            .get(index)
+            .copied()
+            .unwrap_or(Duration::from_secs(10));
         tier.max(retry_after.unwrap_or_default())
     }
 

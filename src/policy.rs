@@ -86,7 +86,9 @@ pub enum Decision {
     /// Past `expires_at`: never sent.
     Expire,
     /// Not before this moment; come back then.
-    Defer { until: OffsetDateTime },
+    Defer {
+        until: OffsetDateTime,
+    },
     Refuse(Refusal),
 }
 
@@ -313,6 +315,9 @@ mod tests {
             now: NOW,
         };
         let decision = decide(JobType::LoginCode, None, None, &facts);
-        assert!(matches!(decision, Decision::Refuse(Refusal::InvalidRecipient(_))));
+        assert!(matches!(
+            decision,
+            Decision::Refuse(Refusal::InvalidRecipient(_))
+        ));
     }
 }

@@ -16,11 +16,7 @@ use sqlx::{
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::{
-    job::JobType,
-    phone::PhoneNumber,
-    policy::SchoolSettings,
-};
+use crate::{job::JobType, phone::PhoneNumber, policy::SchoolSettings};
 
 /// The migrations in `schema/`, embedded at build time.
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./schema");
@@ -209,10 +205,9 @@ impl Store {
 
     /// The newest migration applied to this database (0 when none is).
     pub async fn schema_version(&self) -> Result<i64, StoreError> {
-        let exists: bool =
-            sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
-                .fetch_one(&self.pool)
-                .await?;
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+            .fetch_one(&self.pool)
+            .await?;
         if !exists {
             return Ok(0);
         }

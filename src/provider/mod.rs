@@ -58,7 +58,10 @@ pub enum ProviderError {
         retry_after: Option<Duration>,
     },
     /// 429 or a provider throttling code: too fast; try again after `retry_after`.
-    #[error("throttled by the provider (HTTP {http_status}){}", describe(code, message))]
+    #[error(
+        "throttled by the provider (HTTP {http_status}){}",
+        describe(code, message)
+    )]
     Throttled {
         http_status: u16,
         code: Option<String>,

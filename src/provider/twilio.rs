@@ -38,9 +38,7 @@ impl Twilio {
         public_url: Option<&str>,
         timeout: Duration,
     ) -> Result<Self, reqwest::Error> {
-        // reqwest is built without a default TLS crypto provider; ring is the one every
-        // TLS user in this crate (lapin, sqlx) shares. A second install is a no-op error.
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        crate::install_crypto_provider();
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
@@ -217,8 +215,7 @@ fn interpret(
             None
         }
     });
-    if status == StatusCode::TOO_MANY_REQUESTS || code.as_deref() == Some(CODE_TOO_MANY_REQUESTS)
-    {
+    if status == StatusCode::TOO_MANY_REQUESTS || code.as_deref() == Some(CODE_TOO_MANY_REQUESTS) {
         return Err(ProviderError::Throttled {
             http_status,
             code,
@@ -271,9 +268,14 @@ mod tests {
             assert!(matches!(err, ProviderError::Unreadable { .. }), "{err:?}");
             assert!(err.is_retryable() && err.outcome_unknown());
         }
-        let err = interpret(StatusCode::BAD_GATEWAY, None, b"<html>oops</html>")
-            .expect_err("5xx");
-        assert!(matches!(err, ProviderError::Unavailable { http_status: 502, .. }));
+        let err = interpret(StatusCode::BAD_GATEWAY, None, b"<html>oops</html>").expect_err("5xx");
+        assert!(matches!(
+            err,
+            ProviderError::Unavailable {
+                http_status: 502,
+                ..
+            }
+        ));
     }
 
     #[test]

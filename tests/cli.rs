@@ -1,0 +1,473 @@
+//! The `smsgw` binary as ops and developers run it: exit codes, signals, start-up line,
+//! and what its logs may never contain.
+
+mod helpers;
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use helpers::{Reply, TestEnv, TwilioStub, base_settings, free_port, id_of, job, twilio_stub};
+use uuid::Uuid;
+
+const BIN: &str = env!("CARGO_BIN_EXE_smsgw");
+
+/// A command with a clean environment: only what the test gives it.
+fn smsgw(vars: &[(String, String)], args: &[&str]) -> Command {
+    let mut command = Command::new(BIN);
+    command.env_clear().args(args);
+    if let Ok(path) = std::env::var("PATH") {
+        command.env("PATH", path);
+    }
+    for (k, v) in vars {
+        command.env(k, v);
+    }
+    command
+}
+
+fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+/// A daemon process whose stderr (the logs) is collected line by line.
+struct Daemon {
+    child: Child,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl Daemon {
+    fn spawn(vars: &[(String, String)]) -> Daemon {
+        let mut child = smsgw(vars, &["run"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start smsgw run");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().expect("stderr");
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().expect("lock").push(line);
+            }
+        });
+        Daemon { child, logs }
+    }
+
+    fn logs(&self) -> Vec<String> {
+        self.logs.lock().expect("lock").clone()
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit; returns its code and how long it took.
+    fn wait_exit(&mut self, limit: Duration) -> (Option<i32>, Duration) {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return (status.code(), started.elapsed());
+            }
+            if started.elapsed() > limit {
+                let _ = self.child.kill();
+                panic!(
+                    "smsgw did not exit within {limit:?}; logs: {:#?}",
+                    self.logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn production_refuses_the_log_provider() {
+    let output = smsgw(
+        &vars(&[("SMSGW_ENV", "production"), ("SMSGW_PROVIDER", "log")]),
+        &["run"],
+    )
+    .output()
+    .expect("run");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("SMSGW_PROVIDER"), "{stderr}");
+    assert!(stderr.contains("log provider"), "{stderr}");
+}
+
+#[test]
+fn production_refuses_missing_credentials() {
+    let output = smsgw(
+        &vars(&[
+            ("SMSGW_ENV", "production"),
+            ("SMSGW_PROVIDER", "twilio"),
+            ("TWILIO_ACCOUNT_SID", twilio_stub::ACCOUNT_SID),
+        ]),
+        &["run"],
+    )
+    .output()
+    .expect("run");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("TWILIO_AUTH_TOKEN"), "{stderr}");
+}
+
+#[test]
+fn development_never_sends_to_real_twilio_without_a_redirect() {
+    let output = smsgw(
+        &vars(&[
+            ("SMSGW_PROVIDER", "twilio"),
+            ("TWILIO_ACCOUNT_SID", twilio_stub::ACCOUNT_SID),
+            ("TWILIO_AUTH_TOKEN", "secret"),
+            ("TWILIO_FROM", "+15005550006"),
+        ]),
+        &["run"],
+    )
+    .output()
+    .expect("run");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("SMSGW_REDIRECT_TO"), "{stderr}");
+}
+
+#[test]
+fn bad_usage_exits_2_and_help_lists_the_commands() {
+    let output = smsgw(&[], &["frobnicate"]).output().expect("run");
+    assert_eq!(output.status.code(), Some(2));
+    let output = smsgw(
+        &[],
+        &[
+            "send",
+            "--school",
+            "1",
+            "--to",
+            "+447700900123",
+            "--type",
+            "fax",
+            "--body",
+            "x",
+        ],
+    )
+    .output()
+    .expect("run");
+    assert_eq!(output.status.code(), Some(2), "unknown type");
+    let output = smsgw(
+        &[],
+        &[
+            "send",
+            "--school",
+            "1",
+            "--to",
+            "+447700900123",
+            "--type",
+            "login_code",
+            "--body",
+            "",
+        ],
+    )
+    .output()
+    .expect("run");
+    assert_eq!(output.status.code(), Some(2), "empty body");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("body: empty"));
+
+    let help = smsgw(&[], &["--help"]).output().expect("run");
+    assert_eq!(help.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&help.stdout);
+    for command in ["run", "migrate", "send"] {
+        assert!(text.contains(command), "{text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn migrate_is_safe_twice_and_from_two_processes_at_once() {
+    let env = TestEnv::new().await;
+    let db = vars(&[("SMSGW_DATABASE_URL", env.database_url.as_str())]);
+    let first = smsgw(&db, &["migrate"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("migrate");
+    let second = smsgw(&db, &["migrate"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("migrate");
+    for child in [first, second] {
+        let output = child.wait_with_output().expect("wait");
+        assert_eq!(output.status.code(), Some(0));
+        assert!(String::from_utf8_lossy(&output.stdout).contains("schema is at version"));
+    }
+    let again = smsgw(&db, &["migrate"]).output().expect("migrate");
+    assert_eq!(again.status.code(), Some(0));
+    let pool = sqlx::PgPool::connect(&env.database_url)
+        .await
+        .expect("connect");
+    let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations")
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    let files = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/schema"))
+        .expect("schema/")
+        .filter(|e| {
+            e.as_ref()
+                .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "sql"))
+        })
+        .count();
+    assert_eq!(applied, files as i64, "each migration applied exactly once");
+    pool.close().await;
+}
+
+/// Everything a daemon process needs against this test's services and stub.
+async fn daemon_vars(env: &TestEnv, stub: &TwilioStub, port: u16) -> Vec<(String, String)> {
+    helpers::migrate(&env.database_url).await;
+    let mut all: Vec<(String, String)> = base_settings(env, stub, port).into_iter().collect();
+    all.push(("SMSGW_LOG_FORMAT".into(), "json".into()));
+    all.push(("RUST_LOG".into(), "debug".into()));
+    all
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_finishes_in_flight_work_and_exits_zero() {
+    helpers::init_logs();
+    let env = TestEnv::new().await;
+    let stub = TwilioStub::start().await;
+    let port = free_port();
+    let vars = daemon_vars(&env, &stub, port).await;
+    let mut daemon = Daemon::spawn(&vars);
+    wait_ready(port, &mut daemon).await;
+    let db = sqlx::PgPool::connect(&env.database_url).await.expect("db");
+    sqlx::query(
+        "INSERT INTO sms_school_settings (school_id, sms_enabled, country) VALUES (1, true, 'GB')",
+    )
+    .execute(&db)
+    .await
+    .expect("school");
+    // Slow answers, so that messages are in flight when the signal arrives.
+    stub.reply_always(Reply::Slow(Duration::from_millis(700)));
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let job = job(
+            "booking_reminder",
+            1,
+            &format!("+4477009002{i:02}"),
+            "Reminder",
+        );
+        let output = smsgw(
+            &vars,
+            &[
+                "send",
+                "--school",
+                "1",
+                "--type",
+                "booking_reminder",
+                "--body",
+                "Reminder",
+                "--to",
+                job["to"].as_str().unwrap_or_default(),
+                "--id",
+                &id_of(&job).to_string(),
+            ],
+        )
+        .output()
+        .expect("send");
+        assert_eq!(output.status.code(), Some(0));
+        ids.push(id_of(&job));
+    }
+    while stub.requests().is_empty() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    daemon.signal("TERM");
+    let (code, took) = daemon.wait_exit(Duration::from_secs(15));
+    assert_eq!(code, Some(0), "logs: {:#?}", daemon.logs());
+    assert!(
+        took < Duration::from_secs(6),
+        "exit took {took:?}, over the 5s grace"
+    );
+
+    // Nothing lost, nothing sent twice: every job is either done or still in the broker,
+    // and a second daemon finishes the rest.
+    stub.reply_always(Reply::Created);
+    let mut second = Daemon::spawn(&vars);
+    wait_ready(port, &mut second).await;
+    for id in &ids {
+        wait_status(&db, *id, "sent").await;
+    }
+    let mut seen = std::collections::HashMap::new();
+    for request in stub.requests() {
+        *seen
+            .entry(request.get("To").unwrap_or_default().to_owned())
+            .or_insert(0) += 1;
+    }
+    // A 700ms answer is slow, not a timeout: each message was sent exactly once.
+    assert!(seen.values().all(|&n| n == 1), "duplicates: {seen:?}");
+    assert_eq!(seen.len(), ids.len());
+    second.signal("INT");
+    assert_eq!(second.wait_exit(Duration::from_secs(15)).0, Some(0));
+    db.close().await;
+}
+
+async fn wait_ready(port: u16, daemon: &mut Daemon) {
+    let deadline = Instant::now() + helpers::PATIENCE;
+    let url = format!("http://127.0.0.1:{port}/readyz");
+    loop {
+        if let Ok(r) = reqwest::get(&url).await
+            && r.status().is_success()
+        {
+            return;
+        }
+        if let Some(status) = daemon.child.try_wait().expect("try_wait") {
+            panic!(
+                "smsgw exited ({status}) before it was ready: {:#?}",
+                daemon.logs()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never ready: {:#?}",
+            daemon.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_status(db: &sqlx::PgPool, id: Uuid, status: &str) {
+    let deadline = Instant::now() + helpers::PATIENCE;
+    loop {
+        let now: Option<String> =
+            sqlx::query_scalar("SELECT status FROM sms_messages WHERE id = $1")
+                .bind(id)
+                .fetch_optional(db)
+                .await
+                .expect("read status");
+        if now.as_deref() == Some(status) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{id} never reached {status}: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn logs_hold_no_phone_number_token_or_body() {
+    helpers::init_logs();
+    let env = TestEnv::new().await;
+    let stub = TwilioStub::start().await;
+    let port = free_port();
+    let mut vars = daemon_vars(&env, &stub, port).await;
+    vars.push((
+        "SMSGW_PUBLIC_URL".into(),
+        "https://hooks.example.com".into(),
+    ));
+    let mut daemon = Daemon::spawn(&vars);
+    wait_ready(port, &mut daemon).await;
+    let db = sqlx::PgPool::connect(&env.database_url).await.expect("db");
+    sqlx::query(
+        "INSERT INTO sms_school_settings (school_id, sms_enabled, country) VALUES (1, true, 'GB')",
+    )
+    .execute(&db)
+    .await
+    .expect("school");
+
+    let sent_to = "+447700900123";
+    let rejected_to = "+447700900456";
+    let national = "07700900789";
+    let body = "Secret lesson code ZEBRA-7781";
+    stub.reply_for(
+        rejected_to,
+        Reply::error(
+            400,
+            21211,
+            &format!("The 'To' number {rejected_to} is not a valid phone number."),
+        ),
+    );
+    stub.script([Reply::error(500, 20500, "try later")]);
+    let send = |to: &str, kind: &str| {
+        let output = smsgw(
+            &vars,
+            &[
+                "send", "--school", "1", "--type", kind, "--body", body, "--to", to,
+            ],
+        )
+        .output()
+        .expect("send");
+        assert_eq!(output.status.code(), Some(0));
+        Uuid::parse_str(String::from_utf8_lossy(&output.stdout).trim()).expect("send prints the id")
+    };
+    let ok = send(sent_to, "login_code");
+    let rejected = send(rejected_to, "booking_reminder");
+    let nationally = send(national, "booking_change");
+    let suppressed = {
+        let output = smsgw(
+            &vars,
+            &[
+                "send",
+                "--school",
+                "2",
+                "--type",
+                "login_code",
+                "--body",
+                body,
+                "--to",
+                sent_to,
+            ],
+        )
+        .output()
+        .expect("send");
+        Uuid::parse_str(String::from_utf8_lossy(&output.stdout).trim()).expect("id")
+    };
+    wait_status(&db, ok, "sent").await;
+    wait_status(&db, rejected, "failed").await;
+    wait_status(&db, nationally, "sent").await;
+    wait_status(&db, suppressed, "suppressed").await;
+    daemon.signal("TERM");
+    assert_eq!(daemon.wait_exit(Duration::from_secs(15)).0, Some(0));
+
+    let logs = daemon.logs().join("\n");
+    assert!(
+        logs.contains("+44*******123"),
+        "masked numbers are logged: {logs}"
+    );
+    assert!(logs.contains("sent via twilio"), "{logs}");
+    assert!(
+        logs.contains("messages go to their real recipients") || logs.contains("Twilio-compatible")
+    );
+    for secret in [
+        sent_to,
+        rejected_to,
+        "7700900123",
+        "7700900456",
+        "7700900789",
+        twilio_stub::AUTH_TOKEN,
+        body,
+        "ZEBRA",
+    ] {
+        assert!(
+            !logs.contains(secret),
+            "the logs contain '{secret}':\n{logs}"
+        );
+    }
+    for line in daemon.logs() {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(&line).is_ok(),
+            "not a JSON log line: {line}"
+        );
+    }
+    db.close().await;
+}

@@ -1,0 +1,477 @@
+//! Test helpers: every test gets its own RabbitMQ vhost and PostgreSQL database, a Twilio
+//! stub, and the daemon running in-process against them.
+//!
+//! The services are found through the daemon's own variables (`SMSGW_AMQP_URL`,
+//! `SMSGW_DATABASE_URL`; the local defaults otherwise); each test swaps in a vhost and a
+//! database of its own, so tests run in parallel without seeing each other's data.
+#![allow(dead_code, unreachable_pub)]
+
+pub mod twilio_stub;
+
+use std::{
+    collections::HashMap,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use lapin::{
+    BasicProperties, Channel, Connection, ConnectionProperties,
+    options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions},
+    types::{AMQPValue, FieldTable},
+};
+use serde_json::Value;
+use sqlx::{PgPool, migrate::MigrateDatabase, postgres::PgPoolOptions};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use smsgw::{config::Settings, daemon::DaemonError};
+
+pub use twilio_stub::{Reply, TwilioStub};
+
+/// How long a test waits for something to happen before it fails.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+fn base_amqp_url() -> String {
+    std::env::var("SMSGW_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+fn base_database_url() -> String {
+    std::env::var("SMSGW_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/smsgw".to_owned())
+}
+
+fn rabbitmqctl(args: &[&str]) {
+    let output = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl runs (the tests create a vhost per test with it)");
+    assert!(
+        output.status.success(),
+        "rabbitmqctl {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A vhost and a database that belong to one test; both are removed when it ends.
+pub struct TestEnv {
+    pub name: String,
+    pub amqp_url: String,
+    pub database_url: String,
+}
+
+impl TestEnv {
+    pub async fn new() -> TestEnv {
+        let name = format!("smsgw_test_{}", Uuid::new_v4().simple());
+        let user = reqwest::Url::parse(&base_amqp_url())
+            .map(|u| u.username().to_owned())
+            .unwrap_or_else(|_| "guest".to_owned());
+        let user = if user.is_empty() {
+            "guest".to_owned()
+        } else {
+            user
+        };
+        rabbitmqctl(&["add_vhost", &name]);
+        rabbitmqctl(&["set_permissions", "-p", &name, &user, ".*", ".*", ".*"]);
+
+        let mut amqp = reqwest::Url::parse(&base_amqp_url()).expect("SMSGW_AMQP_URL is a URL");
+        amqp.set_path(&format!("/{name}"));
+        let mut database =
+            reqwest::Url::parse(&base_database_url()).expect("SMSGW_DATABASE_URL is a URL");
+        database.set_path(&format!("/{name}"));
+        let database_url = database.to_string();
+        sqlx::Postgres::create_database(&database_url)
+            .await
+            .expect("create the test database");
+        TestEnv {
+            name,
+            amqp_url: amqp.to_string(),
+            database_url,
+        }
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let database_url = self.database_url.clone();
+        // Drop cannot await: clean up on a thread with a runtime of its own.
+        let _ = std::thread::spawn(move || {
+            let _ = Command::new("rabbitmqctl")
+                .args(["delete_vhost", &name])
+                .output();
+            if let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                let _ = runtime.block_on(sqlx::Postgres::force_drop_database(&database_url));
+            }
+        })
+        .join();
+    }
+}
+
+/// A free TCP port on localhost (bound and released; good enough for a test).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// The daemon under test, its services and its Twilio stub.
+pub struct App {
+    pub env: TestEnv,
+    pub stub: TwilioStub,
+    pub db: PgPool,
+    pub http_url: String,
+    publisher: Channel,
+    _connection: Connection,
+    shutdown: CancellationToken,
+    daemon: Option<JoinHandle<Result<(), DaemonError>>>,
+}
+
+/// The settings every test starts from: Twilio at the stub, short retry tiers.
+pub fn base_settings(env: &TestEnv, stub: &TwilioStub, http_port: u16) -> HashMap<String, String> {
+    [
+        ("SMSGW_ENV", "development"),
+        ("SMSGW_AMQP_URL", env.amqp_url.as_str()),
+        ("SMSGW_DATABASE_URL", env.database_url.as_str()),
+        ("SMSGW_PROVIDER", "twilio"),
+        ("TWILIO_ACCOUNT_SID", twilio_stub::ACCOUNT_SID),
+        ("TWILIO_AUTH_TOKEN", twilio_stub::AUTH_TOKEN),
+        ("TWILIO_FROM", twilio_stub::DEFAULT_FROM),
+        ("SMSGW_TWILIO_BASE_URL", stub.url.as_str()),
+        ("SMSGW_RETRY_DELAYS", "100ms,200ms,400ms"),
+        ("SMSGW_PROVIDER_TIMEOUT", "2s"),
+        ("SMSGW_SHUTDOWN_GRACE", "5s"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .chain([(
+        "SMSGW_HTTP_ADDR".to_owned(),
+        format!("127.0.0.1:{http_port}"),
+    )])
+    .collect()
+}
+
+pub fn init_logs() {
+    smsgw::install_crypto_provider();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "smsgw=debug,warn".to_owned()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// Starts the daemon with the base settings.
+pub async fn spawn_app() -> App {
+    spawn_app_with(&[]).await
+}
+
+/// Starts the daemon with the base settings changed by `overrides` (an empty value unsets).
+pub async fn spawn_app_with(overrides: &[(&str, &str)]) -> App {
+    init_logs();
+    let env = TestEnv::new().await;
+    let stub = TwilioStub::start().await;
+    let port = free_port();
+    let mut vars = base_settings(&env, &stub, port);
+    for (k, v) in overrides {
+        vars.insert((*k).to_owned(), (*v).to_owned());
+    }
+    let settings = Settings::from_lookup(|k| vars.get(k).cloned()).expect("valid test settings");
+    // As ops do before a rollout (development would migrate by itself).
+    migrate(&env.database_url).await;
+    let shutdown = CancellationToken::new();
+    let daemon = tokio::spawn(smsgw::daemon::run(settings, shutdown.clone()));
+    let http_url = format!("http://127.0.0.1:{port}");
+    wait_until_ready(&http_url, &daemon).await;
+
+    let db = PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&env.database_url)
+        .await
+        .expect("connect to the test database");
+    let connection = Connection::connect(&env.amqp_url, ConnectionProperties::default())
+        .await
+        .expect("connect to the test vhost");
+    let publisher = connection.create_channel().await.expect("channel");
+    publisher
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    App {
+        env,
+        stub,
+        db,
+        http_url,
+        publisher,
+        _connection: connection,
+        shutdown,
+        daemon: Some(daemon),
+    }
+}
+
+pub async fn migrate(database_url: &str) {
+    let store = smsgw::store::Store::connect(database_url, 1)
+        .await
+        .expect("connect to migrate");
+    store.migrate().await.expect("migrate the test database");
+    store.close().await;
+}
+
+pub async fn wait_until_ready(http_url: &str, daemon: &JoinHandle<Result<(), DaemonError>>) {
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        assert!(
+            !daemon.is_finished(),
+            "the daemon stopped before it was ready"
+        );
+        if let Ok(response) = client.get(format!("{http_url}/readyz")).send().await
+            && response.status().is_success()
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the daemon never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A message row as support reads it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct MessageRow {
+    pub status: String,
+    pub reason: Option<String>,
+    pub recipient: String,
+    pub provider_message_id: Option<String>,
+    pub attempts: i32,
+    pub bulk_id: Option<Uuid>,
+    pub context: Option<Value>,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct AttemptRow {
+    pub attempt: i32,
+    pub outcome: Option<String>,
+    pub http_status: Option<i32>,
+    pub error_code: Option<String>,
+    pub error_message: Option<String>,
+    pub duration_ms: Option<i32>,
+}
+
+/// A message read back from `sms.dead`.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub body: Vec<u8>,
+    pub reason: Option<String>,
+    pub error: Option<String>,
+    pub attempts: Option<i64>,
+    pub message_id: Option<String>,
+}
+
+fn header_text(headers: &FieldTable, key: &str) -> Option<String> {
+    match headers.inner().get(key)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+fn header_int(headers: &FieldTable, key: &str) -> Option<i64> {
+    match headers.inner().get(key)? {
+        AMQPValue::LongLongInt(n) => Some(*n),
+        AMQPValue::LongInt(n) => Some(i64::from(*n)),
+        _ => None,
+    }
+}
+
+/// A valid job for `school_id` to `to`, of `kind`.
+pub fn job(kind: &str, school_id: i64, to: &str, body: &str) -> Value {
+    serde_json::json!({
+        "id": Uuid::new_v4(),
+        "type": kind,
+        "school_id": school_id,
+        "to": to,
+        "body": body,
+    })
+}
+
+pub fn id_of(job: &Value) -> Uuid {
+    job["id"]
+        .as_str()
+        .and_then(|s| Uuid::parse_str(s).ok())
+        .expect("job has an id")
+}
+
+impl App {
+    /// Adds a school that sends everything, with `country`.
+    pub async fn add_school(&self, school_id: i64, country: &str) {
+        sqlx::query(
+            "INSERT INTO sms_school_settings (school_id, sms_enabled, country) VALUES ($1, true, $2)",
+        )
+        .bind(school_id)
+        .bind(country)
+        .execute(&self.db)
+        .await
+        .expect("insert school settings");
+    }
+
+    pub async fn sql(&self, statement: &str) {
+        sqlx::query(statement)
+            .execute(&self.db)
+            .await
+            .unwrap_or_else(|e| panic!("{statement}: {e}"));
+    }
+
+    /// Publishes a job as the web app does: to `sms.jobs`, routing key = its type.
+    pub async fn publish(&self, job: &Value) {
+        let kind = job["type"].as_str().unwrap_or("unknown").to_owned();
+        let id = job["id"].as_str().unwrap_or_default().to_owned();
+        self.publish_raw(&kind, &id, job.to_string().as_bytes())
+            .await;
+    }
+
+    pub async fn publish_raw(&self, routing_key: &str, message_id: &str, body: &[u8]) {
+        let confirmation = self
+            .publisher
+            .basic_publish(
+                "sms.jobs".into(),
+                routing_key.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                body,
+                BasicProperties::default()
+                    .with_content_type("application/json".into())
+                    .with_delivery_mode(2)
+                    .with_message_id(message_id.into()),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        assert!(confirmation.is_ack(), "the broker refused the job");
+        assert!(
+            confirmation.take_message().is_none(),
+            "the job was unroutable"
+        );
+    }
+
+    pub async fn message(&self, id: Uuid) -> Option<MessageRow> {
+        sqlx::query_as(
+            "SELECT status, reason, recipient, provider_message_id, attempts, bulk_id, context
+             FROM sms_messages WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.db)
+        .await
+        .expect("read sms_messages")
+    }
+
+    pub async fn attempts(&self, id: Uuid) -> Vec<AttemptRow> {
+        sqlx::query_as(
+            "SELECT attempt, outcome, http_status, error_code, error_message, duration_ms
+             FROM sms_attempts WHERE message_id = $1 ORDER BY attempt",
+        )
+        .bind(id)
+        .fetch_all(&self.db)
+        .await
+        .expect("read sms_attempts")
+    }
+
+    /// Waits until message `id` has `status`, and returns its row.
+    pub async fn wait_for_status(&self, id: Uuid, status: &str) -> MessageRow {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let row = self.message(id).await;
+            if let Some(row) = &row
+                && row.status == status
+            {
+                return row.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "message {id} never reached '{status}'; last seen: {row:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Waits until `sms.dead` holds `count` messages, takes them (acked) and returns them.
+    pub async fn dead_letters(&self, count: usize) -> Vec<DeadLetter> {
+        let deadline = Instant::now() + PATIENCE;
+        let mut letters = Vec::new();
+        while letters.len() < count {
+            let got = self
+                .publisher
+                .basic_get("sms.dead".into(), BasicGetOptions::default())
+                .await
+                .expect("basic.get sms.dead");
+            match got {
+                Some(message) => {
+                    let delivery = message.delivery;
+                    let headers = delivery.properties.headers().clone().unwrap_or_default();
+                    letters.push(DeadLetter {
+                        body: delivery.data.clone(),
+                        reason: header_text(&headers, "x-smsgw-reason"),
+                        error: header_text(&headers, "x-smsgw-error"),
+                        attempts: header_int(&headers, "x-smsgw-attempts"),
+                        message_id: delivery
+                            .properties
+                            .message_id()
+                            .as_ref()
+                            .map(|m| m.as_str().to_owned()),
+                    });
+                    delivery
+                        .ack(BasicAckOptions::default())
+                        .await
+                        .expect("ack dead letter");
+                }
+                None => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "expected {count} dead letters, found {}: {letters:#?}",
+                        letters.len()
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        letters
+    }
+
+    /// How many messages wait in `queue` right now.
+    pub async fn queue_depth(&self, queue: &str) -> u32 {
+        self.publisher
+            .queue_declare(
+                queue.into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("passive declare")
+            .message_count()
+    }
+
+    /// Stops the daemon as SIGTERM would and returns how it ended.
+    pub async fn stop(&mut self) -> Result<(), DaemonError> {
+        self.shutdown.cancel();
+        match self.daemon.take() {
+            Some(handle) => handle.await.expect("the daemon task did not panic"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}

@@ -1,0 +1,446 @@
+//! A local Twilio that speaks Twilio's wire format and checks every request against
+//! Twilio's own OpenAPI description of Create Message (`../shared/reference/`).
+//!
+//! A request that breaks the description is answered 400 and recorded as a violation;
+//! tests assert that there are none.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use axum::{
+    Router,
+    body::Bytes,
+    extract::State,
+    http::{HeaderMap, Method, StatusCode, Uri, header},
+    response::{IntoResponse, Response},
+};
+use base64::Engine;
+use regex::Regex;
+use serde_json::{Value, json};
+
+pub const ACCOUNT_SID: &str = "AC0123456789abcdef0123456789abcdef";
+pub const AUTH_TOKEN: &str = "test-auth-token-5f8e2a";
+pub const DEFAULT_FROM: &str = "+15005550006";
+
+/// Where the OpenAPI description lives: `SMSGW_TWILIO_OPENAPI`, else the shared reference
+/// folder beside the repository.
+fn spec_path() -> String {
+    std::env::var("SMSGW_TWILIO_OPENAPI").unwrap_or_else(|_| {
+        format!(
+            "{}/../shared/reference/twilio-create-message.openapi.json",
+            env!("CARGO_MANIFEST_DIR")
+        )
+    })
+}
+
+/// The parts of the description the stub checks.
+struct Spec {
+    create_path: Regex,
+    properties: serde_json::Map<String, Value>,
+    required: Vec<String>,
+    schemas: serde_json::Map<String, Value>,
+    example: Value,
+}
+
+impl Spec {
+    fn load() -> Spec {
+        let path = spec_path();
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+            panic!(
+                "cannot read Twilio's OpenAPI description at {path} ({e}); set SMSGW_TWILIO_OPENAPI"
+            )
+        });
+        let doc: Value = serde_json::from_str(&text).expect("the OpenAPI description is JSON");
+        let post = &doc["paths"]["/2010-04-01/Accounts/{AccountSid}/Messages.json"]["post"];
+        let sid_pattern = post["parameters"][0]["schema"]["pattern"]
+            .as_str()
+            .expect("AccountSid has a pattern")
+            .trim_start_matches('^')
+            .trim_end_matches('$')
+            .to_owned();
+        let schema = &post["requestBody"]["content"]["application/x-www-form-urlencoded"]["schema"];
+        Spec {
+            create_path: Regex::new(&format!(
+                "^/2010-04-01/Accounts/({sid_pattern})/Messages.json$"
+            ))
+            .expect("valid regex"),
+            properties: schema["properties"]
+                .as_object()
+                .expect("properties")
+                .clone(),
+            required: schema["required"]
+                .as_array()
+                .map(|r| {
+                    r.iter()
+                        .filter_map(|v| v.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            schemas: doc["components"]["schemas"]
+                .as_object()
+                .expect("schemas")
+                .clone(),
+            example: post["responses"]["201"]["content"]["application/json"]["examples"]["create"]
+                ["value"]
+                .clone(),
+        }
+    }
+
+    fn resolve<'a>(&'a self, schema: &'a Value) -> &'a Value {
+        match schema.get("$ref").and_then(Value::as_str) {
+            Some(reference) => {
+                let name = reference.rsplit('/').next().unwrap_or_default();
+                self.schemas.get(name).unwrap_or(schema)
+            }
+            None => schema,
+        }
+    }
+
+    /// Checks one form field against its schema; returns what is wrong.
+    fn check_field(&self, name: &str, value: &str) -> Option<String> {
+        let Some(schema) = self.properties.get(name) else {
+            return Some(format!("{name} is not a Create Message parameter"));
+        };
+        let schema = self.resolve(schema);
+        let schema = if schema["type"] == "array" {
+            self.resolve(&schema["items"])
+        } else {
+            schema
+        };
+        match schema["type"].as_str() {
+            Some("integer") if value.parse::<i64>().is_err() => {
+                return Some(format!("{name} must be an integer"));
+            }
+            Some("number") if value.parse::<f64>().is_err() => {
+                return Some(format!("{name} must be a number"));
+            }
+            Some("boolean") if value != "true" && value != "false" => {
+                return Some(format!("{name} must be true or false"));
+            }
+            _ => {}
+        }
+        if let Some(pattern) = schema["pattern"].as_str()
+            && !Regex::new(pattern).is_ok_and(|r| r.is_match(value))
+        {
+            return Some(format!("{name} does not match {pattern}"));
+        }
+        let chars = value.chars().count() as u64;
+        if schema["minLength"].as_u64().is_some_and(|min| chars < min) {
+            return Some(format!("{name} is shorter than its minLength"));
+        }
+        if schema["maxLength"].as_u64().is_some_and(|max| chars > max) {
+            return Some(format!("{name} is longer than its maxLength"));
+        }
+        if let Some(allowed) = schema["enum"].as_array()
+            && !allowed.iter().any(|v| v.as_str() == Some(value))
+        {
+            return Some(format!("{name} is not one of its enum values"));
+        }
+        if schema["format"] == "uri" && reqwest::Url::parse(value).is_err() {
+            return Some(format!("{name} is not a URI"));
+        }
+        None
+    }
+}
+
+/// One request the stub received.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub form: Vec<(String, String)>,
+    pub at: Instant,
+}
+
+impl Recorded {
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.form
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// How the stub answers a request.
+#[derive(Debug, Clone)]
+pub enum Reply {
+    /// 201 with a Message resource and a fresh sid.
+    Created,
+    /// Any status with a Twilio error body (`code`, `message`), optionally `Retry-After`.
+    Error {
+        status: u16,
+        code: u32,
+        message: String,
+        retry_after: Option<String>,
+    },
+    /// Any status with a raw body (HTML, truncated JSON, ...).
+    Raw { status: u16, body: String },
+    /// Never answers within the client's timeout.
+    Hang(Duration),
+    /// Answers `Created`, but only after this long.
+    Slow(Duration),
+}
+
+impl Reply {
+    pub fn error(status: u16, code: u32, message: &str) -> Reply {
+        Reply::Error {
+            status,
+            code,
+            message: message.to_owned(),
+            retry_after: None,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Behaviour {
+    /// Answers for the next requests, in order.
+    script: VecDeque<Reply>,
+    /// Answers for every request to one `To` number (after the script).
+    by_recipient: HashMap<String, Reply>,
+    /// Answer when nothing else applies (default: Created).
+    default: Option<Reply>,
+}
+
+struct StubState {
+    spec: Spec,
+    requests: Mutex<Vec<Recorded>>,
+    violations: Mutex<Vec<String>>,
+    behaviour: Mutex<Behaviour>,
+    next_sid: Mutex<u128>,
+}
+
+#[derive(Clone)]
+pub struct TwilioStub {
+    pub url: String,
+    state: Arc<StubState>,
+}
+
+impl TwilioStub {
+    pub async fn start() -> TwilioStub {
+        let state = Arc::new(StubState {
+            spec: Spec::load(),
+            requests: Mutex::default(),
+            violations: Mutex::default(),
+            behaviour: Mutex::default(),
+            next_sid: Mutex::new(1),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the stub");
+        let url = format!("http://{}", listener.local_addr().expect("stub address"));
+        let app = Router::new().fallback(handle).with_state(state.clone());
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        TwilioStub { url, state }
+    }
+
+    /// Answers the next requests with these replies, in order, then as before.
+    pub fn script(&self, replies: impl IntoIterator<Item = Reply>) {
+        self.state
+            .behaviour
+            .lock()
+            .expect("lock")
+            .script
+            .extend(replies);
+    }
+
+    /// Answers every request to `to` with `reply`.
+    pub fn reply_for(&self, to: &str, reply: Reply) {
+        self.state
+            .behaviour
+            .lock()
+            .expect("lock")
+            .by_recipient
+            .insert(to.to_owned(), reply);
+    }
+
+    pub fn reply_always(&self, reply: Reply) {
+        self.state.behaviour.lock().expect("lock").default = Some(reply);
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.state.requests.lock().expect("lock").clone()
+    }
+
+    pub fn requests_to(&self, to: &str) -> Vec<Recorded> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.get("To") == Some(to))
+            .collect()
+    }
+
+    pub fn violations(&self) -> Vec<String> {
+        self.state.violations.lock().expect("lock").clone()
+    }
+
+    /// Fails the test if any request broke Twilio's description.
+    pub fn assert_no_violations(&self) {
+        let violations = self.violations();
+        assert!(
+            violations.is_empty(),
+            "requests broke Twilio's OpenAPI description: {violations:#?}"
+        );
+    }
+}
+
+fn twilio_error(status: StatusCode, code: u32, message: &str) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        json!({
+            "code": code,
+            "message": message,
+            "more_info": format!("https://www.twilio.com/docs/errors/{code}"),
+            "status": status.as_u16(),
+        })
+        .to_string(),
+    )
+        .into_response()
+}
+
+async fn handle(
+    State(state): State<Arc<StubState>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let mut problems = Vec::new();
+    if method != Method::POST {
+        problems.push(format!("{method} {} is not Create Message", uri.path()));
+    }
+    match state.spec.create_path.captures(uri.path()) {
+        Some(captures) if &captures[1] == super::twilio_stub::ACCOUNT_SID => {}
+        Some(_) => problems.push("the path names another account".to_owned()),
+        None => problems.push(format!(
+            "{} does not match the Create Message path",
+            uri.path()
+        )),
+    }
+    let authorised = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Basic "))
+        .and_then(|b64| base64::engine::general_purpose::STANDARD.decode(b64).ok())
+        .is_some_and(|decoded| decoded == format!("{ACCOUNT_SID}:{AUTH_TOKEN}").as_bytes());
+    if !authorised {
+        return twilio_error(StatusCode::UNAUTHORIZED, 20003, "Authenticate");
+    }
+    let form_encoded = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+    if !form_encoded {
+        problems.push("the body is not application/x-www-form-urlencoded".to_owned());
+    }
+    let form: Vec<(String, String)> = serde_urlencoded_pairs(&body);
+    for required in &state.spec.required {
+        if !form.iter().any(|(k, _)| k == required) {
+            problems.push(format!("required parameter {required} is missing"));
+        }
+    }
+    for (name, value) in &form {
+        if let Some(problem) = state.spec.check_field(name, value) {
+            problems.push(problem);
+        }
+    }
+    let has = |key: &str| form.iter().any(|(k, _)| k == key);
+    if !has("From") && !has("MessagingServiceSid") {
+        problems.push("neither From nor MessagingServiceSid is given".to_owned());
+    }
+    if !has("Body") {
+        problems.push("no Body".to_owned());
+    }
+    if !problems.is_empty() {
+        state
+            .violations
+            .lock()
+            .expect("lock")
+            .extend(problems.iter().cloned());
+        return twilio_error(StatusCode::BAD_REQUEST, 21000, &problems.join("; "));
+    }
+
+    let recorded = Recorded {
+        form: form.clone(),
+        at: Instant::now(),
+    };
+    let to = recorded.get("To").unwrap_or_default().to_owned();
+    state.requests.lock().expect("lock").push(recorded.clone());
+    let reply = {
+        let mut behaviour = state.behaviour.lock().expect("lock");
+        behaviour
+            .script
+            .pop_front()
+            .or_else(|| behaviour.by_recipient.get(&to).cloned())
+            .or_else(|| behaviour.default.clone())
+            .unwrap_or(Reply::Created)
+    };
+    let reply = match reply {
+        Reply::Slow(delay) => {
+            tokio::time::sleep(delay).await;
+            Reply::Created
+        }
+        other => other,
+    };
+    match reply {
+        Reply::Slow(_) | Reply::Created => {
+            let sid = {
+                let mut next = state.next_sid.lock().expect("lock");
+                *next += 1;
+                format!("SM{:032x}", *next)
+            };
+            let mut message = state.spec.example.clone();
+            message["sid"] = json!(sid);
+            message["to"] = json!(to);
+            message["from"] = json!(recorded.get("From"));
+            message["body"] = json!(recorded.get("Body"));
+            message["messaging_service_sid"] = json!(recorded.get("MessagingServiceSid"));
+            message["status"] = json!("queued");
+            (
+                StatusCode::CREATED,
+                [(header::CONTENT_TYPE, "application/json")],
+                message.to_string(),
+            )
+                .into_response()
+        }
+        Reply::Error {
+            status,
+            code,
+            message,
+            retry_after,
+        } => {
+            let status = StatusCode::from_u16(status).expect("valid status");
+            let mut response = twilio_error(status, code, &message);
+            if let Some(value) = retry_after {
+                response.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    value.parse().expect("valid header value"),
+                );
+            }
+            response
+        }
+        Reply::Raw { status, body } => (
+            StatusCode::from_u16(status).expect("valid status"),
+            [(header::CONTENT_TYPE, "text/html")],
+            body,
+        )
+            .into_response(),
+        Reply::Hang(duration) => {
+            tokio::time::sleep(duration).await;
+            twilio_error(StatusCode::GATEWAY_TIMEOUT, 20500, "too late")
+        }
+    }
+}
+
+fn serde_urlencoded_pairs(body: &[u8]) -> Vec<(String, String)> {
+    reqwest::Url::parse(&format!("http://x/?{}", String::from_utf8_lossy(body)))
+        .map(|url| {
+            url.query_pairs()
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -1,0 +1,630 @@
+//! The end-to-end pipeline against the real RabbitMQ and PostgreSQL, with Twilio at a
+//! local stub that checks every request against Twilio's OpenAPI description.
+
+mod helpers;
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+use uuid::Uuid;
+
+use helpers::{Reply, id_of, job, spawn_app, spawn_app_with, twilio_stub};
+
+const SCHOOL: i64 = 42;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_job_type_is_sent_once_with_the_right_request() {
+    let app = spawn_app().await;
+    app.add_school(SCHOOL, "GB").await;
+    let types = [
+        "booking_confirmation",
+        "booking_reminder",
+        "booking_change",
+        "booking_cancellation",
+        "announcement",
+        "login_code",
+    ];
+    let mut jobs = Vec::new();
+    for (i, kind) in types.iter().enumerate() {
+        let to = format!("+4477009001{i:02}");
+        let job = job(kind, SCHOOL, &to, &format!("Hello from {kind} ✓"));
+        app.publish(&job).await;
+        jobs.push((job, to));
+    }
+
+    for (job, to) in &jobs {
+        let row = app.wait_for_status(id_of(job), "sent").await;
+        let requests = app.stub.requests_to(to);
+        assert_eq!(requests.len(), 1, "one call for {}", job["type"]);
+        let request = &requests[0];
+        assert_eq!(request.get("From"), Some(twilio_stub::DEFAULT_FROM));
+        assert_eq!(request.get("Body"), job["body"].as_str());
+        assert_eq!(
+            request.get("StatusCallback"),
+            None,
+            "no public URL configured"
+        );
+        assert!(
+            row.provider_message_id
+                .as_deref()
+                .is_some_and(|sid| sid.starts_with("SM"))
+        );
+        assert_eq!(row.attempts, 1);
+        let attempts = app.attempts(id_of(job)).await;
+        assert_eq!(attempts.len(), 1);
+        assert_eq!(attempts[0].outcome.as_deref(), Some("sent"));
+        assert_eq!(attempts[0].http_status, Some(201));
+        assert!(attempts[0].duration_ms.is_some());
+    }
+    app.stub.assert_no_violations();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn national_numbers_are_read_with_the_school_country() {
+    let app = spawn_app().await;
+    app.add_school(SCHOOL, "GB").await;
+    app.add_school(7, "US").await;
+    let uk = job("booking_reminder", SCHOOL, "07700 900456", "See you at 10");
+    let us = job("booking_reminder", 7, "(201) 555-0123", "See you at 10");
+    app.publish(&uk).await;
+    app.publish(&us).await;
+
+    assert_eq!(
+        app.wait_for_status(id_of(&uk), "sent").await.recipient,
+        "+447700900456"
+    );
+    assert_eq!(
+        app.wait_for_status(id_of(&us), "sent").await.recipient,
+        "+12015550123"
+    );
+    assert_eq!(app.stub.requests_to("+447700900456").len(), 1);
+    assert_eq!(app.stub.requests_to("+12015550123").len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_suppression_reason_is_recorded_without_a_provider_call() {
+    let app = spawn_app().await;
+    app.add_school(1, "GB").await;
+    app.sql(
+        "INSERT INTO sms_school_settings (school_id, sms_enabled, country) VALUES (2, false, 'GB')",
+    )
+    .await;
+    app.sql("INSERT INTO sms_school_settings (school_id, sms_enabled, country, allow_reminders) VALUES (3, true, 'GB', false)")
+        .await;
+    app.sql(
+        "INSERT INTO sms_opt_outs (school_id, phone, source) VALUES (1, '+447700900222', 'web')",
+    )
+    .await;
+    app.sql(
+        "INSERT INTO sms_opt_outs (school_id, phone, source) VALUES (NULL, '+447700900333', 'web')",
+    )
+    .await;
+
+    let cases = [
+        (
+            job("booking_reminder", 99, "+447700900111", "x"),
+            "no_school_settings",
+        ),
+        (
+            job("booking_reminder", 2, "+447700900111", "x"),
+            "school_disabled",
+        ),
+        (
+            job("booking_reminder", 3, "+447700900111", "x"),
+            "type_not_allowed",
+        ),
+        (
+            job("booking_reminder", 1, "+447700900222", "x"),
+            "opted_out",
+        ),
+        (job("booking_reminder", 1, "07700 900333", "x"), "opted_out"),
+    ];
+    for (job, _) in &cases {
+        app.publish(job).await;
+    }
+    for (job, reason) in &cases {
+        let row = app.wait_for_status(id_of(job), "suppressed").await;
+        assert_eq!(row.reason.as_deref(), Some(*reason));
+        assert!(app.attempts(id_of(job)).await.is_empty());
+    }
+    // Type allowed for the same school: still sent, proving the suppressions were targeted.
+    let allowed = job("booking_change", 3, "+447700900111", "moved to 11:00");
+    app.publish(&allowed).await;
+    app.wait_for_status(id_of(&allowed), "sent").await;
+    assert_eq!(app.stub.requests().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_expired_job_is_never_sent() {
+    let app = spawn_app().await;
+    app.add_school(SCHOOL, "GB").await;
+    let mut expired = job("login_code", SCHOOL, "+447700900123", "Code 1234");
+    expired["expires_at"] = json!("2020-01-01T00:00:00Z");
+    app.publish(&expired).await;
+    let row = app.wait_for_status(id_of(&expired), "expired").await;
+    assert!(row.reason.is_some());
+    assert!(app.stub.requests().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn not_before_in_the_future_delays_the_send() {
+    let app = spawn_app().await;
+    app.add_school(SCHOOL, "GB").await;
+    let published = Instant::now();
+    let due = OffsetDateTime::now_utc() + time::Duration::milliseconds(3000);
+    let mut later = job(
+        "booking_reminder",
+        SCHOOL,
+        "+447700900123",
+        "Tomorrow 10:00",
+    );
+    later["not_before"] = json!(due.format(&Rfc3339).expect("format"));
+    app.publish(&later).await;
+
+    let queued = app.wait_for_status(id_of(&later), "queued").await;
+    assert_eq!(queued.reason.as_deref(), Some("not_before"));
+    app.wait_for_status(id_of(&later), "sent").await;
+    let request = &app.stub.requests_to("+447700900123")[0];
+    assert!(
+        request.at.duration_since(published) >= Duration::from_millis(2900),
+        "sent {:?} after publishing, before not_before",
+        request.at.duration_since(published)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_school_sender_id_overrides_the_default_sender() {
+    let app = spawn_app().await;
+    app.sql("INSERT INTO sms_school_settings (school_id, sms_enabled, country, sender_id) VALUES (5, true, 'GB', 'DriveSafe')")
+        .await;
+    app.sql("INSERT INTO sms_school_settings (school_id, sms_enabled, country, sender_id) VALUES (6, true, 'GB', 'Not a valid sender')")
+        .await;
+    let own = job("booking_confirmation", 5, "+447700900123", "Booked");
+    let broken = job("booking_confirmation", 6, "+447700900124", "Booked");
+    app.publish(&own).await;
+    app.publish(&broken).await;
+
+    app.wait_for_status(id_of(&own), "sent").await;
+    assert_eq!(
+        app.stub.requests_to("+447700900123")[0].get("From"),
+        Some("DriveSafe")
+    );
+
+    let row = app.wait_for_status(id_of(&broken), "failed").await;
+    assert_eq!(row.reason.as_deref(), Some("invalid_sender_id"));
+    let dead = app.dead_letters(1).await;
+    assert_eq!(dead[0].reason.as_deref(), Some("permanent_failure"));
+    assert!(app.stub.requests_to("+447700900124").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_impossible_number_fails_permanently_without_a_call() {
+    let app = spawn_app().await;
+    app.add_school(SCHOOL, "GB").await;
+    let bad = job("login_code", SCHOOL, "+44 12", "Code 1234");
+    app.publish(&bad).await;
+    let row = app.wait_for_status(id_of(&bad), "failed").await;
+    assert_eq!(row.reason.as_deref(), Some("invalid_number"));
+    let dead = app.dead_letters(1).await;
+    assert_eq!(dead[0].reason.as_deref(), Some("permanent_failure"));
+    assert!(
+        dead[0]
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("invalid recipient"))
+    );
+    assert!(app.stub.requests().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invalid_jobs_are_dead_lettered_while_later_jobs_still_flow() {
+    let app = spawn_app().await;
+    app.add_school(SCHOOL, "GB").await;
+    let valid = || job("booking_reminder", SCHOOL, "+447700900123", "ok");
+    let mut missing_to = valid();
+    missing_to.as_object_mut().map(|o| o.remove("to"));
+    let mut wrong_type = valid();
+    wrong_type["school_id"] = json!("forty-two");
+    let mut bad_id = valid();
+    bad_id["id"] = json!("not-a-uuid");
+    let mut empty_body = valid();
+    empty_body["body"] = json!("");
+    let mut long_body = valid();
+    long_body["body"] = json!("x".repeat(1601));
+    let mut big_context = valid();
+    big_context["context"] = json!({"notes": "y".repeat(3000)});
+    let mut absurd_school = valid();
+    absurd_school["school_id"] = json!(1e300);
+    let mut unknown_type = valid();
+    unknown_type["type"] = json!("fax");
+
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("booking_reminder", b"this is not json".to_vec(), "not JSON"),
+        (
+            "booking_reminder",
+            b"[1, 2, 3]".to_vec(),
+            "not a JSON object",
+        ),
+        (
+            "booking_reminder",
+            missing_to.to_string().into_bytes(),
+            "to: missing",
+        ),
+        (
+            "booking_reminder",
+            wrong_type.to_string().into_bytes(),
+            "school_id: expected",
+        ),
+        (
+            "booking_reminder",
+            bad_id.to_string().into_bytes(),
+            "id: not a UUID",
+        ),
+        (
+            "booking_reminder",
+            empty_body.to_string().into_bytes(),
+            "body: empty",
+        ),
+        (
+            "booking_reminder",
+            long_body.to_string().into_bytes(),
+            "body: 1601 characters",
+        ),
+        (
+            "booking_reminder",
+            big_context.to_string().into_bytes(),
+            "context:",
+        ),
+        (
+            "booking_reminder",
+            absurd_school.to_string().into_bytes(),
+            "school_id",
+        ),
+        (
+            "fax",
+            unknown_type.to_string().into_bytes(),
+            "type: unknown type 'fax'",
+        ),
+        (
+            "booking_reminder",
+            vec![0xff, 0xfe, b'{', 0x80],
+            "not UTF-8",
+        ),
+    ];
+    for (key, body, _) in &cases {
+        app.publish_raw(key, &Uuid::new_v4().to_string(), body)
+            .await;
+    }
+    let after = valid();
+    app.publish(&after).await;
+
+    app.wait_for_status(id_of(&after), "sent").await;
+    let dead = app.dead_letters(cases.len()).await;
+    for (_, body, expected) in &cases {
+        let letter = dead
+            .iter()
+            .find(|d| &d.body == body)
+            .unwrap_or_else(|| panic!("no dead letter for the case '{expected}'"));
+        assert_eq!(letter.reason.as_deref(), Some("invalid_job"));
+        let error = letter.error.as_deref().unwrap_or_default();
+        assert!(
+            error.contains(expected),
+            "'{error}' should say '{expected}'"
+        );
+        assert_eq!(letter.attempts, Some(0));
+    }
+    assert_eq!(app.stub.requests().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn temporary_failures_are_retried_until_sent() {
+    let app = spawn_app().await;
+    app.add_school(SCHOOL, "GB").await;
+    app.stub.script([
+        Reply::error(500, 20500, "Internal Server Error"),
+        Reply::Raw {
+            status: 503,
+            body: "<html><body>Service Unavailable</body></html>".into(),
+        },
+    ]);
+    let job = job("booking_change", SCHOOL, "+447700900123", "Moved to 11:00");
+    app.publish(&job).await;
+
+    let row = app.wait_for_status(id_of(&job), "sent").await;
+    assert_eq!(row.attempts, 3);
+    let attempts = app.attempts(id_of(&job)).await;
+    let outcomes: Vec<_> = attempts.iter().map(|a| a.outcome.as_deref()).collect();
+    assert_eq!(
+        outcomes,
+        [
+            Some("temporary_failure"),
+            Some("temporary_failure"),
+            Some("sent")
+        ]
+    );
+    assert_eq!(attempts[0].http_status, Some(500));
+    assert_eq!(attempts[0].error_code.as_deref(), Some("20500"));
+    assert_eq!(attempts[1].http_status, Some(503));
+    assert_eq!(app.stub.requests().len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn throttling_waits_as_long_as_retry_after_asks() {
+    let app = spawn_app().await;
+    app.add_school(SCHOOL, "GB").await;
+    app.stub.script([Reply::Error {
+        status: 429,
+        code: 20429,
+        message: "Too Many Requests".into(),
+        retry_after: Some("2".into()),
+    }]);
+    let job = job("login_code", SCHOOL, "+447700900123", "Code 1234");
+    app.publish(&job).await;
+
+    app.wait_for_status(id_of(&job), "sent").await;
+    let requests = app.stub.requests();
+    assert_eq!(requests.len(), 2);
+    let waited = requests[1].at.duration_since(requests[0].at);
+    // The longest retry tier is 400ms: honouring 2s means waiting in it more than once.
+    assert!(waited >= Duration::from_secs(2), "retried after {waited:?}");
+    let attempts = app.attempts(id_of(&job)).await;
+    assert_eq!(attempts[0].http_status, Some(429));
+    assert_eq!(attempts[0].error_code.as_deref(), Some("20429"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rejected_number_is_dead_lettered_after_one_call() {
+    let app = spawn_app().await;
+    app.add_school(SCHOOL, "GB").await;
+    app.stub.reply_for(
+        "+447700900123",
+        Reply::error(400, 21211, "Invalid 'To' Phone Number: +447700900123"),
+    );
+    let job = job("booking_reminder", SCHOOL, "+447700900123", "Reminder");
+    app.publish(&job).await;
+
+    let row = app.wait_for_status(id_of(&job), "failed").await;
+    assert_eq!(row.reason.as_deref(), Some("permanent_failure"));
+    let attempts = app.attempts(id_of(&job)).await;
+    assert_eq!(attempts.len(), 1);
+    assert_eq!(attempts[0].outcome.as_deref(), Some("permanent_failure"));
+    assert_eq!(attempts[0].error_code.as_deref(), Some("21211"));
+    assert_eq!(attempts[0].http_status, Some(400));
+    let dead = app.dead_letters(1).await;
+    assert_eq!(dead[0].reason.as_deref(), Some("permanent_failure"));
+    assert_eq!(dead[0].attempts, Some(1));
+    assert_eq!(dead[0].body, job.to_string().into_bytes(), "body unchanged");
+    assert!(
+        dead[0]
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("21211"))
+    );
+    assert_eq!(app.stub.requests().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_carrier_stop_records_an_opt_out_and_is_not_tried_again() {
+    let app = spawn_app().await;
+    app.add_school(SCHOOL, "GB").await;
+    app.stub.reply_for(
+        "+447700900123",
+        Reply::error(400, 21610, "Attempt to send to unsubscribed recipient"),
+    );
+    let first = job("booking_reminder", SCHOOL, "+447700900123", "Reminder");
+    app.publish(&first).await;
+    let row = app.wait_for_status(id_of(&first), "failed").await;
+    assert_eq!(row.reason.as_deref(), Some("recipient_opted_out"));
+    let dead = app.dead_letters(1).await;
+    assert_eq!(dead[0].reason.as_deref(), Some("permanent_failure"));
+
+    let source: Option<String> = sqlx::query_scalar(
+        "SELECT source FROM sms_opt_outs WHERE phone = '+447700900123' AND school_id = $1",
+    )
+    .bind(SCHOOL)
+    .fetch_optional(&app.db)
+    .await
+    .expect("read opt-outs");
+    assert_eq!(source.as_deref(), Some("provider"));
+
+    let second = job(
+        "booking_reminder",
+        SCHOOL,
+        "+447700900123",
+        "Another reminder",
+    );
+    app.publish(&second).await;
+    let row = app.wait_for_status(id_of(&second), "suppressed").await;
+    assert_eq!(row.reason.as_deref(), Some("opted_out"));
+    assert_eq!(app.stub.requests().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_always_failing_provider_is_given_up_after_max_attempts() {
+    let app = spawn_app_with(&[("SMSGW_MAX_ATTEMPTS", "3")]).await;
+    app.add_school(SCHOOL, "GB").await;
+    app.stub
+        .reply_always(Reply::error(503, 20503, "Service Unavailable"));
+    let job = job("booking_confirmation", SCHOOL, "+447700900123", "Booked");
+    app.publish(&job).await;
+
+    let row = app.wait_for_status(id_of(&job), "failed").await;
+    assert_eq!(row.reason.as_deref(), Some("attempts_exhausted"));
+    let dead = app.dead_letters(1).await;
+    assert_eq!(dead[0].reason.as_deref(), Some("attempts_exhausted"));
+    assert_eq!(dead[0].attempts, Some(3));
+    assert_eq!(app.attempts(id_of(&job)).await.len(), 3);
+    assert_eq!(app.stub.requests().len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn garbage_from_the_provider_is_recorded_and_retried() {
+    let app = spawn_app().await;
+    app.add_school(SCHOOL, "GB").await;
+    app.stub.script([
+        Reply::Raw {
+            status: 200,
+            body: "<html>Welcome to the hotel wifi</html>".into(),
+        },
+        Reply::Raw {
+            status: 201,
+            body: "{\"sid\": \"SMabc".into(),
+        },
+    ]);
+    let job = job("booking_reminder", SCHOOL, "+447700900123", "Reminder");
+    app.publish(&job).await;
+
+    app.wait_for_status(id_of(&job), "sent").await;
+    let attempts = app.attempts(id_of(&job)).await;
+    assert_eq!(attempts.len(), 3);
+    assert_eq!(attempts[0].outcome.as_deref(), Some("temporary_failure"));
+    assert_eq!(attempts[0].http_status, Some(200));
+    assert!(
+        attempts[0]
+            .error_message
+            .as_deref()
+            .is_some_and(|m| m.contains("no message sid"))
+    );
+    assert_eq!(attempts[1].http_status, Some(201));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hanging_provider_times_out_and_is_retried() {
+    let app = spawn_app_with(&[("SMSGW_PROVIDER_TIMEOUT", "300ms")]).await;
+    app.add_school(SCHOOL, "GB").await;
+    app.stub.script([Reply::Hang(Duration::from_secs(3))]);
+    let job = job("login_code", SCHOOL, "+447700900123", "Code 1234");
+    app.publish(&job).await;
+
+    app.wait_for_status(id_of(&job), "sent").await;
+    let attempts = app.attempts(id_of(&job)).await;
+    assert_eq!(attempts[0].outcome.as_deref(), Some("temporary_failure"));
+    assert!(
+        attempts[0]
+            .error_message
+            .as_deref()
+            .is_some_and(|m| m.contains("no answer"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_same_job_published_twice_is_sent_once() {
+    let app = spawn_app().await;
+    app.add_school(SCHOOL, "GB").await;
+    let job = job("login_code", SCHOOL, "+447700900123", "Code 1234");
+    // Concurrently, then again after it was sent.
+    app.publish(&job).await;
+    app.publish(&job).await;
+    app.wait_for_status(id_of(&job), "sent").await;
+    app.publish(&job).await;
+    let marker = helpers::job("login_code", SCHOOL, "+447700900999", "marker");
+    app.publish(&marker).await;
+    app.wait_for_status(id_of(&marker), "sent").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    assert_eq!(app.stub.requests_to("+447700900123").len(), 1);
+    assert_eq!(app.attempts(id_of(&job)).await.len(), 1);
+    assert_eq!(
+        app.queue_depth("sms.urgent").await,
+        0,
+        "duplicates are acked"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn staging_redirects_every_message_to_one_number() {
+    let app = spawn_app_with(&[
+        ("SMSGW_ENV", "staging"),
+        ("SMSGW_REDIRECT_TO", "+447700900999"),
+    ])
+    .await;
+    app.add_school(SCHOOL, "GB").await;
+    let job = job("booking_reminder", SCHOOL, "+447700900123", "Reminder");
+    app.publish(&job).await;
+
+    let row = app.wait_for_status(id_of(&job), "sent").await;
+    assert_eq!(
+        row.recipient, "+447700900123",
+        "the log keeps the real recipient"
+    );
+    let requests = app.stub.requests();
+    assert_eq!(requests.len(), 1);
+    assert_eq!(requests[0].get("To"), Some("+447700900999"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_callbacks_and_validity_follow_the_job() {
+    let app = spawn_app_with(&[("SMSGW_PUBLIC_URL", "https://smsgw.example.com/")]).await;
+    app.add_school(SCHOOL, "GB").await;
+    let mut code = job("login_code", SCHOOL, "+447700900123", "Code 1234");
+    let expiry = OffsetDateTime::now_utc() + time::Duration::minutes(10);
+    code["expires_at"] = json!(expiry.format(&Rfc3339).expect("format"));
+    app.publish(&code).await;
+
+    app.wait_for_status(id_of(&code), "sent").await;
+    let request = &app.stub.requests()[0];
+    assert_eq!(
+        request.get("StatusCallback"),
+        Some("https://smsgw.example.com/webhooks/twilio/status")
+    );
+    let validity: u64 = request
+        .get("ValidityPeriod")
+        .and_then(|v| v.parse().ok())
+        .expect("a validity period");
+    assert!((590..=600).contains(&validity), "{validity}");
+    app.stub.assert_no_violations();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_announcement_fans_out_once_per_recipient() {
+    let app = spawn_app().await;
+    app.add_school(SCHOOL, "GB").await;
+    let bulk = json!({
+        "id": Uuid::new_v4(),
+        "type": "announcement",
+        "school_id": SCHOOL,
+        "recipients": [
+            {"to": "+447700900001", "ref": "user-1"},
+            {"to": "07700 900002", "ref": "user-2"},
+            {"to": "+447700900002", "ref": "user-2-again"},
+            {"to": "+447700900003"}
+        ],
+        "body": "The office is closed on Friday."
+    });
+    app.publish(&bulk).await;
+    // A redelivered (or republished) announcement must not text anyone twice.
+    app.publish(&bulk).await;
+
+    let bulk_id = id_of(&bulk);
+    for to in ["+447700900001", "+447700900002", "+447700900003"] {
+        let id = Uuid::new_v5(&bulk_id, to.as_bytes());
+        let row = app.wait_for_status(id, "sent").await;
+        assert_eq!(row.bulk_id, Some(bulk_id));
+    }
+    let first = app
+        .message(Uuid::new_v5(&bulk_id, b"+447700900001"))
+        .await
+        .expect("row");
+    assert_eq!(first.context, Some(json!({"ref": "user-1"})));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for to in ["+447700900001", "+447700900002", "+447700900003"] {
+        assert_eq!(app.stub.requests_to(to).len(), 1, "{to}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn readiness_reports_broker_consumers_and_database() {
+    let mut app = spawn_app().await;
+    let response = reqwest::get(format!("{}/readyz", app.http_url))
+        .await
+        .expect("readyz");
+    assert_eq!(response.status(), 200);
+    let body: serde_json::Value = response.json().await.expect("json");
+    assert_eq!(body["consumers"], 3);
+    let live = reqwest::get(format!("{}/healthz", app.http_url))
+        .await
+        .expect("healthz");
+    assert_eq!(live.status(), 200);
+    app.stop().await.expect("clean stop");
+}
