@@ -628,3 +628,24 @@ async fn readiness_reports_broker_consumers_and_database() {
     assert_eq!(live.status(), 200);
     app.stop().await.expect("clean stop");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_delivered_past_the_delivery_limit_lands_in_sms_dead() {
+    let mut app = spawn_app_with(&[("SMSGW_DELIVERY_LIMIT", "3")]).await;
+    app.stop().await.expect("clean stop");
+    // With the daemon gone, play a consumer that dies on this message every time.
+    let job = job("login_code", SCHOOL, "+447700900123", "Code 1234");
+    app.publish(&job).await;
+    let returned = app.redeliver_until_gone("sms.urgent").await;
+    assert_eq!(
+        returned, 4,
+        "delivered limit + 1 times before the broker gave up"
+    );
+
+    let dead = app.dead_letters(1).await;
+    assert_eq!(dead[0].body, job.to_string().into_bytes());
+    assert_eq!(
+        dead[0].message_id.as_deref(),
+        Some(id_of(&job).to_string().as_str())
+    );
+}

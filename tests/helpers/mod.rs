@@ -444,6 +444,36 @@ impl App {
         letters
     }
 
+    /// Takes the head of `queue` and gives it back (as a crashing consumer would), until
+    /// the broker stops delivering it; returns how many times it was delivered.
+    pub async fn redeliver_until_gone(&self, queue: &str) -> usize {
+        let mut deliveries = 0;
+        let deadline = Instant::now() + PATIENCE;
+        while Instant::now() < deadline {
+            let got = self
+                .publisher
+                .basic_get(queue.into(), BasicGetOptions::default())
+                .await
+                .expect("basic.get");
+            match got {
+                Some(message) => {
+                    deliveries += 1;
+                    message
+                        .delivery
+                        .nack(lapin::options::BasicNackOptions {
+                            requeue: true,
+                            ..Default::default()
+                        })
+                        .await
+                        .expect("nack");
+                }
+                None if deliveries > 0 => return deliveries,
+                None => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+        panic!("{queue} kept delivering the message");
+    }
+
     /// How many messages wait in `queue` right now.
     pub async fn queue_depth(&self, queue: &str) -> u32 {
         self.publisher
