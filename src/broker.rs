@@ -49,6 +49,11 @@ pub const HEADER_ERROR: &str = "x-smsgw-error";
 pub const HEADER_ATTEMPTS: &str = "x-smsgw-attempts";
 /// On a message fanned out of an announcement: the announcement's job id.
 pub const HEADER_BULK_ID: &str = "x-smsgw-bulk-id";
+/// On a dead letter: when it was dead-lettered (Unix milliseconds).
+pub const HEADER_DEAD_AT: &str = "x-smsgw-dead-at";
+/// On a job put back by `smsgw dlq replay`: when (Unix milliseconds). A replayed job whose
+/// message failed may be tried again, with a fresh attempt budget.
+pub const HEADER_REPLAYED_AT: &str = "x-smsgw-replayed-at";
 /// On a retried message: not to be tried before this moment (Unix milliseconds). A retry
 /// longer than the longest tier (a long `Retry-After`) waits in that tier more than once.
 pub const HEADER_RETRY_AT: &str = "x-smsgw-retry-at";
@@ -147,6 +152,8 @@ pub struct Incoming {
     pub bulk_id: Option<Uuid>,
     /// Set on retries: not to be tried before this moment.
     pub retry_at: Option<OffsetDateTime>,
+    /// Put back by `smsgw dlq replay`.
+    pub replayed: bool,
     routing_key: ShortString,
     properties: BasicProperties,
     acker: Acker,
@@ -181,12 +188,14 @@ impl Incoming {
             .and_then(|ms| {
                 OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok()
             });
+        let replayed = headers.is_some_and(|h| h.contains_key(HEADER_REPLAYED_AT));
         Incoming {
             lane,
             redelivered: delivery.redelivered,
             attempts,
             bulk_id,
             retry_at,
+            replayed,
             routing_key: delivery.routing_key,
             properties: delivery.properties,
             acker: delivery.acker,
@@ -414,6 +423,64 @@ impl Broker {
         })
     }
 
+    /// Starts browsing `sms.dead`.
+    pub async fn browse_dead(&self) -> Result<DeadBrowser, BrokerError> {
+        let channel = within(self.connection.create_channel()).await?;
+        let queue = within(channel.queue_declare(
+            DEAD_QUEUE.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        ))
+        .await?;
+        let total = queue.message_count();
+        within(channel.basic_qos(u16::MAX, BasicQosOptions::default())).await?;
+        let consumer = within(channel.basic_consume(
+            DEAD_QUEUE.into(),
+            ShortString::from(format!("smsgw-dlq-{}", Uuid::new_v4())),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        ))
+        .await?;
+        Ok(DeadBrowser {
+            channel,
+            consumer,
+            total,
+            seen: 0,
+        })
+    }
+
+    /// Puts a dead letter back on `sms.jobs`, body unchanged, its history headers removed
+    /// (a fresh attempt budget), and waits for the broker's confirm.
+    pub async fn replay(&self, letter: &DeadLetter) -> Result<(), BrokerError> {
+        let mut headers: FieldTable = letter
+            .properties
+            .headers()
+            .as_ref()
+            .map(|h| {
+                h.inner()
+                    .iter()
+                    .filter(|(k, _)| !is_history_header(k.as_str()))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect::<std::collections::BTreeMap<_, _>>()
+                    .into()
+            })
+            .unwrap_or_default();
+        headers.insert(
+            HEADER_REPLAYED_AT.into(),
+            AMQPValue::LongLongInt(unix_ms(OffsetDateTime::now_utc())),
+        );
+        let properties = letter
+            .properties
+            .clone()
+            .with_delivery_mode(2)
+            .with_headers(headers);
+        self.publish_confirmed(JOBS_EXCHANGE, &letter.routing_key, &letter.body, properties)
+            .await
+    }
+
     /// Publishes a job onto `sms.jobs` (as the web app does) and waits for the confirm.
     pub async fn publish_job(&self, id: Uuid, kind: &str, body: &[u8]) -> Result<(), BrokerError> {
         let properties = BasicProperties::default()
@@ -574,7 +641,10 @@ impl Broker {
             .map(|h| {
                 h.inner()
                     .iter()
-                    .filter(|(k, _)| k.as_str() != HEADER_RETRY_AT)
+                    .filter(|(k, _)| {
+                        k.as_str() != HEADER_RETRY_AT
+                            && !(dead.is_some() && k.as_str() == HEADER_REPLAYED_AT)
+                    })
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect::<std::collections::BTreeMap<_, _>>()
                     .into()
@@ -585,10 +655,13 @@ impl Broker {
             AMQPValue::LongLongInt(i64::from(attempts)),
         );
         if let Some(at) = retry_at {
-            let ms = i64::try_from(at.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX);
-            headers.insert(HEADER_RETRY_AT.into(), AMQPValue::LongLongInt(ms));
+            headers.insert(HEADER_RETRY_AT.into(), AMQPValue::LongLongInt(unix_ms(at)));
         }
         if let Some((reason, error)) = dead {
+            headers.insert(
+                HEADER_DEAD_AT.into(),
+                AMQPValue::LongLongInt(unix_ms(OffsetDateTime::now_utc())),
+            );
             headers.insert(HEADER_REASON.into(), long_string(reason.as_str()));
             let error: String = error.chars().take(MAX_ERROR_HEADER).collect();
             headers.insert(HEADER_ERROR.into(), long_string(&error));
@@ -600,6 +673,191 @@ impl Broker {
             .with_headers(headers);
         self.publish_confirmed(exchange, routing_key, &incoming.body, properties)
             .await
+    }
+}
+
+fn unix_ms(at: OffsetDateTime) -> i64 {
+    i64::try_from(at.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+}
+
+fn from_unix_ms(ms: i64) -> Option<OffsetDateTime> {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok()
+}
+
+/// Headers a replay removes: ours (reason, error, attempts, timing) and the broker's
+/// dead-lettering history, so the job starts with a fresh attempt budget.
+fn is_history_header(name: &str) -> bool {
+    matches!(
+        name,
+        HEADER_REASON
+            | HEADER_ERROR
+            | HEADER_ATTEMPTS
+            | HEADER_RETRY_AT
+            | HEADER_DEAD_AT
+            | HEADER_REPLAYED_AT
+            | "x-death"
+            | "x-delivery-count"
+    ) || name.starts_with("x-first-death-")
+        || name.starts_with("x-last-death-")
+}
+
+/// A message in `sms.dead`, as the dead-letter tools see it.
+pub struct DeadLetter {
+    pub message_id: Option<String>,
+    pub routing_key: String,
+    pub body: Vec<u8>,
+    /// `x-smsgw-reason`, or the broker's own reason (e.g. `delivery_limit`).
+    pub reason: String,
+    pub error: Option<String>,
+    pub attempts: Option<i64>,
+    pub dead_at: Option<OffsetDateTime>,
+    properties: BasicProperties,
+    acker: Acker,
+}
+
+impl std::fmt::Debug for DeadLetter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeadLetter")
+            .field("message_id", &self.message_id)
+            .field("reason", &self.reason)
+            .finish()
+    }
+}
+
+impl DeadLetter {
+    fn from_delivery(delivery: lapin::message::Delivery) -> Self {
+        let headers = delivery.properties.headers().clone().unwrap_or_default();
+        let get = |key: &str| headers.inner().get(key);
+        let first_death = get("x-death").and_then(|v| match v {
+            AMQPValue::FieldArray(deaths) => deaths.as_slice().first().and_then(|d| match d {
+                AMQPValue::FieldTable(t) => Some(t.clone()),
+                _ => None,
+            }),
+            _ => None,
+        });
+        let death = |key: &str| {
+            first_death
+                .as_ref()
+                .and_then(|t| t.inner().get(key).cloned())
+        };
+        let reason = get(HEADER_REASON)
+            .and_then(amqp_text)
+            .or_else(|| death("reason").as_ref().and_then(amqp_text))
+            .unwrap_or_else(|| "unknown".to_owned());
+        let dead_at = get(HEADER_DEAD_AT)
+            .and_then(amqp_int)
+            .and_then(from_unix_ms)
+            .or_else(|| match death("time") {
+                Some(AMQPValue::Timestamp(seconds)) => {
+                    OffsetDateTime::from_unix_timestamp(i64::try_from(seconds).ok()?).ok()
+                }
+                _ => None,
+            });
+        DeadLetter {
+            message_id: delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|m| m.as_str().to_owned()),
+            routing_key: delivery.routing_key.as_str().to_owned(),
+            reason,
+            error: get(HEADER_ERROR).and_then(amqp_text),
+            attempts: get(HEADER_ATTEMPTS).and_then(amqp_int),
+            dead_at,
+            body: delivery.data,
+            properties: delivery.properties,
+            acker: delivery.acker,
+        }
+    }
+
+    /// Every header, printable, for `smsgw dlq show`.
+    pub fn headers(&self) -> Vec<(String, String)> {
+        self.properties
+            .headers()
+            .as_ref()
+            .map(|h| {
+                h.inner()
+                    .iter()
+                    .map(|(k, v)| (k.as_str().to_owned(), printable(v)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+fn printable(value: &AMQPValue) -> String {
+    match value {
+        AMQPValue::LongString(_) | AMQPValue::ShortString(_) => {
+            amqp_text(value).unwrap_or_default()
+        }
+        AMQPValue::FieldArray(items) => format!(
+            "[{}]",
+            items
+                .as_slice()
+                .iter()
+                .map(printable)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        AMQPValue::FieldTable(table) => format!(
+            "{{{}}}",
+            table
+                .inner()
+                .iter()
+                .map(|(k, v)| format!("{}: {}", k.as_str(), printable(v)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        other => amqp_int(other)
+            .map(|n| n.to_string())
+            .unwrap_or_else(|| format!("{other:?}")),
+    }
+}
+
+/// Reads `sms.dead` without taking anything: deliveries stay unacked until [`remove`]d;
+/// the rest go back to their original places when the browser closes.
+///
+/// [`remove`]: DeadBrowser::remove
+pub struct DeadBrowser {
+    channel: Channel,
+    consumer: Consumer,
+    /// How many messages the queue held when browsing began.
+    pub total: u32,
+    seen: u32,
+}
+
+/// Most messages one browse holds at once (AMQP's prefetch is a 16-bit number).
+pub const MAX_BROWSE: u32 = u16::MAX as u32;
+
+impl DeadBrowser {
+    /// The next dead letter; `None` when every message present at the start was seen.
+    pub async fn next(&mut self) -> Option<Result<DeadLetter, BrokerError>> {
+        if self.seen >= self.total.min(MAX_BROWSE) {
+            return None;
+        }
+        // Another client may hold some of them: stop when nothing comes for a while.
+        match tokio::time::timeout(Duration::from_secs(5), self.consumer.next()).await {
+            Ok(Some(Ok(delivery))) => {
+                self.seen += 1;
+                Some(Ok(DeadLetter::from_delivery(delivery)))
+            }
+            Ok(Some(Err(e))) => Some(Err(e.into())),
+            Ok(None) | Err(_) => None,
+        }
+    }
+
+    /// Removes a dead letter from `sms.dead` for good.
+    pub async fn remove(&self, letter: &DeadLetter) -> Result<(), BrokerError> {
+        if within(letter.acker.ack(BasicAckOptions::default())).await? {
+            Ok(())
+        } else {
+            Err(BrokerError::Returned("the browse channel closed".into()))
+        }
+    }
+
+    /// Puts everything not removed back where it was.
+    pub async fn close(self) {
+        let _ = within(self.channel.close(200, "browse done".into())).await;
     }
 }
 

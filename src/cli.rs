@@ -43,6 +43,82 @@ enum Command {
     Migrate,
     /// Publish one job onto sms.jobs, as the web app does, and print its id.
     Send(SendArgs),
+    /// Inspect, replay or purge the dead-letter queue (sms.dead).
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+    /// Check configuration, broker, database, schema and provider credentials.
+    Check,
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqCommand {
+    /// List dead letters (nothing is removed or reordered).
+    List {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Show at most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one dead letter: the job, its headers and its attempts from the log.
+    Show {
+        /// The job id.
+        id: String,
+        /// Show phone numbers and the body unmasked.
+        #[arg(long)]
+        reveal: bool,
+    },
+    /// Put dead letters back on sms.jobs with a fresh attempt budget.
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["id", "reason", "all"])))]
+    Replay {
+        /// Only this job.
+        #[arg(long)]
+        id: Option<String>,
+        /// Only dead letters with this reason (invalid_job, permanent_failure,
+        /// attempts_exhausted, delivery_limit).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Every dead letter.
+        #[arg(long)]
+        all: bool,
+        /// Say what would be replayed, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Delete dead letters for good.
+    Purge {
+        /// Only dead letters with this reason.
+        #[arg(long)]
+        reason: Option<String>,
+        /// Only dead letters older than this (e.g. 7d, 12h).
+        #[arg(long, value_parser = parse_age)]
+        older_than: Option<std::time::Duration>,
+        /// Yes, delete them.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct FilterArgs {
+    /// Only dead letters with this reason.
+    #[arg(long)]
+    reason: Option<String>,
+    /// Only jobs of this type.
+    #[arg(long = "type")]
+    kind: Option<String>,
+    /// Only jobs of this school.
+    #[arg(long)]
+    school: Option<i64>,
+}
+
+fn parse_age(text: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(text).map_err(|e| e.to_string())
 }
 
 #[derive(Debug, clap::Args)]
@@ -77,9 +153,12 @@ fn job_types() -> clap::builder::PossibleValuesParser {
 /// The whole program: parse, configure, run; returns the exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Check = cli.command {
+        return block_on(crate::ops::check(Settings::from_env()));
+    }
     let settings = match &cli.command {
-        Command::Run => Settings::from_env(),
-        Command::Migrate | Command::Send(_) => Settings::from_env_for_tools(),
+        Command::Run | Command::Check => Settings::from_env(),
+        Command::Migrate | Command::Send(_) | Command::Dlq { .. } => Settings::from_env_for_tools(),
     };
     let settings = match settings {
         Ok(settings) => settings,
@@ -89,24 +168,74 @@ pub fn main() -> ExitCode {
         }
     };
     telemetry::init(settings.log_format);
-    crate::install_crypto_provider();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("smsgw: cannot start the async runtime: {e}");
-            return ExitCode::from(EXIT_FAILED);
-        }
-    };
-    runtime.block_on(async move {
+    block_on(async move {
         match cli.command {
             Command::Run => run(settings).await,
             Command::Migrate => migrate(&settings).await,
             Command::Send(args) => send(&settings, args).await,
+            Command::Dlq { command } => dlq(&settings, command).await,
+            Command::Check => ExitCode::SUCCESS,
         }
     })
+}
+
+fn block_on(work: impl Future<Output = ExitCode>) -> ExitCode {
+    crate::install_crypto_provider();
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime.block_on(work),
+        Err(e) => {
+            eprintln!("smsgw: cannot start the async runtime: {e}");
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
+async fn dlq(settings: &Settings, command: DlqCommand) -> ExitCode {
+    use crate::ops::{DeadFilter, dlq_list, dlq_purge, dlq_replay, dlq_show};
+    match command {
+        DlqCommand::List {
+            filter,
+            limit,
+            json,
+        } => {
+            let filter = DeadFilter {
+                reason: filter.reason,
+                kind: filter.kind,
+                school: filter.school,
+                ..DeadFilter::default()
+            };
+            dlq_list(settings, &filter, limit, json).await
+        }
+        DlqCommand::Show { id, reveal } => dlq_show(settings, &id, reveal).await,
+        DlqCommand::Replay {
+            id,
+            reason,
+            all: _,
+            dry_run,
+        } => {
+            let filter = DeadFilter {
+                id,
+                reason,
+                ..DeadFilter::default()
+            };
+            dlq_replay(settings, &filter, dry_run).await
+        }
+        DlqCommand::Purge {
+            reason,
+            older_than,
+            yes,
+        } => {
+            let filter = DeadFilter {
+                reason,
+                older_than,
+                ..DeadFilter::default()
+            };
+            dlq_purge(settings, &filter, yes).await
+        }
+    }
 }
 
 async fn run(settings: Settings) -> ExitCode {

@@ -96,7 +96,14 @@ pub struct Settings {
     /// (the last one repeats).
     pub retry_delays: Vec<Duration>,
     pub rate_limit: Option<u32>,
+    /// Message bodies older than this are removed from the log.
     pub body_retention: Duration,
+    /// Whole message rows (and their attempts) older than this are removed, when set.
+    pub log_retention: Option<Duration>,
+    /// `false`: a message's body is dropped as soon as it has a final outcome.
+    pub keep_body: bool,
+    /// How often the retention task runs.
+    pub retention_interval: Duration,
     /// Upper bound of one provider call; far below RabbitMQ's consumer timeout.
     pub provider_timeout: Duration,
     pub lanes: LaneBudgets,
@@ -123,6 +130,36 @@ fn bad(variable: &'static str, problem: impl Into<String>) -> ConfigError {
 }
 
 pub const DEFAULT_TWILIO_BASE_URL: &str = "https://api.twilio.com";
+
+/// Every environment variable smsgw reads (besides `RUST_LOG`).
+pub const VARIABLES: &[&str] = &[
+    "SMSGW_ENV",
+    "SMSGW_AMQP_URL",
+    "SMSGW_DATABASE_URL",
+    "SMSGW_HTTP_ADDR",
+    "SMSGW_PUBLIC_URL",
+    "SMSGW_PROVIDER",
+    "SMSGW_REDIRECT_TO",
+    "TWILIO_ACCOUNT_SID",
+    "TWILIO_AUTH_TOKEN",
+    "TWILIO_FROM",
+    "TWILIO_MESSAGING_SERVICE_SID",
+    "SMSGW_TWILIO_BASE_URL",
+    "SMSGW_MAX_ATTEMPTS",
+    "SMSGW_RETRY_DELAYS",
+    "SMSGW_PROVIDER_TIMEOUT",
+    "SMSGW_URGENT_CONCURRENCY",
+    "SMSGW_DEFAULT_CONCURRENCY",
+    "SMSGW_BULK_CONCURRENCY",
+    "SMSGW_DELIVERY_LIMIT",
+    "SMSGW_SHUTDOWN_GRACE",
+    "SMSGW_RATE_LIMIT",
+    "SMSGW_BODY_RETENTION",
+    "SMSGW_LOG_RETENTION",
+    "SMSGW_KEEP_BODY",
+    "SMSGW_RETENTION_INTERVAL",
+    "SMSGW_LOG_FORMAT",
+];
 
 impl Settings {
     /// Reads the process environment, for the daemon: every rule about where messages may
@@ -276,6 +313,21 @@ impl Settings {
                 Some(_) => Some(number(&get, "SMSGW_RATE_LIMIT", 0, 1, 1_000_000)?),
             },
             body_retention: duration(&get, "SMSGW_BODY_RETENTION", "30d")?,
+            log_retention: match get("SMSGW_LOG_RETENTION") {
+                None => None,
+                Some(_) => Some(duration(&get, "SMSGW_LOG_RETENTION", "")?),
+            },
+            keep_body: match get("SMSGW_KEEP_BODY").as_deref().map(str::trim) {
+                None | Some("true") | Some("1") | Some("yes") => true,
+                Some("false") | Some("0") | Some("no") => false,
+                Some(other) => {
+                    return Err(bad(
+                        "SMSGW_KEEP_BODY",
+                        format!("'{other}' is not true or false"),
+                    ));
+                }
+            },
+            retention_interval: duration(&get, "SMSGW_RETENTION_INTERVAL", "10m")?,
             provider_timeout: duration(&get, "SMSGW_PROVIDER_TIMEOUT", "10s")?,
             lanes,
             delivery_limit: number(&get, "SMSGW_DELIVERY_LIMIT", 10, 2, 1_000)?,
@@ -543,6 +595,38 @@ mod tests {
                 .collect();
         let s = Settings::read(|k| vars.get(k).cloned(), false).expect("tools need no provider");
         assert_eq!(s.env, Environment::Production);
+    }
+
+    #[test]
+    fn every_variable_read_is_listed_and_documented() {
+        let seen = std::sync::Mutex::new(std::collections::BTreeSet::new());
+        let values: HashMap<&str, &str> = [
+            ("SMSGW_PROVIDER", "twilio"),
+            ("TWILIO_ACCOUNT_SID", SID),
+            ("TWILIO_AUTH_TOKEN", "secret"),
+            ("TWILIO_FROM", "+15005550006"),
+            ("SMSGW_TWILIO_BASE_URL", "http://127.0.0.1:1"),
+            ("SMSGW_RATE_LIMIT", "10"),
+            ("SMSGW_LOG_RETENTION", "90d"),
+        ]
+        .into_iter()
+        .collect();
+        Settings::from_lookup(|name| {
+            seen.lock().expect("lock").insert(name.to_owned());
+            values.get(name).map(|v| v.to_string())
+        })
+        .expect("valid");
+        let seen = seen.into_inner().expect("lock");
+        for name in &seen {
+            assert!(
+                VARIABLES.contains(&name.as_str()),
+                "{name} is read but not listed"
+            );
+        }
+        let readme = include_str!("../README.md");
+        for name in VARIABLES {
+            assert!(readme.contains(name), "{name} is not in the README");
+        }
     }
 
     #[test]

@@ -19,6 +19,7 @@ use crate::{
     health::Health,
     http,
     job::Lane,
+    metrics::{LaneLabels, Metrics, ReasonLabels},
     pipeline::{Pipeline, PipelineSettings},
     provider::Provider,
     store::Store,
@@ -57,15 +58,18 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     tracing::info!("{}", settings.destination_summary());
 
     let health = Arc::new(Health::default());
+    let metrics = Arc::new(Metrics::new());
     let listener = TcpListener::bind(settings.http_addr).await.map_err(|e| {
         DaemonError::Runtime(format!("cannot listen on {}: {e}", settings.http_addr))
     })?;
     tracing::info!(address = %settings.http_addr, "health endpoints listening");
     let (store_tx, store_rx) = watch::channel(None);
     let http_stop = CancellationToken::new();
+    let watchdog = tokio::spawn(crate::systemd::watchdog(http_stop.clone()));
     let http_task = tokio::spawn(http::serve(
         listener,
         health.clone(),
+        metrics.clone(),
         store_rx,
         http_stop.clone(),
     ));
@@ -74,8 +78,20 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         let Some(store) = connect_store(&settings, &shutdown).await? else {
             return Ok(());
         };
+        let store = store.keep_bodies(settings.keep_body);
         health.set_database(true);
         let _ = store_tx.send(Some(store.clone()));
+        let retention_stop = CancellationToken::new();
+        let retention = tokio::spawn(crate::retention::run(
+            store.clone(),
+            crate::retention::RetentionSettings {
+                body_retention: settings.body_retention,
+                log_retention: settings.log_retention,
+                interval: settings.retention_interval,
+            },
+            metrics.clone(),
+            retention_stop.clone(),
+        ));
         let pipeline = Arc::new(Pipeline::new(
             store.clone(),
             provider,
@@ -86,16 +102,20 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
                 provider_timeout: settings.provider_timeout,
             },
             health.clone(),
+            metrics.clone(),
         ));
         let worker = Worker {
             settings: &settings,
             pipeline,
             health: health.clone(),
+            metrics: metrics.clone(),
             tracker: TaskTracker::new(),
             abandon: CancellationToken::new(),
         };
         let consumed = worker.consume_until_stopped(&shutdown).await;
         worker.drain(consumed.as_ref().ok()).await;
+        retention_stop.cancel();
+        let _ = retention.await;
         store.close().await;
         consumed.map(|_| ())
     }
@@ -103,6 +123,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
 
     http_stop.cancel();
     let _ = http_task.await;
+    let _ = watchdog.await;
     match &result {
         Ok(()) => tracing::info!("stopped"),
         Err(e) => tracing::error!(error = %e, "stopped with an error"),
@@ -155,6 +176,7 @@ async fn connect_store(
                     retry_in = ?wait,
                     "database unavailable"
                 );
+                crate::systemd::status("waiting for the database");
                 if pause(wait, shutdown).await {
                     return Ok(None);
                 }
@@ -168,6 +190,7 @@ struct Worker<'a> {
     settings: &'a Settings,
     pipeline: Arc<Pipeline>,
     health: Arc<Health>,
+    metrics: Arc<Metrics>,
     /// Every in-flight message, across broker sessions.
     tracker: TaskTracker,
     /// Fires when shutdown stops waiting for in-flight messages.
@@ -237,6 +260,7 @@ impl Worker<'_> {
                         retry_in = ?wait,
                         "broker unavailable"
                     );
+                    crate::systemd::status("waiting for the broker");
                     if pause(wait, shutdown).await {
                         break;
                     }
@@ -252,6 +276,7 @@ impl Worker<'_> {
                 }
                 SessionEnd::Lost(reason) => {
                     self.health.set_broker(false);
+                    crate::systemd::status("broker connection lost; reconnecting");
                     tracing::warn!(reason = %reason, "lost the broker; reconnecting");
                     broker.close().await;
                 }
@@ -271,17 +296,21 @@ impl Worker<'_> {
             }
         }
         self.health.set_consumers(consumers.len());
+        crate::systemd::ready("consuming");
 
         let stop = shutdown.child_token();
         let mut lanes = JoinSet::new();
         for consumer in consumers {
             lanes.spawn(run_lane(
                 consumer,
-                self.pipeline.clone(),
-                broker.clone(),
+                Handler {
+                    pipeline: self.pipeline.clone(),
+                    broker: broker.clone(),
+                    metrics: self.metrics.clone(),
+                    abandon: self.abandon.clone(),
+                },
                 self.tracker.clone(),
                 stop.clone(),
-                self.abandon.clone(),
             ));
         }
         let mut lost = None;
@@ -309,6 +338,7 @@ impl Worker<'_> {
     /// Waits for in-flight messages (up to the grace period), then closes the channels
     /// and the connection.
     async fn drain(&self, stopped: Option<&Option<Stopped>>) {
+        crate::systemd::stopping();
         self.tracker.close();
         let in_flight = self.tracker.len();
         if in_flight > 0 {
@@ -338,11 +368,9 @@ impl Worker<'_> {
 /// (kept open so in-flight deliveries can still be acked) and why it ended, if not stopped.
 async fn run_lane(
     mut consumer: LaneConsumer,
-    pipeline: Arc<Pipeline>,
-    broker: Broker,
+    handler: Handler,
     tracker: TaskTracker,
     stop: CancellationToken,
-    abandon: CancellationToken,
 ) -> (LaneConsumer, Option<String>) {
     loop {
         tokio::select! {
@@ -355,7 +383,7 @@ async fn run_lane(
             }
             next = consumer.next() => match next {
                 Some(Ok(incoming)) => {
-                    tracker.spawn(process(incoming, pipeline.clone(), broker.clone(), abandon.clone()));
+                    tracker.spawn(handler.clone().process(incoming));
                 }
                 Some(Err(e)) => return (consumer, Some(e.to_string())),
                 None => {
@@ -367,28 +395,52 @@ async fn run_lane(
     }
 }
 
-/// Handles one delivery and settles it. A panic in the pipeline requeues the delivery, so
-/// a message that keeps failing this way ends in `sms.dead` by the delivery limit.
-async fn process(
-    incoming: Incoming,
+/// What each delivery task needs.
+#[derive(Clone)]
+struct Handler {
     pipeline: Arc<Pipeline>,
     broker: Broker,
+    metrics: Arc<Metrics>,
     abandon: CancellationToken,
-) {
-    let handled = AssertUnwindSafe(pipeline.handle(&incoming, &broker, &abandon))
-        .catch_unwind()
-        .await;
-    let disposition = match handled {
-        Ok(disposition) => disposition,
-        Err(_) => {
-            tracing::error!(
-                lane = incoming.lane.as_str(),
-                "the pipeline panicked; message requeued"
-            );
-            Disposition::Requeue
+}
+
+impl Handler {
+    /// Handles one delivery and settles it. A panic in the pipeline requeues the delivery,
+    /// so a message that keeps failing this way ends in `sms.dead` by the delivery limit.
+    async fn process(self, incoming: Incoming) {
+        let lane = LaneLabels {
+            lane: incoming.lane.as_str(),
+        };
+        let in_flight = self.metrics.in_flight.get_or_create(&lane).clone();
+        in_flight.inc();
+        let handled =
+            AssertUnwindSafe(self.pipeline.handle(&incoming, &self.broker, &self.abandon))
+                .catch_unwind()
+                .await;
+        let disposition = match handled {
+            Ok(disposition) => disposition,
+            Err(_) => {
+                tracing::error!(lane = lane.lane, "the pipeline panicked; message requeued");
+                Disposition::Requeue
+            }
+        };
+        match &disposition {
+            Disposition::Retry { .. } => {
+                self.metrics.retries.get_or_create(&lane).inc();
+            }
+            Disposition::DeadLetter { reason, .. } => {
+                self.metrics
+                    .dead_letters
+                    .get_or_create(&ReasonLabels {
+                        reason: reason.as_str(),
+                    })
+                    .inc();
+            }
+            _ => {}
         }
-    };
-    settle(&broker, &incoming, disposition, &abandon).await;
+        settle(&self.broker, &incoming, disposition, &self.abandon).await;
+        in_flight.dec();
+    }
 }
 
 /// Settles a delivery, trying a refused or timed-out republish again. If it keeps failing

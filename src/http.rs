@@ -1,4 +1,4 @@
-//! The HTTP surface on `SMSGW_HTTP_ADDR`: liveness and readiness.
+//! The HTTP surface on `SMSGW_HTTP_ADDR`: liveness, readiness and metrics.
 
 use std::{sync::Arc, time::Duration};
 
@@ -7,11 +7,12 @@ use serde_json::json;
 use tokio::{net::TcpListener, sync::watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::{health::Health, job::Lane, store::Store};
+use crate::{health::Health, job::Lane, metrics::Metrics, store::Store};
 
 #[derive(Clone)]
 struct AppState {
     health: Arc<Health>,
+    metrics: Arc<Metrics>,
     /// `None` until the database is first reached.
     store: watch::Receiver<Option<Store>>,
 }
@@ -20,13 +21,19 @@ struct AppState {
 pub async fn serve(
     listener: TcpListener,
     health: Arc<Health>,
+    metrics: Arc<Metrics>,
     store: watch::Receiver<Option<Store>>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(AppState { health, store });
+        .route("/metrics", get(metrics_text))
+        .with_state(AppState {
+            health,
+            metrics,
+            store,
+        });
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
@@ -34,6 +41,18 @@ pub async fn serve(
 
 async fn healthz() -> &'static str {
     "ok\n"
+}
+
+async fn metrics_text(
+    State(state): State<AppState>,
+) -> ([(axum::http::HeaderName, &'static str); 1], String) {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
 }
 
 async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<serde_json::Value>) {

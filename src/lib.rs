@@ -17,7 +17,10 @@
 //! - [`disposition`]: what the broker does with a delivery once it is handled.
 //! - [`pipeline`]: one delivery through all of the above.
 //! - [`daemon`]: wiring, reconnection, graceful shutdown.
-//! - [`http`], [`health`]: `/healthz` and `/readyz`.
+//! - [`retention`]: purging old bodies and rows in the background.
+//! - [`http`], [`health`], [`metrics`]: `/healthz`, `/readyz`, `/metrics`.
+//! - [`ops`]: the dead-letter tools and `smsgw check`.
+//! - [`systemd`]: the notify protocol (ready, stopping, watchdog).
 //! - [`telemetry`]: logging setup; [`cli`]: the command line.
 
 pub mod broker;
@@ -28,11 +31,15 @@ pub mod disposition;
 pub mod health;
 pub mod http;
 pub mod job;
+pub mod metrics;
+pub mod ops;
 pub mod phone;
 pub mod pipeline;
 pub mod policy;
 pub mod provider;
+pub mod retention;
 pub mod store;
+pub mod systemd;
 pub mod telemetry;
 
 /// Makes ring the process's TLS crypto provider (reqwest is built without a default; lapin

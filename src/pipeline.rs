@@ -34,6 +34,7 @@ use crate::{
     disposition::{DeadReason, Disposition},
     health::Health,
     job::{BulkRecipient, Job, JobType, Target},
+    metrics::Metrics,
     phone::{PhoneNumber, redact_numbers},
     policy::{Decision, Facts, decide},
     provider::{OutboundSms, Provider, ProviderError},
@@ -61,6 +62,7 @@ pub struct Pipeline {
     provider: Provider,
     settings: PipelineSettings,
     health: Arc<Health>,
+    metrics: Arc<Metrics>,
 }
 
 impl Pipeline {
@@ -69,13 +71,20 @@ impl Pipeline {
         provider: Provider,
         settings: PipelineSettings,
         health: Arc<Health>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Pipeline {
             store,
             provider,
             settings,
             health,
+            metrics,
         }
+    }
+
+    fn count(&self, outcome: &'static str, kind: JobType) {
+        self.metrics
+            .count_message(outcome, kind.as_str(), self.provider.name());
     }
 
     /// Handles one delivery. `abandon` fires when the daemon must stop waiting for the
@@ -101,6 +110,8 @@ impl Pipeline {
                     error = %invalid,
                     "invalid job dead-lettered"
                 );
+                self.metrics
+                    .count_message("invalid", "unknown", self.provider.name());
                 return Disposition::DeadLetter {
                     reason: DeadReason::InvalidJob,
                     error: invalid.to_string(),
@@ -193,6 +204,7 @@ impl Pipeline {
             body: &job.body,
             context: context.as_ref(),
             provider: self.provider.name(),
+            reopen_failed: incoming.replayed,
         };
 
         let (status, reason, disposition) = match decision {
@@ -256,7 +268,10 @@ impl Pipeline {
             })
             .await?;
         match found {
-            None => Ok(disposition),
+            None => {
+                self.count(status.as_str(), job.kind);
+                Ok(disposition)
+            }
             Some(state) => Ok(self
                 .already_handled(incoming, job, &state)
                 .unwrap_or(disposition)),
@@ -271,7 +286,9 @@ impl Pipeline {
         job: &Job,
         state: &MessageState,
     ) -> Option<Disposition> {
-        if state.status.is_final() {
+        let replay_of_failure = incoming.replayed && state.status == MessageStatus::Failed;
+        if state.status.is_final() && !replay_of_failure {
+            self.count("duplicate", job.kind);
             tracing::info!(
                 status = state.status.as_str(),
                 "already handled; acked without a second provider call"
@@ -284,6 +301,7 @@ impl Pipeline {
         if !incoming.redelivered {
             // A second publish of a job that another delivery is sending right now. That
             // delivery is unacked, so the broker keeps it until it has an outcome.
+            self.count("duplicate", job.kind);
             tracing::info!("duplicate of a message in flight; acked");
             return Some(Disposition::Ack);
         }
@@ -363,6 +381,12 @@ impl Pipeline {
             }),
         };
         let duration = started.elapsed();
+        self.metrics
+            .provider_calls
+            .get_or_create(&crate::metrics::ProviderLabels {
+                provider: self.provider.name(),
+            })
+            .observe(duration.as_secs_f64());
         let attempts = incoming.attempts.saturating_add(1);
         match result {
             Ok(accepted) => {
@@ -380,6 +404,7 @@ impl Pipeline {
                     self.store.finish_attempt(job.id, attempt, &record)
                 })
                 .await?;
+                self.count("sent", job.kind);
                 tracing::info!(
                     to = %to.masked(),
                     sender = sender.map(|s| s.as_str()).unwrap_or("default"),
@@ -472,6 +497,7 @@ impl Pipeline {
             self.store.finish_attempt(job.id, attempt, &record)
         })
         .await?;
+        self.count(status.as_str(), job.kind);
         if error.recipient_opted_out() {
             self.persist(abandon, || {
                 self.store
@@ -541,6 +567,7 @@ impl Pipeline {
         let count = messages.len();
         match broker.publish_fanout(job.id, job.kind, messages).await {
             Ok(()) => {
+                self.count("fanned_out", job.kind);
                 tracing::info!(recipients = count, "announcement fanned out");
                 Ok(Disposition::Ack)
             }

@@ -122,6 +122,8 @@ pub struct NewMessage<'a> {
     pub body: &'a str,
     pub context: Option<&'a Value>,
     pub provider: &'a str,
+    /// Replayed from the dead-letter queue: a `failed` message may be tried again.
+    pub reopen_failed: bool,
 }
 
 /// The state of a message already in the log.
@@ -156,9 +158,47 @@ pub struct AttemptRecord<'a> {
     pub reason: Option<&'a str>,
 }
 
+/// A message row, as support reads it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct MessageView {
+    pub id: Uuid,
+    pub bulk_id: Option<Uuid>,
+    pub school_id: i64,
+    #[sqlx(rename = "type")]
+    pub kind: String,
+    pub recipient: String,
+    pub body: Option<String>,
+    pub context: Option<Value>,
+    pub status: String,
+    pub reason: Option<String>,
+    pub provider: Option<String>,
+    pub provider_message_id: Option<String>,
+    pub segments: Option<i32>,
+    pub attempts: i32,
+    pub created_at: OffsetDateTime,
+    pub sent_at: Option<OffsetDateTime>,
+    pub delivered_at: Option<OffsetDateTime>,
+    pub updated_at: OffsetDateTime,
+}
+
+/// One provider call, as support reads it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct AttemptView {
+    pub attempt: i32,
+    pub provider: String,
+    pub started_at: OffsetDateTime,
+    pub duration_ms: Option<i32>,
+    pub outcome: Option<String>,
+    pub http_status: Option<i32>,
+    pub error_code: Option<String>,
+    pub error_message: Option<String>,
+}
+
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: PgPool,
+    /// `false`: a body is dropped as soon as its message has a final outcome.
+    keep_body: bool,
 }
 
 impl Store {
@@ -172,7 +212,54 @@ impl Store {
             .test_before_acquire(false)
             .connect_with(options.application_name("smsgw"))
             .await?;
-        Ok(Store { pool })
+        Ok(Store {
+            pool,
+            keep_body: true,
+        })
+    }
+
+    /// Drops each body as soon as its message has a final outcome (`SMSGW_KEEP_BODY=false`).
+    pub fn keep_bodies(mut self, keep: bool) -> Self {
+        self.keep_body = keep;
+        self
+    }
+
+    /// Removes the bodies of at most `batch` messages created before `older_than` ago;
+    /// returns how many. Locked rows (in flight) are skipped, never waited for.
+    pub async fn purge_bodies(&self, older_than: Duration, batch: i64) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "UPDATE sms_messages SET body = NULL
+              WHERE id IN (SELECT id FROM sms_messages
+                            WHERE body IS NOT NULL
+                              AND created_at < now() - make_interval(secs => $1)
+                            LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        )
+        .bind(older_than.as_secs_f64())
+        .bind(batch)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Deletes at most `batch` finished messages (with their attempts) created before
+    /// `older_than` ago; returns how many.
+    pub async fn delete_messages(
+        &self,
+        older_than: Duration,
+        batch: i64,
+    ) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "DELETE FROM sms_messages
+              WHERE id IN (SELECT id FROM sms_messages
+                            WHERE created_at < now() - make_interval(secs => $1)
+                              AND status NOT IN ('queued', 'sending', 'retrying')
+                            LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        )
+        .bind(older_than.as_secs_f64())
+        .bind(batch)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
     }
 
     /// Creates the database named in `url` if it does not exist yet.
@@ -228,6 +315,29 @@ impl Store {
 
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+
+    pub async fn message_view(&self, id: Uuid) -> Result<Option<MessageView>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT id, bulk_id, school_id, type, recipient, body, context, status, reason,
+                    provider, provider_message_id, segments, attempts, created_at, sent_at,
+                    delivered_at, updated_at
+             FROM sms_messages WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    pub async fn attempt_views(&self, id: Uuid) -> Result<Vec<AttemptView>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT attempt, provider, started_at, duration_ms, outcome, http_status,
+                    error_code, error_message
+             FROM sms_attempts WHERE message_id = $1 ORDER BY attempt",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     pub async fn school_settings(
@@ -330,10 +440,13 @@ impl Store {
         let done = sqlx::query(
             "INSERT INTO sms_messages
                 (id, bulk_id, school_id, type, recipient, body, context, status, reason, provider)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+             VALUES ($1, $2, $3, $4, $5,
+                     CASE WHEN $11 OR $8 = 'queued' THEN $6 END, $7, $8, $9, $10)
              ON CONFLICT (id) DO UPDATE
-                SET status = EXCLUDED.status, reason = EXCLUDED.reason, updated_at = now()
-                WHERE sms_messages.status IN ('queued', 'retrying')",
+                SET status = EXCLUDED.status, reason = EXCLUDED.reason, body = EXCLUDED.body,
+                    updated_at = now()
+                WHERE sms_messages.status IN ('queued', 'retrying')
+                   OR ($12 AND sms_messages.status = 'failed')",
         )
         .bind(message.id)
         .bind(message.bulk_id)
@@ -345,6 +458,8 @@ impl Store {
         .bind(status.as_str())
         .bind(reason)
         .bind(message.provider)
+        .bind(self.keep_body)
+        .bind(message.reopen_failed)
         .execute(&self.pool)
         .await?
         .rows_affected();
@@ -355,8 +470,8 @@ impl Store {
     }
 
     /// Claims the next attempt: inserts the message (or moves it from `queued`/`retrying`,
-    /// or takes over attempt `take_over` left open by a crash) to `sending`, and records the
-    /// attempt as started, in one statement.
+    /// from `failed` when replayed, or takes over attempt `take_over` left open by a crash)
+    /// to `sending`, and records the attempt as started, in one statement.
     pub async fn begin_attempt(
         &self,
         message: &NewMessage<'_>,
@@ -374,6 +489,7 @@ impl Store {
                         reason = NULL, updated_at = now()
                     WHERE sms_messages.status IN ('queued', 'retrying')
                        OR (sms_messages.status = 'sending' AND sms_messages.attempts = $9)
+                       OR ($10 AND sms_messages.status = 'failed')
                 RETURNING id, attempts
              )
              INSERT INTO sms_attempts (message_id, attempt, provider, started_at)
@@ -389,6 +505,7 @@ impl Store {
         .bind(message.context)
         .bind(message.provider)
         .bind(take_over)
+        .bind(message.reopen_failed)
         .fetch_optional(&self.pool)
         .await?;
         if let Some(attempt) = attempt {
@@ -421,6 +538,7 @@ impl Store {
                 SET status = $8, reason = $9,
                     provider_message_id = COALESCE($10, provider_message_id),
                     sent_at = CASE WHEN $8 = 'sent' THEN now() ELSE sent_at END,
+                    body = CASE WHEN $11 OR $8 = 'retrying' THEN body END,
                     updated_at = now()
               WHERE id = $1 AND status = 'sending' AND attempts = $2",
         )
@@ -434,6 +552,7 @@ impl Store {
         .bind(record.status.as_str())
         .bind(record.reason)
         .bind(record.provider_message_id)
+        .bind(self.keep_body)
         .execute(&self.pool)
         .await?;
         Ok(())

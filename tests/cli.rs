@@ -13,20 +13,7 @@ use std::{
 use helpers::{Reply, TestEnv, TwilioStub, base_settings, free_port, id_of, job, twilio_stub};
 use uuid::Uuid;
 
-const BIN: &str = env!("CARGO_BIN_EXE_smsgw");
-
-/// A command with a clean environment: only what the test gives it.
-fn smsgw(vars: &[(String, String)], args: &[&str]) -> Command {
-    let mut command = Command::new(BIN);
-    command.env_clear().args(args);
-    if let Ok(path) = std::env::var("PATH") {
-        command.env("PATH", path);
-    }
-    for (k, v) in vars {
-        command.env(k, v);
-    }
-    command
-}
+use helpers::smsgw_command as smsgw;
 
 fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
     pairs

@@ -4,7 +4,7 @@
 //! The services are found through the daemon's own variables (`SMSGW_AMQP_URL`,
 //! `SMSGW_DATABASE_URL`; the local defaults otherwise); each test swaps in a vhost and a
 //! database of its own, so tests run in parallel without seeing each other's data.
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, unused_imports)]
 
 pub mod twilio_stub;
 
@@ -166,6 +166,19 @@ pub fn init_logs() {
         .try_init();
 }
 
+/// The `smsgw` binary with a clean environment: only `vars` (and `PATH`).
+pub fn smsgw_command(vars: &[(String, String)], args: &[&str]) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_smsgw"));
+    command.env_clear().args(args);
+    if let Ok(path) = std::env::var("PATH") {
+        command.env("PATH", path);
+    }
+    for (k, v) in vars {
+        command.env(k, v);
+    }
+    command
+}
+
 /// Starts the daemon with the base settings.
 pub async fn spawn_app() -> App {
     spawn_app_with(&[]).await
@@ -317,6 +330,22 @@ impl App {
         .execute(&self.db)
         .await
         .expect("insert school settings");
+    }
+
+    /// Runs the binary against this app's broker and database (no provider settings).
+    pub fn run_cli(&self, args: &[&str]) -> std::process::Output {
+        let vars = [
+            ("SMSGW_AMQP_URL".to_owned(), self.env.amqp_url.clone()),
+            (
+                "SMSGW_DATABASE_URL".to_owned(),
+                self.env.database_url.clone(),
+            ),
+            (
+                "SMSGW_RETRY_DELAYS".to_owned(),
+                "100ms,200ms,400ms".to_owned(),
+            ),
+        ];
+        smsgw_command(&vars, args).output().expect("run smsgw")
     }
 
     pub async fn sql(&self, statement: &str) {

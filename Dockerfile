@@ -1,0 +1,17 @@
+# syntax=docker/dockerfile:1
+# Multi-stage: build with the Rust toolchain, run on a small non-root image.
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src src
+COPY schema schema
+RUN cargo build --release --locked --bin smsgw && strip target/release/smsgw
+
+# glibc and CA certificates, nothing else; runs as uid 65532.
+FROM gcr.io/distroless/cc-debian12:nonroot
+COPY --from=build /src/target/release/smsgw /usr/local/bin/smsgw
+USER 65532:65532
+ENV SMSGW_HTTP_ADDR=0.0.0.0:9464 SMSGW_LOG_FORMAT=json
+EXPOSE 9464
+ENTRYPOINT ["/usr/local/bin/smsgw"]
+CMD ["run"]

@@ -1,0 +1,424 @@
+//! Operating smsgw: the dead-letter tools, `smsgw check`, retention and metrics.
+
+mod helpers;
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use helpers::{App, Reply, id_of, job, spawn_app, spawn_app_with};
+
+const SCHOOL: i64 = 42;
+
+fn stdout(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Three dead letters, in this order: an invalid job, a rejected number, an exhausted one.
+async fn three_dead_letters(app: &App) -> Vec<Value> {
+    app.add_school(SCHOOL, "GB").await;
+    app.add_school(7, "GB").await;
+    app.stub.reply_for(
+        "+447700900111",
+        Reply::error(400, 21211, "Invalid 'To' Phone Number: +447700900111"),
+    );
+    app.stub
+        .reply_for("+447700900222", Reply::error(503, 20503, "unavailable"));
+    let mut invalid = job("booking_reminder", SCHOOL, "+447700900333", "x");
+    invalid["body"] = Value::String(String::new());
+    let rejected = job("booking_reminder", SCHOOL, "+447700900111", "Reminder");
+    let exhausted = job("login_code", 7, "+447700900222", "Code 1234");
+    app.publish(&invalid).await;
+    wait_depth(app, "sms.dead", 1).await;
+    app.publish(&rejected).await;
+    wait_depth(app, "sms.dead", 2).await;
+    app.publish(&exhausted).await;
+    wait_depth(app, "sms.dead", 3).await;
+    vec![invalid, rejected, exhausted]
+}
+
+async fn wait_depth(app: &App, queue: &str, depth: u32) {
+    let deadline = std::time::Instant::now() + helpers::PATIENCE;
+    while app.queue_depth(queue).await != depth {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{queue} never held {depth}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Lists `sms.dead` once all its `depth` messages are back in the queue (a previous
+/// tool's channel may still be closing).
+async fn listed_ids(app: &App, depth: u32, args: &[&str]) -> Vec<String> {
+    wait_depth(app, "sms.dead", depth).await;
+    let mut all = vec!["dlq", "list", "--json"];
+    all.extend_from_slice(args);
+    let output = app.run_cli(&all);
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    let rows: Value = serde_json::from_str(&stdout(&output)).expect("JSON list");
+    rows.as_array()
+        .expect("array")
+        .iter()
+        .map(|r| r["id"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dlq_list_shows_dead_letters_without_taking_or_reordering_them() {
+    let app = spawn_app_with(&[("SMSGW_MAX_ATTEMPTS", "2")]).await;
+    let jobs = three_dead_letters(&app).await;
+    let ids: Vec<String> = jobs.iter().map(|j| id_of(j).to_string()).collect();
+
+    assert_eq!(listed_ids(&app, 3, &[]).await, ids, "in queue order");
+    assert_eq!(
+        listed_ids(&app, 3, &[]).await,
+        ids,
+        "a second look sees the same"
+    );
+    assert_eq!(
+        listed_ids(&app, 3, &["--reason", "invalid_job"]).await,
+        ids[..1]
+    );
+    assert_eq!(
+        listed_ids(&app, 3, &["--reason", "attempts_exhausted"]).await,
+        ids[2..]
+    );
+    assert_eq!(
+        listed_ids(&app, 3, &["--type", "booking_reminder"]).await,
+        ids[..2]
+    );
+    assert_eq!(listed_ids(&app, 3, &["--school", "7"]).await, ids[2..]);
+
+    let table = app.run_cli(&["dlq", "list", "--limit", "2"]);
+    let text = stdout(&table);
+    assert!(
+        text.contains("JOB ID") && text.contains("LAST ERROR"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&ids[0]) && text.contains("invalid_job"),
+        "{text}"
+    );
+    assert!(text.contains("body: empty"), "{text}");
+    assert!(!text.contains(&ids[2]), "--limit 2 shows two: {text}");
+    assert!(
+        text.contains("2 shown, 3 matching, 3 in sms.dead"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("7700900111"),
+        "numbers in errors are masked: {text}"
+    );
+    wait_depth(&app, "sms.dead", 3).await; // messages come back when the tool closes its channel
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dlq_show_prints_the_job_masked_its_headers_and_its_attempts() {
+    let app = spawn_app_with(&[("SMSGW_MAX_ATTEMPTS", "2")]).await;
+    let jobs = three_dead_letters(&app).await;
+    let id = id_of(&jobs[1]).to_string();
+
+    let output = app.run_cli(&["dlq", "show", &id]);
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    let text = stdout(&output);
+    assert!(text.contains("permanent_failure"), "{text}");
+    assert!(text.contains("x-smsgw-attempts: 1"), "{text}");
+    assert!(text.contains("+44*******111"), "{text}");
+    assert!(
+        !text.contains("+447700900111"),
+        "masked unless --reveal: {text}"
+    );
+    assert!(
+        text.contains("#1") && text.contains("HTTP 400") && text.contains("21211"),
+        "{text}"
+    );
+
+    let revealed = stdout(&app.run_cli(&["dlq", "show", &id, "--reveal"]));
+    assert!(revealed.contains("+447700900111"), "{revealed}");
+
+    let missing = app.run_cli(&["dlq", "show", "no-such-id"]);
+    assert_eq!(missing.status.code(), Some(1));
+    wait_depth(&app, "sms.dead", 3).await; // messages come back when the tool closes its channel
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dlq_replay_sends_again_with_a_fresh_budget_and_keeps_the_history() {
+    let app = spawn_app_with(&[("SMSGW_MAX_ATTEMPTS", "2")]).await;
+    let jobs = three_dead_letters(&app).await;
+    let exhausted = id_of(&jobs[2]);
+
+    let dry = app.run_cli(&[
+        "dlq",
+        "replay",
+        "--reason",
+        "attempts_exhausted",
+        "--dry-run",
+    ]);
+    assert_eq!(dry.status.code(), Some(0));
+    assert!(stdout(&dry).contains("would replay 1"), "{}", stdout(&dry));
+    wait_depth(&app, "sms.dead", 3).await; // messages come back when the tool closes its channel
+
+    // The provider is back: the replayed job is sent.
+    app.stub.reply_for("+447700900222", Reply::Created);
+    let replay = app.run_cli(&["dlq", "replay", "--reason", "attempts_exhausted"]);
+    assert_eq!(replay.status.code(), Some(0), "{replay:?}");
+    assert!(
+        stdout(&replay).contains("replayed 1, kept 2"),
+        "{}",
+        stdout(&replay)
+    );
+
+    let row = app.wait_for_status(exhausted, "sent").await;
+    assert_eq!(row.attempts, 3);
+    let outcomes: Vec<_> = app
+        .attempts(exhausted)
+        .await
+        .into_iter()
+        .map(|a| a.outcome.unwrap_or_default())
+        .collect();
+    assert_eq!(outcomes, ["temporary_failure", "temporary_failure", "sent"]);
+    assert_eq!(listed_ids(&app, 2, &[]).await.len(), 2, "the others stay");
+
+    let usage = app.run_cli(&["dlq", "replay"]);
+    assert_eq!(
+        usage.status.code(),
+        Some(2),
+        "replay needs --id, --reason or --all"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_interrupted_replay_loses_nothing_and_texts_nobody_twice() {
+    let app = spawn_app_with(&[("SMSGW_MAX_ATTEMPTS", "1")]).await;
+    app.add_school(SCHOOL, "GB").await;
+    app.stub
+        .reply_always(Reply::error(503, 20503, "unavailable"));
+    let count = 300;
+    let mut ids = Vec::new();
+    for i in 0..count {
+        let job = job(
+            "booking_reminder",
+            SCHOOL,
+            &format!("+4477009{i:05}"),
+            "Reminder",
+        );
+        app.publish(&job).await;
+        ids.push(id_of(&job));
+    }
+    wait_depth(&app, "sms.dead", count).await;
+    app.stub.reply_always(Reply::Created);
+    let requests_before = app.stub.requests().len();
+
+    // Kill the first replay part-way; run it again to the end.
+    let vars = [
+        ("SMSGW_AMQP_URL".to_owned(), app.env.amqp_url.clone()),
+        (
+            "SMSGW_DATABASE_URL".to_owned(),
+            app.env.database_url.clone(),
+        ),
+        (
+            "SMSGW_RETRY_DELAYS".to_owned(),
+            "100ms,200ms,400ms".to_owned(),
+        ),
+    ];
+    let mut first = helpers::smsgw_command(&vars, &["dlq", "replay", "--all"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("replay");
+    while app.stub.requests().len() < requests_before + 20 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let _ = first.kill();
+    let _ = first.wait();
+    let second = app.run_cli(&["dlq", "replay", "--all"]);
+    assert_eq!(second.status.code(), Some(0), "{second:?}");
+
+    for id in &ids {
+        app.wait_for_status(*id, "sent").await;
+    }
+    wait_depth(&app, "sms.dead", 0).await;
+    let mut sends = std::collections::HashMap::new();
+    for request in app.stub.requests().into_iter().skip(requests_before) {
+        *sends
+            .entry(request.get("To").unwrap_or_default().to_owned())
+            .or_insert(0) += 1;
+    }
+    let twice: Vec<_> = sends.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "texted twice: {twice:?}");
+    assert_eq!(sends.len(), count as usize);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dlq_purge_needs_yes_and_deletes_only_what_it_matches() {
+    let app = spawn_app_with(&[("SMSGW_MAX_ATTEMPTS", "2")]).await;
+    let jobs = three_dead_letters(&app).await;
+
+    let refused = app.run_cli(&["dlq", "purge", "--reason", "invalid_job"]);
+    assert_eq!(refused.status.code(), Some(2));
+    wait_depth(&app, "sms.dead", 3).await; // messages come back when the tool closes its channel
+
+    let young = app.run_cli(&["dlq", "purge", "--older-than", "1h", "--yes"]);
+    assert_eq!(young.status.code(), Some(0));
+    wait_depth(&app, "sms.dead", 3).await; // messages come back when the tool closes its channel
+
+    let purged = app.run_cli(&["dlq", "purge", "--reason", "invalid_job", "--yes"]);
+    assert_eq!(purged.status.code(), Some(0));
+    assert!(
+        stdout(&purged).contains("purged 1, kept 2"),
+        "{}",
+        stdout(&purged)
+    );
+    let left = listed_ids(&app, 2, &[]).await;
+    assert_eq!(
+        left,
+        [id_of(&jobs[1]).to_string(), id_of(&jobs[2]).to_string()]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_reports_each_item_and_exits_by_what_failed() {
+    let app = spawn_app().await;
+    let ok = app.run_cli(&["check"]);
+    let text = stdout(&ok);
+    assert_eq!(ok.status.code(), Some(0), "{text}");
+    for item in ["configuration", "broker", "database", "schema", "provider"] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(item) && l.contains(" ok ")),
+            "{item}: {text}"
+        );
+    }
+
+    let vars = [
+        (
+            "SMSGW_AMQP_URL".to_owned(),
+            "amqp://guest:guest@127.0.0.1:1/%2f".to_owned(),
+        ),
+        (
+            "SMSGW_DATABASE_URL".to_owned(),
+            app.env.database_url.clone(),
+        ),
+    ];
+    let down = helpers::smsgw_command(&vars, &["check"])
+        .output()
+        .expect("check");
+    assert_eq!(down.status.code(), Some(1), "{}", stdout(&down));
+    assert!(
+        stdout(&down)
+            .lines()
+            .any(|l| l.starts_with("broker") && l.contains("FAIL"))
+    );
+
+    let vars = [("SMSGW_ENV".to_owned(), "production".to_owned())];
+    let bad = helpers::smsgw_command(&vars, &["check"])
+        .output()
+        .expect("check");
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(
+        stdout(&bad).starts_with("configuration  FAIL"),
+        "{}",
+        stdout(&bad)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retention_purges_old_bodies_and_rows_in_the_background() {
+    let app = spawn_app_with(&[
+        ("SMSGW_BODY_RETENTION", "1h"),
+        ("SMSGW_LOG_RETENTION", "30d"),
+        ("SMSGW_RETENTION_INTERVAL", "200ms"),
+    ])
+    .await;
+    let insert = |age: &str, status: &str| {
+        format!(
+            "INSERT INTO sms_messages (id, school_id, type, recipient, body, status, created_at)
+             VALUES (gen_random_uuid(), 1, 'booking_reminder', '+447700900123', 'old text',
+                     '{status}', now() - interval '{age}')"
+        )
+    };
+    for _ in 0..3 {
+        app.sql(&insert("2 hours", "sent")).await;
+    }
+    app.sql(&insert("10 minutes", "sent")).await;
+    app.sql(&insert("40 days", "delivered")).await;
+    app.sql(&insert("40 days", "retrying")).await;
+
+    let deadline = std::time::Instant::now() + helpers::PATIENCE;
+    loop {
+        let (with_body, rows): (i64, i64) =
+            sqlx::query_as("SELECT count(body), count(*) FROM sms_messages")
+                .fetch_one(&app.db)
+                .await
+                .expect("count");
+        if with_body == 1 && rows == 5 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "bodies {with_body}, rows {rows}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let recent: Option<String> = sqlx::query_scalar(
+        "SELECT body FROM sms_messages WHERE created_at > now() - interval '1 hour'",
+    )
+    .fetch_one(&app.db)
+    .await
+    .expect("recent");
+    assert_eq!(recent.as_deref(), Some("old text"), "a recent body stays");
+    let metrics = reqwest::get(format!("{}/metrics", app.http_url))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(metrics.contains("smsgw_bodies_purged_total 5"), "{metrics}");
+    assert!(
+        metrics.contains("smsgw_messages_deleted_total 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bodies_can_be_dropped_as_soon_as_a_message_is_done() {
+    let app = spawn_app_with(&[("SMSGW_KEEP_BODY", "false")]).await;
+    app.add_school(SCHOOL, "GB").await;
+    let sent = job("login_code", SCHOOL, "+447700900123", "Code 1234");
+    let suppressed = job("login_code", 99, "+447700900123", "Code 1234");
+    app.publish(&sent).await;
+    app.publish(&suppressed).await;
+    app.wait_for_status(id_of(&sent), "sent").await;
+    app.wait_for_status(id_of(&suppressed), "suppressed").await;
+    let bodies: i64 = sqlx::query_scalar("SELECT count(body) FROM sms_messages")
+        .fetch_one(&app.db)
+        .await
+        .expect("count");
+    assert_eq!(bodies, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_count_outcomes_calls_and_dead_letters() {
+    let app = spawn_app_with(&[("SMSGW_MAX_ATTEMPTS", "2")]).await;
+    three_dead_letters(&app).await;
+    let ok = job("login_code", SCHOOL, "+447700900444", "Code");
+    app.publish(&ok).await;
+    app.wait_for_status(id_of(&ok), "sent").await;
+
+    let text = reqwest::get(format!("{}/metrics", app.http_url))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    for expected in [
+        r#"smsgw_messages_total{outcome="sent",type="login_code",provider="twilio"} 1"#,
+        r#"smsgw_messages_total{outcome="failed",type="booking_reminder",provider="twilio"} 1"#,
+        r#"smsgw_dead_letters_total{reason="invalid_job"} 1"#,
+        r#"smsgw_dead_letters_total{reason="attempts_exhausted"} 1"#,
+        r#"smsgw_retries_total{lane="urgent"} 1"#,
+        "smsgw_provider_call_duration_seconds_count{provider=\"twilio\"} 4",
+    ] {
+        assert!(text.contains(expected), "missing {expected}:\n{text}");
+    }
+}
