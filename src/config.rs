@@ -112,6 +112,9 @@ pub struct Settings {
     pub delivery_limit: u32,
     pub shutdown_grace: Duration,
     pub log_format: Option<LogFormat>,
+    /// After an attempt with an unknown outcome, when the provider cannot be asked:
+    /// `true` sends again (counted as a possible duplicate), `false` dead-letters.
+    pub resend_unknown: bool,
 }
 
 /// A configuration problem, naming the variable. Exit code 2.
@@ -159,6 +162,7 @@ pub const VARIABLES: &[&str] = &[
     "SMSGW_KEEP_BODY",
     "SMSGW_RETENTION_INTERVAL",
     "SMSGW_LOG_FORMAT",
+    "SMSGW_UNKNOWN_OUTCOME",
 ];
 
 impl Settings {
@@ -333,6 +337,16 @@ impl Settings {
             delivery_limit: number(&get, "SMSGW_DELIVERY_LIMIT", 10, 2, 1_000)?,
             shutdown_grace: duration(&get, "SMSGW_SHUTDOWN_GRACE", "20s")?,
             log_format,
+            resend_unknown: match get("SMSGW_UNKNOWN_OUTCOME").as_deref().map(str::trim) {
+                None | Some("resend") => true,
+                Some("dead_letter") => false,
+                Some(other) => {
+                    return Err(bad(
+                        "SMSGW_UNKNOWN_OUTCOME",
+                        format!("'{other}' is not one of resend, dead_letter"),
+                    ));
+                }
+            },
         })
     }
 

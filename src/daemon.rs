@@ -100,6 +100,11 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
                 retry_delays: settings.retry_delays.clone(),
                 redirect_to: settings.redirect_to.clone(),
                 provider_timeout: settings.provider_timeout,
+                unknown_outcome: if settings.resend_unknown {
+                    crate::pipeline::UnknownOutcome::Resend
+                } else {
+                    crate::pipeline::UnknownOutcome::DeadLetter
+                },
             },
             health.clone(),
             metrics.clone(),

@@ -51,6 +51,8 @@ pub struct Metrics {
     pub in_flight: Family<LaneLabels, Gauge>,
     pub bodies_purged: Counter,
     pub messages_deleted: Counter,
+    /// Resends after an unknown outcome that the provider could not be asked about.
+    pub possible_duplicates: Counter,
 }
 
 impl Default for Metrics {
@@ -107,8 +109,16 @@ impl Metrics {
             "Message rows removed by the retention task",
             messages_deleted.clone(),
         );
+        let possible_duplicates = Counter::default();
+        registry.register(
+            "possible_duplicates",
+            "Messages sent again after an attempt with an unknown outcome that the provider \
+             could not be asked about",
+            possible_duplicates.clone(),
+        );
         Metrics {
             registry,
+            possible_duplicates,
             messages,
             provider_calls,
             retries,

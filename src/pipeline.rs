@@ -37,10 +37,10 @@ use crate::{
     metrics::Metrics,
     phone::{PhoneNumber, redact_numbers},
     policy::{Decision, Facts, decide},
-    provider::{OutboundSms, Provider, ProviderError},
+    provider::{Lookup, OutboundSms, Provider, ProviderError},
     store::{
         AttemptOutcome, AttemptRecord, Claim, MessageState, MessageStatus, NewMessage, Store,
-        StoreError,
+        StoreError, UnknownAttempt,
     },
 };
 
@@ -51,6 +51,25 @@ pub struct PipelineSettings {
     pub retry_delays: Vec<Duration>,
     pub redirect_to: Option<PhoneNumber>,
     pub provider_timeout: Duration,
+    pub unknown_outcome: UnknownOutcome,
+}
+
+/// What to do when an attempt's outcome is unknown and the provider cannot be asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnknownOutcome {
+    /// Send again, and count it as a possible duplicate.
+    Resend,
+    /// Dead-letter it for a human to decide.
+    DeadLetter,
+}
+
+/// What the log knew about the message before this delivery.
+#[derive(Debug, Clone, Copy)]
+struct Prior {
+    /// An attempt left open by a crash, to take over.
+    take_over: Option<i32>,
+    /// An attempt whose outcome is unknown, to reconcile before sending again.
+    unknown: Option<UnknownAttempt>,
 }
 
 /// The pipeline gave up on a database write because the daemon is stopping.
@@ -154,6 +173,7 @@ impl Pipeline {
         abandon: &CancellationToken,
     ) -> Result<Disposition, Abandoned> {
         let mut take_over = None;
+        let mut unknown = None;
         if let Some(state) = self
             .persist(abandon, || self.store.message_state(job.id))
             .await?
@@ -163,6 +183,7 @@ impl Pipeline {
                 None if state.status == MessageStatus::Sending => take_over = Some(state.attempts),
                 None => {}
             }
+            unknown = state.unknown_attempt;
         }
 
         let settings = self
@@ -216,7 +237,7 @@ impl Pipeline {
                         &message,
                         &to,
                         sender.as_ref(),
-                        take_over,
+                        Prior { take_over, unknown },
                         abandon,
                     )
                     .await;
@@ -334,25 +355,9 @@ impl Pipeline {
         message: &NewMessage<'_>,
         number: &PhoneNumber,
         sender: Option<&crate::phone::SenderId>,
-        take_over: Option<i32>,
+        prior: Prior,
         abandon: &CancellationToken,
     ) -> Result<Disposition, Abandoned> {
-        let claim = self
-            .persist(abandon, || self.store.begin_attempt(message, take_over))
-            .await?;
-        let attempt = match claim {
-            Claim::Started { attempt } => attempt,
-            Claim::Busy(state) => {
-                return Ok(self.already_handled(incoming, job, &state).unwrap_or(
-                    Disposition::Retry {
-                        delay: self.settings.provider_timeout * 2,
-                        attempts: incoming.attempts,
-                        kind: job.kind,
-                    },
-                ));
-            }
-        };
-
         let to = self.settings.redirect_to.as_ref().unwrap_or(number);
         if self.settings.redirect_to.is_some() {
             tracing::info!(to = %number.masked(), redirected_to = %to.masked(), "staging redirect");
@@ -367,6 +372,32 @@ impl Pipeline {
             body: &job.body,
             validity,
         };
+        if let Some(unknown) = prior.unknown
+            && let Some(disposition) = self
+                .reconcile(incoming, job, &sms, unknown, abandon)
+                .await?
+        {
+            return Ok(disposition);
+        }
+
+        let claim = self
+            .persist(abandon, || {
+                self.store.begin_attempt(message, prior.take_over)
+            })
+            .await?;
+        let attempt = match claim {
+            Claim::Started { attempt } => attempt,
+            Claim::Busy(state) => {
+                return Ok(self.already_handled(incoming, job, &state).unwrap_or(
+                    Disposition::Retry {
+                        delay: self.settings.provider_timeout * 2,
+                        attempts: incoming.attempts,
+                        kind: job.kind,
+                    },
+                ));
+            }
+        };
+
         let started = Instant::now();
         // The adapter has its own timeout; this one only guards against an adapter bug.
         let result = match tokio::time::timeout(
@@ -396,6 +427,7 @@ impl Pipeline {
                     http_status: accepted.http_status,
                     error_code: None,
                     error_message: None,
+                    outcome_unknown: false,
                     provider_message_id: Some(&accepted.provider_message_id),
                     status: MessageStatus::Sent,
                     reason: None,
@@ -489,6 +521,7 @@ impl Pipeline {
             http_status: error.http_status(),
             error_code: error.code(),
             error_message: Some(&error_message),
+            outcome_unknown: error.outcome_unknown(),
             provider_message_id: None,
             status,
             reason,
@@ -522,6 +555,81 @@ impl Pipeline {
             ),
         }
         Ok(disposition)
+    }
+
+    /// Before sending again after an attempt whose outcome is unknown, asks the provider
+    /// whether it took the message. `Some` settles the delivery; `None` means send.
+    async fn reconcile(
+        &self,
+        incoming: &Incoming,
+        job: &Job,
+        sms: &OutboundSms<'_>,
+        unknown: UnknownAttempt,
+        abandon: &CancellationToken,
+    ) -> Result<Option<Disposition>, Abandoned> {
+        match self.provider.lookup(sms, unknown.started_at).await {
+            Lookup::Found(accepted) => {
+                self.persist(abandon, || {
+                    self.store
+                        .adopt_attempt(job.id, unknown.attempt, &accepted.provider_message_id)
+                })
+                .await?;
+                self.count("sent", job.kind);
+                tracing::info!(
+                    attempt = unknown.attempt,
+                    provider_message_id = %accepted.provider_message_id,
+                    "the provider had taken it: recorded as sent, not sent again"
+                );
+                Ok(Some(Disposition::Ack))
+            }
+            Lookup::NotFound => {
+                tracing::info!(
+                    attempt = unknown.attempt,
+                    "the provider never took the unanswered attempt; sending again"
+                );
+                Ok(None)
+            }
+            Lookup::Failed(error) => {
+                tracing::warn!(
+                    error = %redact_numbers(&error.to_string()),
+                    "cannot ask the provider about an unanswered attempt; asking again later"
+                );
+                Ok(Some(Disposition::Retry {
+                    delay: self.retry_delay(1, error.retry_after()),
+                    attempts: incoming.attempts,
+                    kind: job.kind,
+                }))
+            }
+            Lookup::Unsupported => match self.settings.unknown_outcome {
+                UnknownOutcome::Resend => {
+                    self.metrics.possible_duplicates.inc();
+                    tracing::warn!(
+                        attempt = unknown.attempt,
+                        "the provider cannot be asked about an unanswered attempt; sending \
+                         again (possible duplicate)"
+                    );
+                    Ok(None)
+                }
+                UnknownOutcome::DeadLetter => {
+                    self.persist(abandon, || self.store.fail_unknown(job.id))
+                        .await?;
+                    self.count("failed", job.kind);
+                    tracing::warn!(
+                        attempt = unknown.attempt,
+                        "outcome unknown and the provider cannot be asked; not sent again"
+                    );
+                    Ok(Some(Disposition::DeadLetter {
+                        reason: DeadReason::PermanentFailure,
+                        error: format!(
+                            "the outcome of attempt {} is unknown and the provider offers no \
+                             lookup; not sent again (SMSGW_UNKNOWN_OUTCOME=dead_letter)",
+                            unknown.attempt
+                        ),
+                        attempts: incoming.attempts,
+                    }))
+                }
+            },
+        }
     }
 
     /// The wait before attempt `attempts + 1`: the tier for this attempt, or longer when the

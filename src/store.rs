@@ -133,6 +133,16 @@ pub struct MessageState {
     pub attempts: i32,
     /// When the latest attempt started, if it has no outcome yet.
     pub open_attempt_started: Option<OffsetDateTime>,
+    /// The latest attempt, if the provider may have taken it without our knowing: cut off
+    /// by a crash (no outcome) or ended without an answer we could read.
+    pub unknown_attempt: Option<UnknownAttempt>,
+}
+
+/// An attempt whose outcome is not known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnknownAttempt {
+    pub attempt: i32,
+    pub started_at: OffsetDateTime,
 }
 
 /// The answer to "may I start an attempt?".
@@ -152,6 +162,8 @@ pub struct AttemptRecord<'a> {
     pub http_status: Option<u16>,
     pub error_code: Option<&'a str>,
     pub error_message: Option<&'a str>,
+    /// The provider may have taken the message although the call failed.
+    pub outcome_unknown: bool,
     pub provider_message_id: Option<&'a str>,
     /// The message's status after this attempt.
     pub status: MessageStatus,
@@ -409,22 +421,32 @@ impl Store {
 
     pub async fn message_state(&self, id: Uuid) -> Result<Option<MessageState>, StoreError> {
         let row = sqlx::query(
-            "SELECT m.status, m.attempts,
-                    (SELECT a.started_at FROM sms_attempts a
-                      WHERE a.message_id = m.id AND a.attempt = m.attempts AND a.outcome IS NULL)
-                      AS open_started
-             FROM sms_messages m WHERE m.id = $1",
+            "SELECT m.status, m.attempts, a.started_at, a.outcome IS NULL AS open,
+                    a.outcome IS NULL OR a.outcome_unknown AS unknown
+             FROM sms_messages m
+             LEFT JOIN sms_attempts a ON a.message_id = m.id AND a.attempt = m.attempts
+             WHERE m.id = $1",
         )
         .bind(id)
         .fetch_optional(&self.pool)
         .await?;
         let Some(row) = row else { return Ok(None) };
         let status: String = row.try_get("status")?;
+        let attempts: i32 = row.try_get("attempts")?;
+        let started: Option<OffsetDateTime> = row.try_get("started_at")?;
+        let open = row.try_get::<Option<bool>, _>("open")?.unwrap_or(false);
+        let unknown = row.try_get::<Option<bool>, _>("unknown")?.unwrap_or(false);
         Ok(Some(MessageState {
             status: MessageStatus::parse(&status)
                 .ok_or_else(|| StoreError::Corrupt(format!("unknown status '{status}'")))?,
-            attempts: row.try_get("attempts")?,
-            open_attempt_started: row.try_get("open_started")?,
+            attempts,
+            open_attempt_started: started.filter(|_| open),
+            unknown_attempt: started
+                .filter(|_| unknown)
+                .map(|started_at| UnknownAttempt {
+                    attempt: attempts,
+                    started_at,
+                }),
         }))
     }
 
@@ -531,7 +553,7 @@ impl Store {
             "WITH attempt AS (
                 UPDATE sms_attempts
                    SET duration_ms = $3, outcome = $4, http_status = $5,
-                       error_code = $6, error_message = $7
+                       error_code = $6, error_message = $7, outcome_unknown = $12
                  WHERE message_id = $1 AND attempt = $2
              )
              UPDATE sms_messages
@@ -552,6 +574,50 @@ impl Store {
         .bind(record.status.as_str())
         .bind(record.reason)
         .bind(record.provider_message_id)
+        .bind(self.keep_body)
+        .bind(record.outcome_unknown)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Gives a message up as `failed` (`outcome_unknown`) without another call.
+    pub async fn fail_unknown(&self, id: Uuid) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE sms_messages SET status = 'failed', reason = 'outcome_unknown', updated_at = now()
+              WHERE id = $1 AND status IN ('queued', 'sending', 'retrying')",
+        )
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The provider did take attempt `attempt` (found by asking it): records that attempt
+    /// as sent with the provider's id, and the message as sent.
+    pub async fn adopt_attempt(
+        &self,
+        id: Uuid,
+        attempt: i32,
+        provider_message_id: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "WITH attempt AS (
+                UPDATE sms_attempts
+                   SET outcome = 'sent', outcome_unknown = false,
+                       error_message = concat_ws(' ', error_message,
+                           '(reconciled: the provider had taken it)')
+                 WHERE message_id = $1 AND attempt = $2
+             )
+             UPDATE sms_messages
+                SET status = 'sent', reason = NULL, provider_message_id = $3,
+                    sent_at = COALESCE(sent_at, now()),
+                    body = CASE WHEN $4 THEN body END, updated_at = now()
+              WHERE id = $1 AND status IN ('queued', 'sending', 'retrying', 'failed')",
+        )
+        .bind(id)
+        .bind(attempt)
+        .bind(provider_message_id)
         .bind(self.keep_body)
         .execute(&self.pool)
         .await?;

@@ -649,3 +649,127 @@ async fn a_message_delivered_past_the_delivery_limit_lands_in_sms_dead() {
         Some(id_of(&job).to_string().as_str())
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unanswered_call_the_provider_took_is_adopted_not_sent_again() {
+    let app = spawn_app_with(&[("SMSGW_PROVIDER_TIMEOUT", "300ms")]).await;
+    app.add_school(SCHOOL, "GB").await;
+    app.stub
+        .script([Reply::TakeThenHang(Duration::from_secs(2))]);
+    let job = job("login_code", SCHOOL, "+447700900123", "Code 1234");
+    app.publish(&job).await;
+
+    let row = app.wait_for_status(id_of(&job), "sent").await;
+    assert_eq!(app.stub.taken_to("+447700900123"), 1, "texted once");
+    assert!(app.stub.lookups() >= 1, "asked Twilio before sending again");
+    let attempts = app.attempts(id_of(&job)).await;
+    assert_eq!(attempts.len(), 1, "no second call");
+    assert_eq!(attempts[0].outcome.as_deref(), Some("sent"));
+    assert!(
+        attempts[0]
+            .error_message
+            .as_deref()
+            .is_some_and(|m| m.contains("reconciled"))
+    );
+    assert!(row.provider_message_id.is_some());
+    app.stub.assert_no_violations();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unanswered_call_the_provider_never_took_is_sent_again() {
+    let app = spawn_app_with(&[("SMSGW_PROVIDER_TIMEOUT", "300ms")]).await;
+    app.add_school(SCHOOL, "GB").await;
+    app.stub.script([Reply::Hang(Duration::from_secs(2))]);
+    let job = job("login_code", SCHOOL, "+447700900123", "Code 1234");
+    app.publish(&job).await;
+
+    app.wait_for_status(id_of(&job), "sent").await;
+    assert_eq!(app.stub.taken_to("+447700900123"), 1);
+    assert_eq!(app.stub.lookups(), 1);
+    assert_eq!(app.attempts(id_of(&job)).await.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn when_the_provider_cannot_be_asked_the_message_waits_instead_of_resending() {
+    let app = spawn_app_with(&[("SMSGW_PROVIDER_TIMEOUT", "300ms")]).await;
+    app.add_school(SCHOOL, "GB").await;
+    app.stub
+        .script([Reply::TakeThenHang(Duration::from_secs(2))]);
+    app.stub
+        .list_reply(Some(Reply::error(500, 20500, "List is down")));
+    let job = job("login_code", SCHOOL, "+447700900123", "Code 1234");
+    app.publish(&job).await;
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while app.stub.lookups() < 3 {
+        assert!(std::time::Instant::now() < deadline, "kept asking");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        app.stub.requests().len(),
+        1,
+        "no resend while the outcome is unknown"
+    );
+    app.stub.list_reply(None);
+    app.wait_for_status(id_of(&job), "sent").await;
+    assert_eq!(app.stub.taken_to("+447700900123"), 1);
+}
+
+/// A message whose last attempt's outcome is unknown, as a crash or timeout leaves it.
+async fn unknown_outcome_row(app: &helpers::App, job: &serde_json::Value) {
+    app.sql(&format!(
+        "INSERT INTO sms_messages (id, school_id, type, recipient, body, status, provider, attempts)
+         VALUES ('{}', {SCHOOL}, 'login_code', '+447700900123', 'Code 1234', 'retrying', 'log', 1)",
+        id_of(job)
+    ))
+    .await;
+    app.sql(&format!(
+        "INSERT INTO sms_attempts (message_id, attempt, provider, started_at, outcome, outcome_unknown)
+         VALUES ('{}', 1, 'log', now() - interval '1 minute', 'temporary_failure', true)",
+        id_of(job)
+    ))
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_a_lookup_an_unknown_outcome_is_resent_and_counted() {
+    let app = spawn_app_with(&[("SMSGW_PROVIDER", "log")]).await;
+    app.add_school(SCHOOL, "GB").await;
+    let job = job("login_code", SCHOOL, "+447700900123", "Code 1234");
+    unknown_outcome_row(&app, &job).await;
+    app.publish(&job).await;
+    app.wait_for_status(id_of(&job), "sent").await;
+    let metrics = reqwest::get(format!("{}/metrics", app.http_url))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("smsgw_possible_duplicates_total 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_a_lookup_an_unknown_outcome_can_be_dead_lettered_instead() {
+    let app = spawn_app_with(&[
+        ("SMSGW_PROVIDER", "log"),
+        ("SMSGW_UNKNOWN_OUTCOME", "dead_letter"),
+    ])
+    .await;
+    app.add_school(SCHOOL, "GB").await;
+    let job = job("login_code", SCHOOL, "+447700900123", "Code 1234");
+    unknown_outcome_row(&app, &job).await;
+    app.publish(&job).await;
+    let row = app.wait_for_status(id_of(&job), "failed").await;
+    assert_eq!(row.reason.as_deref(), Some("outcome_unknown"));
+    let dead = app.dead_letters(1).await;
+    assert!(
+        dead[0]
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("unknown"))
+    );
+    assert_eq!(app.attempts(id_of(&job)).await.len(), 1, "no new attempt");
+}

@@ -159,6 +159,19 @@ impl ProviderError {
     }
 }
 
+/// What asking the provider "did you take this message?" found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    /// Yes: here is its id.
+    Found(Accepted),
+    /// No such message: sending again cannot make a duplicate.
+    NotFound,
+    /// The provider offers no such question.
+    Unsupported,
+    /// The question itself failed: we still do not know.
+    Failed(ProviderError),
+}
+
 /// The adapters, chosen by configuration.
 #[derive(Debug, Clone)]
 pub enum Provider {
@@ -207,6 +220,15 @@ impl Provider {
         match self {
             Provider::Log(p) => p.send(sms).await,
             Provider::Twilio(p) => p.send(sms).await,
+        }
+    }
+
+    /// Asks whether the provider took `sms` at or after `since` (an attempt whose outcome
+    /// we could not learn), so that it is not sent twice.
+    pub async fn lookup(&self, sms: &OutboundSms<'_>, since: time::OffsetDateTime) -> Lookup {
+        match self {
+            Provider::Log(_) => Lookup::Unsupported,
+            Provider::Twilio(p) => p.lookup(sms, since).await,
         }
     }
 }

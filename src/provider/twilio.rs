@@ -7,11 +7,15 @@ use reqwest::{StatusCode, header::RETRY_AFTER};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 
-use super::{Accepted, OutboundSms, ProviderError, parse_retry_after};
+use super::{Accepted, Lookup, OutboundSms, ProviderError, parse_retry_after};
 use crate::config::{TwilioSender, TwilioSettings};
 
 /// Largest answer we read; Twilio's are a few KiB.
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
+/// Largest List Messages page we read (50 messages of up to 1,600 characters).
+const MAX_LIST_BYTES: usize = 1024 * 1024;
+/// How far before the attempt's start a message may have been created (clock skew).
+const LOOKUP_SKEW: time::Duration = time::Duration::minutes(5);
 /// Twilio's documented maximum `ValidityPeriod`, in seconds.
 const MAX_VALIDITY_SECS: u64 = 36_000;
 
@@ -105,10 +109,43 @@ impl Twilio {
             .get(RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(parse_retry_after);
-        let body = read_capped(response)
+        let body = read_capped(response, MAX_ANSWER_BYTES)
             .await
             .map_err(|e| self.transport_error(e, started))?;
         interpret(status, retry_after, &body)
+    }
+
+    /// Lists the latest messages to the recipient (Twilio's List Messages, newest first) and
+    /// looks for ours: same body, outbound, created since the attempt began (with a margin
+    /// for clock skew).
+    pub async fn lookup(&self, sms: &OutboundSms<'_>, since: time::OffsetDateTime) -> Lookup {
+        let started = Instant::now();
+        let response = self
+            .client
+            .get(&self.messages_url)
+            .basic_auth(&self.account_sid, Some(self.auth_token.expose_secret()))
+            .query(&[("To", sms.to.as_str()), ("PageSize", "50")])
+            .send()
+            .await;
+        let response = match response {
+            Ok(response) => response,
+            Err(e) => return Lookup::Failed(self.transport_error(e, started)),
+        };
+        let status = response.status();
+        let body = match read_capped(response, MAX_LIST_BYTES).await {
+            Ok(body) => body,
+            Err(e) => return Lookup::Failed(self.transport_error(e, started)),
+        };
+        if !status.is_success() {
+            return match interpret(status, None, &body) {
+                Err(e) => Lookup::Failed(e),
+                Ok(_) => Lookup::Failed(ProviderError::Unreadable {
+                    http_status: status.as_u16(),
+                    detail: "unexpected answer to List Messages".into(),
+                }),
+            };
+        }
+        find_in_list(&body, sms.body, since)
     }
 
     fn transport_error(&self, error: reqwest::Error, started: Instant) -> ProviderError {
@@ -141,16 +178,58 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
-async fn read_capped(mut response: reqwest::Response) -> Result<Vec<u8>, reqwest::Error> {
+async fn read_capped(
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<Vec<u8>, reqwest::Error> {
     let mut body = Vec::new();
     while let Some(chunk) = response.chunk().await? {
-        let room = MAX_ANSWER_BYTES.saturating_sub(body.len());
+        let room = limit.saturating_sub(body.len());
         body.extend_from_slice(&chunk[..chunk.len().min(room)]);
-        if body.len() >= MAX_ANSWER_BYTES {
+        if body.len() >= limit {
             break;
         }
     }
     Ok(body)
+}
+
+/// Finds our message in a List Messages page. Pure, so it is unit-tested.
+fn find_in_list(page: &[u8], body: &str, since: time::OffsetDateTime) -> Lookup {
+    let Ok(page) = serde_json::from_slice::<Value>(page) else {
+        return Lookup::Failed(ProviderError::Unreadable {
+            http_status: 200,
+            detail: "List Messages answer is not JSON".into(),
+        });
+    };
+    let Some(messages) = page.get("messages").and_then(Value::as_array) else {
+        return Lookup::Failed(ProviderError::Unreadable {
+            http_status: 200,
+            detail: "List Messages answer has no messages".into(),
+        });
+    };
+    let earliest = since - LOOKUP_SKEW;
+    let found = messages.iter().find(|m| {
+        let outbound = m
+            .get("direction")
+            .and_then(Value::as_str)
+            .is_some_and(|d| d.starts_with("outbound"));
+        let same_body = m.get("body").and_then(Value::as_str) == Some(body);
+        let recent = m
+            .get("date_created")
+            .and_then(Value::as_str)
+            .and_then(|d| {
+                time::OffsetDateTime::parse(d, &time::format_description::well_known::Rfc2822).ok()
+            })
+            .is_some_and(|created| created >= earliest);
+        outbound && same_body && recent
+    });
+    match found.and_then(|m| m.get("sid").and_then(Value::as_str)) {
+        Some(sid) => Lookup::Found(Accepted {
+            provider_message_id: sid.to_owned(),
+            http_status: Some(200),
+        }),
+        None => Lookup::NotFound,
+    }
 }
 
 /// Twilio's error fields, read leniently: `code` may come as a number or a string.
@@ -304,6 +383,30 @@ mod tests {
         assert_eq!(err.retry_after(), Some(Duration::from_secs(7)));
         let err = interpret(StatusCode::BAD_REQUEST, None, body).expect_err("20429 on 400");
         assert!(matches!(err, ProviderError::Throttled { .. }));
+    }
+
+    #[test]
+    fn a_listed_message_is_found_by_body_direction_and_age() {
+        let since = time::macros::datetime!(2026-11-25 10:00 UTC);
+        let page = br#"{"messages": [
+            {"sid": "SM1", "body": "Code 1234", "direction": "inbound", "date_created": "Wed, 25 Nov 2026 10:00:05 +0000"},
+            {"sid": "SM2", "body": "Code 1234", "direction": "outbound-api", "date_created": "Wed, 25 Nov 2026 09:00:00 +0000"},
+            {"sid": "SM3", "body": "Other", "direction": "outbound-api", "date_created": "Wed, 25 Nov 2026 10:00:05 +0000"},
+            {"sid": "SM4", "body": "Code 1234", "direction": "outbound-api", "date_created": "Wed, 25 Nov 2026 09:59:30 +0000"}
+        ]}"#;
+        assert_eq!(
+            find_in_list(page, "Code 1234", since),
+            Lookup::Found(Accepted {
+                provider_message_id: "SM4".into(),
+                http_status: Some(200)
+            })
+        );
+        assert_eq!(find_in_list(page, "Nope", since), Lookup::NotFound);
+        assert!(matches!(
+            find_in_list(b"<html>", "x", since),
+            Lookup::Failed(_)
+        ));
+        assert!(matches!(find_in_list(b"{}", "x", since), Lookup::Failed(_)));
     }
 
     #[test]

@@ -39,6 +39,8 @@ fn spec_path() -> String {
 /// The parts of the description the stub checks.
 struct Spec {
     create_path: Regex,
+    /// Query parameters of List Messages.
+    list_parameters: Vec<String>,
     properties: serde_json::Map<String, Value>,
     required: Vec<String>,
     schemas: serde_json::Map<String, Value>,
@@ -62,7 +64,16 @@ impl Spec {
             .trim_end_matches('$')
             .to_owned();
         let schema = &post["requestBody"]["content"]["application/x-www-form-urlencoded"]["schema"];
+        let list = &doc["paths"]["/2010-04-01/Accounts/{AccountSid}/Messages.json"]["get"];
+        let list_parameters = list["parameters"]
+            .as_array()
+            .expect("List Messages parameters")
+            .iter()
+            .filter(|p| p["in"] == "query")
+            .filter_map(|p| p["name"].as_str().map(str::to_owned))
+            .collect();
         Spec {
+            list_parameters,
             create_path: Regex::new(&format!(
                 "^/2010-04-01/Accounts/({sid_pattern})/Messages.json$"
             ))
@@ -180,6 +191,9 @@ pub enum Reply {
     Hang(Duration),
     /// Answers `Created`, but only after this long.
     Slow(Duration),
+    /// Takes the message (List Messages will show it), then never answers in time: the
+    /// window where a sender cannot know whether it was sent.
+    TakeThenHang(Duration),
 }
 
 impl Reply {
@@ -203,8 +217,21 @@ struct Behaviour {
     default: Option<Reply>,
 }
 
+/// A message the stub took, as List Messages shows it.
+#[derive(Debug, Clone)]
+struct Taken {
+    sid: String,
+    to: String,
+    from: Option<String>,
+    body: String,
+    created: time::OffsetDateTime,
+}
+
 struct StubState {
     spec: Spec,
+    taken: Mutex<Vec<Taken>>,
+    list_reply: Mutex<Option<Reply>>,
+    lookups: Mutex<usize>,
     requests: Mutex<Vec<Recorded>>,
     violations: Mutex<Vec<String>>,
     behaviour: Mutex<Behaviour>,
@@ -221,6 +248,9 @@ impl TwilioStub {
     pub async fn start() -> TwilioStub {
         let state = Arc::new(StubState {
             spec: Spec::load(),
+            taken: Mutex::default(),
+            list_reply: Mutex::default(),
+            lookups: Mutex::default(),
             requests: Mutex::default(),
             violations: Mutex::default(),
             behaviour: Mutex::default(),
@@ -259,6 +289,27 @@ impl TwilioStub {
 
     pub fn reply_always(&self, reply: Reply) {
         self.state.behaviour.lock().expect("lock").default = Some(reply);
+    }
+
+    /// Answers List Messages with `reply` (e.g. an error) instead of the list.
+    pub fn list_reply(&self, reply: Option<Reply>) {
+        *self.state.list_reply.lock().expect("lock") = reply;
+    }
+
+    /// How many List Messages requests came.
+    pub fn lookups(&self) -> usize {
+        *self.state.lookups.lock().expect("lock")
+    }
+
+    /// Every message the stub took (created), in order.
+    pub fn taken_to(&self, to: &str) -> usize {
+        self.state
+            .taken
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|t| t.to == to)
+            .count()
     }
 
     pub fn requests(&self) -> Vec<Recorded> {
@@ -308,6 +359,9 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if method == Method::GET {
+        return list_messages(&state, &uri, &headers);
+    }
     let mut problems = Vec::new();
     if method != Method::POST {
         problems.push(format!("{method} {} is not Create Message", uri.path()));
@@ -383,15 +437,16 @@ async fn handle(
             tokio::time::sleep(delay).await;
             Reply::Created
         }
+        Reply::TakeThenHang(delay) => {
+            take(&state, &recorded);
+            tokio::time::sleep(delay).await;
+            return twilio_error(StatusCode::GATEWAY_TIMEOUT, 20500, "too late");
+        }
         other => other,
     };
     match reply {
-        Reply::Slow(_) | Reply::Created => {
-            let sid = {
-                let mut next = state.next_sid.lock().expect("lock");
-                *next += 1;
-                format!("SM{:032x}", *next)
-            };
+        Reply::Slow(_) | Reply::TakeThenHang(_) | Reply::Created => {
+            let sid = take(&state, &recorded);
             let mut message = state.spec.example.clone();
             message["sid"] = json!(sid);
             message["to"] = json!(to);
@@ -433,6 +488,113 @@ async fn handle(
             twilio_error(StatusCode::GATEWAY_TIMEOUT, 20500, "too late")
         }
     }
+}
+
+/// Records a message as taken and returns its new sid.
+fn take(state: &StubState, request: &Recorded) -> String {
+    let sid = {
+        let mut next = state.next_sid.lock().expect("lock");
+        *next += 1;
+        format!("SM{:032x}", *next)
+    };
+    state.taken.lock().expect("lock").push(Taken {
+        sid: sid.clone(),
+        to: request.get("To").unwrap_or_default().to_owned(),
+        from: request.get("From").map(str::to_owned),
+        body: request.get("Body").unwrap_or_default().to_owned(),
+        created: time::OffsetDateTime::now_utc(),
+    });
+    sid
+}
+
+/// Twilio's List Messages: the taken messages to `To`, newest first.
+fn list_messages(state: &StubState, uri: &Uri, headers: &HeaderMap) -> Response {
+    *state.lookups.lock().expect("lock") += 1;
+    let mut problems = Vec::new();
+    if !state.spec.create_path.is_match(uri.path()) {
+        problems.push(format!("{} is not the List Messages path", uri.path()));
+    }
+    let query = serde_urlencoded_pairs(uri.query().unwrap_or_default().as_bytes());
+    for (name, _) in &query {
+        if !state.spec.list_parameters.contains(name) {
+            problems.push(format!("{name} is not a List Messages parameter"));
+        }
+    }
+    let authorised = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Basic "))
+        .and_then(|b64| base64::engine::general_purpose::STANDARD.decode(b64).ok())
+        .is_some_and(|decoded| decoded == format!("{ACCOUNT_SID}:{AUTH_TOKEN}").as_bytes());
+    if !authorised {
+        return twilio_error(StatusCode::UNAUTHORIZED, 20003, "Authenticate");
+    }
+    if !problems.is_empty() {
+        state
+            .violations
+            .lock()
+            .expect("lock")
+            .extend(problems.iter().cloned());
+        return twilio_error(StatusCode::BAD_REQUEST, 21000, &problems.join("; "));
+    }
+    if let Some(Reply::Error {
+        status,
+        code,
+        message,
+        ..
+    }) = state.list_reply.lock().expect("lock").clone()
+    {
+        return twilio_error(
+            StatusCode::from_u16(status).expect("status"),
+            code,
+            &message,
+        );
+    }
+    let to = query
+        .iter()
+        .find(|(k, _)| k == "To")
+        .map(|(_, v)| v.clone());
+    let taken = state.taken.lock().expect("lock").clone();
+    let messages: Vec<Value> = taken
+        .iter()
+        .rev()
+        .filter(|t| to.as_deref().is_none_or(|to| t.to == to))
+        .take(50)
+        .map(|t| {
+            let mut message = state.spec.example.clone();
+            let created = t
+                .created
+                .format(&time::format_description::well_known::Rfc2822)
+                .expect("format");
+            message["sid"] = json!(t.sid);
+            message["to"] = json!(t.to);
+            message["from"] = json!(t.from);
+            message["body"] = json!(t.body);
+            message["status"] = json!("sent");
+            message["direction"] = json!("outbound-api");
+            message["date_created"] = json!(created);
+            message["date_updated"] = json!(created);
+            message
+        })
+        .collect();
+    let count = messages.len();
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        json!({
+            "messages": messages,
+            "page": 0,
+            "page_size": 50,
+            "start": 0,
+            "end": count.saturating_sub(1),
+            "uri": uri.to_string(),
+            "first_page_uri": uri.to_string(),
+            "next_page_uri": null,
+            "previous_page_uri": null,
+        })
+        .to_string(),
+    )
+        .into_response()
 }
 
 fn serde_urlencoded_pairs(body: &[u8]) -> Vec<(String, String)> {
