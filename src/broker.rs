@@ -54,6 +54,9 @@ pub const HEADER_DEAD_AT: &str = "x-smsgw-dead-at";
 /// On a job put back by `smsgw dlq replay`: when (Unix milliseconds). A replayed job whose
 /// message failed may be tried again, with a fresh attempt budget.
 pub const HEADER_REPLAYED_AT: &str = "x-smsgw-replayed-at";
+/// On a message we put in a delay tier (retry, defer): it is not a fresh publish, so
+/// finding its job in flight never makes it a duplicate to drop.
+pub const HEADER_REQUEUED: &str = "x-smsgw-requeued";
 /// On a retried message: not to be tried before this moment (Unix milliseconds). A retry
 /// longer than the longest tier (a long `Retry-After`) waits in that tier more than once.
 pub const HEADER_RETRY_AT: &str = "x-smsgw-retry-at";
@@ -154,6 +157,8 @@ pub struct Incoming {
     pub retry_at: Option<OffsetDateTime>,
     /// Put back by `smsgw dlq replay`.
     pub replayed: bool,
+    /// Came back from one of our delay tiers (not a fresh publish).
+    pub requeued: bool,
     routing_key: ShortString,
     properties: BasicProperties,
     acker: Acker,
@@ -189,6 +194,7 @@ impl Incoming {
                 OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok()
             });
         let replayed = headers.is_some_and(|h| h.contains_key(HEADER_REPLAYED_AT));
+        let requeued = headers.is_some_and(|h| h.contains_key(HEADER_REQUEUED));
         Incoming {
             lane,
             redelivered: delivery.redelivered,
@@ -196,6 +202,7 @@ impl Incoming {
             bulk_id,
             retry_at,
             replayed,
+            requeued,
             routing_key: delivery.routing_key,
             properties: delivery.properties,
             acker: delivery.acker,
@@ -273,6 +280,14 @@ impl LaneConsumer {
     }
 }
 
+/// What the connection tells us besides deliveries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BrokerEvent {
+    /// The broker stopped accepting publishes (a memory or disk alarm).
+    Blocked(String),
+    Unblocked,
+}
+
 /// A connection with a confirmed publishing channel.
 #[derive(Clone)]
 pub struct Broker {
@@ -313,6 +328,19 @@ impl Broker {
             publisher,
             topology: Arc::new(topology),
         })
+    }
+
+    /// Connection events (blocked, unblocked) until the connection ends.
+    pub fn events(&self) -> impl futures_util::Stream<Item = BrokerEvent> + Send + 'static {
+        self.connection
+            .events_listener()
+            .filter_map(|event| async move {
+                match event {
+                    lapin::Event::ConnectionBlocked(reason) => Some(BrokerEvent::Blocked(reason)),
+                    lapin::Event::ConnectionUnblocked => Some(BrokerEvent::Unblocked),
+                    _ => None,
+                }
+            })
     }
 
     pub fn is_connected(&self) -> bool {
@@ -642,7 +670,9 @@ impl Broker {
                 h.inner()
                     .iter()
                     .filter(|(k, _)| {
+                        // The broker's delivery count belongs to the queue it came from.
                         k.as_str() != HEADER_RETRY_AT
+                            && k.as_str() != "x-delivery-count"
                             && !(dead.is_some() && k.as_str() == HEADER_REPLAYED_AT)
                     })
                     .map(|(k, v)| (k.clone(), v.clone()))
@@ -656,6 +686,9 @@ impl Broker {
         );
         if let Some(at) = retry_at {
             headers.insert(HEADER_RETRY_AT.into(), AMQPValue::LongLongInt(unix_ms(at)));
+        }
+        if dead.is_none() {
+            headers.insert(HEADER_REQUEUED.into(), AMQPValue::Boolean(true));
         }
         if let Some((reason, error)) = dead {
             headers.insert(
@@ -695,6 +728,7 @@ fn is_history_header(name: &str) -> bool {
             | HEADER_RETRY_AT
             | HEADER_DEAD_AT
             | HEADER_REPLAYED_AT
+            | HEADER_REQUEUED
             | "x-death"
             | "x-delivery-count"
     ) || name.starts_with("x-first-death-")

@@ -115,6 +115,10 @@ pub struct Settings {
     /// After an attempt with an unknown outcome, when the provider cannot be asked:
     /// `true` sends again (counted as a possible duplicate), `false` dead-letters.
     pub resend_unknown: bool,
+    /// Outage-like failures in a row that open a provider's circuit.
+    pub circuit_threshold: u32,
+    /// How long an open circuit pauses the provider before a probe.
+    pub circuit_cooldown: Duration,
 }
 
 /// A configuration problem, naming the variable. Exit code 2.
@@ -163,6 +167,8 @@ pub const VARIABLES: &[&str] = &[
     "SMSGW_RETENTION_INTERVAL",
     "SMSGW_LOG_FORMAT",
     "SMSGW_UNKNOWN_OUTCOME",
+    "SMSGW_CIRCUIT_THRESHOLD",
+    "SMSGW_CIRCUIT_COOLDOWN",
 ];
 
 impl Settings {
@@ -337,6 +343,8 @@ impl Settings {
             delivery_limit: number(&get, "SMSGW_DELIVERY_LIMIT", 10, 2, 1_000)?,
             shutdown_grace: duration(&get, "SMSGW_SHUTDOWN_GRACE", "20s")?,
             log_format,
+            circuit_threshold: number(&get, "SMSGW_CIRCUIT_THRESHOLD", 5, 1, 10_000)?,
+            circuit_cooldown: duration(&get, "SMSGW_CIRCUIT_COOLDOWN", "30s")?,
             resend_unknown: match get("SMSGW_UNKNOWN_OUTCOME").as_deref().map(str::trim) {
                 None | Some("resend") => true,
                 Some("dead_letter") => false,

@@ -100,6 +100,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
                 retry_delays: settings.retry_delays.clone(),
                 redirect_to: settings.redirect_to.clone(),
                 provider_timeout: settings.provider_timeout,
+                circuit_threshold: settings.circuit_threshold,
+                circuit_cooldown: settings.circuit_cooldown,
                 unknown_outcome: if settings.resend_unknown {
                     crate::pipeline::UnknownOutcome::Resend
                 } else {
@@ -304,6 +306,30 @@ impl Worker<'_> {
         crate::systemd::ready("consuming");
 
         let stop = shutdown.child_token();
+        let events = broker.events();
+        let health = self.health.clone();
+        let watching = stop.clone();
+        let watcher = tokio::spawn(async move {
+            use futures_util::StreamExt;
+            let mut events = std::pin::pin!(events);
+            loop {
+                tokio::select! {
+                    () = watching.cancelled() => break,
+                    event = events.next() => match event {
+                        Some(crate::broker::BrokerEvent::Blocked(reason)) => {
+                            tracing::warn!(reason = %reason, "the broker blocked the connection (resource alarm): not ready");
+                            health.set_blocked(true);
+                        }
+                        Some(crate::broker::BrokerEvent::Unblocked) => {
+                            tracing::info!("the broker unblocked the connection");
+                            health.set_blocked(false);
+                        }
+                        None => break,
+                    }
+                }
+            }
+            health.set_blocked(false);
+        });
         let mut lanes = JoinSet::new();
         for consumer in consumers {
             lanes.spawn(run_lane(
@@ -334,6 +360,8 @@ impl Worker<'_> {
             }
         }
         self.health.set_consumers(0);
+        watcher.abort();
+        self.health.set_blocked(false);
         match lost {
             Some(reason) if !shutdown.is_cancelled() => SessionEnd::Lost(reason),
             _ => SessionEnd::Stopped(kept),

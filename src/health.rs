@@ -7,6 +7,8 @@ pub struct Health {
     broker: AtomicBool,
     consumers: AtomicUsize,
     database: AtomicBool,
+    /// The broker blocked our connection (resource alarm): publishes would hang.
+    blocked: AtomicBool,
 }
 
 impl Health {
@@ -20,6 +22,14 @@ impl Health {
 
     pub fn set_database(&self, reachable: bool) {
         self.database.store(reachable, Ordering::Relaxed);
+    }
+
+    pub fn set_blocked(&self, blocked: bool) {
+        self.blocked.store(blocked, Ordering::Relaxed);
+    }
+
+    pub fn blocked(&self) -> bool {
+        self.blocked.load(Ordering::Relaxed)
     }
 
     pub fn broker(&self) -> bool {

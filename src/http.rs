@@ -64,8 +64,9 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<serde_json::
         None => false,
     };
     let broker = state.health.broker();
+    let blocked = state.health.blocked();
     let consumers = state.health.consumers();
-    let ready = broker && database && consumers == Lane::ALL.len();
+    let ready = broker && !blocked && database && consumers == Lane::ALL.len();
     let status = if ready {
         StatusCode::OK
     } else {
@@ -76,6 +77,7 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<serde_json::
         Json(json!({
             "ready": ready,
             "broker": broker,
+            "broker_blocked": blocked,
             "consumers": consumers,
             "database": database,
         })),

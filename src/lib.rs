@@ -9,6 +9,7 @@
 //!
 //! - [`config`]: settings from the environment, validated at start-up.
 //! - [`broker`]: RabbitMQ topology, consuming, confirmed republishing. Only it speaks AMQP.
+//! - [`circuit`]: the per-provider circuit breaker.
 //! - [`job`]: the v1 job format, decoded and validated.
 //! - [`phone`]: phone numbers (E.164, masked in logs) and sender IDs.
 //! - [`policy`]: the pure decision: send, suppress, expire, defer or refuse.
@@ -24,6 +25,7 @@
 //! - [`telemetry`]: logging setup; [`cli`]: the command line.
 
 pub mod broker;
+pub mod circuit;
 pub mod cli;
 pub mod config;
 pub mod daemon;

@@ -51,6 +51,10 @@ pub struct Metrics {
     pub in_flight: Family<LaneLabels, Gauge>,
     pub bodies_purged: Counter,
     pub messages_deleted: Counter,
+    /// 0 closed, 1 half-open, 2 open.
+    pub circuit_state: Family<ProviderLabels, Gauge>,
+    /// Messages put off because their provider's circuit was open.
+    pub paused: Family<ProviderLabels, Counter>,
     /// Resends after an unknown outcome that the provider could not be asked about.
     pub possible_duplicates: Counter,
 }
@@ -109,6 +113,18 @@ impl Metrics {
             "Message rows removed by the retention task",
             messages_deleted.clone(),
         );
+        let circuit_state = Family::<ProviderLabels, Gauge>::default();
+        registry.register(
+            "circuit_state",
+            "Provider circuit breaker: 0 closed, 1 half-open, 2 open",
+            circuit_state.clone(),
+        );
+        let paused = Family::<ProviderLabels, Counter>::default();
+        registry.register(
+            "paused",
+            "Messages put off because their provider's circuit was open",
+            paused.clone(),
+        );
         let possible_duplicates = Counter::default();
         registry.register(
             "possible_duplicates",
@@ -118,6 +134,8 @@ impl Metrics {
         );
         Metrics {
             registry,
+            circuit_state,
+            paused,
             possible_duplicates,
             messages,
             provider_calls,

@@ -31,6 +31,7 @@ use uuid::Uuid;
 
 use crate::{
     broker::{Broker, Incoming},
+    circuit::{CallResult, Circuit, Permit},
     disposition::{DeadReason, Disposition},
     health::Health,
     job::{BulkRecipient, Job, JobType, Target},
@@ -52,6 +53,8 @@ pub struct PipelineSettings {
     pub redirect_to: Option<PhoneNumber>,
     pub provider_timeout: Duration,
     pub unknown_outcome: UnknownOutcome,
+    pub circuit_threshold: u32,
+    pub circuit_cooldown: Duration,
 }
 
 /// What to do when an attempt's outcome is unknown and the provider cannot be asked.
@@ -79,6 +82,7 @@ struct Abandoned;
 pub struct Pipeline {
     store: Store,
     provider: Provider,
+    circuit: Circuit,
     settings: PipelineSettings,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
@@ -93,6 +97,12 @@ impl Pipeline {
         metrics: Arc<Metrics>,
     ) -> Self {
         Pipeline {
+            circuit: Circuit::new(
+                provider.name(),
+                settings.circuit_threshold,
+                settings.circuit_cooldown,
+                settings.provider_timeout * 2,
+            ),
             store,
             provider,
             settings,
@@ -319,7 +329,7 @@ impl Pipeline {
         if state.status != MessageStatus::Sending {
             return None;
         }
-        if !incoming.redelivered {
+        if !incoming.redelivered && !incoming.requeued {
             // A second publish of a job that another delivery is sending right now. That
             // delivery is unacked, so the broker keeps it until it has an outcome.
             self.count("duplicate", job.kind);
@@ -332,7 +342,8 @@ impl Pipeline {
             .and_then(|age| Duration::try_from(age).ok())
             .unwrap_or(Duration::MAX);
         if age < self.settings.provider_timeout * 2 {
-            // Its attempt may still be running in another process: look again later.
+            // Its attempt may still be running in another process: look again later (the
+            // copy that comes back is marked requeued, so it is not taken for a duplicate).
             tracing::info!("redelivered while an attempt may still be running; waiting");
             return Some(Disposition::Retry {
                 delay: self.settings.provider_timeout * 2,
@@ -372,6 +383,9 @@ impl Pipeline {
             body: &job.body,
             validity,
         };
+        if let Some(disposition) = self.check_circuit(job) {
+            return Ok(disposition);
+        }
         if let Some(unknown) = prior.unknown
             && let Some(disposition) = self
                 .reconcile(incoming, job, &sms, unknown, abandon)
@@ -380,9 +394,11 @@ impl Pipeline {
             return Ok(disposition);
         }
 
+        // One id for this claim, kept across retries of the same statement.
+        let claim_id = Uuid::new_v4();
         let claim = self
             .persist(abandon, || {
-                self.store.begin_attempt(message, prior.take_over)
+                self.store.begin_attempt(message, prior.take_over, claim_id)
             })
             .await?;
         let attempt = match claim {
@@ -412,6 +428,11 @@ impl Pipeline {
             }),
         };
         let duration = started.elapsed();
+        self.circuit.record(match &result {
+            Err(e) if e.suggests_outage() => CallResult::Failed,
+            _ => CallResult::Answered,
+        });
+        self.report_circuit();
         self.metrics
             .provider_calls
             .get_or_create(&crate::metrics::ProviderLabels {
@@ -555,6 +576,38 @@ impl Pipeline {
             ),
         }
         Ok(disposition)
+    }
+
+    /// While the provider's circuit is open, puts the message off (no attempt spent)
+    /// instead of calling.
+    fn check_circuit(&self, job: &Job) -> Option<Disposition> {
+        let permit = self.circuit.permit();
+        self.report_circuit();
+        match permit {
+            Permit::Call | Permit::Probe => None,
+            Permit::Wait(wait) => {
+                self.metrics
+                    .paused
+                    .get_or_create(&crate::metrics::ProviderLabels {
+                        provider: self.provider.name(),
+                    })
+                    .inc();
+                tracing::debug!(retry_in = ?wait, "provider circuit open; put off");
+                Some(Disposition::Defer {
+                    until: OffsetDateTime::now_utc() + wait,
+                    kind: job.kind,
+                })
+            }
+        }
+    }
+
+    fn report_circuit(&self) {
+        self.metrics
+            .circuit_state
+            .get_or_create(&crate::metrics::ProviderLabels {
+                provider: self.provider.name(),
+            })
+            .set(self.circuit.state() as i64);
     }
 
     /// Before sending again after an attempt whose outcome is unknown, asks the provider

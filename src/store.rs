@@ -494,10 +494,14 @@ impl Store {
     /// Claims the next attempt: inserts the message (or moves it from `queued`/`retrying`,
     /// from `failed` when replayed, or takes over attempt `take_over` left open by a crash)
     /// to `sending`, and records the attempt as started, in one statement.
+    ///
+    /// `claim` identifies this try: if the commit succeeded but its answer was lost with
+    /// the connection, trying again with the same `claim` finds the attempt it started.
     pub async fn begin_attempt(
         &self,
         message: &NewMessage<'_>,
         take_over: Option<i32>,
+        claim: Uuid,
     ) -> Result<Claim, StoreError> {
         let attempt: Option<i32> = sqlx::query_scalar(
             "WITH claimed AS (
@@ -514,8 +518,8 @@ impl Store {
                        OR ($10 AND sms_messages.status = 'failed')
                 RETURNING id, attempts
              )
-             INSERT INTO sms_attempts (message_id, attempt, provider, started_at)
-             SELECT id, attempts, $8, now() FROM claimed
+             INSERT INTO sms_attempts (message_id, attempt, provider, started_at, claim)
+             SELECT id, attempts, $8, now(), $11 FROM claimed
              RETURNING attempt",
         )
         .bind(message.id)
@@ -528,9 +532,20 @@ impl Store {
         .bind(message.provider)
         .bind(take_over)
         .bind(message.reopen_failed)
+        .bind(claim)
         .fetch_optional(&self.pool)
         .await?;
         if let Some(attempt) = attempt {
+            return Ok(Claim::Started { attempt });
+        }
+        let ours: Option<i32> = sqlx::query_scalar(
+            "SELECT attempt FROM sms_attempts WHERE message_id = $1 AND claim = $2",
+        )
+        .bind(message.id)
+        .bind(claim)
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some(attempt) = ours {
             return Ok(Claim::Started { attempt });
         }
         match self.message_state(message.id).await? {

@@ -773,3 +773,59 @@ async fn without_a_lookup_an_unknown_outcome_can_be_dead_lettered_instead() {
     );
     assert_eq!(app.attempts(id_of(&job)).await.len(), 1, "no new attempt");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_provider_outage_pauses_traffic_instead_of_exhausting_every_job() {
+    let app = spawn_app_with(&[
+        ("SMSGW_MAX_ATTEMPTS", "3"),
+        ("SMSGW_CIRCUIT_THRESHOLD", "3"),
+        ("SMSGW_CIRCUIT_COOLDOWN", "1s"),
+    ])
+    .await;
+    app.add_school(SCHOOL, "GB").await;
+    app.stub
+        .reply_always(Reply::error(503, 20503, "Service Unavailable"));
+    let jobs: Vec<_> = (0..30)
+        .map(|i| {
+            job(
+                "booking_reminder",
+                SCHOOL,
+                &format!("+4477009005{i:02}"),
+                "Reminder",
+            )
+        })
+        .collect();
+    for job in &jobs {
+        app.publish(job).await;
+    }
+    // The outage lasts long enough to exhaust every job three times over without a circuit.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let during = app.stub.requests().len();
+    let metrics = reqwest::get(format!("{}/metrics", app.http_url))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(metrics.contains("smsgw_paused_total"), "{metrics}");
+    app.stub.reply_always(Reply::Created);
+
+    for job in &jobs {
+        app.wait_for_status(id_of(job), "sent").await;
+    }
+    assert!(
+        during < 30 * 3,
+        "{during} calls during the outage: the circuit did not pause"
+    );
+    assert_eq!(app.queue_depth("sms.dead").await, 0, "nothing exhausted");
+    let metrics = reqwest::get(format!("{}/metrics", app.http_url))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains(r#"smsgw_circuit_state{provider="twilio"} 0"#),
+        "closed again: {metrics}"
+    );
+}

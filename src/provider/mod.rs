@@ -107,6 +107,19 @@ impl ProviderError {
         }
     }
 
+    /// Whether this failure looks like the provider being down (it feeds the circuit
+    /// breaker); a refusal or throttling means it is up and answering.
+    pub fn suggests_outage(&self) -> bool {
+        match self {
+            ProviderError::Unreachable { .. }
+            | ProviderError::ConnectionLost { .. }
+            | ProviderError::Timeout { .. }
+            | ProviderError::Unavailable { .. }
+            | ProviderError::Unreadable { .. } => true,
+            ProviderError::Throttled { .. } | ProviderError::Rejected { .. } => false,
+        }
+    }
+
     /// Whether the provider may have taken the message although we got no acceptance.
     pub fn outcome_unknown(&self) -> bool {
         match self {

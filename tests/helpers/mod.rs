@@ -6,6 +6,8 @@
 //! database of its own, so tests run in parallel without seeing each other's data.
 #![allow(dead_code, unreachable_pub, unused_imports)]
 
+pub mod process;
+pub mod proxy;
 pub mod twilio_stub;
 
 use std::{
@@ -126,6 +128,10 @@ pub struct App {
     pub stub: TwilioStub,
     pub db: PgPool,
     pub http_url: String,
+    /// Between the daemon and RabbitMQ, when asked for.
+    pub amqp_proxy: Option<proxy::Proxy>,
+    /// Between the daemon and PostgreSQL, when asked for.
+    pub db_proxy: Option<proxy::Proxy>,
     publisher: Channel,
     _connection: Connection,
     shutdown: CancellationToken,
@@ -179,6 +185,33 @@ pub fn smsgw_command(vars: &[(String, String)], args: &[&str]) -> std::process::
     command
 }
 
+/// Appends a row to the fault report that `make test` prints at the end.
+pub fn report(
+    scenario: &str,
+    jobs: usize,
+    faults: &str,
+    lost: usize,
+    duplicates: usize,
+    took: Duration,
+) {
+    use std::io::Write;
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("fault-report.md");
+    if let Ok(mut file) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = writeln!(
+            file,
+            "| {scenario} | {jobs} | {faults} | {lost} | {duplicates} | {:.1} s |",
+            took.as_secs_f64()
+        );
+    }
+    println!(
+        "{scenario}: {jobs} jobs, faults: {faults}, lost {lost}, duplicates {duplicates}, {took:.1?}"
+    );
+}
+
 /// Starts the daemon with the base settings.
 pub async fn spawn_app() -> App {
     spawn_app_with(&[]).await
@@ -186,11 +219,50 @@ pub async fn spawn_app() -> App {
 
 /// Starts the daemon with the base settings changed by `overrides` (an empty value unsets).
 pub async fn spawn_app_with(overrides: &[(&str, &str)]) -> App {
+    spawn_app_behind_proxies(overrides, false, false).await
+}
+
+fn socket_of(url: &str) -> std::net::SocketAddr {
+    let parsed = reqwest::Url::parse(url).expect("a URL");
+    let host = parsed.host_str().unwrap_or("127.0.0.1");
+    let port = parsed.port().unwrap_or(if parsed.scheme() == "amqp" {
+        5672
+    } else {
+        5432
+    });
+    std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .expect("resolvable service address")
+}
+
+/// Starts the daemon with its broker and/or database connections through proxies the
+/// test controls (the test's own connections go direct).
+pub async fn spawn_app_behind_proxies(overrides: &[(&str, &str)], amqp: bool, db: bool) -> App {
     init_logs();
     let env = TestEnv::new().await;
     let stub = TwilioStub::start().await;
     let port = free_port();
     let mut vars = base_settings(&env, &stub, port);
+    let amqp_proxy = if amqp {
+        let proxy = proxy::Proxy::start(socket_of(&env.amqp_url)).await;
+        // A short heartbeat, so that a stalled connection is noticed in seconds.
+        let url = format!("{}?heartbeat=2", proxy.url_for(&env.amqp_url));
+        vars.insert("SMSGW_AMQP_URL".into(), url);
+        Some(proxy)
+    } else {
+        None
+    };
+    let db_proxy = if db {
+        let proxy = proxy::Proxy::start(socket_of(&env.database_url)).await;
+        vars.insert(
+            "SMSGW_DATABASE_URL".into(),
+            proxy.url_for(&env.database_url),
+        );
+        Some(proxy)
+    } else {
+        None
+    };
     for (k, v) in overrides {
         vars.insert((*k).to_owned(), (*v).to_owned());
     }
@@ -220,6 +292,8 @@ pub async fn spawn_app_with(overrides: &[(&str, &str)]) -> App {
         stub,
         db,
         http_url,
+        amqp_proxy,
+        db_proxy,
         publisher,
         _connection: connection,
         shutdown,
@@ -233,6 +307,50 @@ pub async fn migrate(database_url: &str) {
         .expect("connect to migrate");
     store.migrate().await.expect("migrate the test database");
     store.close().await;
+}
+
+/// Waits until `/readyz` at `http_url` answers 200.
+pub async fn wait_until_ready_url(http_url: &str) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Ok(response) = reqwest::get(format!("{http_url}/readyz")).await
+            && response.status().is_success()
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never ready again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An `App` for a daemon the test runs itself (as a process): the test's connections to
+/// this env's broker and database, and the stub.
+pub async fn attach(env: TestEnv, stub: TwilioStub) -> App {
+    let db = PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&env.database_url)
+        .await
+        .expect("connect to the test database");
+    let connection = Connection::connect(&env.amqp_url, ConnectionProperties::default())
+        .await
+        .expect("connect to the test vhost");
+    let publisher = connection.create_channel().await.expect("channel");
+    publisher
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    App {
+        env,
+        stub,
+        db,
+        http_url: String::new(),
+        amqp_proxy: None,
+        db_proxy: None,
+        publisher,
+        _connection: connection,
+        shutdown: CancellationToken::new(),
+        daemon: None,
+    }
 }
 
 pub async fn wait_until_ready(http_url: &str, daemon: &JoinHandle<Result<(), DaemonError>>) {
@@ -503,6 +621,32 @@ impl App {
         panic!("{queue} kept delivering the message");
     }
 
+    pub async fn delete_queue(&self, queue: &str) {
+        self.publisher
+            .queue_delete(queue.into(), lapin::options::QueueDeleteOptions::default())
+            .await
+            .expect("delete queue");
+    }
+
+    /// Whether `queue` exists (checked on a channel of its own: a failed passive declare
+    /// closes the channel).
+    pub async fn queue_exists(&self, queue: &str) -> bool {
+        let channel = self._connection.create_channel().await.expect("channel");
+        let exists = channel
+            .queue_declare(
+                queue.into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .is_ok();
+        let _ = channel.close(200, "done".into()).await;
+        exists
+    }
+
     /// How many messages wait in `queue` right now.
     pub async fn queue_depth(&self, queue: &str) -> u32 {
         self.publisher
@@ -517,6 +661,74 @@ impl App {
             .await
             .expect("passive declare")
             .message_count()
+    }
+
+    /// `/readyz` as JSON.
+    pub async fn readiness(&self) -> Value {
+        match reqwest::get(format!("{}/readyz", self.http_url)).await {
+            Ok(response) => response.json().await.unwrap_or(Value::Null),
+            Err(_) => Value::Null,
+        }
+    }
+
+    /// Waits until every job in `ids` reached `status`; returns how many never did.
+    pub async fn wait_all(&self, ids: &[Uuid], status: &str, patience: Duration) -> usize {
+        let deadline = Instant::now() + patience;
+        loop {
+            let done: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM sms_messages WHERE id = ANY($1) AND status = $2",
+            )
+            .bind(ids)
+            .bind(status)
+            .fetch_one(&self.db)
+            .await
+            .expect("count");
+            let missing = ids.len() - done as usize;
+            if missing == 0 || Instant::now() > deadline {
+                return missing;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Publishes `count` distinct jobs of `kind` (each to its own number) and returns ids.
+    pub async fn publish_many(&self, count: usize, kind: &str, school: i64) -> Vec<Uuid> {
+        static NEXT_NUMBER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let first = NEXT_NUMBER.fetch_add(count, std::sync::atomic::Ordering::SeqCst);
+        let mut ids = Vec::with_capacity(count);
+        let mut confirms = Vec::with_capacity(count);
+        for i in 0..count {
+            let job = job(
+                kind,
+                school,
+                &format!("+447{:09}", 700_000_000 + first + i),
+                "Your lesson",
+            );
+            let confirm = self
+                .publisher
+                .basic_publish(
+                    "sms.jobs".into(),
+                    kind.into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    job.to_string().as_bytes(),
+                    BasicProperties::default()
+                        .with_content_type("application/json".into())
+                        .with_delivery_mode(2)
+                        .with_message_id(id_of(&job).to_string().into()),
+                )
+                .await
+                .expect("publish");
+            confirms.push(confirm);
+            ids.push(id_of(&job));
+        }
+        for confirm in confirms {
+            let confirmation = confirm.await.expect("confirm");
+            assert!(confirmation.is_ack() && confirmation.take_message().is_none());
+        }
+        ids
     }
 
     /// Stops the daemon as SIGTERM would and returns how it ended.

@@ -191,6 +191,13 @@ pub enum Reply {
     Hang(Duration),
     /// Answers `Created`, but only after this long.
     Slow(Duration),
+    /// Per request, at random: `error_percent`% 503, `hang_percent`% hangs for `hang`,
+    /// the rest Created.
+    Flaky {
+        error_percent: u32,
+        hang_percent: u32,
+        hang: Duration,
+    },
     /// Takes the message (List Messages will show it), then never answers in time: the
     /// window where a sender cannot know whether it was sent.
     TakeThenHang(Duration),
@@ -302,6 +309,22 @@ impl TwilioStub {
     }
 
     /// Every message the stub took (created), in order.
+    /// How many times each number was texted, for numbers texted more than once.
+    pub fn texted_twice(&self) -> Vec<(String, usize)> {
+        let mut counts = std::collections::HashMap::new();
+        for taken in self.state.taken.lock().expect("lock").iter() {
+            *counts.entry(taken.to.clone()).or_insert(0) += 1;
+        }
+        let mut twice: Vec<_> = counts.into_iter().filter(|(_, n)| *n > 1).collect();
+        twice.sort();
+        twice
+    }
+
+    /// How many messages the stub took in all.
+    pub fn taken(&self) -> usize {
+        self.state.taken.lock().expect("lock").len()
+    }
+
     pub fn taken_to(&self, to: &str) -> usize {
         self.state
             .taken
@@ -433,6 +456,32 @@ async fn handle(
             .unwrap_or(Reply::Created)
     };
     let reply = match reply {
+        Reply::Flaky {
+            error_percent,
+            hang_percent,
+            hang,
+        } => {
+            let roll = {
+                let mut next = state.next_sid.lock().expect("lock");
+                // xorshift over the sid counter: varied enough, and no extra dependency.
+                let mut x = (*next as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *next += 1;
+                (x % 100) as u32
+            };
+            if roll < error_percent {
+                Reply::error(503, 20503, "Service Unavailable")
+            } else if roll < error_percent + hang_percent {
+                Reply::Hang(hang)
+            } else {
+                Reply::Created
+            }
+        }
+        other => other,
+    };
+    let reply = match reply {
         Reply::Slow(delay) => {
             tokio::time::sleep(delay).await;
             Reply::Created
@@ -445,7 +494,8 @@ async fn handle(
         other => other,
     };
     match reply {
-        Reply::Slow(_) | Reply::TakeThenHang(_) | Reply::Created => {
+        // Flaky was resolved above into one of the others.
+        Reply::Slow(_) | Reply::TakeThenHang(_) | Reply::Flaky { .. } | Reply::Created => {
             let sid = take(&state, &recorded);
             let mut message = state.spec.example.clone();
             message["sid"] = json!(sid);

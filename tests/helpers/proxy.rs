@@ -1,0 +1,123 @@
+//! A TCP proxy a test owns, between the daemon and RabbitMQ or PostgreSQL, to break the
+//! connection without touching the shared service: cut every connection, refuse new ones,
+//! or stall (hold the bytes, as a dead peer would).
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
+
+struct Control {
+    upstream: SocketAddr,
+    refusing: AtomicBool,
+    /// Bumped to cut every open connection.
+    cuts: watch::Sender<u64>,
+    stalled: watch::Sender<bool>,
+}
+
+#[derive(Clone)]
+pub struct Proxy {
+    pub addr: SocketAddr,
+    control: Arc<Control>,
+}
+
+impl Proxy {
+    pub async fn start(upstream: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy address");
+        let control = Arc::new(Control {
+            upstream,
+            refusing: AtomicBool::new(false),
+            cuts: watch::channel(0).0,
+            stalled: watch::channel(false).0,
+        });
+        let accepting = control.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                if accepting.refusing.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                tokio::spawn(relay(client, accepting.clone()));
+            }
+        });
+        Proxy { addr, control }
+    }
+
+    /// Closes every open connection now.
+    pub fn cut(&self) {
+        self.control.cuts.send_modify(|n| *n += 1);
+    }
+
+    /// Refuses (closes at once) every new connection while `true`.
+    pub fn refuse(&self, refusing: bool) {
+        self.control.refusing.store(refusing, Ordering::SeqCst);
+    }
+
+    /// Stops forwarding bytes (both ways) while `true`; connections stay open.
+    pub fn stall(&self, stalled: bool) {
+        self.control.stalled.send_replace(stalled);
+    }
+
+    /// The upstream URL with this proxy's address in its place.
+    pub fn url_for(&self, url: &str) -> String {
+        let mut parsed = reqwest::Url::parse(url).expect("a URL");
+        parsed.set_ip_host(self.addr.ip()).expect("host");
+        parsed.set_port(Some(self.addr.port())).expect("port");
+        parsed.to_string()
+    }
+}
+
+async fn relay(client: TcpStream, control: Arc<Control>) {
+    let Ok(server) = TcpStream::connect(control.upstream).await else {
+        return;
+    };
+    let _ = client.set_nodelay(true);
+    let _ = server.set_nodelay(true);
+    let (client_read, client_write) = client.into_split();
+    let (server_read, server_write) = server.into_split();
+    let mut cuts = control.cuts.subscribe();
+    cuts.borrow_and_update();
+    let up = pump(client_read, server_write, control.stalled.subscribe());
+    let down = pump(server_read, client_write, control.stalled.subscribe());
+    tokio::select! {
+        _ = async { tokio::join!(up, down) } => {}
+        _ = cuts.changed() => {}
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut stalled: watch::Receiver<bool>,
+) {
+    let mut buffer = vec![0u8; 16 * 1024];
+    loop {
+        while *stalled.borrow_and_update() {
+            if stalled.changed().await.is_err() {
+                return;
+            }
+        }
+        let n = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        while *stalled.borrow_and_update() {
+            if stalled.changed().await.is_err() {
+                return;
+            }
+        }
+        if to.write_all(&buffer[..n]).await.is_err() {
+            return;
+        }
+    }
+}
