@@ -1,20 +1,45 @@
 # smsgw: `make run` starts the daemon on the local services; `make test` runs every test.
 CARGO ?= cargo
 NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
+REPORT := target/tmp/fault-report.md
+# Test binaries that restart or stop the shared services: run alone, after the rest.
+EXCLUSIVE := exclusive
 
-.PHONY: run test fmt lint check services
+.PHONY: run test test-parallel test-faults fmt lint check audit fuzz services clean-test-envs
 
 ## run: the daemon against the local RabbitMQ and PostgreSQL, log provider (nothing is sent)
 run: services
 	$(CARGO) run --quiet -- run
 
-## test: every test, against the real RabbitMQ and PostgreSQL
-test: services
+## test: every test against the real RabbitMQ and PostgreSQL: the parallel suite, then
+## the service-restarting faults alone; prints the fault report at the end
+test: services clean-test-envs
+	@rm -f $(REPORT)
+	@status=0; \
+	$(MAKE) --no-print-directory test-parallel || status=1; \
+	$(MAKE) --no-print-directory test-faults || status=1; \
+	if [ -f $(REPORT) ]; then \
+		echo; echo "Fault report"; \
+		echo "| scenario | jobs | faults | lost | duplicates | time |"; \
+		echo "|---|---|---|---|---|---|"; cat $(REPORT); \
+	fi; \
+	exit $$status
+
+test-parallel:
 ifeq ($(NEXTEST),yes)
-	$(CARGO) nextest run --no-fail-fast
+	$(CARGO) nextest run --no-fail-fast -E 'not binary($(EXCLUSIVE))'
 else
-	$(CARGO) test --no-fail-fast
+	$(CARGO) test --no-fail-fast --lib --bins $(foreach t,$(filter-out $(EXCLUSIVE),$(basename $(notdir $(wildcard tests/*.rs)))),--test $(t))
 endif
+
+## test-faults: only the tests that restart RabbitMQ or stop PostgreSQL (one at a time)
+test-faults: services
+ifeq ($(NEXTEST),yes)
+	$(CARGO) nextest run --no-fail-fast --test-threads 1 -E 'binary($(EXCLUSIVE))'
+else
+	$(CARGO) test --no-fail-fast --test $(EXCLUSIVE) -- --test-threads 1
+endif
+	@scripts/services.sh
 
 ## fmt: format the code
 fmt:
@@ -28,6 +53,18 @@ lint:
 ## check: what CI runs
 check: lint test
 
+## audit: RustSec advisories with cargo-deny (needs the advisory database: network access)
+audit:
+	$(CARGO) deny check advisories
+
+## fuzz: a long run of the property tests on every input parser
+fuzz:
+	PROPTEST_CASES=200000 $(CARGO) test --release --test fuzz
+
 ## services: start RabbitMQ and PostgreSQL if they are down
 services:
 	@scripts/services.sh
+
+## clean-test-envs: remove vhosts and databases left by killed test runs
+clean-test-envs:
+	@scripts/clean-test-envs.sh

@@ -190,7 +190,12 @@ async fn dlq_replay_sends_again_with_a_fresh_budget_and_keeps_the_history() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_interrupted_replay_loses_nothing_and_texts_nobody_twice() {
-    let app = spawn_app_with(&[("SMSGW_MAX_ATTEMPTS", "1")]).await;
+    // Every job fails at once (no circuit pause): 300 dead letters to replay.
+    let app = spawn_app_with(&[
+        ("SMSGW_MAX_ATTEMPTS", "1"),
+        ("SMSGW_CIRCUIT_THRESHOLD", "10000"),
+    ])
+    .await;
     app.add_school(SCHOOL, "GB").await;
     app.stub
         .reply_always(Reply::error(503, 20503, "unavailable"));
