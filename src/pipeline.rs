@@ -57,6 +57,9 @@ pub struct PipelineSettings {
     pub circuit_cooldown: Duration,
 }
 
+/// Longest wait for one database statement before it counts as failed.
+const STORE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// What to do when an attempt's outcome is unknown and the provider cannot be asked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UnknownOutcome {
@@ -741,12 +744,28 @@ impl Pipeline {
 
     /// Runs a store operation until it succeeds, waiting longer between tries, while the
     /// delivery stays unsettled. Gives up only when `abandon` fires.
-    async fn persist<T, F, Fut>(&self, abandon: &CancellationToken, op: F) -> Result<T, Abandoned>
+    ///
+    /// Each try has a time limit: a database that stops answering (a stalled connection
+    /// sends no error) is treated like one that refuses. Every store write is safe to
+    /// repeat, even when the timed-out try did commit.
+    async fn persist<T, F, Fut>(
+        &self,
+        abandon: &CancellationToken,
+        mut op: F,
+    ) -> Result<T, Abandoned>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, StoreError>>,
     {
-        let retrying = op
+        let limited = || {
+            let attempt = op();
+            async move {
+                tokio::time::timeout(STORE_TIMEOUT, attempt)
+                    .await
+                    .unwrap_or(Err(StoreError::Timeout(STORE_TIMEOUT)))
+            }
+        };
+        let retrying = limited
             .retry(
                 ExponentialBuilder::default()
                     .with_min_delay(Duration::from_millis(50))
@@ -756,6 +775,9 @@ impl Pipeline {
             )
             .notify(|error, wait| {
                 self.health.set_database(false);
+                if matches!(error, StoreError::Timeout(_)) {
+                    self.store.replace_pool();
+                }
                 tracing::warn!(
                     error = %redact_numbers(&error.to_string()),
                     retry_in = ?wait,

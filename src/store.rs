@@ -5,7 +5,10 @@
 //! claiming that attempt is one atomic statement, so two deliveries of one job can never both
 //! call the provider.
 
-use std::time::Duration;
+use std::{
+    sync::{Arc, RwLock},
+    time::{Duration, Instant},
+};
 
 use serde_json::Value;
 use sqlx::{
@@ -31,6 +34,8 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("unexpected data in the database: {0}")]
     Corrupt(String),
+    #[error("the database did not answer within {0:?}")]
+    Timeout(Duration),
 }
 
 /// The status of a message, as `sms_messages.status` stores it.
@@ -208,26 +213,79 @@ pub struct AttemptView {
 
 #[derive(Debug, Clone)]
 pub struct Store {
-    pool: PgPool,
+    pools: Arc<Pools>,
     /// `false`: a body is dropped as soon as its message has a final outcome.
     keep_body: bool,
+}
+
+/// The connection pool, replaceable as a whole: a connection that went silent (no error,
+/// no reset) would hang the pool's own health check when released, so after a statement
+/// timed out the daemon starts over with a fresh pool and lets the old one go.
+#[derive(Debug)]
+struct Pools {
+    current: RwLock<(PgPool, Instant)>,
+    options: PgConnectOptions,
+    settings: PgPoolOptions,
+}
+
+fn pool_settings(max_connections: u32) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .min_connections(1)
+        .acquire_timeout(Duration::from_secs(5))
+        .test_before_acquire(false)
 }
 
 impl Store {
     /// Connects a pool. The pool replaces connections that died and times out acquiring.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
-        let options: PgConnectOptions = url.parse()?;
-        let pool = PgPoolOptions::new()
-            .max_connections(max_connections)
-            .min_connections(1)
-            .acquire_timeout(Duration::from_secs(5))
-            .test_before_acquire(false)
-            .connect_with(options.application_name("smsgw"))
-            .await?;
+        let options: PgConnectOptions = url
+            .parse::<PgConnectOptions>()?
+            .application_name("smsgw")
+            // The server gives up on a statement the daemon has stopped waiting for.
+            .options([("statement_timeout", "15s")]);
+        let settings = pool_settings(max_connections);
+        let pool = settings.clone().connect_with(options.clone()).await?;
         Ok(Store {
-            pool,
+            pools: Arc::new(Pools {
+                current: RwLock::new((pool, Instant::now())),
+                options,
+                settings,
+            }),
             keep_body: true,
         })
+    }
+
+    /// The current pool (a cheap handle).
+    pub fn pool(&self) -> PgPool {
+        self.pools
+            .current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .clone()
+    }
+
+    /// Starts over with a fresh pool after a statement got no answer in time; at most
+    /// once every few seconds however many statements timed out together.
+    pub fn replace_pool(&self) {
+        let mut current = self
+            .pools
+            .current
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        if current.1.elapsed() < Duration::from_secs(5) {
+            return;
+        }
+        let fresh = self
+            .pools
+            .settings
+            .clone()
+            .connect_lazy_with(self.pools.options.clone());
+        let old = std::mem::replace(&mut *current, (fresh, Instant::now()));
+        tracing::warn!("database statements time out: starting over with new connections");
+        // Closing waits for connections that may never answer: let it run on its own.
+        tokio::spawn(async move { old.0.close().await });
     }
 
     /// Drops each body as soon as its message has a final outcome (`SMSGW_KEEP_BODY=false`).
@@ -248,7 +306,7 @@ impl Store {
         )
         .bind(older_than.as_secs_f64())
         .bind(batch)
-        .execute(&self.pool)
+        .execute(&self.pool())
         .await?;
         Ok(done.rows_affected())
     }
@@ -269,7 +327,7 @@ impl Store {
         )
         .bind(older_than.as_secs_f64())
         .bind(batch)
-        .execute(&self.pool)
+        .execute(&self.pool())
         .await?;
         Ok(done.rows_affected())
     }
@@ -293,7 +351,7 @@ impl Store {
     /// Applies pending migrations. Safe to run twice and from two processes at once: the
     /// migrator holds a Postgres advisory lock while it works.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        MIGRATOR.run(&self.pool).await?;
+        MIGRATOR.run(&self.pool()).await?;
         Ok(())
     }
 
@@ -305,28 +363,24 @@ impl Store {
     /// The newest migration applied to this database (0 when none is).
     pub async fn schema_version(&self) -> Result<i64, StoreError> {
         let exists: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
-            .fetch_one(&self.pool)
+            .fetch_one(&self.pool())
             .await?;
         if !exists {
             return Ok(0);
         }
         let version: Option<i64> =
             sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
-                .fetch_one(&self.pool)
+                .fetch_one(&self.pool())
                 .await?;
         Ok(version.unwrap_or(0))
     }
 
     pub async fn ping(&self) -> bool {
-        sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
-    }
-
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
+        sqlx::query("SELECT 1").execute(&self.pool()).await.is_ok()
     }
 
     pub async fn close(&self) {
-        self.pool.close().await;
+        self.pool().close().await;
     }
 
     pub async fn message_view(&self, id: Uuid) -> Result<Option<MessageView>, StoreError> {
@@ -337,7 +391,7 @@ impl Store {
              FROM sms_messages WHERE id = $1",
         )
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.pool())
         .await?)
     }
 
@@ -348,7 +402,7 @@ impl Store {
              FROM sms_attempts WHERE message_id = $1 ORDER BY attempt",
         )
         .bind(id)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.pool())
         .await?)
     }
 
@@ -363,7 +417,7 @@ impl Store {
              FROM sms_school_settings WHERE school_id = $1",
         )
         .bind(school_id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.pool())
         .await?;
         let Some(row) = row else { return Ok(None) };
         // A NULL flag (written by hand) reads as "no": never send on a guess.
@@ -395,7 +449,7 @@ impl Store {
         )
         .bind(phone.as_str())
         .bind(school_id)
-        .fetch_one(&self.pool)
+        .fetch_one(&self.pool())
         .await?;
         Ok(opted_out)
     }
@@ -414,7 +468,7 @@ impl Store {
         .bind(school_id)
         .bind(phone.as_str())
         .bind(source)
-        .execute(&self.pool)
+        .execute(&self.pool())
         .await?;
         Ok(())
     }
@@ -428,7 +482,7 @@ impl Store {
              WHERE m.id = $1",
         )
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.pool())
         .await?;
         let Some(row) = row else { return Ok(None) };
         let status: String = row.try_get("status")?;
@@ -482,7 +536,7 @@ impl Store {
         .bind(message.provider)
         .bind(self.keep_body)
         .bind(message.reopen_failed)
-        .execute(&self.pool)
+        .execute(&self.pool())
         .await?
         .rows_affected();
         if done == 1 {
@@ -533,7 +587,7 @@ impl Store {
         .bind(take_over)
         .bind(message.reopen_failed)
         .bind(claim)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.pool())
         .await?;
         if let Some(attempt) = attempt {
             return Ok(Claim::Started { attempt });
@@ -543,7 +597,7 @@ impl Store {
         )
         .bind(message.id)
         .bind(claim)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.pool())
         .await?;
         if let Some(attempt) = ours {
             return Ok(Claim::Started { attempt });
@@ -591,7 +645,7 @@ impl Store {
         .bind(record.provider_message_id)
         .bind(self.keep_body)
         .bind(record.outcome_unknown)
-        .execute(&self.pool)
+        .execute(&self.pool())
         .await?;
         Ok(())
     }
@@ -603,7 +657,7 @@ impl Store {
               WHERE id = $1 AND status IN ('queued', 'sending', 'retrying')",
         )
         .bind(id)
-        .execute(&self.pool)
+        .execute(&self.pool())
         .await?;
         Ok(())
     }
@@ -634,7 +688,7 @@ impl Store {
         .bind(attempt)
         .bind(provider_message_id)
         .bind(self.keep_body)
-        .execute(&self.pool)
+        .execute(&self.pool())
         .await?;
         Ok(())
     }

@@ -328,3 +328,39 @@ async fn sigterm_with_200_in_flight_exits_0_in_grace_and_loses_nothing() {
     );
     assert_eq!((lost, duplicates), (0, 0));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_that_stops_answering_is_given_up_on_and_retried() {
+    let app = spawn_app_behind_proxies(&[], false, true).await;
+    let proxy = app.db_proxy.clone().expect("proxy");
+    app.add_school(SCHOOL, "GB").await;
+    app.stub.reply_always(Reply::Slow(Duration::from_millis(5)));
+    let jobs = 300;
+    let started = Instant::now();
+    let ids = app.publish_many(jobs, "booking_reminder", SCHOOL).await;
+    while app.stub.requests().len() < 30 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // No error, no reset: the open connections just never answer again.
+    proxy.freeze();
+    let (lost, duplicates) = tally(&app, &ids, Duration::from_secs(120)).await;
+    helpers::report(
+        "database connections gone silent",
+        jobs,
+        "1 stall",
+        lost,
+        duplicates,
+        started.elapsed(),
+    );
+    assert_eq!((lost, duplicates), (0, 0));
+    let attempts: i64 = sqlx::query_scalar("SELECT count(*) FROM sms_attempts")
+        .fetch_one(&app.db)
+        .await
+        .expect("count");
+    assert_eq!(
+        attempts as usize,
+        app.stub.requests().len(),
+        "no call without its record"
+    );
+    proxy.cut();
+}

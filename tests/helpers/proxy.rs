@@ -22,6 +22,8 @@ struct Control {
     /// Bumped to cut every open connection.
     cuts: watch::Sender<u64>,
     stalled: watch::Sender<bool>,
+    /// Bumped to freeze every open connection for good (new ones work).
+    freezes: watch::Sender<u64>,
 }
 
 #[derive(Clone)]
@@ -39,6 +41,7 @@ impl Proxy {
             refusing: AtomicBool::new(false),
             cuts: watch::channel(0).0,
             stalled: watch::channel(false).0,
+            freezes: watch::channel(0).0,
         });
         let accepting = control.clone();
         tokio::spawn(async move {
@@ -63,6 +66,12 @@ impl Proxy {
         self.control.refusing.store(refusing, Ordering::SeqCst);
     }
 
+    /// Open connections go silent for good (open, but no byte ever passes again), as
+    /// with a peer that vanished without a reset; new connections work.
+    pub fn freeze(&self) {
+        self.control.freezes.send_modify(|n| *n += 1);
+    }
+
     /// Stops forwarding bytes (both ways) while `true`; connections stay open.
     pub fn stall(&self, stalled: bool) {
         self.control.stalled.send_replace(stalled);
@@ -83,21 +92,38 @@ async fn relay(client: TcpStream, control: Arc<Control>) {
     };
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
-    let (client_read, client_write) = client.into_split();
-    let (server_read, server_write) = server.into_split();
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
     let mut cuts = control.cuts.subscribe();
     cuts.borrow_and_update();
-    let up = pump(client_read, server_write, control.stalled.subscribe());
-    let down = pump(server_read, client_write, control.stalled.subscribe());
-    tokio::select! {
-        _ = async { tokio::join!(up, down) } => {}
-        _ = cuts.changed() => {}
+    let mut freezes = control.freezes.subscribe();
+    freezes.borrow_and_update();
+    let frozen = {
+        let up = pump(
+            &mut client_read,
+            &mut server_write,
+            control.stalled.subscribe(),
+        );
+        let down = pump(
+            &mut server_read,
+            &mut client_write,
+            control.stalled.subscribe(),
+        );
+        tokio::select! {
+            _ = async { tokio::join!(up, down) } => false,
+            _ = cuts.changed() => false,
+            _ = freezes.changed() => true,
+        }
+    };
+    if frozen {
+        // Keep both sockets open and silent until the connection is cut.
+        let _ = cuts.changed().await;
     }
 }
 
 async fn pump(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
+    from: &mut tokio::net::tcp::OwnedReadHalf,
+    to: &mut tokio::net::tcp::OwnedWriteHalf,
     mut stalled: watch::Receiver<bool>,
 ) {
     let mut buffer = vec![0u8; 16 * 1024];
