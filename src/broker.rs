@@ -451,6 +451,29 @@ impl Broker {
         })
     }
 
+    /// How many messages wait in each of our queues (lanes, tiers, dead letters).
+    pub async fn queue_depths(&self) -> Result<Vec<(String, u32)>, BrokerError> {
+        let channel = within(self.connection.create_channel()).await?;
+        let mut names: Vec<String> = Lane::ALL.iter().map(|l| lane_queue(*l).to_owned()).collect();
+        names.extend(self.topology.delays.iter().map(|d| tier_name(*d)));
+        names.push(DEAD_QUEUE.to_owned());
+        let mut depths = Vec::with_capacity(names.len());
+        for name in names {
+            let queue = within(channel.queue_declare(
+                name.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            ))
+            .await?;
+            depths.push((name, queue.message_count()));
+        }
+        let _ = within(channel.close(200, "depths read".into())).await;
+        Ok(depths)
+    }
+
     /// Starts browsing `sms.dead`.
     pub async fn browse_dead(&self) -> Result<DeadBrowser, BrokerError> {
         let channel = within(self.connection.create_channel()).await?;

@@ -50,6 +50,14 @@ enum Command {
     },
     /// Check configuration, broker, database, schema and provider credentials.
     Check,
+    /// Show a message's record and its attempts (for support: did the text go out?).
+    Status {
+        /// The job id (or, for an announcement's recipient, the message id).
+        id: uuid::Uuid,
+        /// Show the phone number and the body unmasked.
+        #[arg(long)]
+        reveal: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -158,7 +166,9 @@ pub fn main() -> ExitCode {
     }
     let settings = match &cli.command {
         Command::Run | Command::Check => Settings::from_env(),
-        Command::Migrate | Command::Send(_) | Command::Dlq { .. } => Settings::from_env_for_tools(),
+        Command::Migrate | Command::Send(_) | Command::Dlq { .. } | Command::Status { .. } => {
+            Settings::from_env_for_tools()
+        }
     };
     let settings = match settings {
         Ok(settings) => settings,
@@ -175,6 +185,13 @@ pub fn main() -> ExitCode {
             Command::Send(args) => send(&settings, args).await,
             Command::Dlq { command } => dlq(&settings, command).await,
             Command::Check => ExitCode::SUCCESS,
+            Command::Status { id, reveal } => {
+                if crate::ops::print_log(&settings, id, reveal).await {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(EXIT_FAILED)
+                }
+            }
         }
     })
 }

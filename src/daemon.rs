@@ -21,7 +21,7 @@ use crate::{
     job::Lane,
     metrics::{LaneLabels, Metrics, ReasonLabels},
     pipeline::{Pipeline, PipelineSettings},
-    provider::Provider,
+    provider::Gateways,
     store::Store,
 };
 
@@ -53,8 +53,9 @@ async fn pause(delay: Duration, stop: &CancellationToken) -> bool {
 
 /// Runs the daemon until `shutdown` fires, then drains and returns.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), DaemonError> {
-    let provider =
-        Provider::from_settings(&settings).map_err(|e| DaemonError::Config(e.to_string()))?;
+    let gateways = Arc::new(
+        Gateways::from_settings(&settings).map_err(|e| DaemonError::Config(e.to_string()))?,
+    );
     tracing::info!("{}", settings.destination_summary());
 
     let health = Arc::new(Health::default());
@@ -69,8 +70,12 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     let http_task = tokio::spawn(http::serve(
         listener,
         health.clone(),
-        metrics.clone(),
-        store_rx,
+        crate::webhooks::Webhooks {
+            gateways: gateways.clone(),
+            store: store_rx,
+            metrics: metrics.clone(),
+            public_url: settings.public_url.clone(),
+        },
         http_stop.clone(),
     ));
 
@@ -92,16 +97,16 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             metrics.clone(),
             retention_stop.clone(),
         ));
+        check_school_providers(&store, &gateways, &shutdown).await?;
         let pipeline = Arc::new(Pipeline::new(
             store.clone(),
-            provider,
+            gateways.clone(),
             PipelineSettings {
                 max_attempts: settings.max_attempts,
                 retry_delays: settings.retry_delays.clone(),
                 redirect_to: settings.redirect_to.clone(),
                 provider_timeout: settings.provider_timeout,
-                circuit_threshold: settings.circuit_threshold,
-                circuit_cooldown: settings.circuit_cooldown,
+                max_segments: settings.max_segments.clone(),
                 unknown_outcome: if settings.resend_unknown {
                     crate::pipeline::UnknownOutcome::Resend
                 } else {
@@ -136,6 +141,41 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         Err(e) => tracing::error!(error = %e, "stopped with an error"),
     }
     result
+}
+
+/// Refuses to start when a school's settings name a provider that is not configured: a
+/// start-up error, not a per-message surprise. (A name written later fails its messages
+/// as `unknown_provider`, dead-lettered for replay once fixed.)
+async fn check_school_providers(
+    store: &Store,
+    gateways: &Gateways,
+    shutdown: &CancellationToken,
+) -> Result<(), DaemonError> {
+    let names = loop {
+        match store.school_provider_names().await {
+            Ok(names) => break names,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the schools' providers; retrying");
+                if pause(Duration::from_secs(1), shutdown).await {
+                    return Ok(());
+                }
+            }
+        }
+    };
+    let unknown: Vec<String> = names
+        .into_iter()
+        .filter(|(name, _)| gateways.get(name).is_none())
+        .map(|(name, schools)| format!("'{name}' (schools {schools})"))
+        .collect();
+    if unknown.is_empty() {
+        Ok(())
+    } else {
+        Err(DaemonError::Config(format!(
+            "sms_school_settings names providers that are not configured: {}; configured: {}",
+            unknown.join(", "),
+            gateways.names().join(", ")
+        )))
+    }
 }
 
 /// Connects to PostgreSQL, retrying until it answers or `shutdown` fires (`Ok(None)`).
@@ -306,6 +346,11 @@ impl Worker<'_> {
         crate::systemd::ready("consuming");
 
         let stop = shutdown.child_token();
+        let depths = tokio::spawn(watch_queue_depths(
+            broker.clone(),
+            self.metrics.clone(),
+            stop.clone(),
+        ));
         let events = broker.events();
         let health = self.health.clone();
         let watching = stop.clone();
@@ -361,6 +406,7 @@ impl Worker<'_> {
         }
         self.health.set_consumers(0);
         watcher.abort();
+        depths.abort();
         self.health.set_blocked(false);
         match lost {
             Some(reason) if !shutdown.is_cancelled() => SessionEnd::Lost(reason),
@@ -393,6 +439,26 @@ impl Worker<'_> {
                 consumer.close().await;
             }
             stopped.broker.close().await;
+        }
+    }
+}
+
+/// Reads the queues' depths into `/metrics` every few seconds (the lag behind the web app).
+async fn watch_queue_depths(broker: Broker, metrics: Arc<Metrics>, stop: CancellationToken) {
+    loop {
+        match broker.queue_depths().await {
+            Ok(depths) => {
+                for (queue, depth) in depths {
+                    metrics
+                        .queue_depth
+                        .get_or_create(&crate::metrics::QueueLabels { queue })
+                        .set(i64::from(depth));
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "could not read queue depths"),
+        }
+        if pause(Duration::from_secs(5), &stop).await {
+            return;
         }
     }
 }

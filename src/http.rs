@@ -1,13 +1,31 @@
-//! The HTTP surface on `SMSGW_HTTP_ADDR`: liveness, readiness and metrics.
+//! The HTTP surface on `SMSGW_HTTP_ADDR`: liveness, readiness, metrics and the provider
+//! webhooks. Every request is size- and time-limited.
 
 use std::{sync::Arc, time::Duration};
 
-use axum::{Json, Router, extract::State, http::StatusCode, routing::get};
+use axum::{
+    Json, Router,
+    extract::{DefaultBodyLimit, State},
+    http::StatusCode,
+    routing::{get, post},
+};
+use tower_http::timeout::TimeoutLayer;
 use serde_json::json;
 use tokio::{net::TcpListener, sync::watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::{health::Health, job::Lane, metrics::Metrics, store::Store};
+use crate::{
+    health::Health,
+    job::Lane,
+    metrics::Metrics,
+    store::Store,
+    webhooks::{self, Webhooks},
+};
+
+/// Largest request body: a webhook is a few hundred bytes.
+const MAX_BODY_BYTES: usize = 64 * 1024;
+/// Longest a request may take, reading included.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Clone)]
 struct AppState {
@@ -21,19 +39,29 @@ struct AppState {
 pub async fn serve(
     listener: TcpListener,
     health: Arc<Health>,
-    metrics: Arc<Metrics>,
-    store: watch::Receiver<Option<Store>>,
+    hooks: Webhooks,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    let webhooks = Router::new()
+        .route("/webhooks/twilio/status", post(webhooks::twilio_status_callback))
+        .route("/webhooks/twilio/inbound", post(webhooks::twilio_inbound))
+        .route("/webhooks/vonage/status", post(webhooks::vonage_status_callback))
+        .with_state(hooks.clone());
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .with_state(AppState {
             health,
-            metrics,
-            store,
-        });
+            metrics: hooks.metrics.clone(),
+            store: hooks.store.clone(),
+        })
+        .merge(webhooks)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            REQUEST_TIMEOUT,
+        ));
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await

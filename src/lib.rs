@@ -12,6 +12,7 @@
 //! - [`circuit`]: the per-provider circuit breaker.
 //! - [`job`]: the v1 job format, decoded and validated.
 //! - [`phone`]: phone numbers (E.164, masked in logs) and sender IDs.
+//! - [`segments`]: GSM-7/UCS-2 encoding and segment counts.
 //! - [`policy`]: the pure decision: send, suppress, expire, defer or refuse.
 //! - [`provider`]: the adapters (`log`, Twilio) behind one interface.
 //! - [`store`]: PostgreSQL: settings, opt-outs, the message log. Only it speaks SQL.
@@ -20,6 +21,7 @@
 //! - [`daemon`]: wiring, reconnection, graceful shutdown.
 //! - [`retention`]: purging old bodies and rows in the background.
 //! - [`http`], [`health`], [`metrics`]: `/healthz`, `/readyz`, `/metrics`.
+//! - [`webhooks`]: delivery receipts and inbound STOP/START, with signature checks.
 //! - [`ops`]: the dead-letter tools and `smsgw check`.
 //! - [`systemd`]: the notify protocol (ready, stopping, watchdog).
 //! - [`telemetry`]: logging setup; [`cli`]: the command line.
@@ -40,9 +42,11 @@ pub mod pipeline;
 pub mod policy;
 pub mod provider;
 pub mod retention;
+pub mod segments;
 pub mod store;
 pub mod systemd;
 pub mod telemetry;
+pub mod webhooks;
 
 /// Makes ring the process's TLS crypto provider (reqwest is built without a default; lapin
 /// and sqlx use ring too). Call before building any HTTP client; calling again is harmless.

@@ -24,6 +24,17 @@ pub struct ProviderLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReceiptLabels {
+    pub provider: String,
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueueLabels {
+    pub queue: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LaneLabels {
     pub lane: &'static str,
 }
@@ -55,6 +66,10 @@ pub struct Metrics {
     pub circuit_state: Family<ProviderLabels, Gauge>,
     /// Messages put off because their provider's circuit was open.
     pub paused: Family<ProviderLabels, Counter>,
+    /// Delivery receipts, by provider and the provider's status word.
+    pub receipts: Family<ReceiptLabels, Counter>,
+    /// Messages waiting in each queue (lanes, retry tiers, dead letters): the lag.
+    pub queue_depth: Family<QueueLabels, Gauge>,
     /// Resends after an unknown outcome that the provider could not be asked about.
     pub possible_duplicates: Counter,
 }
@@ -125,6 +140,18 @@ impl Metrics {
             "Messages put off because their provider's circuit was open",
             paused.clone(),
         );
+        let receipts = Family::<ReceiptLabels, Counter>::default();
+        registry.register(
+            "receipts",
+            "Delivery receipts received, by provider and status",
+            receipts.clone(),
+        );
+        let queue_depth = Family::<QueueLabels, Gauge>::default();
+        registry.register(
+            "queue_depth",
+            "Messages waiting in each of smsgw's queues",
+            queue_depth.clone(),
+        );
         let possible_duplicates = Counter::default();
         registry.register(
             "possible_duplicates",
@@ -136,6 +163,8 @@ impl Metrics {
             registry,
             circuit_state,
             paused,
+            receipts,
+            queue_depth,
             possible_duplicates,
             messages,
             provider_calls,

@@ -11,7 +11,7 @@ use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
 use crate::{
     broker::{Broker, DeadBrowser, DeadLetter, Topology},
-    config::{ProviderKind, Settings, TwilioSender},
+    config::{ProviderKindSettings, Settings, TwilioSender},
     phone::{mask, redact_numbers},
     store::Store,
 };
@@ -391,6 +391,19 @@ pub async fn print_log(settings: &Settings, id: uuid::Uuid, reveal: bool) -> boo
                 m.provider.as_deref().unwrap_or("-"),
                 m.provider_message_id.as_deref().unwrap_or("")
             );
+            if m.provider_status.is_some() || m.error_code.is_some() {
+                println!(
+                    "  receipt    {}{}",
+                    m.provider_status.as_deref().unwrap_or("-"),
+                    m.error_code
+                        .as_deref()
+                        .map(|c| format!(" (error {c})"))
+                        .unwrap_or_default()
+                );
+            }
+            if let Some(segments) = m.segments {
+                println!("  segments   {segments}");
+            }
             println!("  created    {}", time(Some(m.created_at)));
             println!("  sent       {}", time(m.sent_at));
             println!("  delivered  {}", time(m.delivered_at));
@@ -401,7 +414,10 @@ pub async fn print_log(settings: &Settings, id: uuid::Uuid, reveal: bool) -> boo
                 println!("  body       {}", m.body.as_deref().unwrap_or("(purged)"));
             }
         }
-        Ok(None) => println!("message log: no row for {id}"),
+        Ok(None) => {
+            println!("message log: no row for {id}");
+            return false;
+        }
         Err(e) => {
             println!("message log: unavailable ({e})");
             return false;
@@ -628,28 +644,37 @@ pub async fn check(settings: Result<Settings, crate::config::ConfigError>) -> Ex
         }
     }
 
-    match (settings.provider, &settings.twilio) {
-        (ProviderKind::Log, _) => line(
-            "provider",
-            true,
-            "log: nothing is sent, no credentials needed",
-        ),
-        (ProviderKind::Twilio, Some(twilio)) => {
-            let sender = match &twilio.sender {
-                TwilioSender::From(from) => format!("from {from}"),
-                TwilioSender::MessagingService(sid) => format!("messaging service {sid}"),
-            };
-            line(
-                "provider",
-                true,
-                &format!(
+    for provider in &settings.providers {
+        let detail = match &provider.kind {
+            ProviderKindSettings::Log => "log: nothing is sent, no credentials needed".to_owned(),
+            ProviderKindSettings::Twilio(twilio) => {
+                let sender = match &twilio.sender {
+                    TwilioSender::From(from) => format!("from {from}"),
+                    TwilioSender::MessagingService(sid) => format!("messaging service {sid}"),
+                };
+                format!(
                     "twilio credentials present (account {}…{}), {sender}",
                     &twilio.account_sid[..6],
                     &twilio.account_sid[twilio.account_sid.len() - 4..]
-                ),
-            );
-        }
-        (ProviderKind::Twilio, None) => line("provider", false, "twilio is not configured"),
+                )
+            }
+            ProviderKindSettings::Vonage(vonage) => format!(
+                "vonage credentials present (key {}…), from {}{}",
+                vonage.api_key.chars().take(4).collect::<String>(),
+                vonage.from,
+                if vonage.signature_secret.is_some() {
+                    ", receipts signed"
+                } else {
+                    ", receipts unsigned (refused)"
+                }
+            ),
+        };
+        let default = if provider.name == settings.default_provider {
+            " (default)"
+        } else {
+            ""
+        };
+        line("provider", true, &format!("'{}'{default}: {detail}", provider.name));
     }
     if healthy {
         ExitCode::SUCCESS

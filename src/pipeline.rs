@@ -31,14 +31,14 @@ use uuid::Uuid;
 
 use crate::{
     broker::{Broker, Incoming},
-    circuit::{CallResult, Circuit, Permit},
+    circuit::{CallResult, Permit},
     disposition::{DeadReason, Disposition},
     health::Health,
     job::{BulkRecipient, Job, JobType, Target},
     metrics::Metrics,
     phone::{PhoneNumber, redact_numbers},
-    policy::{Decision, Facts, decide},
-    provider::{Lookup, OutboundSms, Provider, ProviderError},
+    policy::{Decision, Facts, Refusal, SchoolSettings, decide},
+    provider::{Gateway, Gateways, Lookup, OutboundSms, ProviderError},
     store::{
         AttemptOutcome, AttemptRecord, Claim, MessageState, MessageStatus, NewMessage, Store,
         StoreError, UnknownAttempt,
@@ -53,8 +53,8 @@ pub struct PipelineSettings {
     pub redirect_to: Option<PhoneNumber>,
     pub provider_timeout: Duration,
     pub unknown_outcome: UnknownOutcome,
-    pub circuit_threshold: u32,
-    pub circuit_cooldown: Duration,
+    /// Most segments a text of a type may have.
+    pub max_segments: std::collections::HashMap<JobType, u32>,
 }
 
 /// Longest wait for one database statement before it counts as failed.
@@ -70,7 +70,7 @@ pub enum UnknownOutcome {
 }
 
 /// What the log knew about the message before this delivery.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Prior {
     /// An attempt left open by a crash, to take over.
     take_over: Option<i32>,
@@ -82,10 +82,23 @@ struct Prior {
 #[derive(Debug)]
 struct Abandoned;
 
+/// Which gateways a school's messages go through.
+#[derive(Debug, Clone)]
+struct Route {
+    primary: Arc<Gateway>,
+    fallback: Option<Arc<Gateway>>,
+}
+
+/// How one attempt ended, for the caller that may fail over.
+enum Attempted {
+    Done(Disposition),
+    /// Refused for a reason another gateway may not share; `attempts` calls made so far.
+    FailOver { attempts: u32 },
+}
+
 pub struct Pipeline {
     store: Store,
-    provider: Provider,
-    circuit: Circuit,
+    gateways: Arc<Gateways>,
     settings: PipelineSettings,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
@@ -94,29 +107,44 @@ pub struct Pipeline {
 impl Pipeline {
     pub fn new(
         store: Store,
-        provider: Provider,
+        gateways: Arc<Gateways>,
         settings: PipelineSettings,
         health: Arc<Health>,
         metrics: Arc<Metrics>,
     ) -> Self {
         Pipeline {
-            circuit: Circuit::new(
-                provider.name(),
-                settings.circuit_threshold,
-                settings.circuit_cooldown,
-                settings.provider_timeout * 2,
-            ),
             store,
-            provider,
+            gateways,
             settings,
             health,
             metrics,
         }
     }
 
-    fn count(&self, outcome: &'static str, kind: JobType) {
+    fn count(&self, outcome: &'static str, kind: JobType, provider: &'static str) {
         self.metrics
-            .count_message(outcome, kind.as_str(), self.provider.name());
+            .count_message(outcome, kind.as_str(), provider);
+    }
+
+    /// The gateways a school's settings name (the default when none). `Err` names a
+    /// provider that is not configured.
+    fn route(&self, settings: Option<&SchoolSettings>) -> Result<Route, String> {
+        let named = |name: Option<&str>| -> Result<Option<Arc<Gateway>>, String> {
+            match name.map(str::trim).filter(|n| !n.is_empty()) {
+                None => Ok(None),
+                Some(name) => self
+                    .gateways
+                    .get(name)
+                    .cloned()
+                    .map(Some)
+                    .ok_or_else(|| name.to_owned()),
+            }
+        };
+        let primary = named(settings.and_then(|s| s.provider.as_deref()))?
+            .unwrap_or_else(|| self.gateways.default_gateway().clone());
+        let fallback = named(settings.and_then(|s| s.fallback_provider.as_deref()))?
+            .filter(|f| !Arc::ptr_eq(f, &primary));
+        Ok(Route { primary, fallback })
     }
 
     /// Handles one delivery. `abandon` fires when the daemon must stop waiting for the
@@ -143,7 +171,7 @@ impl Pipeline {
                     "invalid job dead-lettered"
                 );
                 self.metrics
-                    .count_message("invalid", "unknown", self.provider.name());
+                    .count_message("invalid", "unknown", self.gateways.default_gateway().name);
                 return Disposition::DeadLetter {
                     reason: DeadReason::InvalidJob,
                     error: invalid.to_string(),
@@ -156,7 +184,7 @@ impl Pipeline {
             job_id = %job.id,
             school_id = job.school_id,
             r#type = job.kind.as_str(),
-            provider = self.provider.name(),
+            provider = tracing::field::Empty,
         );
         async {
             if let Some(at) = incoming.retry_at
@@ -196,7 +224,7 @@ impl Pipeline {
                 None if state.status == MessageStatus::Sending => take_over = Some(state.attempts),
                 None => {}
             }
-            unknown = state.unknown_attempt;
+            unknown = state.unknown_attempt.clone();
         }
 
         let settings = self
@@ -212,7 +240,8 @@ impl Pipeline {
             _ => false,
         };
         let now = OffsetDateTime::now_utc();
-        let decision = decide(
+        let segmentation = crate::segments::segment(&job.body);
+        let mut decision = decide(
             job.kind,
             job.not_before,
             job.expires_at,
@@ -220,9 +249,20 @@ impl Pipeline {
                 settings: settings.as_ref(),
                 recipient: &recipient,
                 opted_out,
+                segments: segmentation.segments,
+                max_segments: self.settings.max_segments.get(&job.kind).copied(),
                 now,
             },
         );
+        let route = self.route(settings.as_ref());
+        let label = match &route {
+            Ok(route) => route.primary.name,
+            Err(_) => self.gateways.default_gateway().name,
+        };
+        tracing::Span::current().record("provider", label);
+        if let (Decision::Send { .. }, Err(name)) = (&decision, &route) {
+            decision = Decision::Refuse(Refusal::UnknownProvider(name.clone()));
+        }
 
         let recorded_recipient = match &recipient {
             Ok(number) => number.as_str().to_owned(),
@@ -237,12 +277,16 @@ impl Pipeline {
             recipient: &recorded_recipient,
             body: &job.body,
             context: context.as_ref(),
-            provider: self.provider.name(),
+            provider: label,
+            segments: i32::try_from(segmentation.segments).ok(),
             reopen_failed: incoming.replayed,
         };
 
         let (status, reason, disposition) = match decision {
             Decision::Send { to, sender } => {
+                let Ok(route) = &route else {
+                    unreachable!("an unknown provider was turned into a refusal above")
+                };
                 return self
                     .send(
                         incoming,
@@ -251,6 +295,7 @@ impl Pipeline {
                         &to,
                         sender.as_ref(),
                         Prior { take_over, unknown },
+                        route,
                         abandon,
                     )
                     .await;
@@ -303,7 +348,7 @@ impl Pipeline {
             .await?;
         match found {
             None => {
-                self.count(status.as_str(), job.kind);
+                self.count(status.as_str(), job.kind, label);
                 Ok(disposition)
             }
             Some(state) => Ok(self
@@ -321,8 +366,9 @@ impl Pipeline {
         state: &MessageState,
     ) -> Option<Disposition> {
         let replay_of_failure = incoming.replayed && state.status == MessageStatus::Failed;
+        let label = self.gateways.default_gateway().name;
         if state.status.is_final() && !replay_of_failure {
-            self.count("duplicate", job.kind);
+            self.count("duplicate", job.kind, label);
             tracing::info!(
                 status = state.status.as_str(),
                 "already handled; acked without a second provider call"
@@ -335,7 +381,7 @@ impl Pipeline {
         if !incoming.redelivered && !incoming.requeued {
             // A second publish of a job that another delivery is sending right now. That
             // delivery is unacked, so the broker keeps it until it has an outcome.
-            self.count("duplicate", job.kind);
+            self.count("duplicate", job.kind, label);
             tracing::info!("duplicate of a message in flight; acked");
             return Some(Disposition::Ack);
         }
@@ -361,6 +407,45 @@ impl Pipeline {
         None
     }
 
+    /// Picks the gateway to call now: the primary, or the fallback while the primary's
+    /// circuit is open; `Err(wait)` when neither may be called.
+    fn pick(&self, route: &Route) -> Result<Arc<Gateway>, Duration> {
+        let primary = self.permit(&route.primary);
+        match (primary, &route.fallback) {
+            (Ok(()), _) => Ok(route.primary.clone()),
+            (Err(wait), Some(fallback)) => match self.permit(fallback) {
+                Ok(()) => {
+                    tracing::warn!(
+                        primary = route.primary.name,
+                        fallback = fallback.name,
+                        "primary provider's circuit is open; using the fallback"
+                    );
+                    Ok(fallback.clone())
+                }
+                Err(other) => Err(wait.min(other)),
+            },
+            (Err(wait), None) => Err(wait),
+        }
+    }
+
+    fn permit(&self, gateway: &Gateway) -> Result<(), Duration> {
+        let permit = gateway.circuit.permit();
+        self.report_circuit(gateway);
+        match permit {
+            Permit::Call | Permit::Probe => Ok(()),
+            Permit::Wait(wait) => Err(wait),
+        }
+    }
+
+    fn report_circuit(&self, gateway: &Gateway) {
+        self.metrics
+            .circuit_state
+            .get_or_create(&crate::metrics::ProviderLabels {
+                provider: gateway.name,
+            })
+            .set(gateway.circuit.state() as i64);
+    }
+
     #[allow(clippy::too_many_arguments)]
     async fn send(
         &self,
@@ -370,6 +455,7 @@ impl Pipeline {
         number: &PhoneNumber,
         sender: Option<&crate::phone::SenderId>,
         prior: Prior,
+        route: &Route,
         abandon: &CancellationToken,
     ) -> Result<Disposition, Abandoned> {
         let to = self.settings.redirect_to.as_ref().unwrap_or(number);
@@ -386,33 +472,101 @@ impl Pipeline {
             body: &job.body,
             validity,
         };
-        if let Some(disposition) = self.check_circuit(job) {
-            return Ok(disposition);
-        }
-        if let Some(unknown) = prior.unknown
-            && let Some(disposition) = self
-                .reconcile(incoming, job, &sms, unknown, abandon)
+        let gateway = match self.pick(route) {
+            Ok(gateway) => gateway,
+            Err(wait) => {
+                self.metrics
+                    .paused
+                    .get_or_create(&crate::metrics::ProviderLabels {
+                        provider: route.primary.name,
+                    })
+                    .inc();
+                tracing::debug!(retry_in = ?wait, "provider circuit open; put off");
+                return Ok(Disposition::Defer {
+                    until: OffsetDateTime::now_utc() + wait,
+                    kind: job.kind,
+                });
+            }
+        };
+        if let Some(unknown) = &prior.unknown {
+            let asked = self
+                .gateways
+                .get(&unknown.provider)
+                .cloned()
+                .unwrap_or_else(|| gateway.clone());
+            if let Some(disposition) = self
+                .reconcile(incoming, job, &sms, unknown, &asked, abandon)
                 .await?
-        {
-            return Ok(disposition);
+            {
+                return Ok(disposition);
+            }
         }
 
+        let first = self
+            .attempt(incoming, job, message, &sms, &gateway, prior.take_over, incoming.attempts, route.fallback.is_some(), abandon)
+            .await?;
+        let attempts = match first {
+            Attempted::Done(disposition) => return Ok(disposition),
+            Attempted::FailOver { attempts } => attempts,
+        };
+        let fallback = route
+            .fallback
+            .as_ref()
+            .filter(|f| !Arc::ptr_eq(f, &gateway))
+            .unwrap_or(&route.primary);
+        tracing::warn!(
+            from = gateway.name,
+            to = fallback.name,
+            "refused for a reason another gateway may not share; failing over"
+        );
+        match self
+            .attempt(incoming, job, message, &sms, fallback, None, attempts, false, abandon)
+            .await?
+        {
+            Attempted::Done(disposition) => Ok(disposition),
+            // Not asked to fail over again; `attempt` settles it itself.
+            Attempted::FailOver { .. } => Ok(Disposition::Requeue),
+        }
+    }
+
+    /// One attempt through `gateway`: claim it, call, record the outcome. With
+    /// `may_fail_over`, a refusal another gateway may not share is recorded and handed
+    /// back instead of being final.
+    #[allow(clippy::too_many_arguments)]
+    async fn attempt(
+        &self,
+        incoming: &Incoming,
+        job: &Job,
+        message: &NewMessage<'_>,
+        sms: &OutboundSms<'_>,
+        gateway: &Gateway,
+        take_over: Option<i32>,
+        attempts_before: u32,
+        may_fail_over: bool,
+        abandon: &CancellationToken,
+    ) -> Result<Attempted, Abandoned> {
+        let message = NewMessage {
+            provider: gateway.name,
+            ..message.clone()
+        };
         // One id for this claim, kept across retries of the same statement.
         let claim_id = Uuid::new_v4();
         let claim = self
             .persist(abandon, || {
-                self.store.begin_attempt(message, prior.take_over, claim_id)
+                self.store.begin_attempt(&message, take_over, claim_id)
             })
             .await?;
         let attempt = match claim {
             Claim::Started { attempt } => attempt,
             Claim::Busy(state) => {
-                return Ok(self.already_handled(incoming, job, &state).unwrap_or(
-                    Disposition::Retry {
-                        delay: self.settings.provider_timeout * 2,
-                        attempts: incoming.attempts,
-                        kind: job.kind,
-                    },
+                return Ok(Attempted::Done(
+                    self.already_handled(incoming, job, &state).unwrap_or(
+                        Disposition::Retry {
+                            delay: self.settings.provider_timeout * 2,
+                            attempts: attempts_before,
+                            kind: job.kind,
+                        },
+                    ),
                 ));
             }
         };
@@ -421,7 +575,7 @@ impl Pipeline {
         // The adapter has its own timeout; this one only guards against an adapter bug.
         let result = match tokio::time::timeout(
             self.settings.provider_timeout + Duration::from_secs(1),
-            self.provider.send(&sms),
+            gateway.provider.send(sms),
         )
         .await
         {
@@ -431,18 +585,18 @@ impl Pipeline {
             }),
         };
         let duration = started.elapsed();
-        self.circuit.record(match &result {
+        gateway.circuit.record(match &result {
             Err(e) if e.suggests_outage() => CallResult::Failed,
             _ => CallResult::Answered,
         });
-        self.report_circuit();
+        self.report_circuit(gateway);
         self.metrics
             .provider_calls
             .get_or_create(&crate::metrics::ProviderLabels {
-                provider: self.provider.name(),
+                provider: gateway.name,
             })
             .observe(duration.as_secs_f64());
-        let attempts = incoming.attempts.saturating_add(1);
+        let attempts = attempts_before.saturating_add(1);
         match result {
             Ok(accepted) => {
                 let record = AttemptRecord {
@@ -460,20 +614,21 @@ impl Pipeline {
                     self.store.finish_attempt(job.id, attempt, &record)
                 })
                 .await?;
-                self.count("sent", job.kind);
+                self.count("sent", job.kind, gateway.name);
                 tracing::info!(
-                    to = %to.masked(),
-                    sender = sender.map(|s| s.as_str()).unwrap_or("default"),
+                    to = %sms.to.masked(),
+                    sender = sms.sender.map(|s| s.as_str()).unwrap_or("default"),
                     attempt,
                     provider_message_id = %accepted.provider_message_id,
                     duration_ms = duration.as_millis() as u64,
                     "sent via {}",
-                    self.provider.name()
+                    gateway.name
                 );
-                Ok(Disposition::Ack)
+                Ok(Attempted::Done(Disposition::Ack))
             }
             Err(error) => {
-                self.failed(job, number, attempt, attempts, duration, error, abandon)
+                let fail_over = may_fail_over && error.other_gateway_may_succeed();
+                self.failed(job, sms, gateway, attempt, attempts, duration, error, fail_over, abandon)
                     .await
             }
         }
@@ -483,23 +638,31 @@ impl Pipeline {
     async fn failed(
         &self,
         job: &Job,
-        number: &PhoneNumber,
+        sms: &OutboundSms<'_>,
+        gateway: &Gateway,
         attempt: i32,
         attempts: u32,
         duration: Duration,
         error: ProviderError,
+        fail_over: bool,
         abandon: &CancellationToken,
-    ) -> Result<Disposition, Abandoned> {
+    ) -> Result<Attempted, Abandoned> {
         let text = error.to_string();
         let error_message = match &error {
             ProviderError::Rejected { message, .. } => message.clone(),
-            ProviderError::Unavailable { message, .. }
-            | ProviderError::Throttled { message, .. } => {
+            ProviderError::Unavailable { message, .. } | ProviderError::Throttled { message, .. } => {
                 message.clone().unwrap_or_else(|| text.clone())
             }
             _ => text.clone(),
         };
-        let (outcome, status, reason, disposition) = if !error.is_retryable() {
+        let (outcome, status, reason, disposition) = if fail_over {
+            (
+                AttemptOutcome::PermanentFailure,
+                MessageStatus::Retrying,
+                Some("failing_over"),
+                None,
+            )
+        } else if !error.is_retryable() {
             let reason = if error.recipient_opted_out() {
                 "recipient_opted_out"
             } else {
@@ -509,22 +672,22 @@ impl Pipeline {
                 AttemptOutcome::PermanentFailure,
                 MessageStatus::Failed,
                 Some(reason),
-                Disposition::DeadLetter {
+                Some(Disposition::DeadLetter {
                     reason: DeadReason::PermanentFailure,
                     error: text.clone(),
                     attempts,
-                },
+                }),
             )
         } else if attempts >= self.settings.max_attempts {
             (
                 AttemptOutcome::TemporaryFailure,
                 MessageStatus::Failed,
                 Some("attempts_exhausted"),
-                Disposition::DeadLetter {
+                Some(Disposition::DeadLetter {
                     reason: DeadReason::AttemptsExhausted,
                     error: format!("after {attempts} attempts: {text}"),
                     attempts,
-                },
+                }),
             )
         } else {
             let delay = self.retry_delay(attempts, error.retry_after());
@@ -532,11 +695,11 @@ impl Pipeline {
                 AttemptOutcome::TemporaryFailure,
                 MessageStatus::Retrying,
                 None,
-                Disposition::Retry {
+                Some(Disposition::Retry {
                     delay,
                     attempts,
                     kind: job.kind,
-                },
+                }),
             )
         };
         let record = AttemptRecord {
@@ -550,20 +713,22 @@ impl Pipeline {
             status,
             reason,
         };
-        self.persist(abandon, || {
-            self.store.finish_attempt(job.id, attempt, &record)
-        })
-        .await?;
-        self.count(status.as_str(), job.kind);
+        self.persist(abandon, || self.store.finish_attempt(job.id, attempt, &record))
+            .await?;
         if error.recipient_opted_out() {
             self.persist(abandon, || {
                 self.store
-                    .add_opt_out(Some(job.school_id), number, "provider")
+                    .add_opt_out(Some(job.school_id), sms.to, "provider")
             })
             .await?;
-            tracing::info!(to = %number.masked(), "recipient unsubscribed at the carrier; opt-out recorded");
+            tracing::info!(to = %sms.to.masked(), "recipient unsubscribed at the carrier; opt-out recorded");
         }
         let logged = redact_numbers(&text);
+        let Some(disposition) = disposition else {
+            tracing::warn!(attempt, error = %logged, "refused by {}", gateway.name);
+            return Ok(Attempted::FailOver { attempts });
+        };
+        self.count(status.as_str(), job.kind, gateway.name);
         match &disposition {
             Disposition::Retry { delay, .. } => tracing::warn!(
                 attempt,
@@ -578,39 +743,7 @@ impl Pipeline {
                 "failed; dead-lettered"
             ),
         }
-        Ok(disposition)
-    }
-
-    /// While the provider's circuit is open, puts the message off (no attempt spent)
-    /// instead of calling.
-    fn check_circuit(&self, job: &Job) -> Option<Disposition> {
-        let permit = self.circuit.permit();
-        self.report_circuit();
-        match permit {
-            Permit::Call | Permit::Probe => None,
-            Permit::Wait(wait) => {
-                self.metrics
-                    .paused
-                    .get_or_create(&crate::metrics::ProviderLabels {
-                        provider: self.provider.name(),
-                    })
-                    .inc();
-                tracing::debug!(retry_in = ?wait, "provider circuit open; put off");
-                Some(Disposition::Defer {
-                    until: OffsetDateTime::now_utc() + wait,
-                    kind: job.kind,
-                })
-            }
-        }
-    }
-
-    fn report_circuit(&self) {
-        self.metrics
-            .circuit_state
-            .get_or_create(&crate::metrics::ProviderLabels {
-                provider: self.provider.name(),
-            })
-            .set(self.circuit.state() as i64);
+        Ok(Attempted::Done(disposition))
     }
 
     /// Before sending again after an attempt whose outcome is unknown, asks the provider
@@ -620,17 +753,18 @@ impl Pipeline {
         incoming: &Incoming,
         job: &Job,
         sms: &OutboundSms<'_>,
-        unknown: UnknownAttempt,
+        unknown: &UnknownAttempt,
+        gateway: &Gateway,
         abandon: &CancellationToken,
     ) -> Result<Option<Disposition>, Abandoned> {
-        match self.provider.lookup(sms, unknown.started_at).await {
+        match gateway.provider.lookup(sms, unknown.started_at).await {
             Lookup::Found(accepted) => {
                 self.persist(abandon, || {
                     self.store
                         .adopt_attempt(job.id, unknown.attempt, &accepted.provider_message_id)
                 })
                 .await?;
-                self.count("sent", job.kind);
+                self.count("sent", job.kind, gateway.name);
                 tracing::info!(
                     attempt = unknown.attempt,
                     provider_message_id = %accepted.provider_message_id,
@@ -669,7 +803,7 @@ impl Pipeline {
                 UnknownOutcome::DeadLetter => {
                     self.persist(abandon, || self.store.fail_unknown(job.id))
                         .await?;
-                    self.count("failed", job.kind);
+                    self.count("failed", job.kind, gateway.name);
                     tracing::warn!(
                         attempt = unknown.attempt,
                         "outcome unknown and the provider cannot be asked; not sent again"
@@ -731,7 +865,7 @@ impl Pipeline {
         let count = messages.len();
         match broker.publish_fanout(job.id, job.kind, messages).await {
             Ok(()) => {
-                self.count("fanned_out", job.kind);
+                self.count("fanned_out", job.kind, self.gateways.default_gateway().name);
                 tracing::info!(recipients = count, "announcement fanned out");
                 Ok(Disposition::Ack)
             }

@@ -16,6 +16,8 @@ pub struct SchoolSettings {
     pub country: Option<String>,
     pub sender_id: Option<String>,
     pub provider: Option<String>,
+    /// Used when `provider` refuses for a reason it may not share, or its circuit is open.
+    pub fallback_provider: Option<String>,
     pub allow_confirmations: bool,
     pub allow_reminders: bool,
     pub allow_changes: bool,
@@ -62,6 +64,10 @@ pub enum Refusal {
     InvalidRecipient(PhoneError),
     #[error("invalid school sender_id: {0}")]
     InvalidSender(crate::phone::SenderIdError),
+    #[error("{segments} segments, more than the {max} allowed for this type")]
+    TooManySegments { segments: u32, max: u32 },
+    #[error("the school's provider '{0}' is not configured")]
+    UnknownProvider(String),
 }
 
 impl Refusal {
@@ -70,6 +76,8 @@ impl Refusal {
         match self {
             Refusal::InvalidRecipient(_) => "invalid_number",
             Refusal::InvalidSender(_) => "invalid_sender_id",
+            Refusal::TooManySegments { .. } => "too_many_segments",
+            Refusal::UnknownProvider(_) => "unknown_provider",
         }
     }
 }
@@ -99,6 +107,9 @@ pub struct Facts<'a> {
     /// The recipient normalised with the school's country (or why it could not be).
     pub recipient: &'a Result<PhoneNumber, PhoneError>,
     pub opted_out: bool,
+    /// How many segments the body takes, and the most the job's type may take.
+    pub segments: u32,
+    pub max_segments: Option<u32>,
     pub now: OffsetDateTime,
 }
 
@@ -136,6 +147,12 @@ pub fn decide(
             Err(e) => return Decision::Refuse(Refusal::InvalidSender(e)),
         },
     };
+    if let Some(max) = facts.max_segments.filter(|max| facts.segments > *max) {
+        return Decision::Refuse(Refusal::TooManySegments {
+            segments: facts.segments,
+            max,
+        });
+    }
     if let Some(until) = not_before.filter(|at| *at > facts.now) {
         return Decision::Defer { until };
     }
@@ -154,6 +171,7 @@ mod tests {
             country: Some("GB".into()),
             sender_id: None,
             provider: None,
+            fallback_provider: None,
             allow_confirmations: true,
             allow_reminders: true,
             allow_changes: true,
@@ -178,6 +196,8 @@ mod tests {
                 settings,
                 recipient: &recipient,
                 opted_out,
+                segments: 1,
+                max_segments: None,
                 now: NOW,
             },
         )
@@ -240,6 +260,8 @@ mod tests {
             settings: None,
             recipient: &recipient,
             opted_out: true,
+            segments: 1,
+            max_segments: None,
             now: NOW,
         };
         assert_eq!(
@@ -256,6 +278,8 @@ mod tests {
             settings: Some(&s),
             recipient: &recipient,
             opted_out: false,
+            segments: 1,
+            max_segments: None,
             now: NOW,
         };
         let later = datetime!(2026-11-25 11:00 UTC);
@@ -281,6 +305,8 @@ mod tests {
             settings: Some(&good),
             recipient: &recipient,
             opted_out: false,
+            segments: 1,
+            max_segments: None,
             now: NOW,
         };
         assert_eq!(
@@ -305,6 +331,32 @@ mod tests {
     }
 
     #[test]
+    fn a_text_over_its_types_segment_limit_is_refused() {
+        let recipient = number();
+        let s = school();
+        let facts = Facts {
+            settings: Some(&s),
+            recipient: &recipient,
+            opted_out: false,
+            segments: 2,
+            max_segments: Some(1),
+            now: NOW,
+        };
+        assert_eq!(
+            decide(JobType::LoginCode, None, None, &facts),
+            Decision::Refuse(Refusal::TooManySegments { segments: 2, max: 1 })
+        );
+        let facts = Facts {
+            max_segments: Some(2),
+            ..facts
+        };
+        assert!(matches!(
+            decide(JobType::LoginCode, None, None, &facts),
+            Decision::Send { .. }
+        ));
+    }
+
+    #[test]
     fn an_impossible_number_is_refused() {
         let recipient = PhoneNumber::parse("+44123", None);
         let s = school();
@@ -312,6 +364,8 @@ mod tests {
             settings: Some(&s),
             recipient: &recipient,
             opted_out: false,
+            segments: 1,
+            max_segments: None,
             now: NOW,
         };
         let decision = decide(JobType::LoginCode, None, None, &facts);

@@ -127,6 +127,7 @@ pub struct NewMessage<'a> {
     pub body: &'a str,
     pub context: Option<&'a Value>,
     pub provider: &'a str,
+    pub segments: Option<i32>,
     /// Replayed from the dead-letter queue: a `failed` message may be tried again.
     pub reopen_failed: bool,
 }
@@ -144,10 +145,12 @@ pub struct MessageState {
 }
 
 /// An attempt whose outcome is not known.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnknownAttempt {
     pub attempt: i32,
     pub started_at: OffsetDateTime,
+    /// The provider that was called: the one to ask.
+    pub provider: String,
 }
 
 /// The answer to "may I start an attempt?".
@@ -175,6 +178,37 @@ pub struct AttemptRecord<'a> {
     pub reason: Option<&'a str>,
 }
 
+/// A delivery receipt, as a webhook reports it.
+#[derive(Debug, Clone)]
+pub struct Receipt<'a> {
+    /// The provider type that sent it (`twilio`, `vonage`).
+    pub provider: &'a str,
+    pub provider_message_id: &'a str,
+    /// The provider's own status word.
+    pub provider_status: &'a str,
+    /// Ours, when the word maps onto one.
+    pub status: Option<MessageStatus>,
+    pub error_code: Option<&'a str>,
+    /// The recipient unsubscribed at the carrier (Twilio 21610).
+    pub opted_out: bool,
+}
+
+/// The message a receipt was applied to.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ReceiptApplied {
+    pub id: Uuid,
+    pub recipient: String,
+    pub school_id: i64,
+}
+
+/// How far along a status is; a receipt only ever moves a message forward.
+const RANK: &str = "CASE $S WHEN 'sent' THEN 1 WHEN 'undelivered' THEN 2 WHEN 'failed' THEN 2 \
+                    WHEN 'delivered' THEN 3 ELSE 0 END";
+
+fn rank(of: &str) -> String {
+    RANK.replace("$S", of)
+}
+
 /// A message row, as support reads it.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct MessageView {
@@ -190,6 +224,8 @@ pub struct MessageView {
     pub reason: Option<String>,
     pub provider: Option<String>,
     pub provider_message_id: Option<String>,
+    pub provider_status: Option<String>,
+    pub error_code: Option<String>,
     pub segments: Option<i32>,
     pub attempts: i32,
     pub created_at: OffsetDateTime,
@@ -383,10 +419,27 @@ impl Store {
         self.pool().close().await;
     }
 
+    /// Every provider name the schools' settings use (as provider or fallback), with the
+    /// schools (up to a few) that use it.
+    pub async fn school_provider_names(&self) -> Result<Vec<(String, String)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT name, string_agg(school_id::text, ', ' ORDER BY school_id)
+               FROM (SELECT trim(provider) AS name, school_id FROM sms_school_settings
+                      WHERE provider IS NOT NULL AND trim(provider) <> ''
+                     UNION
+                     SELECT trim(fallback_provider), school_id FROM sms_school_settings
+                      WHERE fallback_provider IS NOT NULL AND trim(fallback_provider) <> '') n
+              GROUP BY name",
+        )
+        .fetch_all(&self.pool())
+        .await?)
+    }
+
     pub async fn message_view(&self, id: Uuid) -> Result<Option<MessageView>, StoreError> {
         Ok(sqlx::query_as(
             "SELECT id, bulk_id, school_id, type, recipient, body, context, status, reason,
-                    provider, provider_message_id, segments, attempts, created_at, sent_at,
+                    provider, provider_message_id, provider_status, error_code, segments,
+                    attempts, created_at, sent_at,
                     delivered_at, updated_at
              FROM sms_messages WHERE id = $1",
         )
@@ -411,7 +464,7 @@ impl Store {
         school_id: i64,
     ) -> Result<Option<SchoolSettings>, StoreError> {
         let row = sqlx::query(
-            "SELECT school_id, sms_enabled, country, sender_id, provider,
+            "SELECT school_id, sms_enabled, country, sender_id, provider, fallback_provider,
                     allow_confirmations, allow_reminders, allow_changes,
                     allow_announcements, allow_login_codes
              FROM sms_school_settings WHERE school_id = $1",
@@ -430,6 +483,7 @@ impl Store {
             country: row.try_get("country")?,
             sender_id: row.try_get("sender_id")?,
             provider: row.try_get("provider")?,
+            fallback_provider: row.try_get("fallback_provider")?,
             allow_confirmations: flag("allow_confirmations")?,
             allow_reminders: flag("allow_reminders")?,
             allow_changes: flag("allow_changes")?,
@@ -475,7 +529,7 @@ impl Store {
 
     pub async fn message_state(&self, id: Uuid) -> Result<Option<MessageState>, StoreError> {
         let row = sqlx::query(
-            "SELECT m.status, m.attempts, a.started_at, a.outcome IS NULL AS open,
+            "SELECT m.status, m.attempts, a.started_at, a.provider, a.outcome IS NULL AS open,
                     a.outcome IS NULL OR a.outcome_unknown AS unknown
              FROM sms_messages m
              LEFT JOIN sms_attempts a ON a.message_id = m.id AND a.attempt = m.attempts
@@ -490,6 +544,7 @@ impl Store {
         let started: Option<OffsetDateTime> = row.try_get("started_at")?;
         let open = row.try_get::<Option<bool>, _>("open")?.unwrap_or(false);
         let unknown = row.try_get::<Option<bool>, _>("unknown")?.unwrap_or(false);
+        let provider: Option<String> = row.try_get("provider")?;
         Ok(Some(MessageState {
             status: MessageStatus::parse(&status)
                 .ok_or_else(|| StoreError::Corrupt(format!("unknown status '{status}'")))?,
@@ -500,6 +555,7 @@ impl Store {
                 .map(|started_at| UnknownAttempt {
                     attempt: attempts,
                     started_at,
+                    provider: provider.unwrap_or_default(),
                 }),
         }))
     }
@@ -515,9 +571,10 @@ impl Store {
     ) -> Result<Option<MessageState>, StoreError> {
         let done = sqlx::query(
             "INSERT INTO sms_messages
-                (id, bulk_id, school_id, type, recipient, body, context, status, reason, provider)
+                (id, bulk_id, school_id, type, recipient, body, context, status, reason, provider,
+                 segments)
              VALUES ($1, $2, $3, $4, $5,
-                     CASE WHEN $11 OR $8 = 'queued' THEN $6 END, $7, $8, $9, $10)
+                     CASE WHEN $11 OR $8 = 'queued' THEN $6 END, $7, $8, $9, $10, $13)
              ON CONFLICT (id) DO UPDATE
                 SET status = EXCLUDED.status, reason = EXCLUDED.reason, body = EXCLUDED.body,
                     updated_at = now()
@@ -536,6 +593,7 @@ impl Store {
         .bind(message.provider)
         .bind(self.keep_body)
         .bind(message.reopen_failed)
+        .bind(message.segments)
         .execute(&self.pool())
         .await?
         .rows_affected();
@@ -561,8 +619,8 @@ impl Store {
             "WITH claimed AS (
                 INSERT INTO sms_messages
                     (id, bulk_id, school_id, type, recipient, body, context, status, provider,
-                     attempts)
-                VALUES ($1, $2, $3, $4, $5, $6, $7, 'sending', $8, 1)
+                     attempts, segments)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, 'sending', $8, 1, $12)
                 ON CONFLICT (id) DO UPDATE
                     SET status = 'sending', attempts = sms_messages.attempts + 1,
                         provider = EXCLUDED.provider, recipient = EXCLUDED.recipient,
@@ -587,6 +645,7 @@ impl Store {
         .bind(take_over)
         .bind(message.reopen_failed)
         .bind(claim)
+        .bind(message.segments)
         .fetch_optional(&self.pool())
         .await?;
         if let Some(attempt) = attempt {
@@ -647,6 +706,80 @@ impl Store {
         .bind(record.outcome_unknown)
         .execute(&self.pool())
         .await?;
+        if let Some(sid) = record.provider_message_id {
+            self.apply_pending_receipts(id, sid).await?;
+        }
+        Ok(())
+    }
+
+    /// Records a receipt and moves its message forward (never back: `delivered` stays
+    /// `delivered`). `None` when no sent message has that provider id yet: the receipt is
+    /// kept and applied when the send's own record lands.
+    pub async fn apply_receipt(
+        &self,
+        receipt: &Receipt<'_>,
+    ) -> Result<Option<ReceiptApplied>, StoreError> {
+        let sql = format!(
+            "WITH kept AS (
+                INSERT INTO sms_receipts
+                    (provider, provider_message_id, provider_status, status, error_code)
+                VALUES ($1, $2, $3, $4, $5)
+             )
+             UPDATE sms_messages m
+                SET status = CASE WHEN {new} > {old} THEN $4 ELSE m.status END,
+                    provider_status = CASE WHEN {new} >= {old} THEN $3 ELSE m.provider_status END,
+                    error_code = COALESCE($5, m.error_code),
+                    delivered_at = CASE WHEN $4 = 'delivered' AND {new} > {old} THEN now()
+                                        ELSE m.delivered_at END,
+                    updated_at = now()
+              WHERE m.provider_message_id = $2
+                AND m.status IN ('sent', 'delivered', 'undelivered', 'failed')
+              RETURNING m.id, m.recipient, m.school_id",
+            new = rank("$4"),
+            old = rank("m.status"),
+        );
+        Ok(sqlx::query_as(&sql)
+            .bind(receipt.provider)
+            .bind(receipt.provider_message_id)
+            .bind(receipt.provider_status)
+            .bind(receipt.status.map(MessageStatus::as_str))
+            .bind(receipt.error_code)
+            .fetch_optional(&self.pool())
+            .await?)
+    }
+
+    /// Applies receipts that came before the message's own record had the provider id.
+    async fn apply_pending_receipts(&self, id: Uuid, provider_message_id: &str) -> Result<(), StoreError> {
+        let sql = format!(
+            "UPDATE sms_messages m
+                SET status = r.status, provider_status = r.provider_status,
+                    error_code = COALESCE(r.error_code, m.error_code),
+                    delivered_at = CASE WHEN r.status = 'delivered' THEN r.received_at
+                                        ELSE m.delivered_at END,
+                    updated_at = now()
+               FROM (SELECT status, provider_status, error_code, received_at FROM sms_receipts
+                      WHERE provider_message_id = $2 AND status IS NOT NULL
+                      ORDER BY {rank_inner} DESC, id DESC LIMIT 1) r
+              WHERE m.id = $1 AND {rank_r} > {rank_m}",
+            rank_inner = rank("status"),
+            rank_r = rank("r.status"),
+            rank_m = rank("m.status"),
+        );
+        sqlx::query(&sql)
+            .bind(id)
+            .bind(provider_message_id)
+            .execute(&self.pool())
+            .await?;
+        Ok(())
+    }
+
+    /// START: removes the opt-outs a carrier or an inbound STOP made for `phone` (not the
+    /// ones the web app wrote: those are the user's settings there).
+    pub async fn remove_carrier_opt_outs(&self, phone: &PhoneNumber) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM sms_opt_outs WHERE phone = $1 AND source IN ('inbound', 'provider')")
+            .bind(phone.as_str())
+            .execute(&self.pool())
+            .await?;
         Ok(())
     }
 
@@ -690,6 +823,6 @@ impl Store {
         .bind(self.keep_body)
         .execute(&self.pool())
         .await?;
-        Ok(())
+        self.apply_pending_receipts(id, provider_message_id).await
     }
 }

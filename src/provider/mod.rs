@@ -6,17 +6,21 @@
 
 mod log;
 mod twilio;
+mod vonage;
 
 use std::time::Duration;
 
 use uuid::Uuid;
 
+use std::sync::Arc;
+
 use crate::{
-    config::{ProviderKind, Settings},
+    circuit::Circuit,
+    config::{ProviderKindSettings, ProviderSettings, Settings},
     phone::{PhoneNumber, SenderId},
 };
 
-pub use self::{log::LogProvider, twilio::Twilio};
+pub use self::{log::LogProvider, twilio::Twilio, vonage::Vonage};
 
 /// One text to hand to a provider.
 #[derive(Debug, Clone)]
@@ -76,6 +80,9 @@ pub enum ProviderError {
         message: String,
         /// The recipient has unsubscribed at the carrier (Twilio 21610): record an opt-out.
         recipient_opted_out: bool,
+        /// The refusal is about our account, credentials, sender or route with this
+        /// provider, not about the recipient: another gateway may send it.
+        other_gateway_may_succeed: bool,
     },
     /// A 2xx answer we cannot read (no message id, HTML, truncated JSON): the message may
     /// or may not have been taken.
@@ -161,6 +168,16 @@ impl ProviderError {
         }
     }
 
+    pub fn other_gateway_may_succeed(&self) -> bool {
+        matches!(
+            self,
+            ProviderError::Rejected {
+                other_gateway_may_succeed: true,
+                ..
+            }
+        )
+    }
+
     pub fn recipient_opted_out(&self) -> bool {
         matches!(
             self,
@@ -190,49 +207,43 @@ pub enum Lookup {
 pub enum Provider {
     Log(LogProvider),
     Twilio(Twilio),
+    Vonage(Vonage),
 }
 
 /// Error building a provider from settings.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot set up the {provider} provider: {reason}")]
+#[error("cannot set up the provider '{provider}': {reason}")]
 pub struct ProviderSetupError {
-    provider: &'static str,
+    provider: String,
     reason: String,
 }
 
 impl Provider {
-    pub fn from_settings(settings: &Settings) -> Result<Self, ProviderSetupError> {
-        match (settings.provider, &settings.twilio) {
-            (ProviderKind::Log, _) => Ok(Provider::Log(LogProvider)),
-            (ProviderKind::Twilio, Some(twilio)) => Twilio::new(
-                twilio,
-                settings.public_url.as_deref(),
-                settings.provider_timeout,
-            )
-            .map(Provider::Twilio)
-            .map_err(|e| ProviderSetupError {
-                provider: "twilio",
-                reason: e.to_string(),
-            }),
-            (ProviderKind::Twilio, None) => Err(ProviderSetupError {
-                provider: "twilio",
-                reason: "no Twilio settings".into(),
-            }),
-        }
-    }
-
-    /// The name recorded in `sms_messages.provider` and `sms_attempts.provider`.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Provider::Log(_) => "log",
-            Provider::Twilio(_) => "twilio",
-        }
+    pub fn new(
+        settings: &ProviderSettings,
+        public_url: Option<&str>,
+        timeout: Duration,
+    ) -> Result<Self, ProviderSetupError> {
+        let failed = |e: reqwest::Error| ProviderSetupError {
+            provider: settings.name.clone(),
+            reason: e.to_string(),
+        };
+        Ok(match &settings.kind {
+            ProviderKindSettings::Log => Provider::Log(LogProvider),
+            ProviderKindSettings::Twilio(twilio) => {
+                Provider::Twilio(Twilio::new(twilio, public_url, timeout).map_err(failed)?)
+            }
+            ProviderKindSettings::Vonage(vonage) => {
+                Provider::Vonage(Vonage::new(vonage, public_url, timeout).map_err(failed)?)
+            }
+        })
     }
 
     pub async fn send(&self, sms: &OutboundSms<'_>) -> Result<Accepted, ProviderError> {
         match self {
             Provider::Log(p) => p.send(sms).await,
             Provider::Twilio(p) => p.send(sms).await,
+            Provider::Vonage(p) => p.send(sms).await,
         }
     }
 
@@ -242,7 +253,76 @@ impl Provider {
         match self {
             Provider::Log(_) => Lookup::Unsupported,
             Provider::Twilio(p) => p.lookup(sms, since).await,
+            // Vonage's SMS API offers no search by recipient.
+            Provider::Vonage(_) => Lookup::Unsupported,
         }
+    }
+}
+
+/// A configured provider: its name (as recorded in the log), its adapter and its
+/// circuit breaker.
+#[derive(Debug)]
+pub struct Gateway {
+    pub name: &'static str,
+    pub provider: Provider,
+    pub circuit: Circuit,
+    pub settings: ProviderSettings,
+}
+
+/// Every configured gateway, by name.
+#[derive(Debug)]
+pub struct Gateways {
+    all: Vec<Arc<Gateway>>,
+    default: usize,
+}
+
+impl Gateways {
+    pub fn from_settings(settings: &Settings) -> Result<Self, ProviderSetupError> {
+        let mut all = Vec::new();
+        for provider in &settings.providers {
+            // A handful of names, made once at start-up: they label metrics for the
+            // process's whole life.
+            let name: &'static str = Box::leak(provider.name.clone().into_boxed_str());
+            all.push(Arc::new(Gateway {
+                name,
+                provider: Provider::new(
+                    provider,
+                    settings.public_url.as_deref(),
+                    settings.provider_timeout,
+                )?,
+                circuit: Circuit::new(
+                    name,
+                    settings.circuit_threshold,
+                    settings.circuit_cooldown,
+                    settings.provider_timeout * 2,
+                ),
+                settings: provider.clone(),
+            }));
+        }
+        let default = all
+            .iter()
+            .position(|g| g.name == settings.default_provider)
+            .ok_or_else(|| ProviderSetupError {
+                provider: settings.default_provider.clone(),
+                reason: "no such provider is configured".into(),
+            })?;
+        Ok(Gateways { all, default })
+    }
+
+    pub fn default_gateway(&self) -> &Arc<Gateway> {
+        &self.all[self.default]
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Gateway>> {
+        self.all.iter().find(|g| g.name == name)
+    }
+
+    pub fn all(&self) -> &[Arc<Gateway>] {
+        &self.all
+    }
+
+    pub fn names(&self) -> Vec<&'static str> {
+        self.all.iter().map(|g| g.name).collect()
     }
 }
 
@@ -286,6 +366,7 @@ mod tests {
             code: Some("21211".into()),
             message: "invalid To".into(),
             recipient_opted_out: false,
+            other_gateway_may_succeed: false,
         };
         assert!(!rejected.is_retryable());
         assert!(

@@ -23,6 +23,11 @@ const MAX_VALIDITY_SECS: u64 = 36_000;
 const CODE_UNSUBSCRIBED: &str = "21610";
 /// Too many requests.
 const CODE_TOO_MANY_REQUESTS: &str = "20429";
+/// Refusals about our account, credentials, sender or route, not the recipient: another
+/// gateway may succeed (authentication, region not enabled, From not valid for To,
+/// unverified trial number, unreachable route, From not a valid/our number).
+const OTHER_GATEWAY_MAY_SUCCEED: &[&str] =
+    &["20003", "21408", "21606", "21608", "21612", "21659", "21660"];
 
 #[derive(Debug, Clone)]
 pub struct Twilio {
@@ -311,11 +316,15 @@ fn interpret(
         });
     }
     let recipient_opted_out = code.as_deref() == Some(CODE_UNSUBSCRIBED);
+    let other_gateway_may_succeed = code
+        .as_deref()
+        .is_some_and(|c| OTHER_GATEWAY_MAY_SUCCEED.contains(&c));
     Err(ProviderError::Rejected {
         http_status,
         message: message.unwrap_or_else(|| format!("HTTP {http_status}")),
         code,
         recipient_opted_out,
+        other_gateway_may_succeed,
     })
 }
 

@@ -8,7 +8,14 @@ use std::{collections::HashMap, fmt, net::SocketAddr, str::FromStr, time::Durati
 
 use secrecy::SecretString;
 
-use crate::phone::PhoneNumber;
+use crate::{job::JobType, phone::PhoneNumber};
+
+mod providers;
+
+pub use providers::{
+    DEFAULT_TWILIO_BASE_URL, DEFAULT_VONAGE_BASE_URL, ProviderKindSettings, ProviderSettings,
+    SignatureMethod, VonageSettings,
+};
 
 /// Where this daemon runs; decides what is allowed to reach a real phone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,23 +31,6 @@ impl Environment {
             Environment::Development => "development",
             Environment::Staging => "staging",
             Environment::Production => "production",
-        }
-    }
-}
-
-/// Which adapter sends the messages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProviderKind {
-    /// Logs one masked line per message and sends nothing.
-    Log,
-    Twilio,
-}
-
-impl ProviderKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ProviderKind::Log => "log",
-            ProviderKind::Twilio => "twilio",
         }
     }
 }
@@ -87,8 +77,12 @@ pub struct Settings {
     pub http_addr: SocketAddr,
     /// Base URL that providers call back; `None` means no status callbacks are asked for.
     pub public_url: Option<String>,
-    pub provider: ProviderKind,
-    pub twilio: Option<TwilioSettings>,
+    /// Every configured provider (one from the environment, or several from `SMSGW_CONFIG`).
+    pub providers: Vec<ProviderSettings>,
+    /// Used for schools whose settings name none.
+    pub default_provider: String,
+    /// Most segments a text of a type may have; longer ones fail before any call.
+    pub max_segments: HashMap<JobType, u32>,
     /// Staging: every message goes to this one number instead of its recipient.
     pub redirect_to: Option<PhoneNumber>,
     pub max_attempts: u32,
@@ -129,14 +123,12 @@ pub struct ConfigError {
     pub problem: String,
 }
 
-fn bad(variable: &'static str, problem: impl Into<String>) -> ConfigError {
+pub(crate) fn bad(variable: &'static str, problem: impl Into<String>) -> ConfigError {
     ConfigError {
         variable,
         problem: problem.into(),
     }
 }
-
-pub const DEFAULT_TWILIO_BASE_URL: &str = "https://api.twilio.com";
 
 /// Every environment variable smsgw reads (besides `RUST_LOG`).
 pub const VARIABLES: &[&str] = &[
@@ -169,6 +161,14 @@ pub const VARIABLES: &[&str] = &[
     "SMSGW_UNKNOWN_OUTCOME",
     "SMSGW_CIRCUIT_THRESHOLD",
     "SMSGW_CIRCUIT_COOLDOWN",
+    "SMSGW_CONFIG",
+    "SMSGW_MAX_SEGMENTS",
+    "VONAGE_API_KEY",
+    "VONAGE_API_SECRET",
+    "VONAGE_FROM",
+    "VONAGE_SIGNATURE_SECRET",
+    "VONAGE_SIGNATURE_METHOD",
+    "SMSGW_VONAGE_BASE_URL",
 ];
 
 impl Settings {
@@ -213,30 +213,47 @@ impl Settings {
             }
         };
 
-        let provider = match get("SMSGW_PROVIDER").as_deref() {
-            None if env == Environment::Production && delivery => {
-                return Err(bad(
-                    "SMSGW_PROVIDER",
-                    "production needs a real provider (e.g. twilio); the log provider sends nothing",
-                ));
+        let provider_config = if !delivery {
+            providers::ProviderConfig {
+                providers: vec![ProviderSettings {
+                    name: "log".into(),
+                    kind: ProviderKindSettings::Log,
+                    rate: None,
+                }],
+                default_provider: "log".into(),
+                max_segments: Default::default(),
             }
-            None | Some("log") => ProviderKind::Log,
-            Some("twilio") => ProviderKind::Twilio,
-            Some(other) => {
-                return Err(bad(
-                    "SMSGW_PROVIDER",
-                    format!("unknown provider '{other}' (known: log, twilio)"),
-                ));
-            }
+        } else if let Some(path) = get("SMSGW_CONFIG") {
+            providers::from_file(&get, &path, get("SMSGW_PROVIDER"))?
+        } else {
+            let kind = match get("SMSGW_PROVIDER") {
+                None if env == Environment::Production => {
+                    return Err(bad(
+                        "SMSGW_PROVIDER",
+                        "production needs a real provider (e.g. twilio); the log provider \
+                         sends nothing",
+                    ));
+                }
+                None => "log".to_owned(),
+                Some(kind) => kind.trim().to_owned(),
+            };
+            providers::from_env(&get, &kind)?
         };
-        if env == Environment::Production && provider == ProviderKind::Log && delivery {
+        if env == Environment::Production
+            && delivery
+            && let Some(log) = provider_config
+                .providers
+                .iter()
+                .find(|p| matches!(p.kind, ProviderKindSettings::Log))
+        {
             return Err(bad(
                 "SMSGW_PROVIDER",
-                "production refuses the log provider: it would silently send nothing",
+                format!(
+                    "production refuses the log provider ('{}'): it would silently send nothing",
+                    log.name
+                ),
             ));
         }
-
-        let twilio = read_twilio(&get, provider == ProviderKind::Twilio)?;
 
         let redirect_to = match get("SMSGW_REDIRECT_TO") {
             None => None,
@@ -253,17 +270,48 @@ impl Settings {
                 "is for staging; production never redirects messages",
             ));
         }
-        if let Some(twilio) = &twilio {
-            let real = twilio.base_url.trim_end_matches('/') == DEFAULT_TWILIO_BASE_URL;
-            if env != Environment::Production && real && redirect_to.is_none() {
-                return Err(bad(
-                    "SMSGW_REDIRECT_TO",
-                    format!(
-                        "{} with Twilio's real API would text real people: set SMSGW_REDIRECT_TO \
-                         to your own number (or use SMSGW_PROVIDER=log)",
-                        env.as_str()
-                    ),
-                ));
+        if env != Environment::Production
+            && redirect_to.is_none()
+            && let Some(real) = provider_config
+                .providers
+                .iter()
+                .find(|p| p.reaches_real_phones())
+        {
+            return Err(bad(
+                "SMSGW_REDIRECT_TO",
+                format!(
+                    "{}: provider {} would text real people: set SMSGW_REDIRECT_TO to your own \
+                     number (or use SMSGW_PROVIDER=log)",
+                    env.as_str(),
+                    real.describe()
+                ),
+            ));
+        }
+
+        let mut max_segments = HashMap::new();
+        for (name, limit) in &provider_config.max_segments {
+            let kind = JobType::parse(name).ok_or_else(|| {
+                bad("SMSGW_CONFIG", format!("max_segments: '{name}' is not a job type"))
+            })?;
+            max_segments.insert(kind, *limit);
+        }
+        if let Some(raw) = get("SMSGW_MAX_SEGMENTS") {
+            for part in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                let (name, limit) = part.split_once(':').ok_or_else(|| {
+                    bad("SMSGW_MAX_SEGMENTS", format!("'{part}' is not TYPE:NUMBER"))
+                })?;
+                let kind = JobType::parse(name.trim()).ok_or_else(|| {
+                    bad("SMSGW_MAX_SEGMENTS", format!("'{name}' is not a job type"))
+                })?;
+                let limit: u32 = limit
+                    .trim()
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=100).contains(n))
+                    .ok_or_else(|| {
+                        bad("SMSGW_MAX_SEGMENTS", format!("'{part}': a limit from 1 to 100"))
+                    })?;
+                max_segments.insert(kind, limit);
             }
         }
 
@@ -313,8 +361,9 @@ impl Settings {
                 .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/smsgw".to_owned()),
             http_addr: parsed(&get, "SMSGW_HTTP_ADDR", "127.0.0.1:9464")?,
             public_url,
-            provider,
-            twilio,
+            providers: provider_config.providers,
+            default_provider: provider_config.default_provider,
+            max_segments,
             redirect_to,
             max_attempts: number(&get, "SMSGW_MAX_ATTEMPTS", 6, 1, 100)?,
             retry_delays,
@@ -371,95 +420,50 @@ impl Settings {
     /// One line that says where messages will really go. Printed at start-up in every mode.
     pub fn destination_summary(&self) -> String {
         let env = self.env.as_str();
-        match (self.provider, &self.twilio) {
-            (ProviderKind::Log, _) => {
-                format!("{env}: provider 'log': messages are written to the log, none is sent")
-            }
-            (ProviderKind::Twilio, Some(twilio)) => {
-                let api = if twilio.base_url.trim_end_matches('/') == DEFAULT_TWILIO_BASE_URL {
-                    "Twilio's API".to_owned()
-                } else {
-                    format!("a Twilio-compatible endpoint at {}", twilio.base_url)
-                };
-                match &self.redirect_to {
-                    Some(number) => format!(
-                        "{env}: provider 'twilio' via {api}: every message is redirected to {}",
-                        number.masked()
-                    ),
-                    None => format!(
-                        "{env}: provider 'twilio' via {api}: messages go to their real recipients"
-                    ),
-                }
-            }
-            (ProviderKind::Twilio, None) => format!("{env}: provider 'twilio' is not configured"),
+        if self
+            .providers
+            .iter()
+            .all(|p| matches!(p.kind, ProviderKindSettings::Log))
+        {
+            return format!(
+                "{env}: provider '{}': messages are written to the log, none is sent",
+                self.default_provider
+            );
         }
+        let list: Vec<String> = self.providers.iter().map(|p| p.describe()).collect();
+        let which = if self.providers.len() == 1 {
+            format!("provider {}", list.join(""))
+        } else {
+            format!(
+                "providers {} (default '{}')",
+                list.join(", "),
+                self.default_provider
+            )
+        };
+        match &self.redirect_to {
+            Some(number) => format!(
+                "{env}: {which}: every message is redirected to {}",
+                number.masked()
+            ),
+            None => format!("{env}: {which}: messages go to their real recipients"),
+        }
+    }
+
+    /// The provider used when a school names none.
+    pub fn default_provider_settings(&self) -> Option<&ProviderSettings> {
+        self.providers
+            .iter()
+            .find(|p| p.name == self.default_provider)
     }
 }
 
 /// Variables that decide where messages go; tools that send nothing ignore them.
 fn is_delivery_variable(name: &str) -> bool {
-    name == "SMSGW_PROVIDER" || name == "SMSGW_REDIRECT_TO" || name.starts_with("TWILIO_")
-}
-
-fn read_twilio(
-    get: &impl Fn(&str) -> Option<String>,
-    required: bool,
-) -> Result<Option<TwilioSettings>, ConfigError> {
-    if !required {
-        return Ok(None);
-    }
-    let account_sid = get("TWILIO_ACCOUNT_SID")
-        .ok_or_else(|| bad("TWILIO_ACCOUNT_SID", "is required by the twilio provider"))?;
-    if !(account_sid.len() == 34
-        && account_sid.starts_with("AC")
-        && account_sid[2..].chars().all(|c| c.is_ascii_hexdigit()))
-    {
-        return Err(bad(
-            "TWILIO_ACCOUNT_SID",
-            "is not an account SID (AC followed by 32 hex digits)",
-        ));
-    }
-    let auth_token = get("TWILIO_AUTH_TOKEN")
-        .ok_or_else(|| bad("TWILIO_AUTH_TOKEN", "is required by the twilio provider"))?;
-    let sender = match (get("TWILIO_FROM"), get("TWILIO_MESSAGING_SERVICE_SID")) {
-        (Some(from), None) => TwilioSender::From(from),
-        (None, Some(sid)) => {
-            if !(sid.len() == 34
-                && sid.starts_with("MG")
-                && sid[2..].chars().all(|c| c.is_ascii_hexdigit()))
-            {
-                return Err(bad(
-                    "TWILIO_MESSAGING_SERVICE_SID",
-                    "is not a messaging service SID (MG followed by 32 hex digits)",
-                ));
-            }
-            TwilioSender::MessagingService(sid)
-        }
-        (Some(_), Some(_)) => {
-            return Err(bad(
-                "TWILIO_FROM",
-                "set either TWILIO_FROM or TWILIO_MESSAGING_SERVICE_SID, not both",
-            ));
-        }
-        (None, None) => {
-            return Err(bad(
-                "TWILIO_FROM",
-                "the twilio provider needs TWILIO_FROM or TWILIO_MESSAGING_SERVICE_SID",
-            ));
-        }
-    };
-    let base_url = get("SMSGW_TWILIO_BASE_URL")
-        .unwrap_or_else(|| DEFAULT_TWILIO_BASE_URL.to_owned())
-        .trim_end_matches('/')
-        .to_owned();
-    reqwest::Url::parse(&base_url)
-        .map_err(|e| bad("SMSGW_TWILIO_BASE_URL", format!("not a URL: {e}")))?;
-    Ok(Some(TwilioSettings {
-        account_sid,
-        auth_token: SecretString::from(auth_token),
-        sender,
-        base_url,
-    }))
+    matches!(
+        name,
+        "SMSGW_PROVIDER" | "SMSGW_REDIRECT_TO" | "SMSGW_CONFIG" | "SMSGW_MAX_SEGMENTS"
+    ) || name.starts_with("TWILIO_")
+        || name.starts_with("VONAGE_")
 }
 
 /// Parses `10s,1m,5m` into durations: each at least 1 ms, at most 24 h, strictly growing.
@@ -560,7 +564,7 @@ mod tests {
     fn development_defaults_to_the_log_provider() {
         let s = settings(&[]).expect("defaults are valid");
         assert_eq!(s.env, Environment::Development);
-        assert_eq!(s.provider, ProviderKind::Log);
+        assert_eq!(s.default_provider, "log");
         assert_eq!(s.max_attempts, 6);
         assert_eq!(s.retry_delays.len(), 5);
         assert!(s.destination_summary().contains("none is sent"));
@@ -645,7 +649,7 @@ mod tests {
                 "{name} is read but not listed"
             );
         }
-        let readme = include_str!("../README.md");
+        let readme = include_str!("../../README.md");
         for name in VARIABLES {
             assert!(readme.contains(name), "{name} is not in the README");
         }

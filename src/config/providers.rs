@@ -1,0 +1,414 @@
+//! Provider settings: one provider from the environment (`SMSGW_PROVIDER` with `TWILIO_*`
+//! or `VONAGE_*`), or several named ones from the TOML file in `SMSGW_CONFIG`:
+//!
+//! ```toml
+//! default_provider = "twilio"
+//!
+//! [max_segments]
+//! login_code = 1
+//!
+//! [providers.twilio]
+//! type = "twilio"
+//! account_sid = "AC0123456789abcdef0123456789abcdef"
+//! auth_token = { env = "TWILIO_AUTH_TOKEN" }      # secrets only by environment reference
+//! messaging_service_sid = "MG0123456789abcdef0123456789abcdef"
+//! rate = 50                                        # messages per second
+//!
+//! [providers.vonage]
+//! type = "vonage"
+//! api_key = { env = "VONAGE_API_KEY" }
+//! api_secret = { env = "VONAGE_API_SECRET" }
+//! from = "DriveSafe"
+//! signature_secret = { env = "VONAGE_SIGNATURE_SECRET" }
+//! ```
+
+use std::collections::BTreeMap;
+
+use secrecy::SecretString;
+use serde::Deserialize;
+
+use super::{ConfigError, TwilioSender, TwilioSettings, bad};
+
+pub const DEFAULT_TWILIO_BASE_URL: &str = "https://api.twilio.com";
+pub const DEFAULT_VONAGE_BASE_URL: &str = "https://rest.nexmo.com";
+
+/// How Vonage signs its webhooks (the account's "signature method").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignatureMethod {
+    Sha256,
+    Sha512,
+}
+
+/// Vonage's SMS API.
+#[derive(Debug, Clone)]
+pub struct VonageSettings {
+    pub api_key: String,
+    pub api_secret: SecretString,
+    /// Default sender (number or alphanumeric); a school's `sender_id` overrides it.
+    pub from: String,
+    pub base_url: String,
+    /// Checks signed delivery receipts.
+    pub signature_secret: Option<SecretString>,
+    pub signature_method: SignatureMethod,
+}
+
+#[derive(Debug, Clone)]
+pub enum ProviderKindSettings {
+    Log,
+    Twilio(TwilioSettings),
+    Vonage(VonageSettings),
+}
+
+/// One named provider.
+#[derive(Debug, Clone)]
+pub struct ProviderSettings {
+    pub name: String,
+    pub kind: ProviderKindSettings,
+    /// Most calls per second to this provider (also bounded by `SMSGW_RATE_LIMIT`).
+    pub rate: Option<u32>,
+}
+
+impl ProviderSettings {
+    pub fn type_name(&self) -> &'static str {
+        match self.kind {
+            ProviderKindSettings::Log => "log",
+            ProviderKindSettings::Twilio(_) => "twilio",
+            ProviderKindSettings::Vonage(_) => "vonage",
+        }
+    }
+
+    /// Whether this provider reaches real phones: a real API, not the log and not a stub.
+    pub fn reaches_real_phones(&self) -> bool {
+        match &self.kind {
+            ProviderKindSettings::Log => false,
+            ProviderKindSettings::Twilio(t) => t.base_url == DEFAULT_TWILIO_BASE_URL,
+            ProviderKindSettings::Vonage(v) => v.base_url == DEFAULT_VONAGE_BASE_URL,
+        }
+    }
+
+    /// Where this provider sends, for the start-up line.
+    pub fn describe(&self) -> String {
+        match &self.kind {
+            ProviderKindSettings::Log => format!("'{}' (log: nothing is sent)", self.name),
+            ProviderKindSettings::Twilio(t) if self.reaches_real_phones() => {
+                format!("'{}' via Twilio's API", self.name)
+            }
+            ProviderKindSettings::Twilio(t) => {
+                format!("'{}' via a Twilio-compatible endpoint at {}", self.name, t.base_url)
+            }
+            ProviderKindSettings::Vonage(_) if self.reaches_real_phones() => {
+                format!("'{}' via Vonage's API", self.name)
+            }
+            ProviderKindSettings::Vonage(v) => {
+                format!("'{}' via a Vonage-compatible endpoint at {}", self.name, v.base_url)
+            }
+        }
+    }
+}
+
+/// A value in the file: literal, or `{ env = "NAME" }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum FileValue {
+    Plain(String),
+    Env { env: String },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    default_provider: Option<String>,
+    #[serde(default)]
+    max_segments: BTreeMap<String, u32>,
+    #[serde(default)]
+    providers: BTreeMap<String, FileProvider>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+enum FileProvider {
+    Log {
+        rate: Option<u32>,
+    },
+    Twilio {
+        account_sid: FileValue,
+        auth_token: FileValue,
+        from: Option<FileValue>,
+        messaging_service_sid: Option<FileValue>,
+        base_url: Option<String>,
+        rate: Option<u32>,
+    },
+    Vonage {
+        api_key: FileValue,
+        api_secret: FileValue,
+        from: FileValue,
+        signature_secret: Option<FileValue>,
+        signature_method: Option<String>,
+        base_url: Option<String>,
+        rate: Option<u32>,
+    },
+}
+
+/// The providers and which one is the default.
+#[derive(Debug, Clone)]
+pub(super) struct ProviderConfig {
+    pub providers: Vec<ProviderSettings>,
+    pub default_provider: String,
+    pub max_segments: BTreeMap<String, u32>,
+}
+
+type Get<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+fn plain(get: Get<'_>, value: &FileValue, what: &str) -> Result<String, ConfigError> {
+    match value {
+        FileValue::Plain(text) => Ok(text.clone()),
+        FileValue::Env { env } => get(env).ok_or_else(|| {
+            bad(
+                "SMSGW_CONFIG",
+                format!("{what} comes from ${env}, which is not set"),
+            )
+        }),
+    }
+}
+
+fn secret(get: Get<'_>, value: &FileValue, what: &str) -> Result<SecretString, ConfigError> {
+    match value {
+        FileValue::Plain(_) => Err(bad(
+            "SMSGW_CONFIG",
+            format!("{what} is a secret: give it as {{ env = \"VARIABLE\" }}, not in the file"),
+        )),
+        FileValue::Env { .. } => Ok(SecretString::from(plain(get, value, what)?)),
+    }
+}
+
+fn is_hex_sid(sid: &str, prefix: &str) -> bool {
+    sid.len() == 34 && sid.starts_with(prefix) && sid[2..].chars().all(|c| c.is_ascii_hexdigit())
+}
+
+fn base_url(raw: Option<String>, default: &str, variable: &'static str) -> Result<String, ConfigError> {
+    let url = raw
+        .unwrap_or_else(|| default.to_owned())
+        .trim_end_matches('/')
+        .to_owned();
+    reqwest::Url::parse(&url).map_err(|e| bad(variable, format!("not a URL: {e}")))?;
+    Ok(url)
+}
+
+fn twilio(
+    name: &str,
+    account_sid: String,
+    auth_token: SecretString,
+    from: Option<String>,
+    messaging_service_sid: Option<String>,
+    base: Option<String>,
+    variable: &'static str,
+) -> Result<TwilioSettings, ConfigError> {
+    if !is_hex_sid(&account_sid, "AC") {
+        return Err(bad(
+            variable,
+            format!("{name}: the account SID is not AC followed by 32 hex digits"),
+        ));
+    }
+    let sender = match (from, messaging_service_sid) {
+        (Some(from), None) => TwilioSender::From(from),
+        (None, Some(sid)) if is_hex_sid(&sid, "MG") => TwilioSender::MessagingService(sid),
+        (None, Some(_)) => {
+            return Err(bad(
+                variable,
+                format!("{name}: the messaging service SID is not MG followed by 32 hex digits"),
+            ));
+        }
+        (Some(_), Some(_)) => {
+            return Err(bad(
+                variable,
+                format!("{name}: give a from number or a messaging service SID, not both"),
+            ));
+        }
+        (None, None) => {
+            return Err(bad(
+                variable,
+                format!("{name}: needs a from number or a messaging service SID"),
+            ));
+        }
+    };
+    Ok(TwilioSettings {
+        account_sid,
+        auth_token,
+        sender,
+        base_url: base_url(base, DEFAULT_TWILIO_BASE_URL, variable)?,
+    })
+}
+
+fn signature_method(raw: Option<&str>, variable: &'static str) -> Result<SignatureMethod, ConfigError> {
+    match raw.map(str::trim) {
+        None | Some("sha256") => Ok(SignatureMethod::Sha256),
+        Some("sha512") => Ok(SignatureMethod::Sha512),
+        Some(other) => Err(bad(
+            variable,
+            format!("signature method '{other}' is not one of sha256, sha512"),
+        )),
+    }
+}
+
+/// The single provider named by `SMSGW_PROVIDER`, configured from the environment.
+pub(super) fn from_env(get: Get<'_>, kind: &str) -> Result<ProviderConfig, ConfigError> {
+    let required = |name: &'static str, by: &str| {
+        get(name).ok_or_else(|| bad(name, format!("is required by the {by} provider")))
+    };
+    let provider = match kind {
+        "log" => ProviderKindSettings::Log,
+        "twilio" => {
+            let from = get("TWILIO_FROM");
+            let service = get("TWILIO_MESSAGING_SERVICE_SID");
+            let variable = if service.is_some() && from.is_none() {
+                "TWILIO_MESSAGING_SERVICE_SID"
+            } else {
+                "TWILIO_FROM"
+            };
+            let account_sid = required("TWILIO_ACCOUNT_SID", "twilio")?;
+            if !is_hex_sid(&account_sid, "AC") {
+                return Err(bad(
+                    "TWILIO_ACCOUNT_SID",
+                    "is not an account SID (AC followed by 32 hex digits)",
+                ));
+            }
+            let token = SecretString::from(required("TWILIO_AUTH_TOKEN", "twilio")?);
+            ProviderKindSettings::Twilio(twilio(
+                "twilio",
+                account_sid,
+                token,
+                from,
+                service,
+                get("SMSGW_TWILIO_BASE_URL"),
+                variable,
+            )?)
+        }
+        "vonage" => ProviderKindSettings::Vonage(VonageSettings {
+            api_key: required("VONAGE_API_KEY", "vonage")?,
+            api_secret: SecretString::from(required("VONAGE_API_SECRET", "vonage")?),
+            from: required("VONAGE_FROM", "vonage")?,
+            base_url: base_url(
+                get("SMSGW_VONAGE_BASE_URL"),
+                DEFAULT_VONAGE_BASE_URL,
+                "SMSGW_VONAGE_BASE_URL",
+            )?,
+            signature_secret: get("VONAGE_SIGNATURE_SECRET").map(SecretString::from),
+            signature_method: signature_method(
+                get("VONAGE_SIGNATURE_METHOD").as_deref(),
+                "VONAGE_SIGNATURE_METHOD",
+            )?,
+        }),
+        other => {
+            return Err(bad(
+                "SMSGW_PROVIDER",
+                format!("unknown provider '{other}' (known: log, twilio, vonage)"),
+            ));
+        }
+    };
+    Ok(ProviderConfig {
+        providers: vec![ProviderSettings {
+            name: kind.to_owned(),
+            kind: provider,
+            rate: None,
+        }],
+        default_provider: kind.to_owned(),
+        max_segments: BTreeMap::new(),
+    })
+}
+
+/// The named providers of the TOML file at `path`; `default` (from `SMSGW_PROVIDER`)
+/// names the default when the file does not.
+pub(super) fn from_file(
+    get: Get<'_>,
+    path: &str,
+    default: Option<String>,
+) -> Result<ProviderConfig, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| bad("SMSGW_CONFIG", format!("cannot read {path}: {e}")))?;
+    let file: FileConfig =
+        toml::from_str(&text).map_err(|e| bad("SMSGW_CONFIG", format!("{path}: {e}")))?;
+    let mut providers = Vec::new();
+    for (name, provider) in file.providers {
+        if name.is_empty() || name.len() > 40 || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            return Err(bad(
+                "SMSGW_CONFIG",
+                format!("provider name '{name}': use 1 to 40 letters, digits, '-' or '_'"),
+            ));
+        }
+        let (kind, rate) = match provider {
+            FileProvider::Log { rate } => (ProviderKindSettings::Log, rate),
+            FileProvider::Twilio {
+                account_sid,
+                auth_token,
+                from,
+                messaging_service_sid,
+                base_url,
+                rate,
+            } => {
+                let what = |field: &str| format!("providers.{name}.{field}");
+                let settings = twilio(
+                    &name,
+                    plain(get, &account_sid, &what("account_sid"))?,
+                    secret(get, &auth_token, &what("auth_token"))?,
+                    from.map(|v| plain(get, &v, &what("from"))).transpose()?,
+                    messaging_service_sid
+                        .map(|v| plain(get, &v, &what("messaging_service_sid")))
+                        .transpose()?,
+                    base_url,
+                    "SMSGW_CONFIG",
+                )?;
+                (ProviderKindSettings::Twilio(settings), rate)
+            }
+            FileProvider::Vonage {
+                api_key,
+                api_secret,
+                from,
+                signature_secret,
+                signature_method: method,
+                base_url: base,
+                rate,
+            } => {
+                let what = |field: &str| format!("providers.{name}.{field}");
+                let settings = VonageSettings {
+                    api_key: plain(get, &api_key, &what("api_key"))?,
+                    api_secret: secret(get, &api_secret, &what("api_secret"))?,
+                    from: plain(get, &from, &what("from"))?,
+                    base_url: base_url(base, DEFAULT_VONAGE_BASE_URL, "SMSGW_CONFIG")?,
+                    signature_secret: signature_secret
+                        .map(|v| secret(get, &v, &what("signature_secret")))
+                        .transpose()?,
+                    signature_method: signature_method(method.as_deref(), "SMSGW_CONFIG")?,
+                };
+                (ProviderKindSettings::Vonage(settings), rate)
+            }
+        };
+        if rate == Some(0) {
+            return Err(bad("SMSGW_CONFIG", format!("providers.{name}.rate must be at least 1")));
+        }
+        providers.push(ProviderSettings { name, kind, rate });
+    }
+    if providers.is_empty() {
+        return Err(bad("SMSGW_CONFIG", format!("{path} declares no [providers.NAME]")));
+    }
+    let default_provider = file
+        .default_provider
+        .or(default)
+        .or_else(|| (providers.len() == 1).then(|| providers[0].name.clone()))
+        .ok_or_else(|| {
+            bad(
+                "SMSGW_CONFIG",
+                "several providers: name the default with default_provider (or SMSGW_PROVIDER)",
+            )
+        })?;
+    if !providers.iter().any(|p| p.name == default_provider) {
+        return Err(bad(
+            "SMSGW_CONFIG",
+            format!("the default provider '{default_provider}' is not declared"),
+        ));
+    }
+    Ok(ProviderConfig {
+        providers,
+        default_provider,
+        max_segments: file.max_segments,
+    })
+}

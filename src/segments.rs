@@ -1,0 +1,122 @@
+//! How a text travels as SMS: GSM-7 when every character is in the GSM 03.38 alphabet
+//! (its extension table costs two septets a character), else UCS-2; and into how many
+//! segments it splits (160/153 septets, 70/67 UTF-16 units; a two-septet character or a
+//! surrogate pair is never split across segments).
+
+/// The GSM 03.38 basic alphabet (without the escape character).
+const GSM_BASIC: &str = "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?\
+¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà";
+/// The extension table: each costs an escape plus itself.
+const GSM_EXTENSION: &str = "\u{000C}^{}\\[~]|€";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    Gsm7,
+    Ucs2,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segmentation {
+    pub encoding: Encoding,
+    pub segments: u32,
+}
+
+fn gsm_cost(c: char) -> Option<usize> {
+    if GSM_BASIC.contains(c) {
+        Some(1)
+    } else if GSM_EXTENSION.contains(c) {
+        Some(2)
+    } else {
+        None
+    }
+}
+
+/// Packs units into segments of `per` (or one of `single` when all fit), never splitting
+/// a multi-unit character.
+fn pack(costs: impl Iterator<Item = usize> + Clone, single: usize, per: usize) -> u32 {
+    let total: usize = costs.clone().sum();
+    if total <= single {
+        return 1;
+    }
+    let mut segments = 1;
+    let mut used = 0;
+    for cost in costs {
+        if used + cost > per {
+            segments += 1;
+            used = 0;
+        }
+        used += cost;
+    }
+    segments
+}
+
+pub fn segment(text: &str) -> Segmentation {
+    if text.chars().all(|c| gsm_cost(c).is_some()) {
+        Segmentation {
+            encoding: Encoding::Gsm7,
+            segments: pack(text.chars().filter_map(gsm_cost), 160, 153),
+        }
+    } else {
+        Segmentation {
+            encoding: Encoding::Ucs2,
+            segments: pack(text.chars().map(char::len_utf16), 70, 67),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gsm(text: &str) -> u32 {
+        let s = segment(text);
+        assert_eq!(s.encoding, Encoding::Gsm7, "{text:?}");
+        s.segments
+    }
+
+    fn ucs2(text: &str) -> u32 {
+        let s = segment(text);
+        assert_eq!(s.encoding, Encoding::Ucs2, "{text:?}");
+        s.segments
+    }
+
+    #[test]
+    fn gsm7_fits_160_then_153_per_segment() {
+        assert_eq!(gsm("Your code is 4711"), 1);
+        assert_eq!(gsm(&"a".repeat(160)), 1);
+        assert_eq!(gsm(&"a".repeat(161)), 2);
+        assert_eq!(gsm(&"a".repeat(306)), 2);
+        assert_eq!(gsm(&"a".repeat(307)), 3);
+        // One character outside the alphabet (an em dash) makes the whole text UCS-2.
+        assert_eq!(ucs2("Lesson at 10:00 with Sam, £25 — see you"), 1);
+    }
+
+    #[test]
+    fn extension_characters_cost_two_and_stay_whole() {
+        assert_eq!(gsm(&"€".repeat(80)), 1, "80 x 2 = 160 septets");
+        assert_eq!(gsm(&"€".repeat(81)), 2);
+        // 306 septets would fill two segments exactly, but the escape pair at 153/154
+        // moves whole into the second one, and the last character spills into a third.
+        let text = format!("{}[{}", "a".repeat(152), "a".repeat(152));
+        assert_eq!(gsm(&text), 3);
+        assert_eq!(gsm("Prices: {10} [20] ~ ^ | \\ €"), 1);
+    }
+
+    #[test]
+    fn anything_else_is_ucs2_at_70_then_67() {
+        assert_eq!(ucs2("Привет"), 1);
+        assert_eq!(ucs2(&"ж".repeat(70)), 1);
+        assert_eq!(ucs2(&"ж".repeat(71)), 2);
+        assert_eq!(ucs2(&"ж".repeat(134)), 2);
+        assert_eq!(ucs2(&"ж".repeat(135)), 3);
+    }
+
+    #[test]
+    fn emoji_take_two_units_and_are_not_split() {
+        assert_eq!(ucs2("See you 👍"), 1);
+        assert_eq!(ucs2(&"👍".repeat(35)), 1, "35 x 2 = 70 units");
+        assert_eq!(ucs2(&"👍".repeat(36)), 2);
+        // 66 units, then a pair that does not fit the 67th: it starts segment two.
+        assert_eq!(ucs2(&format!("{}👍{}", "ж".repeat(66), "ж".repeat(66))), 3);
+    }
+}
