@@ -454,7 +454,10 @@ impl Broker {
     /// How many messages wait in each of our queues (lanes, tiers, dead letters).
     pub async fn queue_depths(&self) -> Result<Vec<(String, u32)>, BrokerError> {
         let channel = within(self.connection.create_channel()).await?;
-        let mut names: Vec<String> = Lane::ALL.iter().map(|l| lane_queue(*l).to_owned()).collect();
+        let mut names: Vec<String> = Lane::ALL
+            .iter()
+            .map(|l| lane_queue(*l).to_owned())
+            .collect();
         names.extend(self.topology.delays.iter().map(|d| tier_name(*d)));
         names.push(DEAD_QUEUE.to_owned());
         let mut depths = Vec::with_capacity(names.len());

@@ -9,10 +9,10 @@ use axum::{
     http::StatusCode,
     routing::{get, post},
 };
-use tower_http::timeout::TimeoutLayer;
 use serde_json::json;
 use tokio::{net::TcpListener, sync::watch};
 use tokio_util::sync::CancellationToken;
+use tower_http::timeout::TimeoutLayer;
 
 use crate::{
     health::Health,
@@ -43,9 +43,15 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let webhooks = Router::new()
-        .route("/webhooks/twilio/status", post(webhooks::twilio_status_callback))
+        .route(
+            "/webhooks/twilio/status",
+            post(webhooks::twilio_status_callback),
+        )
         .route("/webhooks/twilio/inbound", post(webhooks::twilio_inbound))
-        .route("/webhooks/vonage/status", post(webhooks::vonage_status_callback))
+        .route(
+            "/webhooks/vonage/status",
+            post(webhooks::vonage_status_callback),
+        )
         .with_state(hooks.clone());
     let app = Router::new()
         .route("/healthz", get(healthz))

@@ -674,7 +674,11 @@ pub async fn check(settings: Result<Settings, crate::config::ConfigError>) -> Ex
         } else {
             ""
         };
-        line("provider", true, &format!("'{}'{default}: {detail}", provider.name));
+        line(
+            "provider",
+            true,
+            &format!("'{}'{default}: {detail}", provider.name),
+        );
     }
     if healthy {
         ExitCode::SUCCESS

@@ -93,7 +93,9 @@ struct Route {
 enum Attempted {
     Done(Disposition),
     /// Refused for a reason another gateway may not share; `attempts` calls made so far.
-    FailOver { attempts: u32 },
+    FailOver {
+        attempts: u32,
+    },
 }
 
 pub struct Pipeline {
@@ -122,8 +124,7 @@ impl Pipeline {
     }
 
     fn count(&self, outcome: &'static str, kind: JobType, provider: &'static str) {
-        self.metrics
-            .count_message(outcome, kind.as_str(), provider);
+        self.metrics.count_message(outcome, kind.as_str(), provider);
     }
 
     /// The gateways a school's settings name (the default when none). `Err` names a
@@ -170,8 +171,11 @@ impl Pipeline {
                     error = %invalid,
                     "invalid job dead-lettered"
                 );
-                self.metrics
-                    .count_message("invalid", "unknown", self.gateways.default_gateway().name);
+                self.metrics.count_message(
+                    "invalid",
+                    "unknown",
+                    self.gateways.default_gateway().name,
+                );
                 return Disposition::DeadLetter {
                     reason: DeadReason::InvalidJob,
                     error: invalid.to_string(),
@@ -503,7 +507,17 @@ impl Pipeline {
         }
 
         let first = self
-            .attempt(incoming, job, message, &sms, &gateway, prior.take_over, incoming.attempts, route.fallback.is_some(), abandon)
+            .attempt(
+                incoming,
+                job,
+                message,
+                &sms,
+                &gateway,
+                prior.take_over,
+                incoming.attempts,
+                route.fallback.is_some(),
+                abandon,
+            )
             .await?;
         let attempts = match first {
             Attempted::Done(disposition) => return Ok(disposition),
@@ -520,7 +534,9 @@ impl Pipeline {
             "refused for a reason another gateway may not share; failing over"
         );
         match self
-            .attempt(incoming, job, message, &sms, fallback, None, attempts, false, abandon)
+            .attempt(
+                incoming, job, message, &sms, fallback, None, attempts, false, abandon,
+            )
             .await?
         {
             Attempted::Done(disposition) => Ok(disposition),
@@ -560,13 +576,12 @@ impl Pipeline {
             Claim::Started { attempt } => attempt,
             Claim::Busy(state) => {
                 return Ok(Attempted::Done(
-                    self.already_handled(incoming, job, &state).unwrap_or(
-                        Disposition::Retry {
+                    self.already_handled(incoming, job, &state)
+                        .unwrap_or(Disposition::Retry {
                             delay: self.settings.provider_timeout * 2,
                             attempts: attempts_before,
                             kind: job.kind,
-                        },
-                    ),
+                        }),
                 ));
             }
         };
@@ -628,8 +643,10 @@ impl Pipeline {
             }
             Err(error) => {
                 let fail_over = may_fail_over && error.other_gateway_may_succeed();
-                self.failed(job, sms, gateway, attempt, attempts, duration, error, fail_over, abandon)
-                    .await
+                self.failed(
+                    job, sms, gateway, attempt, attempts, duration, error, fail_over, abandon,
+                )
+                .await
             }
         }
     }
@@ -650,7 +667,8 @@ impl Pipeline {
         let text = error.to_string();
         let error_message = match &error {
             ProviderError::Rejected { message, .. } => message.clone(),
-            ProviderError::Unavailable { message, .. } | ProviderError::Throttled { message, .. } => {
+            ProviderError::Unavailable { message, .. }
+            | ProviderError::Throttled { message, .. } => {
                 message.clone().unwrap_or_else(|| text.clone())
             }
             _ => text.clone(),
@@ -713,8 +731,10 @@ impl Pipeline {
             status,
             reason,
         };
-        self.persist(abandon, || self.store.finish_attempt(job.id, attempt, &record))
-            .await?;
+        self.persist(abandon, || {
+            self.store.finish_attempt(job.id, attempt, &record)
+        })
+        .await?;
         if error.recipient_opted_out() {
             self.persist(abandon, || {
                 self.store

@@ -344,7 +344,10 @@ mod tests {
         };
         assert_eq!(
             decide(JobType::LoginCode, None, None, &facts),
-            Decision::Refuse(Refusal::TooManySegments { segments: 2, max: 1 })
+            Decision::Refuse(Refusal::TooManySegments {
+                segments: 2,
+                max: 1
+            })
         );
         let facts = Facts {
             max_segments: Some(2),

@@ -749,7 +749,11 @@ impl Store {
     }
 
     /// Applies receipts that came before the message's own record had the provider id.
-    async fn apply_pending_receipts(&self, id: Uuid, provider_message_id: &str) -> Result<(), StoreError> {
+    async fn apply_pending_receipts(
+        &self,
+        id: Uuid,
+        provider_message_id: &str,
+    ) -> Result<(), StoreError> {
         let sql = format!(
             "UPDATE sms_messages m
                 SET status = r.status, provider_status = r.provider_status,
@@ -776,10 +780,12 @@ impl Store {
     /// START: removes the opt-outs a carrier or an inbound STOP made for `phone` (not the
     /// ones the web app wrote: those are the user's settings there).
     pub async fn remove_carrier_opt_outs(&self, phone: &PhoneNumber) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM sms_opt_outs WHERE phone = $1 AND source IN ('inbound', 'provider')")
-            .bind(phone.as_str())
-            .execute(&self.pool())
-            .await?;
+        sqlx::query(
+            "DELETE FROM sms_opt_outs WHERE phone = $1 AND source IN ('inbound', 'provider')",
+        )
+        .bind(phone.as_str())
+        .execute(&self.pool())
+        .await?;
         Ok(())
     }
 

@@ -91,13 +91,20 @@ pub fn url_variants(url: &str) -> Vec<String> {
 }
 
 /// Checks a Twilio signature in constant time, against every URL variant.
-pub fn verify_twilio(auth_token: &str, url: &str, params: &[(String, String)], signature: &str) -> bool {
+pub fn verify_twilio(
+    auth_token: &str,
+    url: &str,
+    params: &[(String, String)],
+    signature: &str,
+) -> bool {
     let Ok(given) = base64::engine::general_purpose::STANDARD.decode(signature.trim()) else {
         return false;
     };
-    url_variants(url)
-        .iter()
-        .any(|variant| twilio_mac(auth_token, variant, params).verify_slice(&given).is_ok())
+    url_variants(url).iter().any(|variant| {
+        twilio_mac(auth_token, variant, params)
+            .verify_slice(&given)
+            .is_ok()
+    })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -117,7 +124,11 @@ fn vonage_base(params: &BTreeMap<String, String>) -> String {
 }
 
 /// The `sig` of a signed Vonage webhook: upper-case hex HMAC of the base.
-pub fn vonage_signature(secret: &str, method: SignatureMethod, params: &BTreeMap<String, String>) -> String {
+pub fn vonage_signature(
+    secret: &str,
+    method: SignatureMethod,
+    params: &BTreeMap<String, String>,
+) -> String {
     let base = vonage_base(params);
     let bytes = match method {
         SignatureMethod::Sha256 => {
@@ -137,8 +148,15 @@ pub fn vonage_signature(secret: &str, method: SignatureMethod, params: &BTreeMap
 }
 
 /// Checks a Vonage `sig` (any case) in constant time.
-pub fn verify_vonage(secret: &str, method: SignatureMethod, params: &BTreeMap<String, String>) -> bool {
-    let Some(given) = params.get("sig").and_then(|sig| hex::decode(sig.trim()).ok()) else {
+pub fn verify_vonage(
+    secret: &str,
+    method: SignatureMethod,
+    params: &BTreeMap<String, String>,
+) -> bool {
+    let Some(given) = params
+        .get("sig")
+        .and_then(|sig| hex::decode(sig.trim()).ok())
+    else {
         return false;
     };
     let base = vonage_base(params);
@@ -187,7 +205,14 @@ pub fn vonage_status(status: &str) -> Option<MessageStatus> {
 }
 
 const STOP_WORDS: &[&str] = &[
-    "STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "REVOKE", "OPTOUT",
+    "STOP",
+    "STOPALL",
+    "UNSUBSCRIBE",
+    "CANCEL",
+    "END",
+    "QUIT",
+    "REVOKE",
+    "OPTOUT",
 ];
 const START_WORDS: &[&str] = &["START", "YES", "UNSTOP"];
 
@@ -212,7 +237,8 @@ pub fn keyword(body: &str) -> Option<Keyword> {
 // ---------------------------------------------------------------------------------------
 // Handlers
 
-fn parse_form(body: &[u8]) -> Option<Params> {
+/// Reads a form body; `None` when it is not one.
+pub fn parse_form(body: &[u8]) -> Option<Vec<(String, String)>> {
     serde_urlencoded::from_bytes::<Params>(body).ok()
 }
 
@@ -249,10 +275,18 @@ impl Webhooks {
     }
 
     /// Checks `X-Twilio-Signature` for the request to `path`; `Err` is the response.
-    fn check_twilio(&self, path: &str, query: Option<&str>, headers: &HeaderMap, params: &Params) -> Result<(), Response> {
+    fn check_twilio(
+        &self,
+        path: &str,
+        query: Option<&str>,
+        headers: &HeaderMap,
+        params: &Params,
+    ) -> Result<(), (StatusCode, &'static str)> {
         let Some(base) = &self.public_url else {
-            tracing::error!("a Twilio webhook came, but SMSGW_PUBLIC_URL is not set: cannot check its signature");
-            return Err(reject(StatusCode::FORBIDDEN, "signature cannot be checked\n"));
+            tracing::error!(
+                "a Twilio webhook came, but SMSGW_PUBLIC_URL is not set: cannot check its signature"
+            );
+            return Err((StatusCode::FORBIDDEN, "signature cannot be checked\n"));
         };
         let url = match query {
             Some(q) => format!("{base}{path}?{q}"),
@@ -262,7 +296,7 @@ impl Webhooks {
             .get("x-twilio-signature")
             .and_then(|v| v.to_str().ok())
         else {
-            return Err(reject(StatusCode::FORBIDDEN, "missing X-Twilio-Signature\n"));
+            return Err((StatusCode::FORBIDDEN, "missing X-Twilio-Signature\n"));
         };
         let tokens = self.twilio_tokens(first(params, "AccountSid"));
         if tokens
@@ -272,7 +306,7 @@ impl Webhooks {
             Ok(())
         } else {
             tracing::warn!(path, "a Twilio webhook with a wrong signature was refused");
-            Err(reject(StatusCode::FORBIDDEN, "bad signature\n"))
+            Err((StatusCode::FORBIDDEN, "bad signature\n"))
         }
     }
 
@@ -334,13 +368,18 @@ pub async fn twilio_status_callback(
     let Some(params) = parse_form(&body) else {
         return reject(StatusCode::BAD_REQUEST, "not a form\n");
     };
-    if let Err(response) = hooks.check_twilio("/webhooks/twilio/status", uri.query(), &headers, &params) {
-        return response;
+    if let Err(response) =
+        hooks.check_twilio("/webhooks/twilio/status", uri.query(), &headers, &params)
+    {
+        return reject(response.0, response.1);
     }
     let sid = first(&params, "MessageSid").or_else(|| first(&params, "SmsSid"));
     let status = first(&params, "MessageStatus").or_else(|| first(&params, "SmsStatus"));
     let (Some(sid), Some(status)) = (sid, status) else {
-        return reject(StatusCode::BAD_REQUEST, "MessageSid and MessageStatus are required\n");
+        return reject(
+            StatusCode::BAD_REQUEST,
+            "MessageSid and MessageStatus are required\n",
+        );
     };
     let error_code = first(&params, "ErrorCode").filter(|c| !c.is_empty());
     hooks
@@ -365,8 +404,10 @@ pub async fn twilio_inbound(
     let Some(params) = parse_form(&body) else {
         return reject(StatusCode::BAD_REQUEST, "not a form\n");
     };
-    if let Err(response) = hooks.check_twilio("/webhooks/twilio/inbound", uri.query(), &headers, &params) {
-        return response;
+    if let Err(response) =
+        hooks.check_twilio("/webhooks/twilio/inbound", uri.query(), &headers, &params)
+    {
+        return reject(response.0, response.1);
     }
     let from = first(&params, "From").and_then(|f| PhoneNumber::parse(f, None).ok());
     let word = first(&params, "Body").and_then(keyword);
@@ -445,13 +486,22 @@ pub async fn vonage_status_callback(
     let fresh = params
         .get("timestamp")
         .and_then(|t| t.trim().parse::<i64>().ok())
-        .is_some_and(|t| (OffsetDateTime::now_utc().unix_timestamp() - t).abs() <= VONAGE_MAX_AGE_SECONDS);
-    if !fresh || !secrets.iter().any(|(secret, method)| verify_vonage(secret, *method, &params)) {
+        .is_some_and(|t| {
+            (OffsetDateTime::now_utc().unix_timestamp() - t).abs() <= VONAGE_MAX_AGE_SECONDS
+        });
+    if !fresh
+        || !secrets
+            .iter()
+            .any(|(secret, method)| verify_vonage(secret, *method, &params))
+    {
         tracing::warn!("a Vonage receipt with a wrong or stale signature was refused");
         return reject(StatusCode::FORBIDDEN, "bad signature\n");
     }
     let (Some(id), Some(status)) = (params.get("messageId"), params.get("status")) else {
-        return reject(StatusCode::BAD_REQUEST, "messageId and status are required\n");
+        return reject(
+            StatusCode::BAD_REQUEST,
+            "messageId and status are required\n",
+        );
     };
     let error_code = params
         .get("err-code")
@@ -492,14 +542,10 @@ mod tests {
 
     #[test]
     fn vonage_signatures_sort_and_escape() {
-        let params: BTreeMap<String, String> = [
-            ("b", "2"),
-            ("a", "x&y=z"),
-            ("sig", "ignored"),
-        ]
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect();
+        let params: BTreeMap<String, String> = [("b", "2"), ("a", "x&y=z"), ("sig", "ignored")]
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
         assert_eq!(vonage_base(&params), "&a=x_y_z&b=2");
         let mut signed = params.clone();
         signed.insert(
@@ -517,17 +563,40 @@ mod tests {
         let variants = url_variants("https://example.com:8443/hook?a=1");
         assert!(variants.contains(&"https://example.com/hook?a=1".to_owned()));
         assert!(variants.contains(&"https://example.com:443/hook?a=1".to_owned()));
-        assert!(url_variants("http://example.com/hook").contains(&"http://example.com:80/hook".to_owned()));
+        assert!(
+            url_variants("http://example.com/hook")
+                .contains(&"http://example.com:80/hook".to_owned())
+        );
     }
 
     #[test]
     fn a_forged_signature_is_refused() {
         let params = pairs(&[("MessageSid", "SM1"), ("MessageStatus", "delivered")]);
         let good = twilio_signature("token", "https://x.example/webhooks/twilio/status", &params);
-        assert!(verify_twilio("token", "https://x.example/webhooks/twilio/status", &params, &good));
-        assert!(!verify_twilio("other", "https://x.example/webhooks/twilio/status", &params, &good));
-        assert!(!verify_twilio("token", "https://x.example/webhooks/twilio/status", &params, "not base64!"));
+        assert!(verify_twilio(
+            "token",
+            "https://x.example/webhooks/twilio/status",
+            &params,
+            &good
+        ));
+        assert!(!verify_twilio(
+            "other",
+            "https://x.example/webhooks/twilio/status",
+            &params,
+            &good
+        ));
+        assert!(!verify_twilio(
+            "token",
+            "https://x.example/webhooks/twilio/status",
+            &params,
+            "not base64!"
+        ));
         let tampered = pairs(&[("MessageSid", "SM1"), ("MessageStatus", "failed")]);
-        assert!(!verify_twilio("token", "https://x.example/webhooks/twilio/status", &tampered, &good));
+        assert!(!verify_twilio(
+            "token",
+            "https://x.example/webhooks/twilio/status",
+            &tampered,
+            &good
+        ));
     }
 }

@@ -86,3 +86,29 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #[test]
+    fn webhook_bodies_never_panic_the_parsers(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+        let _ = smsgw::webhooks::parse_form(&bytes);
+    }
+
+    #[test]
+    fn signature_checks_never_panic(
+        token in ".{0,40}",
+        url in ".{0,80}",
+        params in prop::collection::vec((".{0,12}", ".{0,20}"), 0..8),
+        signature in ".{0,60}",
+    ) {
+        let _ = smsgw::webhooks::verify_twilio(&token, &url, &params, &signature);
+        let map: std::collections::BTreeMap<String, String> = params.into_iter().chain([("sig".to_owned(), signature)]).collect();
+        let _ = smsgw::webhooks::verify_vonage(&token, smsgw::config::SignatureMethod::Sha256, &map);
+    }
+
+    #[test]
+    fn segment_counts_are_at_least_one_and_bounded(text in ".{1,400}") {
+        let s = smsgw::segments::segment(&text);
+        prop_assert!(s.segments >= 1);
+        prop_assert!(s.segments as usize <= text.chars().count() * 2);
+    }
+}

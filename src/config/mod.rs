@@ -291,7 +291,10 @@ impl Settings {
         let mut max_segments = HashMap::new();
         for (name, limit) in &provider_config.max_segments {
             let kind = JobType::parse(name).ok_or_else(|| {
-                bad("SMSGW_CONFIG", format!("max_segments: '{name}' is not a job type"))
+                bad(
+                    "SMSGW_CONFIG",
+                    format!("max_segments: '{name}' is not a job type"),
+                )
             })?;
             max_segments.insert(kind, *limit);
         }
@@ -309,7 +312,10 @@ impl Settings {
                     .ok()
                     .filter(|n| (1..=100).contains(n))
                     .ok_or_else(|| {
-                        bad("SMSGW_MAX_SEGMENTS", format!("'{part}': a limit from 1 to 100"))
+                        bad(
+                            "SMSGW_MAX_SEGMENTS",
+                            format!("'{part}': a limit from 1 to 100"),
+                        )
                     })?;
                 max_segments.insert(kind, limit);
             }

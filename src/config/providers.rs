@@ -94,13 +94,19 @@ impl ProviderSettings {
                 format!("'{}' via Twilio's API", self.name)
             }
             ProviderKindSettings::Twilio(t) => {
-                format!("'{}' via a Twilio-compatible endpoint at {}", self.name, t.base_url)
+                format!(
+                    "'{}' via a Twilio-compatible endpoint at {}",
+                    self.name, t.base_url
+                )
             }
             ProviderKindSettings::Vonage(_) if self.reaches_real_phones() => {
                 format!("'{}' via Vonage's API", self.name)
             }
             ProviderKindSettings::Vonage(v) => {
-                format!("'{}' via a Vonage-compatible endpoint at {}", self.name, v.base_url)
+                format!(
+                    "'{}' via a Vonage-compatible endpoint at {}",
+                    self.name, v.base_url
+                )
             }
         }
     }
@@ -185,7 +191,11 @@ fn is_hex_sid(sid: &str, prefix: &str) -> bool {
     sid.len() == 34 && sid.starts_with(prefix) && sid[2..].chars().all(|c| c.is_ascii_hexdigit())
 }
 
-fn base_url(raw: Option<String>, default: &str, variable: &'static str) -> Result<String, ConfigError> {
+fn base_url(
+    raw: Option<String>,
+    default: &str,
+    variable: &'static str,
+) -> Result<String, ConfigError> {
     let url = raw
         .unwrap_or_else(|| default.to_owned())
         .trim_end_matches('/')
@@ -239,7 +249,10 @@ fn twilio(
     })
 }
 
-fn signature_method(raw: Option<&str>, variable: &'static str) -> Result<SignatureMethod, ConfigError> {
+fn signature_method(
+    raw: Option<&str>,
+    variable: &'static str,
+) -> Result<SignatureMethod, ConfigError> {
     match raw.map(str::trim) {
         None | Some("sha256") => Ok(SignatureMethod::Sha256),
         Some("sha512") => Ok(SignatureMethod::Sha512),
@@ -329,7 +342,12 @@ pub(super) fn from_file(
         toml::from_str(&text).map_err(|e| bad("SMSGW_CONFIG", format!("{path}: {e}")))?;
     let mut providers = Vec::new();
     for (name, provider) in file.providers {
-        if name.is_empty() || name.len() > 40 || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        if name.is_empty()
+            || name.len() > 40
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
             return Err(bad(
                 "SMSGW_CONFIG",
                 format!("provider name '{name}': use 1 to 40 letters, digits, '-' or '_'"),
@@ -383,12 +401,18 @@ pub(super) fn from_file(
             }
         };
         if rate == Some(0) {
-            return Err(bad("SMSGW_CONFIG", format!("providers.{name}.rate must be at least 1")));
+            return Err(bad(
+                "SMSGW_CONFIG",
+                format!("providers.{name}.rate must be at least 1"),
+            ));
         }
         providers.push(ProviderSettings { name, kind, rate });
     }
     if providers.is_empty() {
-        return Err(bad("SMSGW_CONFIG", format!("{path} declares no [providers.NAME]")));
+        return Err(bad(
+            "SMSGW_CONFIG",
+            format!("{path} declares no [providers.NAME]"),
+        ));
     }
     let default_provider = file
         .default_provider
@@ -411,4 +435,80 @@ pub(super) fn from_file(
         default_provider,
         max_segments: file.max_segments,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(text: &str) -> String {
+        let path = std::env::temp_dir().join(format!(
+            "smsgw-config-{}.toml",
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::write(&path, text).expect("write");
+        path.to_string_lossy().into_owned()
+    }
+
+    fn env(name: &str) -> Option<String> {
+        match name {
+            "TOKEN" => Some("secret-token".into()),
+            "KEY" => Some("abcd1234".into()),
+            _ => None,
+        }
+    }
+
+    const TWILIO: &str = r#"
+[providers.uk]
+type = "twilio"
+account_sid = "AC0123456789abcdef0123456789abcdef"
+auth_token = { env = "TOKEN" }
+from = "+15005550006"
+rate = 20
+"#;
+
+    #[test]
+    fn one_provider_is_its_own_default() {
+        let config = from_file(&env, &file(TWILIO), None).expect("valid");
+        assert_eq!(config.default_provider, "uk");
+        assert_eq!(config.providers[0].rate, Some(20));
+        assert!(config.providers[0].reaches_real_phones());
+    }
+
+    #[test]
+    fn secrets_only_come_from_the_environment() {
+        let literal = TWILIO.replace(r#"{ env = "TOKEN" }"#, r#""secret-token""#);
+        let err = from_file(&env, &file(&literal), None).expect_err("literal secret");
+        assert!(err.problem.contains("auth_token is a secret"), "{err}");
+        let missing = TWILIO.replace("TOKEN", "NOT_SET");
+        let err = from_file(&env, &file(&missing), None).expect_err("unset variable");
+        assert!(err.problem.contains("$NOT_SET"), "{err}");
+    }
+
+    #[test]
+    fn mistakes_in_the_file_are_named() {
+        let two = format!(
+            "{TWILIO}\n[providers.eu]\ntype = \"vonage\"\napi_key = {{ env = \"KEY\" }}\napi_secret = {{ env = \"TOKEN\" }}\nfrom = \"DriveSafe\"\n"
+        );
+        let err = from_file(&env, &file(&two), None).expect_err("no default");
+        assert!(err.problem.contains("default_provider"), "{err}");
+        let config =
+            from_file(&env, &file(&two), Some("eu".into())).expect("default from SMSGW_PROVIDER");
+        assert_eq!(config.default_provider, "eu");
+        let err = from_file(
+            &env,
+            &file(&format!("default_provider = \"us\"\n{two}")),
+            None,
+        )
+        .expect_err("unknown default");
+        assert!(err.problem.contains("'us' is not declared"), "{err}");
+        let err =
+            from_file(&env, &file("[providers.x]\ntype = \"fax\"\n"), None).expect_err("type");
+        assert!(err.problem.contains("fax"), "{err}");
+        let err =
+            from_file(&env, &file(&TWILIO.replace("rate", "speed")), None).expect_err("field");
+        assert!(err.problem.contains("speed"), "{err}");
+        let err = from_file(&env, "/nonexistent/smsgw.toml", None).expect_err("no file");
+        assert!(err.problem.contains("cannot read"), "{err}");
+    }
 }

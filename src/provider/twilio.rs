@@ -26,8 +26,9 @@ const CODE_TOO_MANY_REQUESTS: &str = "20429";
 /// Refusals about our account, credentials, sender or route, not the recipient: another
 /// gateway may succeed (authentication, region not enabled, From not valid for To,
 /// unverified trial number, unreachable route, From not a valid/our number).
-const OTHER_GATEWAY_MAY_SUCCEED: &[&str] =
-    &["20003", "21408", "21606", "21608", "21612", "21659", "21660"];
+const OTHER_GATEWAY_MAY_SUCCEED: &[&str] = &[
+    "20003", "21408", "21606", "21608", "21612", "21659", "21660",
+];
 
 #[derive(Debug, Clone)]
 pub struct Twilio {

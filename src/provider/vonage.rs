@@ -84,10 +84,7 @@ impl Vonage {
         }
         if let Some(validity) = sms.validity {
             let ms = u64::try_from(validity.as_millis()).unwrap_or(u64::MAX);
-            form.push((
-                "ttl",
-                ms.clamp(*TTL_MS.start(), *TTL_MS.end()).to_string(),
-            ));
+            form.push(("ttl", ms.clamp(*TTL_MS.start(), *TTL_MS.end()).to_string()));
         }
         form
     }
@@ -251,12 +248,14 @@ mod tests {
 
     #[test]
     fn a_refusal_inside_http_200_is_read_from_the_status() {
-        let throttled = br#"{"message-count": "1", "messages": [{"status": "1", "error-text": "Throttled"}]}"#;
+        let throttled =
+            br#"{"message-count": "1", "messages": [{"status": "1", "error-text": "Throttled"}]}"#;
         let err = interpret(StatusCode::OK, None, throttled).expect_err("throttled");
         assert!(err.is_retryable());
         assert!(matches!(err, ProviderError::Throttled { .. }));
 
-        let invalid = br#"{"message-count": "1", "messages": [{"status": "3", "error-text": "Invalid to"}]}"#;
+        let invalid =
+            br#"{"message-count": "1", "messages": [{"status": "3", "error-text": "Invalid to"}]}"#;
         let err = interpret(StatusCode::OK, None, invalid).expect_err("invalid");
         assert!(!err.is_retryable());
         assert_eq!(err.code(), Some("3"));
@@ -276,7 +275,13 @@ mod tests {
 
     #[test]
     fn garbage_is_unreadable_not_a_panic() {
-        for body in [&b"<html>"[..], b"{}", b"{\"messages\": []}", b"", b"{\"messages\": [{}]}"] {
+        for body in [
+            &b"<html>"[..],
+            b"{}",
+            b"{\"messages\": []}",
+            b"",
+            b"{\"messages\": [{}]}",
+        ] {
             let err = interpret(StatusCode::OK, None, body).expect_err("garbage");
             assert!(matches!(err, ProviderError::Unreadable { .. }), "{err:?}");
         }

@@ -9,6 +9,7 @@
 pub mod process;
 pub mod proxy;
 pub mod twilio_stub;
+pub mod vonage_stub;
 
 use std::{
     collections::HashMap,
@@ -661,6 +662,35 @@ impl App {
             .await
             .expect("passive declare")
             .message_count()
+    }
+
+    /// Posts a Twilio webhook to `path`, signed for `SMSGW_PUBLIC_URL` = `public_url`
+    /// (`signature`: `None` signs correctly, `Some` sends that value instead).
+    pub async fn post_twilio(
+        &self,
+        public_url: &str,
+        path: &str,
+        params: &[(&str, &str)],
+        signature: Option<&str>,
+    ) -> reqwest::Response {
+        let pairs: Vec<(String, String)> = params
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let signed = smsgw::webhooks::twilio_signature(
+            twilio_stub::AUTH_TOKEN,
+            &format!("{public_url}{path}"),
+            &pairs,
+        );
+        let mut request = reqwest::Client::new()
+            .post(format!("{}{path}", self.http_url))
+            .form(&pairs);
+        match signature {
+            None => request = request.header("X-Twilio-Signature", signed),
+            Some("") => {}
+            Some(other) => request = request.header("X-Twilio-Signature", other),
+        }
+        request.send().await.expect("post webhook")
     }
 
     /// `/readyz` as JSON.

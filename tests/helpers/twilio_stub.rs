@@ -320,6 +320,16 @@ impl TwilioStub {
         twice
     }
 
+    /// The sid of the latest message taken.
+    pub fn last_sid(&self) -> Option<String> {
+        self.state
+            .taken
+            .lock()
+            .expect("lock")
+            .last()
+            .map(|t| t.sid.clone())
+    }
+
     /// How many messages the stub took in all.
     pub fn taken(&self) -> usize {
         self.state.taken.lock().expect("lock").len()
@@ -483,8 +493,10 @@ async fn handle(
     };
     let reply = match reply {
         Reply::Slow(delay) => {
+            // Taken first (List Messages and `last_sid` show it), answered later.
+            let sid = take(&state, &recorded);
             tokio::time::sleep(delay).await;
-            Reply::Created
+            return created(&state, &recorded, &sid);
         }
         Reply::TakeThenHang(delay) => {
             take(&state, &recorded);
@@ -497,19 +509,7 @@ async fn handle(
         // Flaky was resolved above into one of the others.
         Reply::Slow(_) | Reply::TakeThenHang(_) | Reply::Flaky { .. } | Reply::Created => {
             let sid = take(&state, &recorded);
-            let mut message = state.spec.example.clone();
-            message["sid"] = json!(sid);
-            message["to"] = json!(to);
-            message["from"] = json!(recorded.get("From"));
-            message["body"] = json!(recorded.get("Body"));
-            message["messaging_service_sid"] = json!(recorded.get("MessagingServiceSid"));
-            message["status"] = json!("queued");
-            (
-                StatusCode::CREATED,
-                [(header::CONTENT_TYPE, "application/json")],
-                message.to_string(),
-            )
-                .into_response()
+            created(&state, &recorded, &sid)
         }
         Reply::Error {
             status,
@@ -538,6 +538,23 @@ async fn handle(
             twilio_error(StatusCode::GATEWAY_TIMEOUT, 20500, "too late")
         }
     }
+}
+
+/// The 201 answer for a taken message.
+fn created(state: &StubState, recorded: &Recorded, sid: &str) -> Response {
+    let mut message = state.spec.example.clone();
+    message["sid"] = json!(sid);
+    message["to"] = json!(recorded.get("To"));
+    message["from"] = json!(recorded.get("From"));
+    message["body"] = json!(recorded.get("Body"));
+    message["messaging_service_sid"] = json!(recorded.get("MessagingServiceSid"));
+    message["status"] = json!("queued");
+    (
+        StatusCode::CREATED,
+        [(header::CONTENT_TYPE, "application/json")],
+        message.to_string(),
+    )
+        .into_response()
 }
 
 /// Records a message as taken and returns its new sid.

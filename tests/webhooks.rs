@@ -1,0 +1,451 @@
+//! Delivery receipts and inbound keywords: signatures checked as Twilio's and Vonage's
+//! libraries compute them, statuses that never move backwards, STOP and START.
+
+mod helpers;
+
+use std::{collections::BTreeMap, time::Duration};
+
+use smsgw::{
+    config::SignatureMethod,
+    webhooks::{twilio_signature, verify_twilio, vonage_signature},
+};
+
+use helpers::{Reply, id_of, job, spawn_app_with, twilio_stub, vonage_stub};
+
+const SCHOOL: i64 = 42;
+const PUBLIC: &str = "https://smsgw.example.com";
+
+fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+    list.iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+/// Twilio's published example (auth token 12345), as its helper libraries' tests use it.
+#[test]
+fn twilio_signatures_match_the_documented_vectors() {
+    let url = "https://mycompany.com/myapp.php?foo=1&bar=2";
+    let params = pairs(&[
+        ("CallSid", "CA1234567890ABCDE"),
+        ("Digits", "1234"),
+        ("From", "+14158675309"),
+        ("To", "+18005551212"),
+        ("Caller", "+14158675309"),
+    ]);
+    assert_eq!(
+        twilio_signature("12345", url, &params),
+        "RSOYDt4T1cUTdK1PDd93/VVr8B8="
+    );
+    assert!(verify_twilio(
+        "12345",
+        url,
+        &params,
+        "RSOYDt4T1cUTdK1PDd93/VVr8B8="
+    ));
+
+    // Repeated keys: every value counts, in order.
+    let repeated = pairs(&[
+        ("Sid", "CA123"),
+        ("SidAccount", "AC123"),
+        ("Digits", "5678"),
+        ("Digits", "1234"),
+    ]);
+    assert_eq!(
+        twilio_signature("12345", url, &repeated),
+        "IK+Dwps556ElfBT0I3Rgjkr1wJU="
+    );
+
+    // With and without the port: a port is removed, a default port added.
+    let with_port = url.replace(".com", ".com:1234");
+    assert!(verify_twilio(
+        "12345",
+        &with_port,
+        &params,
+        "RSOYDt4T1cUTdK1PDd93/VVr8B8="
+    ));
+    let http_with_port = with_port.replace("https", "http");
+    assert!(verify_twilio(
+        "12345",
+        &http_with_port,
+        &params,
+        "Zmvh+3yNM1Phv2jhDCwEM3q5ebU="
+    ));
+    assert!(verify_twilio(
+        "12345",
+        url,
+        &params,
+        "kvajT1Ptam85bY51eRf/AJRuM3w="
+    ));
+    assert!(verify_twilio(
+        "12345",
+        &url.replace("https", "http"),
+        &params,
+        "0ZXoZLH/DfblKGATFgpif+LLRf4="
+    ));
+
+    assert!(!verify_twilio(
+        "12346",
+        url,
+        &params,
+        "RSOYDt4T1cUTdK1PDd93/VVr8B8="
+    ));
+    assert!(!verify_twilio("12345", url, &params, ""));
+}
+
+async fn sent_message(app: &helpers::App, to: &str) -> (uuid::Uuid, String) {
+    let job = job("booking_reminder", SCHOOL, to, "Reminder");
+    app.publish(&job).await;
+    let row = app.wait_for_status(id_of(&job), "sent").await;
+    (id_of(&job), row.provider_message_id.expect("a sid"))
+}
+
+async fn status(app: &helpers::App, sid: &str, status: &str) -> u16 {
+    app.post_twilio(
+        PUBLIC,
+        "/webhooks/twilio/status",
+        &[
+            ("AccountSid", twilio_stub::ACCOUNT_SID),
+            ("MessageSid", sid),
+            ("SmsSid", sid),
+            ("MessageStatus", status),
+            ("ApiVersion", "2010-04-01"),
+        ],
+        None,
+    )
+    .await
+    .status()
+    .as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn receipts_move_messages_forward_never_back_in_any_order() {
+    let app = spawn_app_with(&[("SMSGW_PUBLIC_URL", PUBLIC)]).await;
+    app.add_school(SCHOOL, "GB").await;
+    let orders: [(&[&str], &str); 5] = [
+        (&["queued", "sent", "delivered"], "delivered"),
+        (&["delivered", "sent", "queued"], "delivered"),
+        (&["sent", "undelivered", "sent"], "undelivered"),
+        (&["delivered", "failed", "undelivered"], "delivered"),
+        (&["read", "delivered", "delivered"], "delivered"),
+    ];
+    for (i, (callbacks, expected)) in orders.iter().enumerate() {
+        let (id, sid) = sent_message(&app, &format!("+4477009006{i:02}")).await;
+        for callback in *callbacks {
+            assert_eq!(status(&app, &sid, callback).await, 204, "{callback}");
+        }
+        let row = app.message(id).await.expect("row");
+        assert_eq!(&row.status, expected, "{callbacks:?}");
+    }
+    // A receipt for a message we never sent: 2xx, nothing else.
+    assert_eq!(
+        status(&app, "SM00000000000000000000000000000000", "delivered").await,
+        204
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_receipt_with_a_wrong_or_missing_signature_changes_nothing() {
+    let app = spawn_app_with(&[("SMSGW_PUBLIC_URL", PUBLIC)]).await;
+    app.add_school(SCHOOL, "GB").await;
+    let (id, sid) = sent_message(&app, "+447700900123").await;
+    let params = [("MessageSid", sid.as_str()), ("MessageStatus", "delivered")];
+    let forged = app
+        .post_twilio(
+            PUBLIC,
+            "/webhooks/twilio/status",
+            &params,
+            Some("RSOYDt4T1cUTdK1PDd93/VVr8B8="),
+        )
+        .await;
+    assert_eq!(forged.status(), 403);
+    let missing = app
+        .post_twilio(PUBLIC, "/webhooks/twilio/status", &params, Some(""))
+        .await;
+    assert_eq!(missing.status(), 403);
+    // Signed for another URL (a replay against another endpoint).
+    let wrong_url = app
+        .post_twilio(
+            "https://evil.example.com",
+            "/webhooks/twilio/status",
+            &params,
+            None,
+        )
+        .await;
+    assert_eq!(wrong_url.status(), 403);
+    assert_eq!(app.message(id).await.expect("row").status, "sent");
+
+    let garbage = reqwest::Client::new()
+        .post(format!("{}/webhooks/twilio/status", app.http_url))
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body(vec![0xff, 0xfe, b'%', b'z'])
+        .send()
+        .await
+        .expect("post");
+    assert!(garbage.status().is_client_error());
+    let huge = reqwest::Client::new()
+        .post(format!("{}/webhooks/twilio/status", app.http_url))
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body(vec![b'a'; 200_000])
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(huge.status(), 413);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_receipt_before_the_send_is_recorded_waits_and_applies() {
+    let app = spawn_app_with(&[("SMSGW_PUBLIC_URL", PUBLIC)]).await;
+    app.add_school(SCHOOL, "GB").await;
+    app.stub.script([Reply::Slow(Duration::from_millis(1500))]);
+    let job = job("booking_reminder", SCHOOL, "+447700900123", "Reminder");
+    app.publish(&job).await;
+    let sid = loop {
+        if let Some(sid) = app.stub.last_sid() {
+            break sid;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    // The carrier is faster than our own record of the send.
+    assert_eq!(status(&app, &sid, "delivered").await, 204);
+    app.wait_for_status(id_of(&job), "delivered").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stop_in_a_receipt_records_an_opt_out() {
+    let app = spawn_app_with(&[("SMSGW_PUBLIC_URL", PUBLIC)]).await;
+    app.add_school(SCHOOL, "GB").await;
+    let (id, sid) = sent_message(&app, "+447700900123").await;
+    let response = app
+        .post_twilio(
+            PUBLIC,
+            "/webhooks/twilio/status",
+            &[
+                ("MessageSid", sid.as_str()),
+                ("MessageStatus", "undelivered"),
+                ("ErrorCode", "21610"),
+            ],
+            None,
+        )
+        .await;
+    assert_eq!(response.status(), 204);
+    assert_eq!(app.message(id).await.expect("row").status, "undelivered");
+    let next = job("booking_reminder", SCHOOL, "+447700900123", "Another");
+    app.publish(&next).await;
+    let row = app.wait_for_status(id_of(&next), "suppressed").await;
+    assert_eq!(row.reason.as_deref(), Some("opted_out"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stop_and_start_round_trip_through_a_real_send() {
+    let app = spawn_app_with(&[("SMSGW_PUBLIC_URL", PUBLIC)]).await;
+    app.add_school(SCHOOL, "GB").await;
+    let inbound = |body: &'static str| {
+        let app = &app;
+        async move {
+            app.post_twilio(
+                PUBLIC,
+                "/webhooks/twilio/inbound",
+                &[
+                    ("AccountSid", twilio_stub::ACCOUNT_SID),
+                    ("From", "+447700900123"),
+                    ("To", twilio_stub::DEFAULT_FROM),
+                    ("Body", body),
+                    ("MessageSid", "SM11111111111111111111111111111111"),
+                ],
+                None,
+            )
+            .await
+        }
+    };
+    let response = inbound("  Stop ").await;
+    assert_eq!(response.status(), 200);
+    assert!(response.text().await.expect("body").contains("<Response/>"));
+
+    let stopped = job("booking_reminder", SCHOOL, "+447700900123", "Reminder");
+    app.publish(&stopped).await;
+    assert_eq!(
+        app.wait_for_status(id_of(&stopped), "suppressed")
+            .await
+            .reason
+            .as_deref(),
+        Some("opted_out")
+    );
+    assert_eq!(
+        inbound("hello there").await.status(),
+        200,
+        "other texts change nothing"
+    );
+    assert_eq!(inbound("START").await.status(), 200);
+    let resumed = job(
+        "booking_reminder",
+        SCHOOL,
+        "+447700900123",
+        "Reminder again",
+    );
+    app.publish(&resumed).await;
+    app.wait_for_status(id_of(&resumed), "sent").await;
+
+    let forged = app
+        .post_twilio(
+            PUBLIC,
+            "/webhooks/twilio/inbound",
+            &[("From", "+447700900999"), ("Body", "STOP")],
+            Some("AAAA"),
+        )
+        .await;
+    assert_eq!(forged.status(), 403);
+    let opt_outs: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM sms_opt_outs WHERE phone = '+447700900999'")
+            .fetch_one(&app.db)
+            .await
+            .expect("count");
+    assert_eq!(opt_outs, 0);
+}
+
+fn vonage_overrides(stub: &vonage_stub::VonageStub) -> Vec<(&'static str, String)> {
+    vec![
+        ("SMSGW_PROVIDER", "vonage".into()),
+        ("VONAGE_API_KEY", vonage_stub::API_KEY.into()),
+        ("VONAGE_API_SECRET", vonage_stub::API_SECRET.into()),
+        ("VONAGE_FROM", "DriveSafe".into()),
+        (
+            "VONAGE_SIGNATURE_SECRET",
+            vonage_stub::SIGNATURE_SECRET.into(),
+        ),
+        ("SMSGW_VONAGE_BASE_URL", stub.url.clone()),
+        ("SMSGW_PUBLIC_URL", PUBLIC.into()),
+    ]
+}
+
+async fn vonage_receipt(app: &helpers::App, params: &[(&str, String)], secret: &str) -> u16 {
+    let mut map: BTreeMap<String, String> = params
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), v.clone()))
+        .collect();
+    let sig = vonage_signature(secret, SignatureMethod::Sha256, &map);
+    map.insert("sig".into(), sig);
+    reqwest::Client::new()
+        .post(format!("{}/webhooks/vonage/status", app.http_url))
+        .json(&map)
+        .send()
+        .await
+        .expect("post")
+        .status()
+        .as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn vonage_sends_unicode_when_needed_and_takes_signed_receipts() {
+    let vonage = vonage_stub::VonageStub::start().await;
+    let overrides = vonage_overrides(&vonage);
+    let borrowed: Vec<(&str, &str)> = overrides.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let app = spawn_app_with(&borrowed).await;
+    app.add_school(SCHOOL, "GB").await;
+    let plain = job(
+        "booking_reminder",
+        SCHOOL,
+        "+447700900123",
+        "Lesson at 10:00, £25",
+    );
+    let emoji = job(
+        "booking_reminder",
+        SCHOOL,
+        "+447700900124",
+        "See you tomorrow 👍",
+    );
+    vonage.status_for("447700900125", "3");
+    let refused = job("booking_reminder", SCHOOL, "+447700900125", "Reminder");
+    vonage.status_for("447700900126", "1");
+    let throttled = job("booking_reminder", SCHOOL, "+447700900126", "Reminder");
+    for job in [&plain, &emoji, &refused, &throttled] {
+        app.publish(job).await;
+    }
+    let row = app.wait_for_status(id_of(&plain), "sent").await;
+    app.wait_for_status(id_of(&emoji), "sent").await;
+    let requests = vonage.requests();
+    let by_to = |to: &str| {
+        requests
+            .iter()
+            .find(|r| r.get("to") == Some(to))
+            .cloned()
+            .expect("request")
+    };
+    assert_eq!(by_to("447700900123").get("type"), Some("text"));
+    assert_eq!(by_to("447700900124").get("type"), Some("unicode"));
+    assert_eq!(by_to("447700900123").get("from"), Some("DriveSafe"));
+    assert_eq!(
+        by_to("447700900123").get("client-ref"),
+        Some(id_of(&plain).to_string().as_str())
+    );
+    assert_eq!(
+        by_to("447700900123").get("callback"),
+        Some("https://smsgw.example.com/webhooks/vonage/status")
+    );
+    vonage.assert_no_violations();
+
+    let failed = app.wait_for_status(id_of(&refused), "failed").await;
+    assert_eq!(failed.reason.as_deref(), Some("permanent_failure"));
+    assert_eq!(
+        app.attempts(id_of(&refused)).await[0].error_code.as_deref(),
+        Some("3")
+    );
+    let attempts = app.attempts(id_of(&throttled)).await;
+    assert!(
+        attempts
+            .first()
+            .is_some_and(|a| a.outcome.as_deref() == Some("temporary_failure"))
+    );
+
+    let sid = row.provider_message_id.expect("message-id");
+    let now = time::OffsetDateTime::now_utc().unix_timestamp().to_string();
+    let receipt = |status: &str, timestamp: &str| {
+        vec![
+            ("msisdn", "447700900123".to_owned()),
+            ("to", "DriveSafe".to_owned()),
+            ("messageId", sid.clone()),
+            ("status", status.to_owned()),
+            ("err-code", "0".to_owned()),
+            ("message-timestamp", "2026-11-25 10:00:00".to_owned()),
+            ("timestamp", timestamp.to_owned()),
+            ("nonce", "abc".to_owned()),
+        ]
+    };
+    assert_eq!(
+        vonage_receipt(&app, &receipt("delivered", &now), "wrong-secret").await,
+        403
+    );
+    assert_eq!(
+        vonage_receipt(
+            &app,
+            &receipt("delivered", "1000000000"),
+            vonage_stub::SIGNATURE_SECRET
+        )
+        .await,
+        403,
+        "stale"
+    );
+    assert_eq!(
+        app.message(id_of(&plain)).await.expect("row").status,
+        "sent"
+    );
+    assert_eq!(
+        vonage_receipt(
+            &app,
+            &receipt("delivered", &now),
+            vonage_stub::SIGNATURE_SECRET
+        )
+        .await,
+        204
+    );
+    assert_eq!(
+        vonage_receipt(
+            &app,
+            &receipt("failed", &now),
+            vonage_stub::SIGNATURE_SECRET
+        )
+        .await,
+        204
+    );
+    let row = app.message(id_of(&plain)).await.expect("row");
+    assert_eq!(row.status, "delivered", "never backwards");
+}
