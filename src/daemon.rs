@@ -83,7 +83,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         let Some(store) = connect_store(&settings, &shutdown).await? else {
             return Ok(());
         };
-        let store = store.keep_bodies(settings.keep_body);
+        let store = store.keep_bodies(settings.keep_body).with_recorder();
         health.set_database(true);
         let _ = store_tx.send(Some(store.clone()));
         let retention_stop = CancellationToken::new();

@@ -96,6 +96,8 @@ enum Attempted {
     FailOver {
         attempts: u32,
     },
+    /// The message's last attempt has an unknown outcome: reconcile, then claim again.
+    Unknown(UnknownAttempt),
 }
 
 pub struct Pipeline {
@@ -219,10 +221,17 @@ impl Pipeline {
     ) -> Result<Disposition, Abandoned> {
         let mut take_over = None;
         let mut unknown = None;
-        if let Some(state) = self
-            .persist(abandon, || self.store.message_state(job.id))
-            .await?
-        {
+        // A fresh publish needs no look at the log first: the claim itself finds a job
+        // that was done or is in flight. Only a delivery with a history (redelivered, back
+        // from a tier, replayed) looks first, to take over or reconcile an attempt.
+        let has_history = incoming.redelivered || incoming.requeued || incoming.replayed;
+        let state = if has_history {
+            self.persist(abandon, || self.store.message_state(job.id))
+                .await?
+        } else {
+            None
+        };
+        if let Some(state) = state {
             match self.already_handled(incoming, job, &state) {
                 Some(disposition) => return Ok(disposition),
                 None if state.status == MessageStatus::Sending => take_over = Some(state.attempts),
@@ -492,36 +501,49 @@ impl Pipeline {
                 });
             }
         };
-        if let Some(unknown) = &prior.unknown {
-            let asked = self
-                .gateways
-                .get(&unknown.provider)
-                .cloned()
-                .unwrap_or_else(|| gateway.clone());
-            if let Some(disposition) = self
-                .reconcile(incoming, job, &sms, unknown, &asked, abandon)
-                .await?
-            {
-                return Ok(disposition);
+        let mut unknown = prior.unknown.clone();
+        let mut reconciled = false;
+        let attempts = loop {
+            if let Some(unknown) = unknown.take() {
+                let asked = self
+                    .gateways
+                    .get(&unknown.provider)
+                    .cloned()
+                    .unwrap_or_else(|| gateway.clone());
+                if let Some(disposition) = self
+                    .reconcile(incoming, job, &sms, &unknown, &asked, abandon)
+                    .await?
+                {
+                    return Ok(disposition);
+                }
+                reconciled = true;
             }
-        }
-
-        let first = self
-            .attempt(
-                incoming,
-                job,
-                message,
-                &sms,
-                &gateway,
-                prior.take_over,
-                incoming.attempts,
-                route.fallback.is_some(),
-                abandon,
-            )
-            .await?;
-        let attempts = match first {
-            Attempted::Done(disposition) => return Ok(disposition),
-            Attempted::FailOver { attempts } => attempts,
+            let first = self
+                .attempt(
+                    incoming,
+                    job,
+                    message,
+                    &sms,
+                    &gateway,
+                    (prior.take_over, reconciled),
+                    incoming.attempts,
+                    route.fallback.is_some(),
+                    abandon,
+                )
+                .await?;
+            match first {
+                Attempted::Done(disposition) => return Ok(disposition),
+                Attempted::FailOver { attempts } => break attempts,
+                // The claim found an attempt with an unknown outcome: ask first.
+                Attempted::Unknown(found) if !reconciled => unknown = Some(found),
+                Attempted::Unknown(_) => {
+                    return Ok(Disposition::Retry {
+                        delay: self.settings.provider_timeout * 2,
+                        attempts: incoming.attempts,
+                        kind: job.kind,
+                    });
+                }
+            }
         };
         let fallback = route
             .fallback
@@ -535,13 +557,21 @@ impl Pipeline {
         );
         match self
             .attempt(
-                incoming, job, message, &sms, fallback, None, attempts, false, abandon,
+                incoming,
+                job,
+                message,
+                &sms,
+                fallback,
+                (None, true),
+                attempts,
+                false,
+                abandon,
             )
             .await?
         {
             Attempted::Done(disposition) => Ok(disposition),
             // Not asked to fail over again; `attempt` settles it itself.
-            Attempted::FailOver { .. } => Ok(Disposition::Requeue),
+            Attempted::FailOver { .. } | Attempted::Unknown(_) => Ok(Disposition::Requeue),
         }
     }
 
@@ -556,7 +586,7 @@ impl Pipeline {
         message: &NewMessage<'_>,
         sms: &OutboundSms<'_>,
         gateway: &Gateway,
-        take_over: Option<i32>,
+        (take_over, reconciled): (Option<i32>, bool),
         attempts_before: u32,
         may_fail_over: bool,
         abandon: &CancellationToken,
@@ -569,11 +599,25 @@ impl Pipeline {
         let claim_id = Uuid::new_v4();
         let claim = self
             .persist(abandon, || {
-                self.store.begin_attempt(&message, take_over, claim_id)
+                self.store
+                    .begin_attempt(&message, take_over, reconciled, claim_id)
             })
             .await?;
         let attempt = match claim {
             Claim::Started { attempt } => attempt,
+            Claim::Busy(state)
+                if matches!(state.status, MessageStatus::Queued | MessageStatus::Retrying) =>
+            {
+                // Not claimed although waiting: its last attempt's outcome is unknown.
+                return Ok(match state.unknown_attempt {
+                    Some(unknown) => Attempted::Unknown(unknown),
+                    None => Attempted::Done(Disposition::Retry {
+                        delay: self.settings.provider_timeout * 2,
+                        attempts: attempts_before,
+                        kind: job.kind,
+                    }),
+                });
+            }
             Claim::Busy(state) => {
                 return Ok(Attempted::Done(
                     self.already_handled(incoming, job, &state)

@@ -718,8 +718,10 @@ async fn when_the_provider_cannot_be_asked_the_message_waits_instead_of_resendin
 /// A message whose last attempt's outcome is unknown, as a crash or timeout leaves it.
 async fn unknown_outcome_row(app: &helpers::App, job: &serde_json::Value) {
     app.sql(&format!(
-        "INSERT INTO sms_messages (id, school_id, type, recipient, body, status, provider, attempts)
-         VALUES ('{}', {SCHOOL}, 'login_code', '+447700900123', 'Code 1234', 'retrying', 'log', 1)",
+        "INSERT INTO sms_messages (id, school_id, type, recipient, body, status, provider, attempts,
+                                   attempt_started_at, last_outcome_unknown)
+         VALUES ('{}', {SCHOOL}, 'login_code', '+447700900123', 'Code 1234', 'retrying', 'log', 1,
+                 now() - interval '1 minute', true)",
         id_of(job)
     ))
     .await;

@@ -721,6 +721,38 @@ impl App {
         }
     }
 
+    /// Publishes jobs as the web app does, pipelined, and waits for every confirm.
+    pub async fn publish_all(&self, jobs: &[Value]) {
+        for chunk in jobs.chunks(5_000) {
+            let mut confirms = Vec::with_capacity(chunk.len());
+            for job in chunk {
+                let kind = job["type"].as_str().unwrap_or("unknown").to_owned();
+                let confirm = self
+                    .publisher
+                    .basic_publish(
+                        "sms.jobs".into(),
+                        kind.as_str().into(),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..BasicPublishOptions::default()
+                        },
+                        job.to_string().as_bytes(),
+                        BasicProperties::default()
+                            .with_content_type("application/json".into())
+                            .with_delivery_mode(2)
+                            .with_message_id(job["id"].as_str().unwrap_or_default().into()),
+                    )
+                    .await
+                    .expect("publish");
+                confirms.push(confirm);
+            }
+            for confirm in confirms {
+                let confirmation = confirm.await.expect("confirm");
+                assert!(confirmation.is_ack() && confirmation.take_message().is_none());
+            }
+        }
+    }
+
     /// Publishes `count` distinct jobs of `kind` (each to its own number) and returns ids.
     pub async fn publish_many(&self, count: usize, kind: &str, school: i64) -> Vec<Uuid> {
         static NEXT_NUMBER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);

@@ -198,6 +198,11 @@ pub enum Reply {
         hang_percent: u32,
         hang: Duration,
     },
+    /// For benchmarks: `error_percent`% 503, the rest Created, each after `latency`.
+    Bench {
+        error_percent: u32,
+        latency: Duration,
+    },
     /// Takes the message (List Messages will show it), then never answers in time: the
     /// window where a sender cannot know whether it was sent.
     TakeThenHang(Duration),
@@ -235,6 +240,9 @@ struct Taken {
 }
 
 struct StubState {
+    /// Benchmarks: skip the description checks and keep only counts and arrival times.
+    lean: bool,
+    arrivals: Mutex<HashMap<String, (u32, Instant)>>,
     spec: Spec,
     taken: Mutex<Vec<Taken>>,
     list_reply: Mutex<Option<Reply>>,
@@ -253,7 +261,23 @@ pub struct TwilioStub {
 
 impl TwilioStub {
     pub async fn start() -> TwilioStub {
+        Self::start_with(false).await
+    }
+
+    /// A stub for benchmarks: Twilio's answers, without the per-request checks and logs.
+    pub async fn start_lean() -> TwilioStub {
+        Self::start_with(true).await
+    }
+
+    /// For a lean stub: per recipient, how many messages it took and when the first came.
+    pub fn arrivals(&self) -> HashMap<String, (u32, Instant)> {
+        self.state.arrivals.lock().expect("lock").clone()
+    }
+
+    async fn start_with(lean: bool) -> TwilioStub {
         let state = Arc::new(StubState {
+            lean,
+            arrivals: Mutex::default(),
             spec: Spec::load(),
             taken: Mutex::default(),
             list_reply: Mutex::default(),
@@ -395,6 +419,9 @@ async fn handle(
     if method == Method::GET {
         return list_messages(&state, &uri, &headers);
     }
+    if state.lean {
+        return lean_answer(&state, &body).await;
+    }
     let mut problems = Vec::new();
     if method != Method::POST {
         problems.push(format!("{method} {} is not Create Message", uri.path()));
@@ -466,6 +493,7 @@ async fn handle(
             .unwrap_or(Reply::Created)
     };
     let reply = match reply {
+        Reply::Bench { latency, .. } => Reply::Slow(latency),
         Reply::Flaky {
             error_percent,
             hang_percent,
@@ -507,7 +535,11 @@ async fn handle(
     };
     match reply {
         // Flaky was resolved above into one of the others.
-        Reply::Slow(_) | Reply::TakeThenHang(_) | Reply::Flaky { .. } | Reply::Created => {
+        Reply::Slow(_)
+        | Reply::TakeThenHang(_)
+        | Reply::Flaky { .. }
+        | Reply::Bench { .. }
+        | Reply::Created => {
             let sid = take(&state, &recorded);
             created(&state, &recorded, &sid)
         }
@@ -538,6 +570,52 @@ async fn handle(
             twilio_error(StatusCode::GATEWAY_TIMEOUT, 20500, "too late")
         }
     }
+}
+
+/// A benchmark's answer: Twilio's format, no checks, no request log.
+async fn lean_answer(state: &StubState, body: &[u8]) -> Response {
+    let form = serde_urlencoded_pairs(body);
+    let to = form
+        .iter()
+        .find(|(k, _)| k == "To")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    let reply = {
+        let behaviour = state.behaviour.lock().expect("lock");
+        behaviour.default.clone().unwrap_or(Reply::Created)
+    };
+    let (error_percent, latency) = match reply {
+        Reply::Bench {
+            error_percent,
+            latency,
+        } => (error_percent, latency),
+        _ => (0, Duration::ZERO),
+    };
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    let sid = {
+        let mut next = state.next_sid.lock().expect("lock");
+        *next += 1;
+        *next
+    };
+    let roll = (sid.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 7) % 100;
+    if (roll as u32) < error_percent {
+        return twilio_error(StatusCode::SERVICE_UNAVAILABLE, 20503, "Service Unavailable");
+    }
+    {
+        let mut arrivals = state.arrivals.lock().expect("lock");
+        let entry = arrivals.entry(to.clone()).or_insert((0, Instant::now()));
+        entry.0 += 1;
+    }
+    (
+        StatusCode::CREATED,
+        [(header::CONTENT_TYPE, "application/json")],
+        format!(
+            r#"{{"sid":"SM{sid:032x}","status":"queued","to":"{to}","account_sid":"{ACCOUNT_SID}","api_version":"2010-04-01","direction":"outbound-api"}}"#
+        ),
+    )
+        .into_response()
 }
 
 /// The 201 answer for a taken message.

@@ -21,6 +21,11 @@ use uuid::Uuid;
 
 use crate::{job::JobType, phone::PhoneNumber, policy::SchoolSettings};
 
+mod log;
+
+pub use log::Claim;
+use log::{ClaimRow, FinishRow, Op, RecordRow, Recorder};
+
 /// The migrations in `schema/`, embedded at build time.
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./schema");
 
@@ -36,6 +41,8 @@ pub enum StoreError {
     Corrupt(String),
     #[error("the database did not answer within {0:?}")]
     Timeout(Duration),
+    #[error("database error: {0}")]
+    Batch(String),
 }
 
 /// The status of a message, as `sms_messages.status` stores it.
@@ -153,15 +160,6 @@ pub struct UnknownAttempt {
     pub provider: String,
 }
 
-/// The answer to "may I start an attempt?".
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Claim {
-    /// Yes: attempt number `attempt` is recorded as started.
-    Started { attempt: i32 },
-    /// No: the message is in this state (final, or in flight elsewhere).
-    Busy(MessageState),
-}
-
 /// How one provider call ended, for `finish_attempt`.
 #[derive(Debug, Clone)]
 pub struct AttemptRecord<'a> {
@@ -209,6 +207,30 @@ fn rank(of: &str) -> String {
     RANK.replace("$S", of)
 }
 
+/// Applies receipts that came before the messages' own records had the provider ids.
+pub(crate) async fn apply_pending_receipts(pool: &PgPool, sids: &[&str]) -> Result<(), StoreError> {
+    let sql = format!(
+        "UPDATE sms_messages m
+            SET status = r.status, provider_status = r.provider_status,
+                error_code = COALESCE(r.error_code, m.error_code),
+                delivered_at = CASE WHEN r.status = 'delivered' THEN r.received_at
+                                    ELSE m.delivered_at END,
+                updated_at = now()
+           FROM (SELECT DISTINCT ON (provider_message_id)
+                        provider_message_id, status, provider_status, error_code, received_at
+                   FROM sms_receipts
+                  WHERE provider_message_id = ANY($1) AND status IS NOT NULL
+                  ORDER BY provider_message_id, {rank_inner} DESC, id DESC) r
+           JOIN sms_attempts a ON a.provider_message_id = r.provider_message_id
+          WHERE m.id = a.message_id AND {rank_r} > {rank_m}",
+        rank_inner = rank("status"),
+        rank_r = rank("r.status"),
+        rank_m = rank("m.status"),
+    );
+    sqlx::query(&sql).bind(sids).execute(pool).await?;
+    Ok(())
+}
+
 /// A message row, as support reads it.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct MessageView {
@@ -252,6 +274,8 @@ pub struct Store {
     pools: Arc<Pools>,
     /// `false`: a body is dropped as soon as its message has a final outcome.
     keep_body: bool,
+    /// Writes the message log in batches; without it (the tools) each write goes alone.
+    recorder: Option<Recorder>,
 }
 
 /// The connection pool, replaceable as a whole: a connection that went silent (no error,
@@ -289,7 +313,16 @@ impl Store {
                 settings,
             }),
             keep_body: true,
+            recorder: None,
         })
+    }
+
+    /// From now on, writes of the message log from all callers are gathered into batches
+    /// (group commit). Call once the body policy is set.
+    pub fn with_recorder(mut self) -> Self {
+        let store = self.clone();
+        self.recorder = Some(Recorder::start(move || store.pool(), self.keep_body));
+        self
     }
 
     /// The current pool (a cheap handle).
@@ -528,36 +561,7 @@ impl Store {
     }
 
     pub async fn message_state(&self, id: Uuid) -> Result<Option<MessageState>, StoreError> {
-        let row = sqlx::query(
-            "SELECT m.status, m.attempts, a.started_at, a.provider, a.outcome IS NULL AS open,
-                    a.outcome IS NULL OR a.outcome_unknown AS unknown
-             FROM sms_messages m
-             LEFT JOIN sms_attempts a ON a.message_id = m.id AND a.attempt = m.attempts
-             WHERE m.id = $1",
-        )
-        .bind(id)
-        .fetch_optional(&self.pool())
-        .await?;
-        let Some(row) = row else { return Ok(None) };
-        let status: String = row.try_get("status")?;
-        let attempts: i32 = row.try_get("attempts")?;
-        let started: Option<OffsetDateTime> = row.try_get("started_at")?;
-        let open = row.try_get::<Option<bool>, _>("open")?.unwrap_or(false);
-        let unknown = row.try_get::<Option<bool>, _>("unknown")?.unwrap_or(false);
-        let provider: Option<String> = row.try_get("provider")?;
-        Ok(Some(MessageState {
-            status: MessageStatus::parse(&status)
-                .ok_or_else(|| StoreError::Corrupt(format!("unknown status '{status}'")))?,
-            attempts,
-            open_attempt_started: started.filter(|_| open),
-            unknown_attempt: started
-                .filter(|_| unknown)
-                .map(|started_at| UnknownAttempt {
-                    attempt: attempts,
-                    started_at,
-                    provider: provider.unwrap_or_default(),
-                }),
-        }))
+        log::read_state(&self.pool(), id).await
     }
 
     /// Records a message that ends without a provider call (suppressed, expired, refused),
@@ -569,43 +573,37 @@ impl Store {
         status: MessageStatus,
         reason: Option<&str>,
     ) -> Result<Option<MessageState>, StoreError> {
-        let done = sqlx::query(
-            "INSERT INTO sms_messages
-                (id, bulk_id, school_id, type, recipient, body, context, status, reason, provider,
-                 segments)
-             VALUES ($1, $2, $3, $4, $5,
-                     CASE WHEN $11 OR $8 = 'queued' THEN $6 END, $7, $8, $9, $10, $13)
-             ON CONFLICT (id) DO UPDATE
-                SET status = EXCLUDED.status, reason = EXCLUDED.reason, body = EXCLUDED.body,
-                    updated_at = now()
-                WHERE sms_messages.status IN ('queued', 'retrying')
-                   OR ($12 AND sms_messages.status = 'failed')",
-        )
-        .bind(message.id)
-        .bind(message.bulk_id)
-        .bind(message.school_id)
-        .bind(message.kind.as_str())
-        .bind(message.recipient)
-        .bind(message.body)
-        .bind(message.context)
-        .bind(status.as_str())
-        .bind(reason)
-        .bind(message.provider)
-        .bind(self.keep_body)
-        .bind(message.reopen_failed)
-        .bind(message.segments)
-        .execute(&self.pool())
-        .await?
-        .rows_affected();
-        if done == 1 {
-            return Ok(None);
+        let row = RecordRow {
+            id: message.id,
+            bulk_id: message.bulk_id,
+            school_id: message.school_id,
+            kind: message.kind.as_str(),
+            recipient: message.recipient.to_owned(),
+            body: message.body.to_owned(),
+            context: message.context.cloned(),
+            provider: message.provider.to_owned(),
+            segments: message.segments,
+            reopen_failed: message.reopen_failed,
+            status: status.as_str(),
+            reason: reason.map(str::to_owned),
+        };
+        match &self.recorder {
+            Some(recorder) => {
+                let (reply, answer) = tokio::sync::oneshot::channel();
+                recorder.submit(Op::Record(row, reply))?;
+                answer.await.map_err(|_| StoreError::Batch("the recorder dropped a write".into()))?
+            }
+            None => log::record_batch(&self.pool(), &[row], self.keep_body)
+                .await?
+                .pop()
+                .ok_or_else(|| StoreError::Corrupt("no answer".into())),
         }
-        self.message_state(message.id).await
     }
 
     /// Claims the next attempt: inserts the message (or moves it from `queued`/`retrying`,
     /// from `failed` when replayed, or takes over attempt `take_over` left open by a crash)
-    /// to `sending`, and records the attempt as started, in one statement.
+    /// to `sending`, recording the attempt as started. A message whose last attempt's
+    /// outcome is unknown is claimed only once `reconciled` (the provider was asked).
     ///
     /// `claim` identifies this try: if the commit succeeded but its answer was lost with
     /// the connection, trying again with the same `claim` finds the attempt it started.
@@ -613,59 +611,34 @@ impl Store {
         &self,
         message: &NewMessage<'_>,
         take_over: Option<i32>,
+        reconciled: bool,
         claim: Uuid,
     ) -> Result<Claim, StoreError> {
-        let attempt: Option<i32> = sqlx::query_scalar(
-            "WITH claimed AS (
-                INSERT INTO sms_messages
-                    (id, bulk_id, school_id, type, recipient, body, context, status, provider,
-                     attempts, segments)
-                VALUES ($1, $2, $3, $4, $5, $6, $7, 'sending', $8, 1, $12)
-                ON CONFLICT (id) DO UPDATE
-                    SET status = 'sending', attempts = sms_messages.attempts + 1,
-                        provider = EXCLUDED.provider, recipient = EXCLUDED.recipient,
-                        reason = NULL, updated_at = now()
-                    WHERE sms_messages.status IN ('queued', 'retrying')
-                       OR (sms_messages.status = 'sending' AND sms_messages.attempts = $9)
-                       OR ($10 AND sms_messages.status = 'failed')
-                RETURNING id, attempts
-             )
-             INSERT INTO sms_attempts (message_id, attempt, provider, started_at, claim)
-             SELECT id, attempts, $8, now(), $11 FROM claimed
-             RETURNING attempt",
-        )
-        .bind(message.id)
-        .bind(message.bulk_id)
-        .bind(message.school_id)
-        .bind(message.kind.as_str())
-        .bind(message.recipient)
-        .bind(message.body)
-        .bind(message.context)
-        .bind(message.provider)
-        .bind(take_over)
-        .bind(message.reopen_failed)
-        .bind(claim)
-        .bind(message.segments)
-        .fetch_optional(&self.pool())
-        .await?;
-        if let Some(attempt) = attempt {
-            return Ok(Claim::Started { attempt });
-        }
-        let ours: Option<i32> = sqlx::query_scalar(
-            "SELECT attempt FROM sms_attempts WHERE message_id = $1 AND claim = $2",
-        )
-        .bind(message.id)
-        .bind(claim)
-        .fetch_optional(&self.pool())
-        .await?;
-        if let Some(attempt) = ours {
-            return Ok(Claim::Started { attempt });
-        }
-        match self.message_state(message.id).await? {
-            Some(state) => Ok(Claim::Busy(state)),
-            None => Err(StoreError::Corrupt(
-                "claim found neither a claimable nor an existing message".into(),
-            )),
+        let row = ClaimRow {
+            id: message.id,
+            bulk_id: message.bulk_id,
+            school_id: message.school_id,
+            kind: message.kind.as_str(),
+            recipient: message.recipient.to_owned(),
+            body: message.body.to_owned(),
+            context: message.context.cloned(),
+            provider: message.provider.to_owned(),
+            segments: message.segments,
+            reopen_failed: message.reopen_failed,
+            take_over,
+            reconciled,
+            claim,
+        };
+        match &self.recorder {
+            Some(recorder) => {
+                let (reply, answer) = tokio::sync::oneshot::channel();
+                recorder.submit(Op::Claim(row, reply))?;
+                answer.await.map_err(|_| StoreError::Batch("the recorder dropped a write".into()))?
+            }
+            None => log::claim_batch(&self.pool(), &[row])
+                .await?
+                .pop()
+                .ok_or_else(|| StoreError::Corrupt("no answer".into())),
         }
     }
 
@@ -676,40 +649,27 @@ impl Store {
         attempt: i32,
         record: &AttemptRecord<'_>,
     ) -> Result<(), StoreError> {
-        let duration_ms = i32::try_from(record.duration.as_millis()).unwrap_or(i32::MAX);
-        sqlx::query(
-            "WITH attempt AS (
-                UPDATE sms_attempts
-                   SET duration_ms = $3, outcome = $4, http_status = $5,
-                       error_code = $6, error_message = $7, outcome_unknown = $12
-                 WHERE message_id = $1 AND attempt = $2
-             )
-             UPDATE sms_messages
-                SET status = $8, reason = $9,
-                    provider_message_id = COALESCE($10, provider_message_id),
-                    sent_at = CASE WHEN $8 = 'sent' THEN now() ELSE sent_at END,
-                    body = CASE WHEN $11 OR $8 = 'retrying' THEN body END,
-                    updated_at = now()
-              WHERE id = $1 AND status = 'sending' AND attempts = $2",
-        )
-        .bind(id)
-        .bind(attempt)
-        .bind(duration_ms)
-        .bind(record.outcome.as_str())
-        .bind(record.http_status.map(i32::from))
-        .bind(record.error_code)
-        .bind(record.error_message)
-        .bind(record.status.as_str())
-        .bind(record.reason)
-        .bind(record.provider_message_id)
-        .bind(self.keep_body)
-        .bind(record.outcome_unknown)
-        .execute(&self.pool())
-        .await?;
-        if let Some(sid) = record.provider_message_id {
-            self.apply_pending_receipts(id, sid).await?;
+        let row = FinishRow {
+            id,
+            attempt,
+            duration_ms: i32::try_from(record.duration.as_millis()).unwrap_or(i32::MAX),
+            outcome: record.outcome.as_str(),
+            http_status: record.http_status.map(i32::from),
+            error_code: record.error_code.map(str::to_owned),
+            error_message: record.error_message.map(str::to_owned),
+            outcome_unknown: record.outcome_unknown,
+            provider_message_id: record.provider_message_id.map(str::to_owned),
+            status: record.status.as_str(),
+            reason: record.reason.map(str::to_owned),
+        };
+        match &self.recorder {
+            Some(recorder) => {
+                let (reply, answer) = tokio::sync::oneshot::channel();
+                recorder.submit(Op::Finish(row, reply))?;
+                answer.await.map_err(|_| StoreError::Batch("the recorder dropped a write".into()))?
+            }
+            None => log::finish_batch(&self.pool(), &[row], self.keep_body).await,
         }
-        Ok(())
     }
 
     /// Records a receipt and moves its message forward (never back: `delivered` stays
@@ -732,7 +692,8 @@ impl Store {
                     delivered_at = CASE WHEN $4 = 'delivered' AND {new} > {old} THEN now()
                                         ELSE m.delivered_at END,
                     updated_at = now()
-              WHERE m.provider_message_id = $2
+               FROM sms_attempts a
+              WHERE a.provider_message_id = $2 AND a.outcome = 'sent' AND m.id = a.message_id
                 AND m.status IN ('sent', 'delivered', 'undelivered', 'failed')
               RETURNING m.id, m.recipient, m.school_id",
             new = rank("$4"),
@@ -746,35 +707,6 @@ impl Store {
             .bind(receipt.error_code)
             .fetch_optional(&self.pool())
             .await?)
-    }
-
-    /// Applies receipts that came before the message's own record had the provider id.
-    async fn apply_pending_receipts(
-        &self,
-        id: Uuid,
-        provider_message_id: &str,
-    ) -> Result<(), StoreError> {
-        let sql = format!(
-            "UPDATE sms_messages m
-                SET status = r.status, provider_status = r.provider_status,
-                    error_code = COALESCE(r.error_code, m.error_code),
-                    delivered_at = CASE WHEN r.status = 'delivered' THEN r.received_at
-                                        ELSE m.delivered_at END,
-                    updated_at = now()
-               FROM (SELECT status, provider_status, error_code, received_at FROM sms_receipts
-                      WHERE provider_message_id = $2 AND status IS NOT NULL
-                      ORDER BY {rank_inner} DESC, id DESC LIMIT 1) r
-              WHERE m.id = $1 AND {rank_r} > {rank_m}",
-            rank_inner = rank("status"),
-            rank_r = rank("r.status"),
-            rank_m = rank("m.status"),
-        );
-        sqlx::query(&sql)
-            .bind(id)
-            .bind(provider_message_id)
-            .execute(&self.pool())
-            .await?;
-        Ok(())
     }
 
     /// START: removes the opt-outs a carrier or an inbound STOP made for `phone` (not the
@@ -792,7 +724,9 @@ impl Store {
     /// Gives a message up as `failed` (`outcome_unknown`) without another call.
     pub async fn fail_unknown(&self, id: Uuid) -> Result<(), StoreError> {
         sqlx::query(
-            "UPDATE sms_messages SET status = 'failed', reason = 'outcome_unknown', updated_at = now()
+            "UPDATE sms_messages
+                SET status = 'failed', reason = 'outcome_unknown', last_outcome_unknown = false,
+                    updated_at = now()
               WHERE id = $1 AND status IN ('queued', 'sending', 'retrying')",
         )
         .bind(id)
@@ -809,17 +743,23 @@ impl Store {
         attempt: i32,
         provider_message_id: &str,
     ) -> Result<(), StoreError> {
+        let pool = self.pool();
         sqlx::query(
             "WITH attempt AS (
-                UPDATE sms_attempts
+                INSERT INTO sms_attempts (message_id, attempt, provider, started_at, outcome,
+                                          provider_message_id, error_message)
+                SELECT m.id, $2, m.provider, COALESCE(m.attempt_started_at, now()), 'sent', $3,
+                       '(reconciled: the provider had taken it)'
+                  FROM sms_messages m WHERE m.id = $1
+                ON CONFLICT (message_id, attempt) DO UPDATE
                    SET outcome = 'sent', outcome_unknown = false,
-                       error_message = concat_ws(' ', error_message,
-                           '(reconciled: the provider had taken it)')
-                 WHERE message_id = $1 AND attempt = $2
+                       provider_message_id = EXCLUDED.provider_message_id,
+                       error_message = concat_ws(' ', sms_attempts.error_message,
+                                                 '(reconciled: the provider had taken it)')
              )
              UPDATE sms_messages
                 SET status = 'sent', reason = NULL, provider_message_id = $3,
-                    sent_at = COALESCE(sent_at, now()),
+                    sent_at = COALESCE(sent_at, now()), last_outcome_unknown = false,
                     body = CASE WHEN $4 THEN body END, updated_at = now()
               WHERE id = $1 AND status IN ('queued', 'sending', 'retrying', 'failed')",
         )
@@ -827,8 +767,8 @@ impl Store {
         .bind(attempt)
         .bind(provider_message_id)
         .bind(self.keep_body)
-        .execute(&self.pool())
+        .execute(&pool)
         .await?;
-        self.apply_pending_receipts(id, provider_message_id).await
+        apply_pending_receipts(&pool, &[provider_message_id]).await
     }
 }

@@ -1,0 +1,611 @@
+//! `make bench`: smsgw's throughput, latency, memory and CPU against the real RabbitMQ and
+//! PostgreSQL on this machine, next to the raw ceilings of those services measured in the
+//! same run; then the fairness, fan-out and pacing scenarios.
+//!
+//! Knobs (environment): `BENCH_JOBS` (default 100000), `BENCH_LATENCIES` (provider latency
+//! in ms, default `0,100`), `BENCH_SCENARIOS` (`0` skips them).
+
+#[path = "../tests/helpers/mod.rs"]
+#[allow(dead_code)]
+mod helpers;
+
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
+
+use futures_util::StreamExt;
+use lapin::{
+    BasicProperties, Connection, ConnectionProperties,
+    options::{
+        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+        ConfirmSelectOptions, QueueDeclareOptions,
+    },
+    types::{AMQPValue, FieldTable},
+};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use helpers::{Reply, TestEnv, TwilioStub, base_settings, free_port, process::Daemon};
+
+fn env_number(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// CPU seconds a process has used (user + system).
+fn cpu_seconds(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let after = stat.rsplit_once(')')?.1;
+            let fields: Vec<&str> = after.split_whitespace().collect();
+            let user: f64 = fields.get(11)?.parse().ok()?;
+            let system: f64 = fields.get(12)?.parse().ok()?;
+            Some((user + system) / 100.0)
+        })
+        .unwrap_or(0.0)
+}
+
+fn pids(name: &str) -> Vec<u32> {
+    std::process::Command::new("pgrep")
+        .args(["-x", name])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter_map(|l| l.trim().parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn cpu_of(name: &str) -> f64 {
+    pids(name).into_iter().map(cpu_seconds).sum()
+}
+
+fn peak_rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|l| l.starts_with("VmHWM:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse::<f64>()
+                .ok()
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}
+
+struct Ceilings {
+    publish: f64,
+    consume: f64,
+    consume_multiple: f64,
+    pg_rows: f64,
+    stub: f64,
+}
+
+async fn quorum_queue(conn: &Connection, name: &str) -> lapin::Channel {
+    let channel = conn.create_channel().await.expect("channel");
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    channel
+        .queue_declare(
+            name.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .expect("declare");
+    channel
+}
+
+async fn publish_n(conn: &Connection, queue: &str, n: usize) -> f64 {
+    let channel = conn.create_channel().await.expect("channel");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    let body = json!({"id": Uuid::new_v4(), "type": "booking_reminder", "school_id": 1, "to": "+447700900123", "body": "Reminder: driving lesson tomorrow 10:00 with Sam."}).to_string();
+    let started = Instant::now();
+    for chunk in (0..n).collect::<Vec<_>>().chunks(2_000) {
+        let mut confirms = Vec::new();
+        for _ in chunk {
+            confirms.push(
+                channel
+                    .basic_publish(
+                        "".into(),
+                        queue.into(),
+                        BasicPublishOptions::default(),
+                        body.as_bytes(),
+                        BasicProperties::default().with_delivery_mode(2),
+                    )
+                    .await
+                    .expect("publish"),
+            );
+        }
+        for confirm in confirms {
+            confirm.await.expect("confirm");
+        }
+    }
+    n as f64 / started.elapsed().as_secs_f64()
+}
+
+async fn consume_n(conn: &Connection, queue: &str, n: usize, ack_every: u64) -> f64 {
+    let channel = conn.create_channel().await.expect("channel");
+    channel
+        .basic_qos(1_000, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            "bench".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let started = Instant::now();
+    let mut seen = 0usize;
+    while let Some(Ok(delivery)) = consumer.next().await {
+        seen += 1;
+        if ack_every <= 1 {
+            delivery.ack(BasicAckOptions::default()).await.expect("ack");
+        } else if delivery.delivery_tag % ack_every == 0 || seen == n {
+            channel
+                .basic_ack(delivery.delivery_tag, BasicAckOptions { multiple: true })
+                .await
+                .expect("ack");
+        }
+        if seen == n {
+            break;
+        }
+    }
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    let _ = channel.close(200, "done".into()).await;
+    rate
+}
+
+async fn ceilings(n: usize) -> Ceilings {
+    let env = TestEnv::new().await;
+    let conn = Connection::connect(&env.amqp_url, ConnectionProperties::default())
+        .await
+        .expect("connect");
+    quorum_queue(&conn, "bench.single").await;
+    quorum_queue(&conn, "bench.multiple").await;
+    let publish = publish_n(&conn, "bench.single", n).await;
+    publish_n(&conn, "bench.multiple", n).await;
+    let consume = consume_n(&conn, "bench.single", n, 1).await;
+    let consume_multiple = consume_n(&conn, "bench.multiple", n, 64).await;
+    let _ = conn.close(200, "done".into()).await;
+
+    helpers::migrate(&env.database_url).await;
+    let pool = sqlx::PgPool::connect(&env.database_url).await.expect("db");
+    let rows = n.max(50_000);
+    let started = Instant::now();
+    for chunk in (0..rows).collect::<Vec<_>>().chunks(1_000) {
+        let ids: Vec<Uuid> = chunk.iter().map(|_| Uuid::new_v4()).collect();
+        sqlx::query(
+            "INSERT INTO sms_messages (id, school_id, type, recipient, body, status, provider, attempts)
+             SELECT id, 1, 'booking_reminder', '+447700900123', 'Reminder: driving lesson tomorrow', 'sent', 'twilio', 1
+             FROM UNNEST($1::uuid[]) AS t(id)",
+        )
+        .bind(&ids)
+        .execute(&pool)
+        .await
+        .expect("insert");
+    }
+    let pg_rows = rows as f64 / started.elapsed().as_secs_f64();
+    pool.close().await;
+
+    let stub = TwilioStub::start_lean().await;
+    let client = reqwest::Client::new();
+    let url = format!(
+        "{}/2010-04-01/Accounts/{}/Messages.json",
+        stub.url,
+        helpers::twilio_stub::ACCOUNT_SID
+    );
+    let started = Instant::now();
+    let window = Duration::from_secs(3);
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..64 {
+        let (client, url, done) = (client.clone(), url.clone(), done.clone());
+        workers.push(tokio::spawn(async move {
+            while started.elapsed() < window {
+                let _ = client
+                    .post(&url)
+                    .form(&[("To", "+447700900123"), ("From", "+15005550006"), ("Body", "x")])
+                    .send()
+                    .await
+                    .and_then(|r| r.error_for_status());
+                done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }));
+    }
+    for worker in workers {
+        let _ = worker.await;
+    }
+    let stub_rate = done.load(std::sync::atomic::Ordering::Relaxed) as f64
+        / started.elapsed().as_secs_f64();
+    Ceilings {
+        publish,
+        consume,
+        consume_multiple,
+        pg_rows,
+        stub: stub_rate,
+    }
+}
+
+const TYPES: [(&str, u32); 6] = [
+    ("booking_reminder", 30),
+    ("booking_confirmation", 30),
+    ("booking_change", 10),
+    ("booking_cancellation", 5),
+    ("login_code", 5),
+    ("announcement", 20),
+];
+
+fn kind_for(i: usize) -> &'static str {
+    let slot = (i as u32 * 7919) % 100;
+    let mut acc = 0;
+    for (kind, share) in TYPES {
+        acc += share;
+        if slot < acc {
+            return kind;
+        }
+    }
+    "booking_reminder"
+}
+
+fn number(i: usize) -> String {
+    format!("+447{:09}", 100_000_000 + i)
+}
+
+/// A prepared environment: schools, 2% of recipients opted out, a lean stub.
+struct Run {
+    app: helpers::App,
+    port: u16,
+    vars: Vec<(String, String)>,
+}
+
+async fn prepare(latency_ms: u64, extra: &[(&str, String)]) -> Run {
+    let env = TestEnv::new().await;
+    let stub = TwilioStub::start_lean().await;
+    stub.reply_always(Reply::Bench {
+        error_percent: 1,
+        latency: Duration::from_millis(latency_ms),
+    });
+    let port = free_port();
+    helpers::migrate(&env.database_url).await;
+    let mut vars: Vec<(String, String)> = base_settings(&env, &stub, port).into_iter().collect();
+    vars.push(("RUST_LOG".into(), "warn".into()));
+    vars.push(("SMSGW_LOG_FORMAT".into(), "json".into()));
+    vars.push(("SMSGW_RETRY_DELAYS".into(), "200ms,400ms,800ms".into()));
+    vars.push(("SMSGW_PROVIDER_TIMEOUT".into(), "5s".into()));
+    for (k, v) in extra {
+        vars.retain(|(key, _)| key != k);
+        vars.push(((*k).to_owned(), v.clone()));
+    }
+    let app = helpers::attach(env, stub).await;
+    app.sql(
+        "INSERT INTO sms_school_settings (school_id, sms_enabled, country)
+         SELECT s, true, 'GB' FROM generate_series(1, 20) s",
+    )
+    .await;
+    Run { app, port, vars }
+}
+
+async fn opt_out_every_50th(app: &helpers::App, count: usize) {
+    let phones: Vec<String> = (0..count).step_by(50).map(number).collect();
+    sqlx::query("INSERT INTO sms_opt_outs (school_id, phone, source) SELECT NULL, p, 'web' FROM UNNEST($1::text[]) p")
+        .bind(&phones)
+        .execute(&app.db)
+        .await
+        .expect("opt-outs");
+}
+
+fn single_jobs(from: usize, count: usize, tag: &str) -> Vec<Value> {
+    (from..from + count)
+        .map(|i| {
+            json!({
+                "id": Uuid::new_v4(),
+                "type": kind_for(i),
+                "school_id": (i % 20) + 1,
+                "to": number(i),
+                "body": format!("{tag}: driving lesson tomorrow 10:00 with Sam."),
+                "context": {"booking_id": i},
+            })
+        })
+        .collect()
+}
+
+async fn finished(app: &helpers::App) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM sms_messages WHERE status IN ('sent', 'suppressed', 'failed', 'expired')",
+    )
+    .fetch_one(&app.db)
+    .await
+    .expect("count")
+}
+
+struct Throughput {
+    latency_ms: u64,
+    jobs: usize,
+    rate: f64,
+    p50: Duration,
+    p99: Duration,
+    rss: f64,
+    worker_cpu: f64,
+    pg_cpu: f64,
+    rabbit_cpu: f64,
+}
+
+async fn end_to_end(jobs: usize, latency_ms: u64) -> Throughput {
+    let concurrency = if latency_ms >= 50 { "512" } else { "128" };
+    let run = prepare(
+        latency_ms,
+        &[
+            ("SMSGW_URGENT_CONCURRENCY", "256".into()),
+            ("SMSGW_DEFAULT_CONCURRENCY", concurrency.into()),
+            ("SMSGW_BULK_CONCURRENCY", concurrency.into()),
+        ],
+    )
+    .await;
+    opt_out_every_50th(&run.app, jobs).await;
+    // Declare the topology, then publish everything before the clock starts.
+    let mut daemon = Daemon::spawn(&run.vars);
+    helpers::process::wait_ready(run.port, &mut daemon).await;
+    daemon.signal("TERM");
+    let _ = daemon.wait_exit(Duration::from_secs(30));
+    let all = single_jobs(0, jobs, "Reminder");
+    run.app.publish_all(&all).await;
+
+    let (pg0, rabbit0) = (cpu_of("postgres"), cpu_of("beam.smp"));
+    let started = Instant::now();
+    let mut daemon = Daemon::spawn(&run.vars);
+    let pid = daemon.child.id();
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if finished(&run.app).await as usize >= jobs {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(1_800), "the run never finished");
+    }
+    let elapsed = started.elapsed();
+    let worker_cpu = cpu_seconds(pid);
+    let (pg_cpu, rabbit_cpu) = (cpu_of("postgres") - pg0, cpu_of("beam.smp") - rabbit0);
+
+    // Latency: jobs published one by one at a steady rate while the worker is idle.
+    let probes = 2_000.min(jobs);
+    let probe_jobs = single_jobs(10_000_000, probes, "Probe");
+    let mut published = HashMap::new();
+    let pace = Duration::from_micros(1_000_000 / 1_000);
+    let probe_start = Instant::now();
+    for (i, job) in probe_jobs.iter().enumerate() {
+        let due = probe_start + pace * i as u32;
+        tokio::time::sleep_until(due.into()).await;
+        published.insert(job["to"].as_str().unwrap_or_default().to_owned(), Instant::now());
+        run.app.publish(job).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3) + Duration::from_millis(latency_ms * 2)).await;
+    let arrivals = run.app.stub.arrivals();
+    let mut latencies: Vec<Duration> = published
+        .iter()
+        .filter_map(|(to, at)| arrivals.get(to).map(|(_, arrived)| arrived.duration_since(*at)))
+        .collect();
+    latencies.sort();
+    let rss = peak_rss_mib(pid);
+    daemon.signal("TERM");
+    let _ = daemon.wait_exit(Duration::from_secs(60));
+    Throughput {
+        latency_ms,
+        jobs,
+        rate: jobs as f64 / elapsed.as_secs_f64(),
+        p50: percentile(&latencies, 0.5),
+        p99: percentile(&latencies, 0.99),
+        rss,
+        worker_cpu: worker_cpu / jobs as f64 * 10_000.0,
+        pg_cpu: pg_cpu / jobs as f64 * 10_000.0,
+        rabbit_cpu: rabbit_cpu / jobs as f64 * 10_000.0,
+    }
+}
+
+/// Fan-out, urgent-before-bulk and fairness, on one run: school A's 50,000-recipient
+/// announcement, then school B's 20-recipient one, then login codes while it drains.
+async fn scenarios(recipients: usize) -> Vec<(String, String)> {
+    let run = prepare(0, &[]).await;
+    let mut daemon = Daemon::spawn(&run.vars);
+    helpers::process::wait_ready(run.port, &mut daemon).await;
+    let app = &run.app;
+    let a = Uuid::new_v4();
+    let bulk_a = json!({
+        "id": a,
+        "type": "announcement",
+        "school_id": 1,
+        "recipients": (0..recipients).map(|i| json!({"to": number(i), "ref": format!("user-{i}")})).collect::<Vec<_>>(),
+        "body": "The office is closed on Friday.",
+    });
+    let b = Uuid::new_v4();
+    let bulk_b = json!({
+        "id": b,
+        "type": "announcement",
+        "school_id": 2,
+        "recipients": (0..20).map(|i| json!({"to": number(5_000_000 + i)})).collect::<Vec<_>>(),
+        "body": "Lessons resume on Monday.",
+    });
+    let started = Instant::now();
+    app.publish(&bulk_a).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let b_published = Instant::now();
+    app.publish(&bulk_b).await;
+
+    // Login codes, one every 50 ms, while A drains.
+    let mut codes = HashMap::new();
+    for i in 0..40 {
+        let to = number(6_000_000 + i);
+        let job = json!({"id": Uuid::new_v4(), "type": "login_code", "school_id": 3, "to": to, "body": "Your code is 4711"});
+        codes.insert(to, Instant::now());
+        app.publish(&job).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let b_numbers: Vec<String> = (0..20).map(|i| number(5_000_000 + i)).collect();
+    let mut b_done = None;
+    let mut a_done = None;
+    while started.elapsed() < Duration::from_secs(600) && (a_done.is_none() || b_done.is_none()) {
+        let arrivals = app.stub.arrivals();
+        if b_done.is_none() && b_numbers.iter().all(|n| arrivals.contains_key(n)) {
+            b_done = Some(
+                b_numbers
+                    .iter()
+                    .filter_map(|n| arrivals.get(n).map(|(_, at)| at.duration_since(b_published)))
+                    .max()
+                    .unwrap_or_default(),
+            );
+        }
+        let a_count: i64 = sqlx::query_scalar("SELECT count(*) FROM sms_messages WHERE bulk_id = $1")
+            .bind(a)
+            .fetch_one(&app.db)
+            .await
+            .expect("count");
+        if a_done.is_none() && a_count as usize >= recipients {
+            a_done = Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let arrivals = app.stub.arrivals();
+    let mut code_latency: Vec<Duration> = codes
+        .iter()
+        .filter_map(|(to, at)| arrivals.get(to).map(|(_, arrived)| arrived.duration_since(*at)))
+        .collect();
+    code_latency.sort();
+    daemon.signal("TERM");
+    let _ = daemon.wait_exit(Duration::from_secs(60));
+    let show = |d: Option<Duration>| d.map_or("did not finish".into(), |d| format!("{:.2} s", d.as_secs_f64()));
+    vec![
+        (
+            format!("announcement to {recipients}: all recipients recorded"),
+            show(a_done),
+        ),
+        ("school B's 20 after A's: all sent".into(), show(b_done)),
+        (
+            "login codes during the drain: p50 / p99 / max".into(),
+            format!(
+                "{:.0} / {:.0} / {:.0} ms ({} of 40 sent)",
+                percentile(&code_latency, 0.5).as_secs_f64() * 1000.0,
+                percentile(&code_latency, 0.99).as_secs_f64() * 1000.0,
+                code_latency.last().copied().unwrap_or_default().as_secs_f64() * 1000.0,
+                code_latency.len()
+            ),
+        ),
+    ]
+}
+
+/// Pacing: 2,000 messages with `SMSGW_RATE_LIMIT` = `rate`; the provider sees at most that
+/// many in any one-second window.
+async fn pacing(rate: u32) -> (String, String) {
+    let run = prepare(0, &[("SMSGW_RATE_LIMIT", rate.to_string())]).await;
+    let count = (rate as usize * 5).min(5_000);
+    let mut daemon = Daemon::spawn(&run.vars);
+    helpers::process::wait_ready(run.port, &mut daemon).await;
+    let jobs = single_jobs(20_000_000, count, "Paced");
+    run.app.publish_all(&jobs).await;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(120) && run.app.stub.arrivals().len() < count * 98 / 100 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut times: Vec<Instant> = run.app.stub.arrivals().values().map(|(_, at)| *at).collect();
+    times.sort();
+    daemon.signal("TERM");
+    let _ = daemon.wait_exit(Duration::from_secs(60));
+    if times.len() < 2 {
+        return (format!("pacing at {rate}/s"), "no calls".into());
+    }
+    let span = times[times.len() - 1].duration_since(times[0]).as_secs_f64();
+    let mean = (times.len() - 1) as f64 / span;
+    let mut busiest = 0;
+    let mut start = 0;
+    for end in 0..times.len() {
+        while times[end].duration_since(times[start]) >= Duration::from_secs(1) {
+            start += 1;
+        }
+        busiest = busiest.max(end - start + 1);
+    }
+    (
+        format!("pacing at {rate}/s (SMSGW_RATE_LIMIT)"),
+        format!("mean {mean:.1}/s ({:+.1}%), busiest 1 s window {busiest}", (mean / rate as f64 - 1.0) * 100.0),
+    )
+}
+
+#[tokio::main]
+async fn main() {
+    smsgw::install_crypto_provider();
+    let jobs = env_number("BENCH_JOBS", 100_000);
+    let latencies: Vec<u64> = std::env::var("BENCH_LATENCIES")
+        .unwrap_or_else(|_| "0,100".into())
+        .split(',')
+        .filter_map(|v| v.trim().parse().ok())
+        .collect();
+    println!("smsgw benchmark: {jobs} jobs, provider latencies {latencies:?} ms, {} cores", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+
+    let ceiling = ceilings(jobs.min(50_000)).await;
+    println!();
+    println!("| raw ceiling (same machine, same run) | per second |");
+    println!("|---|---|");
+    println!("| RabbitMQ quorum queue: publish with confirms | {:.0} |", ceiling.publish);
+    println!("| RabbitMQ quorum queue: consume, one ack each | {:.0} |", ceiling.consume);
+    println!("| RabbitMQ quorum queue: consume, one multiple-ack per 64 | {:.0} |", ceiling.consume_multiple);
+    println!("| PostgreSQL: batched inserts into sms_messages (rows) | {:.0} |", ceiling.pg_rows);
+    println!("| provider stub: requests with 64 in flight | {:.0} |", ceiling.stub);
+
+    let mut results = Vec::new();
+    for latency in latencies {
+        results.push(end_to_end(jobs, latency).await);
+    }
+    println!();
+    println!("| provider latency | jobs | jobs/s | vs consume ceiling | publish→provider p50 / p99 | peak RSS | CPU s per 10k: worker / PostgreSQL / RabbitMQ |");
+    println!("|---|---|---|---|---|---|---|");
+    for r in &results {
+        println!(
+            "| {} ms | {} | {:.0} | {:.0}% | {:.1} / {:.1} ms | {:.1} MiB | {:.2} / {:.2} / {:.2} |",
+            r.latency_ms,
+            r.jobs,
+            r.rate,
+            r.rate / ceiling.consume * 100.0,
+            r.p50.as_secs_f64() * 1000.0,
+            r.p99.as_secs_f64() * 1000.0,
+            r.rss,
+            r.worker_cpu,
+            r.pg_cpu,
+            r.rabbit_cpu
+        );
+    }
+
+    if env_number("BENCH_SCENARIOS", 1) != 0 {
+        let mut rows = scenarios(env_number("BENCH_RECIPIENTS", 50_000)).await;
+        rows.push(pacing(100).await);
+        println!();
+        println!("| scenario | result |");
+        println!("|---|---|");
+        for (name, result) in rows {
+            println!("| {name} | {result} |");
+        }
+    }
+}

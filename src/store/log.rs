@@ -1,0 +1,526 @@
+//! Writing the message log in batches (group commit).
+//!
+//! Every delivery in flight asks for one of three writes: claim an attempt, finish it, or
+//! record an outcome without a call. A recorder task gathers what is waiting into one
+//! statement per kind (arrays unnested), so a thousand messages cost a few statements and
+//! commits instead of thousands, while each caller still waits for its own row to be
+//! committed before it goes on: nothing is sent before its attempt is durable.
+//!
+//! Each statement is safe to run again with the same input (a retry after a lost answer
+//! finds its own claim; finishing and recording are conditional), and a batch never holds
+//! two writes for one message: the later one waits for the next batch.
+
+use std::{collections::HashSet, sync::Arc, time::Duration};
+
+use serde_json::Value;
+use sqlx::{PgPool, Row};
+use time::OffsetDateTime;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use uuid::Uuid;
+
+use super::{MessageState, MessageStatus, StoreError, UnknownAttempt};
+
+/// Most rows in one statement.
+const MAX_BATCH: usize = 512;
+/// Batches written at once (each on its own connection).
+const CONCURRENT_BATCHES: usize = 4;
+/// Longest wait for one batch's statements.
+const BATCH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A message to claim an attempt for.
+#[derive(Debug, Clone)]
+pub(crate) struct ClaimRow {
+    pub id: Uuid,
+    pub bulk_id: Option<Uuid>,
+    pub school_id: i64,
+    pub kind: &'static str,
+    pub recipient: String,
+    pub body: String,
+    pub context: Option<Value>,
+    pub provider: String,
+    pub segments: Option<i32>,
+    pub reopen_failed: bool,
+    /// Take over this attempt, left open by a crash.
+    pub take_over: Option<i32>,
+    /// The previous attempt's unknown outcome was reconciled: claim anyway.
+    pub reconciled: bool,
+    /// This claim's id, kept across retries.
+    pub claim: Uuid,
+}
+
+/// An attempt's end.
+#[derive(Debug, Clone)]
+pub(crate) struct FinishRow {
+    pub id: Uuid,
+    pub attempt: i32,
+    pub duration_ms: i32,
+    pub outcome: &'static str,
+    pub http_status: Option<i32>,
+    pub error_code: Option<String>,
+    pub error_message: Option<String>,
+    pub outcome_unknown: bool,
+    pub provider_message_id: Option<String>,
+    pub status: &'static str,
+    pub reason: Option<String>,
+}
+
+/// An outcome without a provider call.
+#[derive(Debug, Clone)]
+pub(crate) struct RecordRow {
+    pub id: Uuid,
+    pub bulk_id: Option<Uuid>,
+    pub school_id: i64,
+    pub kind: &'static str,
+    pub recipient: String,
+    pub body: String,
+    pub context: Option<Value>,
+    pub provider: String,
+    pub segments: Option<i32>,
+    pub reopen_failed: bool,
+    pub status: &'static str,
+    pub reason: Option<String>,
+}
+
+/// What a claim found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// Attempt number `attempt` is recorded as started.
+    Started { attempt: i32 },
+    /// Not claimable: the message is in this state.
+    Busy(MessageState),
+}
+
+/// A message's state, read from its row (before the statement changed anything).
+fn state_of(row: &sqlx::postgres::PgRow) -> Result<Option<MessageState>, StoreError> {
+    let Some(status) = row.try_get::<Option<String>, _>("status")? else {
+        return Ok(None);
+    };
+    let status = MessageStatus::parse(&status)
+        .ok_or_else(|| StoreError::Corrupt(format!("unknown status '{status}'")))?;
+    let attempts: i32 = row.try_get::<Option<i32>, _>("attempts")?.unwrap_or(0);
+    let started: Option<OffsetDateTime> = row.try_get("attempt_started_at")?;
+    let recorded: bool = row.try_get::<Option<bool>, _>("attempt_recorded")?.unwrap_or(false);
+    let unknown: bool = row
+        .try_get::<Option<bool>, _>("last_outcome_unknown")?
+        .unwrap_or(false);
+    let provider: Option<String> = row.try_get("provider")?;
+    let open = status == MessageStatus::Sending && !recorded;
+    Ok(Some(MessageState {
+        status,
+        attempts,
+        open_attempt_started: started.filter(|_| open),
+        unknown_attempt: started.filter(|_| open || unknown).map(|started_at| UnknownAttempt {
+            attempt: attempts,
+            started_at,
+            provider: provider.unwrap_or_default(),
+        }),
+    }))
+}
+
+/// The columns of a message's state, for the statements' final SELECT (alias `m`, the
+/// row as it was before the statement).
+const STATE_COLUMNS: &str = "m.status, m.attempts, m.attempt_started_at, m.last_outcome_unknown,
+       m.provider, m.attempt_claim,
+       EXISTS (SELECT 1 FROM sms_attempts a WHERE a.message_id = m.id AND a.attempt = m.attempts)
+         AS attempt_recorded";
+
+pub(crate) async fn read_state(pool: &PgPool, id: Uuid) -> Result<Option<MessageState>, StoreError> {
+    let sql = format!("SELECT {STATE_COLUMNS} FROM sms_messages m WHERE m.id = $1");
+    let row = sqlx::query(&sql).bind(id).fetch_optional(pool).await?;
+    match row {
+        Some(row) => state_of(&row),
+        None => Ok(None),
+    }
+}
+
+pub(crate) async fn claim_batch(pool: &PgPool, rows: &[ClaimRow]) -> Result<Vec<Claim>, StoreError> {
+    let sql = format!(
+        "WITH input AS (
+            SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::int8[], $4::text[], $5::text[],
+                                 $6::text[], $7::jsonb[], $8::text[], $9::int4[], $10::bool[],
+                                 $11::uuid[], $12::int4[], $13::bool[])
+              AS t(id, bulk_id, school_id, type, recipient, body, context, provider, take_over,
+                   reopen_failed, claim, segments, reconciled)
+         ),
+         cut_off AS (
+            INSERT INTO sms_attempts (message_id, attempt, provider, started_at)
+            SELECT m.id, m.attempts, m.provider, COALESCE(m.attempt_started_at, now())
+              FROM sms_messages m JOIN input i ON i.id = m.id
+             WHERE m.status = 'sending' AND m.attempts = i.take_over
+            ON CONFLICT (message_id, attempt) DO NOTHING
+         ),
+         updated AS (
+            UPDATE sms_messages m
+               SET status = 'sending', attempts = m.attempts + 1, provider = i.provider,
+                   recipient = i.recipient, reason = NULL, attempt_started_at = now(),
+                   attempt_claim = i.claim, last_outcome_unknown = false, updated_at = now()
+              FROM input i
+             WHERE m.id = i.id
+               AND ((m.status IN ('queued', 'retrying')
+                     AND (i.reconciled OR NOT m.last_outcome_unknown))
+                    OR (m.status = 'sending' AND m.attempts = i.take_over)
+                    OR (i.reopen_failed AND m.status = 'failed'))
+            RETURNING m.id, m.attempts
+         ),
+         inserted AS (
+            INSERT INTO sms_messages (id, bulk_id, school_id, type, recipient, body, context,
+                                      status, provider, attempts, segments, attempt_started_at,
+                                      attempt_claim)
+            SELECT i.id, i.bulk_id, i.school_id, i.type, i.recipient, i.body, i.context,
+                   'sending', i.provider, 1, i.segments, now(), i.claim
+              FROM input i
+             WHERE NOT EXISTS (SELECT 1 FROM sms_messages x WHERE x.id = i.id)
+            ON CONFLICT (id) DO NOTHING
+            RETURNING id, attempts
+         )
+         SELECT i.claim AS input_claim, COALESCE(u.attempts, n.attempts) AS claimed, {STATE_COLUMNS}
+           FROM input i
+           LEFT JOIN updated u ON u.id = i.id
+           LEFT JOIN inserted n ON n.id = i.id
+           LEFT JOIN sms_messages m ON m.id = i.id"
+    );
+    let result = sqlx::query(&sql)
+        .bind(rows.iter().map(|r| r.id).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.bulk_id).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.school_id).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.kind).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.recipient.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.body.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.context.clone()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.provider.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.take_over).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.reopen_failed).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.claim).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.segments).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.reconciled).collect::<Vec<_>>())
+        .fetch_all(pool)
+        .await?;
+    let mut claims = Vec::with_capacity(rows.len());
+    for row in rows {
+        let found = result
+            .iter()
+            .find(|r| r.try_get::<Uuid, _>("input_claim").ok() == Some(row.claim))
+            .ok_or_else(|| StoreError::Corrupt("a claim without its answer".into()))?;
+        if let Some(attempt) = found.try_get::<Option<i32>, _>("claimed")? {
+            claims.push(Claim::Started { attempt });
+            continue;
+        }
+        // Our own earlier try of this claim committed, but its answer was lost.
+        if found.try_get::<Option<Uuid>, _>("attempt_claim")? == Some(row.claim) {
+            let attempt = found.try_get::<Option<i32>, _>("attempts")?.unwrap_or(1);
+            claims.push(Claim::Started { attempt });
+            continue;
+        }
+        match state_of(found)? {
+            Some(state) => claims.push(Claim::Busy(state)),
+            // Inserted by another statement at the same moment: in flight elsewhere.
+            None => claims.push(Claim::Busy(MessageState {
+                status: MessageStatus::Sending,
+                attempts: 1,
+                open_attempt_started: Some(OffsetDateTime::now_utc()),
+                unknown_attempt: None,
+            })),
+        }
+    }
+    Ok(claims)
+}
+
+pub(crate) async fn finish_batch(pool: &PgPool, rows: &[FinishRow], keep_body: bool) -> Result<(), StoreError> {
+    sqlx::query(
+        "WITH input AS (
+            SELECT * FROM UNNEST($1::uuid[], $2::int4[], $3::int4[], $4::text[], $5::int4[],
+                                 $6::text[], $7::text[], $8::bool[], $9::text[], $10::text[],
+                                 $11::text[])
+              AS t(id, attempt, duration_ms, outcome, http_status, error_code, error_message,
+                   outcome_unknown, sid, status, reason)
+         ),
+         attempt AS (
+            INSERT INTO sms_attempts (message_id, attempt, provider, started_at, duration_ms,
+                                      outcome, http_status, error_code, error_message,
+                                      outcome_unknown, provider_message_id)
+            SELECT i.id, i.attempt, m.provider, COALESCE(m.attempt_started_at, now()),
+                   i.duration_ms, i.outcome, i.http_status, i.error_code, i.error_message,
+                   i.outcome_unknown, i.sid
+              FROM input i JOIN sms_messages m ON m.id = i.id
+            ON CONFLICT (message_id, attempt) DO UPDATE
+               SET duration_ms = EXCLUDED.duration_ms, outcome = EXCLUDED.outcome,
+                   http_status = EXCLUDED.http_status, error_code = EXCLUDED.error_code,
+                   error_message = EXCLUDED.error_message,
+                   outcome_unknown = EXCLUDED.outcome_unknown,
+                   provider_message_id = EXCLUDED.provider_message_id
+         )
+         UPDATE sms_messages m
+            SET status = i.status, reason = i.reason,
+                provider_message_id = COALESCE(i.sid, m.provider_message_id),
+                sent_at = CASE WHEN i.status = 'sent' THEN now() ELSE m.sent_at END,
+                body = CASE WHEN $12 OR i.status = 'retrying' THEN m.body END,
+                last_outcome_unknown = i.outcome_unknown, updated_at = now()
+           FROM input i
+          WHERE m.id = i.id AND m.status = 'sending' AND m.attempts = i.attempt",
+    )
+    .bind(rows.iter().map(|r| r.id).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.attempt).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.duration_ms).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.outcome).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.http_status).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.error_code.as_deref()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.error_message.as_deref()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.outcome_unknown).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.provider_message_id.as_deref()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.status).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.reason.as_deref()).collect::<Vec<_>>())
+    .bind(keep_body)
+    .execute(pool)
+    .await?;
+    let sids: Vec<&str> = rows
+        .iter()
+        .filter_map(|r| r.provider_message_id.as_deref())
+        .collect();
+    if !sids.is_empty() {
+        super::apply_pending_receipts(pool, &sids).await?;
+    }
+    Ok(())
+}
+
+pub(crate) async fn record_batch(
+    pool: &PgPool,
+    rows: &[RecordRow],
+    keep_body: bool,
+) -> Result<Vec<Option<MessageState>>, StoreError> {
+    let sql = format!(
+        "WITH input AS (
+            SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::int8[], $4::text[], $5::text[],
+                                 $6::text[], $7::jsonb[], $8::text[], $9::int4[], $10::bool[],
+                                 $11::text[], $12::text[])
+              AS t(id, bulk_id, school_id, type, recipient, body, context, provider, segments,
+                   reopen_failed, status, reason)
+         ),
+         updated AS (
+            UPDATE sms_messages m
+               SET status = i.status, reason = i.reason,
+                   body = CASE WHEN $13 OR i.status = 'queued' THEN m.body END,
+                   updated_at = now()
+              FROM input i
+             WHERE m.id = i.id
+               AND (m.status IN ('queued', 'retrying') OR (i.reopen_failed AND m.status = 'failed'))
+            RETURNING m.id
+         ),
+         inserted AS (
+            INSERT INTO sms_messages (id, bulk_id, school_id, type, recipient, body, context,
+                                      status, reason, provider, segments)
+            SELECT i.id, i.bulk_id, i.school_id, i.type, i.recipient,
+                   CASE WHEN $13 OR i.status = 'queued' THEN i.body END, i.context,
+                   i.status, i.reason, i.provider, i.segments
+              FROM input i
+             WHERE NOT EXISTS (SELECT 1 FROM sms_messages x WHERE x.id = i.id)
+            ON CONFLICT (id) DO NOTHING
+            RETURNING id
+         )
+         SELECT i.id AS input_id, (u.id IS NOT NULL OR n.id IS NOT NULL) AS done, {STATE_COLUMNS}
+           FROM input i
+           LEFT JOIN updated u ON u.id = i.id
+           LEFT JOIN inserted n ON n.id = i.id
+           LEFT JOIN sms_messages m ON m.id = i.id"
+    );
+    let result = sqlx::query(&sql)
+        .bind(rows.iter().map(|r| r.id).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.bulk_id).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.school_id).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.kind).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.recipient.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.body.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.context.clone()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.provider.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.segments).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.reopen_failed).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.status).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.reason.as_deref()).collect::<Vec<_>>())
+        .bind(keep_body)
+        .fetch_all(pool)
+        .await?;
+    let mut answers = Vec::with_capacity(rows.len());
+    for row in rows {
+        let found = result
+            .iter()
+            .find(|r| r.try_get::<Uuid, _>("input_id").ok() == Some(row.id))
+            .ok_or_else(|| StoreError::Corrupt("a record without its answer".into()))?;
+        if found.try_get::<bool, _>("done")? {
+            answers.push(None);
+        } else {
+            // Not ours to record: report what is there (final, or in flight).
+            answers.push(Some(state_of(found)?.unwrap_or(MessageState {
+                status: MessageStatus::Sending,
+                attempts: 1,
+                open_attempt_started: Some(OffsetDateTime::now_utc()),
+                unknown_attempt: None,
+            })));
+        }
+    }
+    Ok(answers)
+}
+
+/// A write waiting for the recorder, and where its answer goes.
+pub(crate) enum Op {
+    Claim(ClaimRow, oneshot::Sender<Result<Claim, StoreError>>),
+    Finish(FinishRow, oneshot::Sender<Result<(), StoreError>>),
+    Record(RecordRow, oneshot::Sender<Result<Option<MessageState>, StoreError>>),
+}
+
+impl Op {
+    /// The message it writes (one write per message per batch).
+    fn message(&self) -> Uuid {
+        match self {
+            Op::Claim(row, _) => row.id,
+            Op::Finish(row, _) => row.id,
+            Op::Record(row, _) => row.id,
+        }
+    }
+}
+
+/// The handle the store sends writes through.
+#[derive(Debug, Clone)]
+pub(crate) struct Recorder {
+    tx: mpsc::UnboundedSender<Op>,
+}
+
+impl Recorder {
+    /// Starts the recorder task writing through `pool()`.
+    pub(crate) fn start(pool: impl Fn() -> PgPool + Send + Sync + 'static, keep_body: bool) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(collect(rx, tx.clone(), Arc::new(pool), keep_body));
+        Recorder { tx }
+    }
+
+    pub(crate) fn submit(&self, op: Op) -> Result<(), StoreError> {
+        self.tx
+            .send(op)
+            .map_err(|_| StoreError::Corrupt("the recorder has stopped".into()))
+    }
+}
+
+type PoolSource = Arc<dyn Fn() -> PgPool + Send + Sync>;
+
+async fn collect(
+    mut rx: mpsc::UnboundedReceiver<Op>,
+    tx: mpsc::UnboundedSender<Op>,
+    pool: PoolSource,
+    keep_body: bool,
+) {
+    let permits = Arc::new(Semaphore::new(CONCURRENT_BATCHES));
+    let mut later: Vec<Op> = Vec::new();
+    loop {
+        // Writes deferred from the last batch go first.
+        let mut batch: Vec<Op> = std::mem::take(&mut later);
+        if batch.is_empty() {
+            match rx.recv().await {
+                Some(op) => batch.push(op),
+                None => return,
+            }
+        }
+        // While every batch slot is busy, writes pile up and the next batch grows.
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        let mut seen = HashSet::with_capacity(batch.len());
+        let (now, deferred): (Vec<Op>, Vec<Op>) =
+            batch.into_iter().partition(|op| seen.insert(op.message()));
+        later = deferred;
+        let pool = pool.clone();
+        let _ = &tx;
+        tokio::spawn(async move {
+            write(&pool(), now, keep_body).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Writes one batch and answers every waiter. A failed statement is retried row by row,
+/// so that one bad row cannot hold up the others.
+async fn write(pool: &PgPool, ops: Vec<Op>, keep_body: bool) {
+    let mut claims = Vec::new();
+    let mut finishes = Vec::new();
+    let mut records = Vec::new();
+    for op in ops {
+        match op {
+            Op::Claim(row, reply) => claims.push((row, reply)),
+            Op::Finish(row, reply) => finishes.push((row, reply)),
+            Op::Record(row, reply) => records.push((row, reply)),
+        }
+    }
+    if !claims.is_empty() {
+        let (rows, replies): (Vec<_>, Vec<_>) = claims.into_iter().unzip();
+        answer(rows, replies, |rows| {
+            let pool = pool.clone();
+            async move { claim_batch(&pool, &rows).await }
+        })
+        .await;
+    }
+    if !finishes.is_empty() {
+        let (rows, replies): (Vec<_>, Vec<_>) = finishes.into_iter().unzip();
+        answer(rows, replies, |rows| {
+            let pool = pool.clone();
+            async move {
+                finish_batch(&pool, &rows, keep_body).await?;
+                Ok(vec![(); rows.len()])
+            }
+        })
+        .await;
+    }
+    if !records.is_empty() {
+        let (rows, replies): (Vec<_>, Vec<_>) = records.into_iter().unzip();
+        answer(rows, replies, |rows| {
+            let pool = pool.clone();
+            async move { record_batch(&pool, &rows, keep_body).await }
+        })
+        .await;
+    }
+}
+
+async fn answer<R, T, F, Fut>(rows: Vec<R>, replies: Vec<oneshot::Sender<Result<T, StoreError>>>, run: F)
+where
+    R: Clone,
+    F: Fn(Vec<R>) -> Fut,
+    Fut: Future<Output = Result<Vec<T>, StoreError>>,
+{
+    let all = tokio::time::timeout(BATCH_TIMEOUT, run(rows.clone()))
+        .await
+        .unwrap_or(Err(StoreError::Timeout(BATCH_TIMEOUT)));
+    match all {
+        Ok(answers) => {
+            for (reply, answer) in replies.into_iter().zip(answers) {
+                let _ = reply.send(Ok(answer));
+            }
+        }
+        Err(e) if rows.len() > 1 && matches!(e, StoreError::Database(sqlx::Error::Database(_))) => {
+            // The database refused the statement: find the row it refused.
+            for (row, reply) in rows.into_iter().zip(replies) {
+                let one = tokio::time::timeout(BATCH_TIMEOUT, run(vec![row]))
+                    .await
+                    .unwrap_or(Err(StoreError::Timeout(BATCH_TIMEOUT)))
+                    .and_then(|mut answers| {
+                        answers
+                            .pop()
+                            .ok_or_else(|| StoreError::Corrupt("no answer".into()))
+                    });
+                let _ = reply.send(one);
+            }
+        }
+        Err(e) => {
+            let text = e.to_string();
+            let timeout = matches!(e, StoreError::Timeout(_));
+            for reply in replies {
+                let _ = reply.send(Err(if timeout {
+                    StoreError::Timeout(BATCH_TIMEOUT)
+                } else {
+                    StoreError::Batch(text.clone())
+                }));
+            }
+        }
+    }
+}
