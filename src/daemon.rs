@@ -98,8 +98,21 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             retention_stop.clone(),
         ));
         check_school_providers(&store, &gateways, &shutdown).await?;
+        let cache = crate::cache::PolicyCache::default();
+        while let Err(e) = cache.reload(&store).await {
+            tracing::warn!(error = %e, "cannot load the schools' settings; retrying");
+            if pause(Duration::from_secs(1), &shutdown).await {
+                return Ok(());
+            }
+        }
+        let cache_task = tokio::spawn(crate::cache::listen(
+            cache.clone(),
+            store.clone(),
+            retention_stop.clone(),
+        ));
         let pipeline = Arc::new(Pipeline::new(
             store.clone(),
+            cache,
             gateways.clone(),
             PipelineSettings {
                 max_attempts: settings.max_attempts,
@@ -128,6 +141,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         worker.drain(consumed.as_ref().ok()).await;
         retention_stop.cancel();
         let _ = retention.await;
+        let _ = cache_task.await;
         store.close().await;
         consumed.map(|_| ())
     }

@@ -9,6 +9,7 @@
 //!
 //! - [`config`]: settings from the environment, validated at start-up.
 //! - [`broker`]: RabbitMQ topology, consuming, confirmed republishing. Only it speaks AMQP.
+//! - [`cache`]: settings and opt-outs in memory, kept current by LISTEN/NOTIFY.
 //! - [`circuit`]: the per-provider circuit breaker.
 //! - [`job`]: the v1 job format, decoded and validated.
 //! - [`phone`]: phone numbers (E.164, masked in logs) and sender IDs.
@@ -27,6 +28,7 @@
 //! - [`telemetry`]: logging setup; [`cli`]: the command line.
 
 pub mod broker;
+pub mod cache;
 pub mod circuit;
 pub mod cli;
 pub mod config;

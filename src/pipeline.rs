@@ -31,6 +31,7 @@ use uuid::Uuid;
 
 use crate::{
     broker::{Broker, Incoming},
+    cache::PolicyCache,
     circuit::{CallResult, Permit},
     disposition::{DeadReason, Disposition},
     health::Health,
@@ -102,6 +103,7 @@ enum Attempted {
 
 pub struct Pipeline {
     store: Store,
+    cache: PolicyCache,
     gateways: Arc<Gateways>,
     settings: PipelineSettings,
     health: Arc<Health>,
@@ -111,6 +113,7 @@ pub struct Pipeline {
 impl Pipeline {
     pub fn new(
         store: Store,
+        cache: PolicyCache,
         gateways: Arc<Gateways>,
         settings: PipelineSettings,
         health: Arc<Health>,
@@ -118,6 +121,7 @@ impl Pipeline {
     ) -> Self {
         Pipeline {
             store,
+            cache,
             gateways,
             settings,
             health,
@@ -240,16 +244,11 @@ impl Pipeline {
             unknown = state.unknown_attempt.clone();
         }
 
-        let settings = self
-            .persist(abandon, || self.store.school_settings(job.school_id))
-            .await?;
+        let settings = self.school_settings(job.school_id, abandon).await?;
         let country = settings.as_ref().and_then(|s| s.country.as_deref());
         let recipient = PhoneNumber::parse(to, country);
         let opted_out = match (&recipient, &settings) {
-            (Ok(number), Some(_)) => {
-                self.persist(abandon, || self.store.is_opted_out(job.school_id, number))
-                    .await?
-            }
+            (Ok(number), Some(_)) => self.cache.is_opted_out(job.school_id, number),
             _ => false,
         };
         let now = OffsetDateTime::now_utc();
@@ -259,7 +258,7 @@ impl Pipeline {
             job.not_before,
             job.expires_at,
             &Facts {
-                settings: settings.as_ref(),
+                settings: settings.as_deref(),
                 recipient: &recipient,
                 opted_out,
                 segments: segmentation.segments,
@@ -267,7 +266,7 @@ impl Pipeline {
                 now,
             },
         );
-        let route = self.route(settings.as_ref());
+        let route = self.route(settings.as_deref());
         let label = match &route {
             Ok(route) => route.primary.name,
             Err(_) => self.gateways.default_gateway().name,
@@ -605,6 +604,22 @@ impl Pipeline {
             .await?;
         let attempt = match claim {
             Claim::Started { attempt } => attempt,
+            Claim::OptedOut => {
+                let recorded = self
+                    .persist(abandon, || {
+                        self.store.record_without_call(
+                            &message,
+                            MessageStatus::Suppressed,
+                            Some("opted_out"),
+                        )
+                    })
+                    .await?;
+                if recorded.is_none() {
+                    self.count("suppressed", job.kind, gateway.name);
+                    tracing::info!(reason = "opted_out", "suppressed");
+                }
+                return Ok(Attempted::Done(Disposition::Ack));
+            }
             Claim::Busy(state)
                 if matches!(state.status, MessageStatus::Queued | MessageStatus::Retrying) =>
             {
@@ -785,6 +800,7 @@ impl Pipeline {
                     .add_opt_out(Some(job.school_id), sms.to, "provider")
             })
             .await?;
+            self.cache.add_opt_out(Some(job.school_id), sms.to);
             tracing::info!(to = %sms.to.masked(), "recipient unsubscribed at the carrier; opt-out recorded");
         }
         let logged = redact_numbers(&text);
@@ -910,9 +926,7 @@ impl Pipeline {
         broker: &Broker,
         abandon: &CancellationToken,
     ) -> Result<Disposition, Abandoned> {
-        let settings = self
-            .persist(abandon, || self.store.school_settings(job.school_id))
-            .await?;
+        let settings = self.school_settings(job.school_id, abandon).await?;
         let country = settings.as_ref().and_then(|s| s.country.as_deref());
         let mut seen = HashSet::with_capacity(recipients.len());
         let mut messages = Vec::with_capacity(recipients.len());
@@ -938,6 +952,22 @@ impl Pipeline {
                 Ok(Disposition::Requeue)
             }
         }
+    }
+
+    /// A school's settings from the cache; a school the cache does not know is looked up
+    /// (it may have been added a moment ago, before its notification arrived).
+    async fn school_settings(
+        &self,
+        school_id: i64,
+        abandon: &CancellationToken,
+    ) -> Result<Option<Arc<SchoolSettings>>, Abandoned> {
+        if let Some(settings) = self.cache.settings(school_id) {
+            return Ok(Some(settings));
+        }
+        Ok(self
+            .persist(abandon, || self.store.school_settings(school_id))
+            .await?
+            .map(Arc::new))
     }
 
     /// Runs a store operation until it succeeds, waiting longer between tries, while the

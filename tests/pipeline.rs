@@ -831,3 +831,34 @@ async fn a_provider_outage_pauses_traffic_instead_of_exhausting_every_job() {
         "closed again: {metrics}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_changed_setting_takes_effect_within_a_second() {
+    let app = spawn_app().await;
+    app.add_school(SCHOOL, "GB").await;
+    let before = job("booking_reminder", SCHOOL, "+447700900123", "Reminder");
+    app.publish(&before).await;
+    app.wait_for_status(id_of(&before), "sent").await;
+
+    app.sql(&format!("UPDATE sms_school_settings SET sms_enabled = false WHERE school_id = {SCHOOL}"))
+        .await;
+    let changed = Instant::now();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = job("booking_reminder", SCHOOL, "+447700900124", "Reminder");
+    app.publish(&after).await;
+    let row = app.wait_for_status(id_of(&after), "suppressed").await;
+    assert_eq!(row.reason.as_deref(), Some("school_disabled"));
+    assert!(changed.elapsed() < Duration::from_secs(10));
+
+    // An opt-out counts at once, even before the cache hears of it.
+    app.sql(&format!("UPDATE sms_school_settings SET sms_enabled = true WHERE school_id = {SCHOOL}"))
+        .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    app.sql("INSERT INTO sms_opt_outs (school_id, phone, source) VALUES (NULL, '+447700900125', 'web')")
+        .await;
+    let opted = job("booking_reminder", SCHOOL, "+447700900125", "Reminder");
+    app.publish(&opted).await;
+    let row = app.wait_for_status(id_of(&opted), "suppressed").await;
+    assert_eq!(row.reason.as_deref(), Some("opted_out"));
+    assert!(app.stub.requests_to("+447700900125").is_empty());
+}

@@ -88,6 +88,9 @@ pub enum Claim {
     Started { attempt: i32 },
     /// Not claimable: the message is in this state.
     Busy(MessageState),
+    /// The recipient opted out (checked in the same statement, so an opt-out written a
+    /// moment ago counts even before the cache hears of it).
+    OptedOut,
 }
 
 /// A message's state, read from its row (before the statement changed anything).
@@ -149,6 +152,12 @@ pub(crate) async fn claim_batch(pool: &PgPool, rows: &[ClaimRow]) -> Result<Vec<
              WHERE m.status = 'sending' AND m.attempts = i.take_over
             ON CONFLICT (message_id, attempt) DO NOTHING
          ),
+         refused AS (
+            SELECT i.id FROM input i
+             WHERE EXISTS (SELECT 1 FROM sms_opt_outs o
+                            WHERE o.phone = i.recipient
+                              AND (o.school_id IS NULL OR o.school_id = i.school_id))
+         ),
          updated AS (
             UPDATE sms_messages m
                SET status = 'sending', attempts = m.attempts + 1, provider = i.provider,
@@ -156,6 +165,7 @@ pub(crate) async fn claim_batch(pool: &PgPool, rows: &[ClaimRow]) -> Result<Vec<
                    attempt_claim = i.claim, last_outcome_unknown = false, updated_at = now()
               FROM input i
              WHERE m.id = i.id
+               AND i.id NOT IN (SELECT id FROM refused)
                AND ((m.status IN ('queued', 'retrying')
                      AND (i.reconciled OR NOT m.last_outcome_unknown))
                     OR (m.status = 'sending' AND m.attempts = i.take_over)
@@ -170,10 +180,12 @@ pub(crate) async fn claim_batch(pool: &PgPool, rows: &[ClaimRow]) -> Result<Vec<
                    'sending', i.provider, 1, i.segments, now(), i.claim
               FROM input i
              WHERE NOT EXISTS (SELECT 1 FROM sms_messages x WHERE x.id = i.id)
+               AND i.id NOT IN (SELECT id FROM refused)
             ON CONFLICT (id) DO NOTHING
             RETURNING id, attempts
          )
-         SELECT i.claim AS input_claim, COALESCE(u.attempts, n.attempts) AS claimed, {STATE_COLUMNS}
+         SELECT i.claim AS input_claim, COALESCE(u.attempts, n.attempts) AS claimed,
+                i.id IN (SELECT id FROM refused) AS opted_out, {STATE_COLUMNS}
            FROM input i
            LEFT JOIN updated u ON u.id = i.id
            LEFT JOIN inserted n ON n.id = i.id
@@ -203,6 +215,10 @@ pub(crate) async fn claim_batch(pool: &PgPool, rows: &[ClaimRow]) -> Result<Vec<
             .ok_or_else(|| StoreError::Corrupt("a claim without its answer".into()))?;
         if let Some(attempt) = found.try_get::<Option<i32>, _>("claimed")? {
             claims.push(Claim::Started { attempt });
+            continue;
+        }
+        if found.try_get::<bool, _>("opted_out")? {
+            claims.push(Claim::OptedOut);
             continue;
         }
         // Our own earlier try of this claim committed, but its answer was lost.

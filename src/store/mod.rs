@@ -207,6 +207,31 @@ fn rank(of: &str) -> String {
     RANK.replace("$S", of)
 }
 
+const SETTINGS_SELECT: &str = "SELECT school_id, sms_enabled, country, sender_id, provider,
+        fallback_provider, allow_confirmations, allow_reminders, allow_changes,
+        allow_announcements, allow_login_codes
+   FROM sms_school_settings";
+
+fn settings_of(row: &sqlx::postgres::PgRow) -> Result<SchoolSettings, StoreError> {
+    // A NULL flag (written by hand) reads as "no": never send on a guess.
+    let flag = |name: &str| -> Result<bool, StoreError> {
+        Ok(row.try_get::<Option<bool>, _>(name)?.unwrap_or(false))
+    };
+    Ok(SchoolSettings {
+        school_id: row.try_get("school_id")?,
+        sms_enabled: flag("sms_enabled")?,
+        country: row.try_get("country")?,
+        sender_id: row.try_get("sender_id")?,
+        provider: row.try_get("provider")?,
+        fallback_provider: row.try_get("fallback_provider")?,
+        allow_confirmations: flag("allow_confirmations")?,
+        allow_reminders: flag("allow_reminders")?,
+        allow_changes: flag("allow_changes")?,
+        allow_announcements: flag("allow_announcements")?,
+        allow_login_codes: flag("allow_login_codes")?,
+    })
+}
+
 /// Applies receipts that came before the messages' own records had the provider ids.
 pub(crate) async fn apply_pending_receipts(pool: &PgPool, sids: &[&str]) -> Result<(), StoreError> {
     let sql = format!(
@@ -496,33 +521,35 @@ impl Store {
         &self,
         school_id: i64,
     ) -> Result<Option<SchoolSettings>, StoreError> {
-        let row = sqlx::query(
-            "SELECT school_id, sms_enabled, country, sender_id, provider, fallback_provider,
-                    allow_confirmations, allow_reminders, allow_changes,
-                    allow_announcements, allow_login_codes
-             FROM sms_school_settings WHERE school_id = $1",
+        let sql = format!("{SETTINGS_SELECT} WHERE school_id = $1");
+        let row = sqlx::query(&sql)
+            .bind(school_id)
+            .fetch_optional(&self.pool())
+            .await?;
+        row.as_ref().map(settings_of).transpose()
+    }
+
+    /// Every school's settings, for the in-memory cache.
+    pub async fn all_school_settings(&self) -> Result<Vec<SchoolSettings>, StoreError> {
+        let rows = sqlx::query(SETTINGS_SELECT).fetch_all(&self.pool()).await?;
+        rows.iter().map(settings_of).collect()
+    }
+
+    /// Every opt-out as (phone, school), for the in-memory cache.
+    pub async fn all_opt_outs(&self) -> Result<Vec<(String, Option<i64>)>, StoreError> {
+        Ok(sqlx::query_as("SELECT phone, school_id FROM sms_opt_outs")
+            .fetch_all(&self.pool())
+            .await?)
+    }
+
+    /// The schools `phone` opted out of (`None`: every school).
+    pub async fn opt_outs_of(&self, phone: &str) -> Result<Vec<Option<i64>>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT school_id FROM sms_opt_outs WHERE phone = $1")
+                .bind(phone)
+                .fetch_all(&self.pool())
+                .await?,
         )
-        .bind(school_id)
-        .fetch_optional(&self.pool())
-        .await?;
-        let Some(row) = row else { return Ok(None) };
-        // A NULL flag (written by hand) reads as "no": never send on a guess.
-        let flag = |name: &str| -> Result<bool, StoreError> {
-            Ok(row.try_get::<Option<bool>, _>(name)?.unwrap_or(false))
-        };
-        Ok(Some(SchoolSettings {
-            school_id: row.try_get("school_id")?,
-            sms_enabled: flag("sms_enabled")?,
-            country: row.try_get("country")?,
-            sender_id: row.try_get("sender_id")?,
-            provider: row.try_get("provider")?,
-            fallback_provider: row.try_get("fallback_provider")?,
-            allow_confirmations: flag("allow_confirmations")?,
-            allow_reminders: flag("allow_reminders")?,
-            allow_changes: flag("allow_changes")?,
-            allow_announcements: flag("allow_announcements")?,
-            allow_login_codes: flag("allow_login_codes")?,
-        }))
     }
 
     pub async fn is_opted_out(

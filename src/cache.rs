@@ -1,0 +1,155 @@
+//! Schools' settings and the opt-outs, held in memory so that deciding a message costs no
+//! query. PostgreSQL announces every change (`LISTEN smsgw_changes`, sent by triggers on
+//! both tables); the cache reloads what changed, so a change takes effect within a second.
+//! After the listening connection is lost it reloads everything, and it does so every few
+//! minutes anyway, in case a notification went astray.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use sqlx::postgres::PgListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    phone::PhoneNumber,
+    policy::SchoolSettings,
+    store::{Store, StoreError},
+};
+
+const CHANNEL: &str = "smsgw_changes";
+/// A full reload, however quiet the notifications.
+const FULL_RELOAD: Duration = Duration::from_secs(300);
+
+#[derive(Debug, Default)]
+struct Data {
+    settings: HashMap<i64, Arc<SchoolSettings>>,
+    /// Phone → the schools it opted out of (`None`: every school).
+    opt_outs: HashMap<String, Vec<Option<i64>>>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct PolicyCache {
+    data: Arc<RwLock<Data>>,
+}
+
+impl PolicyCache {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Data> {
+        self.data.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Data> {
+        self.data.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn settings(&self, school_id: i64) -> Option<Arc<SchoolSettings>> {
+        self.read().settings.get(&school_id).cloned()
+    }
+
+    pub fn is_opted_out(&self, school_id: i64, phone: &PhoneNumber) -> bool {
+        self.read()
+            .opt_outs
+            .get(phone.as_str())
+            .is_some_and(|schools| {
+                schools
+                    .iter()
+                    .any(|s| s.is_none() || *s == Some(school_id))
+            })
+    }
+
+    /// Records an opt-out the daemon itself just wrote (before its notification arrives).
+    pub fn add_opt_out(&self, school_id: Option<i64>, phone: &PhoneNumber) {
+        let mut data = self.write();
+        let schools = data.opt_outs.entry(phone.as_str().to_owned()).or_default();
+        if !schools.contains(&school_id) {
+            schools.push(school_id);
+        }
+    }
+
+    /// Loads everything.
+    pub async fn reload(&self, store: &Store) -> Result<(), StoreError> {
+        let settings = store.all_school_settings().await?;
+        let opt_outs = store.all_opt_outs().await?;
+        let mut data = Data::default();
+        for s in settings {
+            data.settings.insert(s.school_id, Arc::new(s));
+        }
+        for (phone, school) in opt_outs {
+            data.opt_outs.entry(phone).or_default().push(school);
+        }
+        let (schools, phones) = (data.settings.len(), data.opt_outs.len());
+        *self.write() = data;
+        tracing::debug!(schools, phones, "settings and opt-outs loaded");
+        Ok(())
+    }
+
+    async fn reload_school(&self, store: &Store, school_id: i64) -> Result<(), StoreError> {
+        let settings = store.school_settings(school_id).await?;
+        let mut data = self.write();
+        match settings {
+            Some(s) => data.settings.insert(school_id, Arc::new(s)),
+            None => data.settings.remove(&school_id),
+        };
+        Ok(())
+    }
+
+    async fn reload_phone(&self, store: &Store, phone: &str) -> Result<(), StoreError> {
+        let schools = store.opt_outs_of(phone).await?;
+        let mut data = self.write();
+        if schools.is_empty() {
+            data.opt_outs.remove(phone);
+        } else {
+            data.opt_outs.insert(phone.to_owned(), schools);
+        }
+        Ok(())
+    }
+
+    async fn apply(&self, store: &Store, payload: &str) -> Result<(), StoreError> {
+        match payload.split_once(':') {
+            Some(("settings", id)) => match id.parse() {
+                Ok(id) => self.reload_school(store, id).await,
+                Err(_) => self.reload(store).await,
+            },
+            Some(("opt_out", phone)) => self.reload_phone(store, phone).await,
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Keeps `cache` current until `stop` fires.
+pub async fn listen(cache: PolicyCache, store: Store, stop: CancellationToken) {
+    loop {
+        let listening = async {
+            let mut listener = PgListener::connect_with(&store.pool()).await?;
+            listener.listen(CHANNEL).await?;
+            // Whatever changed while we were not listening.
+            cache.reload(&store).await?;
+            let mut full = tokio::time::interval(FULL_RELOAD);
+            full.tick().await;
+            loop {
+                tokio::select! {
+                    notification = listener.try_recv() => match notification? {
+                        Some(n) => cache.apply(&store, n.payload()).await?,
+                        // The connection dropped; the next try_recv reconnects, and what was
+                        // announced meanwhile is lost: load everything again.
+                        None => cache.reload(&store).await?,
+                    },
+                    _ = full.tick() => cache.reload(&store).await?,
+                    () = stop.cancelled() => return Ok::<_, StoreError>(()),
+                }
+            }
+        };
+        match listening.await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "settings cache lost its database connection; reconnecting");
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    () = stop.cancelled() => return,
+                }
+            }
+        }
+    }
+}
