@@ -315,11 +315,15 @@ async fn sigterm_with_200_in_flight_exits_0_in_grace_and_loses_nothing() {
     daemon.signal("TERM");
     let (code, took) = daemon.wait_exit(Duration::from_secs(30));
     assert_eq!(code, Some(0), "{:#?}", daemon.logs());
-    assert!(took < Duration::from_secs(11), "exit took {took:?}, over the 10 s grace");
-    let finished: i64 = sqlx::query_scalar("SELECT count(*) FROM sms_messages WHERE status = 'sent'")
-        .fetch_one(&app.db)
-        .await
-        .expect("count");
+    assert!(
+        took < Duration::from_secs(11),
+        "exit took {took:?}, over the 10 s grace"
+    );
+    let finished: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM sms_messages WHERE status = 'sent'")
+            .fetch_one(&app.db)
+            .await
+            .expect("count");
 
     // Whatever did not finish went back to the broker: the next daemon finishes it, and
     // nobody is texted twice.
@@ -337,7 +341,10 @@ async fn sigterm_with_200_in_flight_exits_0_in_grace_and_loses_nothing() {
         started.elapsed(),
     );
     assert_eq!((lost, duplicates), (0, 0));
-    assert_eq!(finished, 200, "in-flight sends finish within the grace period");
+    assert_eq!(
+        finished, 200,
+        "in-flight sends finish within the grace period"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

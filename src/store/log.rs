@@ -6,6 +6,11 @@
 //! commits instead of thousands, while each caller still waits for its own row to be
 //! committed before it goes on: nothing is sent before its attempt is durable.
 //!
+//! The lookups of existing rows also say `id = ANY($1)`: it lets the planner reach them
+//! through the primary key however the table's statistics look (a plan made while the
+//! table was small would otherwise scan it whole, again and again, as it grows). The
+//! updates join the input row by row instead, each through the primary key.
+//!
 //! Each statement is safe to run again with the same input (a retry after a lost answer
 //! finds its own claim; finishing and recording are conditional), and a batch never holds
 //! two writes for one message: the later one waits for the next batch.
@@ -22,8 +27,13 @@ use super::{MessageState, MessageStatus, StoreError, UnknownAttempt};
 
 /// Most rows in one statement.
 const MAX_BATCH: usize = 512;
-/// Batches written at once (each on its own connection).
-const CONCURRENT_BATCHES: usize = 4;
+/// Batches written at once (each on its own connection). Few, so that under load the
+/// writes waiting for a slot make the next batch bigger.
+const CONCURRENT_BATCHES: usize = 2;
+/// How long a small batch waits for company before it is written.
+const LINGER: Duration = Duration::from_millis(1);
+/// Below this many rows, a batch lingers.
+const SMALL_BATCH: usize = 32;
 /// Longest wait for one batch's statements.
 const BATCH_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -102,7 +112,9 @@ fn state_of(row: &sqlx::postgres::PgRow) -> Result<Option<MessageState>, StoreEr
         .ok_or_else(|| StoreError::Corrupt(format!("unknown status '{status}'")))?;
     let attempts: i32 = row.try_get::<Option<i32>, _>("attempts")?.unwrap_or(0);
     let started: Option<OffsetDateTime> = row.try_get("attempt_started_at")?;
-    let recorded: bool = row.try_get::<Option<bool>, _>("attempt_recorded")?.unwrap_or(false);
+    let recorded: bool = row
+        .try_get::<Option<bool>, _>("attempt_recorded")?
+        .unwrap_or(false);
     let unknown: bool = row
         .try_get::<Option<bool>, _>("last_outcome_unknown")?
         .unwrap_or(false);
@@ -112,11 +124,13 @@ fn state_of(row: &sqlx::postgres::PgRow) -> Result<Option<MessageState>, StoreEr
         status,
         attempts,
         open_attempt_started: started.filter(|_| open),
-        unknown_attempt: started.filter(|_| open || unknown).map(|started_at| UnknownAttempt {
-            attempt: attempts,
-            started_at,
-            provider: provider.unwrap_or_default(),
-        }),
+        unknown_attempt: started
+            .filter(|_| open || unknown)
+            .map(|started_at| UnknownAttempt {
+                attempt: attempts,
+                started_at,
+                provider: provider.unwrap_or_default(),
+            }),
     }))
 }
 
@@ -127,7 +141,10 @@ const STATE_COLUMNS: &str = "m.status, m.attempts, m.attempt_started_at, m.last_
        EXISTS (SELECT 1 FROM sms_attempts a WHERE a.message_id = m.id AND a.attempt = m.attempts)
          AS attempt_recorded";
 
-pub(crate) async fn read_state(pool: &PgPool, id: Uuid) -> Result<Option<MessageState>, StoreError> {
+pub(crate) async fn read_state(
+    pool: &PgPool,
+    id: Uuid,
+) -> Result<Option<MessageState>, StoreError> {
     let sql = format!("SELECT {STATE_COLUMNS} FROM sms_messages m WHERE m.id = $1");
     let row = sqlx::query(&sql).bind(id).fetch_optional(pool).await?;
     match row {
@@ -136,7 +153,96 @@ pub(crate) async fn read_state(pool: &PgPool, id: Uuid) -> Result<Option<Message
     }
 }
 
-pub(crate) async fn claim_batch(pool: &PgPool, rows: &[ClaimRow]) -> Result<Vec<Claim>, StoreError> {
+/// Claims attempts: first the cheap way (a new message is one insert), then the full
+/// statement for the messages that already exist.
+pub(crate) async fn claim_batch(
+    pool: &PgPool,
+    rows: &[ClaimRow],
+) -> Result<Vec<Claim>, StoreError> {
+    let fresh = rows
+        .iter()
+        .any(|r| r.take_over.is_none() && !r.reopen_failed);
+    let mut answers: Vec<Option<Claim>> = vec![None; rows.len()];
+    if fresh {
+        let result = sqlx::query(
+            "WITH input AS (
+                SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::int8[], $4::text[], $5::text[],
+                                     $6::text[], $7::jsonb[], $8::text[], $9::int4[], $10::uuid[])
+                  AS t(id, bulk_id, school_id, type, recipient, body, context, provider,
+                       segments, claim)
+             ),
+             refused AS (
+                SELECT i.id FROM input i
+                 WHERE EXISTS (SELECT 1 FROM sms_opt_outs o
+                                WHERE o.phone = ANY($5) AND o.phone = i.recipient
+                                  AND (o.school_id IS NULL OR o.school_id = i.school_id))
+             ),
+             inserted AS (
+                INSERT INTO sms_messages (id, bulk_id, school_id, type, recipient, body, context,
+                                          status, provider, attempts, segments,
+                                          attempt_started_at, attempt_claim)
+                SELECT i.id, i.bulk_id, i.school_id, i.type, i.recipient, i.body, i.context,
+                       'sending', i.provider, 1, i.segments, now(), i.claim
+                  FROM input i
+                 WHERE i.id NOT IN (SELECT id FROM refused)
+                ON CONFLICT (id) DO NOTHING
+                RETURNING id
+             )
+             SELECT i.claim, i.id IN (SELECT id FROM inserted) AS inserted,
+                    i.id IN (SELECT id FROM refused) AS refused
+               FROM input i",
+        )
+        .bind(rows.iter().map(|r| r.id).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.bulk_id).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.school_id).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.kind).collect::<Vec<_>>())
+        .bind(
+            rows.iter()
+                .map(|r| r.recipient.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(rows.iter().map(|r| r.body.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.context.clone()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.provider.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.segments).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.claim).collect::<Vec<_>>())
+        .fetch_all(pool)
+        .await?;
+        for (i, row) in rows.iter().enumerate() {
+            let found = result
+                .iter()
+                .find(|r| r.try_get::<Uuid, _>("claim").ok() == Some(row.claim))
+                .ok_or_else(|| StoreError::Corrupt("a claim without its answer".into()))?;
+            if found.try_get::<bool, _>("inserted")? {
+                answers[i] = Some(Claim::Started { attempt: 1 });
+            } else if found.try_get::<bool, _>("refused")? {
+                answers[i] = Some(Claim::OptedOut);
+            }
+        }
+    }
+    let rest: Vec<ClaimRow> = rows
+        .iter()
+        .zip(&answers)
+        .filter(|(_, answer)| answer.is_none())
+        .map(|(row, _)| row.clone())
+        .collect();
+    let mut full = if rest.is_empty() {
+        Vec::new().into_iter()
+    } else {
+        claim_existing(pool, &rest).await?.into_iter()
+    };
+    answers
+        .into_iter()
+        .map(|answer| {
+            answer
+                .or_else(|| full.next())
+                .ok_or_else(|| StoreError::Corrupt("a claim without its answer".into()))
+        })
+        .collect()
+}
+
+/// The full claim: take over, reopen, retry, or report what is there.
+async fn claim_existing(pool: &PgPool, rows: &[ClaimRow]) -> Result<Vec<Claim>, StoreError> {
     let sql = format!(
         "WITH input AS (
             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::int8[], $4::text[], $5::text[],
@@ -149,13 +255,13 @@ pub(crate) async fn claim_batch(pool: &PgPool, rows: &[ClaimRow]) -> Result<Vec<
             INSERT INTO sms_attempts (message_id, attempt, provider, started_at)
             SELECT m.id, m.attempts, m.provider, COALESCE(m.attempt_started_at, now())
               FROM sms_messages m JOIN input i ON i.id = m.id
-             WHERE m.status = 'sending' AND m.attempts = i.take_over
+             WHERE m.id = ANY($1) AND m.status = 'sending' AND m.attempts = i.take_over
             ON CONFLICT (message_id, attempt) DO NOTHING
          ),
          refused AS (
             SELECT i.id FROM input i
              WHERE EXISTS (SELECT 1 FROM sms_opt_outs o
-                            WHERE o.phone = i.recipient
+                            WHERE o.phone = ANY($5) AND o.phone = i.recipient
                               AND (o.school_id IS NULL OR o.school_id = i.school_id))
          ),
          updated AS (
@@ -179,7 +285,7 @@ pub(crate) async fn claim_batch(pool: &PgPool, rows: &[ClaimRow]) -> Result<Vec<
             SELECT i.id, i.bulk_id, i.school_id, i.type, i.recipient, i.body, i.context,
                    'sending', i.provider, 1, i.segments, now(), i.claim
               FROM input i
-             WHERE NOT EXISTS (SELECT 1 FROM sms_messages x WHERE x.id = i.id)
+             WHERE NOT EXISTS (SELECT 1 FROM sms_messages x WHERE x.id = ANY($1) AND x.id = i.id)
                AND i.id NOT IN (SELECT id FROM refused)
             ON CONFLICT (id) DO NOTHING
             RETURNING id, attempts
@@ -189,14 +295,18 @@ pub(crate) async fn claim_batch(pool: &PgPool, rows: &[ClaimRow]) -> Result<Vec<
            FROM input i
            LEFT JOIN updated u ON u.id = i.id
            LEFT JOIN inserted n ON n.id = i.id
-           LEFT JOIN sms_messages m ON m.id = i.id"
+           LEFT JOIN (SELECT * FROM sms_messages WHERE id = ANY($1)) m ON m.id = i.id"
     );
     let result = sqlx::query(&sql)
         .bind(rows.iter().map(|r| r.id).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.bulk_id).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.school_id).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.kind).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.recipient.as_str()).collect::<Vec<_>>())
+        .bind(
+            rows.iter()
+                .map(|r| r.recipient.as_str())
+                .collect::<Vec<_>>(),
+        )
         .bind(rows.iter().map(|r| r.body.as_str()).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.context.clone()).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.provider.as_str()).collect::<Vec<_>>())
@@ -241,7 +351,11 @@ pub(crate) async fn claim_batch(pool: &PgPool, rows: &[ClaimRow]) -> Result<Vec<
     Ok(claims)
 }
 
-pub(crate) async fn finish_batch(pool: &PgPool, rows: &[FinishRow], keep_body: bool) -> Result<(), StoreError> {
+pub(crate) async fn finish_batch(
+    pool: &PgPool,
+    rows: &[FinishRow],
+    keep_body: bool,
+) -> Result<(), StoreError> {
     sqlx::query(
         "WITH input AS (
             SELECT * FROM UNNEST($1::uuid[], $2::int4[], $3::int4[], $4::text[], $5::int4[],
@@ -257,7 +371,7 @@ pub(crate) async fn finish_batch(pool: &PgPool, rows: &[FinishRow], keep_body: b
             SELECT i.id, i.attempt, m.provider, COALESCE(m.attempt_started_at, now()),
                    i.duration_ms, i.outcome, i.http_status, i.error_code, i.error_message,
                    i.outcome_unknown, i.sid
-              FROM input i JOIN sms_messages m ON m.id = i.id
+              FROM input i JOIN sms_messages m ON m.id = i.id AND m.id = ANY($1)
             ON CONFLICT (message_id, attempt) DO UPDATE
                SET duration_ms = EXCLUDED.duration_ms, outcome = EXCLUDED.outcome,
                    http_status = EXCLUDED.http_status, error_code = EXCLUDED.error_code,
@@ -279,10 +393,22 @@ pub(crate) async fn finish_batch(pool: &PgPool, rows: &[FinishRow], keep_body: b
     .bind(rows.iter().map(|r| r.duration_ms).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.outcome).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.http_status).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.error_code.as_deref()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.error_message.as_deref()).collect::<Vec<_>>())
+    .bind(
+        rows.iter()
+            .map(|r| r.error_code.as_deref())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        rows.iter()
+            .map(|r| r.error_message.as_deref())
+            .collect::<Vec<_>>(),
+    )
     .bind(rows.iter().map(|r| r.outcome_unknown).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.provider_message_id.as_deref()).collect::<Vec<_>>())
+    .bind(
+        rows.iter()
+            .map(|r| r.provider_message_id.as_deref())
+            .collect::<Vec<_>>(),
+    )
     .bind(rows.iter().map(|r| r.status).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.reason.as_deref()).collect::<Vec<_>>())
     .bind(keep_body)
@@ -328,7 +454,7 @@ pub(crate) async fn record_batch(
                    CASE WHEN $13 OR i.status = 'queued' THEN i.body END, i.context,
                    i.status, i.reason, i.provider, i.segments
               FROM input i
-             WHERE NOT EXISTS (SELECT 1 FROM sms_messages x WHERE x.id = i.id)
+             WHERE NOT EXISTS (SELECT 1 FROM sms_messages x WHERE x.id = ANY($1) AND x.id = i.id)
             ON CONFLICT (id) DO NOTHING
             RETURNING id
          )
@@ -336,14 +462,18 @@ pub(crate) async fn record_batch(
            FROM input i
            LEFT JOIN updated u ON u.id = i.id
            LEFT JOIN inserted n ON n.id = i.id
-           LEFT JOIN sms_messages m ON m.id = i.id"
+           LEFT JOIN (SELECT * FROM sms_messages WHERE id = ANY($1)) m ON m.id = i.id"
     );
     let result = sqlx::query(&sql)
         .bind(rows.iter().map(|r| r.id).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.bulk_id).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.school_id).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.kind).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.recipient.as_str()).collect::<Vec<_>>())
+        .bind(
+            rows.iter()
+                .map(|r| r.recipient.as_str())
+                .collect::<Vec<_>>(),
+        )
         .bind(rows.iter().map(|r| r.body.as_str()).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.context.clone()).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.provider.as_str()).collect::<Vec<_>>())
@@ -379,7 +509,10 @@ pub(crate) async fn record_batch(
 pub(crate) enum Op {
     Claim(ClaimRow, oneshot::Sender<Result<Claim, StoreError>>),
     Finish(FinishRow, oneshot::Sender<Result<(), StoreError>>),
-    Record(RecordRow, oneshot::Sender<Result<Option<MessageState>, StoreError>>),
+    Record(
+        RecordRow,
+        oneshot::Sender<Result<Option<MessageState>, StoreError>>,
+    ),
 }
 
 impl Op {
@@ -401,7 +534,10 @@ pub(crate) struct Recorder {
 
 impl Recorder {
     /// Starts the recorder task writing through `pool()`.
-    pub(crate) fn start(pool: impl Fn() -> PgPool + Send + Sync + 'static, keep_body: bool) -> Self {
+    pub(crate) fn start(
+        pool: impl Fn() -> PgPool + Send + Sync + 'static,
+        keep_body: bool,
+    ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(collect(rx, tx.clone(), Arc::new(pool), keep_body));
         Recorder { tx }
@@ -441,6 +577,15 @@ async fn collect(
             match rx.try_recv() {
                 Ok(op) => batch.push(op),
                 Err(_) => break,
+            }
+        }
+        if batch.len() < SMALL_BATCH {
+            let deadline = tokio::time::Instant::now() + LINGER;
+            while batch.len() < MAX_BATCH {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(op)) => batch.push(op),
+                    Ok(None) | Err(_) => break,
+                }
             }
         }
         let mut seen = HashSet::with_capacity(batch.len());
@@ -498,8 +643,11 @@ async fn write(pool: &PgPool, ops: Vec<Op>, keep_body: bool) {
     }
 }
 
-async fn answer<R, T, F, Fut>(rows: Vec<R>, replies: Vec<oneshot::Sender<Result<T, StoreError>>>, run: F)
-where
+async fn answer<R, T, F, Fut>(
+    rows: Vec<R>,
+    replies: Vec<oneshot::Sender<Result<T, StoreError>>>,
+    run: F,
+) where
     R: Clone,
     F: Fn(Vec<R>) -> Fut,
     Fut: Future<Output = Result<Vec<T>, StoreError>>,

@@ -601,7 +601,11 @@ async fn lean_answer(state: &StubState, body: &[u8]) -> Response {
     };
     let roll = (sid.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 7) % 100;
     if (roll as u32) < error_percent {
-        return twilio_error(StatusCode::SERVICE_UNAVAILABLE, 20503, "Service Unavailable");
+        return twilio_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            20503,
+            "Service Unavailable",
+        );
     }
     {
         let mut arrivals = state.arrivals.lock().expect("lock");
