@@ -1,8 +1,14 @@
-//! Schools' settings and the opt-outs, held in memory so that deciding a message costs no
-//! query. PostgreSQL announces every change (`LISTEN smsgw_changes`, sent by triggers on
-//! both tables); the cache reloads what changed, so a change takes effect within a second.
+//! Schools' settings, held in memory so that deciding a message costs no query.
+//! PostgreSQL announces every change (`LISTEN smsgw_changes`, sent by a trigger on
+//! `sms_school_settings`); the cache reloads what changed, so a change takes effect within
+//! a second.
 //! After the listening connection is lost it reloads everything, and it does so every few
 //! minutes anyway, in case a notification went astray.
+//!
+//! Opt-outs are not cached: a cached "opted out" would outlive a START sent a moment
+//! ago, and a cached "not opted out" would miss a STOP. The statement that starts an
+//! attempt reads `sms_opt_outs` itself, so the table is the only authority and it costs
+//! no extra query.
 
 use std::{
     collections::HashMap,
@@ -14,7 +20,6 @@ use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    phone::PhoneNumber,
     policy::SchoolSettings,
     store::{Store, StoreError},
 };
@@ -26,8 +31,6 @@ const FULL_RELOAD: Duration = Duration::from_secs(300);
 #[derive(Debug, Default)]
 struct Data {
     settings: HashMap<i64, Arc<SchoolSettings>>,
-    /// Phone → the schools it opted out of (`None`: every school).
-    opt_outs: HashMap<String, Vec<Option<i64>>>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -48,40 +51,16 @@ impl PolicyCache {
         self.read().settings.get(&school_id).cloned()
     }
 
-    pub fn is_opted_out(&self, school_id: i64, phone: &PhoneNumber) -> bool {
-        self.read()
-            .opt_outs
-            .get(phone.as_str())
-            .is_some_and(|schools| {
-                schools
-                    .iter()
-                    .any(|s| s.is_none() || *s == Some(school_id))
-            })
-    }
-
-    /// Records an opt-out the daemon itself just wrote (before its notification arrives).
-    pub fn add_opt_out(&self, school_id: Option<i64>, phone: &PhoneNumber) {
-        let mut data = self.write();
-        let schools = data.opt_outs.entry(phone.as_str().to_owned()).or_default();
-        if !schools.contains(&school_id) {
-            schools.push(school_id);
-        }
-    }
-
     /// Loads everything.
     pub async fn reload(&self, store: &Store) -> Result<(), StoreError> {
         let settings = store.all_school_settings().await?;
-        let opt_outs = store.all_opt_outs().await?;
         let mut data = Data::default();
         for s in settings {
             data.settings.insert(s.school_id, Arc::new(s));
         }
-        for (phone, school) in opt_outs {
-            data.opt_outs.entry(phone).or_default().push(school);
-        }
-        let (schools, phones) = (data.settings.len(), data.opt_outs.len());
+        let schools = data.settings.len();
         *self.write() = data;
-        tracing::debug!(schools, phones, "settings and opt-outs loaded");
+        tracing::debug!(schools, "school settings loaded");
         Ok(())
     }
 
@@ -95,24 +74,12 @@ impl PolicyCache {
         Ok(())
     }
 
-    async fn reload_phone(&self, store: &Store, phone: &str) -> Result<(), StoreError> {
-        let schools = store.opt_outs_of(phone).await?;
-        let mut data = self.write();
-        if schools.is_empty() {
-            data.opt_outs.remove(phone);
-        } else {
-            data.opt_outs.insert(phone.to_owned(), schools);
-        }
-        Ok(())
-    }
-
     async fn apply(&self, store: &Store, payload: &str) -> Result<(), StoreError> {
         match payload.split_once(':') {
             Some(("settings", id)) => match id.parse() {
                 Ok(id) => self.reload_school(store, id).await,
                 Err(_) => self.reload(store).await,
             },
-            Some(("opt_out", phone)) => self.reload_phone(store, phone).await,
             _ => Ok(()),
         }
     }

@@ -9,7 +9,7 @@
 //!
 //! - [`config`]: settings from the environment, validated at start-up.
 //! - [`broker`]: RabbitMQ topology, consuming, confirmed republishing. Only it speaks AMQP.
-//! - [`cache`]: settings and opt-outs in memory, kept current by LISTEN/NOTIFY.
+//! - [`cache`]: school settings in memory, kept current by LISTEN/NOTIFY.
 //! - [`circuit`]: the per-provider circuit breaker.
 //! - [`job`]: the v1 job format, decoded and validated.
 //! - [`phone`]: phone numbers (E.164, masked in logs) and sender IDs.
@@ -39,6 +39,7 @@ pub mod http;
 pub mod job;
 pub mod metrics;
 pub mod ops;
+pub mod pace;
 pub mod phone;
 pub mod pipeline;
 pub mod policy;

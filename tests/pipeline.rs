@@ -840,8 +840,10 @@ async fn a_changed_setting_takes_effect_within_a_second() {
     app.publish(&before).await;
     app.wait_for_status(id_of(&before), "sent").await;
 
-    app.sql(&format!("UPDATE sms_school_settings SET sms_enabled = false WHERE school_id = {SCHOOL}"))
-        .await;
+    app.sql(&format!(
+        "UPDATE sms_school_settings SET sms_enabled = false WHERE school_id = {SCHOOL}"
+    ))
+    .await;
     let changed = Instant::now();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after = job("booking_reminder", SCHOOL, "+447700900124", "Reminder");
@@ -851,14 +853,30 @@ async fn a_changed_setting_takes_effect_within_a_second() {
     assert!(changed.elapsed() < Duration::from_secs(10));
 
     // An opt-out counts at once, even before the cache hears of it.
-    app.sql(&format!("UPDATE sms_school_settings SET sms_enabled = true WHERE school_id = {SCHOOL}"))
-        .await;
+    app.sql(&format!(
+        "UPDATE sms_school_settings SET sms_enabled = true WHERE school_id = {SCHOOL}"
+    ))
+    .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    app.sql("INSERT INTO sms_opt_outs (school_id, phone, source) VALUES (NULL, '+447700900125', 'web')")
-        .await;
+    app.sql(
+        "INSERT INTO sms_opt_outs (school_id, phone, source) VALUES (NULL, '+447700900125', 'web')",
+    )
+    .await;
     let opted = job("booking_reminder", SCHOOL, "+447700900125", "Reminder");
     app.publish(&opted).await;
     let row = app.wait_for_status(id_of(&opted), "suppressed").await;
     assert_eq!(row.reason.as_deref(), Some("opted_out"));
     assert!(app.stub.requests_to("+447700900125").is_empty());
+
+    // And so does taking it back: no copy of the old opt-out outlives it.
+    app.sql("DELETE FROM sms_opt_outs WHERE phone = '+447700900125'")
+        .await;
+    let resumed = job(
+        "booking_reminder",
+        SCHOOL,
+        "+447700900125",
+        "Reminder again",
+    );
+    app.publish(&resumed).await;
+    app.wait_for_status(id_of(&resumed), "sent").await;
 }

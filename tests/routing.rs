@@ -174,6 +174,8 @@ async fn schools_without_a_provider_use_the_default_and_unknown_names_fail() {
     // A name written after start-up fails its messages, replayably.
     app.sql("UPDATE sms_school_settings SET provider = 'nope' WHERE school_id = 7")
         .await;
+    // A changed setting takes effect within a second.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let lost = job("login_code", 7, "+447700900124", "Code 1234");
     app.publish(&lost).await;
     let row = app.wait_for_status(id_of(&lost), "failed").await;

@@ -535,23 +535,6 @@ impl Store {
         rows.iter().map(settings_of).collect()
     }
 
-    /// Every opt-out as (phone, school), for the in-memory cache.
-    pub async fn all_opt_outs(&self) -> Result<Vec<(String, Option<i64>)>, StoreError> {
-        Ok(sqlx::query_as("SELECT phone, school_id FROM sms_opt_outs")
-            .fetch_all(&self.pool())
-            .await?)
-    }
-
-    /// The schools `phone` opted out of (`None`: every school).
-    pub async fn opt_outs_of(&self, phone: &str) -> Result<Vec<Option<i64>>, StoreError> {
-        Ok(
-            sqlx::query_scalar("SELECT school_id FROM sms_opt_outs WHERE phone = $1")
-                .bind(phone)
-                .fetch_all(&self.pool())
-                .await?,
-        )
-    }
-
     pub async fn is_opted_out(
         &self,
         school_id: i64,
@@ -618,7 +601,9 @@ impl Store {
             Some(recorder) => {
                 let (reply, answer) = tokio::sync::oneshot::channel();
                 recorder.submit(Op::Record(row, reply))?;
-                answer.await.map_err(|_| StoreError::Batch("the recorder dropped a write".into()))?
+                answer
+                    .await
+                    .map_err(|_| StoreError::Batch("the recorder dropped a write".into()))?
             }
             None => log::record_batch(&self.pool(), &[row], self.keep_body)
                 .await?
@@ -660,7 +645,9 @@ impl Store {
             Some(recorder) => {
                 let (reply, answer) = tokio::sync::oneshot::channel();
                 recorder.submit(Op::Claim(row, reply))?;
-                answer.await.map_err(|_| StoreError::Batch("the recorder dropped a write".into()))?
+                answer
+                    .await
+                    .map_err(|_| StoreError::Batch("the recorder dropped a write".into()))?
             }
             None => log::claim_batch(&self.pool(), &[row])
                 .await?
@@ -693,7 +680,9 @@ impl Store {
             Some(recorder) => {
                 let (reply, answer) = tokio::sync::oneshot::channel();
                 recorder.submit(Op::Finish(row, reply))?;
-                answer.await.map_err(|_| StoreError::Batch("the recorder dropped a write".into()))?
+                answer
+                    .await
+                    .map_err(|_| StoreError::Batch("the recorder dropped a write".into()))?
             }
             None => log::finish_batch(&self.pool(), &[row], self.keep_body).await,
         }
