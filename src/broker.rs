@@ -581,6 +581,22 @@ impl Broker {
         Ok(())
     }
 
+    /// Puts an announcement whose fan-out goes on at the back of its lane, as a new
+    /// message with the same job id.
+    pub async fn publish_continuation(
+        &self,
+        job_id: Uuid,
+        kind: JobType,
+        body: &[u8],
+    ) -> Result<(), BrokerError> {
+        let properties = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_message_id(job_id.to_string().into());
+        self.publish_confirmed(REQUEUE_EXCHANGE, kind.as_str(), body, properties)
+            .await
+    }
+
     async fn publish_confirmed(
         &self,
         exchange: &str,

@@ -120,6 +120,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
                 redirect_to: settings.redirect_to.clone(),
                 provider_timeout: settings.provider_timeout,
                 max_segments: settings.max_segments.clone(),
+                fanout_chunk: settings.fanout_chunk,
                 unknown_outcome: if settings.resend_unknown {
                     crate::pipeline::UnknownOutcome::Resend
                 } else {

@@ -56,10 +56,16 @@ pub struct PipelineSettings {
     pub unknown_outcome: UnknownOutcome,
     /// Most segments a text of a type may have.
     pub max_segments: std::collections::HashMap<JobType, u32>,
+    /// Recipients of an announcement fanned out per turn in the bulk lane.
+    pub fanout_chunk: usize,
 }
 
 /// Longest wait for one database statement before it counts as failed.
 const STORE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a message holds its delivery waiting for its turn under a rate limit; past
+/// that it is put off through a retry tier, so that a slow pace never runs into the
+/// broker's consumer timeout.
+const PACE_MAX_WAIT: Duration = Duration::from_secs(30);
 
 /// What to do when an attempt's outcome is unknown and the provider cannot be asked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -207,7 +213,10 @@ impl Pipeline {
                 };
             }
             let result = match &job.target {
-                Target::Many(recipients) => self.fan_out(&job, recipients, broker, abandon).await,
+                Target::Many(recipients) => {
+                    self.fan_out(incoming, &job, recipients, broker, abandon)
+                        .await
+                }
                 Target::One(to) => self.handle_one(incoming, &job, to, abandon).await,
             };
             result.unwrap_or(Disposition::Unsettled)
@@ -247,10 +256,6 @@ impl Pipeline {
         let settings = self.school_settings(job.school_id, abandon).await?;
         let country = settings.as_ref().and_then(|s| s.country.as_deref());
         let recipient = PhoneNumber::parse(to, country);
-        let opted_out = match (&recipient, &settings) {
-            (Ok(number), Some(_)) => self.cache.is_opted_out(job.school_id, number),
-            _ => false,
-        };
         let now = OffsetDateTime::now_utc();
         let segmentation = crate::segments::segment(&job.body);
         let mut decision = decide(
@@ -260,7 +265,9 @@ impl Pipeline {
             &Facts {
                 settings: settings.as_deref(),
                 recipient: &recipient,
-                opted_out,
+                // Read from `sms_opt_outs` by the claim, in the statement that starts the
+                // attempt: the table is the authority, never a copy of it.
+                opted_out: false,
                 segments: segmentation.segments,
                 max_segments: self.settings.max_segments.get(&job.kind).copied(),
                 now,
@@ -594,6 +601,20 @@ impl Pipeline {
             provider: gateway.name,
             ..message.clone()
         };
+        // Wait for the provider's pace before claiming: a claimed attempt that waits and
+        // is then cut short by a crash would leave an outcome to reconcile.
+        tokio::select! {
+            paced = tokio::time::timeout(PACE_MAX_WAIT, gateway.pace.admit()) => {
+                if paced.is_err() {
+                    tracing::debug!("rate limit backlog; put off");
+                    return Ok(Attempted::Done(Disposition::Defer {
+                        until: OffsetDateTime::now_utc() + PACE_MAX_WAIT,
+                        kind: job.kind,
+                    }));
+                }
+            }
+            () = abandon.cancelled() => return Err(Abandoned),
+        }
         // One id for this claim, kept across retries of the same statement.
         let claim_id = Uuid::new_v4();
         let claim = self
@@ -621,7 +642,10 @@ impl Pipeline {
                 return Ok(Attempted::Done(Disposition::Ack));
             }
             Claim::Busy(state)
-                if matches!(state.status, MessageStatus::Queued | MessageStatus::Retrying) =>
+                if matches!(
+                    state.status,
+                    MessageStatus::Queued | MessageStatus::Retrying
+                ) =>
             {
                 // Not claimed although waiting: its last attempt's outcome is unknown.
                 return Ok(match state.unknown_attempt {
@@ -645,6 +669,8 @@ impl Pipeline {
             }
         };
 
+        // Claiming took a few milliseconds, more or less: space the calls out again.
+        gateway.pace.call().await;
         let started = Instant::now();
         // The adapter has its own timeout; this one only guards against an adapter bug.
         let result = match tokio::time::timeout(
@@ -659,6 +685,10 @@ impl Pipeline {
             }),
         };
         let duration = started.elapsed();
+        if let Err(ProviderError::Throttled { retry_after, .. }) = &result {
+            // Too fast for the provider: every task waits, not only this one.
+            gateway.pace.throttled(*retry_after);
+        }
         gateway.circuit.record(match &result {
             Err(e) if e.suggests_outage() => CallResult::Failed,
             _ => CallResult::Answered,
@@ -800,7 +830,6 @@ impl Pipeline {
                     .add_opt_out(Some(job.school_id), sms.to, "provider")
             })
             .await?;
-            self.cache.add_opt_out(Some(job.school_id), sms.to);
             tracing::info!(to = %sms.to.masked(), "recipient unsubscribed at the carrier; opt-out recorded");
         }
         let logged = redact_numbers(&text);
@@ -919,8 +948,16 @@ impl Pipeline {
     /// Turns an announcement to many into one job per recipient, each with an id derived
     /// from the announcement's id and the recipient, so a redelivered announcement (or a
     /// number listed twice) never texts anyone twice.
+    ///
+    /// A big announcement is fanned out a chunk at a time (`SMSGW_FANOUT_CHUNK`): the
+    /// first chunk's messages, then the announcement with the recipients still to go, at
+    /// the back of the bulk lane. Another school's announcement published meanwhile gets
+    /// its turn after one chunk, not after all of this one. The delivery is acked only
+    /// when both were confirmed; a crash in between fans the same chunk out again, to the
+    /// same ids.
     async fn fan_out(
         &self,
+        incoming: &Incoming,
         job: &Job,
         recipients: &[BulkRecipient],
         broker: &Broker,
@@ -928,9 +965,10 @@ impl Pipeline {
     ) -> Result<Disposition, Abandoned> {
         let settings = self.school_settings(job.school_id, abandon).await?;
         let country = settings.as_ref().and_then(|s| s.country.as_deref());
-        let mut seen = HashSet::with_capacity(recipients.len());
-        let mut messages = Vec::with_capacity(recipients.len());
-        for recipient in recipients {
+        let (now, later) = recipients.split_at(recipients.len().min(self.settings.fanout_chunk));
+        let mut seen = HashSet::with_capacity(now.len());
+        let mut messages = Vec::with_capacity(now.len());
+        for recipient in now {
             let to = PhoneNumber::parse(&recipient.to, country)
                 .map(|n| n.as_str().to_owned())
                 .unwrap_or_else(|_| recipient.to.trim().to_owned());
@@ -941,17 +979,31 @@ impl Pipeline {
             messages.push((id, child_job(job, id, &to, recipient.reference.as_deref())));
         }
         let count = messages.len();
-        match broker.publish_fanout(job.id, job.kind, messages).await {
-            Ok(()) => {
-                self.count("fanned_out", job.kind, self.gateways.default_gateway().name);
-                tracing::info!(recipients = count, "announcement fanned out");
-                Ok(Disposition::Ack)
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "fan-out failed; the announcement goes back to its lane");
-                Ok(Disposition::Requeue)
+        if let Err(e) = broker.publish_fanout(job.id, job.kind, messages).await {
+            tracing::warn!(error = %e, "fan-out failed; the announcement goes back to its lane");
+            return Ok(Disposition::Requeue);
+        }
+        if !later.is_empty() {
+            let Some(rest) = without_first_recipients(&incoming.body, now.len()) else {
+                // The job was decoded from these very bytes: this cannot happen.
+                return Ok(Disposition::DeadLetter {
+                    reason: DeadReason::InvalidJob,
+                    error: "recipients could not be split for fan-out".into(),
+                    attempts: incoming.attempts,
+                });
+            };
+            if let Err(e) = broker.publish_continuation(job.id, job.kind, &rest).await {
+                tracing::warn!(error = %e, "fan-out could not be continued; the announcement goes back to its lane");
+                return Ok(Disposition::Requeue);
             }
         }
+        self.count("fanned_out", job.kind, self.gateways.default_gateway().name);
+        tracing::info!(
+            recipients = count,
+            remaining = later.len(),
+            "announcement fanned out"
+        );
+        Ok(Disposition::Ack)
     }
 
     /// A school's settings from the cache; a school the cache does not know is looked up
@@ -1037,6 +1089,17 @@ fn context_with_reference(job: &Job) -> Option<Value> {
 }
 
 /// The v1 job for one recipient of an announcement.
+/// The announcement in `body` without its first `skip` recipients; everything else as
+/// it was.
+fn without_first_recipients(body: &[u8], skip: usize) -> Option<Vec<u8>> {
+    let mut job: Value = serde_json::from_slice(body).ok()?;
+    let Value::Array(recipients) = job.get_mut("recipients")? else {
+        return None;
+    };
+    recipients.drain(..skip.min(recipients.len()));
+    serde_json::to_vec(&job).ok()
+}
+
 fn child_job(parent: &Job, id: Uuid, to: &str, reference: Option<&str>) -> Vec<u8> {
     let time = |t: Option<OffsetDateTime>| t.and_then(|t| t.format(&Rfc3339).ok());
     let mut child = json!({

@@ -113,6 +113,8 @@ pub struct Settings {
     pub circuit_threshold: u32,
     /// How long an open circuit pauses the provider before a probe.
     pub circuit_cooldown: Duration,
+    /// Recipients of an announcement fanned out per turn in the bulk lane.
+    pub fanout_chunk: usize,
 }
 
 /// A configuration problem, naming the variable. Exit code 2.
@@ -163,6 +165,7 @@ pub const VARIABLES: &[&str] = &[
     "SMSGW_CIRCUIT_COOLDOWN",
     "SMSGW_CONFIG",
     "SMSGW_MAX_SEGMENTS",
+    "SMSGW_FANOUT_CHUNK",
     "VONAGE_API_KEY",
     "VONAGE_API_SECRET",
     "VONAGE_FROM",
@@ -400,6 +403,7 @@ impl Settings {
             log_format,
             circuit_threshold: number(&get, "SMSGW_CIRCUIT_THRESHOLD", 5, 1, 10_000)?,
             circuit_cooldown: duration(&get, "SMSGW_CIRCUIT_COOLDOWN", "30s")?,
+            fanout_chunk: number(&get, "SMSGW_FANOUT_CHUNK", 1_000, 1, 50_000)?,
             resend_unknown: match get("SMSGW_UNKNOWN_OUTCOME").as_deref().map(str::trim) {
                 None | Some("resend") => true,
                 Some("dead_letter") => false,

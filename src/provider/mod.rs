@@ -17,6 +17,7 @@ use std::sync::Arc;
 use crate::{
     circuit::Circuit,
     config::{ProviderKindSettings, ProviderSettings, Settings},
+    pace::{Gates, Pace},
     phone::{PhoneNumber, SenderId},
 };
 
@@ -266,6 +267,8 @@ pub struct Gateway {
     pub name: &'static str,
     pub provider: Provider,
     pub circuit: Circuit,
+    /// How fast this gateway may be called.
+    pub pace: Pace,
     pub settings: ProviderSettings,
 }
 
@@ -279,6 +282,10 @@ pub struct Gateways {
 impl Gateways {
     pub fn from_settings(settings: &Settings) -> Result<Self, ProviderSetupError> {
         let mut all = Vec::new();
+        // One process-wide limit, shared by every gateway.
+        let global = settings
+            .rate_limit
+            .map(|rate| Arc::new(Gates::per_second(rate)));
         for provider in &settings.providers {
             // A handful of names, made once at start-up: they label metrics for the
             // process's whole life.
@@ -296,6 +303,7 @@ impl Gateways {
                     settings.circuit_cooldown,
                     settings.provider_timeout * 2,
                 ),
+                pace: Pace::new(provider.rate, global.clone()),
                 settings: provider.clone(),
             }));
         }

@@ -1,0 +1,180 @@
+//! Pacing and fairness: the rate limits, a 429 that pauses a provider for everyone, and
+//! big announcements fanned out a chunk at a time so another school's gets its turn.
+
+mod helpers;
+
+use std::time::{Duration, Instant};
+
+use helpers::{Reply, TwilioStub, id_of, spawn_app_with, twilio_stub};
+use serde_json::json;
+use uuid::Uuid;
+
+const SCHOOL: i64 = 42;
+const OTHER_SCHOOL: i64 = 43;
+
+/// The most requests the stub saw in any one-second window.
+fn busiest_second(stub: &TwilioStub) -> usize {
+    let mut times: Vec<Instant> = stub.requests().iter().map(|r| r.at).collect();
+    times.sort();
+    let mut busiest = 0;
+    let mut start = 0;
+    for end in 0..times.len() {
+        while times[end].duration_since(times[start]) >= Duration::from_secs(1) {
+            start += 1;
+        }
+        busiest = busiest.max(end - start + 1);
+    }
+    busiest
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_rate_limit_holds_every_second_to_at_most_the_rate() {
+    let app = spawn_app_with(&[("SMSGW_RATE_LIMIT", "20")]).await;
+    app.add_school(SCHOOL, "GB").await;
+    let ids = app.publish_many(50, "booking_reminder", SCHOOL).await;
+
+    assert_eq!(app.wait_all(&ids, "sent", Duration::from_secs(30)).await, 0);
+    assert_eq!(app.stub.requests().len(), 50);
+    let busiest = busiest_second(&app.stub);
+    assert!(
+        busiest <= 20,
+        "{busiest} calls in one second at a limit of 20"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_providers_own_rate_in_the_config_file_paces_it() {
+    let stub = TwilioStub::start().await;
+    let path = std::env::temp_dir().join(format!("smsgw-{}.toml", Uuid::new_v4().simple()));
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+default_provider = "paced"
+
+[providers.paced]
+type = "twilio"
+account_sid = "{sid}"
+auth_token = {{ env = "TEST_TWILIO_TOKEN" }}
+from = "+15005550006"
+base_url = "{url}"
+rate = 10
+"#,
+            sid = twilio_stub::ACCOUNT_SID,
+            url = stub.url,
+        ),
+    )
+    .expect("write config");
+    let path = path.to_string_lossy().into_owned();
+    let mut app = spawn_app_with(&[
+        ("SMSGW_CONFIG", path.as_str()),
+        ("TEST_TWILIO_TOKEN", twilio_stub::AUTH_TOKEN),
+    ])
+    .await;
+    app.stub = stub;
+    app.add_school(SCHOOL, "GB").await;
+    let ids = app.publish_many(25, "booking_reminder", SCHOOL).await;
+
+    assert_eq!(app.wait_all(&ids, "sent", Duration::from_secs(30)).await, 0);
+    let busiest = busiest_second(&app.stub);
+    assert!(
+        busiest <= 10,
+        "{busiest} calls in one second at a rate of 10"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_429_pauses_the_provider_for_every_message() {
+    let app = spawn_app_with(&[]).await;
+    app.add_school(SCHOOL, "GB").await;
+    app.stub.script([Reply::Error {
+        status: 429,
+        code: 20429,
+        message: "Too Many Requests".into(),
+        retry_after: Some("2".into()),
+    }]);
+    let first = app.publish_many(1, "booking_reminder", SCHOOL).await;
+    let started = Instant::now();
+    while app.stub.requests().is_empty() && started.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let throttled_at = app.stub.requests()[0].at;
+    // Let the daemon read the answer.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Published after the 429: none of these may reach the provider during the pause.
+    let others = app.publish_many(5, "booking_reminder", SCHOOL).await;
+
+    let all: Vec<Uuid> = first.iter().chain(&others).copied().collect();
+    assert_eq!(app.wait_all(&all, "sent", Duration::from_secs(30)).await, 0);
+    let requests = app.stub.requests();
+    assert_eq!(requests.len(), 7, "one refused call and six sends");
+    for request in &requests[1..] {
+        let after = request.at.duration_since(throttled_at);
+        assert!(
+            after >= Duration::from_millis(1_900),
+            "called {after:?} after a 429 that asked for 2 s"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_small_announcement_is_not_stuck_behind_a_big_one() {
+    let app = spawn_app_with(&[
+        ("SMSGW_FANOUT_CHUNK", "10"),
+        ("SMSGW_BULK_CONCURRENCY", "4"),
+        ("SMSGW_RATE_LIMIT", "100"),
+    ])
+    .await;
+    app.add_school(SCHOOL, "GB").await;
+    app.add_school(OTHER_SCHOOL, "GB").await;
+    let big = json!({
+        "id": Uuid::new_v4(),
+        "type": "announcement",
+        "school_id": SCHOOL,
+        "recipients": (0..200).map(|i| json!({"to": format!("+4477009{i:05}")})).collect::<Vec<_>>(),
+        "body": "The office is closed on Friday."
+    });
+    let small_numbers: Vec<String> = (0..3).map(|i| format!("+4477008{i:05}")).collect();
+    let small = json!({
+        "id": Uuid::new_v4(),
+        "type": "announcement",
+        "school_id": OTHER_SCHOOL,
+        "recipients": small_numbers.iter().map(|to| json!({"to": to})).collect::<Vec<_>>(),
+        "body": "Lessons resume on Monday."
+    });
+    app.publish(&big).await;
+    // The big one is under way (paced, so that it takes a while) when the small one comes.
+    let started = Instant::now();
+    while app.stub.requests().is_empty() && started.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    app.publish(&small).await;
+
+    let ids: Vec<Uuid> = (0..200)
+        .map(|i| Uuid::new_v5(&id_of(&big), format!("+4477009{i:05}").as_bytes()))
+        .chain(
+            small_numbers
+                .iter()
+                .map(|to| Uuid::new_v5(&id_of(&small), to.as_bytes())),
+        )
+        .collect();
+    assert_eq!(app.wait_all(&ids, "sent", Duration::from_secs(60)).await, 0);
+    let order: Vec<String> = app
+        .stub
+        .requests()
+        .iter()
+        .filter_map(|r| r.get("To").map(str::to_owned))
+        .collect();
+    assert_eq!(order.len(), 203, "every recipient texted once");
+    let small_done = small_numbers
+        .iter()
+        .filter_map(|to| order.iter().position(|t| t == to))
+        .max()
+        .expect("the small announcement was sent");
+    // Fanned out 10 at a time, the big one is at most a few chunks ahead; all at once,
+    // all 200 of its texts would go first.
+    assert!(
+        small_done < 60,
+        "the small announcement finished after {small_done} texts of the big one"
+    );
+}
