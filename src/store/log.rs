@@ -174,7 +174,7 @@ pub(crate) async fn claim_batch(
              refused AS (
                 SELECT i.id FROM input i
                  WHERE EXISTS (SELECT 1 FROM sms_opt_outs o
-                                WHERE o.phone = ANY($5) AND o.phone = i.recipient
+                                WHERE o.phone = i.recipient
                                   AND (o.school_id IS NULL OR o.school_id = i.school_id))
              ),
              inserted AS (
@@ -261,7 +261,7 @@ async fn claim_existing(pool: &PgPool, rows: &[ClaimRow]) -> Result<Vec<Claim>, 
          refused AS (
             SELECT i.id FROM input i
              WHERE EXISTS (SELECT 1 FROM sms_opt_outs o
-                            WHERE o.phone = ANY($5) AND o.phone = i.recipient
+                            WHERE o.phone = i.recipient
                               AND (o.school_id IS NULL OR o.school_id = i.school_id))
          ),
          updated AS (
