@@ -5,7 +5,7 @@ REPORT := target/tmp/fault-report.md
 # Test binaries that restart or stop the shared services: run alone, after the rest.
 EXCLUSIVE := exclusive
 
-.PHONY: run test test-parallel test-faults fmt lint check audit fuzz services clean-test-envs
+.PHONY: run test test-parallel test-faults bench fmt lint check audit fuzz services clean-test-envs
 
 ## run: the daemon against the local RabbitMQ and PostgreSQL, log provider (nothing is sent)
 run: services
@@ -40,6 +40,12 @@ else
 	$(CARGO) test --no-fail-fast --test $(EXCLUSIVE) -- --test-threads 1
 endif
 	@scripts/services.sh
+
+## bench: throughput, latency, memory and CPU against the raw ceilings of RabbitMQ and
+## PostgreSQL on this machine, then the fairness, pacing and two-process scenarios
+## (BENCH_JOBS, BENCH_LATENCIES, BENCH_SCENARIOS, BENCH_RECIPIENTS; see benches/throughput.rs)
+bench: services clean-test-envs
+	$(CARGO) bench --bench throughput
 
 ## fmt: format the code
 fmt:

@@ -3,10 +3,10 @@
 //! same run; then the fairness, fan-out and pacing scenarios.
 //!
 //! Knobs (environment): `BENCH_JOBS` (default 100000), `BENCH_LATENCIES` (provider latency
-//! in ms, default `0,100`), `BENCH_SCENARIOS` (`0` skips them).
+//! in ms, default `0,100`), `BENCH_SCENARIOS` (`0` skips them), `BENCH_RECIPIENTS` (of the
+//! big announcement, default 50000).
 
 #[path = "../tests/helpers/mod.rs"]
-#[allow(dead_code)]
 mod helpers;
 
 use std::{
@@ -101,7 +101,10 @@ struct Ceilings {
 async fn quorum_queue(conn: &Connection, name: &str) -> lapin::Channel {
     let channel = conn.create_channel().await.expect("channel");
     let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
     channel
         .queue_declare(
             name.into(),
@@ -232,7 +235,11 @@ async fn ceilings(n: usize) -> Ceilings {
             while started.elapsed() < window {
                 let _ = client
                     .post(&url)
-                    .form(&[("To", "+447700900123"), ("From", "+15005550006"), ("Body", "x")])
+                    .form(&[
+                        ("To", "+447700900123"),
+                        ("From", "+15005550006"),
+                        ("Body", "x"),
+                    ])
                     .send()
                     .await
                     .and_then(|r| r.error_for_status());
@@ -243,8 +250,8 @@ async fn ceilings(n: usize) -> Ceilings {
     for worker in workers {
         let _ = worker.await;
     }
-    let stub_rate = done.load(std::sync::atomic::Ordering::Relaxed) as f64
-        / started.elapsed().as_secs_f64();
+    let stub_rate =
+        done.load(std::sync::atomic::Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
     Ceilings {
         publish,
         consume,
@@ -387,7 +394,10 @@ async fn end_to_end(jobs: usize, latency_ms: u64) -> Throughput {
         if finished(&run.app).await as usize >= jobs {
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(1_800), "the run never finished");
+        assert!(
+            started.elapsed() < Duration::from_secs(1_800),
+            "the run never finished"
+        );
     }
     let elapsed = started.elapsed();
     let worker_cpu = cpu_seconds(pid);
@@ -402,14 +412,21 @@ async fn end_to_end(jobs: usize, latency_ms: u64) -> Throughput {
     for (i, job) in probe_jobs.iter().enumerate() {
         let due = probe_start + pace * i as u32;
         tokio::time::sleep_until(due.into()).await;
-        published.insert(job["to"].as_str().unwrap_or_default().to_owned(), Instant::now());
+        published.insert(
+            job["to"].as_str().unwrap_or_default().to_owned(),
+            Instant::now(),
+        );
         run.app.publish(job).await;
     }
     tokio::time::sleep(Duration::from_secs(3) + Duration::from_millis(latency_ms * 2)).await;
     let arrivals = run.app.stub.arrivals();
     let mut latencies: Vec<Duration> = published
         .iter()
-        .filter_map(|(to, at)| arrivals.get(to).map(|(_, arrived)| arrived.duration_since(*at)))
+        .filter_map(|(to, at)| {
+            arrivals
+                .get(to)
+                .map(|(_, arrived)| arrived.duration_since(*at))
+        })
         .collect();
     latencies.sort();
     let rss = peak_rss_mib(pid);
@@ -475,16 +492,21 @@ async fn scenarios(recipients: usize) -> Vec<(String, String)> {
             b_done = Some(
                 b_numbers
                     .iter()
-                    .filter_map(|n| arrivals.get(n).map(|(_, at)| at.duration_since(b_published)))
+                    .filter_map(|n| {
+                        arrivals
+                            .get(n)
+                            .map(|(_, at)| at.duration_since(b_published))
+                    })
                     .max()
                     .unwrap_or_default(),
             );
         }
-        let a_count: i64 = sqlx::query_scalar("SELECT count(*) FROM sms_messages WHERE bulk_id = $1")
-            .bind(a)
-            .fetch_one(&app.db)
-            .await
-            .expect("count");
+        let a_count: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM sms_messages WHERE bulk_id = $1")
+                .bind(a)
+                .fetch_one(&app.db)
+                .await
+                .expect("count");
         if a_done.is_none() && a_count as usize >= recipients {
             a_done = Some(started.elapsed());
         }
@@ -493,12 +515,20 @@ async fn scenarios(recipients: usize) -> Vec<(String, String)> {
     let arrivals = app.stub.arrivals();
     let mut code_latency: Vec<Duration> = codes
         .iter()
-        .filter_map(|(to, at)| arrivals.get(to).map(|(_, arrived)| arrived.duration_since(*at)))
+        .filter_map(|(to, at)| {
+            arrivals
+                .get(to)
+                .map(|(_, arrived)| arrived.duration_since(*at))
+        })
         .collect();
     code_latency.sort();
     daemon.signal("TERM");
     let _ = daemon.wait_exit(Duration::from_secs(60));
-    let show = |d: Option<Duration>| d.map_or("did not finish".into(), |d| format!("{:.2} s", d.as_secs_f64()));
+    let show = |d: Option<Duration>| {
+        d.map_or("did not finish".into(), |d| {
+            format!("{:.2} s", d.as_secs_f64())
+        })
+    };
     vec![
         (
             format!("announcement to {recipients}: all recipients recorded"),
@@ -511,7 +541,12 @@ async fn scenarios(recipients: usize) -> Vec<(String, String)> {
                 "{:.0} / {:.0} / {:.0} ms ({} of 40 sent)",
                 percentile(&code_latency, 0.5).as_secs_f64() * 1000.0,
                 percentile(&code_latency, 0.99).as_secs_f64() * 1000.0,
-                code_latency.last().copied().unwrap_or_default().as_secs_f64() * 1000.0,
+                code_latency
+                    .last()
+                    .copied()
+                    .unwrap_or_default()
+                    .as_secs_f64()
+                    * 1000.0,
                 code_latency.len()
             ),
         ),
@@ -522,23 +557,38 @@ async fn scenarios(recipients: usize) -> Vec<(String, String)> {
 /// many in any one-second window.
 async fn pacing(rate: u32) -> (String, String) {
     let run = prepare(0, &[("SMSGW_RATE_LIMIT", rate.to_string())]).await;
+    // Every call answered: a refused call takes a slot but would not count as arrived.
+    run.app.stub.reply_always(Reply::Bench {
+        error_percent: 0,
+        latency: Duration::ZERO,
+    });
     let count = (rate as usize * 5).min(5_000);
     let mut daemon = Daemon::spawn(&run.vars);
     helpers::process::wait_ready(run.port, &mut daemon).await;
     let jobs = single_jobs(20_000_000, count, "Paced");
     run.app.publish_all(&jobs).await;
     let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(120) && run.app.stub.arrivals().len() < count * 98 / 100 {
+    while started.elapsed() < Duration::from_secs(120)
+        && run.app.stub.arrivals().len() < count * 98 / 100
+    {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let mut times: Vec<Instant> = run.app.stub.arrivals().values().map(|(_, at)| *at).collect();
+    let mut times: Vec<Instant> = run
+        .app
+        .stub
+        .arrivals()
+        .values()
+        .map(|(_, at)| *at)
+        .collect();
     times.sort();
     daemon.signal("TERM");
     let _ = daemon.wait_exit(Duration::from_secs(60));
     if times.len() < 2 {
         return (format!("pacing at {rate}/s"), "no calls".into());
     }
-    let span = times[times.len() - 1].duration_since(times[0]).as_secs_f64();
+    let span = times[times.len() - 1]
+        .duration_since(times[0])
+        .as_secs_f64();
     let mean = (times.len() - 1) as f64 / span;
     let mut busiest = 0;
     let mut start = 0;
@@ -550,7 +600,65 @@ async fn pacing(rate: u32) -> (String, String) {
     }
     (
         format!("pacing at {rate}/s (SMSGW_RATE_LIMIT)"),
-        format!("mean {mean:.1}/s ({:+.1}%), busiest 1 s window {busiest}", (mean / rate as f64 - 1.0) * 100.0),
+        format!(
+            "mean {mean:.1}/s ({:+.1}%), busiest 1 s window {busiest}",
+            (mean / rate as f64 - 1.0) * 100.0
+        ),
+    )
+}
+
+/// Sent messages a daemon reports on `/metrics`.
+async fn sent_by(port: u16) -> u64 {
+    let text = match reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await {
+        Ok(response) => response.text().await.unwrap_or_default(),
+        Err(_) => return 0,
+    };
+    text.lines()
+        .filter(|l| l.starts_with("smsgw_messages_total{") && l.contains("outcome=\"sent\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// Two smsgw processes on one load: competing consumers of the same lanes and one log.
+/// Every job is done once, and no recipient is texted twice.
+async fn two_processes(jobs: usize) -> (String, String) {
+    let run = prepare(0, &[]).await;
+    let mut first = Daemon::spawn(&run.vars);
+    helpers::process::wait_ready(run.port, &mut first).await;
+    let second_port = free_port();
+    let mut second_vars = run.vars.clone();
+    second_vars.retain(|(k, _)| k != "SMSGW_HTTP_ADDR");
+    second_vars.push(("SMSGW_HTTP_ADDR".into(), format!("127.0.0.1:{second_port}")));
+    let mut second = Daemon::spawn(&second_vars);
+    helpers::process::wait_ready(second_port, &mut second).await;
+    let all = single_jobs(30_000_000, jobs, "Shared");
+    let started = Instant::now();
+    run.app.publish_all(&all).await;
+    while (finished(&run.app).await as usize) < jobs && started.elapsed() < Duration::from_secs(900)
+    {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let elapsed = started.elapsed();
+    let done = finished(&run.app).await;
+    let (a, b) = (sent_by(run.port).await, sent_by(second_port).await);
+    let twice = run
+        .app
+        .stub
+        .arrivals()
+        .values()
+        .filter(|(count, _)| *count > 1)
+        .count();
+    for daemon in [&mut first, &mut second] {
+        daemon.signal("TERM");
+        let _ = daemon.wait_exit(Duration::from_secs(60));
+    }
+    (
+        format!("two processes sharing {jobs} jobs (published while they run)"),
+        format!(
+            "{done} done in {:.1} s ({:.0} jobs/s); sent {a} + {b}; texted twice: {twice}",
+            elapsed.as_secs_f64(),
+            done as f64 / elapsed.as_secs_f64()
+        ),
     )
 }
 
@@ -563,24 +671,46 @@ async fn main() {
         .split(',')
         .filter_map(|v| v.trim().parse().ok())
         .collect();
-    println!("smsgw benchmark: {jobs} jobs, provider latencies {latencies:?} ms, {} cores", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    println!(
+        "smsgw benchmark: {jobs} jobs, provider latencies {latencies:?} ms, {} cores",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    );
 
     let ceiling = ceilings(jobs.min(50_000)).await;
     println!();
     println!("| raw ceiling (same machine, same run) | per second |");
     println!("|---|---|");
-    println!("| RabbitMQ quorum queue: publish with confirms | {:.0} |", ceiling.publish);
-    println!("| RabbitMQ quorum queue: consume, one ack each | {:.0} |", ceiling.consume);
-    println!("| RabbitMQ quorum queue: consume, one multiple-ack per 64 | {:.0} |", ceiling.consume_multiple);
-    println!("| PostgreSQL: batched inserts into sms_messages (rows) | {:.0} |", ceiling.pg_rows);
-    println!("| provider stub: requests with 64 in flight | {:.0} |", ceiling.stub);
+    println!(
+        "| RabbitMQ quorum queue: publish with confirms | {:.0} |",
+        ceiling.publish
+    );
+    println!(
+        "| RabbitMQ quorum queue: consume, one ack each | {:.0} |",
+        ceiling.consume
+    );
+    println!(
+        "| RabbitMQ quorum queue: consume, one multiple-ack per 64 | {:.0} |",
+        ceiling.consume_multiple
+    );
+    println!(
+        "| PostgreSQL: batched inserts into sms_messages (rows) | {:.0} |",
+        ceiling.pg_rows
+    );
+    println!(
+        "| provider stub: requests with 64 in flight | {:.0} |",
+        ceiling.stub
+    );
 
     let mut results = Vec::new();
     for latency in latencies {
         results.push(end_to_end(jobs, latency).await);
     }
     println!();
-    println!("| provider latency | jobs | jobs/s | vs consume ceiling | publish→provider p50 / p99 | peak RSS | CPU s per 10k: worker / PostgreSQL / RabbitMQ |");
+    println!(
+        "| provider latency | jobs | jobs/s | vs consume ceiling | publish→provider p50 / p99 | peak RSS | CPU s per 10k: worker / PostgreSQL / RabbitMQ |"
+    );
     println!("|---|---|---|---|---|---|---|");
     for r in &results {
         println!(
@@ -601,6 +731,7 @@ async fn main() {
     if env_number("BENCH_SCENARIOS", 1) != 0 {
         let mut rows = scenarios(env_number("BENCH_RECIPIENTS", 50_000)).await;
         rows.push(pacing(100).await);
+        rows.push(two_processes(jobs.min(20_000)).await);
         println!();
         println!("| scenario | result |");
         println!("|---|---|");

@@ -1,23 +1,27 @@
 //! Pacing: how fast a provider may be called.
 //!
 //! Each gateway may have its own rate (`rate` in the provider config) and the whole
-//! process may have one more (`SMSGW_RATE_LIMIT`); a call waits until both allow it. The
-//! limiters are `governor`'s GCRA with a burst of one, so calls are evenly spaced rather
-//! than let out in a rush at the start of each second, and the spacing is 1% longer than
-//! `1 / rate` so that no one-second window, however it is placed, holds more than `rate`
-//! calls.
+//! process may have one more (`SMSGW_RATE_LIMIT`); a call waits until both allow it.
 //!
-//! A message passes two gates. The first, [`Pace::admit`], is where it waits its turn,
-//! before its attempt is claimed: a crash during a long wait then leaves nothing to
-//! reconcile. Claiming takes a few milliseconds, more or less, which would bunch calls
-//! up; so the second gate, [`Pace::call`], right before the call, spaces them again. It
-//! has the same rate, so after the first it only ever waits for those milliseconds.
+//! A message passes two gates per rate:
+//!
+//! 1. [`Pace::admit`], before its attempt is claimed, is where it waits its turn (a crash
+//!    during a long wait then leaves nothing to reconcile). It is `governor`'s GCRA, one
+//!    message every `1.005 / rate` seconds: evenly spaced, 0.5% under the rate. Its burst of
+//!    two lets a waiter that woke a millisecond late (timers are coarse) make that time
+//!    up, instead of losing it on every call and falling several percent short.
+//! 2. [`Pace::call`], right before the call, is the hard ceiling: it lets a call through
+//!    only while fewer than `rate` calls went out in the last second (and a few
+//!    milliseconds, for the jitter between here and the provider). Claiming takes a few
+//!    milliseconds, more or less, and can bunch calls up; this gate holds them back
+//!    without slowing the average, which the first gate keeps below the rate.
 //!
 //! A provider that answers "too many requests" (HTTP 429, Twilio 20429) pauses that
 //! gateway for every task in the process, for its `Retry-After` or a second, instead of
 //! each task finding out for itself.
 
 use std::{
+    collections::VecDeque,
     num::NonZeroU32,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -25,22 +29,25 @@ use std::{
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
-/// The spacing between calls, as a multiple of `1 / rate`: 1% slower than the rate
-/// allows, so that up to 10 ms of jitter never puts `rate + 1` calls into one second.
-const SPACING: f64 = 1.01;
+/// The spacing of admissions, as a multiple of `1 / rate`: 0.5% under the rate.
+const SPACING: f64 = 1.005;
+/// The window of the ceiling: a second and a little, for the jitter after the gate.
+const WINDOW: Duration = Duration::from_millis(1_003);
 /// How long a provider is paused after a 429 that named no `Retry-After`.
 const DEFAULT_PAUSE: Duration = Duration::from_secs(1);
 /// Longest pause a provider's `Retry-After` may impose on every task at once.
 const MAX_PAUSE: Duration = Duration::from_secs(60);
 
-/// A rate limiter for calls, evenly spaced.
+/// The two gates of one rate.
 #[derive(Debug)]
-pub struct Limiter {
+pub struct Gates {
     rate: u32,
-    inner: DefaultDirectRateLimiter,
+    admit: DefaultDirectRateLimiter,
+    /// When the calls of the last window went out, oldest first.
+    calls: Mutex<VecDeque<Instant>>,
 }
 
-impl Limiter {
+impl Gates {
     /// `rate` calls per second, at least one.
     pub fn per_second(rate: u32) -> Self {
         let rate = rate.max(1);
@@ -48,10 +55,11 @@ impl Limiter {
         // `with_period` refuses only a zero period, which `rate <= u32::MAX` never gives.
         let quota = Quota::with_period(period)
             .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
-            .allow_burst(NonZeroU32::MIN);
-        Limiter {
+            .allow_burst(NonZeroU32::MIN.saturating_add(1));
+        Gates {
             rate,
-            inner: RateLimiter::direct(quota),
+            admit: RateLimiter::direct(quota),
+            calls: Mutex::new(VecDeque::new()),
         }
     }
 
@@ -59,8 +67,38 @@ impl Limiter {
         self.rate
     }
 
-    async fn until_ready(&self) {
-        self.inner.until_ready().await;
+    async fn admit(&self) {
+        self.admit.until_ready().await;
+    }
+
+    /// Waits until fewer than `rate` calls went out in the last window, and counts this
+    /// one.
+    async fn call(&self) {
+        loop {
+            let wait = {
+                let mut calls = self
+                    .calls
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                let now = Instant::now();
+                while calls
+                    .front()
+                    .is_some_and(|at| now.duration_since(*at) >= WINDOW)
+                {
+                    calls.pop_front();
+                }
+                match calls.front() {
+                    Some(oldest) if calls.len() >= self.rate as usize => {
+                        WINDOW - now.duration_since(*oldest)
+                    }
+                    _ => {
+                        calls.push_back(now);
+                        return;
+                    }
+                }
+            };
+            tokio::time::sleep(wait).await;
+        }
     }
 }
 
@@ -71,22 +109,6 @@ pub struct Pace {
     own: Option<Gates>,
     global: Option<Arc<Gates>>,
     paused_until: Mutex<Option<Instant>>,
-}
-
-/// The two gates of one rate.
-#[derive(Debug)]
-pub struct Gates {
-    admit: Limiter,
-    call: Limiter,
-}
-
-impl Gates {
-    pub fn per_second(rate: u32) -> Self {
-        Gates {
-            admit: Limiter::per_second(rate),
-            call: Limiter::per_second(rate),
-        }
-    }
 }
 
 impl Pace {
@@ -106,9 +128,9 @@ impl Pace {
     /// The rate calls are held to, if any: the lower of the two limits.
     pub fn rate(&self) -> Option<u32> {
         match (&self.own, &self.global) {
-            (Some(own), Some(global)) => Some(own.call.rate().min(global.call.rate())),
-            (Some(own), None) => Some(own.call.rate()),
-            (None, Some(global)) => Some(global.call.rate()),
+            (Some(own), Some(global)) => Some(own.rate().min(global.rate())),
+            (Some(own), None) => Some(own.rate()),
+            (None, Some(global)) => Some(global.rate()),
             (None, None) => None,
         }
     }
@@ -125,21 +147,21 @@ impl Pace {
             tokio::time::sleep(pause).await;
         }
         if let Some(own) = &self.own {
-            own.admit.until_ready().await;
+            own.admit().await;
         }
         if let Some(global) = &self.global {
-            global.admit.until_ready().await;
+            global.admit().await;
         }
         started.elapsed()
     }
 
-    /// The second gate, right before the call: restores the spacing.
+    /// The second gate, right before the call: the hard ceiling.
     pub async fn call(&self) {
         if let Some(own) = &self.own {
-            own.call.until_ready().await;
+            own.call().await;
         }
         if let Some(global) = &self.global {
-            global.call.until_ready().await;
+            global.call().await;
         }
     }
 
@@ -181,8 +203,19 @@ mod tests {
             pace.admit().await;
             pace.call().await;
         }
-        // 40 gaps of at least 5 ms each.
-        assert!(started.elapsed() >= Duration::from_millis(200));
+        // 40 gaps of at least 5 ms each (less the burst of two).
+        assert!(started.elapsed() >= Duration::from_millis(195));
+    }
+
+    #[tokio::test]
+    async fn the_ceiling_holds_even_when_calls_bunch_up() {
+        let gates = Gates::per_second(10);
+        let started = Instant::now();
+        // Eleven calls at once, past the first gate: the eleventh waits for the window.
+        for _ in 0..11 {
+            gates.call().await;
+        }
+        assert!(started.elapsed() >= WINDOW - Duration::from_millis(5));
     }
 
     #[tokio::test]

@@ -54,7 +54,6 @@ impl Twilio {
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("smsgw/", env!("CARGO_PKG_VERSION")))
-            .pool_max_idle_per_host(256)
             .build()?;
         Ok(Twilio {
             client,
