@@ -366,13 +366,14 @@ struct Throughput {
 }
 
 async fn end_to_end(jobs: usize, latency_ms: u64) -> Throughput {
-    let concurrency = if latency_ms >= 50 { "512" } else { "128" };
+    let concurrency = std::env::var("BENCH_CONCURRENCY")
+        .unwrap_or_else(|_| if latency_ms >= 50 { "448" } else { "128" }.into());
     let run = prepare(
         latency_ms,
         &[
-            ("SMSGW_URGENT_CONCURRENCY", "256".into()),
-            ("SMSGW_DEFAULT_CONCURRENCY", concurrency.into()),
-            ("SMSGW_BULK_CONCURRENCY", concurrency.into()),
+            ("SMSGW_URGENT_CONCURRENCY", "128".into()),
+            ("SMSGW_DEFAULT_CONCURRENCY", concurrency.clone()),
+            ("SMSGW_BULK_CONCURRENCY", concurrency),
         ],
     )
     .await;

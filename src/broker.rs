@@ -34,6 +34,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::{
+    acks::{AckBatcher, AckOp},
     disposition::{DeadReason, Disposition},
     job::{JobType, Lane},
 };
@@ -162,6 +163,23 @@ pub struct Incoming {
     routing_key: ShortString,
     properties: BasicProperties,
     acker: Acker,
+    delivery_tag: u64,
+    /// The lane channel's ack batcher; `None` acks on its own.
+    batcher: Option<AckBatcher>,
+    /// Acked, nacked or rejected.
+    settled: std::sync::atomic::AtomicBool,
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        // Left unsettled (given back to the broker at shutdown, say): no batched ack
+        // may ever reach past it.
+        if let Some(batcher) = &self.batcher
+            && !self.settled.load(std::sync::atomic::Ordering::Acquire)
+        {
+            batcher.send(AckOp::Held(self.delivery_tag));
+        }
+    }
 }
 
 impl std::fmt::Debug for Incoming {
@@ -206,8 +224,40 @@ impl Incoming {
             routing_key: delivery.routing_key,
             properties: delivery.properties,
             acker: delivery.acker,
+            delivery_tag: delivery.delivery_tag,
+            batcher: None,
+            settled: std::sync::atomic::AtomicBool::new(false),
             body: delivery.data,
         }
+    }
+
+    /// Acks the delivery, with others of its channel when it can. Says whether the ack
+    /// reached a live channel.
+    async fn ack(&self) -> Result<bool, BrokerError> {
+        self.settled
+            .store(true, std::sync::atomic::Ordering::Release);
+        if let Some(batcher) = &self.batcher {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            if batcher.send(AckOp::Ack(self.delivery_tag, self.acker.clone(), reply)) {
+                return Ok(answer.await.unwrap_or(false));
+            }
+        }
+        within(self.acker.ack(BasicAckOptions::default())).await
+    }
+
+    /// Gives the delivery back to its queue.
+    async fn requeue(&self) -> Result<bool, BrokerError> {
+        self.settled
+            .store(true, std::sync::atomic::Ordering::Release);
+        let nacked = within(self.acker.nack(BasicNackOptions {
+            requeue: true,
+            ..BasicNackOptions::default()
+        }))
+        .await;
+        if let Some(batcher) = &self.batcher {
+            batcher.send(AckOp::Settled(self.delivery_tag));
+        }
+        nacked
     }
 
     /// Whether the delivery can still be settled (its channel is alive and it was not yet).
@@ -253,15 +303,23 @@ pub struct LaneConsumer {
     channel: Channel,
     consumer: Consumer,
     tag: ShortString,
+    batcher: AckBatcher,
 }
 
 impl LaneConsumer {
     /// The next delivery; `None` when the consumer was cancelled or its channel closed.
     pub async fn next(&mut self) -> Option<Result<Incoming, BrokerError>> {
         let lane = self.lane;
+        let batcher = &self.batcher;
         self.consumer.next().await.map(|delivery| {
             delivery
-                .map(|d| Incoming::from_delivery(lane, d))
+                .map(|d| {
+                    let mut incoming = Incoming::from_delivery(lane, d);
+                    if batcher.send(AckOp::Delivered(incoming.delivery_tag)) {
+                        incoming.batcher = Some(batcher.clone());
+                    }
+                    incoming
+                })
                 .map_err(BrokerError::from)
         })
     }
@@ -448,6 +506,7 @@ impl Broker {
             channel,
             consumer,
             tag,
+            batcher: AckBatcher::start(),
         })
     }
 
@@ -677,15 +736,11 @@ impl Broker {
             }
             Disposition::Unsettled => return Ok(()),
             Disposition::Requeue => {
-                within(incoming.acker.nack(BasicNackOptions {
-                    requeue: true,
-                    ..BasicNackOptions::default()
-                }))
-                .await?;
+                incoming.requeue().await?;
                 return Ok(());
             }
         }
-        let acked = within(incoming.acker.ack(BasicAckOptions::default())).await?;
+        let acked = incoming.ack().await?;
         if !acked {
             // The channel died under us: the broker will deliver it again, and the log
             // (not the broker) tells the next delivery what was already done.
