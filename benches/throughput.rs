@@ -591,14 +591,7 @@ async fn pacing(rate: u32) -> (String, String) {
         .duration_since(times[0])
         .as_secs_f64();
     let mean = (times.len() - 1) as f64 / span;
-    let mut busiest = 0;
-    let mut start = 0;
-    for end in 0..times.len() {
-        while times[end].duration_since(times[start]) >= Duration::from_secs(1) {
-            start += 1;
-        }
-        busiest = busiest.max(end - start + 1);
-    }
+    let busiest = helpers::busiest_second(times.clone());
     (
         format!("pacing at {rate}/s (SMSGW_RATE_LIMIT)"),
         format!(

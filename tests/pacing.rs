@@ -14,17 +14,7 @@ const OTHER_SCHOOL: i64 = 43;
 
 /// The most requests the stub saw in any one-second window.
 fn busiest_second(stub: &TwilioStub) -> usize {
-    let mut times: Vec<Instant> = stub.requests().iter().map(|r| r.at).collect();
-    times.sort();
-    let mut busiest = 0;
-    let mut start = 0;
-    for end in 0..times.len() {
-        while times[end].duration_since(times[start]) >= Duration::from_secs(1) {
-            start += 1;
-        }
-        busiest = busiest.max(end - start + 1);
-    }
-    busiest
+    helpers::busiest_second(stub.requests().iter().map(|r| r.at).collect())
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -45,27 +35,15 @@ async fn the_rate_limit_holds_every_second_to_at_most_the_rate() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_providers_own_rate_in_the_config_file_paces_it() {
     let stub = TwilioStub::start().await;
-    let path = std::env::temp_dir().join(format!("smsgw-{}.toml", Uuid::new_v4().simple()));
-    std::fs::write(
-        &path,
-        format!(
-            r#"
-default_provider = "paced"
-
-[providers.paced]
-type = "twilio"
-account_sid = "{sid}"
-auth_token = {{ env = "TEST_TWILIO_TOKEN" }}
-from = "+15005550006"
-base_url = "{url}"
-rate = 10
-"#,
-            sid = twilio_stub::ACCOUNT_SID,
-            url = stub.url,
-        ),
-    )
-    .expect("write config");
-    let path = path.to_string_lossy().into_owned();
+    let path = helpers::write_config(
+        "paced",
+        &[helpers::twilio_provider_toml(
+            "paced",
+            "+15005550006",
+            &stub,
+            "rate = 10",
+        )],
+    );
     let mut app = spawn_app_with(&[
         ("SMSGW_CONFIG", path.as_str()),
         ("TEST_TWILIO_TOKEN", twilio_stub::AUTH_TOKEN),

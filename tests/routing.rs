@@ -11,31 +11,13 @@ const SCHOOL: i64 = 42;
 
 /// A config file with two Twilio providers, `primary` (the app's own stub) and `backup`.
 fn config_file(primary: &TwilioStub, backup: &TwilioStub, default: &str) -> String {
-    let path = std::env::temp_dir().join(format!("smsgw-{}.toml", uuid::Uuid::new_v4().simple()));
-    let text = format!(
-        r#"
-default_provider = "{default}"
-
-[providers.primary]
-type = "twilio"
-account_sid = "{sid}"
-auth_token = {{ env = "TEST_TWILIO_TOKEN" }}
-from = "+15005550006"
-base_url = "{primary}"
-
-[providers.backup]
-type = "twilio"
-account_sid = "{sid}"
-auth_token = {{ env = "TEST_TWILIO_TOKEN" }}
-from = "+15005550007"
-base_url = "{backup}"
-"#,
-        sid = twilio_stub::ACCOUNT_SID,
-        primary = primary.url,
-        backup = backup.url,
-    );
-    std::fs::write(&path, text).expect("write config");
-    path.to_string_lossy().into_owned()
+    helpers::write_config(
+        default,
+        &[
+            helpers::twilio_provider_toml("primary", "+15005550006", primary, ""),
+            helpers::twilio_provider_toml("backup", "+15005550007", backup, ""),
+        ],
+    )
 }
 
 /// An app routed through `primary` (its own stub) with `backup` as the fallback.

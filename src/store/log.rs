@@ -91,6 +91,67 @@ pub(crate) struct RecordRow {
     pub reason: Option<String>,
 }
 
+/// The columns a new message row starts with, bound as `$1` to `$8`: id, bulk_id,
+/// school_id, type, recipient, body, context, provider.
+trait NewMessageRow {
+    fn id(&self) -> Uuid;
+    fn bulk_id(&self) -> Option<Uuid>;
+    fn school_id(&self) -> i64;
+    fn kind(&self) -> &'static str;
+    fn recipient(&self) -> &str;
+    fn body(&self) -> &str;
+    fn context(&self) -> Option<Value>;
+    fn provider(&self) -> &str;
+}
+
+macro_rules! new_message_row {
+    ($row:ty) => {
+        impl NewMessageRow for $row {
+            fn id(&self) -> Uuid {
+                self.id
+            }
+            fn bulk_id(&self) -> Option<Uuid> {
+                self.bulk_id
+            }
+            fn school_id(&self) -> i64 {
+                self.school_id
+            }
+            fn kind(&self) -> &'static str {
+                self.kind
+            }
+            fn recipient(&self) -> &str {
+                &self.recipient
+            }
+            fn body(&self) -> &str {
+                &self.body
+            }
+            fn context(&self) -> Option<Value> {
+                self.context.clone()
+            }
+            fn provider(&self) -> &str {
+                &self.provider
+            }
+        }
+    };
+}
+
+new_message_row!(ClaimRow);
+new_message_row!(RecordRow);
+
+type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+fn bind_message_columns<'q, R: NewMessageRow>(query: PgQuery<'q>, rows: &'q [R]) -> PgQuery<'q> {
+    query
+        .bind(rows.iter().map(R::id).collect::<Vec<_>>())
+        .bind(rows.iter().map(R::bulk_id).collect::<Vec<_>>())
+        .bind(rows.iter().map(R::school_id).collect::<Vec<_>>())
+        .bind(rows.iter().map(R::kind).collect::<Vec<_>>())
+        .bind(rows.iter().map(R::recipient).collect::<Vec<_>>())
+        .bind(rows.iter().map(R::body).collect::<Vec<_>>())
+        .bind(rows.iter().map(R::context).collect::<Vec<_>>())
+        .bind(rows.iter().map(R::provider).collect::<Vec<_>>())
+}
+
 /// What a claim found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
@@ -164,8 +225,9 @@ pub(crate) async fn claim_batch(
         .any(|r| r.take_over.is_none() && !r.reopen_failed);
     let mut answers: Vec<Option<Claim>> = vec![None; rows.len()];
     if fresh {
-        let result = sqlx::query(
-            "WITH input AS (
+        let result = bind_message_columns(
+            sqlx::query(
+                "WITH input AS (
                 SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::int8[], $4::text[], $5::text[],
                                      $6::text[], $7::jsonb[], $8::text[], $9::int4[], $10::uuid[])
                   AS t(id, bulk_id, school_id, type, recipient, body, context, provider,
@@ -191,19 +253,9 @@ pub(crate) async fn claim_batch(
              SELECT i.claim, i.id IN (SELECT id FROM inserted) AS inserted,
                     i.id IN (SELECT id FROM refused) AS refused
                FROM input i",
+            ),
+            rows,
         )
-        .bind(rows.iter().map(|r| r.id).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.bulk_id).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.school_id).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.kind).collect::<Vec<_>>())
-        .bind(
-            rows.iter()
-                .map(|r| r.recipient.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(rows.iter().map(|r| r.body.as_str()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.context.clone()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.provider.as_str()).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.segments).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.claim).collect::<Vec<_>>())
         .fetch_all(pool)
@@ -297,19 +349,7 @@ async fn claim_existing(pool: &PgPool, rows: &[ClaimRow]) -> Result<Vec<Claim>, 
            LEFT JOIN inserted n ON n.id = i.id
            LEFT JOIN (SELECT * FROM sms_messages WHERE id = ANY($1)) m ON m.id = i.id"
     );
-    let result = sqlx::query(&sql)
-        .bind(rows.iter().map(|r| r.id).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.bulk_id).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.school_id).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.kind).collect::<Vec<_>>())
-        .bind(
-            rows.iter()
-                .map(|r| r.recipient.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(rows.iter().map(|r| r.body.as_str()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.context.clone()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.provider.as_str()).collect::<Vec<_>>())
+    let result = bind_message_columns(sqlx::query(&sql), rows)
         .bind(rows.iter().map(|r| r.take_over).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.reopen_failed).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.claim).collect::<Vec<_>>())
@@ -464,19 +504,7 @@ pub(crate) async fn record_batch(
            LEFT JOIN inserted n ON n.id = i.id
            LEFT JOIN (SELECT * FROM sms_messages WHERE id = ANY($1)) m ON m.id = i.id"
     );
-    let result = sqlx::query(&sql)
-        .bind(rows.iter().map(|r| r.id).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.bulk_id).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.school_id).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.kind).collect::<Vec<_>>())
-        .bind(
-            rows.iter()
-                .map(|r| r.recipient.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(rows.iter().map(|r| r.body.as_str()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.context.clone()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.provider.as_str()).collect::<Vec<_>>())
+    let result = bind_message_columns(sqlx::query(&sql), rows)
         .bind(rows.iter().map(|r| r.segments).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.reopen_failed).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.status).collect::<Vec<_>>())

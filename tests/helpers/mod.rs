@@ -808,3 +808,43 @@ impl Drop for App {
         self.shutdown.cancel();
     }
 }
+
+/// The most of `times` that fall into any one-second window.
+pub fn busiest_second(mut times: Vec<Instant>) -> usize {
+    times.sort();
+    let mut busiest = 0;
+    let mut start = 0;
+    for end in 0..times.len() {
+        while times[end].duration_since(times[start]) >= Duration::from_secs(1) {
+            start += 1;
+        }
+        busiest = busiest.max(end - start + 1);
+    }
+    busiest
+}
+
+/// A `[providers.NAME]` block of an `SMSGW_CONFIG` file: Twilio at `stub`, its token from
+/// `TEST_TWILIO_TOKEN`, then any `extra` lines.
+pub fn twilio_provider_toml(name: &str, from: &str, stub: &TwilioStub, extra: &str) -> String {
+    format!(
+        r#"
+[providers.{name}]
+type = "twilio"
+account_sid = "{sid}"
+auth_token = {{ env = "TEST_TWILIO_TOKEN" }}
+from = "{from}"
+base_url = "{url}"
+{extra}
+"#,
+        sid = twilio_stub::ACCOUNT_SID,
+        url = stub.url,
+    )
+}
+
+/// Writes an `SMSGW_CONFIG` file with `default_provider` and the given blocks; its path.
+pub fn write_config(default: &str, providers: &[String]) -> String {
+    let path = std::env::temp_dir().join(format!("smsgw-{}.toml", Uuid::new_v4().simple()));
+    let text = format!("default_provider = \"{default}\"\n{}", providers.concat());
+    std::fs::write(&path, text).expect("write config");
+    path.to_string_lossy().into_owned()
+}
