@@ -334,6 +334,19 @@ impl Gateways {
     }
 }
 
+/// The HTTP client of an adapter: every call time-limited, no redirects followed (a
+/// provider that redirects a POST is misconfigured, not to be followed blindly), and as
+/// many pooled connections as there are calls in flight.
+pub(crate) fn http_client(timeout: Duration) -> Result<reqwest::Client, reqwest::Error> {
+    crate::install_crypto_provider();
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(5)))
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("smsgw/", env!("CARGO_PKG_VERSION")))
+        .build()
+}
+
 /// Parses `Retry-After`: delay-seconds or an HTTP date.
 pub(crate) fn parse_retry_after(value: &str) -> Option<Duration> {
     let value = value.trim();

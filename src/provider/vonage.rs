@@ -40,13 +40,7 @@ impl Vonage {
         public_url: Option<&str>,
         timeout: Duration,
     ) -> Result<Self, reqwest::Error> {
-        crate::install_crypto_provider();
-        let client = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(5)))
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("smsgw/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+        let client = super::http_client(timeout)?;
         Ok(Vonage {
             client,
             url: format!("{}/sms/json", settings.base_url),
