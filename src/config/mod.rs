@@ -679,6 +679,15 @@ mod tests {
         assert_eq!(err.variable, "SMSGW_MAX_ATTEMPTS");
         let err = settings(&[("SMSGW_MAX_ATTEMPTS", "-3")]).expect_err("negative");
         assert_eq!(err.variable, "SMSGW_MAX_ATTEMPTS");
+        for (variable, value) in [
+            ("SMSGW_FANOUT_CHUNK", "0"),
+            ("SMSGW_FANOUT_CHUNK", "1e9"),
+            ("SMSGW_RATE_LIMIT", "0"),
+            ("SMSGW_RATE_LIMIT", "fast"),
+        ] {
+            let err = settings(&[(variable, value)]).expect_err(value);
+            assert_eq!(err.variable, variable, "{value}");
+        }
     }
 
     #[test]
