@@ -19,16 +19,18 @@ fn busiest_second(stub: &TwilioStub) -> usize {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_rate_limit_holds_every_second_to_at_most_the_rate() {
-    let app = spawn_app_with(&[("SMSGW_RATE_LIMIT", "20")]).await;
+    // A low rate: calls 200 ms apart, so that a test machine busy with other tests does
+    // not bunch the stub's arrival times up (`make bench` measures 100/s, alone).
+    let app = spawn_app_with(&[("SMSGW_RATE_LIMIT", "5")]).await;
     app.add_school(SCHOOL, "GB").await;
-    let ids = app.publish_many(50, "booking_reminder", SCHOOL).await;
+    let ids = app.publish_many(15, "booking_reminder", SCHOOL).await;
 
     assert_eq!(app.wait_all(&ids, "sent", Duration::from_secs(30)).await, 0);
-    assert_eq!(app.stub.requests().len(), 50);
+    assert_eq!(app.stub.requests().len(), 15);
     let busiest = busiest_second(&app.stub);
     assert!(
-        busiest <= 20,
-        "{busiest} calls in one second at a limit of 20"
+        busiest <= 5,
+        "{busiest} calls in one second at a limit of 5"
     );
 }
 
@@ -41,7 +43,7 @@ async fn a_providers_own_rate_in_the_config_file_paces_it() {
             "paced",
             "+15005550006",
             &stub,
-            "rate = 10",
+            "rate = 4",
         )],
     );
     let mut app = spawn_app_with(&[
@@ -51,14 +53,11 @@ async fn a_providers_own_rate_in_the_config_file_paces_it() {
     .await;
     app.stub = stub;
     app.add_school(SCHOOL, "GB").await;
-    let ids = app.publish_many(25, "booking_reminder", SCHOOL).await;
+    let ids = app.publish_many(10, "booking_reminder", SCHOOL).await;
 
     assert_eq!(app.wait_all(&ids, "sent", Duration::from_secs(30)).await, 0);
     let busiest = busiest_second(&app.stub);
-    assert!(
-        busiest <= 10,
-        "{busiest} calls in one second at a rate of 10"
-    );
+    assert!(busiest <= 4, "{busiest} calls in one second at a rate of 4");
 }
 
 #[tokio::test(flavor = "multi_thread")]
