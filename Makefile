@@ -56,11 +56,14 @@ lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
 
-## check: what CI runs
-check: lint test
+## check: lint, every test, and the RustSec advisory scan (CI runs lint and test: its
+## machine cannot reach the advisory database)
+check: lint test audit
 
-## audit: RustSec advisories with cargo-deny (needs the advisory database: network access)
+## audit: RustSec advisories with cargo-deny (`cargo install cargo-deny`; it fetches the
+## advisory database from GitHub, so it needs network access)
 audit:
+	@$(CARGO) deny --version >/dev/null 2>&1 || { echo "audit: cargo-deny is not installed (cargo install cargo-deny)"; exit 1; }
 	$(CARGO) deny check advisories
 
 ## fuzz: a long run of the property tests on every input parser

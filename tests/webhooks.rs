@@ -389,12 +389,18 @@ async fn vonage_sends_unicode_when_needed_and_takes_signed_receipts() {
         app.attempts(id_of(&refused)).await[0].error_code.as_deref(),
         Some("3")
     );
-    let attempts = app.attempts(id_of(&throttled)).await;
-    assert!(
-        attempts
-            .first()
-            .is_some_and(|a| a.outcome.as_deref() == Some("temporary_failure"))
-    );
+    // Its first attempt's outcome is recorded a moment after the others are done.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let throttled_first = loop {
+        let first = app.attempts(id_of(&throttled)).await.into_iter().next();
+        if first.as_ref().is_some_and(|a| a.outcome.is_some())
+            || std::time::Instant::now() > deadline
+        {
+            break first;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(throttled_first.is_some_and(|a| a.outcome.as_deref() == Some("temporary_failure")));
 
     let sid = row.provider_message_id.expect("message-id");
     let now = time::OffsetDateTime::now_utc().unix_timestamp().to_string();
