@@ -76,8 +76,11 @@ async fn a_429_pauses_the_provider_for_every_message() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let throttled_at = app.stub.requests()[0].at;
-    // Let the daemon read the answer.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Once the refused attempt is recorded, the daemon has read the answer (and paused).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while app.attempts(first[0]).await.is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // Published after the 429: none of these may reach the provider during the pause.
     let others = app.publish_many(5, "booking_reminder", SCHOOL).await;
 
