@@ -11,10 +11,11 @@
 //!    two lets a waiter that woke a millisecond late (timers are coarse) make that time
 //!    up, instead of losing it on every call and falling several percent short.
 //! 2. [`Pace::call`], right before the call, is the hard ceiling: it lets a call through
-//!    only while fewer than `rate` calls went out in the last second (and a few
-//!    milliseconds, for the jitter between here and the provider). Claiming takes a few
-//!    milliseconds, more or less, and can bunch calls up; this gate holds them back
-//!    without slowing the average, which the first gate keeps below the rate.
+//!    only while fewer than `rate` calls went out in the last 1.01 seconds. The 10 ms
+//!    are for the jitter between here and the provider: a call that has to open a
+//!    connection first arrives later than one that reuses it. Claiming takes a few
+//!    milliseconds, more or less, and can bunch calls up; this gate holds them back. At
+//!    full speed it is the one that binds, so the average is 1% under the rate.
 //!
 //! A provider that answers "too many requests" (HTTP 429, Twilio 20429) pauses that
 //! gateway for every task in the process, for its `Retry-After` or a second, instead of
@@ -31,8 +32,8 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 /// The spacing of admissions, as a multiple of `1 / rate`: 0.5% under the rate.
 const SPACING: f64 = 1.005;
-/// The window of the ceiling: a second and a little, for the jitter after the gate.
-const WINDOW: Duration = Duration::from_millis(1_003);
+/// The window of the ceiling: a second and 10 ms, for the jitter after the gate.
+const WINDOW: Duration = Duration::from_millis(1_010);
 /// How long a provider is paused after a 429 that named no `Retry-After`.
 const DEFAULT_PAUSE: Duration = Duration::from_secs(1);
 /// Longest pause a provider's `Retry-After` may impose on every task at once.

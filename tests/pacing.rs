@@ -12,9 +12,11 @@ use uuid::Uuid;
 const SCHOOL: i64 = 42;
 const OTHER_SCHOOL: i64 = 43;
 
-/// The most requests the stub saw in any one-second window.
+/// The most requests the stub saw in any one-second window, after the first: that one
+/// opened the connection, so it arrived later after leaving the gate than the others,
+/// by as long as connecting took on a machine that may be busy with other tests.
 fn busiest_second(stub: &TwilioStub) -> usize {
-    helpers::busiest_second(stub.requests().iter().map(|r| r.at).collect())
+    helpers::busiest_second(stub.requests().iter().skip(1).map(|r| r.at).collect())
 }
 
 #[tokio::test(flavor = "multi_thread")]
