@@ -37,9 +37,10 @@ const SMALL_BATCH: usize = 32;
 /// Longest wait for one batch's statements.
 const BATCH_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A message to claim an attempt for.
+/// The columns a new message row starts with; the first eight are bound as `$1` to
+/// `$8` (id, bulk_id, school_id, type, recipient, body, context, provider).
 #[derive(Debug, Clone)]
-pub(crate) struct ClaimRow {
+pub(crate) struct MessageColumns {
     pub id: Uuid,
     pub bulk_id: Option<Uuid>,
     pub school_id: i64,
@@ -50,6 +51,12 @@ pub(crate) struct ClaimRow {
     pub provider: String,
     pub segments: Option<i32>,
     pub reopen_failed: bool,
+}
+
+/// A message to claim an attempt for.
+#[derive(Debug, Clone)]
+pub(crate) struct ClaimRow {
+    pub message: MessageColumns,
     /// Take over this attempt, left open by a crash.
     pub take_over: Option<i32>,
     /// The previous attempt's unknown outcome was reconciled: claim anyway.
@@ -77,79 +84,39 @@ pub(crate) struct FinishRow {
 /// An outcome without a provider call.
 #[derive(Debug, Clone)]
 pub(crate) struct RecordRow {
-    pub id: Uuid,
-    pub bulk_id: Option<Uuid>,
-    pub school_id: i64,
-    pub kind: &'static str,
-    pub recipient: String,
-    pub body: String,
-    pub context: Option<Value>,
-    pub provider: String,
-    pub segments: Option<i32>,
-    pub reopen_failed: bool,
+    pub message: MessageColumns,
     pub status: &'static str,
     pub reason: Option<String>,
 }
 
-/// The columns a new message row starts with, bound as `$1` to `$8`: id, bulk_id,
-/// school_id, type, recipient, body, context, provider.
-trait NewMessageRow {
-    fn id(&self) -> Uuid;
-    fn bulk_id(&self) -> Option<Uuid>;
-    fn school_id(&self) -> i64;
-    fn kind(&self) -> &'static str;
-    fn recipient(&self) -> &str;
-    fn body(&self) -> &str;
-    fn context(&self) -> Option<Value>;
-    fn provider(&self) -> &str;
+impl AsRef<MessageColumns> for ClaimRow {
+    fn as_ref(&self) -> &MessageColumns {
+        &self.message
+    }
 }
 
-macro_rules! new_message_row {
-    ($row:ty) => {
-        impl NewMessageRow for $row {
-            fn id(&self) -> Uuid {
-                self.id
-            }
-            fn bulk_id(&self) -> Option<Uuid> {
-                self.bulk_id
-            }
-            fn school_id(&self) -> i64 {
-                self.school_id
-            }
-            fn kind(&self) -> &'static str {
-                self.kind
-            }
-            fn recipient(&self) -> &str {
-                &self.recipient
-            }
-            fn body(&self) -> &str {
-                &self.body
-            }
-            fn context(&self) -> Option<Value> {
-                self.context.clone()
-            }
-            fn provider(&self) -> &str {
-                &self.provider
-            }
-        }
-    };
+impl AsRef<MessageColumns> for RecordRow {
+    fn as_ref(&self) -> &MessageColumns {
+        &self.message
+    }
 }
-
-new_message_row!(ClaimRow);
-new_message_row!(RecordRow);
 
 type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
 
-fn bind_message_columns<'q, R: NewMessageRow>(query: PgQuery<'q>, rows: &'q [R]) -> PgQuery<'q> {
+fn bind_message_columns<'q, R: AsRef<MessageColumns>>(
+    query: PgQuery<'q>,
+    rows: &'q [R],
+) -> PgQuery<'q> {
+    let columns = || rows.iter().map(AsRef::as_ref);
     query
-        .bind(rows.iter().map(R::id).collect::<Vec<_>>())
-        .bind(rows.iter().map(R::bulk_id).collect::<Vec<_>>())
-        .bind(rows.iter().map(R::school_id).collect::<Vec<_>>())
-        .bind(rows.iter().map(R::kind).collect::<Vec<_>>())
-        .bind(rows.iter().map(R::recipient).collect::<Vec<_>>())
-        .bind(rows.iter().map(R::body).collect::<Vec<_>>())
-        .bind(rows.iter().map(R::context).collect::<Vec<_>>())
-        .bind(rows.iter().map(R::provider).collect::<Vec<_>>())
+        .bind(columns().map(|m| m.id).collect::<Vec<_>>())
+        .bind(columns().map(|m| m.bulk_id).collect::<Vec<_>>())
+        .bind(columns().map(|m| m.school_id).collect::<Vec<_>>())
+        .bind(columns().map(|m| m.kind).collect::<Vec<_>>())
+        .bind(columns().map(|m| m.recipient.as_str()).collect::<Vec<_>>())
+        .bind(columns().map(|m| m.body.as_str()).collect::<Vec<_>>())
+        .bind(columns().map(|m| m.context.clone()).collect::<Vec<_>>())
+        .bind(columns().map(|m| m.provider.as_str()).collect::<Vec<_>>())
 }
 
 /// What a claim found.
@@ -222,7 +189,7 @@ pub(crate) async fn claim_batch(
 ) -> Result<Vec<Claim>, StoreError> {
     let fresh = rows
         .iter()
-        .any(|r| r.take_over.is_none() && !r.reopen_failed);
+        .any(|r| r.take_over.is_none() && !r.message.reopen_failed);
     let mut answers: Vec<Option<Claim>> = vec![None; rows.len()];
     if fresh {
         let result = bind_message_columns(
@@ -256,7 +223,7 @@ pub(crate) async fn claim_batch(
             ),
             rows,
         )
-        .bind(rows.iter().map(|r| r.segments).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.message.segments).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.claim).collect::<Vec<_>>())
         .fetch_all(pool)
         .await?;
@@ -351,9 +318,13 @@ async fn claim_existing(pool: &PgPool, rows: &[ClaimRow]) -> Result<Vec<Claim>, 
     );
     let result = bind_message_columns(sqlx::query(&sql), rows)
         .bind(rows.iter().map(|r| r.take_over).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.reopen_failed).collect::<Vec<_>>())
+        .bind(
+            rows.iter()
+                .map(|r| r.message.reopen_failed)
+                .collect::<Vec<_>>(),
+        )
         .bind(rows.iter().map(|r| r.claim).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.segments).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.message.segments).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.reconciled).collect::<Vec<_>>())
         .fetch_all(pool)
         .await?;
@@ -505,8 +476,12 @@ pub(crate) async fn record_batch(
            LEFT JOIN (SELECT * FROM sms_messages WHERE id = ANY($1)) m ON m.id = i.id"
     );
     let result = bind_message_columns(sqlx::query(&sql), rows)
-        .bind(rows.iter().map(|r| r.segments).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.reopen_failed).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.message.segments).collect::<Vec<_>>())
+        .bind(
+            rows.iter()
+                .map(|r| r.message.reopen_failed)
+                .collect::<Vec<_>>(),
+        )
         .bind(rows.iter().map(|r| r.status).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.reason.as_deref()).collect::<Vec<_>>())
         .bind(keep_body)
@@ -516,7 +491,7 @@ pub(crate) async fn record_batch(
     for row in rows {
         let found = result
             .iter()
-            .find(|r| r.try_get::<Uuid, _>("input_id").ok() == Some(row.id))
+            .find(|r| r.try_get::<Uuid, _>("input_id").ok() == Some(row.message.id))
             .ok_or_else(|| StoreError::Corrupt("a record without its answer".into()))?;
         if found.try_get::<bool, _>("done")? {
             answers.push(None);
@@ -547,9 +522,9 @@ impl Op {
     /// The message it writes (one write per message per batch).
     fn message(&self) -> Uuid {
         match self {
-            Op::Claim(row, _) => row.id,
+            Op::Claim(row, _) => row.message.id,
             Op::Finish(row, _) => row.id,
-            Op::Record(row, _) => row.id,
+            Op::Record(row, _) => row.message.id,
         }
     }
 }
@@ -571,7 +546,19 @@ impl Recorder {
         Recorder { tx }
     }
 
-    pub(crate) fn submit(&self, op: Op) -> Result<(), StoreError> {
+    /// Hands one write to the batches and waits until its batch was committed.
+    pub(crate) async fn write<T>(
+        &self,
+        op: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op,
+    ) -> Result<T, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.submit(op(reply))?;
+        answer
+            .await
+            .map_err(|_| StoreError::Batch("the recorder dropped a write".into()))?
+    }
+
+    fn submit(&self, op: Op) -> Result<(), StoreError> {
         self.tx
             .send(op)
             .map_err(|_| StoreError::Corrupt("the recorder has stopped".into()))

@@ -24,7 +24,7 @@ use crate::{job::JobType, phone::PhoneNumber, policy::SchoolSettings};
 mod log;
 
 pub use log::Claim;
-use log::{ClaimRow, FinishRow, Op, RecordRow, Recorder};
+use log::{ClaimRow, FinishRow, MessageColumns, Op, RecordRow, Recorder};
 
 /// The migrations in `schema/`, embedded at build time.
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./schema");
@@ -137,6 +137,24 @@ pub struct NewMessage<'a> {
     pub segments: Option<i32>,
     /// Replayed from the dead-letter queue: a `failed` message may be tried again.
     pub reopen_failed: bool,
+}
+
+impl NewMessage<'_> {
+    /// The row's columns, owned, for the batch writer.
+    fn columns(&self) -> MessageColumns {
+        MessageColumns {
+            id: self.id,
+            bulk_id: self.bulk_id,
+            school_id: self.school_id,
+            kind: self.kind.as_str(),
+            recipient: self.recipient.to_owned(),
+            body: self.body.to_owned(),
+            context: self.context.cloned(),
+            provider: self.provider.to_owned(),
+            segments: self.segments,
+            reopen_failed: self.reopen_failed,
+        }
+    }
 }
 
 /// The state of a message already in the log.
@@ -584,27 +602,12 @@ impl Store {
         reason: Option<&str>,
     ) -> Result<Option<MessageState>, StoreError> {
         let row = RecordRow {
-            id: message.id,
-            bulk_id: message.bulk_id,
-            school_id: message.school_id,
-            kind: message.kind.as_str(),
-            recipient: message.recipient.to_owned(),
-            body: message.body.to_owned(),
-            context: message.context.cloned(),
-            provider: message.provider.to_owned(),
-            segments: message.segments,
-            reopen_failed: message.reopen_failed,
+            message: message.columns(),
             status: status.as_str(),
             reason: reason.map(str::to_owned),
         };
         match &self.recorder {
-            Some(recorder) => {
-                let (reply, answer) = tokio::sync::oneshot::channel();
-                recorder.submit(Op::Record(row, reply))?;
-                answer
-                    .await
-                    .map_err(|_| StoreError::Batch("the recorder dropped a write".into()))?
-            }
+            Some(recorder) => recorder.write(|reply| Op::Record(row, reply)).await,
             None => log::record_batch(&self.pool(), &[row], self.keep_body)
                 .await?
                 .pop()
@@ -627,28 +630,13 @@ impl Store {
         claim: Uuid,
     ) -> Result<Claim, StoreError> {
         let row = ClaimRow {
-            id: message.id,
-            bulk_id: message.bulk_id,
-            school_id: message.school_id,
-            kind: message.kind.as_str(),
-            recipient: message.recipient.to_owned(),
-            body: message.body.to_owned(),
-            context: message.context.cloned(),
-            provider: message.provider.to_owned(),
-            segments: message.segments,
-            reopen_failed: message.reopen_failed,
+            message: message.columns(),
             take_over,
             reconciled,
             claim,
         };
         match &self.recorder {
-            Some(recorder) => {
-                let (reply, answer) = tokio::sync::oneshot::channel();
-                recorder.submit(Op::Claim(row, reply))?;
-                answer
-                    .await
-                    .map_err(|_| StoreError::Batch("the recorder dropped a write".into()))?
-            }
+            Some(recorder) => recorder.write(|reply| Op::Claim(row, reply)).await,
             None => log::claim_batch(&self.pool(), &[row])
                 .await?
                 .pop()
@@ -677,13 +665,7 @@ impl Store {
             reason: record.reason.map(str::to_owned),
         };
         match &self.recorder {
-            Some(recorder) => {
-                let (reply, answer) = tokio::sync::oneshot::channel();
-                recorder.submit(Op::Finish(row, reply))?;
-                answer
-                    .await
-                    .map_err(|_| StoreError::Batch("the recorder dropped a write".into()))?
-            }
+            Some(recorder) => recorder.write(|reply| Op::Finish(row, reply)).await,
             None => log::finish_batch(&self.pool(), &[row], self.keep_body).await,
         }
     }
