@@ -508,6 +508,20 @@ rate = 20
         let err =
             from_file(&env, &file(&TWILIO.replace("rate", "speed")), None).expect_err("field");
         assert!(err.problem.contains("speed"), "{err}");
+        for rate in ["0", "-5", "\"fast\""] {
+            let err = from_file(
+                &env,
+                &file(&TWILIO.replace("rate = 20", &format!("rate = {rate}"))),
+                None,
+            )
+            .expect_err("absurd rate");
+            // The message names the field or the bad value (serde's word for it).
+            let value = rate.trim_matches('"');
+            assert!(
+                err.problem.contains("rate") || err.problem.contains(value),
+                "{rate}: {err}"
+            );
+        }
         let err = from_file(&env, "/nonexistent/smsgw.toml", None).expect_err("no file");
         assert!(err.problem.contains("cannot read"), "{err}");
     }
