@@ -359,6 +359,11 @@ impl TwilioStub {
         self.state.taken.lock().expect("lock").len()
     }
 
+    /// How many recipients the lean stub took a message for (cheap: no copy).
+    pub fn arrived(&self) -> usize {
+        self.state.arrivals.lock().expect("lock").len()
+    }
+
     pub fn taken_to(&self, to: &str) -> usize {
         self.state
             .taken
