@@ -601,20 +601,27 @@ impl Pipeline {
             provider: gateway.name,
             ..message.clone()
         };
-        // Wait for the provider's pace before claiming: a claimed attempt that waits and
-        // is then cut short by a crash would leave an outcome to reconcile.
-        tokio::select! {
-            paced = tokio::time::timeout(PACE_MAX_WAIT, gateway.pace.admit()) => {
-                if paced.is_err() {
-                    tracing::debug!("rate limit backlog; put off");
+        // Wait for a free call slot and the provider's pace before claiming: a claimed
+        // attempt that waits and is then cut short by a crash would leave an outcome to
+        // reconcile. The slot is held until the call has ended.
+        let ready = async {
+            let slot = gateway.calls.acquire().await.ok();
+            gateway.pace.admit().await;
+            slot
+        };
+        let slot = tokio::select! {
+            ready = tokio::time::timeout(PACE_MAX_WAIT, ready) => match ready {
+                Ok(slot) => slot,
+                Err(_) => {
+                    tracing::debug!("rate limit or call backlog; put off");
                     return Ok(Attempted::Done(Disposition::Defer {
                         until: OffsetDateTime::now_utc() + PACE_MAX_WAIT,
                         kind: job.kind,
                     }));
                 }
-            }
+            },
             () = abandon.cancelled() => return Err(Abandoned),
-        }
+        };
         // One id for this claim, kept across retries of the same statement.
         let claim_id = Uuid::new_v4();
         let claim = self
@@ -685,6 +692,8 @@ impl Pipeline {
             }),
         };
         let duration = started.elapsed();
+        // Recording the outcome needs no connection: the next call may start.
+        drop(slot);
         if let Err(ProviderError::Throttled { retry_after, .. }) = &result {
             // Too fast for the provider: every task waits, not only this one.
             gateway.pace.throttled(*retry_after);

@@ -63,6 +63,25 @@ async fn a_providers_own_rate_in_the_config_file_paces_it() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn no_more_calls_are_in_flight_to_a_provider_than_its_concurrency() {
+    // A slow provider and many more deliveries in flight than call slots: the rest wait
+    // for a slot (and so no more connections are opened than there are slots).
+    let app = spawn_app_with(&[
+        ("SMSGW_PROVIDER_CONCURRENCY", "3"),
+        ("SMSGW_DEFAULT_CONCURRENCY", "32"),
+    ])
+    .await;
+    app.stub
+        .reply_always(Reply::Slow(Duration::from_millis(150)));
+    app.add_school(SCHOOL, "GB").await;
+    let ids = app.publish_many(24, "booking_reminder", SCHOOL).await;
+
+    assert_eq!(app.wait_all(&ids, "sent", Duration::from_secs(30)).await, 0);
+    assert_eq!(app.stub.requests().len(), 24);
+    assert_eq!(app.stub.most_open(), 3, "calls in flight at once");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_429_pauses_the_provider_for_every_message() {
     let app = spawn_app_with(&[]).await;
     app.add_school(SCHOOL, "GB").await;

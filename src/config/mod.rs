@@ -115,6 +115,8 @@ pub struct Settings {
     pub circuit_cooldown: Duration,
     /// Recipients of an announcement fanned out per turn in the bulk lane.
     pub fanout_chunk: usize,
+    /// Most calls in flight to one gateway at once (and so most connections open to it).
+    pub provider_concurrency: u32,
 }
 
 /// A configuration problem, naming the variable. Exit code 2.
@@ -166,6 +168,7 @@ pub const VARIABLES: &[&str] = &[
     "SMSGW_CONFIG",
     "SMSGW_MAX_SEGMENTS",
     "SMSGW_FANOUT_CHUNK",
+    "SMSGW_PROVIDER_CONCURRENCY",
     "VONAGE_API_KEY",
     "VONAGE_API_SECRET",
     "VONAGE_FROM",
@@ -404,6 +407,7 @@ impl Settings {
             circuit_threshold: number(&get, "SMSGW_CIRCUIT_THRESHOLD", 5, 1, 10_000)?,
             circuit_cooldown: duration(&get, "SMSGW_CIRCUIT_COOLDOWN", "30s")?,
             fanout_chunk: number(&get, "SMSGW_FANOUT_CHUNK", 1_000, 1, 50_000)?,
+            provider_concurrency: number(&get, "SMSGW_PROVIDER_CONCURRENCY", 512, 1, 10_000)?,
             resend_unknown: match get("SMSGW_UNKNOWN_OUTCOME").as_deref().map(str::trim) {
                 None | Some("resend") => true,
                 Some("dead_letter") => false,
@@ -684,6 +688,8 @@ mod tests {
             ("SMSGW_FANOUT_CHUNK", "1e9"),
             ("SMSGW_RATE_LIMIT", "0"),
             ("SMSGW_RATE_LIMIT", "fast"),
+            ("SMSGW_PROVIDER_CONCURRENCY", "0"),
+            ("SMSGW_PROVIDER_CONCURRENCY", "1000000"),
         ] {
             let err = settings(&[(variable, value)]).expect_err(value);
             assert_eq!(err.variable, variable, "{value}");

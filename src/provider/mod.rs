@@ -269,6 +269,9 @@ pub struct Gateway {
     pub circuit: Circuit,
     /// How fast this gateway may be called.
     pub pace: Pace,
+    /// How many calls may be in flight to it at once: each holds an HTTP/1.1 connection
+    /// (about 28 KB of buffers), so this bounds the memory a burst can take.
+    pub calls: tokio::sync::Semaphore,
     pub settings: ProviderSettings,
 }
 
@@ -304,6 +307,7 @@ impl Gateways {
                     settings.provider_timeout * 2,
                 ),
                 pace: Pace::new(provider.rate, global.clone()),
+                calls: tokio::sync::Semaphore::new(settings.provider_concurrency as usize),
                 settings: provider.clone(),
             }));
         }

@@ -251,6 +251,26 @@ struct StubState {
     violations: Mutex<Vec<String>>,
     behaviour: Mutex<Behaviour>,
     next_sid: Mutex<u128>,
+    /// Requests being answered now, and the most there ever were at once.
+    open: Mutex<(usize, usize)>,
+}
+
+/// Counts a request as open until it has been answered (or dropped).
+struct Open<'a>(&'a StubState);
+
+impl<'a> Open<'a> {
+    fn new(state: &'a StubState) -> Self {
+        let mut open = state.open.lock().expect("lock");
+        open.0 += 1;
+        open.1 = open.1.max(open.0);
+        Open(state)
+    }
+}
+
+impl Drop for Open<'_> {
+    fn drop(&mut self) {
+        self.0.open.lock().expect("lock").0 -= 1;
+    }
 }
 
 #[derive(Clone)]
@@ -286,6 +306,7 @@ impl TwilioStub {
             violations: Mutex::default(),
             behaviour: Mutex::default(),
             next_sid: Mutex::new(1),
+            open: Mutex::default(),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -359,6 +380,11 @@ impl TwilioStub {
         self.state.taken.lock().expect("lock").len()
     }
 
+    /// The most Create Message requests the stub was answering at once.
+    pub fn most_open(&self) -> usize {
+        self.state.open.lock().expect("lock").1
+    }
+
     /// How many recipients the lean stub took a message for (cheap: no copy).
     pub fn arrived(&self) -> usize {
         self.state.arrivals.lock().expect("lock").len()
@@ -424,6 +450,7 @@ async fn handle(
     if method == Method::GET {
         return list_messages(&state, &uri, &headers);
     }
+    let _open = Open::new(&state);
     if state.lean {
         return lean_answer(&state, &body).await;
     }
