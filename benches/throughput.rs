@@ -307,6 +307,10 @@ async fn prepare(latency_ms: u64, extra: &[(&str, String)]) -> Run {
     vars.push(("SMSGW_LOG_FORMAT".into(), "json".into()));
     vars.push(("SMSGW_RETRY_DELAYS".into(), "200ms,400ms,800ms".into()));
     vars.push(("SMSGW_PROVIDER_TIMEOUT".into(), "5s".into()));
+    // The daemon's runtime threads (tokio's own variable; default: one a core).
+    if let Ok(threads) = std::env::var("BENCH_WORKER_THREADS") {
+        vars.push(("TOKIO_WORKER_THREADS".into(), threads));
+    }
     for (k, v) in extra {
         vars.retain(|(key, _)| key != k);
         vars.push(((*k).to_owned(), v.clone()));
