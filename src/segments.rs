@@ -21,7 +21,35 @@ pub struct Segmentation {
     pub segments: u32,
 }
 
+/// The cost of each ASCII character (0: not in either table), read off the two tables
+/// above at compile time: most texts are ASCII, and a lookup is much cheaper than a search.
+const ASCII_COST: [u8; 128] = {
+    let mut costs = [0u8; 128];
+    let (basic, extension) = (GSM_BASIC.as_bytes(), GSM_EXTENSION.as_bytes());
+    let mut i = 0;
+    while i < basic.len() {
+        if basic[i] < 128 {
+            costs[basic[i] as usize] = 1;
+        }
+        i += 1;
+    }
+    let mut i = 0;
+    while i < extension.len() {
+        if extension[i] < 128 {
+            costs[extension[i] as usize] = 2;
+        }
+        i += 1;
+    }
+    costs
+};
+
 fn gsm_cost(c: char) -> Option<usize> {
+    if c.is_ascii() {
+        return match ASCII_COST[c as usize] {
+            0 => None,
+            cost => Some(cost as usize),
+        };
+    }
     if GSM_BASIC.contains(c) {
         Some(1)
     } else if GSM_EXTENSION.contains(c) {
@@ -67,6 +95,23 @@ pub fn segment(text: &str) -> Segmentation {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_ascii_table_agrees_with_the_alphabet() {
+        for c in (0u8..128).map(char::from) {
+            let searched = if GSM_BASIC.contains(c) {
+                Some(1)
+            } else if GSM_EXTENSION.contains(c) {
+                Some(2)
+            } else {
+                None
+            };
+            assert_eq!(gsm_cost(c), searched, "{c:?}");
+        }
+        assert_eq!(gsm_cost('`'), None);
+        assert_eq!(gsm_cost('['), Some(2));
+        assert_eq!(gsm_cost('a'), Some(1));
+    }
 
     fn gsm(text: &str) -> u32 {
         let s = segment(text);
