@@ -225,9 +225,9 @@ impl Provider {
         public_url: Option<&str>,
         timeout: Duration,
     ) -> Result<Self, ProviderSetupError> {
-        let failed = |e: reqwest::Error| ProviderSetupError {
+        let failed = |reason: String| ProviderSetupError {
             provider: settings.name.clone(),
-            reason: e.to_string(),
+            reason,
         };
         Ok(match &settings.kind {
             ProviderKindSettings::Log => Provider::Log(LogProvider),

@@ -3,8 +3,12 @@
 
 use std::time::{Duration, Instant};
 
-use reqwest::{StatusCode, header::RETRY_AFTER};
-use secrecy::{ExposeSecret, SecretString};
+use base64::Engine;
+use reqwest::{
+    StatusCode, Url,
+    header::{AUTHORIZATION, HeaderValue, RETRY_AFTER},
+};
+use secrecy::ExposeSecret;
 use serde_json::Value;
 
 use super::{Accepted, Lookup, OutboundSms, ProviderError, parse_retry_after};
@@ -33,10 +37,10 @@ const OTHER_GATEWAY_MAY_SUCCEED: &[&str] = &[
 #[derive(Debug, Clone)]
 pub struct Twilio {
     client: reqwest::Client,
-    messages_url: String,
-    account_sid: String,
-    /// Never logged; only put into the Authorization header.
-    auth_token: SecretString,
+    /// Parsed once: parsing it for every call cost as much as the rest of building it.
+    messages_url: Url,
+    /// `Basic` credentials, encoded once, marked sensitive (never shown or logged).
+    authorization: HeaderValue,
     default_sender: TwilioSender,
     status_callback: Option<String>,
     timeout: Duration,
@@ -47,16 +51,26 @@ impl Twilio {
         settings: &TwilioSettings,
         public_url: Option<&str>,
         timeout: Duration,
-    ) -> Result<Self, reqwest::Error> {
-        let client = super::http_client(timeout)?;
+    ) -> Result<Self, String> {
+        let client = super::http_client(timeout).map_err(|e| e.to_string())?;
+        let messages_url = format!(
+            "{}/2010-04-01/Accounts/{}/Messages.json",
+            settings.base_url, settings.account_sid
+        );
+        let messages_url = Url::parse(&messages_url)
+            .map_err(|e| format!("the Messages URL '{messages_url}' is not valid: {e}"))?;
+        let credentials = base64::engine::general_purpose::STANDARD.encode(format!(
+            "{}:{}",
+            settings.account_sid,
+            settings.auth_token.expose_secret()
+        ));
+        let mut authorization = HeaderValue::from_str(&format!("Basic {credentials}"))
+            .map_err(|_| "the account SID cannot go into a header".to_owned())?;
+        authorization.set_sensitive(true);
         Ok(Twilio {
             client,
-            messages_url: format!(
-                "{}/2010-04-01/Accounts/{}/Messages.json",
-                settings.base_url, settings.account_sid
-            ),
-            account_sid: settings.account_sid.clone(),
-            auth_token: settings.auth_token.clone(),
+            messages_url,
+            authorization,
             default_sender: settings.sender.clone(),
             status_callback: public_url.map(|url| format!("{url}/webhooks/twilio/status")),
             timeout,
@@ -95,8 +109,8 @@ impl Twilio {
         let started = Instant::now();
         let response = self
             .client
-            .post(&self.messages_url)
-            .basic_auth(&self.account_sid, Some(self.auth_token.expose_secret()))
+            .post(self.messages_url.clone())
+            .header(AUTHORIZATION, self.authorization.clone())
             .form(&self.form(sms))
             .send()
             .await
@@ -121,8 +135,8 @@ impl Twilio {
         let started = Instant::now();
         let response = self
             .client
-            .get(&self.messages_url)
-            .basic_auth(&self.account_sid, Some(self.auth_token.expose_secret()))
+            .get(self.messages_url.clone())
+            .header(AUTHORIZATION, self.authorization.clone())
             .query(&[("To", sms.to.as_str()), ("PageSize", "50")])
             .send()
             .await;

@@ -25,7 +25,8 @@ const OTHER_GATEWAY_MAY_SUCCEED: &[&str] = &["4", "8", "9", "11", "15", "29"];
 #[derive(Debug, Clone)]
 pub struct Vonage {
     client: reqwest::Client,
-    url: String,
+    /// Parsed once, not for every call.
+    url: reqwest::Url,
     api_key: String,
     /// Never logged; only put into the request form.
     api_secret: SecretString,
@@ -39,11 +40,14 @@ impl Vonage {
         settings: &VonageSettings,
         public_url: Option<&str>,
         timeout: Duration,
-    ) -> Result<Self, reqwest::Error> {
-        let client = super::http_client(timeout)?;
+    ) -> Result<Self, String> {
+        let client = super::http_client(timeout).map_err(|e| e.to_string())?;
+        let url = format!("{}/sms/json", settings.base_url);
+        let url = reqwest::Url::parse(&url)
+            .map_err(|e| format!("the SMS URL '{url}' is not valid: {e}"))?;
         Ok(Vonage {
             client,
-            url: format!("{}/sms/json", settings.base_url),
+            url,
             api_key: settings.api_key.clone(),
             api_secret: settings.api_secret.clone(),
             from: settings.from.clone(),
@@ -87,7 +91,7 @@ impl Vonage {
         let started = Instant::now();
         let response = self
             .client
-            .post(&self.url)
+            .post(self.url.clone())
             .form(&self.form(sms))
             .send()
             .await
