@@ -110,6 +110,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             store.clone(),
             retention_stop.clone(),
         ));
+        // The phone number metadata (some 5,000 patterns) is compiled on first use:
+        // compile it now, not while the first message after a start waits.
+        let _ = tokio::task::spawn_blocking(crate::phone::load_metadata).await;
         let pipeline = Arc::new(Pipeline::new(
             store.clone(),
             cache,

@@ -19,6 +19,12 @@ pub enum PhoneError {
     UnknownCountry(String),
 }
 
+/// Loads the numbering plans now (about a quarter of a second of CPU), instead of in the
+/// first parse.
+pub fn load_metadata() {
+    let _ = &*phonenumber::metadata::DATABASE;
+}
+
 impl PhoneNumber {
     /// Parses `raw`, reading a national number (no leading `+`) with `country`.
     pub fn parse(raw: &str, country: Option<&str>) -> Result<Self, PhoneError> {
@@ -42,7 +48,8 @@ impl PhoneNumber {
         // number of a length that country uses. Stricter validity checks against number
         // ranges would refuse numbers allocated after this build's metadata; the provider
         // is the judge of those.
-        let national_digits = parsed.national().to_string().len();
+        let national = parsed.national().to_string();
+        let national_digits = national.len();
         let possible = phonenumber::metadata::DATABASE
             .by_code(&parsed.code().value())
             .unwrap_or_default()
@@ -51,9 +58,11 @@ impl PhoneNumber {
         if !possible {
             return Err(PhoneError::Impossible);
         }
-        Ok(PhoneNumber(
-            parsed.format().mode(phonenumber::Mode::E164).to_string(),
-        ))
+        // E.164 is the country code and the national number (leading zeros included), as
+        // the crate's formatter writes it; written here directly, because the formatter
+        // first matches the number against the country's display formats, which E.164
+        // does not use (a tenth of the worker's time per message).
+        Ok(PhoneNumber(format!("+{}{national}", parsed.code().value())))
     }
 
     pub fn as_str(&self) -> &str {
@@ -201,6 +210,30 @@ mod tests {
             PhoneNumber::parse("07700 900123", Some("XX")),
             Err(PhoneError::UnknownCountry(_))
         ));
+    }
+
+    #[test]
+    fn e164_is_written_as_the_crates_formatter_writes_it() {
+        // Italian numbers keep their leading zero; the others cover a few number plans.
+        for (raw, country) in [
+            ("06 1234 5678", Some("IT")),
+            ("+390612345678", None),
+            ("+393123456789", None),
+            ("07700 900123", Some("GB")),
+            ("(201) 555-0123", Some("US")),
+            ("+4915123456789", None),
+            ("0612345678", Some("FR")),
+            ("+61412345678", None),
+        ] {
+            let ours = PhoneNumber::parse(raw, country).expect(raw);
+            let id = country.map(|c| c.parse::<phonenumber::country::Id>().expect("country"));
+            let theirs = phonenumber::parse(id, raw)
+                .expect(raw)
+                .format()
+                .mode(phonenumber::Mode::E164)
+                .to_string();
+            assert_eq!(ours.as_str(), theirs, "{raw}");
+        }
     }
 
     #[test]
