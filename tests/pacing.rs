@@ -15,8 +15,16 @@ const OTHER_SCHOOL: i64 = 43;
 /// The most requests the stub saw in any one-second window, after the first: that one
 /// opened the connection, so it arrived later after leaving the gate than the others,
 /// by as long as connecting took on a machine that may be busy with other tests.
+///
+/// The stub notes when a request reached its handler, in a test process that shares
+/// the machine with the rest of the suite, so an arrival can be late by tens of
+/// milliseconds: the windows here are 950 ms, 50 ms for that jitter. (`make bench`
+/// checks whole seconds, running alone.)
 fn busiest_second(stub: &TwilioStub) -> usize {
-    helpers::busiest_second(stub.requests().iter().skip(1).map(|r| r.at).collect())
+    helpers::busiest_window(
+        stub.requests().iter().skip(1).map(|r| r.at).collect(),
+        Duration::from_millis(950),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -810,12 +810,17 @@ impl Drop for App {
 }
 
 /// The most of `times` that fall into any one-second window.
-pub fn busiest_second(mut times: Vec<Instant>) -> usize {
+pub fn busiest_second(times: Vec<Instant>) -> usize {
+    busiest_window(times, Duration::from_secs(1))
+}
+
+/// The most of `times` that fall into any one window of length `window`.
+pub fn busiest_window(mut times: Vec<Instant>, window: Duration) -> usize {
     times.sort();
     let mut busiest = 0;
     let mut start = 0;
     for end in 0..times.len() {
-        while times[end].duration_since(times[start]) >= Duration::from_secs(1) {
+        while times[end].duration_since(times[start]) >= window {
             start += 1;
         }
         busiest = busiest.max(end - start + 1);
