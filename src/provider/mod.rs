@@ -340,7 +340,8 @@ impl Gateways {
 
 /// The HTTP client of an adapter: every call time-limited, no redirects followed (a
 /// provider that redirects a POST is misconfigured, not to be followed blindly), and as
-/// many pooled connections as there are calls in flight.
+/// many pooled connections as there are calls in flight (at most the gateway's call
+/// slots, `SMSGW_PROVIDER_CONCURRENCY`).
 pub(crate) fn http_client(timeout: Duration) -> Result<reqwest::Client, reqwest::Error> {
     crate::install_crypto_provider();
     reqwest::Client::builder()

@@ -196,6 +196,15 @@ pub(crate) async fn read_state(
     }
 }
 
+/// The input rows whose recipient opted out, of every school or of the row's own: one
+/// rule for both claim statements.
+const REFUSED: &str = "refused AS (
+            SELECT i.id FROM input i
+             WHERE EXISTS (SELECT 1 FROM sms_opt_outs o
+                            WHERE o.phone = i.recipient
+                              AND (o.school_id IS NULL OR o.school_id = i.school_id))
+         ),";
+
 /// Claims attempts: first the cheap way (a new message is one insert), then the full
 /// statement for the messages that already exist.
 pub(crate) async fn claim_batch(
@@ -207,20 +216,14 @@ pub(crate) async fn claim_batch(
         .any(|r| r.take_over.is_none() && !r.message.reopen_failed);
     let mut answers: Vec<Option<Claim>> = vec![None; rows.len()];
     if fresh {
-        let result = bind_message_columns(
-            sqlx::query(
-                "WITH input AS (
+        let sql = format!(
+            "WITH input AS (
                 SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::int8[], $4::text[], $5::text[],
                                      $6::text[], $7::jsonb[], $8::text[], $9::int4[], $10::uuid[])
                   AS t(id, bulk_id, school_id, type, recipient, body, context, provider,
                        segments, claim)
              ),
-             refused AS (
-                SELECT i.id FROM input i
-                 WHERE EXISTS (SELECT 1 FROM sms_opt_outs o
-                                WHERE o.phone = i.recipient
-                                  AND (o.school_id IS NULL OR o.school_id = i.school_id))
-             ),
+             {REFUSED}
              inserted AS (
                 INSERT INTO sms_messages (id, bulk_id, school_id, type, recipient, body, context,
                                           status, provider, attempts, segments,
@@ -234,14 +237,13 @@ pub(crate) async fn claim_batch(
              )
              SELECT i.claim, i.id IN (SELECT id FROM inserted) AS inserted,
                     i.id IN (SELECT id FROM refused) AS refused
-               FROM input i",
-            ),
-            rows,
-        )
-        .bind(rows.iter().map(|r| r.message.segments).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.claim).collect::<Vec<_>>())
-        .fetch_all(pool)
-        .await?;
+               FROM input i"
+        );
+        let result = bind_message_columns(sqlx::query(&sql), rows)
+            .bind(rows.iter().map(|r| r.message.segments).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.claim).collect::<Vec<_>>())
+            .fetch_all(pool)
+            .await?;
         let result = by_first_column(&result)?;
         for (i, row) in rows.iter().enumerate() {
             let found = result
@@ -293,12 +295,7 @@ async fn claim_existing(pool: &PgPool, rows: &[ClaimRow]) -> Result<Vec<Claim>, 
              WHERE m.id = ANY($1) AND m.status = 'sending' AND m.attempts = i.take_over
             ON CONFLICT (message_id, attempt) DO NOTHING
          ),
-         refused AS (
-            SELECT i.id FROM input i
-             WHERE EXISTS (SELECT 1 FROM sms_opt_outs o
-                            WHERE o.phone = i.recipient
-                              AND (o.school_id IS NULL OR o.school_id = i.school_id))
-         ),
+         {REFUSED}
          updated AS (
             UPDATE sms_messages m
                SET status = 'sending', attempts = m.attempts + 1, provider = i.provider,
