@@ -61,6 +61,8 @@ pub const HEADER_REQUEUED: &str = "x-smsgw-requeued";
 /// On a retried message: not to be tried before this moment (Unix milliseconds). A retry
 /// longer than the longest tier (a long `Retry-After`) waits in that tier more than once.
 pub const HEADER_RETRY_AT: &str = "x-smsgw-retry-at";
+/// On an announcement whose fan-out goes on: every recipient already has its `queued` row.
+pub const HEADER_FANOUT_QUEUED: &str = "x-smsgw-fanout-queued";
 
 /// How long we wait for the broker to confirm a publish or take an ack.
 const BROKER_TIMEOUT: Duration = Duration::from_secs(15);
@@ -160,6 +162,8 @@ pub struct Incoming {
     pub replayed: bool,
     /// Came back from one of our delay tiers (not a fresh publish).
     pub requeued: bool,
+    /// An announcement's continuation: its recipients' rows were written by the first pass.
+    pub fanout_queued: bool,
     routing_key: ShortString,
     properties: BasicProperties,
     acker: Acker,
@@ -213,6 +217,7 @@ impl Incoming {
             });
         let replayed = headers.is_some_and(|h| h.contains_key(HEADER_REPLAYED_AT));
         let requeued = headers.is_some_and(|h| h.contains_key(HEADER_REQUEUED));
+        let fanout_queued = headers.is_some_and(|h| h.contains_key(HEADER_FANOUT_QUEUED));
         Incoming {
             lane,
             redelivered: delivery.redelivered,
@@ -221,6 +226,7 @@ impl Incoming {
             retry_at,
             replayed,
             requeued,
+            fanout_queued,
             routing_key: delivery.routing_key,
             properties: delivery.properties,
             acker: delivery.acker,
@@ -641,17 +647,20 @@ impl Broker {
     }
 
     /// Puts an announcement whose fan-out goes on at the back of its lane, as a new
-    /// message with the same job id.
+    /// message with the same job id, marked as having its recipients' rows written.
     pub async fn publish_continuation(
         &self,
         job_id: Uuid,
         kind: JobType,
         body: &[u8],
     ) -> Result<(), BrokerError> {
+        let mut headers = FieldTable::default();
+        headers.insert(HEADER_FANOUT_QUEUED.into(), AMQPValue::Boolean(true));
         let properties = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_delivery_mode(2)
-            .with_message_id(job_id.to_string().into());
+            .with_message_id(job_id.to_string().into())
+            .with_headers(headers);
         self.publish_confirmed(REQUEUE_EXCHANGE, kind.as_str(), body, properties)
             .await
     }

@@ -60,6 +60,8 @@ pub struct PipelineSettings {
     pub fanout_chunk: usize,
 }
 
+/// Rows of an announcement's recipients written per statement when it is accepted.
+const QUEUE_PIECE: usize = 5_000;
 /// Longest wait for one database statement before it counts as failed.
 const STORE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest a message holds its delivery waiting for its turn under a rate limit; past
@@ -974,13 +976,15 @@ impl Pipeline {
     ) -> Result<Disposition, Abandoned> {
         let settings = self.school_settings(job.school_id, abandon).await?;
         let country = settings.as_ref().and_then(|s| s.country.as_deref());
+        if !incoming.fanout_queued {
+            self.queue_recipients(job, recipients, settings.as_deref(), abandon)
+                .await?;
+        }
         let (now, later) = recipients.split_at(recipients.len().min(self.settings.fanout_chunk));
         let mut seen = HashSet::with_capacity(now.len());
         let mut messages = Vec::with_capacity(now.len());
         for recipient in now {
-            let to = PhoneNumber::parse(&recipient.to, country)
-                .map(|n| n.as_str().to_owned())
-                .unwrap_or_else(|_| recipient.to.trim().to_owned());
+            let to = recipient_number(recipient, country);
             let id = Uuid::new_v5(&job.id, to.as_bytes());
             if !seen.insert(id) {
                 continue;
@@ -1013,6 +1017,57 @@ impl Pipeline {
             "announcement fanned out"
         );
         Ok(Disposition::Ack)
+    }
+
+    /// Writes a `queued` row for every recipient of an announcement, [`QUEUE_PIECE`] rows a
+    /// statement, before the first chunk is fanned out: the whole announcement is in the
+    /// log (for support, and for `smsgw status`) as soon as it is accepted, while the
+    /// sending goes on a chunk at a time. Each row has the id, recipient, context and
+    /// provider its own message will have; writing them again changes nothing.
+    async fn queue_recipients(
+        &self,
+        job: &Job,
+        recipients: &[BulkRecipient],
+        settings: Option<&SchoolSettings>,
+        abandon: &CancellationToken,
+    ) -> Result<(), Abandoned> {
+        let country = settings.and_then(|s| s.country.as_deref());
+        let provider = match self.route(settings) {
+            Ok(route) => route.primary.name,
+            Err(_) => self.gateways.default_gateway().name,
+        };
+        let segments = i32::try_from(crate::segments::segment(&job.body).segments).ok();
+        let mut seen = HashSet::with_capacity(recipients.len());
+        for piece in recipients.chunks(QUEUE_PIECE) {
+            let rows: Vec<(Uuid, String, Option<Value>)> = piece
+                .iter()
+                .filter_map(|recipient| {
+                    let to = recipient_number(recipient, country);
+                    let id = Uuid::new_v5(&job.id, to.as_bytes());
+                    let context =
+                        merged_context(job.context.as_ref(), recipient.reference.as_deref());
+                    seen.insert(id).then_some((id, to, context))
+                })
+                .collect();
+            let messages: Vec<NewMessage<'_>> = rows
+                .iter()
+                .map(|(id, to, context)| NewMessage {
+                    id: *id,
+                    bulk_id: Some(job.id),
+                    school_id: job.school_id,
+                    kind: job.kind,
+                    recipient: to,
+                    body: &job.body,
+                    context: context.as_ref(),
+                    provider,
+                    segments,
+                    reopen_failed: false,
+                })
+                .collect();
+            self.persist(abandon, || self.store.queue_messages(&messages))
+                .await?;
+        }
+        Ok(())
     }
 
     /// A school's settings from the cache; a school the cache does not know is looked up
@@ -1086,15 +1141,27 @@ impl Pipeline {
 
 /// The job's context with the bulk recipient's `ref` merged in, as the log row keeps it.
 fn context_with_reference(job: &Job) -> Option<Value> {
-    match (&job.context, &job.reference) {
-        (context, None) => context.clone(),
+    merged_context(job.context.as_ref(), job.reference.as_deref())
+}
+
+fn merged_context(context: Option<&Value>, reference: Option<&str>) -> Option<Value> {
+    match (context, reference) {
+        (context, None) => context.cloned(),
         (Some(Value::Object(object)), Some(reference)) => {
             let mut object = object.clone();
-            object.insert("ref".into(), Value::String(reference.clone()));
+            object.insert("ref".into(), Value::String(reference.to_owned()));
             Some(Value::Object(object))
         }
         (_, Some(reference)) => Some(json!({ "ref": reference })),
     }
+}
+
+/// A bulk recipient's number as its message has it: E.164, or as given (trimmed) when it
+/// cannot be read (its own message then fails with the reason).
+fn recipient_number(recipient: &BulkRecipient, country: Option<&str>) -> String {
+    PhoneNumber::parse(&recipient.to, country)
+        .map(|n| n.as_str().to_owned())
+        .unwrap_or_else(|_| recipient.to.trim().to_owned())
 }
 
 /// The v1 job for one recipient of an announcement.

@@ -187,3 +187,85 @@ async fn a_small_announcement_is_not_stuck_behind_a_big_one() {
         "the small announcement finished after {small_done} texts of the big one"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_big_announcement_is_in_the_log_before_its_first_text() {
+    // Fanned out 5 at a time and paced, the sending takes seconds; the log has every
+    // recipient from the start.
+    let app = spawn_app_with(&[("SMSGW_FANOUT_CHUNK", "5"), ("SMSGW_RATE_LIMIT", "20")]).await;
+    app.add_school(SCHOOL, "GB").await;
+    let numbers: Vec<String> = (0..40).map(|i| format!("+4477009{i:05}")).collect();
+    let opted_out = numbers[17].clone();
+    app.sql(&format!(
+        "INSERT INTO sms_opt_outs (school_id, phone, source) VALUES (NULL, '{opted_out}', 'web')"
+    ))
+    .await;
+    let mut recipients: Vec<serde_json::Value> = numbers
+        .iter()
+        .enumerate()
+        .map(|(i, to)| json!({"to": to, "ref": format!("user-{i}")}))
+        .collect();
+    // The same person twice (once as a national number), and a number that is none.
+    recipients.insert(3, json!({"to": "07700 900000", "ref": "again"}));
+    recipients.push(json!({"to": "not a number"}));
+    let bulk = json!({
+        "id": Uuid::new_v4(),
+        "type": "announcement",
+        "school_id": SCHOOL,
+        "recipients": recipients,
+        "body": "The office is closed on Friday."
+    });
+    let bulk_id = id_of(&bulk);
+    app.publish(&bulk).await;
+
+    let started = Instant::now();
+    while app.stub.requests().is_empty() && started.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM sms_messages WHERE bulk_id = $1")
+        .bind(bulk_id)
+        .fetch_one(&app.db)
+        .await
+        .expect("count");
+    assert_eq!(
+        rows, 41,
+        "every recipient (once) has its row by the first text"
+    );
+    let queued: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM sms_messages WHERE bulk_id = $1 AND status = 'queued'",
+    )
+    .bind(bulk_id)
+    .fetch_one(&app.db)
+    .await
+    .expect("count");
+    assert!(queued >= 30, "only {queued} still queued at the first text");
+    let first = app
+        .message(Uuid::new_v5(&bulk_id, numbers[39].as_bytes()))
+        .await
+        .expect("the last recipient's row");
+    assert_eq!(first.context, Some(json!({"ref": "user-39"})));
+
+    let sent: Vec<Uuid> = numbers
+        .iter()
+        .filter(|to| **to != opted_out)
+        .map(|to| Uuid::new_v5(&bulk_id, to.as_bytes()))
+        .collect();
+    assert_eq!(
+        app.wait_all(&sent, "sent", Duration::from_secs(30)).await,
+        0
+    );
+    let suppressed = app
+        .wait_for_status(Uuid::new_v5(&bulk_id, opted_out.as_bytes()), "suppressed")
+        .await;
+    assert_eq!(suppressed.reason.as_deref(), Some("opted_out"));
+    let invalid = app
+        .wait_for_status(Uuid::new_v5(&bulk_id, b"not a number"), "failed")
+        .await;
+    assert_eq!(invalid.recipient, "not a number");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let requests = app.stub.requests();
+    assert_eq!(requests.len(), 39, "each reachable recipient texted once");
+    for to in numbers.iter().filter(|to| **to != opted_out) {
+        assert_eq!(app.stub.requests_to(to).len(), 1, "{to}");
+    }
+}

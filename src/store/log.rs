@@ -93,6 +93,12 @@ pub(crate) struct RecordRow {
     pub reason: Option<String>,
 }
 
+impl AsRef<MessageColumns> for MessageColumns {
+    fn as_ref(&self) -> &MessageColumns {
+        self
+    }
+}
+
 impl AsRef<MessageColumns> for ClaimRow {
     fn as_ref(&self) -> &MessageColumns {
         &self.message
@@ -211,11 +217,14 @@ pub(crate) async fn claim_batch(
     pool: &PgPool,
     rows: &[ClaimRow],
 ) -> Result<Vec<Claim>, StoreError> {
-    let fresh = rows
-        .iter()
-        .any(|r| r.take_over.is_none() && !r.message.reopen_failed);
+    // A message that may have a row already (taken over, reopened, or queued by its
+    // announcement's fan-out) goes straight to the full statement.
+    let is_new = |r: &ClaimRow| {
+        r.take_over.is_none() && !r.message.reopen_failed && r.message.bulk_id.is_none()
+    };
+    let fresh: Vec<&ClaimRow> = rows.iter().filter(|r| is_new(r)).collect();
     let mut answers: Vec<Option<Claim>> = vec![None; rows.len()];
-    if fresh {
+    if !fresh.is_empty() {
         let sql = format!(
             "WITH input AS (
                 SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::int8[], $4::text[], $5::text[],
@@ -239,13 +248,16 @@ pub(crate) async fn claim_batch(
                     i.id IN (SELECT id FROM refused) AS refused
                FROM input i"
         );
-        let result = bind_message_columns(sqlx::query(&sql), rows)
-            .bind(rows.iter().map(|r| r.message.segments).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.claim).collect::<Vec<_>>())
+        let result = bind_message_columns(sqlx::query(&sql), &fresh)
+            .bind(fresh.iter().map(|r| r.message.segments).collect::<Vec<_>>())
+            .bind(fresh.iter().map(|r| r.claim).collect::<Vec<_>>())
             .fetch_all(pool)
             .await?;
         let result = by_first_column(&result)?;
         for (i, row) in rows.iter().enumerate() {
+            if !is_new(row) {
+                continue;
+            }
             let found = result
                 .get(&row.claim)
                 .copied()
@@ -521,6 +533,26 @@ pub(crate) async fn record_batch(
         }
     }
     Ok(answers)
+}
+
+/// Writes `queued` rows for messages that will be sent later (the recipients of an
+/// announcement, fanned out a chunk at a time); a row already there is left as it is.
+pub(crate) async fn queue_batch(pool: &PgPool, rows: &[MessageColumns]) -> Result<(), StoreError> {
+    let query = sqlx::query(
+        "INSERT INTO sms_messages (id, bulk_id, school_id, type, recipient, body, context,
+                                   status, provider, segments)
+         SELECT id, bulk_id, school_id, type, recipient, body, context, 'queued', provider,
+                segments
+           FROM UNNEST($1::uuid[], $2::uuid[], $3::int8[], $4::text[], $5::text[],
+                       $6::text[], $7::jsonb[], $8::text[], $9::int4[])
+             AS t(id, bulk_id, school_id, type, recipient, body, context, provider, segments)
+         ON CONFLICT (id) DO NOTHING",
+    );
+    bind_message_columns(query, rows)
+        .bind(rows.iter().map(|r| r.segments).collect::<Vec<_>>())
+        .execute(pool)
+        .await?;
+    Ok(())
 }
 
 /// A write waiting for the recorder, and where its answer goes.

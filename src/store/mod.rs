@@ -595,6 +595,13 @@ impl Store {
     /// Records a message that ends without a provider call (suppressed, expired, refused),
     /// or that waits (queued). Returns the state it found instead when the message already
     /// has an outcome or is in flight.
+    /// Writes a `queued` row for each message (left alone where the row exists): the
+    /// recipients of an announcement are in the log as soon as it is accepted.
+    pub async fn queue_messages(&self, messages: &[NewMessage<'_>]) -> Result<(), StoreError> {
+        let rows: Vec<MessageColumns> = messages.iter().map(NewMessage::columns).collect();
+        log::queue_batch(&self.pool(), &rows).await
+    }
+
     pub async fn record_without_call(
         &self,
         message: &NewMessage<'_>,
