@@ -3,6 +3,8 @@
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
+# The allocator's settings (.cargo/config.toml) are part of the build.
+COPY .cargo .cargo
 COPY src src
 COPY schema schema
 RUN cargo build --release --locked --bin smsgw && strip target/release/smsgw

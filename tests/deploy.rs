@@ -405,4 +405,13 @@ fn the_compose_file_and_env_examples_use_real_settings() {
     let dockerfile = read("Dockerfile");
     assert!(dockerfile.contains("USER 65532"), "runs as non-root");
     assert!(dockerfile.matches("FROM ").count() >= 2, "multi-stage");
+    // Built like `cargo build` here: with the allocator settings of .cargo/config.toml.
+    assert!(
+        dockerfile.contains("COPY .cargo .cargo"),
+        "the image is built with the repo's cargo settings"
+    );
+    assert!(
+        read(".cargo/config.toml").contains("JEMALLOC_SYS_WITH_MALLOC_CONF"),
+        "the allocator settings are in the build"
+    );
 }
