@@ -252,7 +252,7 @@ impl Job {
             }
         };
 
-        Ok(Job {
+        let job = Job {
             id,
             kind,
             school_id,
@@ -265,7 +265,52 @@ impl Job {
                 Some(Value::String(s)) => Some(s.chars().take(200).collect()),
                 _ => None,
             },
-        })
+        };
+        job.reject_nul()?;
+        Ok(job)
+    }
+
+    /// PostgreSQL's text and jsonb cannot hold a NUL character (`\u0000` in JSON): a job
+    /// carrying one in a field the log keeps could never be recorded, so it is invalid
+    /// rather than retried for ever.
+    fn reject_nul(&self) -> Result<(), InvalidJob> {
+        let nul = |s: &str| s.contains('\0');
+        let bad = |field: &str| Err(invalid(format!("{field}: contains a NUL character")));
+        if nul(&self.body) {
+            return bad("body");
+        }
+        if self.reference.as_deref().is_some_and(nul) {
+            return bad("ref");
+        }
+        if self.context.as_ref().is_some_and(value_has_nul) {
+            return bad("context");
+        }
+        match &self.target {
+            Target::One(to) if nul(to) => bad("to"),
+            Target::Many(recipients) => {
+                for (i, r) in recipients.iter().enumerate() {
+                    if nul(&r.to) {
+                        return bad(&format!("recipients[{i}].to"));
+                    }
+                    if r.reference.as_deref().is_some_and(nul) {
+                        return bad(&format!("recipients[{i}].ref"));
+                    }
+                }
+                Ok(())
+            }
+            Target::One(_) => Ok(()),
+        }
+    }
+}
+
+fn value_has_nul(value: &Value) -> bool {
+    match value {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(value_has_nul),
+        Value::Object(object) => object
+            .iter()
+            .any(|(key, value)| key.contains('\0') || value_has_nul(value)),
+        _ => false,
     }
 }
 
@@ -490,6 +535,37 @@ mod tests {
         );
         let deep = "[".repeat(100_000);
         assert!(Job::decode(deep.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn a_nul_character_the_log_could_not_keep_is_invalid() {
+        let cases = [
+            ("to", json!("+44770090\u{0}0123")),
+            ("body", json!("Code\u{0}1234")),
+            ("context", json!({"booking_id": 1, "note": ["a\u{0}"]})),
+            ("context", json!({"k\u{0}": 1})),
+            ("ref", json!("user\u{0}")),
+        ];
+        for (field, value) in cases {
+            let mut job = valid();
+            job[field] = value;
+            let text = serde_json::to_string(&job).expect("json");
+            assert!(text.contains("\\u0000"), "{text}");
+            let error = Job::decode(text.as_bytes()).expect_err(field).0;
+            assert_eq!(error, format!("{field}: contains a NUL character"));
+        }
+        let mut bulk = valid();
+        bulk["type"] = json!("announcement");
+        bulk.as_object_mut().map(|o| o.remove("to"));
+        bulk["recipients"] = json!([{"to": "+447700900123"}, {"to": "0770\u{0}0900124"}]);
+        assert_eq!(
+            Job::decode(bulk.to_string().as_bytes()).expect_err("nul").0,
+            "recipients[1].to: contains a NUL character"
+        );
+        // Anywhere else it is ignored, like any unknown field.
+        let mut other = valid();
+        other["unknown"] = json!("\u{0}");
+        assert!(Job::decode(other.to_string().as_bytes()).is_ok());
     }
 
     #[test]
