@@ -349,8 +349,8 @@ impl Settings {
 
         let lanes = LaneBudgets {
             urgent: number(&get, "SMSGW_URGENT_CONCURRENCY", 32, 1, 10_000)?,
-            default: number(&get, "SMSGW_DEFAULT_CONCURRENCY", 64, 1, 10_000)?,
-            bulk: number(&get, "SMSGW_BULK_CONCURRENCY", 64, 1, 10_000)?,
+            default: number(&get, "SMSGW_DEFAULT_CONCURRENCY", 256, 1, 10_000)?,
+            bulk: number(&get, "SMSGW_BULK_CONCURRENCY", 256, 1, 10_000)?,
         };
 
         let log_format = match get("SMSGW_LOG_FORMAT").as_deref() {
