@@ -64,9 +64,21 @@ proptest! {
 
     #[test]
     fn a_mutated_job_decodes_or_names_what_is_wrong(job in mutated_job()) {
-        if let Err(e) = Job::decode(job.to_string().as_bytes()) {
-            prop_assert!(!e.0.is_empty());
-            prop_assert!(!e.0.contains("7700900123"), "an error echoes the number: {}", e.0);
+        match Job::decode(job.to_string().as_bytes()) {
+            Err(e) => {
+                prop_assert!(!e.0.is_empty());
+                prop_assert!(!e.0.contains("7700900123"), "an error echoes the number: {}", e.0);
+            }
+            // What the log will store holds no NUL (PostgreSQL could not keep it).
+            Ok(decoded) => {
+                prop_assert!(!decoded.body.contains('\0'));
+                prop_assert!(!decoded.reference.as_deref().unwrap_or_default().contains('\0'));
+                prop_assert!(!decoded
+                    .context
+                    .map(|c| c.to_string())
+                    .unwrap_or_default()
+                    .contains("\\u0000"));
+            }
         }
     }
 

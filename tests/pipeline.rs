@@ -238,6 +238,11 @@ async fn invalid_jobs_are_dead_lettered_while_later_jobs_still_flow() {
     absurd_school["school_id"] = json!(1e300);
     let mut unknown_type = valid();
     unknown_type["type"] = json!("fax");
+    // PostgreSQL cannot store U+0000: the log could never record this message.
+    let mut nul_in_to = valid();
+    nul_in_to["to"] = json!("+4477009\u{0}00123");
+    let mut nul_in_context = valid();
+    nul_in_context["context"] = json!({"note": "a\u{0}b"});
 
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         ("booking_reminder", b"this is not json".to_vec(), "not JSON"),
@@ -290,6 +295,16 @@ async fn invalid_jobs_are_dead_lettered_while_later_jobs_still_flow() {
             "booking_reminder",
             vec![0xff, 0xfe, b'{', 0x80],
             "not UTF-8",
+        ),
+        (
+            "booking_reminder",
+            nul_in_to.to_string().into_bytes(),
+            "to: contains a NUL character",
+        ),
+        (
+            "booking_reminder",
+            nul_in_context.to_string().into_bytes(),
+            "context: contains a NUL character",
         ),
     ];
     for (key, body, _) in &cases {
