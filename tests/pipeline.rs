@@ -505,6 +505,32 @@ async fn garbage_from_the_provider_is_recorded_and_retried() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_provider_error_with_a_nul_character_is_still_recorded() {
+    // PostgreSQL's text cannot hold U+0000: stored as it came, the outcome could never be
+    // written and the message would be held for ever.
+    let app = spawn_app().await;
+    app.add_school(SCHOOL, "GB").await;
+    app.stub.script([Reply::Raw {
+        status: 400,
+        body: r#"{"code": 21211, "message": "Invalid \u0000 'To' number", "status": 400}"#.into(),
+    }]);
+    let job = job("booking_reminder", SCHOOL, "+447700900123", "Reminder");
+    app.publish(&job).await;
+
+    let row = app.wait_for_status(id_of(&job), "failed").await;
+    assert_eq!(row.attempts, 1);
+    let attempts = app.attempts(id_of(&job)).await;
+    assert_eq!(attempts[0].outcome.as_deref(), Some("permanent_failure"));
+    let message = attempts[0].error_message.as_deref().unwrap_or_default();
+    assert!(
+        message.contains("Invalid \u{fffd} 'To' number"),
+        "{message}"
+    );
+    let dead = app.dead_letters(1).await;
+    assert_eq!(dead[0].reason.as_deref(), Some("permanent_failure"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_hanging_provider_times_out_and_is_retried() {
     let app = spawn_app_with(&[("SMSGW_PROVIDER_TIMEOUT", "300ms")]).await;
     app.add_school(SCHOOL, "GB").await;

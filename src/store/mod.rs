@@ -157,6 +157,13 @@ impl NewMessage<'_> {
     }
 }
 
+/// Text from outside (a provider's answer) as PostgreSQL can store it: a NUL character,
+/// which its text type cannot hold, becomes U+FFFD. Without this, an answer with one
+/// could never be recorded, and the message would be held for ever.
+fn storable(text: &str) -> String {
+    text.replace('\0', "\u{fffd}")
+}
+
 /// The state of a message already in the log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MessageState {
@@ -664,12 +671,12 @@ impl Store {
             duration_ms: i32::try_from(record.duration.as_millis()).unwrap_or(i32::MAX),
             outcome: record.outcome.as_str(),
             http_status: record.http_status.map(i32::from),
-            error_code: record.error_code.map(str::to_owned),
-            error_message: record.error_message.map(str::to_owned),
+            error_code: record.error_code.map(storable),
+            error_message: record.error_message.map(storable),
             outcome_unknown: record.outcome_unknown,
-            provider_message_id: record.provider_message_id.map(str::to_owned),
+            provider_message_id: record.provider_message_id.map(storable),
             status: record.status.as_str(),
-            reason: record.reason.map(str::to_owned),
+            reason: record.reason.map(storable),
         };
         match &self.recorder {
             Some(recorder) => recorder.write(|reply| Op::Finish(row, reply)).await,
@@ -706,10 +713,10 @@ impl Store {
         );
         Ok(sqlx::query_as(&sql)
             .bind(receipt.provider)
-            .bind(receipt.provider_message_id)
-            .bind(receipt.provider_status)
+            .bind(storable(receipt.provider_message_id))
+            .bind(storable(receipt.provider_status))
             .bind(receipt.status.map(MessageStatus::as_str))
-            .bind(receipt.error_code)
+            .bind(receipt.error_code.map(storable))
             .fetch_optional(&self.pool())
             .await?)
     }
@@ -748,6 +755,8 @@ impl Store {
         attempt: i32,
         provider_message_id: &str,
     ) -> Result<(), StoreError> {
+        let provider_message_id = storable(provider_message_id);
+        let provider_message_id = provider_message_id.as_str();
         let pool = self.pool();
         sqlx::query(
             "WITH attempt AS (
