@@ -87,9 +87,15 @@ struct Prior {
     unknown: Option<UnknownAttempt>,
 }
 
-/// The pipeline gave up on a database write because the daemon is stopping.
+/// Why the pipeline gave up on a database write.
 #[derive(Debug)]
-struct Abandoned;
+enum Abandoned {
+    /// The daemon is stopping: the delivery is left for the broker to deliver again.
+    Stopping,
+    /// PostgreSQL refused the message's data itself (a data exception): no retry can
+    /// record it, so the job is dead-lettered with the database's error.
+    Unrecordable(String),
+}
 
 /// Which gateways a school's messages go through.
 #[derive(Debug, Clone)]
@@ -221,7 +227,18 @@ impl Pipeline {
                 }
                 Target::One(to) => self.handle_one(incoming, &job, to, abandon).await,
             };
-            result.unwrap_or(Disposition::Unsettled)
+            match result {
+                Ok(disposition) => disposition,
+                Err(Abandoned::Stopping) => Disposition::Unsettled,
+                Err(Abandoned::Unrecordable(error)) => {
+                    tracing::error!(error = %redact_numbers(&error), "the database refused the message's data; dead-lettered");
+                    Disposition::DeadLetter {
+                        reason: DeadReason::InvalidJob,
+                        error: format!("the database refused the message's data: {error}"),
+                        attempts: incoming.attempts,
+                    }
+                }
+            }
         }
         .instrument(span)
         .await
@@ -622,7 +639,7 @@ impl Pipeline {
                     }));
                 }
             },
-            () = abandon.cancelled() => return Err(Abandoned),
+            () = abandon.cancelled() => return Err(Abandoned::Stopping),
         };
         // One id for this claim, kept across retries of the same statement.
         let claim_id = Uuid::new_v4();
@@ -1117,6 +1134,7 @@ impl Pipeline {
                     .with_jitter()
                     .without_max_times(),
             )
+            .when(|error| !error.is_data_error())
             .notify(|error, wait| {
                 self.health.set_database(false);
                 if matches!(error, StoreError::Timeout(_)) {
@@ -1130,11 +1148,11 @@ impl Pipeline {
             });
         tokio::select! {
             result = retrying => {
-                let value = result.map_err(|_| Abandoned)?;
+                let value = result.map_err(|e| Abandoned::Unrecordable(e.to_string()))?;
                 self.health.set_database(true);
                 Ok(value)
             }
-            () = abandon.cancelled() => Err(Abandoned),
+            () = abandon.cancelled() => Err(Abandoned::Stopping),
         }
     }
 }

@@ -333,6 +333,56 @@ async fn invalid_jobs_are_dead_lettered_while_later_jobs_still_flow() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_message_the_database_refuses_as_data_is_dead_lettered_not_held() {
+    let app = spawn_app().await;
+    app.add_school(SCHOOL, "GB").await;
+    // Data PostgreSQL will not store, whatever the reason: a data exception (class 22).
+    app.sql(
+        "CREATE FUNCTION refuse_poison() RETURNS trigger AS $$
+         BEGIN
+             IF NEW.body = 'Poison' THEN
+                 RAISE EXCEPTION 'this value cannot be stored' USING ERRCODE = '22023';
+             END IF;
+             RETURN NEW;
+         END $$ LANGUAGE plpgsql",
+    )
+    .await;
+    app.sql(
+        "CREATE TRIGGER refuse_poison BEFORE INSERT OR UPDATE ON sms_messages
+         FOR EACH ROW EXECUTE FUNCTION refuse_poison()",
+    )
+    .await;
+    let poison = job("booking_reminder", SCHOOL, "+447700900123", "Poison");
+    let fine = job("booking_reminder", SCHOOL, "+447700900124", "Fine");
+    app.publish(&poison).await;
+    app.publish(&fine).await;
+
+    app.wait_for_status(id_of(&fine), "sent").await;
+    let dead = app.dead_letters(1).await;
+    assert_eq!(dead[0].reason.as_deref(), Some("invalid_job"));
+    let error = dead[0].error.as_deref().unwrap_or_default();
+    assert!(
+        error.contains("the database refused the message's data")
+            && error.contains("this value cannot be stored"),
+        "{error}"
+    );
+    assert!(app.message(id_of(&poison)).await.is_none());
+    assert_eq!(
+        app.stub.requests().len(),
+        1,
+        "the refused one was never sent"
+    );
+    let ready = reqwest::get(format!("{}/readyz", app.http_url))
+        .await
+        .expect("readyz");
+    assert_eq!(
+        ready.status(),
+        200,
+        "one refused message is no database outage"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn temporary_failures_are_retried_until_sent() {
     let app = spawn_app().await;
     app.add_school(SCHOOL, "GB").await;

@@ -747,6 +747,12 @@ async fn answer<R, T, F, Fut>(
                 let _ = reply.send(one);
             }
         }
+        Err(e) if replies.len() == 1 => {
+            // One row: its own error, as the database gave it.
+            if let Some(reply) = replies.into_iter().next() {
+                let _ = reply.send(Err(e));
+            }
+        }
         Err(e) => {
             let text = e.to_string();
             let timeout = matches!(e, StoreError::Timeout(_));

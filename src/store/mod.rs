@@ -45,6 +45,19 @@ pub enum StoreError {
     Batch(String),
 }
 
+impl StoreError {
+    /// PostgreSQL refused the data itself (SQLSTATE class 22, a data exception, such as a
+    /// value it cannot store): trying the same write again cannot succeed.
+    pub fn is_data_error(&self) -> bool {
+        match self {
+            StoreError::Database(sqlx::Error::Database(e)) => {
+                e.code().is_some_and(|code| code.starts_with("22"))
+            }
+            _ => false,
+        }
+    }
+}
+
 /// The status of a message, as `sms_messages.status` stores it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MessageStatus {
