@@ -612,9 +612,6 @@ impl Store {
         log::read_state(&self.pool(), id).await
     }
 
-    /// Records a message that ends without a provider call (suppressed, expired, refused),
-    /// or that waits (queued). Returns the state it found instead when the message already
-    /// has an outcome or is in flight.
     /// Writes a `queued` row for each message (left alone where the row exists): the
     /// recipients of an announcement are in the log as soon as it is accepted.
     pub async fn queue_messages(&self, messages: &[NewMessage<'_>]) -> Result<(), StoreError> {
@@ -622,6 +619,9 @@ impl Store {
         log::queue_batch(&self.pool(), &rows).await
     }
 
+    /// Records a message that ends without a provider call (suppressed, expired, refused),
+    /// or that waits (queued). Returns the state it found instead when the message already
+    /// has an outcome or is in flight.
     pub async fn record_without_call(
         &self,
         message: &NewMessage<'_>,
