@@ -144,6 +144,25 @@ async fn receipts_move_messages_forward_never_back_in_any_order() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_signed_receipt_with_a_nul_character_is_kept() {
+    // PostgreSQL's text cannot hold U+0000; a receipt carrying one is stored with U+FFFD
+    // instead of failing with a 5xx that the provider would retry for ever.
+    let app = spawn_app_with(&[("SMSGW_PUBLIC_URL", PUBLIC)]).await;
+    app.add_school(SCHOOL, "GB").await;
+    let (id, sid) = sent_message(&app, "+447700900650").await;
+    assert_eq!(status(&app, &sid, "deliv\u{0}ered").await, 204);
+    assert_eq!(status(&app, "SM\u{0}unknown", "delivered").await, 204);
+    let kept: Vec<String> =
+        sqlx::query_scalar("SELECT provider_status FROM sms_receipts ORDER BY id")
+            .fetch_all(&app.db)
+            .await
+            .expect("receipts");
+    assert_eq!(kept, ["deliv\u{fffd}ered", "delivered"]);
+    let row = app.message(id).await.expect("row");
+    assert_eq!(row.status, "sent", "an unknown status word moves nothing");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_receipt_with_a_wrong_or_missing_signature_changes_nothing() {
     let app = spawn_app_with(&[("SMSGW_PUBLIC_URL", PUBLIC)]).await;
     app.add_school(SCHOOL, "GB").await;
