@@ -204,11 +204,18 @@ pub(crate) async fn read_state(
 
 /// The input rows whose recipient opted out, of every school or of the row's own: one
 /// rule for both claim statements.
+///
+/// `OFFSET 0` keeps the test a lookup per row through the (phone, school) index. Without
+/// it PostgreSQL turns the `EXISTS` into a semi join, and with the few rows it expects
+/// from the arrays it hashes the whole opt-out table for every batch: with 2,000
+/// opt-outs that was 0.5 ms of a 20-row claim's 1.1 (`EXPLAIN ANALYZE`), growing with
+/// the table.
 const REFUSED: &str = "refused AS (
             SELECT i.id FROM input i
              WHERE EXISTS (SELECT 1 FROM sms_opt_outs o
                             WHERE o.phone = i.recipient
-                              AND (o.school_id IS NULL OR o.school_id = i.school_id))
+                              AND (o.school_id IS NULL OR o.school_id = i.school_id)
+                            OFFSET 0)
          ),";
 
 /// Claims attempts: first the cheap way (a new message is one insert), then the full
