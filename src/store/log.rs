@@ -468,7 +468,71 @@ pub(crate) async fn finish_batch(
     Ok(())
 }
 
+/// Records outcomes reached without a call (suppressed, expired, invalid, ...): first the
+/// cheap way (a message seen for the first time is one insert), then the full statement
+/// for the messages that already have a row.
 pub(crate) async fn record_batch(
+    pool: &PgPool,
+    rows: &[RecordRow],
+    keep_body: bool,
+) -> Result<Vec<Option<MessageState>>, StoreError> {
+    // An announcement's recipients and reopened messages have their rows already.
+    let is_new = |r: &RecordRow| !r.message.reopen_failed && r.message.bulk_id.is_none();
+    let fresh: Vec<&RecordRow> = rows.iter().filter(|r| is_new(r)).collect();
+    let mut inserted = HashSet::new();
+    if !fresh.is_empty() {
+        let result = bind_message_columns(
+            sqlx::query(
+                "INSERT INTO sms_messages (id, bulk_id, school_id, type, recipient, body,
+                                           context, status, reason, provider, segments)
+                 SELECT id, bulk_id, school_id, type, recipient,
+                        CASE WHEN $12 OR status = 'queued' THEN body END, context, status,
+                        reason, provider, segments
+                   FROM UNNEST($1::uuid[], $2::uuid[], $3::int8[], $4::text[], $5::text[],
+                               $6::text[], $7::jsonb[], $8::text[], $9::int4[], $10::text[],
+                               $11::text[])
+                     AS t(id, bulk_id, school_id, type, recipient, body, context, provider,
+                          segments, status, reason)
+                 ON CONFLICT (id) DO NOTHING
+                 RETURNING id",
+            ),
+            &fresh,
+        )
+        .bind(fresh.iter().map(|r| r.message.segments).collect::<Vec<_>>())
+        .bind(fresh.iter().map(|r| r.status).collect::<Vec<_>>())
+        .bind(fresh.iter().map(|r| r.reason.as_deref()).collect::<Vec<_>>())
+        .bind(keep_body)
+        .fetch_all(pool)
+        .await?;
+        for row in &result {
+            inserted.insert(row.try_get::<Uuid, _>(0)?);
+        }
+    }
+    let rest: Vec<RecordRow> = rows
+        .iter()
+        .filter(|r| !inserted.contains(&r.message.id))
+        .cloned()
+        .collect();
+    let mut full = if rest.is_empty() {
+        Vec::new().into_iter()
+    } else {
+        record_existing(pool, &rest, keep_body).await?.into_iter()
+    };
+    rows.iter()
+        .map(|row| {
+            if inserted.contains(&row.message.id) {
+                Ok(None)
+            } else {
+                full.next()
+                    .ok_or_else(|| StoreError::Corrupt("a record without its answer".into()))
+            }
+        })
+        .collect()
+}
+
+/// The full record: a message that has a row is recorded if it may still change
+/// (queued, retrying, or a failure being reopened); otherwise its state is reported.
+async fn record_existing(
     pool: &PgPool,
     rows: &[RecordRow],
     keep_body: bool,
