@@ -20,8 +20,11 @@ use std::{
 use lapin::{Acker, options::BasicAckOptions};
 use tokio::sync::{mpsc, oneshot};
 
-/// How long a finished delivery may wait for an older one to finish too.
-const STRAGGLER_WAIT: Duration = Duration::from_millis(5);
+/// How long a finished delivery may wait for an older one to finish too. Measured with
+/// `make bench` (40,000 jobs, 0 ms provider): at 5 ms a quarter of the deliveries were
+/// acked alone, 12,600 to 15,000 ack frames in all and RabbitMQ's CPU 0.77 to 1.07 s per
+/// 10k jobs; at 25 ms 4,000 frames and 0.47 to 0.50 s; 50 and 100 ms saved no more CPU.
+const STRAGGLER_WAIT: Duration = Duration::from_millis(25);
 /// How long the batcher gathers finished deliveries before it acks.
 const GATHER: Duration = Duration::from_micros(500);
 /// Longest wait for the broker to take an ack.
