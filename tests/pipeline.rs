@@ -624,6 +624,36 @@ async fn the_same_job_published_twice_is_sent_once() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_sent_message_delivered_again_after_an_opt_out_stays_sent() {
+    let app = spawn_app().await;
+    app.add_school(SCHOOL, "GB").await;
+    let job = job("booking_reminder", SCHOOL, "+447700900123", "Reminder");
+    app.publish(&job).await;
+    app.wait_for_status(id_of(&job), "sent").await;
+    app.sql(&format!(
+        "INSERT INTO sms_opt_outs (school_id, phone, source) VALUES ({SCHOOL}, '+447700900123', 'web')"
+    ))
+    .await;
+    // Once a new message to the number is suppressed, the opt-out is known everywhere.
+    let probe = helpers::job("booking_reminder", SCHOOL, "+447700900123", "Probe");
+    app.publish(&probe).await;
+    app.wait_for_status(id_of(&probe), "suppressed").await;
+
+    // The sent message comes again (a redelivery, or the web app publishing twice): its
+    // row already holds the outcome, which the suppression must not overwrite.
+    app.publish(&job).await;
+    let marker = helpers::job("booking_reminder", SCHOOL, "+447700900999", "marker");
+    app.publish(&marker).await;
+    app.wait_for_status(id_of(&marker), "sent").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let row = app.message(id_of(&job)).await.expect("the message's row");
+    assert_eq!(row.status, "sent");
+    assert_eq!(row.reason, None);
+    assert_eq!(app.attempts(id_of(&job)).await.len(), 1);
+    assert_eq!(app.stub.requests_to("+447700900123").len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn staging_redirects_every_message_to_one_number() {
     let app = spawn_app_with(&[
         ("SMSGW_ENV", "staging"),

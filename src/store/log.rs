@@ -500,7 +500,12 @@ pub(crate) async fn record_batch(
         )
         .bind(fresh.iter().map(|r| r.message.segments).collect::<Vec<_>>())
         .bind(fresh.iter().map(|r| r.status).collect::<Vec<_>>())
-        .bind(fresh.iter().map(|r| r.reason.as_deref()).collect::<Vec<_>>())
+        .bind(
+            fresh
+                .iter()
+                .map(|r| r.reason.as_deref())
+                .collect::<Vec<_>>(),
+        )
         .bind(keep_body)
         .fetch_all(pool)
         .await?;
