@@ -374,7 +374,7 @@ struct Throughput {
 async fn end_to_end(jobs: usize, latency_ms: u64) -> Throughput {
     // The lanes' budgets: BENCH_CONCURRENCY for the default and bulk lanes (the urgent
     // one 128); else the daemon's own defaults with a fast provider, and 1,024 in flight
-    // in all (448 / 448 / 128) with a slow one, the load the memory target is set for.
+    // in all (128 / 448 / 448) with a slow one, the load the memory target is set for.
     let concurrency = std::env::var("BENCH_CONCURRENCY")
         .ok()
         .or_else(|| (latency_ms >= 50).then(|| "448".to_owned()));

@@ -535,8 +535,9 @@ pub(crate) async fn record_batch(
         .collect()
 }
 
-/// The full record: a message that has a row is recorded if it may still change
-/// (queued, retrying, or a failure being reopened); otherwise its state is reported.
+/// The full record: a message without a row gets one; a message with a row is recorded
+/// if it may still change (queued, retrying, or a failure being reopened), otherwise its
+/// state is reported.
 async fn record_existing(
     pool: &PgPool,
     rows: &[RecordRow],
