@@ -147,10 +147,14 @@ impl Topology {
     }
 }
 
-/// A delivery taken from a lane, with what the pipeline needs to know about it.
-pub struct Incoming {
+/// A delivery as the pipeline sees it: plain data, decoded from the AMQP message and our
+/// headers. The pipeline decides over it; only the broker settles it.
+#[derive(Debug, Clone)]
+pub struct Delivery {
     pub lane: Lane,
     pub body: Vec<u8>,
+    /// The `message_id` property, as the web app set it.
+    pub message_id: Option<String>,
     /// The broker delivered it before (to us or another consumer) without a settlement.
     pub redelivered: bool,
     /// Provider calls made for this job so far, from our `x-smsgw-attempts` header.
@@ -164,6 +168,18 @@ pub struct Incoming {
     pub requeued: bool,
     /// An announcement's continuation: its recipients' rows were written by the first pass.
     pub fanout_queued: bool,
+}
+
+impl Delivery {
+    /// Whether the job may have been seen before: redelivered, back from a tier, replayed.
+    pub fn has_history(&self) -> bool {
+        self.redelivered || self.requeued || self.replayed
+    }
+}
+
+/// A delivery taken from a lane: its data, and what settling it needs.
+pub struct Incoming {
+    pub delivery: Delivery,
     routing_key: ShortString,
     properties: BasicProperties,
     acker: Acker,
@@ -189,10 +205,7 @@ impl Drop for Incoming {
 impl std::fmt::Debug for Incoming {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Incoming")
-            .field("lane", &self.lane)
-            .field("bytes", &self.body.len())
-            .field("redelivered", &self.redelivered)
-            .field("attempts", &self.attempts)
+            .field("delivery", &self.delivery)
             .finish()
     }
 }
@@ -218,22 +231,30 @@ impl Incoming {
         let replayed = headers.is_some_and(|h| h.contains_key(HEADER_REPLAYED_AT));
         let requeued = headers.is_some_and(|h| h.contains_key(HEADER_REQUEUED));
         let fanout_queued = headers.is_some_and(|h| h.contains_key(HEADER_FANOUT_QUEUED));
+        let message_id = delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.as_str().to_owned());
         Incoming {
-            lane,
-            redelivered: delivery.redelivered,
-            attempts,
-            bulk_id,
-            retry_at,
-            replayed,
-            requeued,
-            fanout_queued,
+            delivery: Delivery {
+                lane,
+                body: delivery.data,
+                message_id,
+                redelivered: delivery.redelivered,
+                attempts,
+                bulk_id,
+                retry_at,
+                replayed,
+                requeued,
+                fanout_queued,
+            },
             routing_key: delivery.routing_key,
             properties: delivery.properties,
             acker: delivery.acker,
             delivery_tag: delivery.delivery_tag,
             batcher: None,
             settled: std::sync::atomic::AtomicBool::new(false),
-            body: delivery.data,
         }
     }
 
@@ -269,11 +290,6 @@ impl Incoming {
     /// Whether the delivery can still be settled (its channel is alive and it was not yet).
     pub fn settleable(&self) -> bool {
         self.acker.usable()
-    }
-
-    /// The `message_id` property, as the web app set it.
-    pub fn message_id(&self) -> Option<&str> {
-        self.properties.message_id().as_ref().map(|id| id.as_str())
     }
 }
 
@@ -616,7 +632,7 @@ impl Broker {
         &self,
         bulk_id: Uuid,
         kind: JobType,
-        messages: impl IntoIterator<Item = (Uuid, Vec<u8>)>,
+        messages: &[(Uuid, Vec<u8>)],
     ) -> Result<(), BrokerError> {
         let mut headers = FieldTable::default();
         headers.insert(HEADER_BULK_ID.into(), long_string(&bulk_id.to_string()));
@@ -634,7 +650,7 @@ impl Broker {
                     mandatory: true,
                     ..BasicPublishOptions::default()
                 },
-                &body,
+                body,
                 properties,
             ))
             .await?;
@@ -721,8 +737,8 @@ impl Broker {
                     incoming,
                     &tier_name(tier),
                     kind.as_str(),
-                    incoming.attempts,
-                    incoming.retry_at,
+                    incoming.delivery.attempts,
+                    incoming.delivery.retry_at,
                     None,
                 )
                 .await?;
@@ -742,6 +758,18 @@ impl Broker {
                     Some((*reason, error.as_str())),
                 )
                 .await?;
+            }
+            Disposition::FanOut {
+                announcement,
+                kind,
+                messages,
+                rest,
+            } => {
+                self.publish_fanout(*announcement, *kind, messages).await?;
+                if let Some(rest) = rest {
+                    self.publish_continuation(*announcement, *kind, rest)
+                        .await?;
+                }
             }
             Disposition::Unsettled => return Ok(()),
             Disposition::Requeue => {
@@ -810,7 +838,7 @@ impl Broker {
             .clone()
             .with_delivery_mode(2)
             .with_headers(headers);
-        self.publish_confirmed(exchange, routing_key, &incoming.body, properties)
+        self.publish_confirmed(exchange, routing_key, &incoming.delivery.body, properties)
             .await
     }
 }

@@ -7,7 +7,7 @@
 
 use std::{panic::AssertUnwindSafe, sync::Arc, time::Duration};
 
-use backon::{BackoffBuilder, ExponentialBuilder};
+use backon::BackoffBuilder;
 use futures_util::FutureExt;
 use tokio::{net::TcpListener, sync::watch, task::JoinSet};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -22,6 +22,7 @@ use crate::{
     metrics::{LaneLabels, Metrics, ReasonLabels},
     pipeline::{Pipeline, PipelineSettings},
     provider::Gateways,
+    retry::pause,
     store::Store,
 };
 
@@ -35,20 +36,7 @@ pub enum DaemonError {
 }
 
 fn reconnect_backoff() -> impl Iterator<Item = Duration> {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(200))
-        .with_max_delay(Duration::from_secs(10))
-        .with_jitter()
-        .without_max_times()
-        .build()
-}
-
-/// Waits `delay`, or less if `stop` fires; returns whether it fired.
-async fn pause(delay: Duration, stop: &CancellationToken) -> bool {
-    tokio::select! {
-        () = tokio::time::sleep(delay) => false,
-        () = stop.cancelled() => true,
-    }
+    crate::retry::reconnecting().build()
 }
 
 /// Runs the daemon until `shutdown` fires, then drains and returns.
@@ -143,6 +131,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             metrics: metrics.clone(),
             tracker: TaskTracker::new(),
             abandon: CancellationToken::new(),
+            default_provider: gateways.default_gateway().name,
         };
         let consumed = worker.consume_until_stopped(&shutdown).await;
         worker.drain(consumed.as_ref().ok()).await;
@@ -263,6 +252,7 @@ struct Worker<'a> {
     tracker: TaskTracker,
     /// Fires when shutdown stops waiting for in-flight messages.
     abandon: CancellationToken,
+    default_provider: &'static str,
 }
 
 /// A broker session that ended because we were told to stop; its channels are still open
@@ -405,6 +395,7 @@ impl Worker<'_> {
                     broker: broker.clone(),
                     metrics: self.metrics.clone(),
                     abandon: self.abandon.clone(),
+                    default_provider: self.default_provider,
                 },
                 self.tracker.clone(),
                 stop.clone(),
@@ -522,6 +513,8 @@ struct Handler {
     broker: Broker,
     metrics: Arc<Metrics>,
     abandon: CancellationToken,
+    /// Labels the metrics of what belongs to no provider yet.
+    default_provider: &'static str,
 }
 
 impl Handler {
@@ -529,24 +522,41 @@ impl Handler {
     /// so a message that keeps failing this way ends in `sms.dead` by the delivery limit.
     async fn process(self, incoming: Incoming) {
         let lane = LaneLabels {
-            lane: incoming.lane.as_str(),
+            lane: incoming.delivery.lane.as_str(),
         };
         let in_flight = self.metrics.in_flight.get_or_create(&lane).clone();
         in_flight.inc();
-        let handled =
-            AssertUnwindSafe(self.pipeline.handle(&incoming, &self.broker, &self.abandon))
-                .catch_unwind()
-                .await;
-        let disposition = match handled {
-            Ok(disposition) => disposition,
-            Err(_) => {
-                tracing::error!(lane = lane.lane, "the pipeline panicked; message requeued");
-                Disposition::Requeue
-            }
+        let handled = AssertUnwindSafe(self.pipeline.handle(&incoming.delivery, &self.abandon))
+            .catch_unwind()
+            .await;
+        let disposition = handled.unwrap_or_else(|_| {
+            tracing::error!(lane = lane.lane, "the pipeline panicked; message requeued");
+            Disposition::Requeue
+        });
+        self.count(&lane, &disposition);
+        let fanned_out = match &disposition {
+            Disposition::FanOut {
+                kind,
+                messages,
+                rest,
+                ..
+            } => Some((*kind, messages.len(), rest.is_some())),
+            _ => None,
         };
-        match &disposition {
+        let settled = settle(&self.broker, &incoming, disposition, &self.abandon).await;
+        if let (true, Some((kind, recipients, more))) = (settled, fanned_out) {
+            let provider = self.default_provider;
+            self.metrics
+                .count_message("fanned_out", kind.as_str(), provider);
+            tracing::info!(recipients, more_to_come = more, "announcement fanned out");
+        }
+        in_flight.dec();
+    }
+
+    fn count(&self, lane: &LaneLabels, disposition: &Disposition) {
+        match disposition {
             Disposition::Retry { .. } => {
-                self.metrics.retries.get_or_create(&lane).inc();
+                self.metrics.retries.get_or_create(lane).inc();
             }
             Disposition::DeadLetter { reason, .. } => {
                 self.metrics
@@ -558,38 +568,44 @@ impl Handler {
             }
             _ => {}
         }
-        settle(&self.broker, &incoming, disposition, &self.abandon).await;
-        in_flight.dec();
     }
 }
 
-/// Settles a delivery, trying a refused or timed-out republish again. If it keeps failing
-/// the delivery is requeued rather than acked: nothing is acked before its republish is
-/// confirmed.
+/// Settles a delivery, trying a refused or timed-out republish again; says whether it was
+/// settled as `disposition` asked. If it keeps failing the delivery is requeued rather
+/// than acked: nothing is acked before its republish is confirmed. A fan-out that fails
+/// is requeued at once: fanning out again sends nobody anything twice.
 async fn settle(
     broker: &Broker,
     incoming: &Incoming,
     mut disposition: Disposition,
     abandon: &CancellationToken,
-) {
-    let mut wait = Duration::from_millis(100);
+) -> bool {
+    let mut waits =
+        crate::retry::backoff(Duration::from_millis(100), Duration::from_secs(5)).build();
+    let mut asked = true;
     for attempt in 1.. {
-        match broker.settle(incoming, &disposition).await {
-            Ok(()) => return,
-            Err(e) => {
-                if !incoming.settleable() {
-                    tracing::debug!(error = %e, "channel gone; the broker will deliver it again");
-                    return;
-                }
-                tracing::warn!(error = %e, attempt, "could not settle the delivery; trying again");
-                if attempt >= 5 && disposition != Disposition::Requeue {
-                    disposition = Disposition::Requeue;
-                }
-                if pause(wait, abandon).await {
-                    return;
-                }
-                wait = (wait * 2).min(Duration::from_secs(5));
-            }
+        let Err(e) = broker.settle(incoming, &disposition).await else {
+            return asked;
+        };
+        if !incoming.settleable() {
+            tracing::debug!(error = %e, "channel gone; the broker will deliver it again");
+            return false;
+        }
+        if matches!(disposition, Disposition::FanOut { .. }) {
+            tracing::warn!(error = %e, "fan-out failed; the announcement goes back to its lane");
+        } else {
+            tracing::warn!(error = %e, attempt, "could not settle the delivery; trying again");
+        }
+        let give_back = matches!(disposition, Disposition::FanOut { .. }) || attempt >= 5;
+        if give_back && disposition != Disposition::Requeue {
+            disposition = Disposition::Requeue;
+            asked = false;
+        }
+        let wait = waits.next().unwrap_or(Duration::from_secs(5));
+        if pause(wait, abandon).await {
+            return false;
         }
     }
+    false
 }

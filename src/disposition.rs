@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use time::OffsetDateTime;
+use uuid::Uuid;
 
 use crate::job::JobType;
 
@@ -28,6 +29,18 @@ pub enum Disposition {
         reason: DeadReason,
         error: String,
         attempts: u32,
+    },
+    /// An announcement accepted: publish one message per recipient of this chunk and,
+    /// when recipients are left, the rest of the announcement at the back of its lane;
+    /// ack once the broker confirmed them all. A publish that fails requeues the
+    /// announcement, which fans the same chunk out again to the same ids.
+    FanOut {
+        announcement: Uuid,
+        kind: JobType,
+        /// Each recipient's message: its id and its v1 job.
+        messages: Vec<(Uuid, Vec<u8>)>,
+        /// The announcement without this chunk's recipients.
+        rest: Option<Vec<u8>>,
     },
     /// Give it back to the broker now (counts towards the lane's delivery limit).
     Requeue,

@@ -46,6 +46,7 @@ pub mod pipeline;
 pub mod policy;
 pub mod provider;
 pub mod retention;
+pub mod retry;
 pub mod segments;
 pub mod store;
 pub mod systemd;

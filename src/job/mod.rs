@@ -1,4 +1,5 @@
-//! The v1 job the web app publishes, decoded and validated in one place.
+//! The v1 job the web app publishes: decoded and validated here, and encoded here (in
+//! [`encode`]) for the jobs smsgw publishes itself, an announcement's recipients.
 //!
 //! Decoding never echoes field values into its errors: an error lands in a log line and an
 //! `x-smsgw-error` header, and a value may be a phone number or a message body.
@@ -6,6 +7,8 @@
 use serde_json::{Map, Value};
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 use uuid::Uuid;
+
+mod encode;
 
 /// Longest body accepted, in characters (Twilio's limit).
 pub const MAX_BODY_CHARS: usize = 1_600;

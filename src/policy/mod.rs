@@ -1,5 +1,14 @@
-//! Policy: whether, when and from whom a message is sent. A pure function over the job,
-//! the school's settings and the opt-outs, so every rule is unit-tested without mocks.
+//! Policy: whether, when, from whom and through which gateway a message is sent. A pure
+//! function over the job, the school's settings and its route, so every rule is
+//! unit-tested without mocks.
+//!
+//! Opt-outs are not decided here: the claim that starts an attempt reads `sms_opt_outs`
+//! in the same statement (see [`crate::store::Claim::OptedOut`]), so an opt-out written a
+//! moment ago counts, and the table stays the only authority.
+
+mod routing;
+
+pub use routing::{Route, route};
 
 use time::OffsetDateTime;
 
@@ -82,13 +91,15 @@ impl Refusal {
     }
 }
 
-/// What to do with a message.
+/// What to do with a message. `R` is the route it goes by (a [`Route`] in the daemon).
 #[derive(Debug, Clone, PartialEq)]
-pub enum Decision {
-    /// Send it now to `to`, from the school's sender if it has one (else the default).
+pub enum Decision<R = Route> {
+    /// Send it now to `to` through `route`, from the school's sender if it has one (else
+    /// the default).
     Send {
         to: PhoneNumber,
         sender: Option<SenderId>,
+        route: R,
     },
     Suppress(SuppressReason),
     /// Past `expires_at`: never sent.
@@ -102,11 +113,12 @@ pub enum Decision {
 
 /// The inputs of [`decide`] that come from outside the job itself.
 #[derive(Debug, Clone)]
-pub struct Facts<'a> {
+pub struct Facts<'a, R = Route> {
     pub settings: Option<&'a SchoolSettings>,
     /// The recipient normalised with the school's country (or why it could not be).
     pub recipient: &'a Result<PhoneNumber, PhoneError>,
-    pub opted_out: bool,
+    /// The gateways the school's settings name, or the name of one not configured.
+    pub route: &'a Result<R, String>,
     /// How many segments the body takes, and the most the job's type may take.
     pub segments: u32,
     pub max_segments: Option<u32>,
@@ -114,13 +126,15 @@ pub struct Facts<'a> {
 }
 
 /// Decides a message's fate. Expiry first (an expired text is never useful), then the
-/// school's settings, the recipient, the opt-outs, and last the schedule.
-pub fn decide(
+/// school's settings, the recipient, the sender and length, the schedule, and last the
+/// route: a scheduled message is deferred even when its provider is missing, so that a
+/// configuration fixed before it is due still sends it.
+pub fn decide<R: Clone>(
     kind: JobType,
     not_before: Option<OffsetDateTime>,
     expires_at: Option<OffsetDateTime>,
-    facts: &Facts<'_>,
-) -> Decision {
+    facts: &Facts<'_, R>,
+) -> Decision<R> {
     if expires_at.is_some_and(|at| at <= facts.now) {
         return Decision::Expire;
     }
@@ -137,9 +151,6 @@ pub fn decide(
         Ok(number) => number.clone(),
         Err(e) => return Decision::Refuse(Refusal::InvalidRecipient(e.clone())),
     };
-    if facts.opted_out {
-        return Decision::Suppress(SuppressReason::OptedOut);
-    }
     let sender = match settings.sender_id.as_deref().map(str::trim) {
         None | Some("") => None,
         Some(raw) => match SenderId::parse(raw) {
@@ -156,7 +167,14 @@ pub fn decide(
     if let Some(until) = not_before.filter(|at| *at > facts.now) {
         return Decision::Defer { until };
     }
-    Decision::Send { to, sender }
+    match facts.route {
+        Ok(route) => Decision::Send {
+            to,
+            sender,
+            route: route.clone(),
+        },
+        Err(name) => Decision::Refuse(Refusal::UnknownProvider(name.clone())),
+    }
 }
 
 #[cfg(test)]
@@ -186,7 +204,7 @@ mod tests {
         PhoneNumber::parse("+447700900123", None)
     }
 
-    fn decide_with(settings: Option<&SchoolSettings>, opted_out: bool) -> Decision {
+    fn decide_with(settings: Option<&SchoolSettings>) -> Decision<()> {
         let recipient = number();
         decide(
             JobType::BookingReminder,
@@ -195,7 +213,7 @@ mod tests {
             &Facts {
                 settings,
                 recipient: &recipient,
-                opted_out,
+                route: &Ok(()),
                 segments: 1,
                 max_segments: None,
                 now: NOW,
@@ -206,10 +224,11 @@ mod tests {
     #[test]
     fn an_enabled_school_sends() {
         assert_eq!(
-            decide_with(Some(&school()), false),
+            decide_with(Some(&school())),
             Decision::Send {
                 to: number().expect("valid"),
-                sender: None
+                sender: None,
+                route: ()
             }
         );
     }
@@ -217,7 +236,7 @@ mod tests {
     #[test]
     fn each_suppression_reason() {
         assert_eq!(
-            decide_with(None, false),
+            decide_with(None),
             Decision::Suppress(SuppressReason::NoSchoolSettings)
         );
         let disabled = SchoolSettings {
@@ -225,7 +244,7 @@ mod tests {
             ..school()
         };
         assert_eq!(
-            decide_with(Some(&disabled), false),
+            decide_with(Some(&disabled)),
             Decision::Suppress(SuppressReason::SchoolDisabled)
         );
         let no_reminders = SchoolSettings {
@@ -233,12 +252,8 @@ mod tests {
             ..school()
         };
         assert_eq!(
-            decide_with(Some(&no_reminders), false),
+            decide_with(Some(&no_reminders)),
             Decision::Suppress(SuppressReason::TypeNotAllowed)
-        );
-        assert_eq!(
-            decide_with(Some(&school()), true),
-            Decision::Suppress(SuppressReason::OptedOut)
         );
     }
 
@@ -259,7 +274,7 @@ mod tests {
         let facts = Facts {
             settings: None,
             recipient: &recipient,
-            opted_out: true,
+            route: &Ok(()),
             segments: 1,
             max_segments: None,
             now: NOW,
@@ -277,7 +292,7 @@ mod tests {
         let facts = Facts {
             settings: Some(&s),
             recipient: &recipient,
-            opted_out: false,
+            route: &Ok(()),
             segments: 1,
             max_segments: None,
             now: NOW,
@@ -304,7 +319,7 @@ mod tests {
         let facts = Facts {
             settings: Some(&good),
             recipient: &recipient,
-            opted_out: false,
+            route: &Ok(()),
             segments: 1,
             max_segments: None,
             now: NOW,
@@ -313,7 +328,8 @@ mod tests {
             decide(JobType::LoginCode, None, None, &facts),
             Decision::Send {
                 to: number().expect("valid"),
-                sender: Some(SenderId::parse("DriveSafe").expect("valid"))
+                sender: Some(SenderId::parse("DriveSafe").expect("valid")),
+                route: ()
             }
         );
         let bad = SchoolSettings {
@@ -337,7 +353,7 @@ mod tests {
         let facts = Facts {
             settings: Some(&s),
             recipient: &recipient,
-            opted_out: false,
+            route: &Ok(()),
             segments: 2,
             max_segments: Some(1),
             now: NOW,
@@ -366,7 +382,7 @@ mod tests {
         let facts = Facts {
             settings: Some(&s),
             recipient: &recipient,
-            opted_out: false,
+            route: &Ok(()),
             segments: 1,
             max_segments: None,
             now: NOW,
@@ -376,5 +392,41 @@ mod tests {
             decision,
             Decision::Refuse(Refusal::InvalidRecipient(_))
         ));
+    }
+
+    #[test]
+    fn a_provider_that_is_not_configured_is_refused_when_due() {
+        let recipient = number();
+        let s = school();
+        let missing: Result<(), String> = Err("vonage-eu".into());
+        let facts = Facts {
+            settings: Some(&s),
+            recipient: &recipient,
+            route: &missing,
+            segments: 1,
+            max_segments: None,
+            now: NOW,
+        };
+        assert_eq!(
+            decide(JobType::LoginCode, None, None, &facts),
+            Decision::Refuse(Refusal::UnknownProvider("vonage-eu".into()))
+        );
+        let later = datetime!(2026-11-25 11:00 UTC);
+        assert_eq!(
+            decide(JobType::LoginCode, Some(later), None, &facts),
+            Decision::Defer { until: later }
+        );
+        let disabled = SchoolSettings {
+            sms_enabled: false,
+            ..school()
+        };
+        let facts = Facts {
+            settings: Some(&disabled),
+            ..facts
+        };
+        assert_eq!(
+            decide(JobType::LoginCode, None, None, &facts),
+            Decision::Suppress(SuppressReason::SchoolDisabled)
+        );
     }
 }

@@ -1,0 +1,121 @@
+//! An announcement to many becomes one message per recipient, each with an id derived
+//! from the announcement's id and the recipient, so a redelivered announcement (or a
+//! number listed twice) never texts anyone twice.
+//!
+//! A big announcement is fanned out a chunk at a time (`SMSGW_FANOUT_CHUNK`): the first
+//! chunk's messages, then the announcement with the recipients still to go, at the back
+//! of the bulk lane. Another school's announcement published meanwhile gets its turn
+//! after one chunk, not after all of this one. The broker acks the delivery only when both
+//! were confirmed; a crash in between fans the same chunk out again, to the same ids.
+
+use std::collections::HashSet;
+
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::{Abandoned, MessageLog, Pipeline, merged_context};
+use crate::{
+    broker::Delivery,
+    disposition::Disposition,
+    job::{BulkRecipient, Job},
+    phone::PhoneNumber,
+    policy::{self, SchoolSettings},
+    store::NewMessage,
+};
+
+/// Rows of an announcement's recipients written per statement when it is accepted.
+const QUEUE_PIECE: usize = 5_000;
+
+impl<L: MessageLog> Pipeline<L> {
+    /// Queues every recipient's row (on the first pass), then hands the broker this
+    /// chunk's messages and the rest of the announcement.
+    pub(super) async fn fan_out(
+        &self,
+        delivery: &Delivery,
+        job: &Job,
+        recipients: &[BulkRecipient],
+        abandon: &CancellationToken,
+    ) -> Result<Disposition, Abandoned> {
+        let settings = self.school_settings(job.school_id, abandon).await?;
+        if !delivery.fanout_queued {
+            self.queue_recipients(job, recipients, settings.as_deref(), abandon)
+                .await?;
+        }
+        let country = settings.as_ref().and_then(|s| s.country.as_deref());
+        let chunk = recipients.len().min(self.settings.fanout_chunk);
+        let mut seen = HashSet::with_capacity(chunk);
+        let messages = recipients[..chunk]
+            .iter()
+            .filter_map(|recipient| {
+                let to = recipient_number(recipient, country);
+                let id = Uuid::new_v5(&job.id, to.as_bytes());
+                let message = job.for_recipient(id, to, recipient.reference.clone());
+                seen.insert(id).then(|| (id, message.encode()))
+            })
+            .collect();
+        let rest = (chunk < recipients.len()).then(|| job.without_first_recipients(chunk).encode());
+        Ok(Disposition::FanOut {
+            announcement: job.id,
+            kind: job.kind,
+            messages,
+            rest,
+        })
+    }
+
+    /// Writes a `queued` row for every recipient of an announcement, [`QUEUE_PIECE`] rows a
+    /// statement, before the first chunk is fanned out: the whole announcement is in the
+    /// log (for support, and for `smsgw status`) as soon as it is accepted, while the
+    /// sending goes on a chunk at a time. Each row has the id, recipient, context and
+    /// provider its own message will have; writing them again changes nothing.
+    async fn queue_recipients(
+        &self,
+        job: &Job,
+        recipients: &[BulkRecipient],
+        settings: Option<&SchoolSettings>,
+        abandon: &CancellationToken,
+    ) -> Result<(), Abandoned> {
+        let country = settings.and_then(|s| s.country.as_deref());
+        let provider = self.provider_label(&policy::route(settings, &self.gateways));
+        let segments = i32::try_from(crate::segments::segment(&job.body).segments).ok();
+        let mut seen = HashSet::with_capacity(recipients.len());
+        for piece in recipients.chunks(QUEUE_PIECE) {
+            let rows: Vec<(Uuid, String, Option<Value>)> = piece
+                .iter()
+                .filter_map(|recipient| {
+                    let to = recipient_number(recipient, country);
+                    let id = Uuid::new_v5(&job.id, to.as_bytes());
+                    let context =
+                        merged_context(job.context.as_ref(), recipient.reference.as_deref());
+                    seen.insert(id).then_some((id, to, context))
+                })
+                .collect();
+            let messages: Vec<NewMessage<'_>> = rows
+                .iter()
+                .map(|(id, to, context)| NewMessage {
+                    id: *id,
+                    bulk_id: Some(job.id),
+                    school_id: job.school_id,
+                    kind: job.kind,
+                    recipient: to,
+                    body: &job.body,
+                    context: context.as_ref(),
+                    provider,
+                    segments,
+                    reopen_failed: false,
+                })
+                .collect();
+            self.persist(abandon, || self.log.queue_messages(&messages))
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// A bulk recipient's number as its message has it: E.164, or as given (trimmed) when it
+/// cannot be read (its own message then fails with the reason).
+fn recipient_number(recipient: &BulkRecipient, country: Option<&str>) -> String {
+    PhoneNumber::parse(&recipient.to, country)
+        .map(|n| n.as_str().to_owned())
+        .unwrap_or_else(|_| recipient.to.trim().to_owned())
+}

@@ -1,0 +1,214 @@
+//! The message log as the pipeline sees it: the few reads and writes it needs, and the
+//! rule for a database that does not answer (hold the delivery and try again).
+//!
+//! The daemon's log is the PostgreSQL [`Store`]; the unit tests use an in-memory log with
+//! the same semantics, so every decision can be exercised without services.
+
+use std::time::Duration;
+
+use backon::Retryable;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::{Abandoned, Pipeline};
+use crate::{
+    phone::{PhoneNumber, redact_numbers},
+    policy::SchoolSettings,
+    store::{AttemptRecord, Claim, MessageState, MessageStatus, NewMessage, Store, StoreError},
+};
+
+/// Longest wait for one database statement before it counts as failed.
+const STORE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the pipeline reads from and writes to the message log. Every write is safe to
+/// repeat, even after a try that timed out but did commit.
+pub trait MessageLog: Send + Sync + 'static {
+    /// A school's settings, for one the cache does not know yet.
+    fn school_settings(
+        &self,
+        school_id: i64,
+    ) -> impl Future<Output = Result<Option<SchoolSettings>, StoreError>> + Send;
+
+    fn message_state(
+        &self,
+        id: Uuid,
+    ) -> impl Future<Output = Result<Option<MessageState>, StoreError>> + Send;
+
+    /// `queued` rows for an announcement's recipients; a row already there stays.
+    fn queue_messages(
+        &self,
+        messages: &[NewMessage<'_>],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// An outcome without a provider call. `Some` is the state found instead when the
+    /// message already has an outcome or is in flight.
+    fn record_without_call(
+        &self,
+        message: &NewMessage<'_>,
+        status: MessageStatus,
+        reason: Option<&str>,
+    ) -> impl Future<Output = Result<Option<MessageState>, StoreError>> + Send;
+
+    /// Claims the next attempt (see [`Store::begin_attempt`]).
+    fn begin_attempt(
+        &self,
+        message: &NewMessage<'_>,
+        take_over: Option<i32>,
+        reconciled: bool,
+        claim: Uuid,
+    ) -> impl Future<Output = Result<Claim, StoreError>> + Send;
+
+    fn finish_attempt(
+        &self,
+        id: Uuid,
+        attempt: i32,
+        record: &AttemptRecord<'_>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    fn add_opt_out(
+        &self,
+        school_id: Option<i64>,
+        phone: &PhoneNumber,
+        source: &str,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Gives a message with an unknown outcome up as `failed`.
+    fn fail_unknown(&self, id: Uuid) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// The provider did take attempt `attempt`: it and the message are `sent`.
+    fn adopt_attempt(
+        &self,
+        id: Uuid,
+        attempt: i32,
+        provider_message_id: &str,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// A statement got no answer in time: connections may have gone silent.
+    fn stalled(&self) {}
+}
+
+impl MessageLog for Store {
+    fn school_settings(
+        &self,
+        school_id: i64,
+    ) -> impl Future<Output = Result<Option<SchoolSettings>, StoreError>> + Send {
+        Store::school_settings(self, school_id)
+    }
+
+    fn message_state(
+        &self,
+        id: Uuid,
+    ) -> impl Future<Output = Result<Option<MessageState>, StoreError>> + Send {
+        Store::message_state(self, id)
+    }
+
+    fn queue_messages(
+        &self,
+        messages: &[NewMessage<'_>],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        Store::queue_messages(self, messages)
+    }
+
+    fn record_without_call(
+        &self,
+        message: &NewMessage<'_>,
+        status: MessageStatus,
+        reason: Option<&str>,
+    ) -> impl Future<Output = Result<Option<MessageState>, StoreError>> + Send {
+        Store::record_without_call(self, message, status, reason)
+    }
+
+    fn begin_attempt(
+        &self,
+        message: &NewMessage<'_>,
+        take_over: Option<i32>,
+        reconciled: bool,
+        claim: Uuid,
+    ) -> impl Future<Output = Result<Claim, StoreError>> + Send {
+        Store::begin_attempt(self, message, take_over, reconciled, claim)
+    }
+
+    fn finish_attempt(
+        &self,
+        id: Uuid,
+        attempt: i32,
+        record: &AttemptRecord<'_>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        Store::finish_attempt(self, id, attempt, record)
+    }
+
+    fn add_opt_out(
+        &self,
+        school_id: Option<i64>,
+        phone: &PhoneNumber,
+        source: &str,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        Store::add_opt_out(self, school_id, phone, source)
+    }
+
+    fn fail_unknown(&self, id: Uuid) -> impl Future<Output = Result<(), StoreError>> + Send {
+        Store::fail_unknown(self, id)
+    }
+
+    fn adopt_attempt(
+        &self,
+        id: Uuid,
+        attempt: i32,
+        provider_message_id: &str,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        Store::adopt_attempt(self, id, attempt, provider_message_id)
+    }
+
+    fn stalled(&self) {
+        self.replace_pool();
+    }
+}
+
+impl<L: MessageLog> Pipeline<L> {
+    /// Runs a log operation until it succeeds, waiting longer between tries, while the
+    /// delivery stays unsettled. Gives up only when `abandon` fires, or when the database
+    /// refused the data itself (no retry can record it).
+    ///
+    /// Each try has a time limit: a database that stops answering (a stalled connection
+    /// sends no error) is treated like one that refuses.
+    pub(super) async fn persist<T, F, Fut>(
+        &self,
+        abandon: &CancellationToken,
+        mut op: F,
+    ) -> Result<T, Abandoned>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        let limited = || {
+            let attempt = op();
+            async move {
+                tokio::time::timeout(STORE_TIMEOUT, attempt)
+                    .await
+                    .unwrap_or(Err(StoreError::Timeout(STORE_TIMEOUT)))
+            }
+        };
+        let retrying = limited
+            .retry(crate::retry::patiently())
+            .when(|error| !error.is_data_error())
+            .notify(|error, wait| {
+                self.health.set_database(false);
+                if matches!(error, StoreError::Timeout(_)) {
+                    self.log.stalled();
+                }
+                tracing::warn!(
+                    error = %redact_numbers(&error.to_string()),
+                    retry_in = ?wait,
+                    "database unavailable; holding the message"
+                );
+            });
+        tokio::select! {
+            result = retrying => {
+                let value = result.map_err(|e| Abandoned::Unrecordable(e.to_string()))?;
+                self.health.set_database(true);
+                Ok(value)
+            }
+            () = abandon.cancelled() => Err(Abandoned::Stopping),
+        }
+    }
+}

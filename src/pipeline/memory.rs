@@ -1,0 +1,332 @@
+//! An in-memory message log with the store's semantics, for the pipeline's unit tests:
+//! the claim that checks opt-outs and takes over or refuses, records that never move a
+//! final outcome, and a database that can be made to fail for a number of statements.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{
+        Mutex, MutexGuard,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::Duration,
+};
+
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::MessageLog;
+use crate::{
+    phone::PhoneNumber,
+    policy::SchoolSettings,
+    store::{
+        AttemptOutcome, AttemptRecord, Claim, MessageState, MessageStatus, NewMessage, StoreError,
+        UnknownAttempt,
+    },
+};
+
+/// One message's row, with its attempts.
+#[derive(Debug, Clone)]
+pub(super) struct Row {
+    pub(super) status: MessageStatus,
+    pub(super) reason: Option<String>,
+    pub(super) recipient: String,
+    pub(super) provider: String,
+    pub(super) bulk_id: Option<Uuid>,
+    pub(super) attempts: i32,
+    pub(super) attempt_started: Option<OffsetDateTime>,
+    pub(super) claim: Option<Uuid>,
+    pub(super) last_outcome_unknown: bool,
+    pub(super) provider_message_id: Option<String>,
+    /// Each recorded attempt's number and outcome.
+    pub(super) recorded: Vec<(i32, Option<AttemptOutcome>)>,
+}
+
+impl Row {
+    fn new(message: &NewMessage<'_>, status: MessageStatus) -> Row {
+        Row {
+            status,
+            reason: None,
+            recipient: message.recipient.to_owned(),
+            provider: message.provider.to_owned(),
+            bulk_id: message.bulk_id,
+            attempts: 0,
+            attempt_started: None,
+            claim: None,
+            last_outcome_unknown: false,
+            provider_message_id: None,
+            recorded: Vec::new(),
+        }
+    }
+
+    fn state(&self) -> MessageState {
+        let recorded = self.recorded.iter().any(|(n, _)| *n == self.attempts);
+        let open = self.status == MessageStatus::Sending && !recorded;
+        MessageState {
+            status: self.status,
+            attempts: self.attempts,
+            open_attempt_started: self.attempt_started.filter(|_| open),
+            unknown_attempt: self
+                .attempt_started
+                .filter(|_| open || self.last_outcome_unknown)
+                .map(|started_at| UnknownAttempt {
+                    attempt: self.attempts,
+                    started_at,
+                    provider: self.provider.clone(),
+                }),
+        }
+    }
+
+    fn record(&mut self, attempt: i32, outcome: Option<AttemptOutcome>) {
+        self.recorded.retain(|(n, _)| *n != attempt);
+        self.recorded.push((attempt, outcome));
+    }
+
+    fn start_attempt(&mut self, message: &NewMessage<'_>, claim: Uuid) -> i32 {
+        self.status = MessageStatus::Sending;
+        self.attempts += 1;
+        self.provider = message.provider.to_owned();
+        self.recipient = message.recipient.to_owned();
+        self.reason = None;
+        self.attempt_started = Some(OffsetDateTime::now_utc());
+        self.claim = Some(claim);
+        self.last_outcome_unknown = false;
+        self.attempts
+    }
+}
+
+#[derive(Debug, Default)]
+struct Tables {
+    messages: HashMap<Uuid, Row>,
+    /// (school, phone); `None` is every school.
+    opt_outs: HashSet<(Option<i64>, String)>,
+    settings: HashMap<i64, SchoolSettings>,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct MemoryLog {
+    tables: Mutex<Tables>,
+    /// Statements still to fail as if the database were down.
+    outage: AtomicU32,
+    /// Statements run, failed ones included.
+    statements: AtomicU32,
+}
+
+impl MemoryLog {
+    fn tables(&self) -> MutexGuard<'_, Tables> {
+        self.tables.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every statement fails, as if the database were down, for the next `statements`.
+    pub(super) fn fail_next(&self, statements: u32) {
+        self.outage.store(statements, Ordering::SeqCst);
+    }
+
+    pub(super) fn statements(&self) -> u32 {
+        self.statements.load(Ordering::SeqCst)
+    }
+
+    pub(super) fn set_school(&self, settings: SchoolSettings) {
+        self.tables().settings.insert(settings.school_id, settings);
+    }
+
+    pub(super) fn opt_out(&self, school_id: Option<i64>, phone: &str) {
+        self.tables().opt_outs.insert((school_id, phone.to_owned()));
+    }
+
+    pub(super) fn is_opted_out(&self, school_id: i64, phone: &str) -> bool {
+        let tables = self.tables();
+        tables.opt_outs.contains(&(None, phone.to_owned()))
+            || tables
+                .opt_outs
+                .contains(&(Some(school_id), phone.to_owned()))
+    }
+
+    pub(super) fn row(&self, id: Uuid) -> Option<Row> {
+        self.tables().messages.get(&id).cloned()
+    }
+
+    pub(super) fn rows(&self) -> Vec<(Uuid, Row)> {
+        self.tables()
+            .messages
+            .iter()
+            .map(|(id, row)| (*id, row.clone()))
+            .collect()
+    }
+
+    /// Puts a message in the log as a crash or a lost answer left it.
+    pub(super) fn insert(&self, id: Uuid, row: Row) {
+        self.tables().messages.insert(id, row);
+    }
+
+    /// Fails while an outage lasts; counts every statement.
+    fn run<T>(&self, statement: impl FnOnce(&mut Tables) -> T) -> Result<T, StoreError> {
+        self.statements.fetch_add(1, Ordering::SeqCst);
+        let down = self
+            .outage
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if down {
+            return Err(StoreError::Timeout(Duration::ZERO));
+        }
+        Ok(statement(&mut self.tables()))
+    }
+}
+
+fn claim(
+    tables: &mut Tables,
+    message: &NewMessage<'_>,
+    take_over: Option<i32>,
+    reconciled: bool,
+    claim: Uuid,
+) -> Claim {
+    let opted_out = tables
+        .opt_outs
+        .contains(&(None, message.recipient.to_owned()))
+        || tables
+            .opt_outs
+            .contains(&(Some(message.school_id), message.recipient.to_owned()));
+    if opted_out {
+        return Claim::OptedOut;
+    }
+    let Some(row) = tables.messages.get_mut(&message.id) else {
+        let mut row = Row::new(message, MessageStatus::Queued);
+        let attempt = row.start_attempt(message, claim);
+        tables.messages.insert(message.id, row);
+        return Claim::Started { attempt };
+    };
+    let waiting = matches!(row.status, MessageStatus::Queued | MessageStatus::Retrying)
+        && (reconciled || !row.last_outcome_unknown);
+    let cut_off = row.status == MessageStatus::Sending && Some(row.attempts) == take_over;
+    let reopened = message.reopen_failed && row.status == MessageStatus::Failed;
+    if cut_off && !row.recorded.iter().any(|(n, _)| *n == row.attempts) {
+        let attempt = row.attempts;
+        // Cut off by a crash: recorded without an outcome.
+        row.record(attempt, None);
+    }
+    if waiting || cut_off || reopened {
+        return Claim::Started {
+            attempt: row.start_attempt(message, claim),
+        };
+    }
+    if row.claim == Some(claim) {
+        return Claim::Started {
+            attempt: row.attempts,
+        };
+    }
+    Claim::Busy(row.state())
+}
+
+impl MessageLog for MemoryLog {
+    async fn school_settings(&self, school_id: i64) -> Result<Option<SchoolSettings>, StoreError> {
+        self.run(|t| t.settings.get(&school_id).cloned())
+    }
+
+    async fn message_state(&self, id: Uuid) -> Result<Option<MessageState>, StoreError> {
+        self.run(|t| t.messages.get(&id).map(Row::state))
+    }
+
+    async fn queue_messages(&self, messages: &[NewMessage<'_>]) -> Result<(), StoreError> {
+        self.run(|t| {
+            for message in messages {
+                t.messages
+                    .entry(message.id)
+                    .or_insert_with(|| Row::new(message, MessageStatus::Queued));
+            }
+        })
+    }
+
+    async fn record_without_call(
+        &self,
+        message: &NewMessage<'_>,
+        status: MessageStatus,
+        reason: Option<&str>,
+    ) -> Result<Option<MessageState>, StoreError> {
+        self.run(|t| {
+            let row = t
+                .messages
+                .entry(message.id)
+                .or_insert_with(|| Row::new(message, MessageStatus::Queued));
+            let open = matches!(row.status, MessageStatus::Queued | MessageStatus::Retrying)
+                || (message.reopen_failed && row.status == MessageStatus::Failed);
+            if !open {
+                return Some(row.state());
+            }
+            row.status = status;
+            row.reason = reason.map(str::to_owned);
+            None
+        })
+    }
+
+    async fn begin_attempt(
+        &self,
+        message: &NewMessage<'_>,
+        take_over: Option<i32>,
+        reconciled: bool,
+        claim_id: Uuid,
+    ) -> Result<Claim, StoreError> {
+        self.run(|t| claim(t, message, take_over, reconciled, claim_id))
+    }
+
+    async fn finish_attempt(
+        &self,
+        id: Uuid,
+        attempt: i32,
+        record: &AttemptRecord<'_>,
+    ) -> Result<(), StoreError> {
+        self.run(|t| {
+            let Some(row) = t.messages.get_mut(&id) else {
+                return;
+            };
+            row.record(attempt, Some(record.outcome));
+            if row.status == MessageStatus::Sending && row.attempts == attempt {
+                row.status = record.status;
+                row.reason = record.reason.map(str::to_owned);
+                row.last_outcome_unknown = record.outcome_unknown;
+                if let Some(sid) = record.provider_message_id {
+                    row.provider_message_id = Some(sid.to_owned());
+                }
+            }
+        })
+    }
+
+    async fn add_opt_out(
+        &self,
+        school_id: Option<i64>,
+        phone: &PhoneNumber,
+        _source: &str,
+    ) -> Result<(), StoreError> {
+        self.run(|t| {
+            t.opt_outs.insert((school_id, phone.as_str().to_owned()));
+        })
+    }
+
+    async fn fail_unknown(&self, id: Uuid) -> Result<(), StoreError> {
+        self.run(|t| {
+            if let Some(row) = t.messages.get_mut(&id).filter(|r| !r.status.is_final()) {
+                row.status = MessageStatus::Failed;
+                row.reason = Some("outcome_unknown".into());
+                row.last_outcome_unknown = false;
+            }
+        })
+    }
+
+    async fn adopt_attempt(
+        &self,
+        id: Uuid,
+        attempt: i32,
+        provider_message_id: &str,
+    ) -> Result<(), StoreError> {
+        self.run(|t| {
+            let Some(row) = t.messages.get_mut(&id) else {
+                return;
+            };
+            row.record(attempt, Some(AttemptOutcome::Sent));
+            if !row.status.is_final() || row.status == MessageStatus::Failed {
+                row.status = MessageStatus::Sent;
+                row.reason = None;
+                row.last_outcome_unknown = false;
+                row.provider_message_id = Some(provider_message_id.to_owned());
+            }
+        })
+    }
+}

@@ -1,0 +1,426 @@
+//! The pipeline: one delivery in, one [`Disposition`] out. It never holds the broker:
+//! whatever must be published (a retry, a dead letter, an announcement's recipients) is a
+//! disposition that the broker carries out.
+//!
+//! ```text
+//! Delivery ─▶ Job::decode ─▶ log lookup ─▶ settings, recipient, route ─▶ policy::decide
+//!    │            │ invalid      │ done before                             │
+//!    │            ▼              ▼                                         ▼
+//!    │        DeadLetter        Ack       Suppress/Expire ─▶ record ─▶ Ack
+//!    │                                    Refuse ─▶ record ─▶ DeadLetter
+//!    │                                    Defer ─▶ record queued ─▶ Defer
+//!    │                                    Send ─▶ claim ─▶ provider ─▶ record
+//!    │                                                  ─▶ Ack / Retry / DeadLetter
+//!    └─ announcement with recipients ─▶ queue their rows ─▶ FanOut
+//! ```
+//!
+//! - [`outcome`]: the pure rules: which status, reason and disposition each decision,
+//!   provider error and earlier state leads to.
+//! - `attempt`: wait for a call slot, claim, call, record; failover.
+//! - `reconcile`: ask the provider about an attempt whose outcome is unknown.
+//! - `fanout`: an announcement into one message per recipient.
+//! - [`MessageLog`]: the narrow interface to the message log, with an in-memory
+//!   implementation for the unit tests.
+//!
+//! The pipeline never guesses about the database: a failed write is retried (the delivery
+//! held, unsettled) until it works or the daemon gives up at shutdown, and no provider call
+//! starts before its attempt row is committed.
+
+mod attempt;
+mod fanout;
+mod log;
+pub mod outcome;
+mod reconcile;
+
+#[cfg(test)]
+mod memory;
+#[cfg(test)]
+mod tests;
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+pub use self::log::MessageLog;
+use self::outcome::{Plan, Seen, Verdict};
+use crate::{
+    broker::Delivery,
+    cache::PolicyCache,
+    disposition::Disposition,
+    health::Health,
+    job::{Job, JobType, Target},
+    metrics::Metrics,
+    phone::{PhoneNumber, redact_numbers},
+    policy::{self, Decision, Facts, Route, SchoolSettings},
+    provider::Gateways,
+    store::{MessageState, MessageStatus, NewMessage, Store, UnknownAttempt},
+};
+
+/// What the pipeline needs from the configuration.
+#[derive(Debug, Clone)]
+pub struct PipelineSettings {
+    pub max_attempts: u32,
+    pub retry_delays: Vec<Duration>,
+    pub redirect_to: Option<PhoneNumber>,
+    pub provider_timeout: Duration,
+    pub unknown_outcome: UnknownOutcome,
+    /// Most segments a text of a type may have.
+    pub max_segments: HashMap<JobType, u32>,
+    /// Recipients of an announcement fanned out per turn in the bulk lane.
+    pub fanout_chunk: usize,
+}
+
+impl PipelineSettings {
+    /// How long an attempt may still be running in another process: a claim older than
+    /// this was cut off, and a message busy elsewhere is looked at again after it.
+    pub fn recheck_after(&self) -> Duration {
+        self.provider_timeout * 2
+    }
+}
+
+/// What to do when an attempt's outcome is unknown and the provider cannot be asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnknownOutcome {
+    /// Send again, and count it as a possible duplicate.
+    Resend,
+    /// Dead-letter it for a human to decide.
+    DeadLetter,
+}
+
+/// What the log knew about the message before this delivery.
+#[derive(Debug, Clone, Default)]
+struct Prior {
+    /// An attempt left open by a crash, to take over.
+    take_over: Option<i32>,
+    /// An attempt whose outcome is unknown, to reconcile before sending again.
+    unknown: Option<UnknownAttempt>,
+}
+
+/// Why the pipeline gave up on a database write.
+#[derive(Debug)]
+pub enum Abandoned {
+    /// The daemon is stopping: the delivery is left for the broker to deliver again.
+    Stopping,
+    /// PostgreSQL refused the message's data itself (a data exception): no retry can
+    /// record it, so the job is dead-lettered with the database's error.
+    Unrecordable(String),
+}
+
+/// A message's row as the log first records it, before it is sent or settled.
+struct Draft {
+    recipient: String,
+    context: Option<Value>,
+    segments: Option<i32>,
+    provider: &'static str,
+}
+
+/// One message on its way through the pipeline: what every step needs.
+struct Message<'a> {
+    delivery: &'a Delivery,
+    job: &'a Job,
+    row: NewMessage<'a>,
+    /// The provider it is recorded with, as metrics label it.
+    label: &'static str,
+    abandon: &'a CancellationToken,
+}
+
+pub struct Pipeline<L = Store> {
+    log: L,
+    cache: PolicyCache,
+    gateways: Arc<Gateways>,
+    settings: PipelineSettings,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+}
+
+impl<L: MessageLog> Pipeline<L> {
+    pub fn new(
+        log: L,
+        cache: PolicyCache,
+        gateways: Arc<Gateways>,
+        settings: PipelineSettings,
+        health: Arc<Health>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Pipeline {
+            log,
+            cache,
+            gateways,
+            settings,
+            health,
+            metrics,
+        }
+    }
+
+    /// Handles one delivery. `abandon` fires when the daemon must stop waiting for the
+    /// database; the delivery is then left unsettled for the broker to deliver again.
+    pub async fn handle(&self, delivery: &Delivery, abandon: &CancellationToken) -> Disposition {
+        let job = match Job::decode(&delivery.body) {
+            Ok(job) => job,
+            Err(invalid) => return self.invalid(delivery, &invalid.to_string()),
+        };
+        let span = tracing::info_span!(
+            "message",
+            job_id = %job.id,
+            school_id = job.school_id,
+            r#type = job.kind.as_str(),
+            provider = tracing::field::Empty,
+        );
+        async {
+            let now = OffsetDateTime::now_utc();
+            if let Some(early) = outcome::came_back_early(delivery.retry_at, now, job.kind) {
+                return early;
+            }
+            let handled = match &job.target {
+                Target::Many(recipients) => self.fan_out(delivery, &job, recipients, abandon).await,
+                Target::One(to) => self.handle_one(delivery, &job, to, abandon).await,
+            };
+            handled.unwrap_or_else(|abandoned| self.abandoned(abandoned, delivery))
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// One message to one recipient: decide, then record the outcome or send.
+    async fn handle_one(
+        &self,
+        delivery: &Delivery,
+        job: &Job,
+        to: &str,
+        abandon: &CancellationToken,
+    ) -> Result<Disposition, Abandoned> {
+        let prior = match self.look_back(delivery, job, abandon).await? {
+            Ok(prior) => prior,
+            Err(done) => return Ok(done),
+        };
+        let settings = self.school_settings(job.school_id, abandon).await?;
+        let (decision, draft) = self.decide(job, to, settings.as_deref());
+        tracing::Span::current().record("provider", draft.provider);
+        let message = Message {
+            delivery,
+            job,
+            row: new_message(delivery, job, &draft),
+            label: draft.provider,
+            abandon,
+        };
+        match outcome::plan(decision, job.kind, delivery.attempts) {
+            Plan::Send { to, sender, route } => {
+                let out = self.outgoing(message, &to, sender.as_ref());
+                self.send(&out, prior, &route).await
+            }
+            Plan::Record(verdict) => self.record_without_call(&message, verdict).await,
+        }
+    }
+
+    /// A delivery with a history looks at the log first, to take over or reconcile an
+    /// attempt. A fresh publish needs no look: the claim itself finds a job that was done
+    /// or is in flight. `Err` settles the delivery now.
+    async fn look_back(
+        &self,
+        delivery: &Delivery,
+        job: &Job,
+        abandon: &CancellationToken,
+    ) -> Result<Result<Prior, Disposition>, Abandoned> {
+        if !delivery.has_history() {
+            return Ok(Ok(Prior::default()));
+        }
+        let Some(state) = self
+            .persist(abandon, || self.log.message_state(job.id))
+            .await?
+        else {
+            return Ok(Ok(Prior::default()));
+        };
+        let take_over = match self.seen_before(delivery, job, &state) {
+            Some(done) => return Ok(Err(done)),
+            None => (state.status == MessageStatus::Sending).then_some(state.attempts),
+        };
+        Ok(Ok(Prior {
+            take_over,
+            unknown: state.unknown_attempt,
+        }))
+    }
+
+    /// The policy's decision, and the row the log keeps for the message whatever it is.
+    fn decide(&self, job: &Job, to: &str, settings: Option<&SchoolSettings>) -> (Decision, Draft) {
+        let country = settings.and_then(|s| s.country.as_deref());
+        let recipient = PhoneNumber::parse(to, country);
+        let segments = crate::segments::segment(&job.body).segments;
+        let route = policy::route(settings, &self.gateways);
+        let decision = policy::decide(
+            job.kind,
+            job.not_before,
+            job.expires_at,
+            &Facts {
+                settings,
+                recipient: &recipient,
+                route: &route,
+                segments,
+                max_segments: self.settings.max_segments.get(&job.kind).copied(),
+                now: OffsetDateTime::now_utc(),
+            },
+        );
+        let draft = Draft {
+            recipient: match &recipient {
+                Ok(number) => number.as_str().to_owned(),
+                Err(_) => to.trim().to_owned(),
+            },
+            context: merged_context(job.context.as_ref(), job.reference.as_deref()),
+            segments: i32::try_from(segments).ok(),
+            provider: self.provider_label(&route),
+        };
+        (decision, draft)
+    }
+
+    /// Records an outcome reached without a provider call: suppressed, expired, refused,
+    /// or queued until `not_before`.
+    async fn record_without_call(
+        &self,
+        message: &Message<'_>,
+        verdict: Verdict,
+    ) -> Result<Disposition, Abandoned> {
+        let Message { delivery, job, .. } = *message;
+        verdict.log();
+        let found = self
+            .persist(message.abandon, || {
+                self.log
+                    .record_without_call(&message.row, verdict.status, Some(verdict.reason))
+            })
+            .await?;
+        match found {
+            None => {
+                self.count(verdict.status.as_str(), job.kind, message.label);
+                Ok(verdict.disposition)
+            }
+            Some(state) => Ok(self
+                .seen_before(delivery, job, &state)
+                .unwrap_or(verdict.disposition)),
+        }
+    }
+
+    /// Decides a delivery of a job the log already knows: done (ack), in flight elsewhere
+    /// (ack, or wait and look again), or `None` to carry on.
+    fn seen_before(
+        &self,
+        delivery: &Delivery,
+        job: &Job,
+        state: &MessageState,
+    ) -> Option<Disposition> {
+        let label = self.gateways.default_gateway().name;
+        let recheck = self.settings.recheck_after();
+        match outcome::seen(delivery, state, OffsetDateTime::now_utc(), recheck) {
+            Seen::Done => {
+                self.count("duplicate", job.kind, label);
+                tracing::info!(
+                    status = state.status.as_str(),
+                    "already handled; acked without a second provider call"
+                );
+                Some(Disposition::Ack)
+            }
+            Seen::InFlight => {
+                // That delivery is unacked, so the broker keeps it until it has an outcome.
+                self.count("duplicate", job.kind, label);
+                tracing::info!("duplicate of a message in flight; acked");
+                Some(Disposition::Ack)
+            }
+            Seen::MayStillRun => {
+                // The copy that comes back is marked requeued: not taken for a duplicate.
+                tracing::info!("redelivered while an attempt may still be running; waiting");
+                Some(outcome::look_again(recheck, delivery.attempts, job.kind))
+            }
+            Seen::CutOff => {
+                tracing::warn!(
+                    attempt = state.attempts,
+                    "an attempt was cut off without an outcome (crash?); trying again"
+                );
+                None
+            }
+            Seen::Open => None,
+        }
+    }
+
+    fn invalid(&self, delivery: &Delivery, error: &str) -> Disposition {
+        let message_id: String = delivery
+            .message_id
+            .as_deref()
+            .unwrap_or("-")
+            .chars()
+            .take(64)
+            .collect();
+        tracing::warn!(
+            lane = delivery.lane.as_str(),
+            message_id = %redact_numbers(&message_id),
+            error = %error,
+            "invalid job dead-lettered"
+        );
+        let default = self.gateways.default_gateway().name;
+        self.metrics.count_message("invalid", "unknown", default);
+        outcome::invalid(error, delivery.attempts)
+    }
+
+    fn abandoned(&self, abandoned: Abandoned, delivery: &Delivery) -> Disposition {
+        if let Abandoned::Unrecordable(error) = &abandoned {
+            tracing::error!(error = %redact_numbers(error), "the database refused the message's data; dead-lettered");
+        }
+        outcome::abandoned(abandoned, delivery.attempts)
+    }
+
+    /// A school's settings from the cache; a school the cache does not know is looked up
+    /// (it may have been added a moment ago, before its notification arrived).
+    async fn school_settings(
+        &self,
+        school_id: i64,
+        abandon: &CancellationToken,
+    ) -> Result<Option<Arc<SchoolSettings>>, Abandoned> {
+        if let Some(settings) = self.cache.settings(school_id) {
+            return Ok(Some(settings));
+        }
+        Ok(self
+            .persist(abandon, || self.log.school_settings(school_id))
+            .await?
+            .map(Arc::new))
+    }
+
+    /// The provider a message is recorded with: its route's primary, or the default when
+    /// the school names one that is not configured.
+    fn provider_label(&self, route: &Result<Route, String>) -> &'static str {
+        match route {
+            Ok(route) => route.primary.name,
+            Err(_) => self.gateways.default_gateway().name,
+        }
+    }
+
+    fn count(&self, outcome: &'static str, kind: JobType, provider: &'static str) {
+        self.metrics.count_message(outcome, kind.as_str(), provider);
+    }
+}
+
+fn new_message<'a>(delivery: &Delivery, job: &'a Job, draft: &'a Draft) -> NewMessage<'a> {
+    NewMessage {
+        id: job.id,
+        bulk_id: delivery.bulk_id,
+        school_id: job.school_id,
+        kind: job.kind,
+        recipient: &draft.recipient,
+        body: &job.body,
+        context: draft.context.as_ref(),
+        provider: draft.provider,
+        segments: draft.segments,
+        reopen_failed: delivery.replayed,
+    }
+}
+
+/// The job's context with a recipient's `ref` merged in, as the log row keeps it.
+fn merged_context(context: Option<&Value>, reference: Option<&str>) -> Option<Value> {
+    match (context, reference) {
+        (context, None) => context.cloned(),
+        (Some(Value::Object(object)), Some(reference)) => {
+            let mut object = object.clone();
+            object.insert("ref".into(), Value::String(reference.to_owned()));
+            Some(Value::Object(object))
+        }
+        (_, Some(reference)) => Some(json!({ "ref": reference })),
+    }
+}

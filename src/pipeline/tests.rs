@@ -1,0 +1,741 @@
+//! Every outcome of the pipeline, decided without RabbitMQ or PostgreSQL: an in-memory
+//! message log and scripted providers stand in for them.
+
+use std::{sync::Arc, time::Duration};
+
+use serde_json::json;
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::{Pipeline, PipelineSettings, UnknownOutcome, memory::MemoryLog, memory::Row};
+use crate::{
+    broker::Delivery,
+    cache::PolicyCache,
+    disposition::{DeadReason, Disposition},
+    health::Health,
+    job::{JobType, Lane},
+    metrics::Metrics,
+    policy::SchoolSettings,
+    provider::{Accepted, Gateways, Lookup, ProviderError, scripted::Scripted},
+    store::{AttemptOutcome, MessageStatus},
+};
+
+const SCHOOL: i64 = 42;
+const NUMBER: &str = "+447700900123";
+
+fn school() -> SchoolSettings {
+    SchoolSettings {
+        school_id: SCHOOL,
+        sms_enabled: true,
+        country: Some("GB".into()),
+        sender_id: None,
+        provider: None,
+        fallback_provider: None,
+        allow_confirmations: true,
+        allow_reminders: true,
+        allow_changes: true,
+        allow_announcements: true,
+        allow_login_codes: true,
+    }
+}
+
+fn settings() -> PipelineSettings {
+    PipelineSettings {
+        max_attempts: 3,
+        retry_delays: vec![Duration::from_secs(10), Duration::from_secs(60)],
+        redirect_to: None,
+        provider_timeout: Duration::from_secs(5),
+        unknown_outcome: UnknownOutcome::Resend,
+        max_segments: Default::default(),
+        fanout_chunk: 2,
+    }
+}
+
+/// A pipeline over an in-memory log, with a primary gateway `twilio` and a second one
+/// `vonage` that schools may name as their fallback.
+struct World {
+    pipeline: Pipeline<MemoryLog>,
+    twilio: Scripted,
+    vonage: Scripted,
+    abandon: CancellationToken,
+    health: Arc<Health>,
+}
+
+impl World {
+    fn new() -> World {
+        World::with(settings(), school())
+    }
+
+    fn with(settings: PipelineSettings, school: SchoolSettings) -> World {
+        let (twilio, vonage) = (Scripted::default(), Scripted::default());
+        let gateways = Gateways::scripted(&[("twilio", &twilio), ("vonage", &vonage)], 2);
+        let log = MemoryLog::default();
+        log.set_school(school);
+        let health = Arc::new(Health::default());
+        let pipeline = Pipeline::new(
+            log,
+            PolicyCache::default(),
+            Arc::new(gateways),
+            settings,
+            health.clone(),
+            Arc::new(Metrics::new()),
+        );
+        World {
+            pipeline,
+            twilio,
+            vonage,
+            abandon: CancellationToken::new(),
+            health,
+        }
+    }
+
+    fn log(&self) -> &MemoryLog {
+        &self.pipeline.log
+    }
+
+    async fn handle(&self, delivery: &Delivery) -> Disposition {
+        self.pipeline.handle(delivery, &self.abandon).await
+    }
+
+    fn row(&self, id: Uuid) -> Row {
+        self.log().row(id).expect("the message has a row")
+    }
+
+    fn status(&self, id: Uuid) -> (MessageStatus, Option<String>) {
+        let row = self.row(id);
+        (row.status, row.reason)
+    }
+}
+
+fn job(kind: JobType) -> (Uuid, serde_json::Value) {
+    let id = Uuid::new_v4();
+    let job = json!({
+        "id": id, "type": kind.as_str(), "school_id": SCHOOL, "to": NUMBER,
+        "body": "Your lesson is at 10:00 tomorrow.",
+    });
+    (id, job)
+}
+
+fn delivery(job: &serde_json::Value) -> Delivery {
+    Delivery {
+        lane: Lane::Default,
+        body: job.to_string().into_bytes(),
+        message_id: None,
+        redelivered: false,
+        attempts: 0,
+        bulk_id: None,
+        retry_at: None,
+        replayed: false,
+        requeued: false,
+        fanout_queued: false,
+    }
+}
+
+/// The same job coming back from a retry tier after `attempts` calls.
+fn retried(job: &serde_json::Value, attempts: u32) -> Delivery {
+    Delivery {
+        requeued: true,
+        attempts,
+        ..delivery(job)
+    }
+}
+
+fn unavailable() -> ProviderError {
+    ProviderError::Unavailable {
+        http_status: 503,
+        code: None,
+        message: None,
+        retry_after: None,
+    }
+}
+
+fn rejected(other_gateway_may_succeed: bool, recipient_opted_out: bool) -> ProviderError {
+    ProviderError::Rejected {
+        http_status: 400,
+        code: Some("21610".into()),
+        message: "refused".into(),
+        recipient_opted_out,
+        other_gateway_may_succeed,
+    }
+}
+
+fn accepted(sid: &str) -> Accepted {
+    Accepted {
+        provider_message_id: sid.into(),
+        http_status: Some(201),
+    }
+}
+
+#[tokio::test]
+async fn a_due_message_is_sent_once_and_recorded_sent() {
+    let world = World::new();
+    let (id, job) = job(JobType::BookingReminder);
+    assert_eq!(world.handle(&delivery(&job)).await, Disposition::Ack);
+    assert_eq!(world.twilio.calls(), vec![NUMBER.to_owned()]);
+    let row = world.row(id);
+    assert_eq!((row.status, row.attempts), (MessageStatus::Sent, 1));
+    assert_eq!(row.recorded, vec![(1, Some(AttemptOutcome::Sent))]);
+}
+
+#[tokio::test]
+async fn a_national_number_is_read_with_the_schools_country() {
+    let world = World::new();
+    let (id, mut job) = job(JobType::LoginCode);
+    job["to"] = json!("07700 900123");
+    assert_eq!(world.handle(&delivery(&job)).await, Disposition::Ack);
+    assert_eq!(world.row(id).recipient, NUMBER);
+}
+
+#[tokio::test]
+async fn a_disabled_school_is_suppressed_without_a_call() {
+    let world = World::with(
+        settings(),
+        SchoolSettings {
+            sms_enabled: false,
+            ..school()
+        },
+    );
+    let (id, job) = job(JobType::BookingReminder);
+    assert_eq!(world.handle(&delivery(&job)).await, Disposition::Ack);
+    assert_eq!(
+        world.status(id),
+        (MessageStatus::Suppressed, Some("school_disabled".into()))
+    );
+    assert!(world.twilio.calls().is_empty());
+}
+
+#[tokio::test]
+async fn an_opted_out_recipient_is_suppressed_by_the_claim() {
+    let world = World::new();
+    world.log().opt_out(Some(SCHOOL), NUMBER);
+    let (id, job) = job(JobType::BookingConfirmation);
+    assert_eq!(world.handle(&delivery(&job)).await, Disposition::Ack);
+    assert_eq!(
+        world.status(id),
+        (MessageStatus::Suppressed, Some("opted_out".into()))
+    );
+    assert!(world.twilio.calls().is_empty());
+}
+
+#[tokio::test]
+async fn an_expired_job_is_recorded_expired_and_never_sent() {
+    let world = World::new();
+    let (id, mut job) = job(JobType::LoginCode);
+    job["expires_at"] = json!("2020-01-01T00:00:00Z");
+    assert_eq!(world.handle(&delivery(&job)).await, Disposition::Ack);
+    assert_eq!(
+        world.status(id),
+        (MessageStatus::Expired, Some("expires_at passed".into()))
+    );
+    assert!(world.twilio.calls().is_empty());
+}
+
+#[tokio::test]
+async fn a_job_not_yet_due_is_queued_and_deferred_until_then() {
+    let world = World::new();
+    let (id, mut job) = job(JobType::BookingReminder);
+    job["not_before"] = json!("2099-01-01T08:00:00Z");
+    let Disposition::Defer { until, kind } = world.handle(&delivery(&job)).await else {
+        panic!("deferred");
+    };
+    assert_eq!((until.year(), kind), (2099, JobType::BookingReminder));
+    assert_eq!(
+        world.status(id),
+        (MessageStatus::Queued, Some("not_before".into()))
+    );
+}
+
+#[tokio::test]
+async fn an_invalid_job_is_dead_lettered_with_the_decoders_error() {
+    let world = World::new();
+    let broken = Delivery {
+        body: b"{\"id\": 1}".to_vec(),
+        ..delivery(&json!({}))
+    };
+    let Disposition::DeadLetter { reason, error, .. } = world.handle(&broken).await else {
+        panic!("dead-lettered");
+    };
+    assert_eq!(reason, DeadReason::InvalidJob);
+    assert_eq!(error, "id: expected a string, got a number");
+    assert!(world.log().rows().is_empty());
+}
+
+#[tokio::test]
+async fn an_impossible_number_fails_permanently_without_a_call() {
+    let world = World::new();
+    let (id, mut job) = job(JobType::LoginCode);
+    job["to"] = json!("+44123");
+    let disposition = world.handle(&delivery(&job)).await;
+    assert!(matches!(
+        disposition,
+        Disposition::DeadLetter {
+            reason: DeadReason::PermanentFailure,
+            ..
+        }
+    ));
+    assert_eq!(
+        world.status(id),
+        (MessageStatus::Failed, Some("invalid_number".into()))
+    );
+    assert!(world.twilio.calls().is_empty());
+}
+
+#[tokio::test]
+async fn a_school_naming_an_unconfigured_provider_is_refused() {
+    let school = SchoolSettings {
+        provider: Some("sinch".into()),
+        ..school()
+    };
+    let world = World::with(settings(), school);
+    let (id, job) = job(JobType::LoginCode);
+    let Disposition::DeadLetter { error, .. } = world.handle(&delivery(&job)).await else {
+        panic!("dead-lettered");
+    };
+    assert!(error.contains("'sinch' is not configured"), "{error}");
+    assert_eq!(
+        world.status(id),
+        (MessageStatus::Failed, Some("unknown_provider".into()))
+    );
+}
+
+#[tokio::test]
+async fn a_temporary_failure_retries_after_its_tier_then_sends() {
+    let world = World::new();
+    world.twilio.answer([Err(unavailable())]);
+    let (id, job) = job(JobType::BookingChange);
+    assert_eq!(
+        world.handle(&delivery(&job)).await,
+        Disposition::Retry {
+            delay: Duration::from_secs(10),
+            attempts: 1,
+            kind: JobType::BookingChange
+        }
+    );
+    assert_eq!(world.status(id).0, MessageStatus::Retrying);
+    assert_eq!(world.handle(&retried(&job, 1)).await, Disposition::Ack);
+    let row = world.row(id);
+    assert_eq!((row.status, row.attempts), (MessageStatus::Sent, 2));
+}
+
+#[tokio::test]
+async fn a_throttled_call_waits_as_long_as_the_provider_asks() {
+    let world = World::new();
+    world.twilio.answer([Err(ProviderError::Throttled {
+        http_status: 429,
+        code: None,
+        message: None,
+        retry_after: Some(Duration::from_secs(120)),
+    })]);
+    let (_, job) = job(JobType::BookingReminder);
+    let Disposition::Retry { delay, .. } = world.handle(&delivery(&job)).await else {
+        panic!("retried");
+    };
+    assert_eq!(delay, Duration::from_secs(120));
+}
+
+#[tokio::test]
+async fn the_last_failed_attempt_is_dead_lettered_as_exhausted() {
+    let world = World::new();
+    world.twilio.answer([Err(unavailable())]);
+    let (id, job) = job(JobType::BookingReminder);
+    world.log().insert(
+        id,
+        Row {
+            status: MessageStatus::Retrying,
+            ..row_with_attempts(2)
+        },
+    );
+    let Disposition::DeadLetter {
+        reason, attempts, ..
+    } = world.handle(&retried(&job, 2)).await
+    else {
+        panic!("dead-lettered");
+    };
+    assert_eq!((reason, attempts), (DeadReason::AttemptsExhausted, 3));
+    assert_eq!(
+        world.status(id),
+        (MessageStatus::Failed, Some("attempts_exhausted".into()))
+    );
+}
+
+#[tokio::test]
+async fn a_carrier_stop_fails_the_message_and_records_an_opt_out() {
+    let world = World::new();
+    world.twilio.answer([Err(rejected(false, true))]);
+    let (id, job) = job(JobType::BookingReminder);
+    let disposition = world.handle(&delivery(&job)).await;
+    assert!(matches!(
+        disposition,
+        Disposition::DeadLetter {
+            reason: DeadReason::PermanentFailure,
+            attempts: 1,
+            ..
+        }
+    ));
+    assert_eq!(
+        world.status(id),
+        (MessageStatus::Failed, Some("recipient_opted_out".into()))
+    );
+    assert!(world.log().is_opted_out(SCHOOL, NUMBER));
+}
+
+#[tokio::test]
+async fn a_refusal_another_gateway_may_not_share_fails_over_to_the_fallback() {
+    let school = SchoolSettings {
+        fallback_provider: Some("vonage".into()),
+        ..school()
+    };
+    let world = World::with(settings(), school);
+    world.twilio.answer([Err(rejected(true, false))]);
+    let (id, job) = job(JobType::LoginCode);
+    assert_eq!(world.handle(&delivery(&job)).await, Disposition::Ack);
+    assert_eq!(
+        (world.twilio.calls().len(), world.vonage.calls().len()),
+        (1, 1)
+    );
+    let row = world.row(id);
+    assert_eq!(
+        (row.status, row.provider.as_str(), row.attempts),
+        (MessageStatus::Sent, "vonage", 2)
+    );
+}
+
+#[tokio::test]
+async fn without_a_fallback_the_same_refusal_is_final() {
+    let world = World::new();
+    world.twilio.answer([Err(rejected(true, false))]);
+    let (id, job) = job(JobType::LoginCode);
+    assert!(matches!(
+        world.handle(&delivery(&job)).await,
+        Disposition::DeadLetter { .. }
+    ));
+    assert_eq!(
+        world.status(id),
+        (MessageStatus::Failed, Some("permanent_failure".into()))
+    );
+}
+
+#[tokio::test]
+async fn an_open_circuit_puts_messages_off_instead_of_calling() {
+    let world = World::new();
+    world
+        .twilio
+        .answer([Err(unavailable()), Err(unavailable())]);
+    for _ in 0..2 {
+        let (_, job) = job(JobType::BookingReminder);
+        world.handle(&delivery(&job)).await;
+    }
+    let (id, job) = job(JobType::BookingReminder);
+    assert!(matches!(
+        world.handle(&delivery(&job)).await,
+        Disposition::Defer { .. }
+    ));
+    assert_eq!(world.twilio.calls().len(), 2);
+    assert!(
+        world.log().row(id).is_none(),
+        "nothing claimed while the circuit is open"
+    );
+}
+
+#[tokio::test]
+async fn an_open_circuit_sends_through_the_fallback_when_there_is_one() {
+    let school = SchoolSettings {
+        fallback_provider: Some("vonage".into()),
+        ..school()
+    };
+    let world = World::with(settings(), school);
+    world
+        .twilio
+        .answer([Err(unavailable()), Err(unavailable())]);
+    for _ in 0..2 {
+        let (_, job) = job(JobType::BookingReminder);
+        world.handle(&delivery(&job)).await;
+    }
+    let (id, job) = job(JobType::BookingReminder);
+    assert_eq!(world.handle(&delivery(&job)).await, Disposition::Ack);
+    assert_eq!(world.row(id).provider, "vonage");
+}
+
+#[tokio::test]
+async fn the_same_job_published_again_after_it_was_sent_is_a_duplicate() {
+    let world = World::new();
+    let (id, job) = job(JobType::LoginCode);
+    world.handle(&delivery(&job)).await;
+    assert_eq!(world.handle(&delivery(&job)).await, Disposition::Ack);
+    assert_eq!(world.twilio.calls().len(), 1);
+    assert_eq!(world.row(id).attempts, 1);
+}
+
+#[tokio::test]
+async fn a_second_publish_while_the_first_is_sending_is_acked_as_a_duplicate() {
+    let world = World::new();
+    let (id, job) = job(JobType::LoginCode);
+    world
+        .log()
+        .insert(id, sending(1, OffsetDateTime::now_utc()));
+    assert_eq!(world.handle(&delivery(&job)).await, Disposition::Ack);
+    assert!(world.twilio.calls().is_empty());
+}
+
+#[tokio::test]
+async fn a_redelivery_while_an_attempt_may_still_run_waits_and_looks_again() {
+    let world = World::new();
+    let (id, job) = job(JobType::LoginCode);
+    world
+        .log()
+        .insert(id, sending(1, OffsetDateTime::now_utc()));
+    let redelivered = Delivery {
+        redelivered: true,
+        ..delivery(&job)
+    };
+    assert_eq!(
+        world.handle(&redelivered).await,
+        Disposition::Retry {
+            delay: Duration::from_secs(10),
+            attempts: 0,
+            kind: JobType::LoginCode
+        }
+    );
+    assert!(world.twilio.calls().is_empty());
+}
+
+#[tokio::test]
+async fn an_attempt_cut_off_by_a_crash_is_reconciled_then_taken_over() {
+    let world = World::new();
+    world.twilio.look_up([Lookup::NotFound]);
+    let (id, job) = job(JobType::LoginCode);
+    let long_ago = OffsetDateTime::now_utc() - time::Duration::minutes(5);
+    world.log().insert(id, sending(1, long_ago));
+    let redelivered = Delivery {
+        redelivered: true,
+        ..delivery(&job)
+    };
+    assert_eq!(world.handle(&redelivered).await, Disposition::Ack);
+    let row = world.row(id);
+    assert_eq!((row.status, row.attempts), (MessageStatus::Sent, 2));
+    assert_eq!(
+        row.recorded,
+        vec![(1, None), (2, Some(AttemptOutcome::Sent))]
+    );
+}
+
+#[tokio::test]
+async fn an_unanswered_call_the_provider_took_is_adopted_not_sent_again() {
+    let world = World::new();
+    world.twilio.look_up([Lookup::Found(accepted("SM-taken"))]);
+    let (id, job) = job(JobType::LoginCode);
+    world.log().insert(id, unknown_outcome());
+    assert_eq!(world.handle(&retried(&job, 1)).await, Disposition::Ack);
+    assert!(world.twilio.calls().is_empty());
+    let row = world.row(id);
+    assert_eq!(
+        (row.status, row.provider_message_id),
+        (MessageStatus::Sent, Some("SM-taken".into()))
+    );
+}
+
+#[tokio::test]
+async fn an_unanswered_call_the_provider_never_took_is_sent_again() {
+    let world = World::new();
+    world.twilio.look_up([Lookup::NotFound]);
+    let (id, job) = job(JobType::LoginCode);
+    world.log().insert(id, unknown_outcome());
+    assert_eq!(world.handle(&retried(&job, 1)).await, Disposition::Ack);
+    assert_eq!(world.twilio.calls().len(), 1);
+    assert_eq!(world.row(id).attempts, 2);
+}
+
+#[tokio::test]
+async fn when_the_provider_cannot_be_asked_the_message_waits() {
+    let world = World::new();
+    world.twilio.look_up([Lookup::Failed(unavailable())]);
+    let (id, job) = job(JobType::LoginCode);
+    world.log().insert(id, unknown_outcome());
+    assert_eq!(
+        world.handle(&retried(&job, 1)).await,
+        Disposition::Retry {
+            delay: Duration::from_secs(10),
+            attempts: 1,
+            kind: JobType::LoginCode
+        }
+    );
+    assert!(world.twilio.calls().is_empty());
+}
+
+#[tokio::test]
+async fn without_a_lookup_an_unknown_outcome_can_be_dead_lettered() {
+    let world = World::with(
+        PipelineSettings {
+            unknown_outcome: UnknownOutcome::DeadLetter,
+            ..settings()
+        },
+        school(),
+    );
+    let (id, job) = job(JobType::LoginCode);
+    world.log().insert(id, unknown_outcome());
+    assert!(matches!(
+        world.handle(&retried(&job, 1)).await,
+        Disposition::DeadLetter {
+            reason: DeadReason::PermanentFailure,
+            ..
+        }
+    ));
+    assert_eq!(
+        world.status(id),
+        (MessageStatus::Failed, Some("outcome_unknown".into()))
+    );
+    assert!(world.twilio.calls().is_empty());
+}
+
+#[tokio::test]
+async fn without_a_lookup_an_unknown_outcome_is_resent_by_default() {
+    let world = World::new();
+    let (id, job) = job(JobType::LoginCode);
+    world.log().insert(id, unknown_outcome());
+    assert_eq!(world.handle(&retried(&job, 1)).await, Disposition::Ack);
+    assert_eq!(world.twilio.calls().len(), 1);
+}
+
+#[tokio::test]
+async fn a_replayed_failure_is_tried_again() {
+    let world = World::new();
+    let (id, job) = job(JobType::LoginCode);
+    world.log().insert(
+        id,
+        Row {
+            status: MessageStatus::Failed,
+            ..row_with_attempts(3)
+        },
+    );
+    let replayed = Delivery {
+        replayed: true,
+        ..delivery(&job)
+    };
+    assert_eq!(world.handle(&replayed).await, Disposition::Ack);
+    assert_eq!(world.status(id).0, MessageStatus::Sent);
+}
+
+#[tokio::test]
+async fn an_announcement_queues_every_recipient_and_fans_out_a_chunk() {
+    let world = World::new();
+    let id = Uuid::new_v4();
+    let job = json!({
+        "id": id, "type": "announcement", "school_id": SCHOOL, "body": "Closed on Friday",
+        "recipients": [
+            {"to": "+447700900001", "ref": "s1"}, {"to": "07700 900002"},
+            {"to": "+447700900001"}, {"to": "+447700900003"},
+        ],
+    });
+    let Disposition::FanOut {
+        announcement,
+        messages,
+        rest,
+        ..
+    } = world.handle(&delivery(&job)).await
+    else {
+        panic!("fanned out");
+    };
+    assert_eq!(announcement, id);
+    let first = smsgw_job(&messages[0].1);
+    assert_eq!(
+        (first.id, first.reference.as_deref()),
+        (messages[0].0, Some("s1"))
+    );
+    assert_eq!(
+        first.target,
+        crate::job::Target::One("+447700900001".into())
+    );
+    assert_eq!(messages.len(), 2, "a chunk of SMSGW_FANOUT_CHUNK");
+    let rest = smsgw_job(&rest.expect("two recipients left"));
+    assert!(matches!(rest.target, crate::job::Target::Many(ref left) if left.len() == 2));
+    let queued = world.log().rows();
+    assert_eq!(queued.len(), 3, "one row per distinct recipient");
+    assert!(
+        queued
+            .iter()
+            .all(|(_, row)| row.status == MessageStatus::Queued && row.bulk_id == Some(id))
+    );
+    assert!(world.twilio.calls().is_empty());
+}
+
+#[tokio::test]
+async fn a_database_outage_holds_the_message_until_the_write_succeeds() {
+    let world = World::new();
+    world.log().fail_next(3);
+    let (id, job) = job(JobType::LoginCode);
+    assert_eq!(world.handle(&delivery(&job)).await, Disposition::Ack);
+    assert_eq!(world.status(id).0, MessageStatus::Sent);
+    assert_eq!(
+        world.twilio.calls().len(),
+        1,
+        "no call before the attempt was recorded"
+    );
+    assert!(world.health.database());
+}
+
+#[tokio::test]
+async fn a_delivery_held_by_an_outage_is_left_unsettled_when_stopping() {
+    let world = World::new();
+    world.log().fail_next(u32::MAX);
+    world.abandon.cancel();
+    let (_, job) = job(JobType::LoginCode);
+    assert_eq!(world.handle(&delivery(&job)).await, Disposition::Unsettled);
+    assert!(world.twilio.calls().is_empty());
+}
+
+#[tokio::test]
+async fn a_retry_back_before_its_time_is_deferred_without_touching_the_log() {
+    let world = World::new();
+    let (_, job) = job(JobType::BookingReminder);
+    let early = Delivery {
+        retry_at: Some(OffsetDateTime::now_utc() + time::Duration::minutes(5)),
+        ..retried(&job, 1)
+    };
+    assert!(matches!(
+        world.handle(&early).await,
+        Disposition::Defer { .. }
+    ));
+    assert_eq!(world.log().statements(), 0);
+}
+
+fn smsgw_job(bytes: &[u8]) -> crate::job::Job {
+    crate::job::Job::decode(bytes).expect("smsgw publishes valid jobs")
+}
+
+fn row_with_attempts(attempts: i32) -> Row {
+    Row {
+        status: MessageStatus::Queued,
+        reason: None,
+        recipient: NUMBER.into(),
+        provider: "twilio".into(),
+        bulk_id: None,
+        attempts,
+        attempt_started: Some(OffsetDateTime::now_utc() - time::Duration::minutes(1)),
+        claim: None,
+        last_outcome_unknown: false,
+        provider_message_id: None,
+        recorded: (1..=attempts)
+            .map(|n| (n, Some(AttemptOutcome::TemporaryFailure)))
+            .collect(),
+    }
+}
+
+/// A message whose attempt 1 started at `started` and has no outcome yet.
+fn sending(attempts: i32, started: OffsetDateTime) -> Row {
+    Row {
+        status: MessageStatus::Sending,
+        attempt_started: Some(started),
+        recorded: Vec::new(),
+        ..row_with_attempts(attempts)
+    }
+}
+
+/// A message whose only attempt timed out: the provider may have taken it.
+fn unknown_outcome() -> Row {
+    Row {
+        status: MessageStatus::Retrying,
+        last_outcome_unknown: true,
+        ..row_with_attempts(1)
+    }
+}
