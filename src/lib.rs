@@ -27,7 +27,6 @@
 //! - [`systemd`]: the notify protocol (ready, stopping, watchdog).
 //! - [`telemetry`]: logging setup; [`cli`]: the command line.
 
-mod acks;
 pub mod broker;
 pub mod cache;
 pub mod circuit;

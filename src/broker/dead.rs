@@ -1,0 +1,247 @@
+//! The dead letters: browsing `sms.dead` without taking anything, and replaying.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::{
+    Acker, BasicProperties, Channel, Consumer,
+    options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions},
+    types::{AMQPValue, FieldTable, ShortString},
+};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::{
+    Broker, BrokerError, DEAD_QUEUE, JOBS_EXCHANGE,
+    headers::{
+        HEADER_ATTEMPTS, HEADER_DEAD_AT, HEADER_ERROR, HEADER_REASON, HEADER_REPLAYED_AT,
+        HEADER_REQUEUED, HEADER_RETRY_AT, amqp_int, amqp_text, carried, from_unix_ms, unix_ms,
+    },
+    within,
+};
+
+impl Broker {
+    /// Starts browsing `sms.dead`.
+    pub async fn browse_dead(&self) -> Result<DeadBrowser, BrokerError> {
+        let channel = within(self.connection.create_channel()).await?;
+        let queue = within(channel.queue_declare(
+            DEAD_QUEUE.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        ))
+        .await?;
+        let total = queue.message_count();
+        within(channel.basic_qos(u16::MAX, BasicQosOptions::default())).await?;
+        let consumer = within(channel.basic_consume(
+            DEAD_QUEUE.into(),
+            ShortString::from(format!("smsgw-dlq-{}", Uuid::new_v4())),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        ))
+        .await?;
+        Ok(DeadBrowser {
+            channel,
+            consumer,
+            total,
+            seen: 0,
+        })
+    }
+
+    /// Puts a dead letter back on `sms.jobs`, body unchanged, its history headers removed
+    /// (a fresh attempt budget), and waits for the broker's confirm.
+    pub async fn replay(&self, letter: &DeadLetter) -> Result<(), BrokerError> {
+        let mut headers = carried(&letter.properties, is_history_header);
+        headers.insert(
+            HEADER_REPLAYED_AT.into(),
+            AMQPValue::LongLongInt(unix_ms(OffsetDateTime::now_utc())),
+        );
+        let properties = letter
+            .properties
+            .clone()
+            .with_delivery_mode(2)
+            .with_headers(headers);
+        self.publish_confirmed(JOBS_EXCHANGE, &letter.routing_key, &letter.body, properties)
+            .await
+    }
+}
+
+/// Headers a replay removes: ours (reason, error, attempts, timing) and the broker's
+/// dead-lettering history, so the job starts with a fresh attempt budget.
+fn is_history_header(name: &str) -> bool {
+    matches!(
+        name,
+        HEADER_REASON
+            | HEADER_ERROR
+            | HEADER_ATTEMPTS
+            | HEADER_RETRY_AT
+            | HEADER_DEAD_AT
+            | HEADER_REPLAYED_AT
+            | HEADER_REQUEUED
+            | "x-death"
+            | "x-delivery-count"
+    ) || name.starts_with("x-first-death-")
+        || name.starts_with("x-last-death-")
+}
+
+/// A message in `sms.dead`, as the dead-letter tools see it.
+pub struct DeadLetter {
+    pub message_id: Option<String>,
+    pub routing_key: String,
+    pub body: Vec<u8>,
+    /// `x-smsgw-reason`, or the broker's own reason (e.g. `delivery_limit`).
+    pub reason: String,
+    pub error: Option<String>,
+    pub attempts: Option<i64>,
+    pub dead_at: Option<OffsetDateTime>,
+    properties: BasicProperties,
+    acker: Acker,
+}
+
+impl std::fmt::Debug for DeadLetter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeadLetter")
+            .field("message_id", &self.message_id)
+            .field("reason", &self.reason)
+            .finish()
+    }
+}
+
+impl DeadLetter {
+    fn from_delivery(delivery: lapin::message::Delivery) -> Self {
+        let headers = delivery.properties.headers().clone().unwrap_or_default();
+        let get = |key: &str| headers.inner().get(key);
+        let first_death = get("x-death").and_then(|v| match v {
+            AMQPValue::FieldArray(deaths) => deaths.as_slice().first().and_then(|d| match d {
+                AMQPValue::FieldTable(t) => Some(t.clone()),
+                _ => None,
+            }),
+            _ => None,
+        });
+        let death = |key: &str| {
+            first_death
+                .as_ref()
+                .and_then(|t| t.inner().get(key).cloned())
+        };
+        let reason = get(HEADER_REASON)
+            .and_then(amqp_text)
+            .or_else(|| death("reason").as_ref().and_then(amqp_text))
+            .unwrap_or_else(|| "unknown".to_owned());
+        let dead_at = get(HEADER_DEAD_AT)
+            .and_then(amqp_int)
+            .and_then(from_unix_ms)
+            .or_else(|| match death("time") {
+                Some(AMQPValue::Timestamp(seconds)) => {
+                    OffsetDateTime::from_unix_timestamp(i64::try_from(seconds).ok()?).ok()
+                }
+                _ => None,
+            });
+        DeadLetter {
+            message_id: delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|m| m.as_str().to_owned()),
+            routing_key: delivery.routing_key.as_str().to_owned(),
+            reason,
+            error: get(HEADER_ERROR).and_then(amqp_text),
+            attempts: get(HEADER_ATTEMPTS).and_then(amqp_int),
+            dead_at,
+            body: delivery.data,
+            properties: delivery.properties,
+            acker: delivery.acker,
+        }
+    }
+
+    /// Every header, printable, for `smsgw dlq show`.
+    pub fn headers(&self) -> Vec<(String, String)> {
+        self.properties
+            .headers()
+            .as_ref()
+            .map(|h| {
+                h.inner()
+                    .iter()
+                    .map(|(k, v)| (k.as_str().to_owned(), printable(v)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+fn printable(value: &AMQPValue) -> String {
+    match value {
+        AMQPValue::LongString(_) | AMQPValue::ShortString(_) => {
+            amqp_text(value).unwrap_or_default()
+        }
+        AMQPValue::FieldArray(items) => format!(
+            "[{}]",
+            items
+                .as_slice()
+                .iter()
+                .map(printable)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        AMQPValue::FieldTable(table) => format!(
+            "{{{}}}",
+            table
+                .inner()
+                .iter()
+                .map(|(k, v)| format!("{}: {}", k.as_str(), printable(v)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        other => amqp_int(other)
+            .map(|n| n.to_string())
+            .unwrap_or_else(|| format!("{other:?}")),
+    }
+}
+
+/// Reads `sms.dead` without taking anything: deliveries stay unacked until [`remove`]d;
+/// the rest go back to their original places when the browser closes.
+///
+/// [`remove`]: DeadBrowser::remove
+pub struct DeadBrowser {
+    channel: Channel,
+    consumer: Consumer,
+    /// How many messages the queue held when browsing began.
+    pub total: u32,
+    seen: u32,
+}
+
+/// Most messages one browse holds at once (AMQP's prefetch is a 16-bit number).
+pub const MAX_BROWSE: u32 = u16::MAX as u32;
+
+impl DeadBrowser {
+    /// The next dead letter; `None` when every message present at the start was seen.
+    pub async fn next(&mut self) -> Option<Result<DeadLetter, BrokerError>> {
+        if self.seen >= self.total.min(MAX_BROWSE) {
+            return None;
+        }
+        // Another client may hold some of them: stop when nothing comes for a while.
+        match tokio::time::timeout(Duration::from_secs(5), self.consumer.next()).await {
+            Ok(Some(Ok(delivery))) => {
+                self.seen += 1;
+                Some(Ok(DeadLetter::from_delivery(delivery)))
+            }
+            Ok(Some(Err(e))) => Some(Err(e.into())),
+            Ok(None) | Err(_) => None,
+        }
+    }
+
+    /// Removes a dead letter from `sms.dead` for good.
+    pub async fn remove(&self, letter: &DeadLetter) -> Result<(), BrokerError> {
+        if within(letter.acker.ack(BasicAckOptions::default())).await? {
+            Ok(())
+        } else {
+            Err(BrokerError::Returned("the browse channel closed".into()))
+        }
+    }
+
+    /// Puts everything not removed back where it was.
+    pub async fn close(self) {
+        let _ = within(self.channel.close(200, "browse done".into())).await;
+    }
+}

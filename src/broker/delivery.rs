@@ -1,0 +1,232 @@
+//! Consuming: a lane's deliveries, decoded into plain data for the pipeline, and the
+//! acks and requeues that settle them.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use futures_util::StreamExt;
+use lapin::{
+    Acker, BasicProperties, Channel, Consumer,
+    options::{
+        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    },
+    types::{FieldTable, ShortString},
+};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::{
+    Broker, BrokerError,
+    acks::{AckBatcher, AckOp},
+    headers::{
+        HEADER_ATTEMPTS, HEADER_BULK_ID, HEADER_FANOUT_QUEUED, HEADER_REPLAYED_AT, HEADER_REQUEUED,
+        HEADER_RETRY_AT, amqp_int, amqp_text, from_unix_ms,
+    },
+    topology::lane_queue,
+    within,
+};
+use crate::job::Lane;
+
+/// A delivery as the pipeline sees it: plain data, decoded from the AMQP message and our
+/// headers. The pipeline decides over it; only the broker settles it.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub lane: Lane,
+    pub body: Vec<u8>,
+    /// The `message_id` property, as the web app set it.
+    pub message_id: Option<String>,
+    /// The broker delivered it before (to us or another consumer) without a settlement.
+    pub redelivered: bool,
+    /// Provider calls made for this job so far, from our `x-smsgw-attempts` header.
+    pub attempts: u32,
+    pub bulk_id: Option<Uuid>,
+    /// Set on retries: not to be tried before this moment.
+    pub retry_at: Option<OffsetDateTime>,
+    /// Put back by `smsgw dlq replay`.
+    pub replayed: bool,
+    /// Came back from one of our delay tiers (not a fresh publish).
+    pub requeued: bool,
+    /// An announcement's continuation: its recipients' rows were written by the first pass.
+    pub fanout_queued: bool,
+}
+
+impl Delivery {
+    /// Whether the job may have been seen before: redelivered, back from a tier, replayed.
+    pub fn has_history(&self) -> bool {
+        self.redelivered || self.requeued || self.replayed
+    }
+}
+
+/// A delivery taken from a lane: its data, and what settling it needs.
+pub struct Incoming {
+    pub delivery: Delivery,
+    pub(super) routing_key: ShortString,
+    pub(super) properties: BasicProperties,
+    acker: Acker,
+    delivery_tag: u64,
+    /// The lane channel's ack batcher; `None` acks on its own.
+    batcher: Option<AckBatcher>,
+    /// Acked, nacked or rejected.
+    settled: AtomicBool,
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        // Left unsettled (given back to the broker at shutdown, say): no batched ack
+        // may ever reach past it.
+        if let Some(batcher) = &self.batcher
+            && !self.settled.load(Ordering::Acquire)
+        {
+            batcher.send(AckOp::Held(self.delivery_tag));
+        }
+    }
+}
+
+impl std::fmt::Debug for Incoming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Incoming")
+            .field("delivery", &self.delivery)
+            .finish()
+    }
+}
+impl Incoming {
+    fn from_delivery(lane: Lane, delivery: lapin::message::Delivery) -> Self {
+        let headers = delivery.properties.headers().as_ref();
+        let attempts = headers
+            .and_then(|h| h.inner().get(HEADER_ATTEMPTS))
+            .and_then(amqp_int)
+            .and_then(|n| u32::try_from(n).ok())
+            .unwrap_or(0);
+        let bulk_id = headers
+            .and_then(|h| h.inner().get(HEADER_BULK_ID))
+            .and_then(amqp_text)
+            .and_then(|text| Uuid::parse_str(&text).ok());
+        let retry_at = headers
+            .and_then(|h| h.inner().get(HEADER_RETRY_AT))
+            .and_then(amqp_int)
+            .and_then(from_unix_ms);
+        let replayed = headers.is_some_and(|h| h.contains_key(HEADER_REPLAYED_AT));
+        let requeued = headers.is_some_and(|h| h.contains_key(HEADER_REQUEUED));
+        let fanout_queued = headers.is_some_and(|h| h.contains_key(HEADER_FANOUT_QUEUED));
+        let message_id = delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.as_str().to_owned());
+        Incoming {
+            delivery: Delivery {
+                lane,
+                body: delivery.data,
+                message_id,
+                redelivered: delivery.redelivered,
+                attempts,
+                bulk_id,
+                retry_at,
+                replayed,
+                requeued,
+                fanout_queued,
+            },
+            routing_key: delivery.routing_key,
+            properties: delivery.properties,
+            acker: delivery.acker,
+            delivery_tag: delivery.delivery_tag,
+            batcher: None,
+            settled: AtomicBool::new(false),
+        }
+    }
+
+    /// Acks the delivery, with others of its channel when it can. Says whether the ack
+    /// reached a live channel.
+    pub(super) async fn ack(&self) -> Result<bool, BrokerError> {
+        self.settled.store(true, Ordering::Release);
+        if let Some(batcher) = &self.batcher {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            if batcher.send(AckOp::Ack(self.delivery_tag, self.acker.clone(), reply)) {
+                return Ok(answer.await.unwrap_or(false));
+            }
+        }
+        within(self.acker.ack(BasicAckOptions::default())).await
+    }
+
+    /// Gives the delivery back to its queue.
+    pub(super) async fn requeue(&self) -> Result<bool, BrokerError> {
+        self.settled.store(true, Ordering::Release);
+        let nacked = within(self.acker.nack(BasicNackOptions {
+            requeue: true,
+            ..BasicNackOptions::default()
+        }))
+        .await;
+        if let Some(batcher) = &self.batcher {
+            batcher.send(AckOp::Settled(self.delivery_tag));
+        }
+        nacked
+    }
+
+    /// Whether the delivery can still be settled (its channel is alive and it was not yet).
+    pub fn settleable(&self) -> bool {
+        self.acker.usable()
+    }
+}
+
+/// A consumer on one lane, on its own channel with its own prefetch.
+pub struct LaneConsumer {
+    pub lane: Lane,
+    channel: Channel,
+    consumer: Consumer,
+    tag: ShortString,
+    batcher: AckBatcher,
+}
+
+impl LaneConsumer {
+    /// The next delivery; `None` when the consumer was cancelled or its channel closed.
+    pub async fn next(&mut self) -> Option<Result<Incoming, BrokerError>> {
+        let lane = self.lane;
+        let batcher = &self.batcher;
+        self.consumer.next().await.map(|delivery| {
+            delivery
+                .map(|d| {
+                    let mut incoming = Incoming::from_delivery(lane, d);
+                    if batcher.send(AckOp::Delivered(incoming.delivery_tag)) {
+                        incoming.batcher = Some(batcher.clone());
+                    }
+                    incoming
+                })
+                .map_err(BrokerError::from)
+        })
+    }
+
+    /// Asks the broker to stop delivering; what was delivered stays ours to settle.
+    pub async fn cancel(&self) -> Result<(), BrokerError> {
+        within(
+            self.channel
+                .basic_cancel(self.tag.clone(), BasicCancelOptions::default()),
+        )
+        .await
+    }
+
+    pub async fn close(&self) {
+        let _ = within(self.channel.close(200, "smsgw stopping".into())).await;
+    }
+}
+
+impl Broker {
+    /// Starts consuming `lane` on a channel of its own, with at most `prefetch` unsettled.
+    pub async fn consume(&self, lane: Lane, prefetch: u16) -> Result<LaneConsumer, BrokerError> {
+        let channel = within(self.connection.create_channel()).await?;
+        within(channel.basic_qos(prefetch, BasicQosOptions::default())).await?;
+        let tag = ShortString::from(format!("smsgw-{}-{}", lane.as_str(), Uuid::new_v4()));
+        let consumer = within(channel.basic_consume(
+            lane_queue(lane).into(),
+            tag.clone(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        ))
+        .await?;
+        Ok(LaneConsumer {
+            lane,
+            channel,
+            consumer,
+            tag,
+            batcher: AckBatcher::start(),
+        })
+    }
+}

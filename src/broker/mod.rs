@@ -1,0 +1,160 @@
+//! The broker: the only module that speaks AMQP.
+//!
+//! Topology (declared idempotently at every start):
+//!
+//! ```text
+//!  web app ──▶ sms.jobs (topic) ──type──▶ sms.urgent  (login_code, booking_change, booking_cancellation)
+//!                 │                 └───▶ sms.default (booking_confirmation, booking_reminder)
+//!                 │                 └───▶ sms.bulk    (announcement)
+//!                 └─ unroutable ─▶ sms.unrouted (fanout) ─▶ sms.default (decoded, dead-lettered)
+//!
+//!  retry / defer ─▶ sms.retry.<delay> (fanout) ─▶ sms.retry.<delay> queue, TTL = delay
+//!                                  └─ expired ─▶ sms.requeue (direct, key = type) ─▶ its lane
+//!
+//!  dead letters ─▶ sms.dead (fanout) ─▶ sms.dead queue
+//!  lanes past x-delivery-limit ──────────▲ (the broker dead-letters them itself)
+//! ```
+//!
+//! Every queue is a quorum queue; the broker dead-letters at-least-once. Every publish of
+//! ours waits for the broker's confirm before the delivery it replaces is acked.
+//!
+//! - `topology`: the queues and exchanges, declared at every start.
+//! - `delivery`: consuming a lane; a delivery decoded into plain data for the pipeline.
+//! - `acks`: a lane's acks gathered into `multiple` acks.
+//! - `publish`: confirmed publishing, and carrying out a [`Disposition`].
+//! - `dead`: browsing and replaying the dead letters.
+//! - `headers`: our headers and AMQP values.
+//!
+//! [`Disposition`]: crate::disposition::Disposition
+
+mod acks;
+mod dead;
+mod delivery;
+mod headers;
+mod publish;
+mod topology;
+
+use std::{sync::Arc, time::Duration};
+
+use futures_util::StreamExt;
+use lapin::{
+    Channel, Connection, ConnectionProperties, options::ConfirmSelectOptions, types::LongString,
+};
+
+pub use self::{
+    dead::{DeadBrowser, DeadLetter, MAX_BROWSE},
+    delivery::{Delivery, Incoming, LaneConsumer},
+    headers::*,
+    topology::{Topology, lane_queue, tier_name},
+};
+
+pub const JOBS_EXCHANGE: &str = "sms.jobs";
+pub const UNROUTED_EXCHANGE: &str = "sms.unrouted";
+pub const REQUEUE_EXCHANGE: &str = "sms.requeue";
+pub const DEAD_EXCHANGE: &str = "sms.dead";
+pub const DEAD_QUEUE: &str = "sms.dead";
+
+/// How long we wait for the broker to confirm a publish or take an ack.
+const BROKER_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("AMQP error: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("the broker refused the publish (nack)")]
+    Nacked,
+    #[error("the broker could not route the publish: {0}")]
+    Returned(String),
+    #[error("the broker did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+impl BrokerError {
+    /// A topology mismatch (a queue declared with other arguments) will not fix itself.
+    pub fn is_precondition_failed(&self) -> bool {
+        matches!(self, BrokerError::Amqp(e) if e.to_string().contains("PRECONDITION_FAILED"))
+    }
+}
+
+async fn within<T, E>(future: impl Future<Output = Result<T, E>>) -> Result<T, BrokerError>
+where
+    BrokerError: From<E>,
+{
+    match tokio::time::timeout(BROKER_TIMEOUT, future).await {
+        Ok(result) => result.map_err(BrokerError::from),
+        Err(_) => Err(BrokerError::Timeout(BROKER_TIMEOUT)),
+    }
+}
+
+/// What the connection tells us besides deliveries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BrokerEvent {
+    /// The broker stopped accepting publishes (a memory or disk alarm).
+    Blocked(String),
+    Unblocked,
+}
+
+/// A connection with a confirmed publishing channel.
+#[derive(Clone)]
+pub struct Broker {
+    connection: Arc<Connection>,
+    publisher: Channel,
+    topology: Arc<Topology>,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("connected", &self.is_connected())
+            .finish()
+    }
+}
+
+/// Adds a heartbeat to the URL unless it already sets one, so a dead peer is noticed in
+/// seconds, not minutes.
+fn with_heartbeat(url: &str) -> String {
+    if url.contains("heartbeat=") {
+        url.to_owned()
+    } else if url.contains('?') {
+        format!("{url}&heartbeat=20")
+    } else {
+        format!("{url}?heartbeat=20")
+    }
+}
+
+impl Broker {
+    pub async fn connect(url: &str, name: &str, topology: Topology) -> Result<Self, BrokerError> {
+        let properties =
+            ConnectionProperties::default().with_connection_name(LongString::from(name));
+        let connection = within(Connection::connect(&with_heartbeat(url), properties)).await?;
+        let publisher = within(connection.create_channel()).await?;
+        within(publisher.confirm_select(ConfirmSelectOptions::default())).await?;
+        Ok(Broker {
+            connection: Arc::new(connection),
+            publisher,
+            topology: Arc::new(topology),
+        })
+    }
+
+    /// Connection events (blocked, unblocked) until the connection ends.
+    pub fn events(&self) -> impl futures_util::Stream<Item = BrokerEvent> + Send + 'static {
+        self.connection
+            .events_listener()
+            .filter_map(|event| async move {
+                match event {
+                    lapin::Event::ConnectionBlocked(reason) => Some(BrokerEvent::Blocked(reason)),
+                    lapin::Event::ConnectionUnblocked => Some(BrokerEvent::Unblocked),
+                    _ => None,
+                }
+            })
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connection.status().connected() && self.publisher.status().connected()
+    }
+
+    pub async fn close(&self) {
+        let _ = within(self.publisher.close(200, "smsgw stopping".into())).await;
+        let _ = within(self.connection.close(200, "smsgw stopping".into())).await;
+    }
+}

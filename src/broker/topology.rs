@@ -1,0 +1,258 @@
+//! The queues and exchanges, declared idempotently at every start, and their depths.
+
+use std::time::Duration;
+
+use lapin::{
+    Channel, ExchangeKind,
+    options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
+    types::{AMQPValue, FieldTable},
+};
+
+use super::{
+    Broker, BrokerError, DEAD_EXCHANGE, DEAD_QUEUE, JOBS_EXCHANGE, REQUEUE_EXCHANGE,
+    UNROUTED_EXCHANGE, headers::long_string, within,
+};
+use crate::job::{JobType, Lane};
+
+pub fn lane_queue(lane: Lane) -> &'static str {
+    match lane {
+        Lane::Urgent => "sms.urgent",
+        Lane::Default => "sms.default",
+        Lane::Bulk => "sms.bulk",
+    }
+}
+
+/// `sms.retry.10s`, `sms.retry.1m`, `sms.retry.1h30m`.
+pub fn tier_name(delay: Duration) -> String {
+    let text: String = humantime::format_duration(delay)
+        .to_string()
+        .split_whitespace()
+        .collect();
+    format!("sms.retry.{text}")
+}
+
+/// The shape of the queues, from configuration.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    /// Delay tiers, shortest first.
+    pub delays: Vec<Duration>,
+    pub delivery_limit: u32,
+}
+
+impl Topology {
+    /// The tier to wait in for a retry: the shortest one at least `delay` long.
+    pub(super) fn tier_at_least(&self, delay: Duration) -> Duration {
+        self.delays
+            .iter()
+            .copied()
+            .find(|tier| *tier >= delay)
+            .or_else(|| self.delays.last().copied())
+            .unwrap_or(delay)
+    }
+
+    /// The tier to wait in for a scheduled send: the longest one that does not overshoot
+    /// `remaining` (the shortest when all do), so the message comes back on time.
+    pub(super) fn tier_at_most(&self, remaining: Duration) -> Duration {
+        self.delays
+            .iter()
+            .rev()
+            .copied()
+            .find(|tier| *tier <= remaining)
+            .or_else(|| self.delays.first().copied())
+            .unwrap_or(remaining)
+    }
+}
+
+impl Broker {
+    /// Declares every exchange, queue and binding. Idempotent; fails with
+    /// PRECONDITION_FAILED when a queue exists with other arguments.
+    pub async fn declare_topology(&self) -> Result<(), BrokerError> {
+        let channel = within(self.connection.create_channel()).await?;
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        let mut jobs_args = FieldTable::default();
+        jobs_args.insert("alternate-exchange".into(), long_string(UNROUTED_EXCHANGE));
+        for (name, kind, args) in [
+            (
+                UNROUTED_EXCHANGE,
+                ExchangeKind::Fanout,
+                FieldTable::default(),
+            ),
+            (JOBS_EXCHANGE, ExchangeKind::Topic, jobs_args),
+            (
+                REQUEUE_EXCHANGE,
+                ExchangeKind::Direct,
+                FieldTable::default(),
+            ),
+            (DEAD_EXCHANGE, ExchangeKind::Fanout, FieldTable::default()),
+        ] {
+            within(channel.exchange_declare(name.into(), kind, durable, args)).await?;
+        }
+
+        declare_quorum(&channel, DEAD_QUEUE, FieldTable::default()).await?;
+        bind(&channel, DEAD_QUEUE, DEAD_EXCHANGE, "").await?;
+
+        for lane in Lane::ALL {
+            let queue = lane_queue(lane);
+            let mut args = FieldTable::default();
+            args.insert(
+                "x-delivery-limit".into(),
+                AMQPValue::LongLongInt(i64::from(self.topology.delivery_limit)),
+            );
+            args.insert("x-dead-letter-exchange".into(), long_string(DEAD_EXCHANGE));
+            args.insert(
+                "x-dead-letter-strategy".into(),
+                long_string("at-least-once"),
+            );
+            args.insert("x-overflow".into(), long_string("reject-publish"));
+            declare_quorum(&channel, queue, args).await?;
+            for kind in JobType::ALL.into_iter().filter(|k| k.lane() == lane) {
+                bind(&channel, queue, JOBS_EXCHANGE, kind.as_str()).await?;
+                bind(&channel, queue, REQUEUE_EXCHANGE, kind.as_str()).await?;
+            }
+        }
+        bind(&channel, lane_queue(Lane::Default), UNROUTED_EXCHANGE, "").await?;
+
+        for delay in &self.topology.delays {
+            let name = tier_name(*delay);
+            within(channel.exchange_declare(
+                name.as_str().into(),
+                ExchangeKind::Fanout,
+                durable,
+                FieldTable::default(),
+            ))
+            .await?;
+            let mut args = FieldTable::default();
+            let ttl = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+            args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
+            args.insert(
+                "x-dead-letter-exchange".into(),
+                long_string(REQUEUE_EXCHANGE),
+            );
+            args.insert(
+                "x-dead-letter-strategy".into(),
+                long_string("at-least-once"),
+            );
+            args.insert("x-overflow".into(), long_string("reject-publish"));
+            declare_quorum(&channel, &name, args).await?;
+            bind(&channel, &name, &name, "").await?;
+        }
+        let _ = within(channel.close(200, "topology declared".into())).await;
+        Ok(())
+    }
+
+    /// How many messages wait in each of our queues (lanes, tiers, dead letters).
+    pub async fn queue_depths(&self) -> Result<Vec<(String, u32)>, BrokerError> {
+        let channel = within(self.connection.create_channel()).await?;
+        let mut names: Vec<String> = Lane::ALL
+            .iter()
+            .map(|l| lane_queue(*l).to_owned())
+            .collect();
+        names.extend(self.topology.delays.iter().map(|d| tier_name(*d)));
+        names.push(DEAD_QUEUE.to_owned());
+        let mut depths = Vec::with_capacity(names.len());
+        for name in names {
+            let queue = within(channel.queue_declare(
+                name.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            ))
+            .await?;
+            depths.push((name, queue.message_count()));
+        }
+        let _ = within(channel.close(200, "depths read".into())).await;
+        Ok(depths)
+    }
+}
+
+async fn declare_quorum(
+    channel: &Channel,
+    name: &str,
+    mut args: FieldTable,
+) -> Result<(), BrokerError> {
+    args.insert("x-queue-type".into(), long_string("quorum"));
+    within(channel.queue_declare(
+        name.into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        },
+        args,
+    ))
+    .await?;
+    Ok(())
+}
+
+async fn bind(
+    channel: &Channel,
+    queue: &str,
+    exchange: &str,
+    key: &str,
+) -> Result<(), BrokerError> {
+    within(channel.queue_bind(
+        queue.into(),
+        exchange.into(),
+        key.into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    ))
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topology() -> Topology {
+        Topology {
+            delays: [10, 60, 300].into_iter().map(Duration::from_secs).collect(),
+            delivery_limit: 10,
+        }
+    }
+
+    #[test]
+    fn tier_names_are_compact() {
+        assert_eq!(tier_name(Duration::from_secs(10)), "sms.retry.10s");
+        assert_eq!(tier_name(Duration::from_secs(90)), "sms.retry.1m30s");
+        assert_eq!(tier_name(Duration::from_millis(200)), "sms.retry.200ms");
+    }
+
+    #[test]
+    fn retries_wait_at_least_the_delay_asked() {
+        let t = topology();
+        assert_eq!(
+            t.tier_at_least(Duration::from_secs(10)),
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            t.tier_at_least(Duration::from_secs(11)),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            t.tier_at_least(Duration::from_secs(9999)),
+            Duration::from_secs(300)
+        );
+    }
+
+    #[test]
+    fn scheduled_sends_never_overshoot_by_more_than_the_shortest_tier() {
+        let t = topology();
+        assert_eq!(
+            t.tier_at_most(Duration::from_secs(3)),
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            t.tier_at_most(Duration::from_secs(70)),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            t.tier_at_most(Duration::from_secs(9999)),
+            Duration::from_secs(300)
+        );
+    }
+}
