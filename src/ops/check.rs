@@ -1,0 +1,122 @@
+//! `smsgw check`: one line per item; exit 2 on a configuration error, 1 when something
+//! cannot be reached.
+
+use std::process::ExitCode;
+
+use super::{EXIT_FAILED, EXIT_USAGE, topology};
+use crate::{
+    broker::Broker,
+    config::{ConfigError, ProviderKindSettings, ProviderSettings, Settings, TwilioSender},
+    store::Store,
+};
+
+fn line(item: &str, ok: bool, text: &str) {
+    println!("{item:<14} {:<4} {text}", if ok { "ok" } else { "FAIL" });
+}
+
+pub async fn check(settings: Result<Settings, ConfigError>) -> ExitCode {
+    let settings = match settings {
+        Ok(settings) => {
+            line("configuration", true, &settings.destination_summary());
+            settings
+        }
+        Err(e) => {
+            line("configuration", false, &e.to_string());
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let broker = check_broker(&settings).await;
+    let database = check_database(&settings).await;
+    for provider in &settings.providers {
+        let default = if provider.name == settings.default_provider {
+            " (default)"
+        } else {
+            ""
+        };
+        let detail = provider_detail(provider);
+        line(
+            "provider",
+            true,
+            &format!("'{}'{default}: {detail}", provider.name),
+        );
+    }
+    if broker && database {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_FAILED)
+    }
+}
+
+async fn check_broker(settings: &Settings) -> bool {
+    let url = settings.amqp_url_redacted();
+    match Broker::connect(&settings.amqp_url, "smsgw check", topology(settings)).await {
+        Ok(broker) => {
+            line("broker", true, &url);
+            broker.close().await;
+            true
+        }
+        Err(e) => {
+            line("broker", false, &format!("{url}: {e}"));
+            false
+        }
+    }
+}
+
+async fn check_database(settings: &Settings) -> bool {
+    let url = settings.database_url_redacted();
+    let store = match Store::connect(&settings.database_url, 1).await {
+        Ok(store) => store,
+        Err(e) => {
+            line("database", false, &format!("{url}: {e}"));
+            return false;
+        }
+    };
+    line("database", true, &url);
+    let need = Store::latest_migration();
+    let current = match store.schema_version().await {
+        Ok(have) if have >= need => {
+            line("schema", true, &format!("version {have}"));
+            true
+        }
+        Ok(have) => {
+            let text = format!("version {have}, this build needs {need}: run `smsgw migrate`");
+            line("schema", false, &text);
+            false
+        }
+        Err(e) => {
+            line("schema", false, &e.to_string());
+            false
+        }
+    };
+    store.close().await;
+    current
+}
+
+/// What a provider's configuration says, with the credentials shortened to a hint.
+fn provider_detail(provider: &ProviderSettings) -> String {
+    match &provider.kind {
+        ProviderKindSettings::Log => "log: nothing is sent, no credentials needed".to_owned(),
+        ProviderKindSettings::Twilio(twilio) => {
+            let sender = match &twilio.sender {
+                TwilioSender::From(from) => format!("from {from}"),
+                TwilioSender::MessagingService(sid) => format!("messaging service {sid}"),
+            };
+            let sid: Vec<char> = twilio.account_sid.chars().collect();
+            let head: String = sid.iter().take(6).collect();
+            let tail: String = sid[sid.len().saturating_sub(4)..].iter().collect();
+            format!("twilio credentials present (account {head}…{tail}), {sender}")
+        }
+        ProviderKindSettings::Vonage(vonage) => {
+            let receipts = if vonage.signature_secret.is_some() {
+                ", receipts signed"
+            } else {
+                ", receipts unsigned (refused)"
+            };
+            let key: String = vonage.api_key.chars().take(4).collect();
+            format!(
+                "vonage credentials present (key {key}…), from {}{receipts}",
+                vonage.from
+            )
+        }
+    }
+}

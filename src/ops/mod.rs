@@ -1,0 +1,144 @@
+//! Tools for ops and support: the dead-letter queue (`smsgw dlq ...`), a message's record
+//! (`smsgw status`) and `smsgw check`.
+//!
+//! Reading `sms.dead` never loses or reorders anything: messages are held unacked while
+//! they are looked at and go back to their original places; only `replay` (after the
+//! broker confirmed the republish) and `purge` remove what they were asked to.
+
+mod check;
+mod dlq;
+mod status;
+
+use std::{process::ExitCode, time::Duration};
+
+pub use self::{
+    check::check,
+    dlq::{DeadFilter, dlq_list, dlq_purge, dlq_replay, dlq_show},
+    status::print_log,
+};
+use crate::{
+    broker::{Broker, DeadBrowser, Topology},
+    config::Settings,
+};
+
+const EXIT_FAILED: u8 = 1;
+const EXIT_USAGE: u8 = 2;
+
+/// `3m12s`, `2h5m`, `4d3h`: the two largest units.
+fn short_duration(duration: Duration) -> String {
+    let s = duration.as_secs();
+    let (d, h, m, sec) = (s / 86_400, s / 3_600 % 24, s / 60 % 60, s % 60);
+    match (d, h, m) {
+        (0, 0, 0) => format!("{sec}s"),
+        (0, 0, _) => format!("{m}m{sec}s"),
+        (0, _, _) => format!("{h}h{m}m"),
+        _ => format!("{d}d{h}h"),
+    }
+}
+
+/// One line of at most `max` characters, cut with an ellipsis.
+fn shorten(text: &str, max: usize) -> String {
+    let text = text.replace(['\n', '\r'], " ");
+    if text.chars().count() <= max {
+        text
+    } else {
+        let mut cut: String = text.chars().take(max.saturating_sub(1)).collect();
+        cut.push('…');
+        cut
+    }
+}
+
+/// Prints rows as aligned columns.
+fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            widths[i] = widths[i].max(cell.chars().count());
+        }
+    }
+    let line = |cells: &[String]| {
+        let last = cells.len().saturating_sub(1);
+        let text: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                if i == last {
+                    c.clone()
+                } else {
+                    format!("{c:<width$}", width = widths[i])
+                }
+            })
+            .collect();
+        println!("{}", text.join("  ").trim_end());
+    };
+    line(&header.iter().map(|h| (*h).to_owned()).collect::<Vec<_>>());
+    for row in rows {
+        line(row);
+    }
+}
+
+fn topology(settings: &Settings) -> Topology {
+    Topology {
+        delays: settings.retry_delays.clone(),
+        delivery_limit: settings.delivery_limit,
+    }
+}
+
+async fn connect_broker(settings: &Settings) -> Result<Broker, ExitCode> {
+    let connected = async {
+        let broker = Broker::connect(&settings.amqp_url, "smsgw dlq", topology(settings)).await?;
+        broker.declare_topology().await?;
+        Ok::<_, crate::broker::BrokerError>(broker)
+    }
+    .await;
+    connected.map_err(|e| {
+        eprintln!(
+            "smsgw: cannot reach the broker at {}: {e}",
+            settings.amqp_url_redacted()
+        );
+        ExitCode::from(EXIT_FAILED)
+    })
+}
+
+/// Connects and starts browsing `sms.dead`.
+async fn open_dead(settings: &Settings) -> Result<(Broker, DeadBrowser), ExitCode> {
+    let broker = connect_broker(settings).await?;
+    match broker.browse_dead().await {
+        Ok(browser) => Ok((broker, browser)),
+        Err(e) => {
+            eprintln!("smsgw: cannot read sms.dead: {e}");
+            broker.close().await;
+            Err(ExitCode::from(EXIT_FAILED))
+        }
+    }
+}
+
+/// Masks phone numbers unless `reveal`.
+fn hider(reveal: bool) -> impl Fn(&str) -> String {
+    move |text: &str| {
+        if reveal {
+            text.to_owned()
+        } else {
+            crate::phone::redact_numbers(text)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_at_a_glance() {
+        assert_eq!(short_duration(Duration::from_secs(42)), "42s");
+        assert_eq!(short_duration(Duration::from_secs(192)), "3m12s");
+        assert_eq!(short_duration(Duration::from_secs(7_500)), "2h5m");
+        assert_eq!(short_duration(Duration::from_secs(356_400)), "4d3h");
+    }
+
+    #[test]
+    fn long_text_is_cut_to_one_line() {
+        assert_eq!(shorten("a\nb", 10), "a b");
+        assert_eq!(shorten("abcdefghij", 5), "abcd…");
+    }
+}
