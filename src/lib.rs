@@ -29,7 +29,6 @@
 
 pub mod broker;
 pub mod cache;
-pub mod circuit;
 pub mod cli;
 pub mod config;
 pub mod daemon;
@@ -39,7 +38,6 @@ pub mod http;
 pub mod job;
 pub mod metrics;
 pub mod ops;
-pub mod pace;
 pub mod phone;
 pub mod pipeline;
 pub mod policy;

@@ -13,12 +13,14 @@ use uuid::Uuid;
 
 use super::{Abandoned, Message, MessageLog, Pipeline, Prior, outcome};
 use crate::{
-    circuit::{CallResult, Permit},
     disposition::Disposition,
     metrics::ProviderLabels,
     phone::{PhoneNumber, SenderId, redact_numbers},
     policy::{Route, SuppressReason},
-    provider::{Accepted, Gateway, OutboundSms, ProviderError},
+    provider::{
+        Accepted, Gateway, OutboundSms, ProviderError,
+        circuit::{CallResult, Permit},
+    },
     store::{AttemptOutcome, AttemptRecord, Claim, MessageStatus, NewMessage, UnknownAttempt},
 };
 

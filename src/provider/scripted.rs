@@ -7,12 +7,11 @@ use std::{
     time::Duration,
 };
 
-use super::{Accepted, Gateway, Gateways, Lookup, OutboundSms, Provider, ProviderError};
-use crate::{
-    circuit::Circuit,
-    config::{ProviderKindSettings, ProviderSettings},
+use super::{
+    Accepted, Gateway, Gateways, Lookup, OutboundSms, Provider, ProviderError, circuit::Circuit,
     pace::Pace,
 };
+use crate::config::{ProviderKindSettings, ProviderSettings};
 
 #[derive(Debug, Default)]
 struct Script {

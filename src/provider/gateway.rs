@@ -1,0 +1,89 @@
+//! A configured provider as the pipeline calls it: the adapter, its circuit breaker,
+//! its pace and its call slots.
+
+use std::sync::Arc;
+
+use super::{
+    Provider, ProviderSetupError,
+    circuit::Circuit,
+    pace::{Gates, Pace},
+};
+use crate::config::{ProviderSettings, Settings};
+
+/// A configured provider: its name (as recorded in the log), its adapter and its
+/// circuit breaker.
+#[derive(Debug)]
+pub struct Gateway {
+    pub name: &'static str,
+    pub provider: Provider,
+    pub circuit: Circuit,
+    /// How fast this gateway may be called.
+    pub pace: Pace,
+    /// How many calls may be in flight to it at once: each holds an HTTP/1.1 connection
+    /// (about 28 KB of buffers), so this bounds the memory a burst can take.
+    pub calls: tokio::sync::Semaphore,
+    pub settings: ProviderSettings,
+}
+
+/// Every configured gateway, by name.
+#[derive(Debug)]
+pub struct Gateways {
+    pub(super) all: Vec<Arc<Gateway>>,
+    pub(super) default: usize,
+}
+
+impl Gateways {
+    pub fn from_settings(settings: &Settings) -> Result<Self, ProviderSetupError> {
+        let mut all = Vec::new();
+        // One process-wide limit, shared by every gateway.
+        let global = settings
+            .rate_limit
+            .map(|rate| Arc::new(Gates::per_second(rate)));
+        for provider in &settings.providers {
+            // A handful of names, made once at start-up: they label metrics for the
+            // process's whole life.
+            let name: &'static str = Box::leak(provider.name.clone().into_boxed_str());
+            all.push(Arc::new(Gateway {
+                name,
+                provider: Provider::new(
+                    provider,
+                    settings.public_url.as_deref(),
+                    settings.provider_timeout,
+                )?,
+                circuit: Circuit::new(
+                    name,
+                    settings.circuit_threshold,
+                    settings.circuit_cooldown,
+                    settings.provider_timeout * 2,
+                ),
+                pace: Pace::new(provider.rate, global.clone()),
+                calls: tokio::sync::Semaphore::new(settings.provider_concurrency as usize),
+                settings: provider.clone(),
+            }));
+        }
+        let default = all
+            .iter()
+            .position(|g| g.name == settings.default_provider)
+            .ok_or_else(|| ProviderSetupError {
+                provider: settings.default_provider.clone(),
+                reason: "no such provider is configured".into(),
+            })?;
+        Ok(Gateways { all, default })
+    }
+
+    pub fn default_gateway(&self) -> &Arc<Gateway> {
+        &self.all[self.default]
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Gateway>> {
+        self.all.iter().find(|g| g.name == name)
+    }
+
+    pub fn all(&self) -> &[Arc<Gateway>] {
+        &self.all
+    }
+
+    pub fn names(&self) -> Vec<&'static str> {
+        self.all.iter().map(|g| g.name).collect()
+    }
+}
