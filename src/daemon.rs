@@ -13,14 +13,17 @@ use tokio::{net::TcpListener, sync::watch, task::JoinSet};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    broker::{Broker, Incoming, LaneConsumer, Topology},
+    broker::{Broker, BrokerEvent, Incoming, LaneConsumer, Topology},
+    cache::PolicyCache,
     config::{Environment, Settings},
     disposition::Disposition,
-    health::Health,
-    http,
+    http::{
+        self,
+        health::Health,
+        metrics::{LaneLabels, Metrics, ReasonLabels},
+    },
     job::Lane,
-    metrics::{LaneLabels, Metrics, ReasonLabels},
-    pipeline::{Pipeline, PipelineSettings},
+    pipeline::{Pipeline, PipelineSettings, UnknownOutcome},
     provider::Gateways,
     retry::pause,
     store::Store,
@@ -39,118 +42,177 @@ fn reconnect_backoff() -> impl Iterator<Item = Duration> {
     crate::retry::reconnecting().build()
 }
 
+/// What the daemon's parts share for its whole life.
+struct Shared {
+    settings: Settings,
+    gateways: Arc<Gateways>,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+}
+
 /// Runs the daemon until `shutdown` fires, then drains and returns.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), DaemonError> {
-    let gateways = Arc::new(
-        Gateways::from_settings(&settings).map_err(|e| DaemonError::Config(e.to_string()))?,
-    );
+    let gateways =
+        Gateways::from_settings(&settings).map_err(|e| DaemonError::Config(e.to_string()))?;
     tracing::info!("{}", settings.destination_summary());
-
-    let health = Arc::new(Health::default());
-    let metrics = Arc::new(Metrics::new());
-    let listener = TcpListener::bind(settings.http_addr).await.map_err(|e| {
-        DaemonError::Runtime(format!("cannot listen on {}: {e}", settings.http_addr))
-    })?;
-    tracing::info!(address = %settings.http_addr, "health endpoints listening");
+    let shared = Shared {
+        settings,
+        gateways: Arc::new(gateways),
+        health: Arc::new(Health::default()),
+        metrics: Arc::new(Metrics::new()),
+    };
     let (store_tx, store_rx) = watch::channel(None);
-    let http_stop = CancellationToken::new();
-    let watchdog = tokio::spawn(crate::systemd::watchdog(http_stop.clone()));
-    let http_task = tokio::spawn(http::serve(
-        listener,
-        health.clone(),
-        crate::webhooks::Webhooks {
-            gateways: gateways.clone(),
-            store: store_rx,
-            metrics: metrics.clone(),
-            public_url: settings.public_url.clone(),
-        },
-        http_stop.clone(),
-    ));
-
-    let result = async {
-        let Some(store) = connect_store(&settings, &shutdown).await? else {
-            return Ok(());
-        };
-        let store = store.keep_bodies(settings.keep_body).with_recorder();
-        health.set_database(true);
-        let _ = store_tx.send(Some(store.clone()));
-        let retention_stop = CancellationToken::new();
-        let retention = tokio::spawn(crate::retention::run(
-            store.clone(),
-            crate::retention::RetentionSettings {
-                body_retention: settings.body_retention,
-                log_retention: settings.log_retention,
-                interval: settings.retention_interval,
-            },
-            metrics.clone(),
-            retention_stop.clone(),
-        ));
-        check_school_providers(&store, &gateways, &shutdown).await?;
-        let cache = crate::cache::PolicyCache::default();
-        while let Err(e) = cache.reload(&store).await {
-            tracing::warn!(error = %e, "cannot load the schools' settings; retrying");
-            if pause(Duration::from_secs(1), &shutdown).await {
-                return Ok(());
-            }
-        }
-        let cache_task = tokio::spawn(crate::cache::listen(
-            cache.clone(),
-            store.clone(),
-            retention_stop.clone(),
-        ));
-        // The phone number metadata (some 5,000 patterns) is compiled on first use:
-        // compile it now, not while the first message after a start waits. On a runtime
-        // worker, not a blocking thread: the memory the compiling leaves free is then
-        // reused by the messages that worker handles (a blocking thread's would be held
-        // apart, about 6 MiB more at the peak).
-        let _ = tokio::spawn(async { crate::phone::load_metadata() }).await;
-        let pipeline = Arc::new(Pipeline::new(
-            store.clone(),
-            cache,
-            gateways.clone(),
-            PipelineSettings {
-                max_attempts: settings.max_attempts,
-                retry_delays: settings.retry_delays.clone(),
-                redirect_to: settings.redirect_to.clone(),
-                provider_timeout: settings.provider_timeout,
-                max_segments: settings.max_segments.clone(),
-                fanout_chunk: settings.fanout_chunk,
-                unknown_outcome: if settings.resend_unknown {
-                    crate::pipeline::UnknownOutcome::Resend
-                } else {
-                    crate::pipeline::UnknownOutcome::DeadLetter
-                },
-            },
-            health.clone(),
-            metrics.clone(),
-        ));
-        let worker = Worker {
-            settings: &settings,
-            pipeline,
-            health: health.clone(),
-            metrics: metrics.clone(),
-            tracker: TaskTracker::new(),
-            abandon: CancellationToken::new(),
-            default_provider: gateways.default_gateway().name,
-        };
-        let consumed = worker.consume_until_stopped(&shutdown).await;
-        worker.drain(consumed.as_ref().ok()).await;
-        retention_stop.cancel();
-        let _ = retention.await;
-        let _ = cache_task.await;
-        store.close().await;
-        consumed.map(|_| ())
-    }
-    .await;
-
-    http_stop.cancel();
-    let _ = http_task.await;
-    let _ = watchdog.await;
+    let http = Http::start(&shared, store_rx).await?;
+    let result = serve_jobs(&shared, &store_tx, &shutdown).await;
+    http.stop().await;
     match &result {
         Ok(()) => tracing::info!("stopped"),
         Err(e) => tracing::error!(error = %e, "stopped with an error"),
     }
     result
+}
+
+/// The HTTP server and the systemd watchdog, up from the start to the end, so that
+/// health shows what the daemon is waiting for.
+struct Http {
+    stop: CancellationToken,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    watchdog: tokio::task::JoinHandle<()>,
+}
+
+impl Http {
+    async fn start(
+        shared: &Shared,
+        store: watch::Receiver<Option<Store>>,
+    ) -> Result<Http, DaemonError> {
+        let address = shared.settings.http_addr;
+        let listener = TcpListener::bind(address)
+            .await
+            .map_err(|e| DaemonError::Runtime(format!("cannot listen on {address}: {e}")))?;
+        tracing::info!(address = %address, "health endpoints listening");
+        let stop = CancellationToken::new();
+        let hooks = http::webhooks::Webhooks {
+            gateways: shared.gateways.clone(),
+            store,
+            metrics: shared.metrics.clone(),
+            public_url: shared.settings.public_url.clone(),
+        };
+        let health = shared.health.clone();
+        Ok(Http {
+            server: tokio::spawn(http::serve(listener, health, hooks, stop.clone())),
+            watchdog: tokio::spawn(crate::systemd::watchdog(stop.clone())),
+            stop,
+        })
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.server.await;
+        let _ = self.watchdog.await;
+    }
+}
+
+/// Connects the store, starts the background tasks, consumes until `shutdown`, drains.
+async fn serve_jobs(
+    shared: &Shared,
+    store_tx: &watch::Sender<Option<Store>>,
+    shutdown: &CancellationToken,
+) -> Result<(), DaemonError> {
+    let settings = &shared.settings;
+    let Some(store) = connect_store(settings, shutdown).await? else {
+        return Ok(());
+    };
+    let store = store.keep_bodies(settings.keep_body).with_recorder();
+    shared.health.set_database(true);
+    let _ = store_tx.send(Some(store.clone()));
+    let background = CancellationToken::new();
+    let retention = tokio::spawn(crate::retention::run(
+        store.clone(),
+        crate::retention::RetentionSettings::from(settings),
+        shared.metrics.clone(),
+        background.clone(),
+    ));
+    let consumed = async {
+        check_school_providers(&store, &shared.gateways, shutdown).await?;
+        let Some(cache) = load_cache(&store, shutdown).await else {
+            return Ok(());
+        };
+        let listener = crate::cache::listen(cache.clone(), store.clone(), background.clone());
+        let cache_task = tokio::spawn(listener);
+        let result = consume(shared, store.clone(), cache, shutdown).await;
+        background.cancel();
+        let _ = cache_task.await;
+        result
+    }
+    .await;
+    background.cancel();
+    let _ = retention.await;
+    store.close().await;
+    consumed
+}
+
+/// The schools' settings, read before the first message; `None` when stopped meanwhile.
+async fn load_cache(store: &Store, shutdown: &CancellationToken) -> Option<PolicyCache> {
+    let cache = PolicyCache::default();
+    let loaded = crate::retry::until_ok(
+        crate::retry::reconnecting(),
+        shutdown,
+        || cache.reload(store),
+        |e, wait| tracing::warn!(error = %e, retry_in = ?wait, "cannot load the schools' settings; retrying"),
+    )
+    .await;
+    loaded.map(|()| cache)
+}
+
+/// Builds the pipeline and consumes the lanes until `shutdown`, then drains.
+async fn consume(
+    shared: &Shared,
+    store: Store,
+    cache: PolicyCache,
+    shutdown: &CancellationToken,
+) -> Result<(), DaemonError> {
+    // The phone number metadata (some 5,000 patterns) is compiled on first use:
+    // compile it now, not while the first message after a start waits. On a runtime
+    // worker, not a blocking thread: the memory the compiling leaves free is then
+    // reused by the messages that worker handles (a blocking thread's would be held
+    // apart, about 6 MiB more at the peak).
+    let _ = tokio::spawn(async { crate::phone::load_metadata() }).await;
+    let pipeline = Pipeline::new(
+        store,
+        cache,
+        shared.gateways.clone(),
+        pipeline_settings(&shared.settings),
+        shared.health.clone(),
+        shared.metrics.clone(),
+    );
+    let worker = Worker {
+        settings: &shared.settings,
+        pipeline: Arc::new(pipeline),
+        health: shared.health.clone(),
+        metrics: shared.metrics.clone(),
+        tracker: TaskTracker::new(),
+        abandon: CancellationToken::new(),
+        default_provider: shared.gateways.default_gateway().name,
+    };
+    let consumed = worker.consume_until_stopped(shutdown).await;
+    worker.drain(consumed.as_ref().ok()).await;
+    consumed.map(|_| ())
+}
+
+fn pipeline_settings(settings: &Settings) -> PipelineSettings {
+    PipelineSettings {
+        max_attempts: settings.max_attempts,
+        retry_delays: settings.retry_delays.clone(),
+        redirect_to: settings.redirect_to.clone(),
+        provider_timeout: settings.provider_timeout,
+        max_segments: settings.max_segments.clone(),
+        fanout_chunk: settings.fanout_chunk,
+        unknown_outcome: if settings.resend_unknown {
+            UnknownOutcome::Resend
+        } else {
+            UnknownOutcome::DeadLetter
+        },
+    }
 }
 
 /// Refuses to start when a school's settings name a provider that is not configured: a
@@ -161,16 +223,15 @@ async fn check_school_providers(
     gateways: &Gateways,
     shutdown: &CancellationToken,
 ) -> Result<(), DaemonError> {
-    let names = loop {
-        match store.school_provider_names().await {
-            Ok(names) => break names,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the schools' providers; retrying");
-                if pause(Duration::from_secs(1), shutdown).await {
-                    return Ok(());
-                }
-            }
-        }
+    let names = crate::retry::until_ok(
+        crate::retry::reconnecting(),
+        shutdown,
+        || store.school_provider_names(),
+        |e, wait| tracing::warn!(error = %e, retry_in = ?wait, "cannot read the schools' providers; retrying"),
+    )
+    .await;
+    let Some(names) = names else {
+        return Ok(());
     };
     let unknown: Vec<String> = names
         .into_iter()
@@ -362,30 +423,11 @@ impl Worker<'_> {
             self.metrics.clone(),
             stop.clone(),
         ));
-        let events = broker.events();
-        let health = self.health.clone();
-        let watching = stop.clone();
-        let watcher = tokio::spawn(async move {
-            use futures_util::StreamExt;
-            let mut events = std::pin::pin!(events);
-            loop {
-                tokio::select! {
-                    () = watching.cancelled() => break,
-                    event = events.next() => match event {
-                        Some(crate::broker::BrokerEvent::Blocked(reason)) => {
-                            tracing::warn!(reason = %reason, "the broker blocked the connection (resource alarm): not ready");
-                            health.set_blocked(true);
-                        }
-                        Some(crate::broker::BrokerEvent::Unblocked) => {
-                            tracing::info!("the broker unblocked the connection");
-                            health.set_blocked(false);
-                        }
-                        None => break,
-                    }
-                }
-            }
-            health.set_blocked(false);
-        });
+        let watcher = tokio::spawn(watch_events(
+            broker.clone(),
+            self.health.clone(),
+            stop.clone(),
+        ));
         let mut lanes = JoinSet::new();
         for consumer in consumers {
             lanes.spawn(run_lane(
@@ -455,6 +497,30 @@ impl Worker<'_> {
     }
 }
 
+/// Follows the broker's resource alarms: a blocked connection takes no publishes, so the
+/// daemon is not ready while it lasts.
+async fn watch_events(broker: Broker, health: Arc<Health>, stop: CancellationToken) {
+    use futures_util::StreamExt;
+    let mut events = std::pin::pin!(broker.events());
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            event = events.next() => match event {
+                Some(BrokerEvent::Blocked(reason)) => {
+                    tracing::warn!(reason = %reason, "the broker blocked the connection (resource alarm): not ready");
+                    health.set_blocked(true);
+                }
+                Some(BrokerEvent::Unblocked) => {
+                    tracing::info!("the broker unblocked the connection");
+                    health.set_blocked(false);
+                }
+                None => break,
+            }
+        }
+    }
+    health.set_blocked(false);
+}
+
 /// Reads the queues' depths into `/metrics` every few seconds (the lag behind the web app).
 async fn watch_queue_depths(broker: Broker, metrics: Arc<Metrics>, stop: CancellationToken) {
     loop {
@@ -463,7 +529,7 @@ async fn watch_queue_depths(broker: Broker, metrics: Arc<Metrics>, stop: Cancell
                 for (queue, depth) in depths {
                     metrics
                         .queue_depth
-                        .get_or_create(&crate::metrics::QueueLabels { queue })
+                        .get_or_create(&crate::http::metrics::QueueLabels { queue })
                         .set(i64::from(depth));
                 }
             }

@@ -3,27 +3,35 @@
 //! Data flows one way, and each outside system sits behind one module:
 //!
 //! ```text
-//! broker (consume) -> job (decode) -> policy (settings, opt-out) -> provider (send)
-//!       -> store (record outcome) -> disposition -> broker (ack / retry / dead-letter)
+//!            ┌──────────────────────────── pipeline ─────────────────────────────┐
+//! broker ──▶ │ job::decode ─▶ policy::decide ─▶ provider (send) ─▶ outcome       │ ──▶ Disposition
+//! (Delivery) │                  ▲  settings        │                 │           │        │
+//!            │                cache            store (claim, record: MessageLog) │        ▼
+//!            └───────────────────────────────────────────────────────────────────┘  broker (ack,
+//!                                                                       retry, dead-letter, fan-out)
 //! ```
 //!
 //! - [`config`]: settings from the environment, validated at start-up.
-//! - [`broker`]: RabbitMQ topology, consuming, confirmed republishing. Only it speaks AMQP.
+//! - [`broker`]: RabbitMQ: topology, deliveries as plain data, confirmed publishing,
+//!   carrying out a [`disposition::Disposition`], dead letters. Only it speaks AMQP.
+//! - [`job`]: the v1 job format, decoded, validated and encoded.
+//! - [`policy`]: the pure decision: send (by which route), suppress, expire, defer or
+//!   refuse.
+//! - [`provider`]: the adapters (`log`, Twilio, Vonage), each behind a gateway with its
+//!   circuit breaker, pace and call slots.
+//! - [`pipeline`]: one delivery in, one disposition out; its rules are pure functions in
+//!   [`pipeline::outcome`], and it reaches the log through [`pipeline::MessageLog`].
+//! - [`store`]: PostgreSQL: settings, opt-outs, the message log. Only it speaks SQL.
 //! - [`cache`]: school settings in memory, kept current by LISTEN/NOTIFY.
-//! - [`circuit`]: the per-provider circuit breaker.
-//! - [`job`]: the v1 job format, decoded and validated.
+//! - [`disposition`]: what the broker does with a delivery once it is handled.
 //! - [`phone`]: phone numbers (E.164, masked in logs) and sender IDs.
 //! - [`segments`]: GSM-7/UCS-2 encoding and segment counts.
-//! - [`policy`]: the pure decision: send, suppress, expire, defer or refuse.
-//! - [`provider`]: the adapters (`log`, Twilio) behind one interface.
-//! - [`store`]: PostgreSQL: settings, opt-outs, the message log. Only it speaks SQL.
-//! - [`disposition`]: what the broker does with a delivery once it is handled.
-//! - [`pipeline`]: one delivery through all of the above.
 //! - [`daemon`]: wiring, reconnection, graceful shutdown.
+//! - [`retry`]: the one way to wait and try again.
 //! - [`retention`]: purging old bodies and rows in the background.
-//! - [`http`], [`health`], [`metrics`]: `/healthz`, `/readyz`, `/metrics`.
-//! - [`webhooks`]: delivery receipts and inbound STOP/START, with signature checks.
-//! - [`ops`]: the dead-letter tools and `smsgw check`.
+//! - [`http`]: `/healthz`, `/readyz`, `/metrics` and the webhooks (delivery receipts,
+//!   inbound STOP/START, with signature checks).
+//! - [`ops`]: the dead-letter tools, a message's record and `smsgw check`.
 //! - [`systemd`]: the notify protocol (ready, stopping, watchdog).
 //! - [`telemetry`]: logging setup; [`cli`]: the command line.
 
@@ -33,10 +41,8 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod disposition;
-pub mod health;
 pub mod http;
 pub mod job;
-pub mod metrics;
 pub mod ops;
 pub mod phone;
 pub mod pipeline;
@@ -48,7 +54,6 @@ pub mod segments;
 pub mod store;
 pub mod systemd;
 pub mod telemetry;
-pub mod webhooks;
 
 /// Makes ring the process's TLS crypto provider (reqwest is built without a default; lapin
 /// and sqlx use ring too). Call before building any HTTP client; calling again is harmless.

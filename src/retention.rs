@@ -5,7 +5,7 @@ use std::{sync::Arc, time::Duration};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::{metrics::Metrics, store::Store};
+use crate::{config::Settings, http::metrics::Metrics, retry::pause, store::Store};
 
 /// Rows per statement: small enough that each is a short transaction.
 const BATCH: i64 = 500;
@@ -19,6 +19,16 @@ pub struct RetentionSettings {
     pub interval: Duration,
 }
 
+impl From<&Settings> for RetentionSettings {
+    fn from(settings: &Settings) -> Self {
+        RetentionSettings {
+            body_retention: settings.body_retention,
+            log_retention: settings.log_retention,
+            interval: settings.retention_interval,
+        }
+    }
+}
+
 /// Runs a pass at start and then every `interval`, until `stop` fires.
 pub async fn run(
     store: Store,
@@ -30,9 +40,8 @@ pub async fn run(
         if let Err(e) = pass(&store, &settings, &metrics, &stop).await {
             tracing::warn!(error = %e, "retention pass failed; trying again next time");
         }
-        tokio::select! {
-            () = tokio::time::sleep(settings.interval) => {}
-            () = stop.cancelled() => return,
+        if pause(settings.interval, &stop).await {
+            return;
         }
     }
 }
@@ -48,7 +57,7 @@ async fn pass(
         let n = store.purge_bodies(settings.body_retention, BATCH).await?;
         purged += n;
         metrics.bodies_purged.inc_by(n);
-        if n < BATCH as u64 || pause(stop).await {
+        if n < BATCH as u64 || pause(BREATHER, stop).await {
             break;
         }
     }
@@ -58,7 +67,7 @@ async fn pass(
             let n = store.delete_messages(age, BATCH).await?;
             deleted += n;
             metrics.messages_deleted.inc_by(n);
-            if n < BATCH as u64 || pause(stop).await {
+            if n < BATCH as u64 || pause(BREATHER, stop).await {
                 break;
             }
         }
@@ -71,12 +80,4 @@ async fn pass(
         );
     }
     Ok(())
-}
-
-/// Waits between batches; returns whether the daemon is stopping.
-async fn pause(stop: &CancellationToken) -> bool {
-    tokio::select! {
-        () = tokio::time::sleep(BREATHER) => false,
-        () = stop.cancelled() => true,
-    }
 }

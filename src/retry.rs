@@ -34,3 +34,24 @@ pub async fn pause(delay: Duration, stop: &CancellationToken) -> bool {
         () = stop.cancelled() => true,
     }
 }
+
+/// Runs `op` until it succeeds, waiting as `backoff` says between tries and telling
+/// `notify` of each failure and the wait after it. `None` when `stop` fires first.
+pub async fn until_ok<T, E, F, Fut, N>(
+    backoff: ExponentialBuilder,
+    stop: &CancellationToken,
+    op: F,
+    notify: N,
+) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+    N: FnMut(&E, Duration),
+{
+    use backon::Retryable;
+    let retrying = op.retry(backoff).notify(notify);
+    tokio::select! {
+        result = retrying => result.ok(),
+        () = stop.cancelled() => None,
+    }
+}

@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, time::Duration};
 
 use smsgw::{
     config::SignatureMethod,
-    webhooks::{twilio_signature, verify_twilio, vonage_signature},
+    http::webhooks::{twilio_signature, verify_twilio, vonage_signature},
 };
 
 use helpers::{Reply, id_of, job, spawn_app_with, twilio_stub, vonage_stub};

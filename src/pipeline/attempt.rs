@@ -14,7 +14,7 @@ use uuid::Uuid;
 use super::{Abandoned, Message, MessageLog, Pipeline, Prior, outcome};
 use crate::{
     disposition::Disposition,
-    metrics::ProviderLabels,
+    http::metrics::ProviderLabels,
     phone::{PhoneNumber, SenderId, redact_numbers},
     policy::{Route, SuppressReason},
     provider::{

@@ -22,7 +22,7 @@ use time::OffsetDateTime;
 
 use crate::{
     config::{ProviderKindSettings, SignatureMethod},
-    metrics::Metrics,
+    http::metrics::Metrics,
     phone::PhoneNumber,
     provider::Gateways,
     store::{MessageStatus, Receipt, Store},
@@ -316,7 +316,7 @@ impl Webhooks {
         };
         self.metrics
             .receipts
-            .get_or_create(&crate::metrics::ReceiptLabels {
+            .get_or_create(&crate::http::metrics::ReceiptLabels {
                 provider: receipt.provider.to_owned(),
                 status: receipt.provider_status.chars().take(30).collect(),
             })

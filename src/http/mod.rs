@@ -14,13 +14,12 @@ use tokio::{net::TcpListener, sync::watch};
 use tokio_util::sync::CancellationToken;
 use tower_http::timeout::TimeoutLayer;
 
-use crate::{
-    health::Health,
-    job::Lane,
-    metrics::Metrics,
-    store::Store,
-    webhooks::{self, Webhooks},
-};
+pub mod health;
+pub mod metrics;
+pub mod webhooks;
+
+use self::{health::Health, metrics::Metrics, webhooks::Webhooks};
+use crate::{job::Lane, store::Store};
 
 /// Largest request body: a webhook is a few hundred bytes.
 const MAX_BODY_BYTES: usize = 64 * 1024;
