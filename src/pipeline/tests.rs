@@ -205,6 +205,35 @@ async fn a_disabled_school_is_suppressed_without_a_call() {
 }
 
 #[tokio::test]
+async fn a_school_without_settings_or_not_allowing_the_type_is_suppressed() {
+    let world = World::new();
+    let (id, mut unknown_school) = job(JobType::BookingReminder);
+    unknown_school["school_id"] = json!(7);
+    assert_eq!(
+        world.handle(&delivery(&unknown_school)).await,
+        Disposition::Ack
+    );
+    assert_eq!(
+        world.status(id),
+        (MessageStatus::Suppressed, Some("no_school_settings".into()))
+    );
+    let world = World::with(
+        settings(),
+        SchoolSettings {
+            allow_reminders: false,
+            ..school()
+        },
+    );
+    let (id, job) = job(JobType::BookingReminder);
+    assert_eq!(world.handle(&delivery(&job)).await, Disposition::Ack);
+    assert_eq!(
+        world.status(id),
+        (MessageStatus::Suppressed, Some("type_not_allowed".into()))
+    );
+    assert!(world.twilio.calls().is_empty());
+}
+
+#[tokio::test]
 async fn an_opted_out_recipient_is_suppressed_by_the_claim() {
     let world = World::new();
     world.log().opt_out(Some(SCHOOL), NUMBER);
@@ -276,6 +305,42 @@ async fn an_impossible_number_fails_permanently_without_a_call() {
     assert_eq!(
         world.status(id),
         (MessageStatus::Failed, Some("invalid_number".into()))
+    );
+    assert!(world.twilio.calls().is_empty());
+}
+
+#[tokio::test]
+async fn an_invalid_sender_or_a_text_too_long_for_its_type_fails_without_a_call() {
+    let bad_sender = SchoolSettings {
+        sender_id: Some("Drive Safe School".into()),
+        ..school()
+    };
+    let world = World::with(settings(), bad_sender);
+    let (id, code) = job(JobType::LoginCode);
+    assert!(matches!(
+        world.handle(&delivery(&code)).await,
+        Disposition::DeadLetter { .. }
+    ));
+    assert_eq!(
+        world.status(id),
+        (MessageStatus::Failed, Some("invalid_sender_id".into()))
+    );
+    let one_segment = PipelineSettings {
+        max_segments: [(JobType::LoginCode, 1)].into_iter().collect(),
+        ..settings()
+    };
+    let world = World::with(one_segment, school());
+    let (id, mut job) = job(JobType::LoginCode);
+    job["body"] = json!(
+        "Your code is 123456 🚗 and it stays valid for fifteen minutes from now, so please use it soon."
+    );
+    assert!(matches!(
+        world.handle(&delivery(&job)).await,
+        Disposition::DeadLetter { .. }
+    ));
+    assert_eq!(
+        world.status(id),
+        (MessageStatus::Failed, Some("too_many_segments".into()))
     );
     assert!(world.twilio.calls().is_empty());
 }
@@ -517,6 +582,24 @@ async fn an_attempt_cut_off_by_a_crash_is_reconciled_then_taken_over() {
         row.recorded,
         vec![(1, None), (2, Some(AttemptOutcome::Sent))]
     );
+}
+
+#[tokio::test]
+async fn a_call_without_an_answer_is_retried_and_asked_about_before_sending_again() {
+    let world = World::new();
+    world.twilio.answer([Err(ProviderError::Timeout {
+        after: Duration::from_secs(5),
+    })]);
+    world.twilio.look_up([Lookup::Found(accepted("SM-late"))]);
+    let (id, job) = job(JobType::LoginCode);
+    assert!(matches!(
+        world.handle(&delivery(&job)).await,
+        Disposition::Retry { attempts: 1, .. }
+    ));
+    assert!(world.row(id).last_outcome_unknown);
+    assert_eq!(world.handle(&retried(&job, 1)).await, Disposition::Ack);
+    assert_eq!(world.twilio.calls().len(), 1, "asked, not sent again");
+    assert_eq!(world.row(id).provider_message_id, Some("SM-late".into()));
 }
 
 #[tokio::test]
