@@ -4,7 +4,13 @@
 //! touches the broker, so that a bad deployment fails fast with exit code 2 and a message
 //! that names the variable.
 
-use std::{collections::HashMap, fmt, net::SocketAddr, str::FromStr, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    net::SocketAddr,
+    str::FromStr,
+    time::Duration,
+};
 
 use secrecy::SecretString;
 
@@ -206,165 +212,20 @@ impl Settings {
             }
             lookup(name).filter(|v| !v.trim().is_empty())
         };
-
-        let env = match get("SMSGW_ENV").as_deref() {
-            None | Some("development") => Environment::Development,
-            Some("staging") => Environment::Staging,
-            Some("production") => Environment::Production,
-            Some(other) => {
-                return Err(bad(
-                    "SMSGW_ENV",
-                    format!("'{other}' is not one of development, staging, production"),
-                ));
-            }
-        };
-
-        let provider_config = if !delivery {
-            providers::ProviderConfig {
-                providers: vec![ProviderSettings {
-                    name: "log".into(),
-                    kind: ProviderKindSettings::Log,
-                    rate: None,
-                }],
-                default_provider: "log".into(),
-                max_segments: Default::default(),
-            }
-        } else if let Some(path) = get("SMSGW_CONFIG") {
-            providers::from_file(&get, &path, get("SMSGW_PROVIDER"))?
-        } else {
-            let kind = match get("SMSGW_PROVIDER") {
-                None if env == Environment::Production => {
-                    return Err(bad(
-                        "SMSGW_PROVIDER",
-                        "production needs a real provider (e.g. twilio); the log provider \
-                         sends nothing",
-                    ));
-                }
-                None => "log".to_owned(),
-                Some(kind) => kind.trim().to_owned(),
-            };
-            providers::from_env(&get, &kind)?
-        };
-        if env == Environment::Production
-            && delivery
-            && let Some(log) = provider_config
-                .providers
-                .iter()
-                .find(|p| matches!(p.kind, ProviderKindSettings::Log))
-        {
-            return Err(bad(
-                "SMSGW_PROVIDER",
-                format!(
-                    "production refuses the log provider ('{}'): it would silently send nothing",
-                    log.name
-                ),
-            ));
+        let env = environment(&get)?;
+        let provider_config = provider_config(&get, env, delivery)?;
+        if delivery {
+            refuse_log_provider_in_production(env, &provider_config.providers)?;
         }
-
-        let redirect_to = match get("SMSGW_REDIRECT_TO") {
-            None => None,
-            Some(raw) => Some(PhoneNumber::parse(&raw, None).map_err(|e| {
-                bad(
-                    "SMSGW_REDIRECT_TO",
-                    format!("{e} (give the number in E.164, e.g. +447700900123)"),
-                )
-            })?),
-        };
-        if env == Environment::Production && redirect_to.is_some() {
-            return Err(bad(
-                "SMSGW_REDIRECT_TO",
-                "is for staging; production never redirects messages",
-            ));
-        }
-        if env != Environment::Production
-            && redirect_to.is_none()
-            && let Some(real) = provider_config
-                .providers
-                .iter()
-                .find(|p| p.reaches_real_phones())
-        {
-            return Err(bad(
-                "SMSGW_REDIRECT_TO",
-                format!(
-                    "{}: provider {} would text real people: set SMSGW_REDIRECT_TO to your own \
-                     number (or use SMSGW_PROVIDER=log)",
-                    env.as_str(),
-                    real.describe()
-                ),
-            ));
-        }
-
-        let mut max_segments = HashMap::new();
-        for (name, limit) in &provider_config.max_segments {
-            let kind = JobType::parse(name).ok_or_else(|| {
-                bad(
-                    "SMSGW_CONFIG",
-                    format!("max_segments: '{name}' is not a job type"),
-                )
-            })?;
-            max_segments.insert(kind, *limit);
-        }
-        if let Some(raw) = get("SMSGW_MAX_SEGMENTS") {
-            for part in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-                let (name, limit) = part.split_once(':').ok_or_else(|| {
-                    bad("SMSGW_MAX_SEGMENTS", format!("'{part}' is not TYPE:NUMBER"))
-                })?;
-                let kind = JobType::parse(name.trim()).ok_or_else(|| {
-                    bad("SMSGW_MAX_SEGMENTS", format!("'{name}' is not a job type"))
-                })?;
-                let limit: u32 = limit
-                    .trim()
-                    .parse()
-                    .ok()
-                    .filter(|n| (1..=100).contains(n))
-                    .ok_or_else(|| {
-                        bad(
-                            "SMSGW_MAX_SEGMENTS",
-                            format!("'{part}': a limit from 1 to 100"),
-                        )
-                    })?;
-                max_segments.insert(kind, limit);
-            }
-        }
-
-        let public_url = match get("SMSGW_PUBLIC_URL") {
-            None => None,
-            Some(url) => {
-                let parsed = reqwest::Url::parse(&url)
-                    .map_err(|e| bad("SMSGW_PUBLIC_URL", format!("not a URL: {e}")))?;
-                if !matches!(parsed.scheme(), "http" | "https") {
-                    return Err(bad("SMSGW_PUBLIC_URL", "must be an http(s) URL"));
-                }
-                Some(url.trim_end_matches('/').to_owned())
-            }
-        };
-
-        let retry_delays = match get("SMSGW_RETRY_DELAYS") {
-            None => parse_delays("10s,1m,5m,30m,2h")
-                .map_err(|problem| bad("SMSGW_RETRY_DELAYS", problem))?,
-            Some(raw) => {
-                parse_delays(&raw).map_err(|problem| bad("SMSGW_RETRY_DELAYS", problem))?
-            }
-        };
-
-        let lanes = LaneBudgets {
-            urgent: number(&get, "SMSGW_URGENT_CONCURRENCY", 32, 1, 10_000)?,
-            default: number(&get, "SMSGW_DEFAULT_CONCURRENCY", 256, 1, 10_000)?,
-            bulk: number(&get, "SMSGW_BULK_CONCURRENCY", 256, 1, 10_000)?,
-        };
-
-        let log_format = match get("SMSGW_LOG_FORMAT").as_deref() {
-            None => None,
-            Some("pretty") => Some(LogFormat::Pretty),
-            Some("json") => Some(LogFormat::Json),
-            Some(other) => {
-                return Err(bad(
-                    "SMSGW_LOG_FORMAT",
-                    format!("'{other}' is not one of pretty, json"),
-                ));
-            }
-        };
-
+        let redirect_to = redirect_to(&get)?;
+        check_redirect(env, redirect_to.as_ref(), &provider_config.providers)?;
+        let max_segments = max_segments(&get, &provider_config.max_segments)?;
+        let public_url = public_url(&get)?;
+        let retry_delays = retry_delays(&get)?;
+        let lanes = lanes(&get)?;
+        let log_format = log_format(&get)?;
+        // Fields are evaluated in the order written, which decides which of several bad
+        // variables is reported.
         Ok(Settings {
             env,
             amqp_url: get("SMSGW_AMQP_URL")
@@ -379,25 +240,10 @@ impl Settings {
             redirect_to,
             max_attempts: number(&get, "SMSGW_MAX_ATTEMPTS", 6, 1, 100)?,
             retry_delays,
-            rate_limit: match get("SMSGW_RATE_LIMIT") {
-                None => None,
-                Some(_) => Some(number(&get, "SMSGW_RATE_LIMIT", 0, 1, 1_000_000)?),
-            },
+            rate_limit: rate_limit(&get)?,
             body_retention: duration(&get, "SMSGW_BODY_RETENTION", "30d")?,
-            log_retention: match get("SMSGW_LOG_RETENTION") {
-                None => None,
-                Some(_) => Some(duration(&get, "SMSGW_LOG_RETENTION", "")?),
-            },
-            keep_body: match get("SMSGW_KEEP_BODY").as_deref().map(str::trim) {
-                None | Some("true") | Some("1") | Some("yes") => true,
-                Some("false") | Some("0") | Some("no") => false,
-                Some(other) => {
-                    return Err(bad(
-                        "SMSGW_KEEP_BODY",
-                        format!("'{other}' is not true or false"),
-                    ));
-                }
-            },
+            log_retention: log_retention(&get)?,
+            keep_body: keep_body(&get)?,
             retention_interval: duration(&get, "SMSGW_RETENTION_INTERVAL", "10m")?,
             provider_timeout: duration(&get, "SMSGW_PROVIDER_TIMEOUT", "10s")?,
             lanes,
@@ -408,16 +254,7 @@ impl Settings {
             circuit_cooldown: duration(&get, "SMSGW_CIRCUIT_COOLDOWN", "30s")?,
             fanout_chunk: number(&get, "SMSGW_FANOUT_CHUNK", 1_000, 1, 50_000)?,
             provider_concurrency: number(&get, "SMSGW_PROVIDER_CONCURRENCY", 512, 1, 10_000)?,
-            resend_unknown: match get("SMSGW_UNKNOWN_OUTCOME").as_deref().map(str::trim) {
-                None | Some("resend") => true,
-                Some("dead_letter") => false,
-                Some(other) => {
-                    return Err(bad(
-                        "SMSGW_UNKNOWN_OUTCOME",
-                        format!("'{other}' is not one of resend, dead_letter"),
-                    ));
-                }
-            },
+            resend_unknown: resend_unknown(&get)?,
         })
     }
 
@@ -468,6 +305,237 @@ impl Settings {
         self.providers
             .iter()
             .find(|p| p.name == self.default_provider)
+    }
+}
+
+fn environment(get: &impl Fn(&str) -> Option<String>) -> Result<Environment, ConfigError> {
+    match get("SMSGW_ENV").as_deref() {
+        None | Some("development") => Ok(Environment::Development),
+        Some("staging") => Ok(Environment::Staging),
+        Some("production") => Ok(Environment::Production),
+        Some(other) => Err(bad(
+            "SMSGW_ENV",
+            format!("'{other}' is not one of development, staging, production"),
+        )),
+    }
+}
+
+/// The providers: from `SMSGW_CONFIG` or the environment when delivering; for a tool that
+/// sends nothing, the log provider alone, so its credentials need not exist yet.
+fn provider_config(
+    get: &impl Fn(&str) -> Option<String>,
+    env: Environment,
+    delivery: bool,
+) -> Result<providers::ProviderConfig, ConfigError> {
+    if !delivery {
+        return Ok(providers::ProviderConfig {
+            providers: vec![ProviderSettings {
+                name: "log".into(),
+                kind: ProviderKindSettings::Log,
+                rate: None,
+            }],
+            default_provider: "log".into(),
+            max_segments: Default::default(),
+        });
+    }
+    if let Some(path) = get("SMSGW_CONFIG") {
+        return providers::from_file(get, &path, get("SMSGW_PROVIDER"));
+    }
+    let kind = match get("SMSGW_PROVIDER") {
+        None if env == Environment::Production => {
+            return Err(bad(
+                "SMSGW_PROVIDER",
+                "production needs a real provider (e.g. twilio); the log provider sends nothing",
+            ));
+        }
+        None => "log".to_owned(),
+        Some(kind) => kind.trim().to_owned(),
+    };
+    providers::from_env(get, &kind)
+}
+
+/// In production a log provider would make messages vanish while looking sent.
+fn refuse_log_provider_in_production(
+    env: Environment,
+    providers: &[ProviderSettings],
+) -> Result<(), ConfigError> {
+    if env == Environment::Production
+        && let Some(log) = providers
+            .iter()
+            .find(|p| matches!(p.kind, ProviderKindSettings::Log))
+    {
+        return Err(bad(
+            "SMSGW_PROVIDER",
+            format!(
+                "production refuses the log provider ('{}'): it would silently send nothing",
+                log.name
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn redirect_to(get: &impl Fn(&str) -> Option<String>) -> Result<Option<PhoneNumber>, ConfigError> {
+    let Some(raw) = get("SMSGW_REDIRECT_TO") else {
+        return Ok(None);
+    };
+    PhoneNumber::parse(&raw, None).map(Some).map_err(|e| {
+        bad(
+            "SMSGW_REDIRECT_TO",
+            format!("{e} (give the number in E.164, e.g. +447700900123)"),
+        )
+    })
+}
+
+/// Production must reach the real recipients; anywhere else a provider that reaches real
+/// phones must be redirected, so a test never texts a real person.
+fn check_redirect(
+    env: Environment,
+    redirect_to: Option<&PhoneNumber>,
+    providers: &[ProviderSettings],
+) -> Result<(), ConfigError> {
+    if env == Environment::Production && redirect_to.is_some() {
+        return Err(bad(
+            "SMSGW_REDIRECT_TO",
+            "is for staging; production never redirects messages",
+        ));
+    }
+    if env != Environment::Production
+        && redirect_to.is_none()
+        && let Some(real) = providers.iter().find(|p| p.reaches_real_phones())
+    {
+        return Err(bad(
+            "SMSGW_REDIRECT_TO",
+            format!(
+                "{}: provider {} would text real people: set SMSGW_REDIRECT_TO to your own \
+                 number (or use SMSGW_PROVIDER=log)",
+                env.as_str(),
+                real.describe()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The limits of the file's `[max_segments]`, then those of `SMSGW_MAX_SEGMENTS`, which
+/// win for a type named in both.
+fn max_segments(
+    get: &impl Fn(&str) -> Option<String>,
+    from_file: &BTreeMap<String, u32>,
+) -> Result<HashMap<JobType, u32>, ConfigError> {
+    let mut max_segments = HashMap::new();
+    for (name, limit) in from_file {
+        let kind = JobType::parse(name).ok_or_else(|| {
+            bad(
+                "SMSGW_CONFIG",
+                format!("max_segments: '{name}' is not a job type"),
+            )
+        })?;
+        max_segments.insert(kind, *limit);
+    }
+    if let Some(raw) = get("SMSGW_MAX_SEGMENTS") {
+        for part in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (kind, limit) = segment_limit(part)?;
+            max_segments.insert(kind, limit);
+        }
+    }
+    Ok(max_segments)
+}
+
+/// One `TYPE:NUMBER` of `SMSGW_MAX_SEGMENTS`.
+fn segment_limit(part: &str) -> Result<(JobType, u32), ConfigError> {
+    let (name, limit) = part
+        .split_once(':')
+        .ok_or_else(|| bad("SMSGW_MAX_SEGMENTS", format!("'{part}' is not TYPE:NUMBER")))?;
+    let kind = JobType::parse(name.trim())
+        .ok_or_else(|| bad("SMSGW_MAX_SEGMENTS", format!("'{name}' is not a job type")))?;
+    let limit: u32 = limit
+        .trim()
+        .parse()
+        .ok()
+        .filter(|n| (1..=100).contains(n))
+        .ok_or_else(|| {
+            bad(
+                "SMSGW_MAX_SEGMENTS",
+                format!("'{part}': a limit from 1 to 100"),
+            )
+        })?;
+    Ok((kind, limit))
+}
+
+/// Kept without a trailing slash, so callback paths can be appended to it.
+fn public_url(get: &impl Fn(&str) -> Option<String>) -> Result<Option<String>, ConfigError> {
+    let Some(url) = get("SMSGW_PUBLIC_URL") else {
+        return Ok(None);
+    };
+    let parsed = reqwest::Url::parse(&url)
+        .map_err(|e| bad("SMSGW_PUBLIC_URL", format!("not a URL: {e}")))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(bad("SMSGW_PUBLIC_URL", "must be an http(s) URL"));
+    }
+    Ok(Some(url.trim_end_matches('/').to_owned()))
+}
+
+fn retry_delays(get: &impl Fn(&str) -> Option<String>) -> Result<Vec<Duration>, ConfigError> {
+    let raw = get("SMSGW_RETRY_DELAYS").unwrap_or_else(|| "10s,1m,5m,30m,2h".to_owned());
+    parse_delays(&raw).map_err(|problem| bad("SMSGW_RETRY_DELAYS", problem))
+}
+
+fn lanes(get: &impl Fn(&str) -> Option<String>) -> Result<LaneBudgets, ConfigError> {
+    Ok(LaneBudgets {
+        urgent: number(get, "SMSGW_URGENT_CONCURRENCY", 32, 1, 10_000)?,
+        default: number(get, "SMSGW_DEFAULT_CONCURRENCY", 256, 1, 10_000)?,
+        bulk: number(get, "SMSGW_BULK_CONCURRENCY", 256, 1, 10_000)?,
+    })
+}
+
+fn log_format(get: &impl Fn(&str) -> Option<String>) -> Result<Option<LogFormat>, ConfigError> {
+    match get("SMSGW_LOG_FORMAT").as_deref() {
+        None => Ok(None),
+        Some("pretty") => Ok(Some(LogFormat::Pretty)),
+        Some("json") => Ok(Some(LogFormat::Json)),
+        Some(other) => Err(bad(
+            "SMSGW_LOG_FORMAT",
+            format!("'{other}' is not one of pretty, json"),
+        )),
+    }
+}
+
+/// Unset means no process-wide limit; each provider's own `rate` still applies.
+fn rate_limit(get: &impl Fn(&str) -> Option<String>) -> Result<Option<u32>, ConfigError> {
+    match get("SMSGW_RATE_LIMIT") {
+        None => Ok(None),
+        Some(_) => Ok(Some(number(get, "SMSGW_RATE_LIMIT", 0, 1, 1_000_000)?)),
+    }
+}
+
+/// Unset means whole rows are kept for ever (only their bodies are purged).
+fn log_retention(get: &impl Fn(&str) -> Option<String>) -> Result<Option<Duration>, ConfigError> {
+    match get("SMSGW_LOG_RETENTION") {
+        None => Ok(None),
+        Some(_) => Ok(Some(duration(get, "SMSGW_LOG_RETENTION", "")?)),
+    }
+}
+
+fn keep_body(get: &impl Fn(&str) -> Option<String>) -> Result<bool, ConfigError> {
+    match get("SMSGW_KEEP_BODY").as_deref().map(str::trim) {
+        None | Some("true") | Some("1") | Some("yes") => Ok(true),
+        Some("false") | Some("0") | Some("no") => Ok(false),
+        Some(other) => Err(bad(
+            "SMSGW_KEEP_BODY",
+            format!("'{other}' is not true or false"),
+        )),
+    }
+}
+
+fn resend_unknown(get: &impl Fn(&str) -> Option<String>) -> Result<bool, ConfigError> {
+    match get("SMSGW_UNKNOWN_OUTCOME").as_deref().map(str::trim) {
+        None | Some("resend") => Ok(true),
+        Some("dead_letter") => Ok(false),
+        Some(other) => Err(bad(
+            "SMSGW_UNKNOWN_OUTCOME",
+            format!("'{other}' is not one of resend, dead_letter"),
+        )),
     }
 }
 
