@@ -133,26 +133,32 @@ struct FileConfig {
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
 enum FileProvider {
-    Log {
-        rate: Option<u32>,
-    },
-    Twilio {
-        account_sid: FileValue,
-        auth_token: FileValue,
-        from: Option<FileValue>,
-        messaging_service_sid: Option<FileValue>,
-        base_url: Option<String>,
-        rate: Option<u32>,
-    },
-    Vonage {
-        api_key: FileValue,
-        api_secret: FileValue,
-        from: FileValue,
-        signature_secret: Option<FileValue>,
-        signature_method: Option<String>,
-        base_url: Option<String>,
-        rate: Option<u32>,
-    },
+    Log { rate: Option<u32> },
+    Twilio(FileTwilio),
+    Vonage(FileVonage),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTwilio {
+    account_sid: FileValue,
+    auth_token: FileValue,
+    from: Option<FileValue>,
+    messaging_service_sid: Option<FileValue>,
+    base_url: Option<String>,
+    rate: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileVonage {
+    api_key: FileValue,
+    api_secret: FileValue,
+    from: FileValue,
+    signature_secret: Option<FileValue>,
+    signature_method: Option<String>,
+    base_url: Option<String>,
+    rate: Option<u32>,
 }
 
 /// The providers and which one is the default.
@@ -265,52 +271,10 @@ fn signature_method(
 
 /// The single provider named by `SMSGW_PROVIDER`, configured from the environment.
 pub(super) fn from_env(get: Get<'_>, kind: &str) -> Result<ProviderConfig, ConfigError> {
-    let required = |name: &'static str, by: &str| {
-        get(name).ok_or_else(|| bad(name, format!("is required by the {by} provider")))
-    };
     let provider = match kind {
         "log" => ProviderKindSettings::Log,
-        "twilio" => {
-            let from = get("TWILIO_FROM");
-            let service = get("TWILIO_MESSAGING_SERVICE_SID");
-            let variable = if service.is_some() && from.is_none() {
-                "TWILIO_MESSAGING_SERVICE_SID"
-            } else {
-                "TWILIO_FROM"
-            };
-            let account_sid = required("TWILIO_ACCOUNT_SID", "twilio")?;
-            if !is_hex_sid(&account_sid, "AC") {
-                return Err(bad(
-                    "TWILIO_ACCOUNT_SID",
-                    "is not an account SID (AC followed by 32 hex digits)",
-                ));
-            }
-            let token = SecretString::from(required("TWILIO_AUTH_TOKEN", "twilio")?);
-            ProviderKindSettings::Twilio(twilio(
-                "twilio",
-                account_sid,
-                token,
-                from,
-                service,
-                get("SMSGW_TWILIO_BASE_URL"),
-                variable,
-            )?)
-        }
-        "vonage" => ProviderKindSettings::Vonage(VonageSettings {
-            api_key: required("VONAGE_API_KEY", "vonage")?,
-            api_secret: SecretString::from(required("VONAGE_API_SECRET", "vonage")?),
-            from: required("VONAGE_FROM", "vonage")?,
-            base_url: base_url(
-                get("SMSGW_VONAGE_BASE_URL"),
-                DEFAULT_VONAGE_BASE_URL,
-                "SMSGW_VONAGE_BASE_URL",
-            )?,
-            signature_secret: get("VONAGE_SIGNATURE_SECRET").map(SecretString::from),
-            signature_method: signature_method(
-                get("VONAGE_SIGNATURE_METHOD").as_deref(),
-                "VONAGE_SIGNATURE_METHOD",
-            )?,
-        }),
+        "twilio" => ProviderKindSettings::Twilio(twilio_from_env(get)?),
+        "vonage" => ProviderKindSettings::Vonage(vonage_from_env(get)?),
         other => {
             return Err(bad(
                 "SMSGW_PROVIDER",
@@ -329,6 +293,56 @@ pub(super) fn from_env(get: Get<'_>, kind: &str) -> Result<ProviderConfig, Confi
     })
 }
 
+fn required(get: Get<'_>, name: &'static str, by: &str) -> Result<String, ConfigError> {
+    get(name).ok_or_else(|| bad(name, format!("is required by the {by} provider")))
+}
+
+fn twilio_from_env(get: Get<'_>) -> Result<TwilioSettings, ConfigError> {
+    let from = get("TWILIO_FROM");
+    let service = get("TWILIO_MESSAGING_SERVICE_SID");
+    // A problem with the sender names the variable the operator actually set.
+    let variable = if service.is_some() && from.is_none() {
+        "TWILIO_MESSAGING_SERVICE_SID"
+    } else {
+        "TWILIO_FROM"
+    };
+    let account_sid = required(get, "TWILIO_ACCOUNT_SID", "twilio")?;
+    if !is_hex_sid(&account_sid, "AC") {
+        return Err(bad(
+            "TWILIO_ACCOUNT_SID",
+            "is not an account SID (AC followed by 32 hex digits)",
+        ));
+    }
+    let token = SecretString::from(required(get, "TWILIO_AUTH_TOKEN", "twilio")?);
+    twilio(
+        "twilio",
+        account_sid,
+        token,
+        from,
+        service,
+        get("SMSGW_TWILIO_BASE_URL"),
+        variable,
+    )
+}
+
+fn vonage_from_env(get: Get<'_>) -> Result<VonageSettings, ConfigError> {
+    Ok(VonageSettings {
+        api_key: required(get, "VONAGE_API_KEY", "vonage")?,
+        api_secret: SecretString::from(required(get, "VONAGE_API_SECRET", "vonage")?),
+        from: required(get, "VONAGE_FROM", "vonage")?,
+        base_url: base_url(
+            get("SMSGW_VONAGE_BASE_URL"),
+            DEFAULT_VONAGE_BASE_URL,
+            "SMSGW_VONAGE_BASE_URL",
+        )?,
+        signature_secret: get("VONAGE_SIGNATURE_SECRET").map(SecretString::from),
+        signature_method: signature_method(
+            get("VONAGE_SIGNATURE_METHOD").as_deref(),
+            "VONAGE_SIGNATURE_METHOD",
+        )?,
+    })
+}
+
 /// The named providers of the TOML file at `path`; `default` (from `SMSGW_PROVIDER`)
 /// names the default when the file does not.
 pub(super) fn from_file(
@@ -336,87 +350,125 @@ pub(super) fn from_file(
     path: &str,
     default: Option<String>,
 ) -> Result<ProviderConfig, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| bad("SMSGW_CONFIG", format!("cannot read {path}: {e}")))?;
-    let file: FileConfig =
-        toml::from_str(&text).map_err(|e| bad("SMSGW_CONFIG", format!("{path}: {e}")))?;
-    let mut providers = Vec::new();
-    for (name, provider) in file.providers {
-        if name.is_empty()
-            || name.len() > 40
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        {
-            return Err(bad(
-                "SMSGW_CONFIG",
-                format!("provider name '{name}': use 1 to 40 letters, digits, '-' or '_'"),
-            ));
-        }
-        let (kind, rate) = match provider {
-            FileProvider::Log { rate } => (ProviderKindSettings::Log, rate),
-            FileProvider::Twilio {
-                account_sid,
-                auth_token,
-                from,
-                messaging_service_sid,
-                base_url,
-                rate,
-            } => {
-                let what = |field: &str| format!("providers.{name}.{field}");
-                let settings = twilio(
-                    &name,
-                    plain(get, &account_sid, &what("account_sid"))?,
-                    secret(get, &auth_token, &what("auth_token"))?,
-                    from.map(|v| plain(get, &v, &what("from"))).transpose()?,
-                    messaging_service_sid
-                        .map(|v| plain(get, &v, &what("messaging_service_sid")))
-                        .transpose()?,
-                    base_url,
-                    "SMSGW_CONFIG",
-                )?;
-                (ProviderKindSettings::Twilio(settings), rate)
-            }
-            FileProvider::Vonage {
-                api_key,
-                api_secret,
-                from,
-                signature_secret,
-                signature_method: method,
-                base_url: base,
-                rate,
-            } => {
-                let what = |field: &str| format!("providers.{name}.{field}");
-                let settings = VonageSettings {
-                    api_key: plain(get, &api_key, &what("api_key"))?,
-                    api_secret: secret(get, &api_secret, &what("api_secret"))?,
-                    from: plain(get, &from, &what("from"))?,
-                    base_url: base_url(base, DEFAULT_VONAGE_BASE_URL, "SMSGW_CONFIG")?,
-                    signature_secret: signature_secret
-                        .map(|v| secret(get, &v, &what("signature_secret")))
-                        .transpose()?,
-                    signature_method: signature_method(method.as_deref(), "SMSGW_CONFIG")?,
-                };
-                (ProviderKindSettings::Vonage(settings), rate)
-            }
-        };
-        if rate == Some(0) {
-            return Err(bad(
-                "SMSGW_CONFIG",
-                format!("providers.{name}.rate must be at least 1"),
-            ));
-        }
-        providers.push(ProviderSettings { name, kind, rate });
-    }
+    let file = read_file(path)?;
+    let providers = file
+        .providers
+        .into_iter()
+        .map(|(name, provider)| file_provider(get, name, provider))
+        .collect::<Result<Vec<_>, _>>()?;
     if providers.is_empty() {
         return Err(bad(
             "SMSGW_CONFIG",
             format!("{path} declares no [providers.NAME]"),
         ));
     }
-    let default_provider = file
-        .default_provider
-        .or(default)
+    let default_provider = default_provider(file.default_provider, default, &providers)?;
+    Ok(ProviderConfig {
+        providers,
+        default_provider,
+        max_segments: file.max_segments,
+    })
+}
+
+fn read_file(path: &str) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| bad("SMSGW_CONFIG", format!("cannot read {path}: {e}")))?;
+    toml::from_str(&text).map_err(|e| bad("SMSGW_CONFIG", format!("{path}: {e}")))
+}
+
+/// One `[providers.NAME]` table.
+fn file_provider(
+    get: Get<'_>,
+    name: String,
+    provider: FileProvider,
+) -> Result<ProviderSettings, ConfigError> {
+    check_provider_name(&name)?;
+    let (kind, rate) = match provider {
+        FileProvider::Log { rate } => (ProviderKindSettings::Log, rate),
+        FileProvider::Twilio(file) => {
+            let rate = file.rate;
+            let settings = twilio_from_file(get, &name, file)?;
+            (ProviderKindSettings::Twilio(settings), rate)
+        }
+        FileProvider::Vonage(file) => {
+            let rate = file.rate;
+            let settings = vonage_from_file(get, &name, file)?;
+            (ProviderKindSettings::Vonage(settings), rate)
+        }
+    };
+    if rate == Some(0) {
+        return Err(bad(
+            "SMSGW_CONFIG",
+            format!("providers.{name}.rate must be at least 1"),
+        ));
+    }
+    Ok(ProviderSettings { name, kind, rate })
+}
+
+/// A name labels metrics and log lines, so it is kept short and plain.
+fn check_provider_name(name: &str) -> Result<(), ConfigError> {
+    if name.is_empty()
+        || name.len() > 40
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(bad(
+            "SMSGW_CONFIG",
+            format!("provider name '{name}': use 1 to 40 letters, digits, '-' or '_'"),
+        ));
+    }
+    Ok(())
+}
+
+fn twilio_from_file(
+    get: Get<'_>,
+    name: &str,
+    file: FileTwilio,
+) -> Result<TwilioSettings, ConfigError> {
+    let what = |field: &str| format!("providers.{name}.{field}");
+    twilio(
+        name,
+        plain(get, &file.account_sid, &what("account_sid"))?,
+        secret(get, &file.auth_token, &what("auth_token"))?,
+        file.from
+            .map(|v| plain(get, &v, &what("from")))
+            .transpose()?,
+        file.messaging_service_sid
+            .map(|v| plain(get, &v, &what("messaging_service_sid")))
+            .transpose()?,
+        file.base_url,
+        "SMSGW_CONFIG",
+    )
+}
+
+fn vonage_from_file(
+    get: Get<'_>,
+    name: &str,
+    file: FileVonage,
+) -> Result<VonageSettings, ConfigError> {
+    let what = |field: &str| format!("providers.{name}.{field}");
+    Ok(VonageSettings {
+        api_key: plain(get, &file.api_key, &what("api_key"))?,
+        api_secret: secret(get, &file.api_secret, &what("api_secret"))?,
+        from: plain(get, &file.from, &what("from"))?,
+        base_url: base_url(file.base_url, DEFAULT_VONAGE_BASE_URL, "SMSGW_CONFIG")?,
+        signature_secret: file
+            .signature_secret
+            .map(|v| secret(get, &v, &what("signature_secret")))
+            .transpose()?,
+        signature_method: signature_method(file.signature_method.as_deref(), "SMSGW_CONFIG")?,
+    })
+}
+
+/// The file's `default_provider`, else `SMSGW_PROVIDER`, else the only provider there is.
+fn default_provider(
+    in_file: Option<String>,
+    from_env: Option<String>,
+    providers: &[ProviderSettings],
+) -> Result<String, ConfigError> {
+    let default_provider = in_file
+        .or(from_env)
         .or_else(|| (providers.len() == 1).then(|| providers[0].name.clone()))
         .ok_or_else(|| {
             bad(
@@ -430,11 +482,7 @@ pub(super) fn from_file(
             format!("the default provider '{default_provider}' is not declared"),
         ));
     }
-    Ok(ProviderConfig {
-        providers,
-        default_provider,
-        max_segments: file.max_segments,
-    })
+    Ok(default_provider)
 }
 
 #[cfg(test)]
