@@ -165,109 +165,21 @@ fn optional_time(
 impl Job {
     /// Decodes a message body. Unknown fields are ignored.
     pub fn decode(bytes: &[u8]) -> Result<Job, InvalidJob> {
-        let text = std::str::from_utf8(bytes).map_err(|e| {
-            invalid(format!(
-                "not UTF-8: invalid byte at offset {}",
-                e.valid_up_to()
-            ))
-        })?;
-        let value: Value =
-            serde_json::from_str(text).map_err(|e| invalid(format!("not JSON: {e}")))?;
-        let Value::Object(object) = value else {
-            return Err(invalid(format!(
-                "not a JSON object: got {}",
-                kind_of(&value)
-            )));
-        };
-
-        let id =
-            Uuid::parse_str(required_str(&object, "id")?).map_err(|_| invalid("id: not a UUID"))?;
-
-        let type_name = required_str(&object, "type")?;
-        let kind = JobType::parse(type_name).ok_or_else(|| {
-            let shown: String = type_name.chars().take(40).collect();
-            if shown.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                invalid(format!("type: unknown type '{shown}'"))
-            } else {
-                invalid("type: unknown type")
-            }
-        })?;
-
-        let school_id = match object.get("school_id") {
-            None | Some(Value::Null) => return Err(invalid("school_id: missing")),
-            Some(Value::Number(n)) => match n.as_i64() {
-                Some(id) if id > 0 => id,
-                _ => return Err(invalid("school_id: expected a positive whole number")),
-            },
-            Some(other) => {
-                return Err(invalid(format!(
-                    "school_id: expected a positive whole number, got {}",
-                    kind_of(other)
-                )));
-            }
-        };
-
-        let target = match (object.get("to"), object.get("recipients")) {
-            (Some(to), None) | (Some(to), Some(Value::Null)) if !to.is_null() => {
-                Target::One(recipient_str("to", to)?.to_owned())
-            }
-            (None, Some(list)) | (Some(Value::Null), Some(list)) if !list.is_null() => {
-                if kind != JobType::Announcement {
-                    return Err(invalid(
-                        "recipients: only an announcement may have recipients",
-                    ));
-                }
-                Target::Many(decode_recipients(list)?)
-            }
-            (Some(_), Some(_)) => {
-                return Err(invalid("to and recipients: give one of them, not both"));
-            }
-            _ => return Err(invalid("to: missing")),
-        };
-
-        let body = required_str(&object, "body")?;
-        let chars = body.chars().count();
-        if chars == 0 || body.trim().is_empty() {
-            return Err(invalid("body: empty"));
-        }
-        if chars > MAX_BODY_CHARS {
-            return Err(invalid(format!(
-                "body: {chars} characters, more than {MAX_BODY_CHARS}"
-            )));
-        }
-
-        let context = match object.get("context") {
-            None | Some(Value::Null) => None,
-            Some(value @ Value::Object(_)) => {
-                let size = value.to_string().len();
-                if size > MAX_CONTEXT_BYTES {
-                    return Err(invalid(format!(
-                        "context: {size} bytes, more than {MAX_CONTEXT_BYTES}"
-                    )));
-                }
-                Some(value.clone())
-            }
-            Some(other) => {
-                return Err(invalid(format!(
-                    "context: expected an object, got {}",
-                    kind_of(other)
-                )));
-            }
-        };
-
+        let object = decode_object(bytes)?;
+        // Fields are read in the order written, which decides which of several invalid
+        // fields is reported.
+        let id = decode_id(&object)?;
+        let kind = decode_kind(&object)?;
         let job = Job {
             id,
             kind,
-            school_id,
-            target,
-            body: body.to_owned(),
-            context,
+            school_id: decode_school_id(&object)?,
+            target: decode_target(&object, kind)?,
+            body: decode_body(&object)?,
+            context: decode_context(&object)?,
             not_before: optional_time(&object, "not_before")?,
             expires_at: optional_time(&object, "expires_at")?,
-            reference: match object.get("ref") {
-                Some(Value::String(s)) => Some(s.chars().take(200).collect()),
-                _ => None,
-            },
+            reference: decode_reference(&object),
         };
         job.reject_nul()?;
         Ok(job)
@@ -303,6 +215,113 @@ impl Job {
             }
             Target::One(_) => Ok(()),
         }
+    }
+}
+
+/// The JSON object of a message body.
+fn decode_object(bytes: &[u8]) -> Result<Map<String, Value>, InvalidJob> {
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        invalid(format!(
+            "not UTF-8: invalid byte at offset {}",
+            e.valid_up_to()
+        ))
+    })?;
+    let value: Value = serde_json::from_str(text).map_err(|e| invalid(format!("not JSON: {e}")))?;
+    match value {
+        Value::Object(object) => Ok(object),
+        other => Err(invalid(format!(
+            "not a JSON object: got {}",
+            kind_of(&other)
+        ))),
+    }
+}
+
+fn decode_id(object: &Map<String, Value>) -> Result<Uuid, InvalidJob> {
+    Uuid::parse_str(required_str(object, "id")?).map_err(|_| invalid("id: not a UUID"))
+}
+
+fn decode_kind(object: &Map<String, Value>) -> Result<JobType, InvalidJob> {
+    let type_name = required_str(object, "type")?;
+    JobType::parse(type_name).ok_or_else(|| {
+        let shown: String = type_name.chars().take(40).collect();
+        if shown.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            invalid(format!("type: unknown type '{shown}'"))
+        } else {
+            invalid("type: unknown type")
+        }
+    })
+}
+
+fn decode_school_id(object: &Map<String, Value>) -> Result<i64, InvalidJob> {
+    match object.get("school_id") {
+        None | Some(Value::Null) => Err(invalid("school_id: missing")),
+        Some(Value::Number(n)) => match n.as_i64() {
+            Some(id) if id > 0 => Ok(id),
+            _ => Err(invalid("school_id: expected a positive whole number")),
+        },
+        Some(other) => Err(invalid(format!(
+            "school_id: expected a positive whole number, got {}",
+            kind_of(other)
+        ))),
+    }
+}
+
+/// `to` for one recipient, or `recipients` for an announcement's many; never both.
+fn decode_target(object: &Map<String, Value>, kind: JobType) -> Result<Target, InvalidJob> {
+    match (object.get("to"), object.get("recipients")) {
+        (Some(to), None) | (Some(to), Some(Value::Null)) if !to.is_null() => {
+            Ok(Target::One(recipient_str("to", to)?.to_owned()))
+        }
+        (None, Some(list)) | (Some(Value::Null), Some(list)) if !list.is_null() => {
+            if kind != JobType::Announcement {
+                return Err(invalid(
+                    "recipients: only an announcement may have recipients",
+                ));
+            }
+            Ok(Target::Many(decode_recipients(list)?))
+        }
+        (Some(_), Some(_)) => Err(invalid("to and recipients: give one of them, not both")),
+        _ => Err(invalid("to: missing")),
+    }
+}
+
+fn decode_body(object: &Map<String, Value>) -> Result<String, InvalidJob> {
+    let body = required_str(object, "body")?;
+    let chars = body.chars().count();
+    if chars == 0 || body.trim().is_empty() {
+        return Err(invalid("body: empty"));
+    }
+    if chars > MAX_BODY_CHARS {
+        return Err(invalid(format!(
+            "body: {chars} characters, more than {MAX_BODY_CHARS}"
+        )));
+    }
+    Ok(body.to_owned())
+}
+
+fn decode_context(object: &Map<String, Value>) -> Result<Option<Value>, InvalidJob> {
+    match object.get("context") {
+        None | Some(Value::Null) => Ok(None),
+        Some(value @ Value::Object(_)) => {
+            let size = value.to_string().len();
+            if size > MAX_CONTEXT_BYTES {
+                return Err(invalid(format!(
+                    "context: {size} bytes, more than {MAX_CONTEXT_BYTES}"
+                )));
+            }
+            Ok(Some(value.clone()))
+        }
+        Some(other) => Err(invalid(format!(
+            "context: expected an object, got {}",
+            kind_of(other)
+        ))),
+    }
+}
+
+fn decode_reference(object: &Map<String, Value>) -> Option<String> {
+    match object.get("ref") {
+        Some(Value::String(s)) => Some(s.chars().take(200).collect()),
+        _ => None,
     }
 }
 
