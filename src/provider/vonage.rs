@@ -153,73 +153,21 @@ fn interpret(
     body: &[u8],
 ) -> Result<Accepted, ProviderError> {
     let http_status = status.as_u16();
-    if status == StatusCode::TOO_MANY_REQUESTS {
-        return Err(ProviderError::Throttled {
-            http_status,
-            code: None,
-            message: None,
-            retry_after,
-        });
+    if let Some(error) = http_refusal(status, retry_after) {
+        return Err(error);
     }
-    if status.is_server_error() {
-        return Err(ProviderError::Unavailable {
-            http_status,
-            code: None,
-            message: None,
-            retry_after,
-        });
-    }
-    if !status.is_success() {
-        return Err(ProviderError::Rejected {
-            http_status,
-            code: None,
-            message: format!("HTTP {http_status}"),
-            recipient_opted_out: false,
-            other_gateway_may_succeed: true,
-        });
-    }
-    let parts = serde_json::from_slice::<Value>(body)
-        .ok()
-        .and_then(|v| v.get("messages").and_then(Value::as_array).cloned())
-        .filter(|parts| !parts.is_empty());
-    let Some(parts) = parts else {
+    let Some(parts) = message_parts(body) else {
         return Err(ProviderError::Unreadable {
             http_status,
             detail: "no messages[] in the answer".into(),
         });
     };
     // Every part must be taken; the first refusal decides.
-    for part in &parts {
-        let code = text_of(part.get("status")).unwrap_or_else(|| "?".into());
-        if code == "0" {
-            continue;
-        }
-        let message = text_of(part.get("error-text")).unwrap_or_else(|| format!("status {code}"));
-        return Err(match code.as_str() {
-            "1" => ProviderError::Throttled {
-                http_status,
-                code: Some(code),
-                message: Some(message),
-                retry_after,
-            },
-            "5" | "10" => ProviderError::Unavailable {
-                http_status,
-                code: Some(code),
-                message: Some(message),
-                retry_after,
-            },
-            "?" => ProviderError::Unreadable {
-                http_status,
-                detail: "a message part has no status".into(),
-            },
-            _ => ProviderError::Rejected {
-                http_status,
-                other_gateway_may_succeed: OTHER_GATEWAY_MAY_SUCCEED.contains(&code.as_str()),
-                code: Some(code),
-                message,
-                recipient_opted_out: false,
-            },
-        });
+    if let Some(error) = parts
+        .iter()
+        .find_map(|part| part_refusal(part, http_status, retry_after))
+    {
+        return Err(error);
     }
     match text_of(parts[0].get("message-id")) {
         Some(id) if !id.is_empty() => Ok(Accepted {
@@ -231,6 +179,83 @@ fn interpret(
             detail: "accepted without a message-id".into(),
         }),
     }
+}
+
+/// A refusal told by the HTTP status alone, before the body is read.
+fn http_refusal(status: StatusCode, retry_after: Option<Duration>) -> Option<ProviderError> {
+    let http_status = status.as_u16();
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        return Some(ProviderError::Throttled {
+            http_status,
+            code: None,
+            message: None,
+            retry_after,
+        });
+    }
+    if status.is_server_error() {
+        return Some(ProviderError::Unavailable {
+            http_status,
+            code: None,
+            message: None,
+            retry_after,
+        });
+    }
+    if !status.is_success() {
+        return Some(ProviderError::Rejected {
+            http_status,
+            code: None,
+            message: format!("HTTP {http_status}"),
+            recipient_opted_out: false,
+            other_gateway_may_succeed: true,
+        });
+    }
+    None
+}
+
+/// `messages[]` of the answer, one entry per part of the text; `None` if there is none.
+fn message_parts(body: &[u8]) -> Option<Vec<Value>> {
+    serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v.get("messages").and_then(Value::as_array).cloned())
+        .filter(|parts| !parts.is_empty())
+}
+
+/// Why Vonage did not take this part, if it did not (its `status` is not `"0"`).
+fn part_refusal(
+    part: &Value,
+    http_status: u16,
+    retry_after: Option<Duration>,
+) -> Option<ProviderError> {
+    let code = text_of(part.get("status")).unwrap_or_else(|| "?".into());
+    if code == "0" {
+        return None;
+    }
+    let message = text_of(part.get("error-text")).unwrap_or_else(|| format!("status {code}"));
+    Some(match code.as_str() {
+        "1" => ProviderError::Throttled {
+            http_status,
+            code: Some(code),
+            message: Some(message),
+            retry_after,
+        },
+        "5" | "10" => ProviderError::Unavailable {
+            http_status,
+            code: Some(code),
+            message: Some(message),
+            retry_after,
+        },
+        "?" => ProviderError::Unreadable {
+            http_status,
+            detail: "a message part has no status".into(),
+        },
+        _ => ProviderError::Rejected {
+            http_status,
+            other_gateway_may_succeed: OTHER_GATEWAY_MAY_SUCCEED.contains(&code.as_str()),
+            code: Some(code),
+            message,
+            recipient_opted_out: false,
+        },
+    })
 }
 
 #[cfg(test)]
