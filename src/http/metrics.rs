@@ -82,98 +82,112 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("smsgw");
-        let messages = Family::<OutcomeLabels, Counter>::default();
+        let mut metrics = Self::unregistered();
+        // Registered in this order, which is the order of `/metrics`.
+        metrics.register_handling();
+        metrics.register_retention();
+        metrics.register_provider_health();
+        metrics.register_queues();
+        metrics.register_possible_duplicates();
+        metrics
+    }
+
+    /// Every metric, none of them in the registry yet: only [`Metrics::new`] should call it.
+    fn unregistered() -> Self {
+        Metrics {
+            registry: Registry::with_prefix("smsgw"),
+            messages: Family::default(),
+            provider_calls: Family::new_with_constructor(call_duration_histogram),
+            retries: Family::default(),
+            dead_letters: Family::default(),
+            in_flight: Family::default(),
+            bodies_purged: Counter::default(),
+            messages_deleted: Counter::default(),
+            circuit_state: Family::default(),
+            paused: Family::default(),
+            receipts: Family::default(),
+            queue_depth: Family::default(),
+            possible_duplicates: Counter::default(),
+        }
+    }
+
+    fn register_handling(&mut self) {
+        let registry = &mut self.registry;
         registry.register(
             "messages",
             "Messages handled, by outcome, type and provider",
-            messages.clone(),
+            self.messages.clone(),
         );
-        let provider_calls =
-            Family::<ProviderLabels, Histogram, fn() -> Histogram>::new_with_constructor(
-                call_duration_histogram,
-            );
         registry.register(
             "provider_call_duration_seconds",
             "Duration of provider calls",
-            provider_calls.clone(),
+            self.provider_calls.clone(),
         );
-        let retries = Family::<LaneLabels, Counter>::default();
         registry.register(
             "retries",
             "Messages sent to a retry tier after a temporary failure",
-            retries.clone(),
+            self.retries.clone(),
         );
-        let dead_letters = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "dead_letters",
             "Messages published to sms.dead, by reason",
-            dead_letters.clone(),
+            self.dead_letters.clone(),
         );
-        let in_flight = Family::<LaneLabels, Gauge>::default();
         registry.register(
             "in_flight",
             "Messages being handled right now, by lane",
-            in_flight.clone(),
+            self.in_flight.clone(),
         );
-        let bodies_purged = Counter::default();
+    }
+
+    fn register_retention(&mut self) {
+        let registry = &mut self.registry;
         registry.register(
             "bodies_purged",
             "Message bodies removed by the retention task",
-            bodies_purged.clone(),
+            self.bodies_purged.clone(),
         );
-        let messages_deleted = Counter::default();
         registry.register(
             "messages_deleted",
             "Message rows removed by the retention task",
-            messages_deleted.clone(),
+            self.messages_deleted.clone(),
         );
-        let circuit_state = Family::<ProviderLabels, Gauge>::default();
+    }
+
+    fn register_provider_health(&mut self) {
+        let registry = &mut self.registry;
         registry.register(
             "circuit_state",
             "Provider circuit breaker: 0 closed, 1 half-open, 2 open",
-            circuit_state.clone(),
+            self.circuit_state.clone(),
         );
-        let paused = Family::<ProviderLabels, Counter>::default();
         registry.register(
             "paused",
             "Messages put off because their provider's circuit was open",
-            paused.clone(),
+            self.paused.clone(),
         );
-        let receipts = Family::<ReceiptLabels, Counter>::default();
         registry.register(
             "receipts",
             "Delivery receipts received, by provider and status",
-            receipts.clone(),
+            self.receipts.clone(),
         );
-        let queue_depth = Family::<QueueLabels, Gauge>::default();
-        registry.register(
+    }
+
+    fn register_queues(&mut self) {
+        self.registry.register(
             "queue_depth",
             "Messages waiting in each of smsgw's queues",
-            queue_depth.clone(),
+            self.queue_depth.clone(),
         );
-        let possible_duplicates = Counter::default();
-        registry.register(
+    }
+
+    fn register_possible_duplicates(&mut self) {
+        self.registry.register(
             "possible_duplicates",
             "Messages sent again after an attempt with an unknown outcome that the provider \
              could not be asked about",
-            possible_duplicates.clone(),
+            self.possible_duplicates.clone(),
         );
-        Metrics {
-            registry,
-            circuit_state,
-            paused,
-            receipts,
-            queue_depth,
-            possible_duplicates,
-            messages,
-            provider_calls,
-            retries,
-            dead_letters,
-            in_flight,
-            bodies_purged,
-            messages_deleted,
-        }
     }
 
     /// The Prometheus text exposition of every metric.
