@@ -12,8 +12,9 @@ use crate::config::LogFormat;
 
 /// Installs the global subscriber. Safe to call once per process.
 pub fn init(format: Option<LogFormat>) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,lapin=warn,amq_protocol=warn"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new("info,tokio_postgres=warn,lapin=warn,amq_protocol=warn")
+    });
     let format = format.unwrap_or(if std::io::stderr().is_terminal() {
         LogFormat::Pretty
     } else {
