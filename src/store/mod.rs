@@ -353,6 +353,16 @@ static APPLY_RECEIPT: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
+async fn database_exists(admin: &tokio_postgres::Client, name: &str) -> Result<bool, StoreError> {
+    Ok(admin
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)",
+            &[&name],
+        )
+        .await?
+        .try_get(0)?)
+}
+
 /// Prepares `sql` once per connection (deadpool-postgres keeps the statement with it).
 async fn prepared(
     client: &deadpool_postgres::Client,
@@ -614,21 +624,19 @@ impl Store {
             .ok_or_else(|| StoreError::Config("the database URL names no database".into()))?
             .to_owned();
         let admin = connector.for_database("postgres").connect().await?;
-        let exists: bool = admin
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)",
-                &[&name],
-            )
-            .await?
-            .try_get(0)?;
-        if exists {
+        if database_exists(&admin, &name).await? {
             return Ok(false);
         }
         let create = format!("CREATE DATABASE {}", quote_identifier(&name));
         match admin.batch_execute(&create).await {
             Ok(()) => Ok(true),
-            // Another process created it between our check and our create.
             Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) => {
+                Ok(false)
+            }
+            // Another process created it between our check and our create, and the two
+            // collided in the catalogue (a unique violation rather than 42P04).
+            Err(e) if database_exists(&admin, &name).await.unwrap_or(false) => {
+                tracing::debug!(error = %describe(&e), "database appeared meanwhile");
                 Ok(false)
             }
             Err(e) => Err(e.into()),
