@@ -11,6 +11,9 @@
 //! table was small would otherwise scan it whole, again and again, as it grows). The
 //! updates join the input row by row instead, each through the primary key.
 //!
+//! Each statement is prepared once per connection (deadpool-postgres keeps it with the
+//! connection), and its arrays travel in PostgreSQL's binary format.
+//!
 //! Each statement is safe to run again with the same input (a retry after a lost answer
 //! finds its own claim; finishing and recording are conditional), and a batch never holds
 //! two writes for one message: the later one waits for the next batch.

@@ -4,6 +4,11 @@
 //! The rule it keeps: an attempt row exists, committed, before its provider call starts, and
 //! claiming that attempt is one atomic statement, so two deliveries of one job can never both
 //! call the provider.
+//!
+//! It speaks PostgreSQL through tokio-postgres, from a deadpool-postgres pool that keeps
+//! each connection's prepared statements. `connect` holds the connection settings and
+//! TLS, `migrate` the schema's migrations, `notify` the LISTEN connection, and `log` the
+//! batched writes of the message log.
 
 use std::{
     sync::{Arc, LazyLock, RwLock},
