@@ -888,8 +888,10 @@ impl Store {
         &self,
         receipt: &Receipt<'_>,
     ) -> Result<Option<ReceiptApplied>, StoreError> {
-        let row = self
-            .row(
+        // Two messages could share a provider id (two providers' id spaces): the first one
+        // answers, and a second is no error.
+        let rows = self
+            .rows(
                 &APPLY_RECEIPT,
                 &[
                     &receipt.provider,
@@ -900,7 +902,7 @@ impl Store {
                 ],
             )
             .await?;
-        row.as_ref().map(ReceiptApplied::from_row).transpose()
+        rows.first().map(ReceiptApplied::from_row).transpose()
     }
 
     /// START: removes the opt-outs a carrier or an inbound STOP made for `phone` (not the
