@@ -66,7 +66,7 @@ impl std::fmt::Debug for Connector {
 impl Connector {
     /// Parses a `postgres://` URL and adds the daemon's own settings.
     pub(crate) fn from_url(url: &str) -> Result<Self, StoreError> {
-        let (url, verify) = split_verification(url)?;
+        let (url, verify) = split_verification(url);
         let mut config: Config = url
             .parse()
             .map_err(|e| StoreError::Config(format!("the database URL: {e}")))?;
@@ -148,35 +148,28 @@ pub(crate) type RawConnection = tokio_postgres::Connection<
 >;
 
 /// `tokio_postgres::Config` knows `disable`, `prefer` and `require`; the two verifying
-/// modes are read here and passed on as `require`.
-fn split_verification(url: &str) -> Result<(String, Verify), StoreError> {
-    let Ok(mut parsed) = url::Url::parse(url) else {
-        // Not a URL (a `key=value` string): tokio-postgres reads it, or says why not.
-        return Ok((url.to_owned(), Verify::Nothing));
+/// modes are read here and passed on as `require`. The rest of the URL is left exactly as
+/// written (re-encoding it could change what its other parameters say).
+fn split_verification(url: &str) -> (String, Verify) {
+    let Some((base, query)) = url.split_once('?') else {
+        return (url.to_owned(), Verify::Nothing);
     };
     let mut verify = Verify::Nothing;
-    let pairs: Vec<(String, String)> = parsed
-        .query_pairs()
-        .map(|(k, v)| {
-            let v = match (k.as_ref(), v.as_ref()) {
-                ("sslmode", "verify-ca") => {
-                    verify = Verify::Chain;
-                    "require".into()
-                }
-                ("sslmode", "verify-full") => {
-                    verify = Verify::ChainAndName;
-                    "require".into()
-                }
-                _ => v.into_owned(),
-            };
-            (k.into_owned(), v)
+    let pairs: Vec<&str> = query
+        .split('&')
+        .map(|pair| match pair {
+            "sslmode=verify-ca" => {
+                verify = Verify::Chain;
+                "sslmode=require"
+            }
+            "sslmode=verify-full" => {
+                verify = Verify::ChainAndName;
+                "sslmode=require"
+            }
+            other => other,
         })
         .collect();
-    if verify == Verify::Nothing {
-        return Ok((url.to_owned(), verify));
-    }
-    parsed.query_pairs_mut().clear().extend_pairs(pairs);
-    Ok((parsed.to_string(), verify))
+    (format!("{base}?{}", pairs.join("&")), verify)
 }
 
 fn tls_config(verify: Verify) -> Result<rustls::ClientConfig, StoreError> {
@@ -312,8 +305,7 @@ mod tests {
     #[test]
     fn verifying_modes_reach_tokio_postgres_as_require() {
         let (url, verify) =
-            split_verification("postgres://u:p@db.example:5432/smsgw?sslmode=verify-full")
-                .expect("split");
+            split_verification("postgres://u:p@db.example:5432/smsgw?sslmode=verify-full");
         assert_eq!(verify, Verify::ChainAndName);
         let config: Config = url.parse().expect("parses");
         assert_eq!(
@@ -321,18 +313,26 @@ mod tests {
             tokio_postgres::config::SslMode::Require
         );
         assert_eq!(config.get_dbname(), Some("smsgw"));
-        let (url, verify) =
-            split_verification("postgres://db.example/smsgw?sslmode=verify-ca").expect("split");
+        let (url, verify) = split_verification("postgres://db.example/smsgw?sslmode=verify-ca");
         assert_eq!(verify, Verify::Chain);
         assert!(url.contains("sslmode=require"));
     }
 
     #[test]
     fn other_urls_pass_unchanged() {
-        let url = "postgres://postgres@127.0.0.1:5432/smsgw?sslmode=disable";
+        for url in [
+            "postgres://postgres@127.0.0.1:5432/smsgw?sslmode=disable",
+            "postgres://postgres@127.0.0.1/smsgw?options=-c%20work_mem%3D8MB&sslmode=require",
+            "postgres://postgres@127.0.0.1/smsgw",
+        ] {
+            assert_eq!(split_verification(url), (url.to_owned(), Verify::Nothing));
+        }
+        let (url, _) = split_verification(
+            "postgres://u:p%20w@h/db?options=-c%20work_mem%3D8MB&sslmode=verify-full",
+        );
         assert_eq!(
-            split_verification(url).expect("split"),
-            (url.to_owned(), Verify::Nothing)
+            url,
+            "postgres://u:p%20w@h/db?options=-c%20work_mem%3D8MB&sslmode=require"
         );
     }
 
