@@ -3,6 +3,9 @@
 //!
 //! Plain connections (no TLS): the tests run against the local server.
 
+use std::sync::Arc;
+
+use tokio::sync::RwLock;
 use tokio_postgres::{
     Client, NoTls, Row,
     types::{FromSqlOwned, ToSql},
@@ -11,28 +14,46 @@ use tokio_postgres::{
 /// A statement's parameters.
 pub type Params<'a> = [&'a (dyn ToSql + Sync)];
 
-/// One connection; statements from several tasks at once are pipelined on it.
+/// One connection; statements from several tasks at once are pipelined on it. A test that
+/// stops PostgreSQL finds it connected again afterwards.
 pub struct Db {
-    client: Client,
+    url: String,
+    client: RwLock<Arc<Client>>,
 }
 
 impl Db {
     pub async fn connect(url: &str) -> Db {
         Db {
-            client: connect(url).await,
+            url: url.to_owned(),
+            client: RwLock::new(Arc::new(connect(url).await)),
         }
+    }
+
+    /// The connection, opened again if the server closed it.
+    async fn client(&self) -> Arc<Client> {
+        let current = self.client.read().await.clone();
+        if !current.is_closed() {
+            return current;
+        }
+        let mut client = self.client.write().await;
+        if client.is_closed() {
+            *client = Arc::new(connect(&self.url).await);
+        }
+        client.clone()
     }
 
     /// Runs `sql`; how many rows it changed.
     pub async fn execute(&self, sql: &str, params: &Params<'_>) -> u64 {
-        self.client
+        self.client()
+            .await
             .execute(sql, params)
             .await
             .unwrap_or_else(|e| panic!("{sql}: {}", describe(&e)))
     }
 
     pub async fn rows(&self, sql: &str, params: &Params<'_>) -> Vec<Row> {
-        self.client
+        self.client()
+            .await
             .query(sql, params)
             .await
             .unwrap_or_else(|e| panic!("{sql}: {}", describe(&e)))
@@ -40,7 +61,8 @@ impl Db {
 
     /// The first column of the one row `sql` returns.
     pub async fn scalar<T: FromSqlOwned>(&self, sql: &str, params: &Params<'_>) -> T {
-        self.client
+        self.client()
+            .await
             .query_one(sql, params)
             .await
             .and_then(|row| row.try_get(0))
@@ -49,7 +71,8 @@ impl Db {
 
     /// The first column of the row `sql` returns, if it returns one.
     pub async fn optional<T: FromSqlOwned>(&self, sql: &str, params: &Params<'_>) -> Option<T> {
-        self.client
+        self.client()
+            .await
             .query_opt(sql, params)
             .await
             .and_then(|row| row.map(|row| row.try_get(0)).transpose())
@@ -58,7 +81,8 @@ impl Db {
 
     /// Statements separated by `;`, without parameters.
     pub async fn batch(&self, sql: &str) {
-        self.client
+        self.client()
+            .await
             .batch_execute(sql)
             .await
             .unwrap_or_else(|e| panic!("{sql}: {}", describe(&e)))
