@@ -17,9 +17,14 @@
 //! identity proven asks for `verify-full`. TLS is rustls with ring, like the rest of the
 //! daemon, through `tokio-postgres-rustls`.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{
+    Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime, TimeoutType,
+};
 use rustls::{
     DigitallySignedStruct, SignatureScheme,
     client::{
@@ -29,7 +34,7 @@ use rustls::{
     crypto::{CryptoProvider, WebPkiSupportedAlgorithms},
     pki_types::{CertificateDer, ServerName, UnixTime},
 };
-use tokio_postgres::{Client, Config};
+use tokio_postgres::{Client, Config, error::SqlState};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::StoreError;
@@ -146,6 +151,36 @@ pub(crate) type RawConnection = tokio_postgres::Connection<
     tokio_postgres::Socket,
     <MakeRustlsConnect as tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>>::Stream,
 >;
+
+/// A connection from `pool`, trying for up to 5 s while the server cannot be reached: a
+/// server that restarts refuses connections for a moment, and a caller that gave up at once
+/// would learn it is back only after its own back-off (seconds later). An error that
+/// waiting cannot mend (a wrong password, an unknown database) returns at once.
+pub(crate) async fn acquire(pool: &Pool) -> Result<deadpool_postgres::Client, StoreError> {
+    let deadline = Instant::now() + ACQUIRE_TIMEOUT;
+    let mut pause = Duration::from_millis(20);
+    loop {
+        match pool.get().await {
+            Ok(client) => return Ok(client),
+            Err(e) if worth_waiting(&e) && Instant::now() + pause < deadline => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(500));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// No connection now, perhaps one in a moment.
+fn worth_waiting(e: &PoolError) -> bool {
+    match e {
+        PoolError::Backend(e) => e.as_db_error().is_none_or(|db| {
+            [SqlState::CANNOT_CONNECT_NOW, SqlState::TOO_MANY_CONNECTIONS].contains(db.code())
+        }),
+        PoolError::Timeout(TimeoutType::Create) => true,
+        _ => false,
+    }
+}
 
 /// `tokio_postgres::Config` knows `disable`, `prefer` and `require`; the two verifying
 /// modes are read here and passed on as `require`. The rest of the URL is left exactly as

@@ -836,14 +836,14 @@ async fn write(pool: &Pool, ops: Vec<Op>, keep_body: bool) {
     // its slowest statement, not the sum of them.
     tokio::join!(
         answer(claims, |rows| async move {
-            claim_batch(&pool.get().await?, &rows).await
+            claim_batch(&super::connect::acquire(pool).await?, &rows).await
         }),
         answer(finishes, |rows| async move {
-            finish_batch(&pool.get().await?, &rows, keep_body).await?;
+            finish_batch(&super::connect::acquire(pool).await?, &rows, keep_body).await?;
             Ok(vec![(); rows.len()])
         }),
         answer(records, |rows| async move {
-            record_batch(&pool.get().await?, &rows, keep_body).await
+            record_batch(&super::connect::acquire(pool).await?, &rows, keep_body).await
         }),
     );
 }

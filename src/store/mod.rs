@@ -488,12 +488,13 @@ const REPLACE_AT_MOST_EVERY: Duration = Duration::from_secs(5);
 impl Store {
     /// Connects a pool of at most `max_connections`, and opens one connection at once so
     /// that a wrong URL or an unreachable server is reported here. Taking a connection
-    /// from the pool waits 5 s at most; each statement may run 15 s on the server.
+    /// from the pool waits about 5 s at most (for a free one, or for the server to answer
+    /// again); each statement may run 15 s on the server.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
         let connector = Connector::from_url(url)?;
         let pool = connector.pool(max_connections)?;
         // Kept in the pool when dropped: the first statement finds it ready.
-        drop(pool.get().await?);
+        drop(connect::acquire(&pool).await?);
         Ok(Store {
             pools: Arc::new(Pools {
                 current: RwLock::new((pool, Instant::now())),
@@ -561,7 +562,7 @@ impl Store {
 
     /// A connection from the current pool.
     async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
-        Ok(self.pool().get().await?)
+        connect::acquire(&self.pool()).await
     }
 
     async fn rows(&self, sql: &str, params: &Params<'_>) -> Result<Vec<Row>, StoreError> {
