@@ -200,23 +200,21 @@ async fn ceilings(n: usize) -> Ceilings {
     let _ = conn.close(200, "done".into()).await;
 
     helpers::migrate(&env.database_url).await;
-    let pool = sqlx::PgPool::connect(&env.database_url).await.expect("db");
+    let db = helpers::Db::connect(&env.database_url).await;
     let rows = n.max(50_000);
     let started = Instant::now();
     for chunk in (0..rows).collect::<Vec<_>>().chunks(1_000) {
         let ids: Vec<Uuid> = chunk.iter().map(|_| Uuid::new_v4()).collect();
-        sqlx::query(
+        db.execute(
             "INSERT INTO sms_messages (id, school_id, type, recipient, body, status, provider, attempts)
              SELECT id, 1, 'booking_reminder', '+447700900123', 'Reminder: driving lesson tomorrow', 'sent', 'twilio', 1
              FROM UNNEST($1::uuid[]) AS t(id)",
+            &[&ids],
         )
-        .bind(&ids)
-        .execute(&pool)
-        .await
-        .expect("insert");
+        .await;
     }
     let pg_rows = rows as f64 / started.elapsed().as_secs_f64();
-    pool.close().await;
+    drop(db);
 
     let stub = TwilioStub::start_lean().await;
     let client = reqwest::Client::new();
@@ -326,11 +324,12 @@ async fn prepare(latency_ms: u64, extra: &[(&str, String)]) -> Run {
 
 async fn opt_out_every_50th(app: &helpers::App, count: usize) {
     let phones: Vec<String> = (0..count).step_by(50).map(number).collect();
-    sqlx::query("INSERT INTO sms_opt_outs (school_id, phone, source) SELECT NULL, p, 'web' FROM UNNEST($1::text[]) p")
-        .bind(&phones)
-        .execute(&app.db)
-        .await
-        .expect("opt-outs");
+    app.db
+        .execute(
+            "INSERT INTO sms_opt_outs (school_id, phone, source) SELECT NULL, p, 'web' FROM UNNEST($1::text[]) p",
+            &[&phones],
+        )
+        .await;
 }
 
 fn single_jobs(from: usize, count: usize, tag: &str) -> Vec<Value> {
@@ -349,12 +348,12 @@ fn single_jobs(from: usize, count: usize, tag: &str) -> Vec<Value> {
 }
 
 async fn finished(app: &helpers::App) -> i64 {
-    sqlx::query_scalar(
-        "SELECT count(*) FROM sms_messages WHERE status IN ('sent', 'suppressed', 'failed', 'expired')",
-    )
-    .fetch_one(&app.db)
-    .await
-    .expect("count")
+    app.db
+        .scalar(
+            "SELECT count(*) FROM sms_messages WHERE status IN ('sent', 'suppressed', 'failed', 'expired')",
+            &[],
+        )
+        .await
 }
 
 struct Throughput {
@@ -522,12 +521,13 @@ async fn scenarios(recipients: usize) -> Vec<(String, String)> {
                     .unwrap_or_default(),
             );
         }
-        let a_count: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM sms_messages WHERE bulk_id = $1")
-                .bind(a)
-                .fetch_one(&app.db)
-                .await
-                .expect("count");
+        let a_count: i64 = app
+            .db
+            .scalar(
+                "SELECT count(*) FROM sms_messages WHERE bulk_id = $1",
+                &[&a],
+            )
+            .await;
         if a_done.is_none() && a_count as usize >= recipients {
             a_done = Some(started.elapsed());
         }

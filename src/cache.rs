@@ -2,8 +2,9 @@
 //! PostgreSQL announces every change (`LISTEN smsgw_changes`, sent by a trigger on
 //! `sms_school_settings`); the cache reloads what changed, so a change takes effect within
 //! a second.
-//! After the listening connection is lost it reloads everything, and it does so every few
-//! minutes anyway, in case a notification went astray.
+//! After the listening connection is lost it reconnects and reloads everything, and it
+//! reloads every few minutes anyway, in case a notification went astray (checking then
+//! that the listening connection still answers).
 //!
 //! Opt-outs are not cached: a cached "opted out" would outlive a START sent a moment
 //! ago, and a cached "not opted out" would miss a STOP. The statement that starts an
@@ -16,7 +17,6 @@ use std::{
     time::Duration,
 };
 
-use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -88,27 +88,7 @@ impl PolicyCache {
 /// Keeps `cache` current until `stop` fires.
 pub async fn listen(cache: PolicyCache, store: Store, stop: CancellationToken) {
     loop {
-        let listening = async {
-            let mut listener = PgListener::connect_with(&store.pool()).await?;
-            listener.listen(CHANNEL).await?;
-            // Whatever changed while we were not listening.
-            cache.reload(&store).await?;
-            let mut full = tokio::time::interval(FULL_RELOAD);
-            full.tick().await;
-            loop {
-                tokio::select! {
-                    notification = listener.try_recv() => match notification? {
-                        Some(n) => cache.apply(&store, n.payload()).await?,
-                        // The connection dropped; the next try_recv reconnects, and what was
-                        // announced meanwhile is lost: load everything again.
-                        None => cache.reload(&store).await?,
-                    },
-                    _ = full.tick() => cache.reload(&store).await?,
-                    () = stop.cancelled() => return Ok::<_, StoreError>(()),
-                }
-            }
-        };
-        match listening.await {
+        match follow(&cache, &store, &stop).await {
             Ok(()) => return,
             Err(e) => {
                 tracing::warn!(error = %e, "settings cache lost its database connection; reconnecting");
@@ -117,6 +97,31 @@ pub async fn listen(cache: PolicyCache, store: Store, stop: CancellationToken) {
                     () = stop.cancelled() => return,
                 }
             }
+        }
+    }
+}
+
+/// Listens on a connection of its own and applies each change; returns when `stop`
+/// fires, or with the error that ended the connection (whatever was announced from then
+/// on is lost: the next connection loads everything again).
+async fn follow(
+    cache: &PolicyCache,
+    store: &Store,
+    stop: &CancellationToken,
+) -> Result<(), StoreError> {
+    let mut listener = store.listen(CHANNEL).await?;
+    // Whatever changed while we were not listening.
+    cache.reload(store).await?;
+    let mut full = tokio::time::interval(FULL_RELOAD);
+    full.tick().await;
+    loop {
+        tokio::select! {
+            payload = listener.recv() => cache.apply(store, &payload?).await?,
+            _ = full.tick() => {
+                listener.check().await?;
+                cache.reload(store).await?;
+            }
+            () = stop.cancelled() => return Ok(()),
         }
     }
 }

@@ -56,7 +56,8 @@ pub mod systemd;
 pub mod telemetry;
 
 /// Makes ring the process's TLS crypto provider (reqwest is built without a default; lapin
-/// and sqlx use ring too). Call before building any HTTP client; calling again is harmless.
+/// uses ring too, and the database connections name ring themselves). Call before building
+/// any HTTP client; calling again is harmless.
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }

@@ -136,13 +136,10 @@ async fn migrate_is_safe_twice_and_from_two_processes_at_once() {
     }
     let again = smsgw(&db, &["migrate"]).output().expect("migrate");
     assert_eq!(again.status.code(), Some(0));
-    let pool = sqlx::PgPool::connect(&env.database_url)
-        .await
-        .expect("connect");
-    let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations")
-        .fetch_one(&pool)
-        .await
-        .expect("count");
+    let db = helpers::Db::connect(&env.database_url).await;
+    let applied: i64 = db
+        .scalar("SELECT count(*) FROM _sqlx_migrations", &[])
+        .await;
     let files = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/schema"))
         .expect("schema/")
         .filter(|e| {
@@ -151,7 +148,6 @@ async fn migrate_is_safe_twice_and_from_two_processes_at_once() {
         })
         .count();
     assert_eq!(applied, files as i64, "each migration applied exactly once");
-    pool.close().await;
 }
 
 /// Everything a daemon process needs against this test's services and stub.
@@ -172,13 +168,11 @@ async fn sigterm_finishes_in_flight_work_and_exits_zero() {
     let vars = daemon_vars(&env, &stub, port).await;
     let mut daemon = Daemon::spawn(&vars);
     wait_ready(port, &mut daemon).await;
-    let db = sqlx::PgPool::connect(&env.database_url).await.expect("db");
-    sqlx::query(
+    let db = helpers::Db::connect(&env.database_url).await;
+    db.batch(
         "INSERT INTO sms_school_settings (school_id, sms_enabled, country) VALUES (1, true, 'GB')",
     )
-    .execute(&db)
-    .await
-    .expect("school");
+    .await;
     // Slow answers, so that messages are in flight when the signal arrives.
     stub.reply_always(Reply::Slow(Duration::from_millis(700)));
     let mut ids = Vec::new();
@@ -240,7 +234,6 @@ async fn sigterm_finishes_in_flight_work_and_exits_zero() {
     assert_eq!(seen.len(), ids.len());
     second.signal("INT");
     assert_eq!(second.wait_exit(Duration::from_secs(15)).0, Some(0));
-    db.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -256,13 +249,11 @@ async fn logs_hold_no_phone_number_token_or_body() {
     ));
     let mut daemon = Daemon::spawn(&vars);
     wait_ready(port, &mut daemon).await;
-    let db = sqlx::PgPool::connect(&env.database_url).await.expect("db");
-    sqlx::query(
+    let db = helpers::Db::connect(&env.database_url).await;
+    db.batch(
         "INSERT INTO sms_school_settings (school_id, sms_enabled, country) VALUES (1, true, 'GB')",
     )
-    .execute(&db)
-    .await
-    .expect("school");
+    .await;
 
     let sent_to = "+447700900123";
     let rejected_to = "+447700900456";
@@ -348,5 +339,4 @@ async fn logs_hold_no_phone_number_token_or_body() {
             "not a JSON log line: {line}"
         );
     }
-    db.close().await;
 }

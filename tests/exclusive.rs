@@ -151,10 +151,10 @@ async fn postgres_stopped_for_10_s_nothing_is_lost_or_sent_unrecorded() {
         started.elapsed(),
     );
     assert_eq!((lost, duplicates), (0, 0));
-    let attempts: i64 = sqlx::query_scalar("SELECT count(*) FROM sms_attempts")
-        .fetch_one(&app.db)
-        .await
-        .expect("count");
+    let attempts: i64 = app
+        .db
+        .scalar("SELECT count(*) FROM sms_attempts", &[])
+        .await;
     assert_eq!(
         attempts as usize,
         app.stub.requests().len(),

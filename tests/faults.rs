@@ -97,10 +97,10 @@ async fn killed_again_and_again_nothing_is_lost_or_sent_twice() {
             "{queue} after the daemon stopped"
         );
     }
-    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM sms_messages")
-        .fetch_one(&app.db)
-        .await
-        .expect("count");
+    let rows: i64 = app
+        .db
+        .scalar("SELECT count(*) FROM sms_messages", &[])
+        .await;
     assert_eq!(rows, jobs as i64, "one row per job");
 }
 
@@ -231,10 +231,10 @@ async fn a_database_outage_holds_messages_and_never_sends_unrecorded() {
     );
     assert_eq!((lost, duplicates), (0, 0));
     // Every provider call has its attempt row: none was made unrecorded.
-    let attempts: i64 = sqlx::query_scalar("SELECT count(*) FROM sms_attempts")
-        .fetch_one(&app.db)
-        .await
-        .expect("count");
+    let attempts: i64 = app
+        .db
+        .scalar("SELECT count(*) FROM sms_attempts", &[])
+        .await;
     assert_eq!(attempts as usize, app.stub.requests().len());
     // Calls already recorded as started may finish; no new ones start during the outage.
     assert!(
@@ -263,14 +263,15 @@ async fn a_flaky_provider_ends_every_job_sent_or_dead_lettered() {
 
     let deadline = Instant::now() + Duration::from_secs(180);
     let (sent, failed) = loop {
-        let (sent, failed): (i64, i64) = sqlx::query_as(
-            "SELECT count(*) FILTER (WHERE status = 'sent'), count(*) FILTER (WHERE status = 'failed')
-             FROM sms_messages WHERE id = ANY($1)",
-        )
-        .bind(&ids)
-        .fetch_one(&app.db)
-        .await
-        .expect("count");
+        let counts = app
+            .db
+            .rows(
+                "SELECT count(*) FILTER (WHERE status = 'sent'), count(*) FILTER (WHERE status = 'failed')
+                 FROM sms_messages WHERE id = ANY($1)",
+                &[&ids],
+            )
+            .await;
+        let (sent, failed): (i64, i64) = (counts[0].get(0), counts[0].get(1));
         if (sent + failed) as usize == jobs || Instant::now() > deadline {
             break (sent as usize, failed as usize);
         }
@@ -294,10 +295,10 @@ async fn a_flaky_provider_ends_every_job_sent_or_dead_lettered() {
             .all(|d| d.reason.as_deref() == Some("attempts_exhausted"))
     );
     assert_eq!(app.stub.taken(), sent, "each sent message taken once");
-    let attempts: i64 = sqlx::query_scalar("SELECT count(*) FROM sms_attempts")
-        .fetch_one(&app.db)
-        .await
-        .expect("count");
+    let attempts: i64 = app
+        .db
+        .scalar("SELECT count(*) FROM sms_attempts", &[])
+        .await;
     assert_eq!(
         attempts as usize,
         app.stub.requests().len(),
@@ -334,11 +335,13 @@ async fn sigterm_with_200_in_flight_exits_0_in_grace_and_loses_nothing() {
         took < Duration::from_secs(11),
         "exit took {took:?}, over the 10 s grace"
     );
-    let finished: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM sms_messages WHERE status = 'sent'")
-            .fetch_one(&app.db)
-            .await
-            .expect("count");
+    let finished: i64 = app
+        .db
+        .scalar(
+            "SELECT count(*) FROM sms_messages WHERE status = 'sent'",
+            &[],
+        )
+        .await;
 
     // Whatever did not finish went back to the broker: the next daemon finishes it, and
     // nobody is texted twice.
@@ -386,10 +389,10 @@ async fn a_database_that_stops_answering_is_given_up_on_and_retried() {
         started.elapsed(),
     );
     assert_eq!((lost, duplicates), (0, 0));
-    let attempts: i64 = sqlx::query_scalar("SELECT count(*) FROM sms_attempts")
-        .fetch_one(&app.db)
-        .await
-        .expect("count");
+    let attempts: i64 = app
+        .db
+        .scalar("SELECT count(*) FROM sms_attempts", &[])
+        .await;
     assert_eq!(
         attempts as usize,
         app.stub.requests().len(),

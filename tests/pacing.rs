@@ -222,22 +222,24 @@ async fn a_big_announcement_is_in_the_log_before_its_first_text() {
     while app.stub.requests().is_empty() && started.elapsed() < Duration::from_secs(20) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM sms_messages WHERE bulk_id = $1")
-        .bind(bulk_id)
-        .fetch_one(&app.db)
-        .await
-        .expect("count");
+    let rows: i64 = app
+        .db
+        .scalar(
+            "SELECT count(*) FROM sms_messages WHERE bulk_id = $1",
+            &[&bulk_id],
+        )
+        .await;
     assert_eq!(
         rows, 41,
         "every recipient (once) has its row by the first text"
     );
-    let queued: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM sms_messages WHERE bulk_id = $1 AND status = 'queued'",
-    )
-    .bind(bulk_id)
-    .fetch_one(&app.db)
-    .await
-    .expect("count");
+    let queued: i64 = app
+        .db
+        .scalar(
+            "SELECT count(*) FROM sms_messages WHERE bulk_id = $1 AND status = 'queued'",
+            &[&bulk_id],
+        )
+        .await;
     assert!(queued >= 30, "only {queued} still queued at the first text");
     let first = app
         .message(Uuid::new_v5(&bulk_id, numbers[39].as_bytes()))

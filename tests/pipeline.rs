@@ -484,13 +484,13 @@ async fn a_carrier_stop_records_an_opt_out_and_is_not_tried_again() {
     let dead = app.dead_letters(1).await;
     assert_eq!(dead[0].reason.as_deref(), Some("permanent_failure"));
 
-    let source: Option<String> = sqlx::query_scalar(
-        "SELECT source FROM sms_opt_outs WHERE phone = '+447700900123' AND school_id = $1",
-    )
-    .bind(SCHOOL)
-    .fetch_optional(&app.db)
-    .await
-    .expect("read opt-outs");
+    let source: Option<String> = app
+        .db
+        .optional(
+            "SELECT source FROM sms_opt_outs WHERE phone = '+447700900123' AND school_id = $1",
+            &[&SCHOOL],
+        )
+        .await;
     assert_eq!(source.as_deref(), Some("provider"));
 
     let second = job(

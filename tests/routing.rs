@@ -63,11 +63,13 @@ async fn a_refusal_another_gateway_may_not_share_fails_over() {
     assert_eq!(attempts[0].outcome.as_deref(), Some("permanent_failure"));
     assert_eq!(attempts[0].error_code.as_deref(), Some("21608"));
     assert_eq!(attempts[1].outcome.as_deref(), Some("sent"));
-    let provider: String = sqlx::query_scalar("SELECT provider FROM sms_messages WHERE id = $1")
-        .bind(id_of(&job))
-        .fetch_one(&app.db)
-        .await
-        .expect("provider");
+    let provider: String = app
+        .db
+        .scalar(
+            "SELECT provider FROM sms_messages WHERE id = $1",
+            &[&id_of(&job)],
+        )
+        .await;
     assert_eq!(provider, "backup");
     assert!(row.provider_message_id.is_some());
 }
@@ -189,11 +191,9 @@ async fn an_unknown_provider_in_the_schools_settings_stops_the_start() {
     let env = helpers::TestEnv::new().await;
     let stub = TwilioStub::start().await;
     helpers::migrate(&env.database_url).await;
-    let pool = sqlx::PgPool::connect(&env.database_url).await.expect("db");
-    sqlx::query("INSERT INTO sms_school_settings (school_id, sms_enabled, provider) VALUES (3, true, 'vonage-eu')")
-        .execute(&pool)
-        .await
-        .expect("insert");
+    let db = helpers::Db::connect(&env.database_url).await;
+    db.batch("INSERT INTO sms_school_settings (school_id, sms_enabled, provider) VALUES (3, true, 'vonage-eu')")
+        .await;
     let vars = helpers::base_settings(&env, &stub, helpers::free_port());
     let settings =
         smsgw::config::Settings::from_lookup(|k| vars.get(k).cloned()).expect("settings");
@@ -209,7 +209,6 @@ async fn an_unknown_provider_in_the_schools_settings_stops_the_start() {
         }
         other => panic!("expected a configuration error, got {other:?}"),
     }
-    pool.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -232,12 +231,13 @@ async fn a_text_over_its_segment_limit_fails_before_any_call() {
         assert_eq!(row.reason.as_deref(), Some("too_many_segments"));
     }
     app.wait_for_status(id_of(&long_reminder), "sent").await;
-    let segments: Option<i32> =
-        sqlx::query_scalar("SELECT segments FROM sms_messages WHERE id = $1")
-            .bind(id_of(&long_reminder))
-            .fetch_one(&app.db)
-            .await
-            .expect("segments");
+    let segments: Option<i32> = app
+        .db
+        .scalar(
+            "SELECT segments FROM sms_messages WHERE id = $1",
+            &[&id_of(&long_reminder)],
+        )
+        .await;
     assert_eq!(segments, Some(2));
     assert_eq!(app.stub.requests().len(), 1, "only the reminder was sent");
 }

@@ -152,11 +152,13 @@ async fn a_signed_receipt_with_a_nul_character_is_kept() {
     let (id, sid) = sent_message(&app, "+447700900650").await;
     assert_eq!(status(&app, &sid, "deliv\u{0}ered").await, 204);
     assert_eq!(status(&app, "SM\u{0}unknown", "delivered").await, 204);
-    let kept: Vec<String> =
-        sqlx::query_scalar("SELECT provider_status FROM sms_receipts ORDER BY id")
-            .fetch_all(&app.db)
-            .await
-            .expect("receipts");
+    let kept: Vec<String> = app
+        .db
+        .rows("SELECT provider_status FROM sms_receipts ORDER BY id", &[])
+        .await
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
     assert_eq!(kept, ["deliv\u{fffd}ered", "delivered"]);
     let row = app.message(id).await.expect("row");
     assert_eq!(row.status, "sent", "an unknown status word moves nothing");
@@ -313,11 +315,13 @@ async fn stop_and_start_round_trip_through_a_real_send() {
         )
         .await;
     assert_eq!(forged.status(), 403);
-    let opt_outs: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM sms_opt_outs WHERE phone = '+447700900999'")
-            .fetch_one(&app.db)
-            .await
-            .expect("count");
+    let opt_outs: i64 = app
+        .db
+        .scalar(
+            "SELECT count(*) FROM sms_opt_outs WHERE phone = '+447700900999'",
+            &[],
+        )
+        .await;
     assert_eq!(opt_outs, 0);
 }
 

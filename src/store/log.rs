@@ -11,23 +11,27 @@
 //! table was small would otherwise scan it whole, again and again, as it grows). The
 //! updates join the input row by row instead, each through the primary key.
 //!
+//! Each statement is prepared once per connection (deadpool-postgres keeps it with the
+//! connection), and its arrays travel in PostgreSQL's binary format.
+//!
 //! Each statement is safe to run again with the same input (a retry after a lost answer
 //! finds its own claim; finishing and recording are conditional), and a batch never holds
 //! two writes for one message: the later one waits for the next batch.
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::Arc,
+    sync::{Arc, LazyLock},
     time::Duration,
 };
 
+use deadpool_postgres::{Client, Pool};
 use serde_json::Value;
-use sqlx::{PgPool, Row};
 use time::OffsetDateTime;
 use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio_postgres::{Row, types::ToSql};
 use uuid::Uuid;
 
-use super::{MessageState, MessageStatus, StoreError, UnknownAttempt};
+use super::{MessageState, MessageStatus, Params, StoreError, UnknownAttempt, prepared};
 
 /// Most rows in one statement.
 const MAX_BATCH: usize = 512;
@@ -111,32 +115,65 @@ impl AsRef<MessageColumns> for RecordRow {
     }
 }
 
-type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+/// The columns of a batch of new message rows, as arrays for `UNNEST`.
+struct MessageArrays<'a> {
+    id: Vec<Uuid>,
+    bulk_id: Vec<Option<Uuid>>,
+    school_id: Vec<i64>,
+    kind: Vec<&'static str>,
+    recipient: Vec<&'a str>,
+    body: Vec<&'a str>,
+    context: Vec<Option<&'a Value>>,
+    provider: Vec<&'a str>,
+    segments: Vec<Option<i32>>,
+}
 
-fn bind_message_columns<'q, R: AsRef<MessageColumns>>(
-    query: PgQuery<'q>,
-    rows: &'q [R],
-) -> PgQuery<'q> {
-    let columns = || rows.iter().map(AsRef::as_ref);
-    query
-        .bind(columns().map(|m| m.id).collect::<Vec<_>>())
-        .bind(columns().map(|m| m.bulk_id).collect::<Vec<_>>())
-        .bind(columns().map(|m| m.school_id).collect::<Vec<_>>())
-        .bind(columns().map(|m| m.kind).collect::<Vec<_>>())
-        .bind(columns().map(|m| m.recipient.as_str()).collect::<Vec<_>>())
-        .bind(columns().map(|m| m.body.as_str()).collect::<Vec<_>>())
-        .bind(columns().map(|m| m.context.clone()).collect::<Vec<_>>())
-        .bind(columns().map(|m| m.provider.as_str()).collect::<Vec<_>>())
+impl<'a> MessageArrays<'a> {
+    fn of<R: AsRef<MessageColumns>>(rows: &'a [R]) -> Self {
+        let columns = || rows.iter().map(AsRef::as_ref);
+        MessageArrays {
+            id: columns().map(|m| m.id).collect(),
+            bulk_id: columns().map(|m| m.bulk_id).collect(),
+            school_id: columns().map(|m| m.school_id).collect(),
+            kind: columns().map(|m| m.kind).collect(),
+            recipient: columns().map(|m| m.recipient.as_str()).collect(),
+            body: columns().map(|m| m.body.as_str()).collect(),
+            context: columns().map(|m| m.context.as_ref()).collect(),
+            provider: columns().map(|m| m.provider.as_str()).collect(),
+            segments: columns().map(|m| m.segments).collect(),
+        }
+    }
+
+    /// `$1` to `$8` (id, bulk_id, school_id, type, recipient, body, context, provider),
+    /// then `rest`.
+    fn params<'p>(&'p self, rest: &[&'p (dyn ToSql + Sync)]) -> Vec<&'p (dyn ToSql + Sync)> {
+        let mut params: Vec<&'p (dyn ToSql + Sync)> = vec![
+            &self.id,
+            &self.bulk_id,
+            &self.school_id,
+            &self.kind,
+            &self.recipient,
+            &self.body,
+            &self.context,
+            &self.provider,
+        ];
+        params.extend_from_slice(rest);
+        params
+    }
+}
+
+/// Runs `sql` (prepared once per connection) and returns its rows.
+async fn query(client: &Client, sql: &str, params: &Params<'_>) -> Result<Vec<Row>, StoreError> {
+    let statement = prepared(client, sql).await?;
+    Ok(client.query(&statement, params).await?)
 }
 
 /// The answer rows of a batch statement by the uuid in their first column (the claim or
 /// the message id), so each input row finds its answer in one lookup: a search per row
 /// would cost a batch of 512 about 130,000 column reads.
-fn by_first_column(
-    rows: &[sqlx::postgres::PgRow],
-) -> Result<HashMap<Uuid, &sqlx::postgres::PgRow>, StoreError> {
+fn by_first_column(rows: &[Row]) -> Result<HashMap<Uuid, &Row>, StoreError> {
     rows.iter()
-        .map(|row| Ok((row.try_get::<Uuid, _>(0)?, row)))
+        .map(|row| Ok((row.try_get::<_, Uuid>(0)?, row)))
         .collect()
 }
 
@@ -153,19 +190,19 @@ pub enum Claim {
 }
 
 /// A message's state, read from its row (before the statement changed anything).
-fn state_of(row: &sqlx::postgres::PgRow) -> Result<Option<MessageState>, StoreError> {
-    let Some(status) = row.try_get::<Option<String>, _>("status")? else {
+fn state_of(row: &Row) -> Result<Option<MessageState>, StoreError> {
+    let Some(status) = row.try_get::<_, Option<String>>("status")? else {
         return Ok(None);
     };
     let status = MessageStatus::parse(&status)
         .ok_or_else(|| StoreError::Corrupt(format!("unknown status '{status}'")))?;
-    let attempts: i32 = row.try_get::<Option<i32>, _>("attempts")?.unwrap_or(0);
+    let attempts: i32 = row.try_get::<_, Option<i32>>("attempts")?.unwrap_or(0);
     let started: Option<OffsetDateTime> = row.try_get("attempt_started_at")?;
     let recorded: bool = row
-        .try_get::<Option<bool>, _>("attempt_recorded")?
+        .try_get::<_, Option<bool>>("attempt_recorded")?
         .unwrap_or(false);
     let unknown: bool = row
-        .try_get::<Option<bool>, _>("last_outcome_unknown")?
+        .try_get::<_, Option<bool>>("last_outcome_unknown")?
         .unwrap_or(false);
     let provider: Option<String> = row.try_get("provider")?;
     let open = status == MessageStatus::Sending && !recorded;
@@ -191,13 +228,14 @@ const STATE_COLUMNS: &str = "m.status, m.attempts, m.attempt_started_at, m.last_
          AS attempt_recorded";
 
 pub(crate) async fn read_state(
-    pool: &PgPool,
+    client: &Client,
     id: Uuid,
 ) -> Result<Option<MessageState>, StoreError> {
-    let sql = format!("SELECT {STATE_COLUMNS} FROM sms_messages m WHERE m.id = $1");
-    let row = sqlx::query(&sql).bind(id).fetch_optional(pool).await?;
-    match row {
-        Some(row) => state_of(&row),
+    static SQL: LazyLock<String> =
+        LazyLock::new(|| format!("SELECT {STATE_COLUMNS} FROM sms_messages m WHERE m.id = $1"));
+    let rows = query(client, &SQL, &[&id]).await?;
+    match rows.first() {
+        Some(row) => state_of(row),
         None => Ok(None),
     }
 }
@@ -218,88 +256,36 @@ const REFUSED: &str = "refused AS (
                             OFFSET 0)
          ),";
 
-/// Claims attempts: first the cheap way (a new message is one insert), then the full
-/// statement for the messages that already exist.
-pub(crate) async fn claim_batch(
-    pool: &PgPool,
-    rows: &[ClaimRow],
-) -> Result<Vec<Claim>, StoreError> {
-    // A message that may have a row already (taken over, reopened, or queued by its
-    // announcement's fan-out) goes straight to the full statement.
-    let is_new = |r: &ClaimRow| {
-        r.take_over.is_none() && !r.message.reopen_failed && r.message.bulk_id.is_none()
-    };
-    let fresh: Vec<&ClaimRow> = rows.iter().filter(|r| is_new(r)).collect();
-    let mut answers: Vec<Option<Claim>> = vec![None; rows.len()];
-    if !fresh.is_empty() {
-        let sql = format!(
-            "WITH input AS (
-                SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::int8[], $4::text[], $5::text[],
-                                     $6::text[], $7::jsonb[], $8::text[], $9::int4[], $10::uuid[])
-                  AS t(id, bulk_id, school_id, type, recipient, body, context, provider,
-                       segments, claim)
-             ),
-             {REFUSED}
-             inserted AS (
-                INSERT INTO sms_messages (id, bulk_id, school_id, type, recipient, body, context,
-                                          status, provider, attempts, segments,
-                                          attempt_started_at, attempt_claim)
-                SELECT i.id, i.bulk_id, i.school_id, i.type, i.recipient, i.body, i.context,
-                       'sending', i.provider, 1, i.segments, now(), i.claim
-                  FROM input i
-                 WHERE i.id NOT IN (SELECT id FROM refused)
-                ON CONFLICT (id) DO NOTHING
-                RETURNING id
-             )
-             SELECT i.claim, i.id IN (SELECT id FROM inserted) AS inserted,
-                    i.id IN (SELECT id FROM refused) AS refused
-               FROM input i"
-        );
-        let result = bind_message_columns(sqlx::query(&sql), &fresh)
-            .bind(fresh.iter().map(|r| r.message.segments).collect::<Vec<_>>())
-            .bind(fresh.iter().map(|r| r.claim).collect::<Vec<_>>())
-            .fetch_all(pool)
-            .await?;
-        let result = by_first_column(&result)?;
-        for (i, row) in rows.iter().enumerate() {
-            if !is_new(row) {
-                continue;
-            }
-            let found = result
-                .get(&row.claim)
-                .copied()
-                .ok_or_else(|| StoreError::Corrupt("a claim without its answer".into()))?;
-            if found.try_get::<bool, _>("inserted")? {
-                answers[i] = Some(Claim::Started { attempt: 1 });
-            } else if found.try_get::<bool, _>("refused")? {
-                answers[i] = Some(Claim::OptedOut);
-            }
-        }
-    }
-    let rest: Vec<ClaimRow> = rows
-        .iter()
-        .zip(&answers)
-        .filter(|(_, answer)| answer.is_none())
-        .map(|(row, _)| row.clone())
-        .collect();
-    let mut full = if rest.is_empty() {
-        Vec::new().into_iter()
-    } else {
-        claim_existing(pool, &rest).await?.into_iter()
-    };
-    answers
-        .into_iter()
-        .map(|answer| {
-            answer
-                .or_else(|| full.next())
-                .ok_or_else(|| StoreError::Corrupt("a claim without its answer".into()))
-        })
-        .collect()
-}
+/// A claim of a message seen for the first time: one insert.
+static CLAIM_NEW: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH input AS (
+            SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::int8[], $4::text[], $5::text[],
+                                 $6::text[], $7::jsonb[], $8::text[], $9::int4[], $10::uuid[])
+              AS t(id, bulk_id, school_id, type, recipient, body, context, provider,
+                   segments, claim)
+         ),
+         {REFUSED}
+         inserted AS (
+            INSERT INTO sms_messages (id, bulk_id, school_id, type, recipient, body, context,
+                                      status, provider, attempts, segments,
+                                      attempt_started_at, attempt_claim)
+            SELECT i.id, i.bulk_id, i.school_id, i.type, i.recipient, i.body, i.context,
+                   'sending', i.provider, 1, i.segments, now(), i.claim
+              FROM input i
+             WHERE i.id NOT IN (SELECT id FROM refused)
+            ON CONFLICT (id) DO NOTHING
+            RETURNING id
+         )
+         SELECT i.claim, i.id IN (SELECT id FROM inserted) AS inserted,
+                i.id IN (SELECT id FROM refused) AS refused
+           FROM input i"
+    )
+});
 
 /// The full claim: take over, reopen, retry, or report what is there.
-async fn claim_existing(pool: &PgPool, rows: &[ClaimRow]) -> Result<Vec<Claim>, StoreError> {
-    let sql = format!(
+static CLAIM_EXISTING: LazyLock<String> = LazyLock::new(|| {
+    format!(
         "WITH input AS (
             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::int8[], $4::text[], $5::text[],
                                  $6::text[], $7::jsonb[], $8::text[], $9::int4[], $10::bool[],
@@ -347,19 +333,95 @@ async fn claim_existing(pool: &PgPool, rows: &[ClaimRow]) -> Result<Vec<Claim>, 
            LEFT JOIN updated u ON u.id = i.id
            LEFT JOIN inserted n ON n.id = i.id
            LEFT JOIN (SELECT * FROM sms_messages WHERE id = ANY($1)) m ON m.id = i.id"
-    );
-    let result = bind_message_columns(sqlx::query(&sql), rows)
-        .bind(rows.iter().map(|r| r.take_over).collect::<Vec<_>>())
-        .bind(
-            rows.iter()
-                .map(|r| r.message.reopen_failed)
-                .collect::<Vec<_>>(),
-        )
-        .bind(rows.iter().map(|r| r.claim).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.message.segments).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.reconciled).collect::<Vec<_>>())
-        .fetch_all(pool)
-        .await?;
+    )
+});
+
+/// A claim that may have a message row already (taken over, reopened, or queued by its
+/// announcement's fan-out) goes straight to the full statement.
+fn may_exist(row: &ClaimRow) -> bool {
+    row.take_over.is_some() || row.message.reopen_failed || row.message.bulk_id.is_some()
+}
+
+/// Claims attempts: first the cheap way (a new message is one insert), then the full
+/// statement for the messages that already exist.
+pub(crate) async fn claim_batch(
+    client: &Client,
+    rows: &[ClaimRow],
+) -> Result<Vec<Claim>, StoreError> {
+    let fresh: Vec<&ClaimRow> = rows.iter().filter(|r| !may_exist(r)).collect();
+    let mut answers: Vec<Option<Claim>> = vec![None; rows.len()];
+    if !fresh.is_empty() {
+        let mut found = claim_new(client, &fresh).await?.into_iter();
+        for (answer, _) in answers.iter_mut().zip(rows).filter(|(_, r)| !may_exist(r)) {
+            *answer = found
+                .next()
+                .ok_or_else(|| StoreError::Corrupt("a claim without its answer".into()))?;
+        }
+    }
+    let rest: Vec<ClaimRow> = rows
+        .iter()
+        .zip(&answers)
+        .filter(|(_, answer)| answer.is_none())
+        .map(|(row, _)| row.clone())
+        .collect();
+    let mut full = if rest.is_empty() {
+        Vec::new().into_iter()
+    } else {
+        claim_existing(client, &rest).await?.into_iter()
+    };
+    answers
+        .into_iter()
+        .map(|answer| {
+            answer
+                .or_else(|| full.next())
+                .ok_or_else(|| StoreError::Corrupt("a claim without its answer".into()))
+        })
+        .collect()
+}
+
+/// The cheap claim, for each row: started, opted out, or `None` (the message has a row
+/// already: the full statement decides).
+async fn claim_new(client: &Client, rows: &[&ClaimRow]) -> Result<Vec<Option<Claim>>, StoreError> {
+    let columns = MessageArrays::of(rows);
+    let claims: Vec<Uuid> = rows.iter().map(|r| r.claim).collect();
+    let result = query(
+        client,
+        &CLAIM_NEW,
+        &columns.params(&[&columns.segments, &claims]),
+    )
+    .await?;
+    let result = by_first_column(&result)?;
+    rows.iter()
+        .map(|row| {
+            let found = result
+                .get(&row.claim)
+                .copied()
+                .ok_or_else(|| StoreError::Corrupt("a claim without its answer".into()))?;
+            Ok(if found.try_get::<_, bool>("inserted")? {
+                Some(Claim::Started { attempt: 1 })
+            } else if found.try_get::<_, bool>("refused")? {
+                Some(Claim::OptedOut)
+            } else {
+                None
+            })
+        })
+        .collect()
+}
+
+async fn claim_existing(client: &Client, rows: &[ClaimRow]) -> Result<Vec<Claim>, StoreError> {
+    let columns = MessageArrays::of(rows);
+    let take_over: Vec<Option<i32>> = rows.iter().map(|r| r.take_over).collect();
+    let reopen_failed: Vec<bool> = rows.iter().map(|r| r.message.reopen_failed).collect();
+    let claims: Vec<Uuid> = rows.iter().map(|r| r.claim).collect();
+    let reconciled: Vec<bool> = rows.iter().map(|r| r.reconciled).collect();
+    let params = columns.params(&[
+        &take_over,
+        &reopen_failed,
+        &claims,
+        &columns.segments,
+        &reconciled,
+    ]);
+    let result = query(client, &CLAIM_EXISTING, &params).await?;
     let result = by_first_column(&result)?;
     let mut claims = Vec::with_capacity(rows.len());
     for row in rows {
@@ -367,17 +429,17 @@ async fn claim_existing(pool: &PgPool, rows: &[ClaimRow]) -> Result<Vec<Claim>, 
             .get(&row.claim)
             .copied()
             .ok_or_else(|| StoreError::Corrupt("a claim without its answer".into()))?;
-        if let Some(attempt) = found.try_get::<Option<i32>, _>("claimed")? {
+        if let Some(attempt) = found.try_get::<_, Option<i32>>("claimed")? {
             claims.push(Claim::Started { attempt });
             continue;
         }
-        if found.try_get::<bool, _>("opted_out")? {
+        if found.try_get::<_, bool>("opted_out")? {
             claims.push(Claim::OptedOut);
             continue;
         }
         // Our own earlier try of this claim committed, but its answer was lost.
-        if found.try_get::<Option<Uuid>, _>("attempt_claim")? == Some(row.claim) {
-            let attempt = found.try_get::<Option<i32>, _>("attempts")?.unwrap_or(1);
+        if found.try_get::<_, Option<Uuid>>("attempt_claim")? == Some(row.claim) {
+            let attempt = found.try_get::<_, Option<i32>>("attempts")?.unwrap_or(1);
             claims.push(Claim::Started { attempt });
             continue;
         }
@@ -395,13 +457,8 @@ async fn claim_existing(pool: &PgPool, rows: &[ClaimRow]) -> Result<Vec<Claim>, 
     Ok(claims)
 }
 
-pub(crate) async fn finish_batch(
-    pool: &PgPool,
-    rows: &[FinishRow],
-    keep_body: bool,
-) -> Result<(), StoreError> {
-    sqlx::query(
-        "WITH input AS (
+/// Records attempts' ends and their messages' new statuses.
+const FINISH: &str = "WITH input AS (
             SELECT * FROM UNNEST($1::uuid[], $2::int4[], $3::int4[], $4::text[], $5::int4[],
                                  $6::text[], $7::text[], $8::bool[], $9::text[], $10::text[],
                                  $11::text[])
@@ -430,120 +487,76 @@ pub(crate) async fn finish_batch(
                 body = CASE WHEN $12 OR i.status = 'retrying' THEN m.body END,
                 last_outcome_unknown = i.outcome_unknown, updated_at = now()
            FROM input i
-          WHERE m.id = i.id AND m.status = 'sending' AND m.attempts = i.attempt",
-    )
-    .bind(rows.iter().map(|r| r.id).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.attempt).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.duration_ms).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.outcome).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.http_status).collect::<Vec<_>>())
-    .bind(
-        rows.iter()
-            .map(|r| r.error_code.as_deref())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        rows.iter()
-            .map(|r| r.error_message.as_deref())
-            .collect::<Vec<_>>(),
-    )
-    .bind(rows.iter().map(|r| r.outcome_unknown).collect::<Vec<_>>())
-    .bind(
-        rows.iter()
-            .map(|r| r.provider_message_id.as_deref())
-            .collect::<Vec<_>>(),
-    )
-    .bind(rows.iter().map(|r| r.status).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.reason.as_deref()).collect::<Vec<_>>())
-    .bind(keep_body)
-    .execute(pool)
-    .await?;
-    let sids: Vec<&str> = rows
+          WHERE m.id = i.id AND m.status = 'sending' AND m.attempts = i.attempt";
+
+/// Finishes attempts, then applies the receipts that arrived before the provider ids
+/// were recorded. Both statements go out together on one connection (pipelined): the
+/// server runs them in order, each its own transaction, so the second sees the first's
+/// ids without waiting a round trip for its answer.
+pub(crate) async fn finish_batch(
+    client: &Client,
+    rows: &[FinishRow],
+    keep_body: bool,
+) -> Result<(), StoreError> {
+    let finish = prepared(client, FINISH).await?;
+    let receipts = prepared(client, &super::APPLY_PENDING_RECEIPTS).await?;
+    let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
+    let attempts: Vec<i32> = rows.iter().map(|r| r.attempt).collect();
+    let durations: Vec<i32> = rows.iter().map(|r| r.duration_ms).collect();
+    let outcomes: Vec<&str> = rows.iter().map(|r| r.outcome).collect();
+    let http_statuses: Vec<Option<i32>> = rows.iter().map(|r| r.http_status).collect();
+    let error_codes: Vec<Option<&str>> = rows.iter().map(|r| r.error_code.as_deref()).collect();
+    let error_messages: Vec<Option<&str>> =
+        rows.iter().map(|r| r.error_message.as_deref()).collect();
+    let unknown: Vec<bool> = rows.iter().map(|r| r.outcome_unknown).collect();
+    let sids: Vec<Option<&str>> = rows
         .iter()
-        .filter_map(|r| r.provider_message_id.as_deref())
+        .map(|r| r.provider_message_id.as_deref())
         .collect();
-    if !sids.is_empty() {
-        super::apply_pending_receipts(pool, &sids).await?;
-    }
+    let statuses: Vec<&str> = rows.iter().map(|r| r.status).collect();
+    let reasons: Vec<Option<&str>> = rows.iter().map(|r| r.reason.as_deref()).collect();
+    let params: [&(dyn ToSql + Sync); 12] = [
+        &ids,
+        &attempts,
+        &durations,
+        &outcomes,
+        &http_statuses,
+        &error_codes,
+        &error_messages,
+        &unknown,
+        &sids,
+        &statuses,
+        &reasons,
+        &keep_body,
+    ];
+    let known_sids: Vec<&str> = sids.iter().flatten().copied().collect();
+    let apply_receipts = async {
+        if !known_sids.is_empty() {
+            client.execute(&receipts, &[&known_sids]).await?;
+        }
+        Ok::<_, tokio_postgres::Error>(0)
+    };
+    tokio::try_join!(client.execute(&finish, &params), apply_receipts)?;
     Ok(())
 }
 
-/// Records outcomes reached without a call (suppressed, expired, invalid, ...): first the
-/// cheap way (a message seen for the first time is one insert), then the full statement
-/// for the messages that already have a row.
-pub(crate) async fn record_batch(
-    pool: &PgPool,
-    rows: &[RecordRow],
-    keep_body: bool,
-) -> Result<Vec<Option<MessageState>>, StoreError> {
-    // An announcement's recipients and reopened messages have their rows already.
-    let is_new = |r: &RecordRow| !r.message.reopen_failed && r.message.bulk_id.is_none();
-    let fresh: Vec<&RecordRow> = rows.iter().filter(|r| is_new(r)).collect();
-    let mut inserted = HashSet::new();
-    if !fresh.is_empty() {
-        let result = bind_message_columns(
-            sqlx::query(
-                "INSERT INTO sms_messages (id, bulk_id, school_id, type, recipient, body,
-                                           context, status, reason, provider, segments)
-                 SELECT id, bulk_id, school_id, type, recipient,
-                        CASE WHEN $12 OR status = 'queued' THEN body END, context, status,
-                        reason, provider, segments
-                   FROM UNNEST($1::uuid[], $2::uuid[], $3::int8[], $4::text[], $5::text[],
-                               $6::text[], $7::jsonb[], $8::text[], $9::int4[], $10::text[],
-                               $11::text[])
-                     AS t(id, bulk_id, school_id, type, recipient, body, context, provider,
-                          segments, status, reason)
-                 ON CONFLICT (id) DO NOTHING
-                 RETURNING id",
-            ),
-            &fresh,
-        )
-        .bind(fresh.iter().map(|r| r.message.segments).collect::<Vec<_>>())
-        .bind(fresh.iter().map(|r| r.status).collect::<Vec<_>>())
-        .bind(
-            fresh
-                .iter()
-                .map(|r| r.reason.as_deref())
-                .collect::<Vec<_>>(),
-        )
-        .bind(keep_body)
-        .fetch_all(pool)
-        .await?;
-        for row in &result {
-            inserted.insert(row.try_get::<Uuid, _>(0)?);
-        }
-    }
-    let rest: Vec<RecordRow> = rows
-        .iter()
-        .filter(|r| !inserted.contains(&r.message.id))
-        .cloned()
-        .collect();
-    let mut full = if rest.is_empty() {
-        Vec::new().into_iter()
-    } else {
-        record_existing(pool, &rest, keep_body).await?.into_iter()
-    };
-    rows.iter()
-        .map(|row| {
-            if inserted.contains(&row.message.id) {
-                Ok(None)
-            } else {
-                full.next()
-                    .ok_or_else(|| StoreError::Corrupt("a record without its answer".into()))
-            }
-        })
-        .collect()
-}
+/// A record of a message seen for the first time: one insert.
+const RECORD_NEW: &str = "INSERT INTO sms_messages (id, bulk_id, school_id, type, recipient, body,
+                               context, status, reason, provider, segments)
+     SELECT id, bulk_id, school_id, type, recipient,
+            CASE WHEN $12 OR status = 'queued' THEN body END, context, status,
+            reason, provider, segments
+       FROM UNNEST($1::uuid[], $2::uuid[], $3::int8[], $4::text[], $5::text[],
+                   $6::text[], $7::jsonb[], $8::text[], $9::int4[], $10::text[],
+                   $11::text[])
+         AS t(id, bulk_id, school_id, type, recipient, body, context, provider,
+              segments, status, reason)
+     ON CONFLICT (id) DO NOTHING
+     RETURNING id";
 
-/// The full record: a message without a row gets one; a message with a row is recorded
-/// if it may still change (queued, retrying, or a failure being reopened), otherwise its
-/// state is reported.
-async fn record_existing(
-    pool: &PgPool,
-    rows: &[RecordRow],
-    keep_body: bool,
-) -> Result<Vec<Option<MessageState>>, StoreError> {
-    let sql = format!(
+/// The full record; see [`record_existing`].
+static RECORD_EXISTING: LazyLock<String> = LazyLock::new(|| {
+    format!(
         "WITH input AS (
             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::int8[], $4::text[], $5::text[],
                                  $6::text[], $7::jsonb[], $8::text[], $9::int4[], $10::bool[],
@@ -577,19 +590,87 @@ async fn record_existing(
            LEFT JOIN updated u ON u.id = i.id
            LEFT JOIN inserted n ON n.id = i.id
            LEFT JOIN (SELECT * FROM sms_messages WHERE id = ANY($1)) m ON m.id = i.id"
-    );
-    let result = bind_message_columns(sqlx::query(&sql), rows)
-        .bind(rows.iter().map(|r| r.message.segments).collect::<Vec<_>>())
-        .bind(
-            rows.iter()
-                .map(|r| r.message.reopen_failed)
-                .collect::<Vec<_>>(),
-        )
-        .bind(rows.iter().map(|r| r.status).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.reason.as_deref()).collect::<Vec<_>>())
-        .bind(keep_body)
-        .fetch_all(pool)
-        .await?;
+    )
+});
+
+/// An announcement's recipients and reopened messages have their rows already.
+fn is_new(row: &RecordRow) -> bool {
+    !row.message.reopen_failed && row.message.bulk_id.is_none()
+}
+
+/// Records outcomes reached without a call (suppressed, expired, invalid, ...): first the
+/// cheap way (a message seen for the first time is one insert), then the full statement
+/// for the messages that already have a row.
+pub(crate) async fn record_batch(
+    client: &Client,
+    rows: &[RecordRow],
+    keep_body: bool,
+) -> Result<Vec<Option<MessageState>>, StoreError> {
+    let fresh: Vec<&RecordRow> = rows.iter().filter(|r| is_new(r)).collect();
+    let inserted = if fresh.is_empty() {
+        HashSet::new()
+    } else {
+        record_new(client, &fresh, keep_body).await?
+    };
+    let rest: Vec<RecordRow> = rows
+        .iter()
+        .filter(|r| !inserted.contains(&r.message.id))
+        .cloned()
+        .collect();
+    let mut full = if rest.is_empty() {
+        Vec::new().into_iter()
+    } else {
+        record_existing(client, &rest, keep_body).await?.into_iter()
+    };
+    rows.iter()
+        .map(|row| {
+            if inserted.contains(&row.message.id) {
+                Ok(None)
+            } else {
+                full.next()
+                    .ok_or_else(|| StoreError::Corrupt("a record without its answer".into()))
+            }
+        })
+        .collect()
+}
+
+/// The cheap record; the ids of the messages it inserted.
+async fn record_new(
+    client: &Client,
+    rows: &[&RecordRow],
+    keep_body: bool,
+) -> Result<HashSet<Uuid>, StoreError> {
+    let columns = MessageArrays::of(rows);
+    let statuses: Vec<&str> = rows.iter().map(|r| r.status).collect();
+    let reasons: Vec<Option<&str>> = rows.iter().map(|r| r.reason.as_deref()).collect();
+    let params = columns.params(&[&columns.segments, &statuses, &reasons, &keep_body]);
+    query(client, RECORD_NEW, &params)
+        .await?
+        .iter()
+        .map(|row| Ok(row.try_get::<_, Uuid>(0)?))
+        .collect()
+}
+
+/// The full record: a message without a row gets one; a message with a row is recorded
+/// if it may still change (queued, retrying, or a failure being reopened), otherwise its
+/// state is reported.
+async fn record_existing(
+    client: &Client,
+    rows: &[RecordRow],
+    keep_body: bool,
+) -> Result<Vec<Option<MessageState>>, StoreError> {
+    let columns = MessageArrays::of(rows);
+    let reopen_failed: Vec<bool> = rows.iter().map(|r| r.message.reopen_failed).collect();
+    let statuses: Vec<&str> = rows.iter().map(|r| r.status).collect();
+    let reasons: Vec<Option<&str>> = rows.iter().map(|r| r.reason.as_deref()).collect();
+    let params = columns.params(&[
+        &columns.segments,
+        &reopen_failed,
+        &statuses,
+        &reasons,
+        &keep_body,
+    ]);
+    let result = query(client, &RECORD_EXISTING, &params).await?;
     let result = by_first_column(&result)?;
     let mut answers = Vec::with_capacity(rows.len());
     for row in rows {
@@ -597,7 +678,7 @@ async fn record_existing(
             .get(&row.message.id)
             .copied()
             .ok_or_else(|| StoreError::Corrupt("a record without its answer".into()))?;
-        if found.try_get::<bool, _>("done")? {
+        if found.try_get::<_, bool>("done")? {
             answers.push(None);
         } else {
             // Not ours to record: report what is there (final, or in flight).
@@ -614,20 +695,23 @@ async fn record_existing(
 
 /// Writes `queued` rows for messages that will be sent later (the recipients of an
 /// announcement, fanned out a chunk at a time); a row already there is left as it is.
-pub(crate) async fn queue_batch(pool: &PgPool, rows: &[MessageColumns]) -> Result<(), StoreError> {
-    let query = sqlx::query(
+pub(crate) async fn queue_batch(
+    client: &Client,
+    rows: &[MessageColumns],
+) -> Result<(), StoreError> {
+    const QUEUE: &str =
         "INSERT INTO sms_messages (id, bulk_id, school_id, type, recipient, body, context,
-                                   status, provider, segments)
-         SELECT id, bulk_id, school_id, type, recipient, body, context, 'queued', provider,
-                segments
-           FROM UNNEST($1::uuid[], $2::uuid[], $3::int8[], $4::text[], $5::text[],
-                       $6::text[], $7::jsonb[], $8::text[], $9::int4[])
-             AS t(id, bulk_id, school_id, type, recipient, body, context, provider, segments)
-         ON CONFLICT (id) DO NOTHING",
-    );
-    bind_message_columns(query, rows)
-        .bind(rows.iter().map(|r| r.segments).collect::<Vec<_>>())
-        .execute(pool)
+                               status, provider, segments)
+     SELECT id, bulk_id, school_id, type, recipient, body, context, 'queued', provider,
+            segments
+       FROM UNNEST($1::uuid[], $2::uuid[], $3::int8[], $4::text[], $5::text[],
+                   $6::text[], $7::jsonb[], $8::text[], $9::int4[])
+         AS t(id, bulk_id, school_id, type, recipient, body, context, provider, segments)
+     ON CONFLICT (id) DO NOTHING";
+    let columns = MessageArrays::of(rows);
+    let statement = prepared(client, QUEUE).await?;
+    client
+        .execute(&statement, &columns.params(&[&columns.segments]))
         .await?;
     Ok(())
 }
@@ -660,13 +744,11 @@ pub(crate) struct Recorder {
 }
 
 impl Recorder {
-    /// Starts the recorder task writing through `pool()`.
-    pub(crate) fn start(
-        pool: impl Fn() -> PgPool + Send + Sync + 'static,
-        keep_body: bool,
-    ) -> Self {
+    /// Starts the recorder task writing through `pool()`. The task ends once every
+    /// handle is dropped and the writes it holds are written.
+    pub(crate) fn start(pool: impl Fn() -> Pool + Send + Sync + 'static, keep_body: bool) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(collect(rx, tx.clone(), Arc::new(pool), keep_body));
+        tokio::spawn(collect(rx, Arc::new(pool), keep_body));
         Recorder { tx }
     }
 
@@ -689,14 +771,11 @@ impl Recorder {
     }
 }
 
-type PoolSource = Arc<dyn Fn() -> PgPool + Send + Sync>;
+type PoolSource = Arc<dyn Fn() -> Pool + Send + Sync>;
 
-async fn collect(
-    mut rx: mpsc::UnboundedReceiver<Op>,
-    tx: mpsc::UnboundedSender<Op>,
-    pool: PoolSource,
-    keep_body: bool,
-) {
+/// Gathers the waiting writes into batches until the last handle is gone (the channel
+/// closes) and nothing is deferred.
+async fn collect(mut rx: mpsc::UnboundedReceiver<Op>, pool: PoolSource, keep_body: bool) {
     let permits = Arc::new(Semaphore::new(CONCURRENT_BATCHES));
     let mut later: Vec<Op> = Vec::new();
     loop {
@@ -732,7 +811,6 @@ async fn collect(
             batch.into_iter().partition(|op| seen.insert(op.message()));
         later = deferred;
         let pool = pool.clone();
-        let _ = &tx;
         tokio::spawn(async move {
             write(&pool(), now, keep_body).await;
             drop(permit);
@@ -742,7 +820,7 @@ async fn collect(
 
 /// Writes one batch and answers every waiter. A failed statement is retried row by row,
 /// so that one bad row cannot hold up the others.
-async fn write(pool: &PgPool, ops: Vec<Op>, keep_body: bool) {
+async fn write(pool: &Pool, ops: Vec<Op>, keep_body: bool) {
     let mut claims = Vec::new();
     let mut finishes = Vec::new();
     let mut records = Vec::new();
@@ -756,51 +834,31 @@ async fn write(pool: &PgPool, ops: Vec<Op>, keep_body: bool) {
     // The three statements touch different messages (a batch holds one write per
     // message), so they run at once, each on its own connection: a batch takes as long as
     // its slowest statement, not the sum of them.
-    let claims = async {
-        if !claims.is_empty() {
-            let (rows, replies): (Vec<_>, Vec<_>) = claims.into_iter().unzip();
-            answer(rows, replies, |rows| {
-                let pool = pool.clone();
-                async move { claim_batch(&pool, &rows).await }
-            })
-            .await;
-        }
-    };
-    let finishes = async {
-        if !finishes.is_empty() {
-            let (rows, replies): (Vec<_>, Vec<_>) = finishes.into_iter().unzip();
-            answer(rows, replies, |rows| {
-                let pool = pool.clone();
-                async move {
-                    finish_batch(&pool, &rows, keep_body).await?;
-                    Ok(vec![(); rows.len()])
-                }
-            })
-            .await;
-        }
-    };
-    let records = async {
-        if !records.is_empty() {
-            let (rows, replies): (Vec<_>, Vec<_>) = records.into_iter().unzip();
-            answer(rows, replies, |rows| {
-                let pool = pool.clone();
-                async move { record_batch(&pool, &rows, keep_body).await }
-            })
-            .await;
-        }
-    };
-    tokio::join!(claims, finishes, records);
+    tokio::join!(
+        answer(claims, |rows| async move {
+            claim_batch(&super::connect::acquire(pool).await?, &rows).await
+        }),
+        answer(finishes, |rows| async move {
+            finish_batch(&super::connect::acquire(pool).await?, &rows, keep_body).await?;
+            Ok(vec![(); rows.len()])
+        }),
+        answer(records, |rows| async move {
+            record_batch(&super::connect::acquire(pool).await?, &rows, keep_body).await
+        }),
+    );
 }
 
-async fn answer<R, T, F, Fut>(
-    rows: Vec<R>,
-    replies: Vec<oneshot::Sender<Result<T, StoreError>>>,
-    run: F,
-) where
+/// Runs the writes of one kind as one statement and hands each waiter its answer.
+async fn answer<R, T, F, Fut>(writes: Vec<(R, oneshot::Sender<Result<T, StoreError>>)>, run: F)
+where
     R: Clone,
     F: Fn(Vec<R>) -> Fut,
     Fut: Future<Output = Result<Vec<T>, StoreError>>,
 {
+    if writes.is_empty() {
+        return;
+    }
+    let (rows, replies): (Vec<R>, Vec<_>) = writes.into_iter().unzip();
     let all = tokio::time::timeout(BATCH_TIMEOUT, run(rows.clone()))
         .await
         .unwrap_or(Err(StoreError::Timeout(BATCH_TIMEOUT)));
@@ -810,7 +868,7 @@ async fn answer<R, T, F, Fut>(
                 let _ = reply.send(Ok(answer));
             }
         }
-        Err(e) if rows.len() > 1 && matches!(e, StoreError::Database(sqlx::Error::Database(_))) => {
+        Err(e) if rows.len() > 1 && e.server_error().is_some() => {
             // The database refused the statement: find the row it refused.
             for (row, reply) in rows.into_iter().zip(replies) {
                 let one = tokio::time::timeout(BATCH_TIMEOUT, run(vec![row]))

@@ -4,39 +4,50 @@
 //! The rule it keeps: an attempt row exists, committed, before its provider call starts, and
 //! claiming that attempt is one atomic statement, so two deliveries of one job can never both
 //! call the provider.
+//!
+//! It speaks PostgreSQL through tokio-postgres, from a deadpool-postgres pool that keeps
+//! each connection's prepared statements. `connect` holds the connection settings and
+//! TLS, `migrate` the schema's migrations, `notify` the LISTEN connection, and `log` the
+//! batched writes of the message log.
 
 use std::{
-    sync::{Arc, RwLock},
+    sync::{Arc, LazyLock, RwLock},
     time::{Duration, Instant},
 };
 
+use deadpool_postgres::{Pool, PoolError};
 use serde_json::Value;
-use sqlx::{
-    PgPool, Row,
-    migrate::MigrateDatabase,
-    postgres::{PgConnectOptions, PgPoolOptions},
-};
 use time::OffsetDateTime;
+use tokio_postgres::{Row, types::ToSql};
 use uuid::Uuid;
 
 use crate::{job::JobType, phone::PhoneNumber, policy::SchoolSettings};
 
+mod connect;
 mod log;
+mod migrate;
+mod notify;
 
+use connect::{Connector, quote_identifier};
 pub use log::Claim;
 use log::{ClaimRow, FinishRow, MessageColumns, Op, RecordRow, Recorder};
+pub(crate) use notify::Listener;
 
-/// The migrations in `schema/`, embedded at build time.
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./schema");
+/// A statement's parameters.
+type Params<'a> = [&'a (dyn ToSql + Sync)];
 
 /// A database failure. Every one is treated as "the database is unavailable": the caller
 /// keeps the delivery and tries again, it never guesses.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("database error: {0}")]
-    Database(#[from] sqlx::Error),
+    #[error("database error: {}", describe(.0))]
+    Database(#[from] tokio_postgres::Error),
+    #[error("no database connection: {}", describe_pool(.0))]
+    Pool(#[from] PoolError),
+    #[error("database settings: {0}")]
+    Config(String),
     #[error("migration failed: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
+    Migrate(String),
     #[error("unexpected data in the database: {0}")]
     Corrupt(String),
     #[error("the database did not answer within {0:?}")]
@@ -49,12 +60,33 @@ impl StoreError {
     /// PostgreSQL refused the data itself (SQLSTATE class 22, a data exception, such as a
     /// value it cannot store): trying the same write again cannot succeed.
     pub fn is_data_error(&self) -> bool {
+        self.server_error()
+            .is_some_and(|e| e.code().code().starts_with("22"))
+    }
+
+    /// The server answered with an error (as opposed to: no answer, no connection).
+    pub(crate) fn server_error(&self) -> Option<&tokio_postgres::error::DbError> {
         match self {
-            StoreError::Database(sqlx::Error::Database(e)) => {
-                e.code().is_some_and(|code| code.starts_with("22"))
-            }
-            _ => false,
+            StoreError::Database(e) => e.as_db_error(),
+            _ => None,
         }
+    }
+}
+
+/// A tokio-postgres error with what the server said (its own `Display` says only "db
+/// error" and leaves the message in its source).
+fn describe(e: &tokio_postgres::Error) -> String {
+    match (e.as_db_error(), std::error::Error::source(e)) {
+        (Some(db), _) => format!("{} {}", db.code().code(), db),
+        (None, Some(cause)) => format!("{e}: {cause}"),
+        (None, None) => e.to_string(),
+    }
+}
+
+fn describe_pool(e: &PoolError) -> String {
+    match e {
+        PoolError::Backend(e) => describe(e),
+        other => other.to_string(),
     }
 }
 
@@ -230,11 +262,21 @@ pub struct Receipt<'a> {
 }
 
 /// The message a receipt was applied to.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone)]
 pub struct ReceiptApplied {
     pub id: Uuid,
     pub recipient: String,
     pub school_id: i64,
+}
+
+impl ReceiptApplied {
+    fn from_row(row: &Row) -> Result<Self, StoreError> {
+        Ok(ReceiptApplied {
+            id: row.try_get("id")?,
+            recipient: row.try_get("recipient")?,
+            school_id: row.try_get("school_id")?,
+        })
+    }
 }
 
 /// How far along a status is; a receipt only ever moves a message forward.
@@ -250,10 +292,10 @@ const SETTINGS_SELECT: &str = "SELECT school_id, sms_enabled, country, sender_id
         allow_announcements, allow_login_codes
    FROM sms_school_settings";
 
-fn settings_of(row: &sqlx::postgres::PgRow) -> Result<SchoolSettings, StoreError> {
+fn settings_of(row: &Row) -> Result<SchoolSettings, StoreError> {
     // A NULL flag (written by hand) reads as "no": never send on a guess.
     let flag = |name: &str| -> Result<bool, StoreError> {
-        Ok(row.try_get::<Option<bool>, _>(name)?.unwrap_or(false))
+        Ok(row.try_get::<_, Option<bool>>(name)?.unwrap_or(false))
     };
     Ok(SchoolSettings {
         school_id: row.try_get("school_id")?,
@@ -271,8 +313,8 @@ fn settings_of(row: &sqlx::postgres::PgRow) -> Result<SchoolSettings, StoreError
 }
 
 /// Applies receipts that came before the messages' own records had the provider ids.
-pub(crate) async fn apply_pending_receipts(pool: &PgPool, sids: &[&str]) -> Result<(), StoreError> {
-    let sql = format!(
+static APPLY_PENDING_RECEIPTS: LazyLock<String> = LazyLock::new(|| {
+    format!(
         "UPDATE sms_messages m
             SET status = r.status, provider_status = r.provider_status,
                 error_code = COALESCE(r.error_code, m.error_code),
@@ -289,18 +331,68 @@ pub(crate) async fn apply_pending_receipts(pool: &PgPool, sids: &[&str]) -> Resu
         rank_inner = rank("status"),
         rank_r = rank("r.status"),
         rank_m = rank("m.status"),
-    );
-    sqlx::query(&sql).bind(sids).execute(pool).await?;
+    )
+});
+
+/// Records a receipt and moves its message forward; see [`Store::apply_receipt`].
+static APPLY_RECEIPT: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH kept AS (
+            INSERT INTO sms_receipts
+                (provider, provider_message_id, provider_status, status, error_code)
+            VALUES ($1, $2, $3, $4, $5)
+         )
+         UPDATE sms_messages m
+            SET status = CASE WHEN {new} > {old} THEN $4 ELSE m.status END,
+                provider_status = CASE WHEN {new} >= {old} THEN $3 ELSE m.provider_status END,
+                error_code = COALESCE($5, m.error_code),
+                delivered_at = CASE WHEN $4 = 'delivered' AND {new} > {old} THEN now()
+                                    ELSE m.delivered_at END,
+                updated_at = now()
+           FROM sms_attempts a
+          WHERE a.provider_message_id = $2 AND a.outcome = 'sent' AND m.id = a.message_id
+            AND m.status IN ('sent', 'delivered', 'undelivered', 'failed')
+          RETURNING m.id, m.recipient, m.school_id",
+        new = rank("$4"),
+        old = rank("m.status"),
+    )
+});
+
+async fn database_exists(admin: &tokio_postgres::Client, name: &str) -> Result<bool, StoreError> {
+    Ok(admin
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)",
+            &[&name],
+        )
+        .await?
+        .try_get(0)?)
+}
+
+/// Prepares `sql` once per connection (deadpool-postgres keeps the statement with it).
+async fn prepared(
+    client: &deadpool_postgres::Client,
+    sql: &str,
+) -> Result<tokio_postgres::Statement, StoreError> {
+    Ok(client.prepare_cached(sql).await?)
+}
+
+/// The statement that applies pending receipts, ready to run on `client`.
+pub(crate) async fn apply_pending_receipts(
+    client: &deadpool_postgres::Client,
+    sids: &[&str],
+) -> Result<(), StoreError> {
+    let statement = prepared(client, &APPLY_PENDING_RECEIPTS).await?;
+    client.execute(&statement, &[&sids]).await?;
     Ok(())
 }
 
 /// A message row, as support reads it.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone)]
 pub struct MessageView {
     pub id: Uuid,
     pub bulk_id: Option<Uuid>,
     pub school_id: i64,
-    #[sqlx(rename = "type")]
+    /// The `type` column.
     pub kind: String,
     pub recipient: String,
     pub body: Option<String>,
@@ -319,8 +411,34 @@ pub struct MessageView {
     pub updated_at: OffsetDateTime,
 }
 
+impl MessageView {
+    fn from_row(row: &Row) -> Result<Self, StoreError> {
+        Ok(MessageView {
+            id: row.try_get("id")?,
+            bulk_id: row.try_get("bulk_id")?,
+            school_id: row.try_get("school_id")?,
+            kind: row.try_get("type")?,
+            recipient: row.try_get("recipient")?,
+            body: row.try_get("body")?,
+            context: row.try_get("context")?,
+            status: row.try_get("status")?,
+            reason: row.try_get("reason")?,
+            provider: row.try_get("provider")?,
+            provider_message_id: row.try_get("provider_message_id")?,
+            provider_status: row.try_get("provider_status")?,
+            error_code: row.try_get("error_code")?,
+            segments: row.try_get("segments")?,
+            attempts: row.try_get("attempts")?,
+            created_at: row.try_get("created_at")?,
+            sent_at: row.try_get("sent_at")?,
+            delivered_at: row.try_get("delivered_at")?,
+            updated_at: row.try_get("updated_at")?,
+        })
+    }
+}
+
 /// One provider call, as support reads it.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone)]
 pub struct AttemptView {
     pub attempt: i32,
     pub provider: String,
@@ -332,6 +450,21 @@ pub struct AttemptView {
     pub error_message: Option<String>,
 }
 
+impl AttemptView {
+    fn from_row(row: &Row) -> Result<Self, StoreError> {
+        Ok(AttemptView {
+            attempt: row.try_get("attempt")?,
+            provider: row.try_get("provider")?,
+            started_at: row.try_get("started_at")?,
+            duration_ms: row.try_get("duration_ms")?,
+            outcome: row.try_get("outcome")?,
+            http_status: row.try_get("http_status")?,
+            error_code: row.try_get("error_code")?,
+            error_message: row.try_get("error_message")?,
+        })
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Store {
     pools: Arc<Pools>,
@@ -341,39 +474,32 @@ pub struct Store {
     recorder: Option<Recorder>,
 }
 
-/// The connection pool, replaceable as a whole: a connection that went silent (no error,
-/// no reset) would hang the pool's own health check when released, so after a statement
-/// timed out the daemon starts over with a fresh pool and lets the old one go.
+/// The connection pool, replaceable as a whole (see [`Store::replace_pool`]).
 #[derive(Debug)]
 struct Pools {
-    current: RwLock<(PgPool, Instant)>,
-    options: PgConnectOptions,
-    settings: PgPoolOptions,
+    current: RwLock<(Pool, Instant)>,
+    connector: Connector,
+    max_connections: u32,
 }
 
-fn pool_settings(max_connections: u32) -> PgPoolOptions {
-    PgPoolOptions::new()
-        .max_connections(max_connections)
-        .min_connections(1)
-        .acquire_timeout(Duration::from_secs(5))
-        .test_before_acquire(false)
-}
+/// Replacing the pool again sooner than this does no good: the fresh one is still new.
+const REPLACE_AT_MOST_EVERY: Duration = Duration::from_secs(5);
 
 impl Store {
-    /// Connects a pool. The pool replaces connections that died and times out acquiring.
+    /// Connects a pool of at most `max_connections`, and opens one connection at once so
+    /// that a wrong URL or an unreachable server is reported here. Taking a connection
+    /// from the pool waits about 5 s at most (for a free one, or for the server to answer
+    /// again); each statement may run 15 s on the server.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
-        let options: PgConnectOptions = url
-            .parse::<PgConnectOptions>()?
-            .application_name("smsgw")
-            // The server gives up on a statement the daemon has stopped waiting for.
-            .options([("statement_timeout", "15s")]);
-        let settings = pool_settings(max_connections);
-        let pool = settings.clone().connect_with(options.clone()).await?;
+        let connector = Connector::from_url(url)?;
+        let pool = connector.pool(max_connections)?;
+        // Kept in the pool when dropped: the first statement finds it ready.
+        drop(connect::acquire(&pool).await?);
         Ok(Store {
             pools: Arc::new(Pools {
                 current: RwLock::new((pool, Instant::now())),
-                options,
-                settings,
+                connector,
+                max_connections,
             }),
             keep_body: true,
             recorder: None,
@@ -389,7 +515,7 @@ impl Store {
     }
 
     /// The current pool (a cheap handle).
-    pub fn pool(&self) -> PgPool {
+    pub fn pool(&self) -> Pool {
         self.pools
             .current
             .read()
@@ -400,24 +526,32 @@ impl Store {
 
     /// Starts over with a fresh pool after a statement got no answer in time; at most
     /// once every few seconds however many statements timed out together.
+    ///
+    /// A connection that went silent (no error, no reset: a stalled network or proxy)
+    /// looks healthy to the pool, which only asks whether it is closed, so it would be
+    /// handed out again and again and each statement on it would hang until its time
+    /// limit. The fresh pool opens new connections. The old one is closed: its idle
+    /// connections go at once, its waiters fail at once (and try again on the new pool),
+    /// and the connections still in use are dropped when their statements give up.
     pub fn replace_pool(&self) {
         let mut current = self
             .pools
             .current
             .write()
             .unwrap_or_else(|p| p.into_inner());
-        if current.1.elapsed() < Duration::from_secs(5) {
+        if current.1.elapsed() < REPLACE_AT_MOST_EVERY {
             return;
         }
-        let fresh = self
-            .pools
-            .settings
-            .clone()
-            .connect_lazy_with(self.pools.options.clone());
+        let fresh = match self.pools.connector.pool(self.pools.max_connections) {
+            Ok(pool) => pool,
+            Err(e) => {
+                tracing::error!(error = %e, "could not set up a new connection pool");
+                return;
+            }
+        };
         let old = std::mem::replace(&mut *current, (fresh, Instant::now()));
         tracing::warn!("database statements time out: starting over with new connections");
-        // Closing waits for connections that may never answer: let it run on its own.
-        tokio::spawn(async move { old.0.close().await });
+        old.0.close();
     }
 
     /// Drops each body as soon as its message has a final outcome (`SMSGW_KEEP_BODY=false`).
@@ -426,21 +560,47 @@ impl Store {
         self
     }
 
+    /// A connection from the current pool.
+    async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
+        connect::acquire(&self.pool()).await
+    }
+
+    async fn rows(&self, sql: &str, params: &Params<'_>) -> Result<Vec<Row>, StoreError> {
+        let client = self.client().await?;
+        let statement = prepared(&client, sql).await?;
+        Ok(client.query(&statement, params).await?)
+    }
+
+    async fn row(&self, sql: &str, params: &Params<'_>) -> Result<Option<Row>, StoreError> {
+        let client = self.client().await?;
+        let statement = prepared(&client, sql).await?;
+        Ok(client.query_opt(&statement, params).await?)
+    }
+
+    /// Runs a statement; how many rows it changed.
+    async fn execute(&self, sql: &str, params: &Params<'_>) -> Result<u64, StoreError> {
+        let client = self.client().await?;
+        let statement = prepared(&client, sql).await?;
+        Ok(client.execute(&statement, params).await?)
+    }
+
+    /// A connection of its own that hears the notifications of `channel`.
+    pub(crate) async fn listen(&self, channel: &str) -> Result<Listener, StoreError> {
+        Listener::start(self.pools.connector.connect_raw().await?, channel).await
+    }
+
     /// Removes the bodies of at most `batch` messages created before `older_than` ago;
     /// returns how many. Locked rows (in flight) are skipped, never waited for.
     pub async fn purge_bodies(&self, older_than: Duration, batch: i64) -> Result<u64, StoreError> {
-        let done = sqlx::query(
+        self.execute(
             "UPDATE sms_messages SET body = NULL
               WHERE id IN (SELECT id FROM sms_messages
                             WHERE body IS NOT NULL
                               AND created_at < now() - make_interval(secs => $1)
                             LIMIT $2 FOR UPDATE SKIP LOCKED)",
+            &[&older_than.as_secs_f64(), &batch],
         )
-        .bind(older_than.as_secs_f64())
-        .bind(batch)
-        .execute(&self.pool())
-        .await?;
-        Ok(done.rows_affected())
+        .await
     }
 
     /// Deletes at most `batch` finished messages (with their attempts) created before
@@ -450,30 +610,39 @@ impl Store {
         older_than: Duration,
         batch: i64,
     ) -> Result<u64, StoreError> {
-        let done = sqlx::query(
+        self.execute(
             "DELETE FROM sms_messages
               WHERE id IN (SELECT id FROM sms_messages
                             WHERE created_at < now() - make_interval(secs => $1)
                               AND status NOT IN ('queued', 'sending', 'retrying')
                             LIMIT $2 FOR UPDATE SKIP LOCKED)",
+            &[&older_than.as_secs_f64(), &batch],
         )
-        .bind(older_than.as_secs_f64())
-        .bind(batch)
-        .execute(&self.pool())
-        .await?;
-        Ok(done.rows_affected())
+        .await
     }
 
-    /// Creates the database named in `url` if it does not exist yet.
+    /// Creates the database named in `url` if it does not exist yet (connected to the
+    /// server's `postgres` database to do it); `true` when it created it.
     pub async fn create_database_if_missing(url: &str) -> Result<bool, StoreError> {
-        if sqlx::Postgres::database_exists(url).await? {
+        let connector = Connector::from_url(url)?;
+        let name = connector
+            .database()
+            .ok_or_else(|| StoreError::Config("the database URL names no database".into()))?
+            .to_owned();
+        let admin = connector.for_database("postgres").connect().await?;
+        if database_exists(&admin, &name).await? {
             return Ok(false);
         }
-        match sqlx::Postgres::create_database(url).await {
+        let create = format!("CREATE DATABASE {}", quote_identifier(&name));
+        match admin.batch_execute(&create).await {
             Ok(()) => Ok(true),
-            // Another process created it between our check and our create.
-            Err(e) if sqlx::Postgres::database_exists(url).await.unwrap_or(false) => {
-                tracing::debug!(error = %e, "database appeared meanwhile");
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) => {
+                Ok(false)
+            }
+            // Another process created it between our check and our create, and the two
+            // collided in the catalogue (a unique violation rather than 42P04).
+            Err(e) if database_exists(&admin, &name).await.unwrap_or(false) => {
+                tracing::debug!(error = %describe(&e), "database appeared meanwhile");
                 Ok(false)
             }
             Err(e) => Err(e.into()),
@@ -481,95 +650,114 @@ impl Store {
     }
 
     /// Applies pending migrations. Safe to run twice and from two processes at once: the
-    /// migrator holds a Postgres advisory lock while it works.
+    /// migrator holds a PostgreSQL advisory lock while it works, on a connection of its
+    /// own so that the lock cannot outlive it in the pool.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        MIGRATOR.run(&self.pool()).await?;
-        Ok(())
+        let mut client = self.pools.connector.connect().await?;
+        migrate::run(&mut client).await
     }
 
     /// Version of the newest migration this build knows.
     pub fn latest_migration() -> i64 {
-        MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0)
+        migrate::latest()
     }
 
     /// The newest migration applied to this database (0 when none is).
     pub async fn schema_version(&self) -> Result<i64, StoreError> {
-        let exists: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
-            .fetch_one(&self.pool())
-            .await?;
+        let exists = self
+            .row("SELECT to_regclass('_sqlx_migrations') IS NOT NULL", &[])
+            .await?
+            .map(|row| row.try_get::<_, bool>(0))
+            .transpose()?
+            .unwrap_or(false);
         if !exists {
             return Ok(0);
         }
-        let version: Option<i64> =
-            sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
-                .fetch_one(&self.pool())
-                .await?;
+        let version = self
+            .row(
+                "SELECT max(version) FROM _sqlx_migrations WHERE success",
+                &[],
+            )
+            .await?
+            .map(|row| row.try_get::<_, Option<i64>>(0))
+            .transpose()?
+            .flatten();
         Ok(version.unwrap_or(0))
     }
 
     pub async fn ping(&self) -> bool {
-        sqlx::query("SELECT 1").execute(&self.pool()).await.is_ok()
+        match self.client().await {
+            Ok(client) => client.batch_execute("SELECT 1").await.is_ok(),
+            Err(_) => false,
+        }
     }
 
+    /// Closes the pool: idle connections now, the others as they come back.
     pub async fn close(&self) {
-        self.pool().close().await;
+        self.pool().close();
     }
 
     /// Every provider name the schools' settings use (as provider or fallback), with the
     /// schools (up to a few) that use it.
     pub async fn school_provider_names(&self) -> Result<Vec<(String, String)>, StoreError> {
-        Ok(sqlx::query_as(
-            "SELECT name, string_agg(school_id::text, ', ' ORDER BY school_id)
-               FROM (SELECT trim(provider) AS name, school_id FROM sms_school_settings
-                      WHERE provider IS NOT NULL AND trim(provider) <> ''
-                     UNION
-                     SELECT trim(fallback_provider), school_id FROM sms_school_settings
-                      WHERE fallback_provider IS NOT NULL AND trim(fallback_provider) <> '') n
-              GROUP BY name",
-        )
-        .fetch_all(&self.pool())
-        .await?)
+        let rows = self
+            .rows(
+                "SELECT name, string_agg(school_id::text, ', ' ORDER BY school_id)
+                   FROM (SELECT trim(provider) AS name, school_id FROM sms_school_settings
+                          WHERE provider IS NOT NULL AND trim(provider) <> ''
+                         UNION
+                         SELECT trim(fallback_provider), school_id FROM sms_school_settings
+                          WHERE fallback_provider IS NOT NULL AND trim(fallback_provider) <> '') n
+                  GROUP BY name",
+                &[],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+            .collect()
     }
 
     pub async fn message_view(&self, id: Uuid) -> Result<Option<MessageView>, StoreError> {
-        Ok(sqlx::query_as(
+        self.row(
             "SELECT id, bulk_id, school_id, type, recipient, body, context, status, reason,
                     provider, provider_message_id, provider_status, error_code, segments,
                     attempts, created_at, sent_at,
                     delivered_at, updated_at
              FROM sms_messages WHERE id = $1",
+            &[&id],
         )
-        .bind(id)
-        .fetch_optional(&self.pool())
-        .await?)
+        .await?
+        .as_ref()
+        .map(MessageView::from_row)
+        .transpose()
     }
 
     pub async fn attempt_views(&self, id: Uuid) -> Result<Vec<AttemptView>, StoreError> {
-        Ok(sqlx::query_as(
+        self.rows(
             "SELECT attempt, provider, started_at, duration_ms, outcome, http_status,
                     error_code, error_message
              FROM sms_attempts WHERE message_id = $1 ORDER BY attempt",
+            &[&id],
         )
-        .bind(id)
-        .fetch_all(&self.pool())
-        .await?)
+        .await?
+        .iter()
+        .map(AttemptView::from_row)
+        .collect()
     }
 
     pub async fn school_settings(
         &self,
         school_id: i64,
     ) -> Result<Option<SchoolSettings>, StoreError> {
-        let sql = format!("{SETTINGS_SELECT} WHERE school_id = $1");
-        let row = sqlx::query(&sql)
-            .bind(school_id)
-            .fetch_optional(&self.pool())
-            .await?;
+        static SQL: LazyLock<String> =
+            LazyLock::new(|| format!("{SETTINGS_SELECT} WHERE school_id = $1"));
+        let row = self.row(&SQL, &[&school_id]).await?;
         row.as_ref().map(settings_of).transpose()
     }
 
     /// Every school's settings, for the in-memory cache.
     pub async fn all_school_settings(&self) -> Result<Vec<SchoolSettings>, StoreError> {
-        let rows = sqlx::query(SETTINGS_SELECT).fetch_all(&self.pool()).await?;
+        let rows = self.rows(SETTINGS_SELECT, &[]).await?;
         rows.iter().map(settings_of).collect()
     }
 
@@ -578,15 +766,15 @@ impl Store {
         school_id: i64,
         phone: &PhoneNumber,
     ) -> Result<bool, StoreError> {
-        let opted_out: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM sms_opt_outs
-                            WHERE phone = $1 AND (school_id IS NULL OR school_id = $2))",
-        )
-        .bind(phone.as_str())
-        .bind(school_id)
-        .fetch_one(&self.pool())
-        .await?;
-        Ok(opted_out)
+        let row = self
+            .row(
+                "SELECT EXISTS (SELECT 1 FROM sms_opt_outs
+                                WHERE phone = $1 AND (school_id IS NULL OR school_id = $2))",
+                &[&phone.as_str(), &school_id],
+            )
+            .await?
+            .ok_or_else(|| StoreError::Corrupt("EXISTS gave no row".into()))?;
+        Ok(row.try_get(0)?)
     }
 
     /// Records an opt-out; a second one for the same number and school changes nothing.
@@ -596,27 +784,24 @@ impl Store {
         phone: &PhoneNumber,
         source: &str,
     ) -> Result<(), StoreError> {
-        sqlx::query(
+        self.execute(
             "INSERT INTO sms_opt_outs (school_id, phone, source) VALUES ($1, $2, $3)
              ON CONFLICT (phone, (COALESCE(school_id, -1))) DO NOTHING",
+            &[&school_id, &phone.as_str(), &source],
         )
-        .bind(school_id)
-        .bind(phone.as_str())
-        .bind(source)
-        .execute(&self.pool())
         .await?;
         Ok(())
     }
 
     pub async fn message_state(&self, id: Uuid) -> Result<Option<MessageState>, StoreError> {
-        log::read_state(&self.pool(), id).await
+        log::read_state(&self.client().await?, id).await
     }
 
     /// Writes a `queued` row for each message (left alone where the row exists): the
     /// recipients of an announcement are in the log as soon as it is accepted.
     pub async fn queue_messages(&self, messages: &[NewMessage<'_>]) -> Result<(), StoreError> {
         let rows: Vec<MessageColumns> = messages.iter().map(NewMessage::columns).collect();
-        log::queue_batch(&self.pool(), &rows).await
+        log::queue_batch(&self.client().await?, &rows).await
     }
 
     /// Records a message that ends without a provider call (suppressed, expired, refused),
@@ -635,7 +820,7 @@ impl Store {
         };
         match &self.recorder {
             Some(recorder) => recorder.write(|reply| Op::Record(row, reply)).await,
-            None => log::record_batch(&self.pool(), &[row], self.keep_body)
+            None => log::record_batch(&self.client().await?, &[row], self.keep_body)
                 .await?
                 .pop()
                 .ok_or_else(|| StoreError::Corrupt("no answer".into())),
@@ -664,7 +849,7 @@ impl Store {
         };
         match &self.recorder {
             Some(recorder) => recorder.write(|reply| Op::Claim(row, reply)).await,
-            None => log::claim_batch(&self.pool(), &[row])
+            None => log::claim_batch(&self.client().await?, &[row])
                 .await?
                 .pop()
                 .ok_or_else(|| StoreError::Corrupt("no answer".into())),
@@ -693,7 +878,7 @@ impl Store {
         };
         match &self.recorder {
             Some(recorder) => recorder.write(|reply| Op::Finish(row, reply)).await,
-            None => log::finish_batch(&self.pool(), &[row], self.keep_body).await,
+            None => log::finish_batch(&self.client().await?, &[row], self.keep_body).await,
         }
     }
 
@@ -704,58 +889,43 @@ impl Store {
         &self,
         receipt: &Receipt<'_>,
     ) -> Result<Option<ReceiptApplied>, StoreError> {
-        let sql = format!(
-            "WITH kept AS (
-                INSERT INTO sms_receipts
-                    (provider, provider_message_id, provider_status, status, error_code)
-                VALUES ($1, $2, $3, $4, $5)
-             )
-             UPDATE sms_messages m
-                SET status = CASE WHEN {new} > {old} THEN $4 ELSE m.status END,
-                    provider_status = CASE WHEN {new} >= {old} THEN $3 ELSE m.provider_status END,
-                    error_code = COALESCE($5, m.error_code),
-                    delivered_at = CASE WHEN $4 = 'delivered' AND {new} > {old} THEN now()
-                                        ELSE m.delivered_at END,
-                    updated_at = now()
-               FROM sms_attempts a
-              WHERE a.provider_message_id = $2 AND a.outcome = 'sent' AND m.id = a.message_id
-                AND m.status IN ('sent', 'delivered', 'undelivered', 'failed')
-              RETURNING m.id, m.recipient, m.school_id",
-            new = rank("$4"),
-            old = rank("m.status"),
-        );
-        Ok(sqlx::query_as(&sql)
-            .bind(receipt.provider)
-            .bind(storable(receipt.provider_message_id))
-            .bind(storable(receipt.provider_status))
-            .bind(receipt.status.map(MessageStatus::as_str))
-            .bind(receipt.error_code.map(storable))
-            .fetch_optional(&self.pool())
-            .await?)
+        // Two messages could share a provider id (two providers' id spaces): the first one
+        // answers, and a second is no error.
+        let rows = self
+            .rows(
+                &APPLY_RECEIPT,
+                &[
+                    &receipt.provider,
+                    &storable(receipt.provider_message_id),
+                    &storable(receipt.provider_status),
+                    &receipt.status.map(MessageStatus::as_str),
+                    &receipt.error_code.map(storable),
+                ],
+            )
+            .await?;
+        rows.first().map(ReceiptApplied::from_row).transpose()
     }
 
     /// START: removes the opt-outs a carrier or an inbound STOP made for `phone` (not the
     /// ones the web app wrote: those are the user's settings there).
     pub async fn remove_carrier_opt_outs(&self, phone: &PhoneNumber) -> Result<(), StoreError> {
-        sqlx::query(
+        self.execute(
             "DELETE FROM sms_opt_outs WHERE phone = $1 AND source IN ('inbound', 'provider')",
+            &[&phone.as_str()],
         )
-        .bind(phone.as_str())
-        .execute(&self.pool())
         .await?;
         Ok(())
     }
 
     /// Gives a message up as `failed` (`outcome_unknown`) without another call.
     pub async fn fail_unknown(&self, id: Uuid) -> Result<(), StoreError> {
-        sqlx::query(
+        self.execute(
             "UPDATE sms_messages
                 SET status = 'failed', reason = 'outcome_unknown', last_outcome_unknown = false,
                     updated_at = now()
               WHERE id = $1 AND status IN ('queued', 'sending', 'retrying')",
+            &[&id],
         )
-        .bind(id)
-        .execute(&self.pool())
         .await?;
         Ok(())
     }
@@ -770,8 +940,9 @@ impl Store {
     ) -> Result<(), StoreError> {
         let provider_message_id = storable(provider_message_id);
         let provider_message_id = provider_message_id.as_str();
-        let pool = self.pool();
-        sqlx::query(
+        let client = self.client().await?;
+        let adopt = prepared(
+            &client,
             "WITH attempt AS (
                 INSERT INTO sms_attempts (message_id, attempt, provider, started_at, outcome,
                                           provider_message_id, error_message)
@@ -790,12 +961,13 @@ impl Store {
                     body = CASE WHEN $4 THEN body END, updated_at = now()
               WHERE id = $1 AND status IN ('queued', 'sending', 'retrying', 'failed')",
         )
-        .bind(id)
-        .bind(attempt)
-        .bind(provider_message_id)
-        .bind(self.keep_body)
-        .execute(&pool)
         .await?;
-        apply_pending_receipts(&pool, &[provider_message_id]).await
+        client
+            .execute(
+                &adopt,
+                &[&id, &attempt, &provider_message_id, &self.keep_body],
+            )
+            .await?;
+        apply_pending_receipts(&client, &[provider_message_id]).await
     }
 }

@@ -6,6 +6,7 @@
 //! database of its own, so tests run in parallel without seeing each other's data.
 #![allow(dead_code, unreachable_pub, unused_imports)]
 
+pub mod db;
 pub mod process;
 pub mod proxy;
 pub mod twilio_stub;
@@ -23,13 +24,14 @@ use lapin::{
     types::{AMQPValue, FieldTable},
 };
 use serde_json::Value;
-use sqlx::{PgPool, migrate::MigrateDatabase, postgres::PgPoolOptions};
 use tokio::task::JoinHandle;
+use tokio_postgres::Row;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use smsgw::{config::Settings, daemon::DaemonError};
 
+pub use db::Db;
 pub use twilio_stub::{Reply, TwilioStub};
 
 /// How long a test waits for something to happen before it fails.
@@ -84,9 +86,7 @@ impl TestEnv {
             reqwest::Url::parse(&base_database_url()).expect("SMSGW_DATABASE_URL is a URL");
         database.set_path(&format!("/{name}"));
         let database_url = database.to_string();
-        sqlx::Postgres::create_database(&database_url)
-            .await
-            .expect("create the test database");
+        db::create_database(&database_url, &name).await;
         TestEnv {
             name,
             amqp_url: amqp.to_string(),
@@ -108,7 +108,7 @@ impl Drop for TestEnv {
                 .enable_all()
                 .build()
             {
-                let _ = runtime.block_on(sqlx::Postgres::force_drop_database(&database_url));
+                let _ = runtime.block_on(db::drop_database(&database_url, &name));
             }
         })
         .join();
@@ -127,7 +127,7 @@ pub fn free_port() -> u16 {
 pub struct App {
     pub env: TestEnv,
     pub stub: TwilioStub,
-    pub db: PgPool,
+    pub db: Db,
     pub http_url: String,
     /// Between the daemon and RabbitMQ, when asked for.
     pub amqp_proxy: Option<proxy::Proxy>,
@@ -275,11 +275,7 @@ pub async fn spawn_app_behind_proxies(overrides: &[(&str, &str)], amqp: bool, db
     let http_url = format!("http://127.0.0.1:{port}");
     wait_until_ready(&http_url, &daemon).await;
 
-    let db = PgPoolOptions::new()
-        .max_connections(4)
-        .connect(&env.database_url)
-        .await
-        .expect("connect to the test database");
+    let db = Db::connect(&env.database_url).await;
     let connection = Connection::connect(&env.amqp_url, ConnectionProperties::default())
         .await
         .expect("connect to the test vhost");
@@ -327,11 +323,7 @@ pub async fn wait_until_ready_url(http_url: &str) {
 /// An `App` for a daemon the test runs itself (as a process): the test's connections to
 /// this env's broker and database, and the stub.
 pub async fn attach(env: TestEnv, stub: TwilioStub) -> App {
-    let db = PgPoolOptions::new()
-        .max_connections(4)
-        .connect(&env.database_url)
-        .await
-        .expect("connect to the test database");
+    let db = Db::connect(&env.database_url).await;
     let connection = Connection::connect(&env.amqp_url, ConnectionProperties::default())
         .await
         .expect("connect to the test vhost");
@@ -373,7 +365,7 @@ pub async fn wait_until_ready(http_url: &str, daemon: &JoinHandle<Result<(), Dae
 }
 
 /// A message row as support reads it.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone)]
 pub struct MessageRow {
     pub status: String,
     pub reason: Option<String>,
@@ -384,7 +376,21 @@ pub struct MessageRow {
     pub context: Option<Value>,
 }
 
-#[derive(Debug, Clone, sqlx::FromRow)]
+impl From<&Row> for MessageRow {
+    fn from(row: &Row) -> Self {
+        MessageRow {
+            status: row.get("status"),
+            reason: row.get("reason"),
+            recipient: row.get("recipient"),
+            provider_message_id: row.get("provider_message_id"),
+            attempts: row.get("attempts"),
+            bulk_id: row.get("bulk_id"),
+            context: row.get("context"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
 pub struct AttemptRow {
     pub attempt: i32,
     pub outcome: Option<String>,
@@ -392,6 +398,19 @@ pub struct AttemptRow {
     pub error_code: Option<String>,
     pub error_message: Option<String>,
     pub duration_ms: Option<i32>,
+}
+
+impl From<&Row> for AttemptRow {
+    fn from(row: &Row) -> Self {
+        AttemptRow {
+            attempt: row.get("attempt"),
+            outcome: row.get("outcome"),
+            http_status: row.get("http_status"),
+            error_code: row.get("error_code"),
+            error_message: row.get("error_message"),
+            duration_ms: row.get("duration_ms"),
+        }
+    }
 }
 
 /// A message read back from `sms.dead`.
@@ -441,14 +460,12 @@ pub fn id_of(job: &Value) -> Uuid {
 impl App {
     /// Adds a school that sends everything, with `country`.
     pub async fn add_school(&self, school_id: i64, country: &str) {
-        sqlx::query(
-            "INSERT INTO sms_school_settings (school_id, sms_enabled, country) VALUES ($1, true, $2)",
-        )
-        .bind(school_id)
-        .bind(country)
-        .execute(&self.db)
-        .await
-        .expect("insert school settings");
+        self.db
+            .execute(
+                "INSERT INTO sms_school_settings (school_id, sms_enabled, country) VALUES ($1, true, $2)",
+                &[&school_id, &country],
+            )
+            .await;
     }
 
     /// Runs the binary against this app's broker and database (no provider settings).
@@ -468,10 +485,7 @@ impl App {
     }
 
     pub async fn sql(&self, statement: &str) {
-        sqlx::query(statement)
-            .execute(&self.db)
-            .await
-            .unwrap_or_else(|e| panic!("{statement}: {e}"));
+        self.db.execute(statement, &[]).await;
     }
 
     /// Publishes a job as the web app does: to `sms.jobs`, routing key = its type.
@@ -510,25 +524,28 @@ impl App {
     }
 
     pub async fn message(&self, id: Uuid) -> Option<MessageRow> {
-        sqlx::query_as(
-            "SELECT status, reason, recipient, provider_message_id, attempts, bulk_id, context
-             FROM sms_messages WHERE id = $1",
-        )
-        .bind(id)
-        .fetch_optional(&self.db)
-        .await
-        .expect("read sms_messages")
+        self.db
+            .rows(
+                "SELECT status, reason, recipient, provider_message_id, attempts, bulk_id, context
+                 FROM sms_messages WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .first()
+            .map(MessageRow::from)
     }
 
     pub async fn attempts(&self, id: Uuid) -> Vec<AttemptRow> {
-        sqlx::query_as(
-            "SELECT attempt, outcome, http_status, error_code, error_message, duration_ms
-             FROM sms_attempts WHERE message_id = $1 ORDER BY attempt",
-        )
-        .bind(id)
-        .fetch_all(&self.db)
-        .await
-        .expect("read sms_attempts")
+        self.db
+            .rows(
+                "SELECT attempt, outcome, http_status, error_code, error_message, duration_ms
+                 FROM sms_attempts WHERE message_id = $1 ORDER BY attempt",
+                &[&id],
+            )
+            .await
+            .iter()
+            .map(AttemptRow::from)
+            .collect()
     }
 
     /// Waits until message `id` has `status`, and returns its row.
@@ -705,14 +722,13 @@ impl App {
     pub async fn wait_all(&self, ids: &[Uuid], status: &str, patience: Duration) -> usize {
         let deadline = Instant::now() + patience;
         loop {
-            let done: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM sms_messages WHERE id = ANY($1) AND status = $2",
-            )
-            .bind(ids)
-            .bind(status)
-            .fetch_one(&self.db)
-            .await
-            .expect("count");
+            let done: i64 = self
+                .db
+                .scalar(
+                    "SELECT count(*) FROM sms_messages WHERE id = ANY($1) AND status = $2",
+                    &[&ids, &status],
+                )
+                .await;
             let missing = ids.len() - done as usize;
             if missing == 0 || Instant::now() > deadline {
                 return missing;

@@ -97,15 +97,12 @@ pub async fn wait_ready(port: u16, daemon: &mut Daemon) {
     }
 }
 
-pub async fn wait_status(db: &sqlx::PgPool, id: Uuid, status: &str) {
+pub async fn wait_status(db: &super::Db, id: Uuid, status: &str) {
     let deadline = Instant::now() + super::PATIENCE;
     loop {
-        let now: Option<String> =
-            sqlx::query_scalar("SELECT status FROM sms_messages WHERE id = $1")
-                .bind(id)
-                .fetch_optional(db)
-                .await
-                .expect("read status");
+        let now: Option<String> = db
+            .optional("SELECT status FROM sms_messages WHERE id = $1", &[&id])
+            .await;
         if now.as_deref() == Some(status) {
             return;
         }

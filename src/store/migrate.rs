@@ -1,0 +1,235 @@
+//! The migrations in `schema/`, embedded at build time, and the code that applies them.
+//!
+//! They are recorded in `_sqlx_migrations`, the table (and the row format) of the sqlx
+//! migrator this replaced: a database it migrated is recognised as it is, and a database
+//! migrated from now on looks the same to an older build. So each row keeps sqlx's
+//! description (the file name's words) and checksum (SHA-384 of the file's text), and the
+//! advisory lock is sqlx's key for the database, so an old and a new migrator never run at
+//! once either.
+//!
+//! As sqlx did, a migration whose file changed after it was applied stops everything (the
+//! files are append-only: an edited one would leave databases that disagree), and so does
+//! an applied migration this build does not know (the database is newer than the build).
+
+use std::time::Instant;
+
+use sha2::{Digest, Sha384};
+use tokio_postgres::Client;
+
+use super::StoreError;
+
+/// One file of `schema/`.
+#[derive(Debug)]
+pub(crate) struct Migration {
+    pub version: i64,
+    /// The file name's words, as sqlx recorded them.
+    name: &'static str,
+    sql: &'static str,
+}
+
+impl Migration {
+    fn description(&self) -> String {
+        self.name.replace('_', " ")
+    }
+
+    fn checksum(&self) -> Vec<u8> {
+        Sha384::digest(self.sql.as_bytes()).to_vec()
+    }
+}
+
+/// `schema/<version>_<name>.sql`
+macro_rules! migration {
+    ($version:literal, $name:literal) => {
+        Migration {
+            version: $version,
+            name: $name,
+            sql: include_str!(concat!(
+                "../../schema/",
+                stringify!($version),
+                "_",
+                $name,
+                ".sql"
+            )),
+        }
+    };
+}
+
+/// Every migration, oldest first. A new file in `schema/` is added here too (a test
+/// compares this list with the directory).
+pub(crate) static MIGRATIONS: &[Migration] = &[
+    migration!(20261125000001, "initial"),
+    migration!(20261125000002, "retention"),
+    migration!(20261125000003, "unknown_outcome"),
+    migration!(20261125000004, "attempt_claims"),
+    migration!(20261125000005, "routing_and_receipts"),
+    migration!(20261125000006, "throughput"),
+    migration!(20261125000007, "hot_updates"),
+];
+
+const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS _sqlx_migrations (
+    version BIGINT PRIMARY KEY,
+    description TEXT NOT NULL,
+    installed_on TIMESTAMPTZ NOT NULL DEFAULT now(),
+    success BOOLEAN NOT NULL,
+    checksum BYTEA NOT NULL,
+    execution_time BIGINT NOT NULL
+)";
+
+/// Applies what is missing, on `client`, a connection of its own: the advisory lock is
+/// the session's, so it goes with the connection whatever happens here.
+pub(crate) async fn run(client: &mut Client) -> Result<(), StoreError> {
+    let database: String = client
+        .query_one("SELECT current_database()", &[])
+        .await?
+        .try_get(0)?;
+    // The pool's 15 s limit is for the daemon's statements; a migration of a big table,
+    // or a wait for another migrator's lock, may take longer.
+    client.batch_execute("SET statement_timeout = 0").await?;
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&lock_key(&database)])
+        .await?;
+    client.batch_execute(CREATE_TABLE).await?;
+    let applied = applied(client).await?;
+    for migration in MIGRATIONS {
+        if !applied
+            .iter()
+            .any(|(version, _)| *version == migration.version)
+        {
+            apply(client, migration).await?;
+        }
+    }
+    client
+        .execute("SELECT pg_advisory_unlock($1)", &[&lock_key(&database)])
+        .await?;
+    Ok(())
+}
+
+/// The applied migrations, checked against this build's.
+async fn applied(client: &Client) -> Result<Vec<(i64, Vec<u8>)>, StoreError> {
+    let rows = client
+        .query(
+            "SELECT version, checksum, success FROM _sqlx_migrations ORDER BY version",
+            &[],
+        )
+        .await?;
+    let mut applied = Vec::with_capacity(rows.len());
+    for row in rows {
+        let (version, checksum, success): (i64, Vec<u8>, bool) =
+            (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+        if !success {
+            return Err(StoreError::Migrate(format!(
+                "migration {version} is recorded as failed: repair the database by hand"
+            )));
+        }
+        match MIGRATIONS.iter().find(|m| m.version == version) {
+            None => {
+                return Err(StoreError::Migrate(format!(
+                    "migration {version} was applied but this build does not know it"
+                )));
+            }
+            Some(known) if known.checksum() != checksum => {
+                return Err(StoreError::Migrate(format!(
+                    "migration {version} was applied but its file has changed since"
+                )));
+            }
+            Some(_) => applied.push((version, checksum)),
+        }
+    }
+    Ok(applied)
+}
+
+/// One migration and its record, in one transaction.
+async fn apply(client: &mut Client, migration: &Migration) -> Result<(), StoreError> {
+    let started = Instant::now();
+    let tx = client.transaction().await?;
+    tx.batch_execute(migration.sql).await.map_err(|e| {
+        StoreError::Migrate(format!(
+            "{} {}: {}",
+            migration.version,
+            migration.name,
+            super::describe(&e)
+        ))
+    })?;
+    let took = i64::try_from(started.elapsed().as_nanos()).unwrap_or(i64::MAX);
+    tx.execute(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+         VALUES ($1, $2, TRUE, $3, $4)",
+        &[
+            &migration.version,
+            &migration.description(),
+            &migration.checksum(),
+            &took,
+        ],
+    )
+    .await?;
+    tx.commit().await?;
+    tracing::info!(
+        version = migration.version,
+        name = migration.name,
+        "migration applied"
+    );
+    Ok(())
+}
+
+/// The advisory lock's key for `database`, as sqlx computes it (CRC-32 of the name times
+/// a constant of its choosing).
+fn lock_key(database: &str) -> i64 {
+    0x3d32_ad9e * i64::from(crc32(database.as_bytes()))
+}
+
+/// CRC-32 (IEEE 802.3, the zlib one), bit by bit: it runs once per migration.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for byte in bytes {
+        crc ^= u32::from(*byte);
+        for _ in 0..8 {
+            let mask = (crc & 1).wrapping_neg();
+            crc = (crc >> 1) ^ (0xedb8_8320 & mask);
+        }
+    }
+    !crc
+}
+
+/// Version of the newest migration this build knows.
+pub(crate) fn latest() -> i64 {
+    MIGRATIONS.iter().map(|m| m.version).max().unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crc32_is_the_ieee_one() {
+        assert_eq!(crc32(b"123456789"), 0xcbf4_3926);
+        assert_eq!(crc32(b""), 0);
+    }
+
+    #[test]
+    fn every_file_in_schema_is_listed_in_order() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schema");
+        let mut files: Vec<String> = std::fs::read_dir(dir)
+            .expect("schema/ is readable")
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| name.ends_with(".sql"))
+            .collect();
+        files.sort();
+        let listed: Vec<String> = MIGRATIONS
+            .iter()
+            .map(|m| format!("{}_{}.sql", m.version, m.name))
+            .collect();
+        assert_eq!(listed, files);
+    }
+
+    #[test]
+    fn descriptions_and_checksums_are_the_ones_sqlx_recorded() {
+        let unknown = &MIGRATIONS[2];
+        assert_eq!(unknown.description(), "unknown outcome");
+        assert_eq!(
+            hex::encode(MIGRATIONS[0].checksum()),
+            "113b2170ad45b8cd83ead0c017ba4323d999f5e0f7d2560b691a3bc28e43c061\
+             67952bf178fb8e6ee4829b81f3bf735b"
+        );
+    }
+}
