@@ -14,9 +14,10 @@
 use std::{
     collections::HashMap,
     sync::{Arc, RwLock},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
+use backon::BackoffBuilder;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -87,16 +88,20 @@ impl PolicyCache {
 
 /// Keeps `cache` current until `stop` fires.
 pub async fn listen(cache: PolicyCache, store: Store, stop: CancellationToken) {
+    let mut waits = crate::retry::reconnecting().build();
     loop {
-        match follow(&cache, &store, &stop).await {
-            Ok(()) => return,
-            Err(e) => {
-                tracing::warn!(error = %e, "settings cache lost its database connection; reconnecting");
-                tokio::select! {
-                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    () = stop.cancelled() => return,
-                }
-            }
+        let started = Instant::now();
+        let Err(e) = follow(&cache, &store, &stop).await else {
+            return;
+        };
+        if started.elapsed() > FULL_RELOAD {
+            // It was listening for a while: a new outage starts with short waits again.
+            waits = crate::retry::reconnecting().build();
+        }
+        let wait = waits.next().unwrap_or(FULL_RELOAD);
+        tracing::warn!(error = %e, retry_in = ?wait, "settings cache lost its database connection; reconnecting");
+        if crate::retry::pause(wait, &stop).await {
+            return;
         }
     }
 }

@@ -1,0 +1,349 @@
+//! The message log (`sms_messages`, `sms_attempts`): its statuses and rows, and the
+//! writes the pipeline makes, through the recorder's batches when it runs.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::{
+    Store, StoreError, apply_pending_receipts,
+    log::{self, Claim, ClaimRow, FinishRow, MessageColumns, RecordRow},
+    prepared,
+    recorder::Op,
+};
+use crate::job::JobType;
+
+/// The status of a message, as `sms_messages.status` stores it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageStatus {
+    Queued,
+    Sending,
+    Sent,
+    Delivered,
+    Undelivered,
+    Failed,
+    Retrying,
+    Suppressed,
+    Expired,
+}
+
+impl MessageStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageStatus::Queued => "queued",
+            MessageStatus::Sending => "sending",
+            MessageStatus::Sent => "sent",
+            MessageStatus::Delivered => "delivered",
+            MessageStatus::Undelivered => "undelivered",
+            MessageStatus::Failed => "failed",
+            MessageStatus::Retrying => "retrying",
+            MessageStatus::Suppressed => "suppressed",
+            MessageStatus::Expired => "expired",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        [
+            MessageStatus::Queued,
+            MessageStatus::Sending,
+            MessageStatus::Sent,
+            MessageStatus::Delivered,
+            MessageStatus::Undelivered,
+            MessageStatus::Failed,
+            MessageStatus::Retrying,
+            MessageStatus::Suppressed,
+            MessageStatus::Expired,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == text)
+    }
+
+    /// Whether the message has an outcome: nothing more will be sent for it.
+    pub fn is_final(self) -> bool {
+        match self {
+            MessageStatus::Queued | MessageStatus::Sending | MessageStatus::Retrying => false,
+            MessageStatus::Sent
+            | MessageStatus::Delivered
+            | MessageStatus::Undelivered
+            | MessageStatus::Failed
+            | MessageStatus::Suppressed
+            | MessageStatus::Expired => true,
+        }
+    }
+}
+
+/// What `sms_attempts.outcome` records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptOutcome {
+    Sent,
+    TemporaryFailure,
+    PermanentFailure,
+}
+
+impl AttemptOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttemptOutcome::Sent => "sent",
+            AttemptOutcome::TemporaryFailure => "temporary_failure",
+            AttemptOutcome::PermanentFailure => "permanent_failure",
+        }
+    }
+}
+
+/// A message as first recorded.
+#[derive(Debug, Clone)]
+pub struct NewMessage<'a> {
+    pub id: Uuid,
+    pub bulk_id: Option<Uuid>,
+    pub school_id: i64,
+    pub kind: JobType,
+    /// E.164 when it could be normalised, else as given.
+    pub recipient: &'a str,
+    pub body: &'a str,
+    pub context: Option<&'a Value>,
+    pub provider: &'a str,
+    pub segments: Option<i32>,
+    /// Replayed from the dead-letter queue: a `failed` message may be tried again.
+    pub reopen_failed: bool,
+}
+
+impl NewMessage<'_> {
+    /// The row's columns, owned, for the batch writer.
+    fn columns(&self) -> MessageColumns {
+        MessageColumns {
+            id: self.id,
+            bulk_id: self.bulk_id,
+            school_id: self.school_id,
+            kind: self.kind.as_str(),
+            recipient: self.recipient.to_owned(),
+            body: self.body.to_owned(),
+            context: self.context.cloned(),
+            provider: self.provider.to_owned(),
+            segments: self.segments,
+            reopen_failed: self.reopen_failed,
+        }
+    }
+}
+
+/// Text from outside (a provider's answer) as PostgreSQL can store it: a NUL character,
+/// which its text type cannot hold, becomes U+FFFD. Without this, an answer with one
+/// could never be recorded, and the message would be held for ever.
+pub(super) fn storable(text: &str) -> String {
+    text.replace('\0', "\u{fffd}")
+}
+
+/// The state of a message already in the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageState {
+    pub status: MessageStatus,
+    pub attempts: i32,
+    /// When the latest attempt started, if it has no outcome yet.
+    pub open_attempt_started: Option<OffsetDateTime>,
+    /// The latest attempt, if the provider may have taken it without our knowing: cut off
+    /// by a crash (no outcome) or ended without an answer we could read.
+    pub unknown_attempt: Option<UnknownAttempt>,
+}
+
+/// An attempt whose outcome is not known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownAttempt {
+    pub attempt: i32,
+    pub started_at: OffsetDateTime,
+    /// The provider that was called: the one to ask.
+    pub provider: String,
+}
+
+/// How one provider call ended, for `finish_attempt`.
+#[derive(Debug, Clone)]
+pub struct AttemptRecord<'a> {
+    pub outcome: AttemptOutcome,
+    pub duration: Duration,
+    pub http_status: Option<u16>,
+    pub error_code: Option<&'a str>,
+    pub error_message: Option<&'a str>,
+    /// The provider may have taken the message although the call failed.
+    pub outcome_unknown: bool,
+    pub provider_message_id: Option<&'a str>,
+    /// The message's status after this attempt.
+    pub status: MessageStatus,
+    pub reason: Option<&'a str>,
+}
+
+impl Store {
+    /// Removes the bodies of at most `batch` messages created before `older_than` ago;
+    /// returns how many. Locked rows (in flight) are skipped, never waited for.
+    pub async fn purge_bodies(&self, older_than: Duration, batch: i64) -> Result<u64, StoreError> {
+        self.execute(
+            "UPDATE sms_messages SET body = NULL
+              WHERE id IN (SELECT id FROM sms_messages
+                            WHERE body IS NOT NULL
+                              AND created_at < now() - make_interval(secs => $1)
+                            LIMIT $2 FOR UPDATE SKIP LOCKED)",
+            &[&older_than.as_secs_f64(), &batch],
+        )
+        .await
+    }
+
+    /// Deletes at most `batch` finished messages (with their attempts) created before
+    /// `older_than` ago; returns how many.
+    pub async fn delete_messages(
+        &self,
+        older_than: Duration,
+        batch: i64,
+    ) -> Result<u64, StoreError> {
+        self.execute(
+            "DELETE FROM sms_messages
+              WHERE id IN (SELECT id FROM sms_messages
+                            WHERE created_at < now() - make_interval(secs => $1)
+                              AND status NOT IN ('queued', 'sending', 'retrying')
+                            LIMIT $2 FOR UPDATE SKIP LOCKED)",
+            &[&older_than.as_secs_f64(), &batch],
+        )
+        .await
+    }
+
+    pub async fn message_state(&self, id: Uuid) -> Result<Option<MessageState>, StoreError> {
+        log::read_state(&self.client().await?, id).await
+    }
+
+    /// Writes a `queued` row for each message (left alone where the row exists): the
+    /// recipients of an announcement are in the log as soon as it is accepted.
+    pub async fn queue_messages(&self, messages: &[NewMessage<'_>]) -> Result<(), StoreError> {
+        let rows: Vec<MessageColumns> = messages.iter().map(NewMessage::columns).collect();
+        log::queue_batch(&self.client().await?, &rows).await
+    }
+
+    /// Records a message that ends without a provider call (suppressed, expired, refused),
+    /// or that waits (queued). Returns the state it found instead when the message already
+    /// has an outcome or is in flight.
+    pub async fn record_without_call(
+        &self,
+        message: &NewMessage<'_>,
+        status: MessageStatus,
+        reason: Option<&str>,
+    ) -> Result<Option<MessageState>, StoreError> {
+        let row = RecordRow {
+            message: message.columns(),
+            status: status.as_str(),
+            reason: reason.map(str::to_owned),
+        };
+        match &self.recorder {
+            Some(recorder) => recorder.write(|reply| Op::Record(row, reply)).await,
+            None => log::record_batch(&self.client().await?, &[row], self.keep_body)
+                .await?
+                .pop()
+                .ok_or_else(|| StoreError::Corrupt("no answer".into())),
+        }
+    }
+
+    /// Claims the next attempt: inserts the message (or moves it from `queued`/`retrying`,
+    /// from `failed` when replayed, or takes over attempt `take_over` left open by a crash)
+    /// to `sending`, recording the attempt as started. A message whose last attempt's
+    /// outcome is unknown is claimed only once `reconciled` (the provider was asked).
+    ///
+    /// `claim` identifies this try: if the commit succeeded but its answer was lost with
+    /// the connection, trying again with the same `claim` finds the attempt it started.
+    pub async fn begin_attempt(
+        &self,
+        message: &NewMessage<'_>,
+        take_over: Option<i32>,
+        reconciled: bool,
+        claim: Uuid,
+    ) -> Result<Claim, StoreError> {
+        let row = ClaimRow {
+            message: message.columns(),
+            take_over,
+            reconciled,
+            claim,
+        };
+        match &self.recorder {
+            Some(recorder) => recorder.write(|reply| Op::Claim(row, reply)).await,
+            None => log::claim_batch(&self.client().await?, &[row])
+                .await?
+                .pop()
+                .ok_or_else(|| StoreError::Corrupt("no answer".into())),
+        }
+    }
+
+    /// Records how attempt `attempt` ended and the message's new status, atomically.
+    pub async fn finish_attempt(
+        &self,
+        id: Uuid,
+        attempt: i32,
+        record: &AttemptRecord<'_>,
+    ) -> Result<(), StoreError> {
+        let row = FinishRow {
+            id,
+            attempt,
+            duration_ms: i32::try_from(record.duration.as_millis()).unwrap_or(i32::MAX),
+            outcome: record.outcome.as_str(),
+            http_status: record.http_status.map(i32::from),
+            error_code: record.error_code.map(storable),
+            error_message: record.error_message.map(storable),
+            outcome_unknown: record.outcome_unknown,
+            provider_message_id: record.provider_message_id.map(storable),
+            status: record.status.as_str(),
+            reason: record.reason.map(storable),
+        };
+        match &self.recorder {
+            Some(recorder) => recorder.write(|reply| Op::Finish(row, reply)).await,
+            None => log::finish_batch(&self.client().await?, &[row], self.keep_body).await,
+        }
+    }
+
+    /// Gives a message up as `failed` (`outcome_unknown`) without another call.
+    pub async fn fail_unknown(&self, id: Uuid) -> Result<(), StoreError> {
+        self.execute(
+            "UPDATE sms_messages
+                SET status = 'failed', reason = 'outcome_unknown', last_outcome_unknown = false,
+                    updated_at = now()
+              WHERE id = $1 AND status IN ('queued', 'sending', 'retrying')",
+            &[&id],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// The provider did take attempt `attempt` (found by asking it): records that attempt
+    /// as sent with the provider's id, and the message as sent.
+    pub async fn adopt_attempt(
+        &self,
+        id: Uuid,
+        attempt: i32,
+        provider_message_id: &str,
+    ) -> Result<(), StoreError> {
+        let provider_message_id = storable(provider_message_id);
+        let provider_message_id = provider_message_id.as_str();
+        let client = self.client().await?;
+        let adopt = prepared(
+            &client,
+            "WITH attempt AS (
+                INSERT INTO sms_attempts (message_id, attempt, provider, started_at, outcome,
+                                          provider_message_id, error_message)
+                SELECT m.id, $2, m.provider, COALESCE(m.attempt_started_at, now()), 'sent', $3,
+                       '(reconciled: the provider had taken it)'
+                  FROM sms_messages m WHERE m.id = $1
+                ON CONFLICT (message_id, attempt) DO UPDATE
+                   SET outcome = 'sent', outcome_unknown = false,
+                       provider_message_id = EXCLUDED.provider_message_id,
+                       error_message = concat_ws(' ', sms_attempts.error_message,
+                                                 '(reconciled: the provider had taken it)')
+             )
+             UPDATE sms_messages
+                SET status = 'sent', reason = NULL, provider_message_id = $3,
+                    sent_at = COALESCE(sent_at, now()), last_outcome_unknown = false,
+                    body = CASE WHEN $4 THEN body END, updated_at = now()
+              WHERE id = $1 AND status IN ('queued', 'sending', 'retrying', 'failed')",
+        )
+        .await?;
+        client
+            .execute(
+                &adopt,
+                &[&id, &attempt, &provider_message_id, &self.keep_body],
+            )
+            .await?;
+        apply_pending_receipts(&client, &[provider_message_id]).await
+    }
+}

@@ -1,0 +1,115 @@
+//! The web app's tables smsgw reads: the schools' settings and the opt-outs (which the
+//! webhooks also write, for STOP and START).
+
+use std::sync::LazyLock;
+
+use tokio_postgres::Row;
+
+use super::{Store, StoreError};
+use crate::{phone::PhoneNumber, policy::SchoolSettings};
+
+const SETTINGS_SELECT: &str = "SELECT school_id, sms_enabled, country, sender_id, provider,
+        fallback_provider, allow_confirmations, allow_reminders, allow_changes,
+        allow_announcements, allow_login_codes
+   FROM sms_school_settings";
+
+fn settings_of(row: &Row) -> Result<SchoolSettings, StoreError> {
+    // A NULL flag (written by hand) reads as "no": never send on a guess.
+    let flag = |name: &str| -> Result<bool, StoreError> {
+        Ok(row.try_get::<_, Option<bool>>(name)?.unwrap_or(false))
+    };
+    Ok(SchoolSettings {
+        school_id: row.try_get("school_id")?,
+        sms_enabled: flag("sms_enabled")?,
+        country: row.try_get("country")?,
+        sender_id: row.try_get("sender_id")?,
+        provider: row.try_get("provider")?,
+        fallback_provider: row.try_get("fallback_provider")?,
+        allow_confirmations: flag("allow_confirmations")?,
+        allow_reminders: flag("allow_reminders")?,
+        allow_changes: flag("allow_changes")?,
+        allow_announcements: flag("allow_announcements")?,
+        allow_login_codes: flag("allow_login_codes")?,
+    })
+}
+
+impl Store {
+    /// Every provider name the schools' settings use (as provider or fallback), with the
+    /// schools (up to a few) that use it.
+    pub async fn school_provider_names(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let rows = self
+            .rows(
+                "SELECT name, string_agg(school_id::text, ', ' ORDER BY school_id)
+                   FROM (SELECT trim(provider) AS name, school_id FROM sms_school_settings
+                          WHERE provider IS NOT NULL AND trim(provider) <> ''
+                         UNION
+                         SELECT trim(fallback_provider), school_id FROM sms_school_settings
+                          WHERE fallback_provider IS NOT NULL AND trim(fallback_provider) <> '') n
+                  GROUP BY name",
+                &[],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+            .collect()
+    }
+
+    pub async fn school_settings(
+        &self,
+        school_id: i64,
+    ) -> Result<Option<SchoolSettings>, StoreError> {
+        static SQL: LazyLock<String> =
+            LazyLock::new(|| format!("{SETTINGS_SELECT} WHERE school_id = $1"));
+        let row = self.row(&SQL, &[&school_id]).await?;
+        row.as_ref().map(settings_of).transpose()
+    }
+
+    /// Every school's settings, for the in-memory cache.
+    pub async fn all_school_settings(&self) -> Result<Vec<SchoolSettings>, StoreError> {
+        let rows = self.rows(SETTINGS_SELECT, &[]).await?;
+        rows.iter().map(settings_of).collect()
+    }
+
+    pub async fn is_opted_out(
+        &self,
+        school_id: i64,
+        phone: &PhoneNumber,
+    ) -> Result<bool, StoreError> {
+        let row = self
+            .row(
+                "SELECT EXISTS (SELECT 1 FROM sms_opt_outs
+                                WHERE phone = $1 AND (school_id IS NULL OR school_id = $2))",
+                &[&phone.as_str(), &school_id],
+            )
+            .await?
+            .ok_or_else(|| StoreError::Corrupt("EXISTS gave no row".into()))?;
+        Ok(row.try_get(0)?)
+    }
+
+    /// Records an opt-out; a second one for the same number and school changes nothing.
+    pub async fn add_opt_out(
+        &self,
+        school_id: Option<i64>,
+        phone: &PhoneNumber,
+        source: &str,
+    ) -> Result<(), StoreError> {
+        self.execute(
+            "INSERT INTO sms_opt_outs (school_id, phone, source) VALUES ($1, $2, $3)
+             ON CONFLICT (phone, (COALESCE(school_id, -1))) DO NOTHING",
+            &[&school_id, &phone.as_str(), &source],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// START: removes the opt-outs a carrier or an inbound STOP made for `phone` (not the
+    /// ones the web app wrote: those are the user's settings there).
+    pub async fn remove_carrier_opt_outs(&self, phone: &PhoneNumber) -> Result<(), StoreError> {
+        self.execute(
+            "DELETE FROM sms_opt_outs WHERE phone = $1 AND source IN ('inbound', 'provider')",
+            &[&phone.as_str()],
+        )
+        .await?;
+        Ok(())
+    }
+}
