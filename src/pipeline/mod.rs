@@ -73,6 +73,20 @@ pub struct PipelineSettings {
 }
 
 impl PipelineSettings {
+    /// Three attempts, tiers of 10 s and 1 min, a 5 s provider timeout: for unit tests.
+    #[cfg(test)]
+    pub(crate) fn example() -> Self {
+        PipelineSettings {
+            max_attempts: 3,
+            retry_delays: vec![Duration::from_secs(10), Duration::from_secs(60)],
+            redirect_to: None,
+            provider_timeout: Duration::from_secs(5),
+            unknown_outcome: UnknownOutcome::Resend,
+            max_segments: HashMap::new(),
+            fanout_chunk: 100,
+        }
+    }
+
     /// How long an attempt may still be running in another process: a claim older than
     /// this was cut off, and a message busy elsewhere is looked at again after it.
     pub fn recheck_after(&self) -> Duration {

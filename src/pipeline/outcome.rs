@@ -291,15 +291,7 @@ mod tests {
     const RECHECK: Duration = Duration::from_secs(20);
 
     fn settings() -> PipelineSettings {
-        PipelineSettings {
-            max_attempts: 3,
-            retry_delays: vec![Duration::from_secs(10), Duration::from_secs(60)],
-            redirect_to: None,
-            provider_timeout: Duration::from_secs(10),
-            unknown_outcome: super::super::UnknownOutcome::Resend,
-            max_segments: Default::default(),
-            fanout_chunk: 100,
-        }
+        PipelineSettings::example()
     }
 
     fn delivery() -> Delivery {

@@ -24,30 +24,13 @@ const SCHOOL: i64 = 42;
 const NUMBER: &str = "+447700900123";
 
 fn school() -> SchoolSettings {
-    SchoolSettings {
-        school_id: SCHOOL,
-        sms_enabled: true,
-        country: Some("GB".into()),
-        sender_id: None,
-        provider: None,
-        fallback_provider: None,
-        allow_confirmations: true,
-        allow_reminders: true,
-        allow_changes: true,
-        allow_announcements: true,
-        allow_login_codes: true,
-    }
+    SchoolSettings::example(SCHOOL)
 }
 
 fn settings() -> PipelineSettings {
     PipelineSettings {
-        max_attempts: 3,
-        retry_delays: vec![Duration::from_secs(10), Duration::from_secs(60)],
-        redirect_to: None,
-        provider_timeout: Duration::from_secs(5),
-        unknown_outcome: UnknownOutcome::Resend,
-        max_segments: Default::default(),
         fanout_chunk: 2,
+        ..PipelineSettings::example()
     }
 }
 
@@ -187,50 +170,38 @@ async fn a_national_number_is_read_with_the_schools_country() {
 }
 
 #[tokio::test]
-async fn a_disabled_school_is_suppressed_without_a_call() {
-    let world = World::with(
-        settings(),
-        SchoolSettings {
-            sms_enabled: false,
-            ..school()
-        },
-    );
-    let (id, job) = job(JobType::BookingReminder);
-    assert_eq!(world.handle(&delivery(&job)).await, Disposition::Ack);
-    assert_eq!(
-        world.status(id),
-        (MessageStatus::Suppressed, Some("school_disabled".into()))
-    );
-    assert!(world.twilio.calls().is_empty());
-}
-
-#[tokio::test]
-async fn a_school_without_settings_or_not_allowing_the_type_is_suppressed() {
-    let world = World::new();
-    let (id, mut unknown_school) = job(JobType::BookingReminder);
-    unknown_school["school_id"] = json!(7);
-    assert_eq!(
-        world.handle(&delivery(&unknown_school)).await,
-        Disposition::Ack
-    );
-    assert_eq!(
-        world.status(id),
-        (MessageStatus::Suppressed, Some("no_school_settings".into()))
-    );
-    let world = World::with(
-        settings(),
-        SchoolSettings {
-            allow_reminders: false,
-            ..school()
-        },
-    );
-    let (id, job) = job(JobType::BookingReminder);
-    assert_eq!(world.handle(&delivery(&job)).await, Disposition::Ack);
-    assert_eq!(
-        world.status(id),
-        (MessageStatus::Suppressed, Some("type_not_allowed".into()))
-    );
-    assert!(world.twilio.calls().is_empty());
+async fn each_school_setting_that_says_no_suppresses_without_a_call() {
+    let cases = [
+        (
+            SchoolSettings {
+                sms_enabled: false,
+                ..school()
+            },
+            "school_disabled",
+        ),
+        (
+            SchoolSettings {
+                allow_reminders: false,
+                ..school()
+            },
+            "type_not_allowed",
+        ),
+        (
+            SchoolSettings {
+                school_id: 7,
+                ..school()
+            },
+            "no_school_settings",
+        ),
+    ];
+    for (school, reason) in cases {
+        let world = World::with(settings(), school);
+        let (id, job) = job(JobType::BookingReminder);
+        assert_eq!(world.handle(&delivery(&job)).await, Disposition::Ack);
+        let recorded = world.status(id);
+        assert_eq!(recorded, (MessageStatus::Suppressed, Some(reason.into())));
+        assert!(world.twilio.calls().is_empty());
+    }
 }
 
 #[tokio::test]

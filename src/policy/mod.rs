@@ -35,6 +35,25 @@ pub struct SchoolSettings {
 }
 
 impl SchoolSettings {
+    /// A British school that allows every type, with no sender or provider of its own:
+    /// for unit tests.
+    #[cfg(test)]
+    pub(crate) fn example(school_id: i64) -> Self {
+        SchoolSettings {
+            school_id,
+            sms_enabled: true,
+            country: Some("GB".into()),
+            sender_id: None,
+            provider: None,
+            fallback_provider: None,
+            allow_confirmations: true,
+            allow_reminders: true,
+            allow_changes: true,
+            allow_announcements: true,
+            allow_login_codes: true,
+        }
+    }
+
     pub fn allows(&self, kind: JobType) -> bool {
         match kind {
             JobType::BookingConfirmation => self.allow_confirmations,
@@ -183,19 +202,7 @@ mod tests {
     use time::macros::datetime;
 
     fn school() -> SchoolSettings {
-        SchoolSettings {
-            school_id: 42,
-            sms_enabled: true,
-            country: Some("GB".into()),
-            sender_id: None,
-            provider: None,
-            fallback_provider: None,
-            allow_confirmations: true,
-            allow_reminders: true,
-            allow_changes: true,
-            allow_announcements: true,
-            allow_login_codes: true,
-        }
+        SchoolSettings::example(42)
     }
 
     const NOW: OffsetDateTime = datetime!(2026-11-25 10:00 UTC);
