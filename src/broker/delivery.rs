@@ -50,6 +50,22 @@ pub struct Delivery {
 }
 
 impl Delivery {
+    /// A first delivery of a fresh publish, with none of our headers.
+    pub fn fresh(lane: Lane, body: Vec<u8>) -> Self {
+        Delivery {
+            lane,
+            body,
+            message_id: None,
+            redelivered: false,
+            attempts: 0,
+            bulk_id: None,
+            retry_at: None,
+            replayed: false,
+            requeued: false,
+            fanout_queued: false,
+        }
+    }
+
     /// Whether the job may have been seen before: redelivered, back from a tier, replayed.
     pub fn has_history(&self) -> bool {
         self.redelivered || self.requeued || self.replayed

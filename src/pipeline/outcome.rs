@@ -295,18 +295,7 @@ mod tests {
     }
 
     fn delivery() -> Delivery {
-        Delivery {
-            lane: Lane::Urgent,
-            body: Vec::new(),
-            message_id: None,
-            redelivered: false,
-            attempts: 0,
-            bulk_id: None,
-            retry_at: None,
-            replayed: false,
-            requeued: false,
-            fanout_queued: false,
-        }
+        Delivery::fresh(Lane::Urgent, Vec::new())
     }
 
     fn state(status: MessageStatus, started: Option<OffsetDateTime>) -> MessageState {

@@ -72,6 +72,15 @@ impl World {
         }
     }
 
+    /// Two outage-like failures in a row open `twilio`'s circuit (its threshold here).
+    async fn open_twilio_circuit(&self) {
+        self.twilio.answer([Err(unavailable()), Err(unavailable())]);
+        for _ in 0..2 {
+            let (_, job) = job(JobType::BookingReminder);
+            self.handle(&delivery(&job)).await;
+        }
+    }
+
     fn log(&self) -> &MemoryLog {
         &self.pipeline.log
     }
@@ -100,18 +109,28 @@ fn job(kind: JobType) -> (Uuid, serde_json::Value) {
 }
 
 fn delivery(job: &serde_json::Value) -> Delivery {
-    Delivery {
-        lane: Lane::Default,
-        body: job.to_string().into_bytes(),
-        message_id: None,
-        redelivered: false,
-        attempts: 0,
-        bulk_id: None,
-        retry_at: None,
-        replayed: false,
-        requeued: false,
-        fanout_queued: false,
-    }
+    Delivery::fresh(Lane::Default, job.to_string().into_bytes())
+}
+
+/// Handles `job` and checks it failed for good before any call: dead-lettered as a
+/// permanent failure, recorded `failed` with `reason`. Returns the dead letter's error.
+async fn refused_without_a_call(world: &World, job: &serde_json::Value, reason: &str) -> String {
+    let Disposition::DeadLetter {
+        reason: dead,
+        error,
+        ..
+    } = world.handle(&delivery(job)).await
+    else {
+        panic!("{reason}: dead-lettered");
+    };
+    assert_eq!(dead, DeadReason::PermanentFailure);
+    let id = Uuid::parse_str(job["id"].as_str().unwrap_or_default()).expect("a job id");
+    assert_eq!(
+        world.status(id),
+        (MessageStatus::Failed, Some(reason.into()))
+    );
+    assert!(world.twilio.calls().is_empty(), "{reason}: never sent");
+    error
 }
 
 /// The same job coming back from a retry tier after `attempts` calls.
@@ -263,21 +282,9 @@ async fn an_invalid_job_is_dead_lettered_with_the_decoders_error() {
 #[tokio::test]
 async fn an_impossible_number_fails_permanently_without_a_call() {
     let world = World::new();
-    let (id, mut job) = job(JobType::LoginCode);
+    let (_, mut job) = job(JobType::LoginCode);
     job["to"] = json!("+44123");
-    let disposition = world.handle(&delivery(&job)).await;
-    assert!(matches!(
-        disposition,
-        Disposition::DeadLetter {
-            reason: DeadReason::PermanentFailure,
-            ..
-        }
-    ));
-    assert_eq!(
-        world.status(id),
-        (MessageStatus::Failed, Some("invalid_number".into()))
-    );
-    assert!(world.twilio.calls().is_empty());
+    refused_without_a_call(&world, &job, "invalid_number").await;
 }
 
 #[tokio::test]
@@ -287,33 +294,18 @@ async fn an_invalid_sender_or_a_text_too_long_for_its_type_fails_without_a_call(
         ..school()
     };
     let world = World::with(settings(), bad_sender);
-    let (id, code) = job(JobType::LoginCode);
-    assert!(matches!(
-        world.handle(&delivery(&code)).await,
-        Disposition::DeadLetter { .. }
-    ));
-    assert_eq!(
-        world.status(id),
-        (MessageStatus::Failed, Some("invalid_sender_id".into()))
-    );
+    let (_, code) = job(JobType::LoginCode);
+    refused_without_a_call(&world, &code, "invalid_sender_id").await;
     let one_segment = PipelineSettings {
         max_segments: [(JobType::LoginCode, 1)].into_iter().collect(),
         ..settings()
     };
     let world = World::with(one_segment, school());
-    let (id, mut job) = job(JobType::LoginCode);
-    job["body"] = json!(
+    let (_, mut long) = job(JobType::LoginCode);
+    long["body"] = json!(
         "Your code is 123456 🚗 and it stays valid for fifteen minutes from now, so please use it soon."
     );
-    assert!(matches!(
-        world.handle(&delivery(&job)).await,
-        Disposition::DeadLetter { .. }
-    ));
-    assert_eq!(
-        world.status(id),
-        (MessageStatus::Failed, Some("too_many_segments".into()))
-    );
-    assert!(world.twilio.calls().is_empty());
+    refused_without_a_call(&world, &long, "too_many_segments").await;
 }
 
 #[tokio::test]
@@ -323,15 +315,9 @@ async fn a_school_naming_an_unconfigured_provider_is_refused() {
         ..school()
     };
     let world = World::with(settings(), school);
-    let (id, job) = job(JobType::LoginCode);
-    let Disposition::DeadLetter { error, .. } = world.handle(&delivery(&job)).await else {
-        panic!("dead-lettered");
-    };
+    let (_, job) = job(JobType::LoginCode);
+    let error = refused_without_a_call(&world, &job, "unknown_provider").await;
     assert!(error.contains("'sinch' is not configured"), "{error}");
-    assert_eq!(
-        world.status(id),
-        (MessageStatus::Failed, Some("unknown_provider".into()))
-    );
 }
 
 #[tokio::test]
@@ -454,13 +440,7 @@ async fn without_a_fallback_the_same_refusal_is_final() {
 #[tokio::test]
 async fn an_open_circuit_puts_messages_off_instead_of_calling() {
     let world = World::new();
-    world
-        .twilio
-        .answer([Err(unavailable()), Err(unavailable())]);
-    for _ in 0..2 {
-        let (_, job) = job(JobType::BookingReminder);
-        world.handle(&delivery(&job)).await;
-    }
+    world.open_twilio_circuit().await;
     let (id, job) = job(JobType::BookingReminder);
     assert!(matches!(
         world.handle(&delivery(&job)).await,
@@ -480,13 +460,7 @@ async fn an_open_circuit_sends_through_the_fallback_when_there_is_one() {
         ..school()
     };
     let world = World::with(settings(), school);
-    world
-        .twilio
-        .answer([Err(unavailable()), Err(unavailable())]);
-    for _ in 0..2 {
-        let (_, job) = job(JobType::BookingReminder);
-        world.handle(&delivery(&job)).await;
-    }
+    world.open_twilio_circuit().await;
     let (id, job) = job(JobType::BookingReminder);
     assert_eq!(world.handle(&delivery(&job)).await, Disposition::Ack);
     assert_eq!(world.row(id).provider, "vonage");
