@@ -116,44 +116,42 @@ pub fn mask(number: &str) -> String {
     out
 }
 
-/// Masks every run that looks like a phone number (six digits or more, with optional `+`,
-/// spaces or dashes inside) in free text such as a provider's error message.
+/// Masks every run that looks like a phone number (six digits or more, with an optional
+/// `+` and spaces, dashes, dots, slashes or brackets inside) in free text such as a
+/// provider's error message.
 pub fn redact_numbers(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut run = String::new();
     let mut digits = 0;
-    let flush = |run: &mut String, digits: &mut usize, out: &mut String| {
-        if *digits >= 6 {
-            let compact: String = run.chars().filter(|c| !c.is_whitespace()).collect();
-            let trailing_ws: String = run
-                .chars()
-                .rev()
-                .take_while(|c| c.is_whitespace())
-                .collect();
-            out.push_str(&mask(compact.trim_end()));
-            out.push_str(&trailing_ws);
-        } else {
-            out.push_str(run);
-        }
-        run.clear();
-        *digits = 0;
-    };
     for c in text.chars() {
         let continues = c.is_ascii_digit()
             || (c == '+' && run.is_empty())
-            || (!run.is_empty() && (c == ' ' || c == '-' || c == '(' || c == ')'));
+            || (!run.is_empty() && matches!(c, ' ' | '-' | '.' | '/' | '(' | ')'));
         if continues {
-            if c.is_ascii_digit() {
-                digits += 1;
-            }
+            digits += usize::from(c.is_ascii_digit());
             run.push(c);
         } else {
-            flush(&mut run, &mut digits, &mut out);
+            flush_run(&mut run, digits, &mut out);
+            digits = 0;
             out.push(c);
         }
     }
-    flush(&mut run, &mut digits, &mut out);
+    flush_run(&mut run, digits, &mut out);
     out
+}
+
+/// Writes a run of number-like characters, masked when it holds six digits or more. What
+/// follows its last digit (a full stop, a space) is kept as it was.
+fn flush_run(run: &mut String, digits: usize, out: &mut String) {
+    if digits >= 6 {
+        let end = run.rfind(|c: char| c.is_ascii_digit()).map_or(0, |i| i + 1);
+        let number: String = run[..end].chars().filter(|c| !c.is_whitespace()).collect();
+        out.push_str(&mask(&number));
+        out.push_str(&run[end..]);
+    } else {
+        out.push_str(run);
+    }
+    run.clear();
 }
 
 /// A school's own sender: alphanumeric, 1 to 11 characters, or an E.164 number.
@@ -263,6 +261,22 @@ mod tests {
             redact_numbers("call 0770 090 0123 now"),
             "call 077*****123 now"
         );
+    }
+
+    #[test]
+    fn numbers_split_by_dots_or_slashes_are_redacted_too() {
+        for text in [
+            "call 0770.090.0123.",
+            "call 0770/090/0123.",
+            "to +447700900123.",
+        ] {
+            let red = redact_numbers(text);
+            assert!(!red.contains("090"), "{red}");
+            assert!(
+                red.ends_with("123."),
+                "the full stop stays after the number: {red}"
+            );
+        }
     }
 
     #[test]

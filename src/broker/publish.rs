@@ -23,6 +23,7 @@ use super::{
 use crate::{
     disposition::{DeadReason, Disposition},
     job::JobType,
+    phone::redact_numbers,
 };
 
 /// Longest `x-smsgw-error` we write.
@@ -234,14 +235,19 @@ impl Broker {
     }
 }
 
-/// Our headers on a dead letter: when, why, and the error (shortened).
+/// Our headers on a dead letter: when, why, and the error, shortened and with phone
+/// numbers masked (a provider's error text often quotes the recipient, and dead letters
+/// are kept and shown to whoever inspects the queue).
 fn mark_dead(headers: &mut FieldTable, reason: DeadReason, error: &str) {
     headers.insert(
         HEADER_DEAD_AT.into(),
         AMQPValue::LongLongInt(unix_ms(OffsetDateTime::now_utc())),
     );
     headers.insert(HEADER_REASON.into(), long_string(reason.as_str()));
-    let error: String = error.chars().take(MAX_ERROR_HEADER).collect();
+    let error: String = redact_numbers(error)
+        .chars()
+        .take(MAX_ERROR_HEADER)
+        .collect();
     headers.insert(HEADER_ERROR.into(), long_string(&error));
 }
 
@@ -268,5 +274,26 @@ fn check_confirmation(confirmation: lapin::Confirmation) -> Result<(), BrokerErr
     match confirmation.take_message() {
         Some(returned) => Err(BrokerError::Returned(returned.reply_text.to_string())),
         None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::headers::amqp_text;
+
+    #[test]
+    fn a_dead_letters_error_never_holds_a_full_number() {
+        let mut headers = FieldTable::default();
+        let error =
+            "refused by the provider (HTTP 400): 21211 The 'To' number +447700900123 is not valid";
+        mark_dead(&mut headers, DeadReason::PermanentFailure, error);
+        let written = headers.inner().get(HEADER_ERROR).and_then(amqp_text);
+        assert_eq!(
+            written.as_deref(),
+            Some(
+                "refused by the provider (HTTP 400): 21211 The 'To' number +44*******123 is not valid"
+            )
+        );
     }
 }
