@@ -98,7 +98,9 @@ enum DlqCommand {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Delete dead letters for good.
+    /// Delete dead letters for good. Deleting every one takes `--all`, so that a filter
+    /// left out by mistake never empties the queue.
+    #[command(group(clap::ArgGroup::new("which").required(true).multiple(true).args(["reason", "older_than", "all"])))]
     Purge {
         /// Only dead letters with this reason.
         #[arg(long)]
@@ -106,6 +108,9 @@ enum DlqCommand {
         /// Only dead letters older than this (e.g. 7d, 12h).
         #[arg(long, value_parser = parse_age)]
         older_than: Option<std::time::Duration>,
+        /// Every dead letter.
+        #[arg(long, conflicts_with_all = ["reason", "older_than"])]
+        all: bool,
         /// Yes, delete them.
         #[arg(long)]
         yes: bool,
@@ -244,6 +249,7 @@ async fn dlq(settings: &Settings, command: DlqCommand) -> ExitCode {
             reason,
             older_than,
             yes,
+            ..
         } => {
             let filter = DeadFilter {
                 reason,

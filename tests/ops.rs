@@ -263,6 +263,12 @@ async fn dlq_purge_needs_yes_and_deletes_only_what_it_matches() {
     assert_eq!(refused.status.code(), Some(2));
     wait_depth(&app, "sms.dead", 3).await; // messages come back when the tool closes its channel
 
+    // Without a filter, deleting everything must be asked for by name.
+    let unfiltered = app.run_cli(&["dlq", "purge", "--yes"]);
+    assert_eq!(unfiltered.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&unfiltered.stderr).contains("--all"));
+    wait_depth(&app, "sms.dead", 3).await;
+
     let young = app.run_cli(&["dlq", "purge", "--older-than", "1h", "--yes"]);
     assert_eq!(young.status.code(), Some(0));
     wait_depth(&app, "sms.dead", 3).await; // messages come back when the tool closes its channel
@@ -278,6 +284,14 @@ async fn dlq_purge_needs_yes_and_deletes_only_what_it_matches() {
     assert_eq!(
         left,
         [id_of(&jobs[1]).to_string(), id_of(&jobs[2]).to_string()]
+    );
+
+    let all = app.run_cli(&["dlq", "purge", "--all", "--yes"]);
+    assert_eq!(all.status.code(), Some(0));
+    assert!(
+        stdout(&all).contains("purged 2, kept 0"),
+        "{}",
+        stdout(&all)
     );
 }
 
