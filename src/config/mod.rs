@@ -687,6 +687,15 @@ mod tests {
         ];
         let err = settings(&base).expect_err("no redirect");
         assert_eq!(err.variable, "SMSGW_REDIRECT_TO");
+        for real in [
+            "https://api.twilio.com:443",
+            "https://api.dublin.ie1.twilio.com",
+        ] {
+            let mut explicit = base.to_vec();
+            explicit.push(("SMSGW_TWILIO_BASE_URL", real));
+            let err = settings(&explicit).expect_err("Twilio's own host, written out");
+            assert_eq!(err.variable, "SMSGW_REDIRECT_TO", "{real}");
+        }
         let mut with_redirect = base.to_vec();
         with_redirect.push(("SMSGW_REDIRECT_TO", "+447700900123"));
         let s = settings(&with_redirect).expect("redirected staging is fine");

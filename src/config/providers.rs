@@ -31,6 +31,23 @@ use super::{ConfigError, TwilioSender, TwilioSettings, bad};
 
 pub const DEFAULT_TWILIO_BASE_URL: &str = "https://api.twilio.com";
 pub const DEFAULT_VONAGE_BASE_URL: &str = "https://rest.nexmo.com";
+/// The providers' own domains: a base URL on one of them (or below) reaches real phones.
+const TWILIO_DOMAINS: &[&str] = &["twilio.com"];
+const VONAGE_DOMAINS: &[&str] = &["nexmo.com", "vonage.com"];
+
+/// Whether `base_url`'s host is one of `domains` or a host below one. A URL without a
+/// readable host counts as inside: when in doubt, a provider reaches real phones.
+fn host_within(base_url: &str, domains: &[&str]) -> bool {
+    let Some(host) = url::Url::parse(base_url).ok().and_then(|u| {
+        u.host_str()
+            .map(|h| h.trim_end_matches('.').to_ascii_lowercase())
+    }) else {
+        return true;
+    };
+    domains
+        .iter()
+        .any(|d| host == *d || host.ends_with(&format!(".{d}")))
+}
 
 /// How Vonage signs its webhooks (the account's "signature method").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,11 +95,13 @@ impl ProviderSettings {
     }
 
     /// Whether this provider reaches real phones: a real API, not the log and not a stub.
+    /// Decided from the base URL's host, so that any port, path or regional host of the
+    /// provider counts as real, and staging cannot run unredirected against it.
     pub fn reaches_real_phones(&self) -> bool {
         match &self.kind {
             ProviderKindSettings::Log => false,
-            ProviderKindSettings::Twilio(t) => t.base_url == DEFAULT_TWILIO_BASE_URL,
-            ProviderKindSettings::Vonage(v) => v.base_url == DEFAULT_VONAGE_BASE_URL,
+            ProviderKindSettings::Twilio(t) => host_within(&t.base_url, TWILIO_DOMAINS),
+            ProviderKindSettings::Vonage(v) => host_within(&v.base_url, VONAGE_DOMAINS),
         }
     }
 
@@ -514,6 +533,30 @@ auth_token = { env = "TOKEN" }
 from = "+15005550006"
 rate = 20
 "#;
+
+    #[test]
+    fn a_providers_own_hosts_reach_real_phones_on_any_port_or_region() {
+        for url in [
+            "https://api.twilio.com",
+            "https://api.twilio.com:443",
+            "https://API.Twilio.com./2010-04-01",
+            "https://api.dublin.ie1.twilio.com",
+        ] {
+            assert!(host_within(url, TWILIO_DOMAINS), "{url}");
+        }
+        for url in ["https://rest.nexmo.com:443", "https://api-eu.vonage.com"] {
+            assert!(host_within(url, VONAGE_DOMAINS), "{url}");
+        }
+        for url in [
+            "http://127.0.0.1:8089",
+            "http://twilio-stub:8080",
+            "https://twilio.com.example.org",
+            "https://nottwilio.com",
+        ] {
+            assert!(!host_within(url, TWILIO_DOMAINS), "{url}");
+        }
+        assert!(host_within("not a url", TWILIO_DOMAINS), "in doubt, real");
+    }
 
     #[test]
     fn one_provider_is_its_own_default() {
