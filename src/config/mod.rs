@@ -220,7 +220,7 @@ impl Settings {
         let redirect_to = redirect_to(&get)?;
         check_redirect(env, redirect_to.as_ref(), &provider_config.providers)?;
         let max_segments = max_segments(&get, &provider_config.max_segments)?;
-        let public_url = public_url(&get)?;
+        let public_url = public_url(&get, env, delivery)?;
         let retry_delays = retry_delays(&get)?;
         let lanes = lanes(&get)?;
         let log_format = log_format(&get)?;
@@ -464,14 +464,35 @@ fn segment_limit(part: &str) -> Result<(JobType, u32), ConfigError> {
 }
 
 /// Kept without a trailing slash, so callback paths can be appended to it.
-fn public_url(get: &impl Fn(&str) -> Option<String>) -> Result<Option<String>, ConfigError> {
+/// The base URL providers call back. Production needs one, over `https`: receipts and
+/// inbound STOP/START carry phone numbers and must not be readable on the wire.
+fn public_url(
+    get: &impl Fn(&str) -> Option<String>,
+    env: Environment,
+    delivery: bool,
+) -> Result<Option<String>, ConfigError> {
+    let production = env == Environment::Production && delivery;
     let Some(url) = get("SMSGW_PUBLIC_URL") else {
+        if production {
+            return Err(bad(
+                "SMSGW_PUBLIC_URL",
+                "is required in production: the https URL providers send receipts and STOP/START to",
+            ));
+        }
         return Ok(None);
     };
     let parsed = reqwest::Url::parse(&url)
         .map_err(|e| bad("SMSGW_PUBLIC_URL", format!("not a URL: {e}")))?;
-    if !matches!(parsed.scheme(), "http" | "https") {
-        return Err(bad("SMSGW_PUBLIC_URL", "must be an http(s) URL"));
+    match parsed.scheme() {
+        "https" => {}
+        "http" if !production => {}
+        "http" => {
+            return Err(bad(
+                "SMSGW_PUBLIC_URL",
+                "must be an https URL in production: webhooks carry phone numbers",
+            ));
+        }
+        _ => return Err(bad("SMSGW_PUBLIC_URL", "must be an http(s) URL")),
     }
     Ok(Some(url.trim_end_matches('/').to_owned()))
 }
@@ -674,6 +695,27 @@ mod tests {
         ])
         .expect_err("no sender");
         assert_eq!(err.variable, "TWILIO_FROM");
+    }
+
+    #[test]
+    fn production_needs_an_https_public_url() {
+        let base = [
+            ("SMSGW_ENV", "production"),
+            ("SMSGW_PROVIDER", "twilio"),
+            ("TWILIO_ACCOUNT_SID", SID),
+            ("TWILIO_AUTH_TOKEN", "secret"),
+            ("TWILIO_FROM", "+15005550006"),
+        ];
+        let err = settings(&base).expect_err("no public URL");
+        assert_eq!(err.variable, "SMSGW_PUBLIC_URL");
+        let mut plain = base.to_vec();
+        plain.push(("SMSGW_PUBLIC_URL", "http://smsgw.example.com"));
+        let err = settings(&plain).expect_err("plain http");
+        assert!(err.problem.contains("https"), "{err}");
+        let mut secure = base.to_vec();
+        secure.push(("SMSGW_PUBLIC_URL", "https://smsgw.example.com/"));
+        let s = settings(&secure).expect("https is fine");
+        assert_eq!(s.public_url.as_deref(), Some("https://smsgw.example.com"));
     }
 
     #[test]
