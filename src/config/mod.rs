@@ -697,22 +697,27 @@ mod tests {
         assert_eq!(err.variable, "TWILIO_FROM");
     }
 
-    #[test]
-    fn production_needs_an_https_public_url() {
-        let base = [
-            ("SMSGW_ENV", "production"),
+    /// Twilio at its real API, with credentials, in `env`.
+    fn real_twilio(env: &'static str) -> Vec<(&'static str, &'static str)> {
+        vec![
+            ("SMSGW_ENV", env),
             ("SMSGW_PROVIDER", "twilio"),
             ("TWILIO_ACCOUNT_SID", SID),
             ("TWILIO_AUTH_TOKEN", "secret"),
             ("TWILIO_FROM", "+15005550006"),
-        ];
+        ]
+    }
+
+    #[test]
+    fn production_needs_an_https_public_url() {
+        let base = real_twilio("production");
         let err = settings(&base).expect_err("no public URL");
         assert_eq!(err.variable, "SMSGW_PUBLIC_URL");
-        let mut plain = base.to_vec();
+        let mut plain = base.clone();
         plain.push(("SMSGW_PUBLIC_URL", "http://smsgw.example.com"));
         let err = settings(&plain).expect_err("plain http");
         assert!(err.problem.contains("https"), "{err}");
-        let mut secure = base.to_vec();
+        let mut secure = base.clone();
         secure.push(("SMSGW_PUBLIC_URL", "https://smsgw.example.com/"));
         let s = settings(&secure).expect("https is fine");
         assert_eq!(s.public_url.as_deref(), Some("https://smsgw.example.com"));
@@ -720,25 +725,19 @@ mod tests {
 
     #[test]
     fn staging_with_real_twilio_needs_a_redirect() {
-        let base = [
-            ("SMSGW_ENV", "staging"),
-            ("SMSGW_PROVIDER", "twilio"),
-            ("TWILIO_ACCOUNT_SID", SID),
-            ("TWILIO_AUTH_TOKEN", "secret"),
-            ("TWILIO_FROM", "+15005550006"),
-        ];
+        let base = real_twilio("staging");
         let err = settings(&base).expect_err("no redirect");
         assert_eq!(err.variable, "SMSGW_REDIRECT_TO");
         for real in [
             "https://api.twilio.com:443",
             "https://api.dublin.ie1.twilio.com",
         ] {
-            let mut explicit = base.to_vec();
+            let mut explicit = base.clone();
             explicit.push(("SMSGW_TWILIO_BASE_URL", real));
             let err = settings(&explicit).expect_err("Twilio's own host, written out");
             assert_eq!(err.variable, "SMSGW_REDIRECT_TO", "{real}");
         }
-        let mut with_redirect = base.to_vec();
+        let mut with_redirect = base.clone();
         with_redirect.push(("SMSGW_REDIRECT_TO", "+447700900123"));
         let s = settings(&with_redirect).expect("redirected staging is fine");
         let line = s.destination_summary();
