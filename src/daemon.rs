@@ -647,8 +647,8 @@ async fn settle(
     mut disposition: Disposition,
     abandon: &CancellationToken,
 ) -> bool {
-    let mut waits =
-        crate::retry::backoff(Duration::from_millis(100), Duration::from_secs(5)).build();
+    // Made at the first failure: most deliveries settle at once.
+    let mut waits = None;
     let mut asked = true;
     for attempt in 1.. {
         let Err(e) = broker.settle(incoming, &disposition).await else {
@@ -664,11 +664,16 @@ async fn settle(
             tracing::warn!(error = %e, attempt, "could not settle the delivery; trying again");
         }
         let give_back = matches!(disposition, Disposition::FanOut { .. }) || attempt >= 5;
-        if give_back && disposition != Disposition::Requeue {
+        if give_back && !matches!(disposition, Disposition::Requeue) {
             disposition = Disposition::Requeue;
             asked = false;
         }
-        let wait = waits.next().unwrap_or(Duration::from_secs(5));
+        let wait = waits
+            .get_or_insert_with(|| {
+                crate::retry::backoff(Duration::from_millis(100), Duration::from_secs(5)).build()
+            })
+            .next()
+            .unwrap_or(Duration::from_secs(5));
         if pause(wait, abandon).await {
             return false;
         }

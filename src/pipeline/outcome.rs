@@ -284,7 +284,7 @@ pub fn retry_delay(delays: &[Duration], attempts: u32, retry_after: Option<Durat
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{job::Lane, store::UnknownAttempt};
+    use crate::{job::Lane, pipeline::tests::unavailable, store::UnknownAttempt};
     use time::macros::datetime;
 
     const NOW: OffsetDateTime = datetime!(2026-12-04 10:00 UTC);
@@ -308,15 +308,6 @@ mod tests {
                 started_at,
                 provider: "twilio".into(),
             }),
-        }
-    }
-
-    fn unavailable() -> ProviderError {
-        ProviderError::Unavailable {
-            http_status: 503,
-            code: None,
-            message: None,
-            retry_after: None,
         }
     }
 

@@ -142,7 +142,7 @@ fn retried(job: &serde_json::Value, attempts: u32) -> Delivery {
     }
 }
 
-fn unavailable() -> ProviderError {
+pub(super) fn unavailable() -> ProviderError {
     ProviderError::Unavailable {
         http_status: 503,
         code: None,

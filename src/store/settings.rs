@@ -70,22 +70,6 @@ impl Store {
         rows.iter().map(settings_of).collect()
     }
 
-    pub async fn is_opted_out(
-        &self,
-        school_id: i64,
-        phone: &PhoneNumber,
-    ) -> Result<bool, StoreError> {
-        let row = self
-            .row(
-                "SELECT EXISTS (SELECT 1 FROM sms_opt_outs
-                                WHERE phone = $1 AND (school_id IS NULL OR school_id = $2))",
-                &[&phone.as_str(), &school_id],
-            )
-            .await?
-            .ok_or_else(|| StoreError::Corrupt("EXISTS gave no row".into()))?;
-        Ok(row.try_get(0)?)
-    }
-
     /// Records an opt-out; a second one for the same number and school changes nothing.
     pub async fn add_opt_out(
         &self,
