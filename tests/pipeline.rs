@@ -1001,3 +1001,42 @@ async fn a_changed_setting_takes_effect_within_a_second() {
     app.publish(&resumed).await;
     app.wait_for_status(id_of(&resumed), "sent").await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_login_codes_text_is_not_kept_once_it_has_an_outcome() {
+    let app = spawn_app().await;
+    app.add_school(SCHOOL, "GB").await;
+    let sent = job("login_code", SCHOOL, "+447700900123", "Your code is 4711");
+    let mut expired = job("login_code", SCHOOL, "+447700900124", "Your code is 4712");
+    expired["expires_at"] = json!("2020-01-01T00:00:00Z");
+    let reminder = job(
+        "booking_reminder",
+        SCHOOL,
+        "+447700900125",
+        "Lesson at 10:00",
+    );
+    for job in [&sent, &expired, &reminder] {
+        app.publish(job).await;
+    }
+    app.wait_for_status(id_of(&sent), "sent").await;
+    app.wait_for_status(id_of(&expired), "expired").await;
+    app.wait_for_status(id_of(&reminder), "sent").await;
+
+    let db = &app.db;
+    let body = |id: Uuid| async move {
+        db.optional::<Option<String>>("SELECT body FROM sms_messages WHERE id = $1", &[&id])
+            .await
+            .flatten()
+    };
+    assert_eq!(body(id_of(&sent)).await, None, "a sent code is not kept");
+    assert_eq!(
+        body(id_of(&expired)).await,
+        None,
+        "an expired code is not kept"
+    );
+    assert_eq!(
+        body(id_of(&reminder)).await.as_deref(),
+        Some("Lesson at 10:00"),
+        "other texts are kept until the body retention"
+    );
+}

@@ -466,7 +466,8 @@ const FINISH: &str = "WITH input AS (
             SET status = i.status, reason = i.reason,
                 provider_message_id = COALESCE(i.sid, m.provider_message_id),
                 sent_at = CASE WHEN i.status = 'sent' THEN now() ELSE m.sent_at END,
-                body = CASE WHEN $12 OR i.status = 'retrying' THEN m.body END,
+                body = CASE WHEN i.status = 'retrying' OR ($12 AND m.type <> 'login_code')
+                            THEN m.body END,
                 last_outcome_unknown = i.outcome_unknown, updated_at = now()
            FROM input i
           WHERE m.id = i.id AND m.status = 'sending' AND m.attempts = i.attempt";
@@ -526,7 +527,8 @@ pub(crate) async fn finish_batch(
 const RECORD_NEW: &str = "INSERT INTO sms_messages (id, bulk_id, school_id, type, recipient, body,
                                context, status, reason, provider, segments)
      SELECT id, bulk_id, school_id, type, recipient,
-            CASE WHEN $12 OR status = 'queued' THEN body END, context, status,
+            CASE WHEN status = 'queued' OR ($12 AND type <> 'login_code') THEN body END,
+            context, status,
             reason, provider, segments
        FROM UNNEST($1::uuid[], $2::uuid[], $3::int8[], $4::text[], $5::text[],
                    $6::text[], $7::jsonb[], $8::text[], $9::int4[], $10::text[],
@@ -549,7 +551,8 @@ static RECORD_EXISTING: LazyLock<String> = LazyLock::new(|| {
          updated AS (
             UPDATE sms_messages m
                SET status = i.status, reason = i.reason,
-                   body = CASE WHEN $13 OR i.status = 'queued' THEN m.body END,
+                   body = CASE WHEN i.status = 'queued' OR ($13 AND m.type <> 'login_code')
+                               THEN m.body END,
                    updated_at = now()
               FROM input i
              WHERE m.id = i.id
@@ -560,7 +563,8 @@ static RECORD_EXISTING: LazyLock<String> = LazyLock::new(|| {
             INSERT INTO sms_messages (id, bulk_id, school_id, type, recipient, body, context,
                                       status, reason, provider, segments)
             SELECT i.id, i.bulk_id, i.school_id, i.type, i.recipient,
-                   CASE WHEN $13 OR i.status = 'queued' THEN i.body END, i.context,
+                   CASE WHEN i.status = 'queued' OR ($13 AND i.type <> 'login_code')
+                        THEN i.body END, i.context,
                    i.status, i.reason, i.provider, i.segments
               FROM input i
              WHERE NOT EXISTS (SELECT 1 FROM sms_messages x WHERE x.id = ANY($1) AND x.id = i.id)

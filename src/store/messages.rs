@@ -298,9 +298,10 @@ impl Store {
         self.execute(
             "UPDATE sms_messages
                 SET status = 'failed', reason = 'outcome_unknown', last_outcome_unknown = false,
+                    body = CASE WHEN $2 AND type <> 'login_code' THEN body END,
                     updated_at = now()
               WHERE id = $1 AND status IN ('queued', 'sending', 'retrying')",
-            &[&id],
+            &[&id, &self.keep_body],
         )
         .await?;
         Ok(())
@@ -334,7 +335,8 @@ impl Store {
              UPDATE sms_messages
                 SET status = 'sent', reason = NULL, provider_message_id = $3,
                     sent_at = COALESCE(sent_at, now()), last_outcome_unknown = false,
-                    body = CASE WHEN $4 THEN body END, updated_at = now()
+                    body = CASE WHEN $4 AND type <> 'login_code' THEN body END,
+                    updated_at = now()
               WHERE id = $1 AND status IN ('queued', 'sending', 'retrying', 'failed')",
         )
         .await?;
