@@ -132,6 +132,7 @@ async fn serve_jobs(
         shared.metrics.clone(),
         background.clone(),
     ));
+    let relay = tokio::spawn(event_relay(shared, &store).run(background.clone()));
     let consumed = async {
         check_school_providers(&store, &shared.gateways, shutdown).await?;
         let Some(cache) = load_cache(&store, shutdown).await else {
@@ -147,8 +148,24 @@ async fn serve_jobs(
     .await;
     background.cancel();
     let _ = retention.await;
+    let _ = relay.await;
     store.close().await;
     consumed
+}
+
+fn event_relay(shared: &Shared, store: &Store) -> crate::events::Relay {
+    let settings = &shared.settings;
+    crate::events::Relay {
+        store: store.clone(),
+        amqp_url: settings.amqp_url.clone(),
+        amqp_url_redacted: settings.amqp_url_redacted(),
+        topology: Topology {
+            delays: settings.retry_delays.clone(),
+            delivery_limit: settings.delivery_limit,
+        },
+        events: settings.events,
+        metrics: shared.metrics.clone(),
+    }
 }
 
 /// The schools' settings, read before the first message; `None` when stopped meanwhile.
@@ -262,7 +279,7 @@ async fn connect_store(
             if development {
                 Store::create_database_if_missing(&settings.database_url).await?;
             }
-            Store::connect(&settings.database_url, 16).await
+            Store::connect_with_events(&settings.database_url, 16, settings.events).await
         };
         match attempt.await {
             Ok(store) => {

@@ -21,7 +21,9 @@
 //!   circuit breaker, pace and call slots.
 //! - [`pipeline`]: one delivery in, one disposition out; its rules are pure functions in
 //!   [`pipeline::outcome`], and it reaches the log through [`pipeline::MessageLog`].
-//! - [`store`]: PostgreSQL: settings, opt-outs, the message log. Only it speaks SQL.
+//! - [`store`]: PostgreSQL: settings, opt-outs, the message log, and the outbox of status
+//!   events that triggers fill in each status change's transaction. Only it speaks SQL.
+//! - [`events`]: the relay that publishes the outbox's status events to `sms.events`.
 //! - [`cache`]: school settings in memory, kept current by LISTEN/NOTIFY.
 //! - [`disposition`]: what the broker does with a delivery once it is handled.
 //! - [`phone`]: phone numbers (E.164, masked in logs) and sender IDs.
@@ -41,6 +43,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod disposition;
+pub mod events;
 pub mod http;
 pub mod job;
 pub mod ops;

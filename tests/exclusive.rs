@@ -10,7 +10,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use helpers::{Reply, spawn_app, spawn_app_with};
+use helpers::{
+    Reply,
+    events::{EventTap, assert_events_match_log},
+    spawn_app, spawn_app_with,
+};
 
 const SCHOOL: i64 = 42;
 
@@ -80,6 +84,7 @@ async fn rabbitmq_restarted_mid_run_the_daemon_recovers_by_itself() {
     let app = spawn_app().await;
     app.add_school(SCHOOL, "GB").await;
     app.stub.reply_always(Reply::Slow(Duration::from_millis(2)));
+    let mut tap = EventTap::bind(&app.env.amqp_url, "#").await;
     let jobs = 2_000;
     let started = Instant::now();
     let ids = app.publish_many(jobs, "booking_reminder", SCHOOL).await;
@@ -108,6 +113,8 @@ async fn rabbitmq_restarted_mid_run_the_daemon_recovers_by_itself() {
     );
     assert_eq!((lost, duplicates), (0, 0));
     helpers::wait_until_ready_url(&app.http_url).await;
+    tap.drain(&app.db, Duration::from_secs(60)).await;
+    assert_events_match_log(&tap, &app.db).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -115,6 +122,7 @@ async fn postgres_stopped_for_10_s_nothing_is_lost_or_sent_unrecorded() {
     let app = spawn_app().await;
     app.add_school(SCHOOL, "GB").await;
     app.stub.reply_always(Reply::Slow(Duration::from_millis(5)));
+    let mut tap = EventTap::bind(&app.env.amqp_url, "#").await;
     let jobs = 1_000;
     let started = Instant::now();
     let ids = app.publish_many(jobs, "booking_reminder", SCHOOL).await;
@@ -164,6 +172,8 @@ async fn postgres_stopped_for_10_s_nothing_is_lost_or_sent_unrecorded() {
         calls_during <= 200,
         "{calls_during} calls while the database was down"
     );
+    tap.drain(&app.db, Duration::from_secs(60)).await;
+    assert_events_match_log(&tap, &app.db).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

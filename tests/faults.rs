@@ -2,7 +2,8 @@
 //! and database connections cut or stalled (through a proxy each test owns, so the shared
 //! services are never touched), a misbehaving provider, and SIGTERM under load.
 //!
-//! The promise: every job reaches a recorded outcome, and nobody is texted twice.
+//! The promise: every job reaches a recorded outcome, and nobody is texted twice; every
+//! committed status change has its event, in order per message.
 //! Each test adds a row to the fault report (`make test` prints it).
 
 mod helpers;
@@ -10,7 +11,9 @@ mod helpers;
 use std::time::{Duration, Instant};
 
 use helpers::{
-    Reply, TestEnv, TwilioStub, base_settings, free_port,
+    Reply, TestEnv, TwilioStub, base_settings,
+    events::{EventTap, assert_events_match_log},
+    free_port,
     process::{Daemon, wait_ready},
     spawn_app, spawn_app_behind_proxies, spawn_app_with,
 };
@@ -47,6 +50,7 @@ async fn killed_again_and_again_nothing_is_lost_or_sent_twice() {
     let _ = daemon.wait_exit(Duration::from_secs(10));
     let app = helpers::attach(env, stub).await;
     app.add_school(SCHOOL, "GB").await;
+    let mut tap = EventTap::bind(&app.env.amqp_url, "#").await;
     let jobs = 5_000;
     let ids = app.publish_many(jobs, "booking_reminder", SCHOOL).await;
 
@@ -85,8 +89,11 @@ async fn killed_again_and_again_nothing_is_lost_or_sent_twice() {
         assert!(Instant::now() < deadline, "the queues never emptied");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    tap.drain(&app.db, Duration::from_secs(60)).await;
     daemon.signal("TERM");
     assert_eq!(daemon.wait_exit(Duration::from_secs(30)).0, Some(0));
+    let copies = assert_events_match_log(&tap, &app.db).await;
+    println!("status events published again after a kill: {copies}");
 
     helpers::report(
         "SIGKILL mid-work",

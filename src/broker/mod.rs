@@ -13,6 +13,8 @@
 //!
 //!  dead letters ─▶ sms.dead (fanout) ─▶ sms.dead queue
 //!  lanes past x-delivery-limit ──────────▲ (the broker dead-letters them itself)
+//!
+//!  status events (relay) ─▶ sms.events (topic, key = <type>.<status>) ─▶ the web app's queues
 //! ```
 //!
 //! Every queue is a quorum queue; the broker dead-letters at-least-once. Every publish of
@@ -23,6 +25,7 @@
 //! - `acks`: a lane's acks gathered into `multiple` acks.
 //! - `publish`: confirmed publishing, and carrying out a [`Disposition`].
 //! - `dead`: browsing and replaying the dead letters.
+//! - `events`: publishing status events.
 //! - `headers`: our headers and AMQP values.
 //!
 //! [`Disposition`]: crate::disposition::Disposition
@@ -30,6 +33,7 @@
 mod acks;
 mod dead;
 mod delivery;
+mod events;
 mod headers;
 mod publish;
 mod topology;
@@ -44,6 +48,7 @@ use lapin::{
 pub use self::{
     dead::{DeadBrowser, DeadLetter, MAX_BROWSE},
     delivery::{Delivery, Incoming, LaneConsumer},
+    events::OutgoingEvent,
     headers::*,
     topology::{Topology, lane_queue, tier_name},
 };
@@ -53,6 +58,7 @@ pub const UNROUTED_EXCHANGE: &str = "sms.unrouted";
 pub const REQUEUE_EXCHANGE: &str = "sms.requeue";
 pub const DEAD_EXCHANGE: &str = "sms.dead";
 pub const DEAD_QUEUE: &str = "sms.dead";
+pub const EVENTS_EXCHANGE: &str = "sms.events";
 
 /// How long we wait for the broker to confirm a publish or take an ack.
 const BROKER_TIMEOUT: Duration = Duration::from_secs(15);

@@ -123,6 +123,9 @@ pub struct Settings {
     pub fanout_chunk: usize,
     /// Most calls in flight to one gateway at once (and so most connections open to it).
     pub provider_concurrency: u32,
+    /// Status changes write events to the outbox, and the daemon relays them to
+    /// `sms.events` (`SMSGW_EVENTS`).
+    pub events: bool,
 }
 
 /// A configuration problem, naming the variable. Exit code 2.
@@ -175,6 +178,7 @@ pub const VARIABLES: &[&str] = &[
     "SMSGW_MAX_SEGMENTS",
     "SMSGW_FANOUT_CHUNK",
     "SMSGW_PROVIDER_CONCURRENCY",
+    "SMSGW_EVENTS",
     "VONAGE_API_KEY",
     "VONAGE_API_SECRET",
     "VONAGE_FROM",
@@ -255,6 +259,7 @@ impl Settings {
             fanout_chunk: number(&get, "SMSGW_FANOUT_CHUNK", 1_000, 1, 50_000)?,
             provider_concurrency: number(&get, "SMSGW_PROVIDER_CONCURRENCY", 512, 1, 10_000)?,
             resend_unknown: resend_unknown(&get)?,
+            events: on_or_off(&get, "SMSGW_EVENTS", true)?,
         })
     }
 
@@ -546,6 +551,19 @@ fn keep_body(get: &impl Fn(&str) -> Option<String>) -> Result<bool, ConfigError>
             "SMSGW_KEEP_BODY",
             format!("'{other}' is not true or false"),
         )),
+    }
+}
+
+fn on_or_off(
+    get: &impl Fn(&str) -> Option<String>,
+    variable: &'static str,
+    default: bool,
+) -> Result<bool, ConfigError> {
+    match get(variable).as_deref().map(str::trim) {
+        None => Ok(default),
+        Some("on") => Ok(true),
+        Some("off") => Ok(false),
+        Some(other) => Err(bad(variable, format!("'{other}' is not on or off"))),
     }
 }
 

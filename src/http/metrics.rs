@@ -1,5 +1,7 @@
 //! Prometheus metrics, served as text on `GET /metrics`.
 
+use std::sync::atomic::AtomicU64;
+
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{
@@ -72,6 +74,12 @@ pub struct Metrics {
     pub queue_depth: Family<QueueLabels, Gauge>,
     /// Resends after an unknown outcome that the provider could not be asked about.
     pub possible_duplicates: Counter,
+    /// Status events published to `sms.events` (and confirmed by the broker).
+    pub events_published: Counter,
+    /// Status events waiting in the outbox.
+    pub events_outbox: Gauge,
+    /// Age of the oldest status event waiting in the outbox.
+    pub events_outbox_oldest: Gauge<f64, AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -89,6 +97,7 @@ impl Metrics {
         metrics.register_provider_health();
         metrics.register_queues();
         metrics.register_possible_duplicates();
+        metrics.register_events();
         metrics
     }
 
@@ -108,6 +117,9 @@ impl Metrics {
             receipts: Family::default(),
             queue_depth: Family::default(),
             possible_duplicates: Counter::default(),
+            events_published: Counter::default(),
+            events_outbox: Gauge::default(),
+            events_outbox_oldest: Gauge::default(),
         }
     }
 
@@ -187,6 +199,25 @@ impl Metrics {
             "Messages sent again after an attempt with an unknown outcome that the provider \
              could not be asked about",
             self.possible_duplicates.clone(),
+        );
+    }
+
+    fn register_events(&mut self) {
+        let registry = &mut self.registry;
+        registry.register(
+            "events_published",
+            "Status events published to sms.events and confirmed by the broker",
+            self.events_published.clone(),
+        );
+        registry.register(
+            "events_outbox",
+            "Status events waiting in the outbox to be published",
+            self.events_outbox.clone(),
+        );
+        registry.register(
+            "events_outbox_oldest_seconds",
+            "Age of the oldest status event waiting in the outbox",
+            self.events_outbox_oldest.clone(),
         );
     }
 

@@ -11,8 +11,15 @@ use crate::{
 };
 
 fn line(item: &str, ok: bool, text: &str) {
-    println!("{item:<14} {:<4} {text}", if ok { "ok" } else { "FAIL" });
+    say(item, if ok { "ok" } else { "FAIL" }, text);
 }
+
+fn say(item: &str, verdict: &str, text: &str) {
+    println!("{item:<14} {verdict:<4} {text}");
+}
+
+/// An outbox event older than this means no daemon relays them.
+const EVENTS_STALE_AFTER: f64 = 60.0;
 
 pub async fn check(settings: Result<Settings, ConfigError>) -> ExitCode {
     let settings = match settings {
@@ -88,8 +95,37 @@ async fn check_database(settings: &Settings) -> bool {
             false
         }
     };
+    if current {
+        report_events(&store, settings.events).await;
+    }
     store.close().await;
     current
+}
+
+/// The status events waiting to be published: a warning, not a failure, when they are
+/// late (the daemon relays them once it can; nothing is lost meanwhile).
+async fn report_events(store: &Store, on: bool) {
+    let mode = if on { "on" } else { "off" };
+    match store.outbox_backlog().await {
+        Ok(backlog) if backlog.events == 0 => {
+            line("events", true, &format!("{mode}; the outbox is empty"));
+        }
+        Ok(backlog) => {
+            let late = backlog.oldest_seconds > EVENTS_STALE_AFTER;
+            let text = format!(
+                "{mode}; {} waiting in the outbox, the oldest for {:.0} s{}",
+                backlog.events,
+                backlog.oldest_seconds,
+                if late {
+                    ": is a daemon running, and can it reach the broker?"
+                } else {
+                    ""
+                }
+            );
+            say("events", if late { "WARN" } else { "ok" }, &text);
+        }
+        Err(e) => line("events", false, &e.to_string()),
+    }
 }
 
 /// What a provider's configuration says, with the credentials shortened to a hint.

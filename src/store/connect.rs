@@ -90,6 +90,17 @@ impl Connector {
         })
     }
 
+    /// Connections whose status changes write no status events: the outbox triggers read
+    /// this setting (see the `status_events` migration).
+    pub(crate) fn without_events(mut self) -> Self {
+        let options = match self.config.get_options() {
+            Some(given) => format!("{given} -c smsgw.events=off"),
+            None => "-c smsgw.events=off".to_owned(),
+        };
+        self.config.options(options);
+        self
+    }
+
     /// The same server and credentials, another database.
     pub(crate) fn for_database(&self, name: &str) -> Self {
         let mut other = self.clone();

@@ -13,6 +13,7 @@
 //! - `messages`: the message log's rows and the pipeline's writes; `log` their batch
 //!   statements, and `recorder` the group commit that batches them;
 //! - `receipts`: delivery receipts; `views`: a message as support reads it;
+//! - `outbox`: the status events waiting for the relay;
 //! - `connect`: connection settings, TLS, the pool; `migrate`: the schema's migrations;
 //!   `notify`: the LISTEN connection of the settings cache.
 
@@ -29,6 +30,7 @@ mod log;
 mod messages;
 mod migrate;
 mod notify;
+mod outbox;
 mod receipts;
 mod recorder;
 mod settings;
@@ -40,6 +42,7 @@ pub use messages::{
     AttemptOutcome, AttemptRecord, MessageState, MessageStatus, NewMessage, UnknownAttempt,
 };
 pub(crate) use notify::Listener;
+pub use outbox::{BACKLOG_COUNT_LIMIT, OutboxBacklog, OutboxEvent, RelayTurn};
 pub(crate) use receipts::apply_pending_receipts;
 pub use receipts::{Receipt, ReceiptApplied};
 use recorder::Recorder;
@@ -146,7 +149,20 @@ impl Store {
     /// from the pool waits about 5 s at most (for a free one, or for the server to answer
     /// again); each statement may run 15 s on the server.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
-        let connector = Connector::from_url(url)?;
+        Self::connect_with_events(url, max_connections, true).await
+    }
+
+    /// As [`Store::connect`]; with `events` false, the status changes made through this
+    /// store write no status events (`SMSGW_EVENTS=off`).
+    pub async fn connect_with_events(
+        url: &str,
+        max_connections: u32,
+        events: bool,
+    ) -> Result<Self, StoreError> {
+        let mut connector = Connector::from_url(url)?;
+        if !events {
+            connector = connector.without_events();
+        }
         let pool = connector.pool(max_connections)?;
         // Kept in the pool when dropped: the first statement finds it ready.
         drop(connect::acquire(&pool).await?);

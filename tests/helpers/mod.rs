@@ -7,6 +7,7 @@
 #![allow(dead_code, unreachable_pub, unused_imports)]
 
 pub mod db;
+pub mod events;
 pub mod process;
 pub mod proxy;
 pub mod twilio_stub;

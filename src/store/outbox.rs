@@ -1,0 +1,161 @@
+//! The status events' outbox (`sms_events`). Triggers write a row in the transaction of
+//! every status change (see the `status_events` migration); the relay reads the rows in
+//! order, hands them to the broker and deletes them once the broker confirmed them.
+//!
+//! One relay at a time: a relay turn runs in a transaction that holds an advisory lock,
+//! so with several daemons relaying one outbox, turns follow one another and never
+//! overlap. Within a turn, rows are read in `id` order, and `id` orders each message's
+//! events (a message's next change waits for the row lock its previous change held until
+//! it committed, and takes its `id` after that). So no message's events are ever
+//! published out of order, and none twice, unless a relay dies between the broker's
+//! confirm and its commit: then the next turn publishes those rows again, with the same
+//! `event_id`.
+
+use serde_json::Value;
+use time::OffsetDateTime;
+use tokio_postgres::Row;
+use uuid::Uuid;
+
+use super::{Store, StoreError};
+
+/// The advisory lock that makes relay turns take turns (any constant unique to smsgw).
+const RELAY_LOCK: i64 = 0x736d_7367_7700_0001;
+
+/// A status change waiting to be published.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxEvent {
+    pub message_id: Uuid,
+    pub seq: i32,
+    /// The announcement a recipient's message came from.
+    pub bulk_id: Option<Uuid>,
+    pub kind: String,
+    pub school_id: i64,
+    pub status: String,
+    pub previous_status: Option<String>,
+    pub reason: Option<String>,
+    pub error_code: Option<String>,
+    pub provider: Option<String>,
+    pub provider_message_id: Option<String>,
+    pub attempts: i32,
+    pub segments: Option<i32>,
+    pub context: Option<Value>,
+    pub occurred_at: OffsetDateTime,
+}
+
+impl OutboxEvent {
+    fn from_row(row: &Row) -> Result<Self, StoreError> {
+        Ok(OutboxEvent {
+            message_id: row.try_get("message_id")?,
+            seq: row.try_get("seq")?,
+            bulk_id: row.try_get("bulk_id")?,
+            kind: row.try_get("type")?,
+            school_id: row.try_get("school_id")?,
+            status: row.try_get("status")?,
+            previous_status: row.try_get("previous_status")?,
+            reason: row.try_get("reason")?,
+            error_code: row.try_get("error_code")?,
+            provider: row.try_get("provider")?,
+            provider_message_id: row.try_get("provider_message_id")?,
+            attempts: row.try_get("attempts")?,
+            segments: row.try_get("segments")?,
+            context: row.try_get("context")?,
+            occurred_at: row.try_get("occurred_at")?,
+        })
+    }
+}
+
+/// How far behind the relay is.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OutboxBacklog {
+    /// Rows waiting (counted up to [`BACKLOG_COUNT_LIMIT`]).
+    pub events: i64,
+    /// Age of the oldest, in seconds; 0 when none waits.
+    pub oldest_seconds: f64,
+}
+
+/// Counting stops here, so that reading the backlog stays cheap however far behind the
+/// relay is.
+pub const BACKLOG_COUNT_LIMIT: i64 = 1_000_000;
+
+/// What a relay turn did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayTurn {
+    /// Another daemon's relay holds the turn.
+    Busy,
+    /// This many events were published and removed.
+    Relayed(usize),
+}
+
+impl Store {
+    /// Takes one relay turn: reads up to `limit` events in order, passes them to
+    /// `publish`, and removes them once it returned `Ok`. On an error nothing is removed
+    /// and the events are published again by a later turn.
+    pub async fn relay_events<E, F, Fut>(&self, limit: i64, publish: F) -> Result<RelayTurn, E>
+    where
+        E: From<StoreError>,
+        F: FnOnce(Vec<OutboxEvent>) -> Fut,
+        Fut: Future<Output = Result<(), E>>,
+    {
+        const READ: &str = "SELECT id, message_id, seq, bulk_id, type, school_id, status,
+                                   previous_status, reason, error_code, provider,
+                                   provider_message_id, attempts, segments, context, occurred_at
+                              FROM sms_events ORDER BY id LIMIT $1";
+        const REMOVE: &str = "DELETE FROM sms_events WHERE id = ANY($1)";
+        let mut client = self.client().await?;
+        let turn = client.transaction().await.map_err(StoreError::from)?;
+        let lock = turn
+            .prepare_cached("SELECT pg_try_advisory_xact_lock($1)")
+            .await
+            .map_err(StoreError::from)?;
+        let ours: bool = turn
+            .query_one(&lock, &[&RELAY_LOCK])
+            .await
+            .and_then(|row| row.try_get(0))
+            .map_err(StoreError::from)?;
+        if !ours {
+            return Ok(RelayTurn::Busy);
+        }
+        let read = turn.prepare_cached(READ).await.map_err(StoreError::from)?;
+        let rows = turn
+            .query(&read, &[&limit])
+            .await
+            .map_err(StoreError::from)?;
+        if rows.is_empty() {
+            return Ok(RelayTurn::Relayed(0));
+        }
+        let ids = rows
+            .iter()
+            .map(|row| row.try_get::<_, i64>("id"))
+            .collect::<Result<Vec<i64>, _>>()
+            .map_err(StoreError::from)?;
+        let events = rows
+            .iter()
+            .map(OutboxEvent::from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        publish(events).await?;
+        let remove = turn
+            .prepare_cached(REMOVE)
+            .await
+            .map_err(StoreError::from)?;
+        turn.execute(&remove, &[&ids])
+            .await
+            .map_err(StoreError::from)?;
+        turn.commit().await.map_err(StoreError::from)?;
+        Ok(RelayTurn::Relayed(ids.len()))
+    }
+
+    /// How many events wait in the outbox, and for how long the oldest has.
+    pub async fn outbox_backlog(&self) -> Result<OutboxBacklog, StoreError> {
+        const BACKLOG: &str = "SELECT (SELECT count(*) FROM (SELECT 1 FROM sms_events LIMIT $1) t),
+                    COALESCE(extract(epoch FROM now() - (SELECT occurred_at FROM sms_events
+                                                           ORDER BY id LIMIT 1)), 0)::float8";
+        let row = self
+            .row(BACKLOG, &[&BACKLOG_COUNT_LIMIT])
+            .await?
+            .ok_or_else(|| StoreError::Corrupt("no backlog row".into()))?;
+        Ok(OutboxBacklog {
+            events: row.try_get(0)?,
+            oldest_seconds: row.try_get::<_, f64>(1)?.max(0.0),
+        })
+    }
+}
