@@ -358,6 +358,7 @@ async fn finished(app: &helpers::App) -> i64 {
 
 struct Throughput {
     latency_ms: u64,
+    events: bool,
     /// The lanes' budgets (urgent / default / bulk).
     in_flight: String,
     jobs: usize,
@@ -370,7 +371,15 @@ struct Throughput {
     rabbit_cpu: f64,
 }
 
-async fn end_to_end(jobs: usize, latency_ms: u64) -> Throughput {
+/// Every status event relayed: the outbox is empty.
+async fn events_relayed(app: &helpers::App) -> bool {
+    app.db
+        .scalar::<i64>("SELECT count(*) FROM sms_events", &[])
+        .await
+        == 0
+}
+
+async fn end_to_end(jobs: usize, latency_ms: u64, events: bool) -> Throughput {
     // The lanes' budgets: BENCH_CONCURRENCY for the default and bulk lanes (the urgent
     // one 128); else the daemon's own defaults with a fast provider, and 1,024 in flight
     // in all (128 / 448 / 448) with a slow one, the load the memory target is set for.
@@ -388,7 +397,11 @@ async fn end_to_end(jobs: usize, latency_ms: u64) -> Throughput {
         ),
         None => (Vec::new(), "defaults".to_owned()),
     };
-    let run = prepare(latency_ms, &lanes).await;
+    let mut extra = lanes;
+    extra.push(("SMSGW_EVENTS", if events { "on" } else { "off" }.to_owned()));
+    let run = prepare(latency_ms, &extra).await;
+    // The web app's queue for every event, as a consumer that keeps up would have it.
+    let _tap = helpers::events::EventTap::bind(&run.app.env.amqp_url, "#").await;
     opt_out_every_50th(&run.app, jobs).await;
     // Declare the topology, then publish everything before the clock starts.
     let mut daemon = Daemon::spawn(&run.vars);
@@ -410,7 +423,7 @@ async fn end_to_end(jobs: usize, latency_ms: u64) -> Throughput {
         tokio::time::sleep(Duration::from_millis(250)).await;
         polls += 1;
         let due = run.app.stub.arrived() >= calls || polls.is_multiple_of(20);
-        if due && finished(&run.app).await as usize >= jobs {
+        if due && finished(&run.app).await as usize >= jobs && events_relayed(&run.app).await {
             break;
         }
         assert!(
@@ -453,6 +466,7 @@ async fn end_to_end(jobs: usize, latency_ms: u64) -> Throughput {
     let _ = daemon.wait_exit(Duration::from_secs(60));
     Throughput {
         latency_ms,
+        events,
         in_flight,
         jobs,
         rate: jobs as f64 / elapsed.as_secs_f64(),
@@ -717,19 +731,25 @@ async fn main() {
         ceiling.stub
     );
 
+    // Status events on (the default) at every latency; off as well at the first, to show
+    // what they cost.
     let mut results = Vec::new();
-    for latency in latencies {
-        results.push(end_to_end(jobs, latency).await);
+    for (i, latency) in latencies.into_iter().enumerate() {
+        results.push(end_to_end(jobs, latency, true).await);
+        if i == 0 {
+            results.push(end_to_end(jobs, latency, false).await);
+        }
     }
     println!();
     println!(
-        "| provider latency | in flight (urgent / default / bulk) | jobs | jobs/s | vs consume ceiling | publish→provider p50 / p99 | peak RSS | CPU s per 10k: worker / PostgreSQL / RabbitMQ |"
+        "| provider latency | status events | in flight (urgent / default / bulk) | jobs | jobs/s | vs consume ceiling | publish→provider p50 / p99 | peak RSS | CPU s per 10k: worker / PostgreSQL / RabbitMQ |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for r in &results {
         println!(
-            "| {} ms | {} | {} | {:.0} | {:.0}% | {:.1} / {:.1} ms | {:.1} MiB | {:.2} / {:.2} / {:.2} |",
+            "| {} ms | {} | {} | {} | {:.0} | {:.0}% | {:.1} / {:.1} ms | {:.1} MiB | {:.2} / {:.2} / {:.2} |",
             r.latency_ms,
+            if r.events { "on" } else { "off" },
             r.in_flight,
             r.jobs,
             r.rate,
