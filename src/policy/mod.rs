@@ -6,6 +6,7 @@
 //! in the same statement (see [`crate::store::Claim::OptedOut`]), so an opt-out written a
 //! moment ago counts, and the table stays the only authority.
 
+pub mod quiet;
 mod routing;
 
 pub use routing::{Route, route};
