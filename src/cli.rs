@@ -299,8 +299,8 @@ async fn wait_for_signal() {
 
 async fn migrate(settings: &Settings) -> ExitCode {
     let result = async {
-        Store::create_database_if_missing(&settings.database_url).await?;
-        let store = Store::connect(&settings.database_url, 2).await?;
+        Store::create_database_if_missing(settings.database_url.expose()).await?;
+        let store = Store::connect(settings.database_url.expose(), 2).await?;
         store.migrate().await?;
         let version = store.schema_version().await?;
         store.close().await;
@@ -347,7 +347,7 @@ async fn send(settings: &Settings, args: SendArgs) -> ExitCode {
         delivery_limit: settings.delivery_limit,
     };
     let result = async {
-        let broker = Broker::connect(&settings.amqp_url, "smsgw send", topology).await?;
+        let broker = Broker::connect(settings.amqp_url.expose(), "smsgw send", topology).await?;
         // Declaring is idempotent; it makes a job sent before the daemon's first start
         // land in its queue instead of nowhere.
         broker.declare_topology().await?;

@@ -158,7 +158,6 @@ fn event_relay(shared: &Shared, store: &Store) -> crate::events::Relay {
     crate::events::Relay {
         store: store.clone(),
         amqp_url: settings.amqp_url.clone(),
-        amqp_url_redacted: settings.amqp_url_redacted(),
         topology: Topology {
             delays: settings.retry_delays.clone(),
             delivery_limit: settings.delivery_limit,
@@ -277,9 +276,9 @@ async fn connect_store(
     loop {
         let attempt = async {
             if development {
-                Store::create_database_if_missing(&settings.database_url).await?;
+                Store::create_database_if_missing(settings.database_url.expose()).await?;
             }
-            Store::connect_with_events(&settings.database_url, 16, settings.events).await
+            Store::connect_with_events(settings.database_url.expose(), 16, settings.events).await
         };
         match attempt.await {
             Ok(store) => {
@@ -375,13 +374,17 @@ impl Worker<'_> {
         while !shutdown.is_cancelled() {
             let connected = async {
                 let broker =
-                    Broker::connect(&self.settings.amqp_url, &name, self.topology()).await?;
+                    Broker::connect(self.settings.amqp_url.expose(), &name, self.topology())
+                        .await?;
                 broker.declare_topology().await?;
                 Ok::<_, crate::broker::BrokerError>(broker)
             }
             .await;
             let broker = match connected {
                 Ok(broker) => broker,
+                Err(e @ crate::broker::BrokerError::BadUrl) => {
+                    return Err(DaemonError::Config(format!("SMSGW_AMQP_URL: {e}")));
+                }
                 Err(e) if e.is_precondition_failed() => {
                     return Err(DaemonError::Runtime(format!(
                         "the broker's queues do not match this configuration ({e}); \

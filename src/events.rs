@@ -21,6 +21,7 @@ use uuid::Uuid;
 
 use crate::{
     broker::{Broker, BrokerError, OutgoingEvent, Topology},
+    config::ServiceUrl,
     http::metrics::Metrics,
     retry::pause,
     store::{OutboxEvent, RelayTurn, Store, StoreError},
@@ -125,9 +126,8 @@ enum RelayError {
 /// What the relay needs to run.
 pub struct Relay {
     pub store: Store,
-    pub amqp_url: String,
-    /// For the logs: the URL without its password.
-    pub amqp_url_redacted: String,
+    /// Printed (`Display`) without its password.
+    pub amqp_url: ServiceUrl,
     /// The queues' shape (the relay declares only `sms.events`).
     pub topology: Topology,
     /// Events on: new events are looked for often.
@@ -146,7 +146,7 @@ impl Relay {
                 Ok(broker) => broker,
                 Err(e) => {
                     let wait = backoff.next().unwrap_or(Duration::from_secs(10));
-                    tracing::warn!(broker = %self.amqp_url_redacted, error = %e, retry_in = ?wait,
+                    tracing::warn!(broker = %self.amqp_url, error = %e, retry_in = ?wait,
                         "status events: broker unavailable");
                     pause(wait, &stop).await;
                     continue;
@@ -173,7 +173,7 @@ impl Relay {
             env!("CARGO_PKG_VERSION"),
             std::process::id()
         );
-        let broker = Broker::connect(&self.amqp_url, &name, self.topology.clone()).await?;
+        let broker = Broker::connect(self.amqp_url.expose(), &name, self.topology.clone()).await?;
         broker.declare_events_exchange().await?;
         Ok(broker)
     }

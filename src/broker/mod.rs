@@ -43,6 +43,7 @@ use std::{sync::Arc, time::Duration};
 use futures_util::StreamExt;
 use lapin::{
     Channel, Connection, ConnectionProperties, options::ConfirmSelectOptions, types::LongString,
+    uri::AMQPUri,
 };
 
 pub use self::{
@@ -73,6 +74,12 @@ pub enum BrokerError {
     Returned(String),
     #[error("the broker did not answer within {0:?}")]
     Timeout(Duration),
+    /// The client library's own parse error may quote the URL, password and all.
+    #[error(
+        "the AMQP URL cannot be read (want amqp://user:password@host:port/vhost); not shown, \
+         as it may hold a password"
+    )]
+    BadUrl,
 }
 
 impl BrokerError {
@@ -116,23 +123,22 @@ impl std::fmt::Debug for Broker {
     }
 }
 
-/// Adds a heartbeat to the URL unless it already sets one, so a dead peer is noticed in
+/// Heartbeat interval (seconds) unless the URL sets one: a dead peer is noticed in
 /// seconds, not minutes.
-fn with_heartbeat(url: &str) -> String {
-    if url.contains("heartbeat=") {
-        url.to_owned()
-    } else if url.contains('?') {
-        format!("{url}&heartbeat=20")
-    } else {
-        format!("{url}?heartbeat=20")
-    }
+const HEARTBEAT_SECS: u16 = 20;
+
+/// Parses the URL here rather than in `Connection::connect`, whose error quotes it.
+fn parse_url(url: &str) -> Result<AMQPUri, BrokerError> {
+    let mut uri: AMQPUri = url.parse().map_err(|_| BrokerError::BadUrl)?;
+    uri.query.heartbeat.get_or_insert(HEARTBEAT_SECS);
+    Ok(uri)
 }
 
 impl Broker {
     pub async fn connect(url: &str, name: &str, topology: Topology) -> Result<Self, BrokerError> {
         let properties =
             ConnectionProperties::default().with_connection_name(LongString::from(name));
-        let connection = within(Connection::connect(&with_heartbeat(url), properties)).await?;
+        let connection = within(Connection::connect_uri(parse_url(url)?, properties)).await?;
         let publisher = within(connection.create_channel()).await?;
         within(publisher.confirm_select(ConfirmSelectOptions::default())).await?;
         Ok(Broker {
@@ -162,5 +168,31 @@ impl Broker {
     pub async fn close(&self) {
         let _ = within(self.publisher.close(200, "smsgw stopping".into())).await;
         let _ = within(self.connection.close(200, "smsgw stopping".into())).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_malformed_url_is_refused_without_quoting_it() {
+        for url in [
+            "amqp:guest:hunter2@127.0.0.1:5672",
+            "amqp://guest:hunter2@127.0.0.1:5672/%2f?heartbeat=often",
+            "http://guest:hunter2@127.0.0.1:5672",
+        ] {
+            let err = parse_url(url).expect_err(url);
+            assert!(!err.to_string().contains("hunter2"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_heartbeat_is_added_unless_the_url_sets_one() {
+        let uri = parse_url("amqp://guest:guest@127.0.0.1:5672/%2f").expect("valid");
+        assert_eq!(uri.query.heartbeat, Some(HEARTBEAT_SECS));
+        let uri = parse_url("amqp://127.0.0.1/%2f?heartbeat=2").expect("valid");
+        assert_eq!(uri.query.heartbeat, Some(2));
+        assert_eq!(uri.vhost, "/");
     }
 }

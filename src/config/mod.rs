@@ -17,6 +17,9 @@ use secrecy::SecretString;
 use crate::{job::JobType, phone::PhoneNumber};
 
 mod providers;
+mod service_url;
+
+pub use service_url::ServiceUrl;
 
 pub use providers::{
     DEFAULT_TWILIO_BASE_URL, DEFAULT_VONAGE_BASE_URL, ProviderKindSettings, ProviderSettings,
@@ -77,9 +80,10 @@ pub struct LaneBudgets {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub env: Environment,
-    /// May hold a password: use [`Settings::amqp_url_redacted`] in anything printed.
-    pub amqp_url: String,
-    pub database_url: String,
+    /// May hold a password: printed only redacted.
+    pub amqp_url: ServiceUrl,
+    /// May hold a password: printed only redacted.
+    pub database_url: ServiceUrl,
     pub http_addr: SocketAddr,
     /// Base URL that providers call back; `None` means no status callbacks are asked for.
     pub public_url: Option<String>,
@@ -232,10 +236,11 @@ impl Settings {
         // variables is reported.
         Ok(Settings {
             env,
-            amqp_url: get("SMSGW_AMQP_URL")
-                .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned()),
-            database_url: get("SMSGW_DATABASE_URL")
-                .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/smsgw".to_owned()),
+            amqp_url: amqp_url(&get)?,
+            database_url: ServiceUrl::new(
+                get("SMSGW_DATABASE_URL")
+                    .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/smsgw".to_owned()),
+            ),
             http_addr: parsed(&get, "SMSGW_HTTP_ADDR", "127.0.0.1:9464")?,
             public_url,
             providers: provider_config.providers,
@@ -265,12 +270,12 @@ impl Settings {
 
     /// The AMQP URL with any password replaced, for log lines.
     pub fn amqp_url_redacted(&self) -> String {
-        redact_url_password(&self.amqp_url)
+        self.amqp_url.redacted()
     }
 
     /// The database URL with any password replaced, for log lines.
     pub fn database_url_redacted(&self) -> String {
-        redact_url_password(&self.database_url)
+        self.database_url.redacted()
     }
 
     /// One line that says where messages will really go. Printed at start-up in every mode.
@@ -378,6 +383,20 @@ fn refuse_log_provider_in_production(
         ));
     }
     Ok(())
+}
+
+/// A malformed URL is refused here, and not quoted: it may hold a password.
+fn amqp_url(get: &impl Fn(&str) -> Option<String>) -> Result<ServiceUrl, ConfigError> {
+    let url =
+        get("SMSGW_AMQP_URL").unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned());
+    if !service_url::is_amqp_url(&url) {
+        return Err(bad(
+            "SMSGW_AMQP_URL",
+            "not an amqp:// or amqps:// URL (e.g. amqp://user:password@host:5672/%2f); \
+             not shown, as it may hold a password",
+        ));
+    }
+    Ok(ServiceUrl::new(url))
 }
 
 fn redirect_to(get: &impl Fn(&str) -> Option<String>) -> Result<Option<PhoneNumber>, ConfigError> {
@@ -655,18 +674,6 @@ where
         .map_err(|e| bad(variable, format!("'{raw}': {e}")))
 }
 
-fn redact_url_password(url: &str) -> String {
-    match reqwest::Url::parse(url) {
-        Ok(mut parsed) if parsed.password().is_some() => {
-            // Only fails for URLs that cannot have a password, which this one has.
-            let _ = parsed.set_password(Some("***"));
-            parsed.to_string()
-        }
-        Ok(parsed) => parsed.to_string(),
-        Err(_) => "<unparsable URL>".to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -837,5 +844,30 @@ mod tests {
         let s =
             settings(&[("SMSGW_AMQP_URL", "amqp://user:hunter2@rabbit:5672/%2f")]).expect("valid");
         assert!(!s.amqp_url_redacted().contains("hunter2"));
+    }
+
+    #[test]
+    fn debug_of_the_settings_shows_no_password() {
+        let s = settings(&[
+            ("SMSGW_AMQP_URL", "amqp://user:hunter2@rabbit:5672/%2f"),
+            (
+                "SMSGW_DATABASE_URL",
+                "postgres://smsgw:hunter3@db/smsgw?password=hunter4",
+            ),
+        ])
+        .expect("valid");
+        let printed = format!("{s:?}");
+        for password in ["hunter2", "hunter3", "hunter4"] {
+            assert!(!printed.contains(password), "{printed}");
+        }
+        assert!(printed.contains("rabbit:5672"), "{printed}");
+    }
+
+    #[test]
+    fn a_malformed_amqp_url_is_refused_without_quoting_it() {
+        let err = settings(&[("SMSGW_AMQP_URL", "amqp:user:hunter2@rabbit:5672")])
+            .expect_err("no // after the scheme");
+        assert_eq!(err.variable, "SMSGW_AMQP_URL");
+        assert!(!err.to_string().contains("hunter2"), "{err}");
     }
 }

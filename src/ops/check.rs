@@ -56,7 +56,13 @@ pub async fn check(settings: Result<Settings, ConfigError>) -> ExitCode {
 
 async fn check_broker(settings: &Settings) -> bool {
     let url = settings.amqp_url_redacted();
-    match Broker::connect(&settings.amqp_url, "smsgw check", topology(settings)).await {
+    match Broker::connect(
+        settings.amqp_url.expose(),
+        "smsgw check",
+        topology(settings),
+    )
+    .await
+    {
         Ok(broker) => {
             line("broker", true, &url);
             broker.close().await;
@@ -71,7 +77,7 @@ async fn check_broker(settings: &Settings) -> bool {
 
 async fn check_database(settings: &Settings) -> bool {
     let url = settings.database_url_redacted();
-    let store = match Store::connect(&settings.database_url, 1).await {
+    let store = match Store::connect(settings.database_url.expose(), 1).await {
         Ok(store) => store,
         Err(e) => {
             line("database", false, &format!("{url}: {e}"));

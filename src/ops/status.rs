@@ -12,7 +12,7 @@ use crate::{
 
 /// Prints the message's row and attempts from the log; says whether it found the row.
 pub async fn print_log(settings: &Settings, id: uuid::Uuid, reveal: bool) -> bool {
-    let store = match Store::connect(&settings.database_url, 1).await {
+    let store = match Store::connect(settings.database_url.expose(), 1).await {
         Ok(store) => store,
         Err(e) => {
             println!("message log: unavailable ({e})");
