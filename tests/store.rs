@@ -300,3 +300,56 @@ async fn the_settings_cache_hears_changes_again_after_its_connection_is_killed()
     let row = app.wait_for_status(id_of(&after), "suppressed").await;
     assert_eq!(row.reason.as_deref(), Some("school_disabled"));
 }
+
+/// Any role that can connect may LISTEN, so a change of opt-out must not announce the
+/// number; a settings change still is announced (the settings cache needs it).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_opt_out_is_not_announced_to_listeners() {
+    let env = TestEnv::new().await;
+    helpers::migrate(&env.database_url).await;
+    let (client, mut heard) = listen(&env.database_url, "smsgw_changes").await;
+
+    for statement in [
+        "INSERT INTO sms_opt_outs (school_id, phone, source) VALUES (NULL, '+447700900123', 'web')",
+        "UPDATE sms_opt_outs SET phone = '+447700900124'",
+        "DELETE FROM sms_opt_outs",
+        "INSERT INTO sms_school_settings (school_id, sms_enabled, country) VALUES (7, true, 'GB')",
+    ] {
+        client.batch_execute(statement).await.expect(statement);
+    }
+
+    // Notifications arrive in commit order: the opt-outs' would come first.
+    let first = tokio::time::timeout(helpers::PATIENCE, heard.recv())
+        .await
+        .expect("the settings change is announced")
+        .expect("the listening connection is open");
+    assert_eq!(first, "settings:7");
+}
+
+/// A connection of the test's own that LISTENs on `channel`, and the payloads it hears.
+async fn listen(
+    url: &str,
+    channel: &str,
+) -> (
+    tokio_postgres::Client,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    use futures_util::StreamExt;
+    let (client, mut connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect to the test database");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = message {
+                let _ = tx.send(n.payload().to_owned());
+            }
+        }
+    });
+    client
+        .batch_execute(&format!("LISTEN {channel}"))
+        .await
+        .expect("LISTEN");
+    (client, rx)
+}
