@@ -151,6 +151,35 @@ async fn a_migration_changed_after_it_was_applied_stops_the_migrator() {
     store.close().await;
 }
 
+/// A migration on a big table may run for minutes: the daemon's 15 s statement timeout
+/// must not cut it off half-way. An event trigger notes the timeout in force for every
+/// schema change the migrations make.
+#[tokio::test(flavor = "multi_thread")]
+async fn migrations_run_without_the_daemons_statement_timeout() {
+    let env = TestEnv::new().await;
+    let db = Db::connect(&env.database_url).await;
+    db.batch(
+        "CREATE TABLE seen_timeouts (statement_timeout text NOT NULL);
+         CREATE FUNCTION note_timeout() RETURNS event_trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             INSERT INTO seen_timeouts VALUES (current_setting('statement_timeout'));
+         END $$;
+         CREATE EVENT TRIGGER note_timeout ON ddl_command_end
+             EXECUTE FUNCTION note_timeout();",
+    )
+    .await;
+
+    store(&env).await.migrate().await.expect("migrate");
+
+    let seen: Vec<String> = db
+        .rows("SELECT DISTINCT statement_timeout FROM seen_timeouts", &[])
+        .await
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(seen, vec!["0".to_owned()], "no limit on any migration");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn migrations_from_many_callers_at_once_apply_each_once() {
     let env = TestEnv::new().await;

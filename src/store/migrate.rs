@@ -10,8 +10,17 @@
 //! As sqlx did, a migration whose file changed after it was applied stops everything (the
 //! files are append-only: an edited one would leave databases that disagree), and so does
 //! an applied migration this build does not know (the database is newer than the build).
+//!
+//! Each migration runs in a transaction with its record, unless its first line is
+//! `-- smsgw:no-transaction` (for `CREATE INDEX CONCURRENTLY`, which PostgreSQL refuses in
+//! a transaction): then its statements are sent one at a time, and the record follows.
+//! Such a file must be safe to run again, since a failure part-way leaves the statements
+//! before it applied; each of its statements ends with a `;` at the end of a line.
+//!
+//! Migrations run without the pool's statement timeout: one on a big table may take
+//! minutes, and cut off half-way it would have to start over.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha384};
 use tokio_postgres::Client;
@@ -27,7 +36,16 @@ pub(crate) struct Migration {
     sql: &'static str,
 }
 
+/// First line of a migration that must run outside a transaction.
+const NO_TRANSACTION: &str = "-- smsgw:no-transaction";
+/// Pause between two tries for the migrators' lock.
+const LOCK_POLL: Duration = Duration::from_millis(200);
+
 impl Migration {
+    fn in_transaction(&self) -> bool {
+        self.sql.lines().next().map(str::trim_end) != Some(NO_TRANSACTION)
+    }
+
     fn description(&self) -> String {
         self.name.replace('_', " ")
     }
@@ -84,12 +102,10 @@ pub(crate) async fn run(client: &mut Client) -> Result<(), StoreError> {
         .query_one("SELECT current_database()", &[])
         .await?
         .try_get(0)?;
-    // The pool's 15 s limit is for the daemon's statements; a migration of a big table,
-    // or a wait for another migrator's lock, may take longer.
+    // The pool's 15 s limit is for the daemon's statements; a migration of a big table
+    // may take longer.
     client.batch_execute("SET statement_timeout = 0").await?;
-    client
-        .execute("SELECT pg_advisory_lock($1)", &[&lock_key(&database)])
-        .await?;
+    lock(client, lock_key(&database)).await?;
     client.batch_execute(CREATE_TABLE).await?;
     let applied = applied(client).await?;
     for migration in MIGRATIONS {
@@ -104,6 +120,27 @@ pub(crate) async fn run(client: &mut Client) -> Result<(), StoreError> {
         .execute("SELECT pg_advisory_unlock($1)", &[&lock_key(&database)])
         .await?;
     Ok(())
+}
+
+/// Takes the migrators' advisory lock, trying again until it is free. Not by waiting in
+/// `pg_advisory_lock`: a session waiting there holds a snapshot, which the other
+/// migrator's `CREATE INDEX CONCURRENTLY` would wait for in turn (a deadlock).
+async fn lock(client: &Client, key: i64) -> Result<(), StoreError> {
+    let mut waiting = false;
+    loop {
+        let taken: bool = client
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
+            .await?
+            .try_get(0)?;
+        if taken {
+            return Ok(());
+        }
+        if !waiting {
+            tracing::info!("another migrator is at work; waiting for it");
+            waiting = true;
+        }
+        tokio::time::sleep(LOCK_POLL).await;
+    }
 }
 
 /// The applied migrations, checked against this build's.
@@ -140,37 +177,80 @@ async fn applied(client: &Client) -> Result<Vec<(i64, Vec<u8>)>, StoreError> {
     Ok(applied)
 }
 
-/// One migration and its record, in one transaction.
+/// One migration and its record: in one transaction, or one statement after the other.
 async fn apply(client: &mut Client, migration: &Migration) -> Result<(), StoreError> {
     let started = Instant::now();
-    let tx = client.transaction().await?;
-    tx.batch_execute(migration.sql).await.map_err(|e| {
+    let failed = |e: tokio_postgres::Error| {
         StoreError::Migrate(format!(
             "{} {}: {}",
             migration.version,
             migration.name,
             super::describe(&e)
         ))
-    })?;
-    let took = i64::try_from(started.elapsed().as_nanos()).unwrap_or(i64::MAX);
-    tx.execute(
-        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
-         VALUES ($1, $2, TRUE, $3, $4)",
-        &[
-            &migration.version,
-            &migration.description(),
-            &migration.checksum(),
-            &took,
-        ],
-    )
-    .await?;
-    tx.commit().await?;
+    };
+    if migration.in_transaction() {
+        let tx = client.transaction().await?;
+        tx.batch_execute(migration.sql).await.map_err(failed)?;
+        record(&tx, migration, started).await?;
+        tx.commit().await?;
+    } else {
+        // Several statements sent at once would run in one implicit transaction.
+        for statement in statements(migration.sql) {
+            client.batch_execute(statement).await.map_err(failed)?;
+        }
+        record(client, migration, started).await?;
+    }
     tracing::info!(
         version = migration.version,
         name = migration.name,
         "migration applied"
     );
     Ok(())
+}
+
+/// Records `migration` as applied, as sqlx did.
+async fn record(
+    client: &impl tokio_postgres::GenericClient,
+    migration: &Migration,
+    started: Instant,
+) -> Result<(), StoreError> {
+    let took = i64::try_from(started.elapsed().as_nanos()).unwrap_or(i64::MAX);
+    client
+        .execute(
+            "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+             VALUES ($1, $2, TRUE, $3, $4)",
+            &[
+                &migration.version,
+                &migration.description(),
+                &migration.checksum(),
+                &took,
+            ],
+        )
+        .await?;
+    Ok(())
+}
+
+/// The statements of `sql`, each ending with a `;` at the end of a line; lines that hold
+/// only a comment or nothing are left out.
+fn statements(sql: &str) -> Vec<&str> {
+    let mut statements = Vec::new();
+    let mut start = 0;
+    let mut end = 0;
+    for line in sql.split_inclusive('\n') {
+        end += line.len();
+        if line.trim_end().ends_with(';') {
+            statements.push(&sql[start..end]);
+            start = end;
+        }
+    }
+    statements.push(&sql[start..]);
+    statements.retain(|statement| {
+        statement
+            .lines()
+            .map(str::trim)
+            .any(|line| !line.is_empty() && !line.starts_with("--"))
+    });
+    statements
 }
 
 /// The advisory lock's key for `database`, as sqlx computes it (CRC-32 of the name times
@@ -222,6 +302,31 @@ mod tests {
             .map(|m| format!("{}_{}.sql", m.version, m.name))
             .collect();
         assert_eq!(listed, files);
+    }
+
+    #[test]
+    fn a_no_transaction_migration_is_sent_one_statement_at_a_time() {
+        let sql = "-- smsgw:no-transaction\n\
+                   -- A build cut off leaves an invalid index behind: drop it first.\n\
+                   DROP INDEX CONCURRENTLY IF EXISTS sms_messages_x;\n\
+                   CREATE INDEX CONCURRENTLY sms_messages_x\n    ON sms_messages (x);  \n\
+                   -- the end\n";
+        let migration = Migration {
+            version: 1,
+            name: "x",
+            sql,
+        };
+        assert!(!migration.in_transaction());
+        assert_eq!(
+            statements(sql),
+            vec![
+                "-- smsgw:no-transaction\n\
+                 -- A build cut off leaves an invalid index behind: drop it first.\n\
+                 DROP INDEX CONCURRENTLY IF EXISTS sms_messages_x;\n",
+                "CREATE INDEX CONCURRENTLY sms_messages_x\n    ON sms_messages (x);  \n",
+            ]
+        );
+        assert_eq!(statements("SELECT 1"), vec!["SELECT 1"]);
     }
 
     #[test]
