@@ -810,6 +810,27 @@ async fn an_unanswered_call_the_provider_never_took_is_sent_again() {
     assert_eq!(app.attempts(id_of(&job)).await.len(), 2);
 }
 
+/// As in staging, where every message goes to one number: the lookup for an unanswered
+/// call also finds an earlier message with the same text, which is another's.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lookup_never_adopts_a_message_recorded_for_another() {
+    let app = spawn_app_with(&[("SMSGW_PROVIDER_TIMEOUT", "300ms")]).await;
+    app.add_school(SCHOOL, "GB").await;
+    let first = job("login_code", SCHOOL, "+447700900123", "Code 1234");
+    app.publish(&first).await;
+    let first = app.wait_for_status(id_of(&first), "sent").await;
+
+    app.stub.script([Reply::Hang(Duration::from_secs(2))]);
+    let second = job("login_code", SCHOOL, "+447700900123", "Code 1234");
+    app.publish(&second).await;
+
+    let second = app.wait_for_status(id_of(&second), "sent").await;
+    assert!(app.stub.lookups() >= 1, "asked Twilio before sending again");
+    assert_eq!(app.stub.taken_to("+447700900123"), 2, "sent again");
+    assert!(second.provider_message_id.is_some());
+    assert_ne!(second.provider_message_id, first.provider_message_id);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn when_the_provider_cannot_be_asked_the_message_waits_instead_of_resending() {
     let app = spawn_app_with(&[("SMSGW_PROVIDER_TIMEOUT", "300ms")]).await;

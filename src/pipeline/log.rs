@@ -83,6 +83,14 @@ pub trait MessageLog: Send + Sync + 'static {
         provider_message_id: &str,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
+    /// Whether the provider's message `provider_message_id` is already recorded for a
+    /// message other than `id`: then it is that one's, not ours to adopt.
+    fn provider_message_taken(
+        &self,
+        provider_message_id: &str,
+        id: Uuid,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
     /// A statement got no answer in time: connections may have gone silent.
     fn stalled(&self) {}
 }
@@ -157,6 +165,14 @@ impl MessageLog for Store {
         provider_message_id: &str,
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
         Store::adopt_attempt(self, id, attempt, provider_message_id)
+    }
+
+    fn provider_message_taken(
+        &self,
+        provider_message_id: &str,
+        id: Uuid,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        Store::provider_message_taken(self, provider_message_id, id)
     }
 
     fn stalled(&self) {

@@ -329,4 +329,16 @@ impl MessageLog for MemoryLog {
             }
         })
     }
+
+    async fn provider_message_taken(
+        &self,
+        provider_message_id: &str,
+        id: Uuid,
+    ) -> Result<bool, StoreError> {
+        self.run(|t| {
+            t.messages.iter().any(|(other, row)| {
+                *other != id && row.provider_message_id.as_deref() == Some(provider_message_id)
+            })
+        })
+    }
 }

@@ -6,7 +6,7 @@ use super::{Abandoned, MessageLog, Pipeline, UnknownOutcome, attempt::Outgoing, 
 use crate::{
     disposition::{DeadReason, Disposition},
     phone::redact_numbers,
-    provider::{Gateway, Lookup},
+    provider::{Accepted, Gateway, Lookup},
     store::UnknownAttempt,
 };
 
@@ -20,20 +20,28 @@ impl<L: MessageLog> Pipeline<L> {
     ) -> Result<Option<Disposition>, Abandoned> {
         let (job, delivery) = (out.message.job, out.message.delivery);
         match gateway.provider.lookup(&out.sms, unknown.started_at).await {
-            Lookup::Found(accepted) => {
-                let sid = accepted.provider_message_id.as_str();
-                self.persist(out.message.abandon, || {
-                    self.log.adopt_attempt(job.id, unknown.attempt, sid)
-                })
-                .await?;
-                self.count("sent", job.kind, gateway.name);
-                tracing::info!(
-                    attempt = unknown.attempt,
-                    provider_message_id = %sid,
-                    "the provider had taken it: recorded as sent, not sent again"
-                );
-                Ok(Some(Disposition::Ack))
-            }
+            Lookup::Found(candidates) => match self.untaken(out, &candidates).await? {
+                Some(sid) => {
+                    self.persist(out.message.abandon, || {
+                        self.log.adopt_attempt(job.id, unknown.attempt, sid)
+                    })
+                    .await?;
+                    self.count("sent", job.kind, gateway.name);
+                    tracing::info!(
+                        attempt = unknown.attempt,
+                        provider_message_id = %sid,
+                        "the provider had taken it: recorded as sent, not sent again"
+                    );
+                    Ok(Some(Disposition::Ack))
+                }
+                None => {
+                    tracing::info!(
+                        attempt = unknown.attempt,
+                        "the provider's messages with this text are other messages'; sending again"
+                    );
+                    Ok(None)
+                }
+            },
             Lookup::NotFound => {
                 tracing::info!(
                     attempt = unknown.attempt,
@@ -58,6 +66,28 @@ impl<L: MessageLog> Pipeline<L> {
             }
             Lookup::Unsupported => self.cannot_ask(out, unknown, gateway).await,
         }
+    }
+
+    /// The first of `candidates` that no other message of the log has recorded: a lookup
+    /// matches on recipient and text, which another message may share.
+    async fn untaken<'a>(
+        &self,
+        out: &Outgoing<'_>,
+        candidates: &'a [Accepted],
+    ) -> Result<Option<&'a str>, Abandoned> {
+        let id = out.message.job.id;
+        for candidate in candidates {
+            let sid = candidate.provider_message_id.as_str();
+            let taken = self
+                .persist(out.message.abandon, || {
+                    self.log.provider_message_taken(sid, id)
+                })
+                .await?;
+            if !taken {
+                return Ok(Some(sid));
+            }
+        }
+        Ok(None)
     }
 
     /// The provider offers no lookup: send again (a possible duplicate) or give up, as

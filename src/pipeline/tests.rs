@@ -535,7 +535,9 @@ async fn a_call_without_an_answer_is_retried_and_asked_about_before_sending_agai
     world.twilio.answer([Err(ProviderError::Timeout {
         after: Duration::from_secs(5),
     })]);
-    world.twilio.look_up([Lookup::Found(accepted("SM-late"))]);
+    world
+        .twilio
+        .look_up([Lookup::Found(vec![accepted("SM-late")])]);
     let (id, job) = job(JobType::LoginCode);
     assert!(matches!(
         world.handle(&delivery(&job)).await,
@@ -550,7 +552,9 @@ async fn a_call_without_an_answer_is_retried_and_asked_about_before_sending_agai
 #[tokio::test]
 async fn an_unanswered_call_the_provider_took_is_adopted_not_sent_again() {
     let world = World::new();
-    world.twilio.look_up([Lookup::Found(accepted("SM-taken"))]);
+    world
+        .twilio
+        .look_up([Lookup::Found(vec![accepted("SM-taken")])]);
     let (id, job) = job(JobType::LoginCode);
     world.log().insert(id, unknown_outcome());
     assert_eq!(world.handle(&retried(&job, 1)).await, Disposition::Ack);
@@ -560,6 +564,60 @@ async fn an_unanswered_call_the_provider_took_is_adopted_not_sent_again() {
         (row.status, row.provider_message_id),
         (MessageStatus::Sent, Some("SM-taken".into()))
     );
+}
+
+/// In staging every message goes to one number: another message with the same text is
+/// found too, and must not be taken for ours.
+#[tokio::test]
+async fn a_lookup_never_adopts_another_messages_text() {
+    let world = World::new();
+    let other = Uuid::new_v4();
+    world.log().insert(
+        other,
+        Row {
+            status: MessageStatus::Sent,
+            provider_message_id: Some("SM-other".into()),
+            ..row_with_attempts(1)
+        },
+    );
+    world
+        .twilio
+        .look_up([Lookup::Found(vec![accepted("SM-other")])]);
+    let (id, job) = job(JobType::LoginCode);
+    world.log().insert(id, unknown_outcome());
+
+    assert_eq!(world.handle(&retried(&job, 1)).await, Disposition::Ack);
+
+    assert_eq!(world.twilio.calls().len(), 1, "sent again");
+    let row = world.row(id);
+    assert_eq!((row.status, row.attempts), (MessageStatus::Sent, 2));
+    assert_ne!(row.provider_message_id, Some("SM-other".into()));
+}
+
+#[tokio::test]
+async fn a_lookup_adopts_the_newest_match_no_other_message_has() {
+    let world = World::new();
+    let other = Uuid::new_v4();
+    world.log().insert(
+        other,
+        Row {
+            status: MessageStatus::Sent,
+            provider_message_id: Some("SM-other".into()),
+            ..row_with_attempts(1)
+        },
+    );
+    world.twilio.look_up([Lookup::Found(vec![
+        accepted("SM-other"),
+        accepted("SM-ours"),
+        accepted("SM-older"),
+    ])]);
+    let (id, job) = job(JobType::LoginCode);
+    world.log().insert(id, unknown_outcome());
+
+    assert_eq!(world.handle(&retried(&job, 1)).await, Disposition::Ack);
+
+    assert!(world.twilio.calls().is_empty(), "adopted, not sent again");
+    assert_eq!(world.row(id).provider_message_id, Some("SM-ours".into()));
 }
 
 #[tokio::test]

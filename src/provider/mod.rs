@@ -203,8 +203,10 @@ impl ProviderError {
 /// What asking the provider "did you take this message?" found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Lookup {
-    /// Yes: here is its id.
-    Found(Accepted),
+    /// Messages it took that look like ours (recipient, text, time), newest first. One may
+    /// be another message's with the same text and recipient (in staging every message
+    /// goes to one number): the log tells which are taken.
+    Found(Vec<Accepted>),
     /// No such message: sending again cannot make a duplicate.
     NotFound,
     /// The provider offers no such question.

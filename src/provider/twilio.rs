@@ -129,8 +129,8 @@ impl Twilio {
     }
 
     /// Lists the latest messages to the recipient (Twilio's List Messages, newest first) and
-    /// looks for ours: same body, outbound, created since the attempt began (with a margin
-    /// for clock skew).
+    /// picks those that may be ours: same body, outbound, created since the attempt began
+    /// (with a margin for clock skew).
     pub async fn lookup(&self, sms: &OutboundSms<'_>, since: time::OffsetDateTime) -> Lookup {
         let started = Instant::now();
         let response = self
@@ -206,7 +206,8 @@ async fn read_capped(
     Ok(body)
 }
 
-/// Finds our message in a List Messages page. Pure, so it is unit-tested.
+/// The messages of a List Messages page that may be ours, in the page's order (newest
+/// first). Pure, so it is unit-tested.
 fn find_in_list(page: &[u8], body: &str, since: time::OffsetDateTime) -> Lookup {
     let Ok(page) = serde_json::from_slice::<Value>(page) else {
         return Lookup::Failed(ProviderError::Unreadable {
@@ -221,7 +222,7 @@ fn find_in_list(page: &[u8], body: &str, since: time::OffsetDateTime) -> Lookup 
         });
     };
     let earliest = since - LOOKUP_SKEW;
-    let found = messages.iter().find(|m| {
+    let candidates = messages.iter().filter(|m| {
         let outbound = m
             .get("direction")
             .and_then(Value::as_str)
@@ -236,12 +237,18 @@ fn find_in_list(page: &[u8], body: &str, since: time::OffsetDateTime) -> Lookup 
             .is_some_and(|created| created >= earliest);
         outbound && same_body && recent
     });
-    match found.and_then(|m| m.get("sid").and_then(Value::as_str)) {
-        Some(sid) => Lookup::Found(Accepted {
+    let found: Vec<Accepted> = candidates
+        .filter_map(|m| m.get("sid").and_then(Value::as_str))
+        .filter(|sid| !sid.is_empty() && sid.len() <= 64)
+        .map(|sid| Accepted {
             provider_message_id: sid.to_owned(),
             http_status: Some(200),
-        }),
-        None => Lookup::NotFound,
+        })
+        .collect();
+    if found.is_empty() {
+        Lookup::NotFound
+    } else {
+        Lookup::Found(found)
     }
 }
 
@@ -403,20 +410,22 @@ mod tests {
     }
 
     #[test]
-    fn a_listed_message_is_found_by_body_direction_and_age() {
+    fn listed_messages_are_found_by_body_direction_and_age() {
         let since = time::macros::datetime!(2026-11-25 10:00 UTC);
         let page = br#"{"messages": [
             {"sid": "SM1", "body": "Code 1234", "direction": "inbound", "date_created": "Wed, 25 Nov 2026 10:00:05 +0000"},
+            {"sid": "SM5", "body": "Code 1234", "direction": "outbound-api", "date_created": "Wed, 25 Nov 2026 10:00:02 +0000"},
             {"sid": "SM2", "body": "Code 1234", "direction": "outbound-api", "date_created": "Wed, 25 Nov 2026 09:00:00 +0000"},
             {"sid": "SM3", "body": "Other", "direction": "outbound-api", "date_created": "Wed, 25 Nov 2026 10:00:05 +0000"},
             {"sid": "SM4", "body": "Code 1234", "direction": "outbound-api", "date_created": "Wed, 25 Nov 2026 09:59:30 +0000"}
         ]}"#;
+        let found = |sid: &str| Accepted {
+            provider_message_id: sid.into(),
+            http_status: Some(200),
+        };
         assert_eq!(
             find_in_list(page, "Code 1234", since),
-            Lookup::Found(Accepted {
-                provider_message_id: "SM4".into(),
-                http_status: Some(200)
-            })
+            Lookup::Found(vec![found("SM5"), found("SM4")])
         );
         assert_eq!(find_in_list(page, "Nope", since), Lookup::NotFound);
         assert!(matches!(

@@ -348,4 +348,24 @@ impl Store {
             .await?;
         apply_pending_receipts(&client, &[provider_message_id]).await
     }
+
+    /// Whether the provider's message `provider_message_id` is recorded on an attempt of a
+    /// message other than `id`. Only `sms_attempts` is asked (through its index): every id
+    /// on `sms_messages` is on one of its attempts too, except on messages from before
+    /// attempts kept it, long older than any lookup reaches.
+    pub async fn provider_message_taken(
+        &self,
+        provider_message_id: &str,
+        id: Uuid,
+    ) -> Result<bool, StoreError> {
+        let provider_message_id = storable(provider_message_id);
+        let row = self
+            .row(
+                "SELECT EXISTS (SELECT 1 FROM sms_attempts
+                                 WHERE provider_message_id = $1 AND message_id <> $2)",
+                &[&provider_message_id.as_str(), &id],
+            )
+            .await?;
+        Ok(row.map(|row| row.try_get(0)).transpose()?.unwrap_or(false))
+    }
 }
