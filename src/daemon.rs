@@ -76,7 +76,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
 /// health shows what the daemon is waiting for.
 struct Http {
     stop: CancellationToken,
-    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    server: tokio::task::JoinHandle<()>,
     watchdog: tokio::task::JoinHandle<()>,
 }
 
@@ -99,7 +99,13 @@ impl Http {
         };
         let health = shared.health.clone();
         Ok(Http {
-            server: tokio::spawn(http::serve(listener, health, hooks, stop.clone())),
+            server: tokio::spawn(http::serve(
+                listener,
+                health,
+                hooks,
+                shared.settings.http_limits,
+                stop.clone(),
+            )),
             watchdog: tokio::spawn(crate::systemd::watchdog(stop.clone())),
             stop,
         })

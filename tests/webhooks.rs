@@ -1,9 +1,18 @@
 //! Delivery receipts and inbound keywords: signatures checked as Twilio's and Vonage's
-//! libraries compute them, statuses that never move backwards, STOP and START.
+//! libraries compute them, statuses that never move backwards, STOP and START; and the
+//! HTTP server's limits on slow and idle clients.
 
 mod helpers;
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
 
 use smsgw::{
     config::SignatureMethod,
@@ -477,4 +486,88 @@ async fn vonage_sends_unicode_when_needed_and_takes_signed_receipts() {
     );
     let row = app.message(id_of(&plain)).await.expect("row");
     assert_eq!(row.status, "delivered", "never backwards");
+}
+
+/// What the server sent on `connection` until it closed it; `None` if it was still open
+/// after `patience`.
+async fn until_closed(connection: &mut TcpStream, patience: Duration) -> Option<Vec<u8>> {
+    let mut received = Vec::new();
+    match tokio::time::timeout(patience, connection.read_to_end(&mut received)).await {
+        Ok(_) => Some(received),
+        Err(_) => None,
+    }
+}
+
+async fn connect(app: &helpers::App) -> TcpStream {
+    TcpStream::connect(app.http_url.trim_start_matches("http://"))
+        .await
+        .expect("connect to the daemon's HTTP server")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_stalls_mid_request_is_cut_off_while_health_answers() {
+    let app = spawn_app_with(&[("SMSGW_HTTP_HEADER_TIMEOUT", "1s")]).await;
+    let mut stalled = connect(&app).await;
+    stalled
+        .write_all(b"GET /heal")
+        .await
+        .expect("half a request line");
+    let started = Instant::now();
+
+    let health = reqwest::get(format!("{}/healthz", app.http_url))
+        .await
+        .expect("healthz answers");
+    assert_eq!(health.status(), 200);
+
+    let sent = until_closed(&mut stalled, Duration::from_secs(5)).await;
+    assert_eq!(sent, Some(Vec::new()), "closed without an answer");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(900), "{took:?}");
+    assert!(took < Duration::from_secs(4), "{took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_keep_alive_connection_is_closed() {
+    let app = spawn_app_with(&[("SMSGW_HTTP_HEADER_TIMEOUT", "1s")]).await;
+    let mut idle = connect(&app).await;
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: smsgw\r\n\r\n")
+        .await
+        .expect("a whole request");
+
+    let sent = until_closed(&mut idle, Duration::from_secs(5))
+        .await
+        .expect("closed once idle");
+    let sent = String::from_utf8_lossy(&sent);
+    assert!(sent.starts_with("HTTP/1.1 200"), "{sent}");
+    assert!(sent.ends_with("ok\n"), "{sent}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_beyond_the_cap_wait_until_one_is_freed() {
+    let app = spawn_app_with(&[
+        ("SMSGW_HTTP_HEADER_TIMEOUT", "1s"),
+        ("SMSGW_HTTP_MAX_CONNECTIONS", "2"),
+    ])
+    .await;
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        let mut connection = connect(&app).await;
+        connection
+            .write_all(b"GET /")
+            .await
+            .expect("a stalled request");
+        stalled.push(connection);
+    }
+    let started = Instant::now();
+
+    let health = reqwest::get(format!("{}/healthz", app.http_url))
+        .await
+        .expect("healthz answers once a slot is free");
+    assert_eq!(health.status(), 200);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(500),
+        "did not wait: {waited:?}"
+    );
+    assert!(waited < Duration::from_secs(5), "{waited:?}");
 }

@@ -14,7 +14,7 @@ use std::{
 
 use secrecy::SecretString;
 
-use crate::{job::JobType, phone::PhoneNumber};
+use crate::{http::HttpLimits, job::JobType, phone::PhoneNumber};
 
 mod providers;
 mod service_url;
@@ -85,6 +85,8 @@ pub struct Settings {
     /// May hold a password: printed only redacted.
     pub database_url: ServiceUrl,
     pub http_addr: SocketAddr,
+    /// Against slow and idle clients of the HTTP server.
+    pub http_limits: HttpLimits,
     /// Base URL that providers call back; `None` means no status callbacks are asked for.
     pub public_url: Option<String>,
     /// Every configured provider (one from the environment, or several from `SMSGW_CONFIG`).
@@ -153,6 +155,8 @@ pub const VARIABLES: &[&str] = &[
     "SMSGW_AMQP_URL",
     "SMSGW_DATABASE_URL",
     "SMSGW_HTTP_ADDR",
+    "SMSGW_HTTP_HEADER_TIMEOUT",
+    "SMSGW_HTTP_MAX_CONNECTIONS",
     "SMSGW_PUBLIC_URL",
     "SMSGW_PROVIDER",
     "SMSGW_REDIRECT_TO",
@@ -242,6 +246,7 @@ impl Settings {
                     .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/smsgw".to_owned()),
             ),
             http_addr: parsed(&get, "SMSGW_HTTP_ADDR", "127.0.0.1:9464")?,
+            http_limits: http_limits(&get)?,
             public_url,
             providers: provider_config.providers,
             default_provider: provider_config.default_provider,
@@ -524,6 +529,23 @@ fn public_url(
 fn retry_delays(get: &impl Fn(&str) -> Option<String>) -> Result<Vec<Duration>, ConfigError> {
     let raw = get("SMSGW_RETRY_DELAYS").unwrap_or_else(|| "10s,1m,5m,30m,2h".to_owned());
     parse_delays(&raw).map_err(|problem| bad("SMSGW_RETRY_DELAYS", problem))
+}
+
+/// A few seconds for the headers: a client on a working network sends them at once, and
+/// ingress proxies pass them on whole. Connections: far more than probes, scrapes and
+/// receipts need at once, far fewer than the file descriptors the daemon may open.
+fn http_limits(get: &impl Fn(&str) -> Option<String>) -> Result<HttpLimits, ConfigError> {
+    let header_timeout = duration(get, "SMSGW_HTTP_HEADER_TIMEOUT", "5s")?;
+    if !(Duration::from_millis(100)..=Duration::from_secs(300)).contains(&header_timeout) {
+        return Err(bad(
+            "SMSGW_HTTP_HEADER_TIMEOUT",
+            "must be between 100ms and 5m",
+        ));
+    }
+    Ok(HttpLimits {
+        header_timeout,
+        max_connections: number(get, "SMSGW_HTTP_MAX_CONNECTIONS", 256, 1, 100_000)?,
+    })
 }
 
 fn lanes(get: &impl Fn(&str) -> Option<String>) -> Result<LaneBudgets, ConfigError> {
@@ -833,6 +855,9 @@ mod tests {
             ("SMSGW_RATE_LIMIT", "fast"),
             ("SMSGW_PROVIDER_CONCURRENCY", "0"),
             ("SMSGW_PROVIDER_CONCURRENCY", "1000000"),
+            ("SMSGW_HTTP_MAX_CONNECTIONS", "0"),
+            ("SMSGW_HTTP_HEADER_TIMEOUT", "0s"),
+            ("SMSGW_HTTP_HEADER_TIMEOUT", "1h"),
         ] {
             let err = settings(&[(variable, value)]).expect_err(value);
             assert_eq!(err.variable, variable, "{value}");

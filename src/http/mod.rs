@@ -1,5 +1,5 @@
 //! The HTTP surface on `SMSGW_HTTP_ADDR`: liveness, readiness, metrics and the provider
-//! webhooks. Every request is size- and time-limited.
+//! webhooks. Every request is size- and time-limited, and so are connections (`server`).
 
 use std::{sync::Arc, time::Duration};
 
@@ -16,14 +16,16 @@ use tower_http::timeout::TimeoutLayer;
 
 pub mod health;
 pub mod metrics;
+mod server;
 pub mod webhooks;
 
+pub use self::server::HttpLimits;
 use self::{health::Health, metrics::Metrics, webhooks::Webhooks};
 use crate::{job::Lane, store::Store};
 
 /// Largest request body: a webhook is a few hundred bytes.
 const MAX_BODY_BYTES: usize = 64 * 1024;
-/// Longest a request may take, reading included.
+/// Longest a request may take once its headers are in, reading its body included.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Clone)]
@@ -39,8 +41,14 @@ pub async fn serve(
     listener: TcpListener,
     health: Arc<Health>,
     hooks: Webhooks,
+    limits: HttpLimits,
     shutdown: CancellationToken,
-) -> std::io::Result<()> {
+) {
+    server::run(listener, router(health, hooks), limits, shutdown).await;
+}
+
+/// Every endpoint, with the limits on each request.
+fn router(health: Arc<Health>, hooks: Webhooks) -> Router {
     let webhooks = Router::new()
         .route(
             "/webhooks/twilio/status",
@@ -52,7 +60,7 @@ pub async fn serve(
             post(webhooks::vonage_status_callback),
         )
         .with_state(hooks.clone());
-    let app = Router::new()
+    Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
@@ -66,10 +74,7 @@ pub async fn serve(
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             REQUEST_TIMEOUT,
-        ));
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+        ))
 }
 
 async fn healthz() -> &'static str {
