@@ -143,6 +143,38 @@ async fn dlq_show_prints_the_job_masked_its_headers_and_its_attempts() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_replayed_outcome_unknown_letter_is_asked_about_not_sent_twice() {
+    let app = spawn_app_with(&[
+        ("SMSGW_MAX_ATTEMPTS", "1"),
+        ("SMSGW_PROVIDER_TIMEOUT", "300ms"),
+    ])
+    .await;
+    app.add_school(SCHOOL, "GB").await;
+    // Twilio takes the text but the answer never comes: it may have gone out.
+    app.stub
+        .script([Reply::TakeThenHang(Duration::from_secs(2))]);
+    let code = job("login_code", SCHOOL, "+447700900123", "Code 1234");
+    app.publish(&code).await;
+    let failed = app.wait_for_status(id_of(&code), "failed").await;
+    assert_eq!(failed.reason.as_deref(), Some("outcome_unknown"));
+    assert_eq!(
+        listed_ids(&app, 1, &["--reason", "outcome_unknown"]).await,
+        [id_of(&code).to_string()]
+    );
+
+    let replay = app.run_cli(&["dlq", "replay", "--reason", "outcome_unknown"]);
+    assert_eq!(replay.status.code(), Some(0), "{replay:?}");
+    let row = app.wait_for_status(id_of(&code), "sent").await;
+    assert!(
+        row.provider_message_id.is_some(),
+        "the taken message adopted"
+    );
+    assert!(app.stub.lookups() >= 1, "Twilio was asked first");
+    assert_eq!(app.stub.requests().len(), 1, "never sent a second time");
+    assert_eq!(app.stub.taken_to("+447700900123"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn dlq_replay_sends_again_with_a_fresh_budget_and_keeps_the_history() {
     let app = spawn_app_with(&[("SMSGW_MAX_ATTEMPTS", "2")]).await;
     let jobs = three_dead_letters(&app).await;

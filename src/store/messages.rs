@@ -293,12 +293,13 @@ impl Store {
         }
     }
 
-    /// Gives a message up as `failed` (`outcome_unknown`) without another call.
+    /// Gives a message up as `failed` (`outcome_unknown`) without another call. The flag
+    /// `last_outcome_unknown` stays set: a replay of the dead letter asks the provider (or
+    /// gives up again) instead of sending blindly.
     pub async fn fail_unknown(&self, id: Uuid) -> Result<(), StoreError> {
         self.execute(
             "UPDATE sms_messages
-                SET status = 'failed', reason = 'outcome_unknown', last_outcome_unknown = false,
-                    updated_at = now()
+                SET status = 'failed', reason = 'outcome_unknown', updated_at = now()
               WHERE id = $1 AND status IN ('queued', 'sending', 'retrying')",
             &[&id],
         )
