@@ -77,7 +77,7 @@ enum DlqCommand {
     Show {
         /// The job id.
         id: String,
-        /// Show phone numbers and the body unmasked.
+        /// Show phone numbers, the body and the context unmasked.
         #[arg(long)]
         reveal: bool,
     },

@@ -143,6 +143,35 @@ async fn dlq_show_prints_the_job_masked_its_headers_and_its_attempts() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn dlq_show_hides_the_body_and_the_context_unless_revealed() {
+    let app = spawn_app().await;
+    // Invalid (no such school id): dead-lettered as it came, text and context included.
+    let mut code = job("login_code", -1, "+447700900123", "Your code is 4711");
+    code["context"] = serde_json::json!({"student": "Sam Smith", "booking_id": 981});
+    app.publish(&code).await;
+    wait_depth(&app, "sms.dead", 1).await;
+    let id = id_of(&code).to_string();
+
+    let masked = stdout(&app.run_cli(&["dlq", "show", &id]));
+    for secret in ["4711", "Sam Smith", "981", "+447700900123"] {
+        assert!(!masked.contains(secret), "{secret} shown: {masked}");
+    }
+    assert!(masked.contains("(hidden, 17 characters)"), "{masked}");
+    assert!(masked.contains("\"student\": \"***\""), "{masked}");
+    assert!(masked.contains("+44*******123"), "{masked}");
+    wait_depth(&app, "sms.dead", 1).await; // messages come back when the tool closes its channel
+
+    let revealed = stdout(&app.run_cli(&["dlq", "show", &id, "--reveal"]));
+    for secret in ["Your code is 4711", "Sam Smith", "+447700900123"] {
+        assert!(
+            revealed.contains(secret),
+            "{secret} not revealed: {revealed}"
+        );
+    }
+    wait_depth(&app, "sms.dead", 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_replayed_outcome_unknown_letter_is_asked_about_not_sent_twice() {
     let app = spawn_app_with(&[
         ("SMSGW_MAX_ATTEMPTS", "1"),

@@ -172,18 +172,80 @@ async fn close(browser: DeadBrowser, broker: Broker) {
     broker.close().await;
 }
 
-/// Masks `to` and every `recipients[].to` of a job.
-fn mask_job(job: &mut Value) {
-    if let Some(to) = job.get("to").and_then(Value::as_str).map(mask) {
-        job["to"] = Value::String(to);
+/// Fields of a job shown as they are: they name the job, never a person.
+const PLAIN_FIELDS: &[&str] = &["id", "type", "school_id", "not_before", "expires_at"];
+
+/// The job as `dlq show` prints it without `--reveal`, like `smsgw status`: numbers
+/// masked, the body left out (its length shown), the context's values and any other
+/// field hidden. Only the fields that name the job are shown as they are.
+fn masked_job(job: Value) -> Value {
+    let Value::Object(fields) = job else {
+        return Value::String(HIDDEN.into());
+    };
+    let masked = fields
+        .into_iter()
+        .map(|(key, value)| {
+            let value = match key.as_str() {
+                k if PLAIN_FIELDS.contains(&k) => value,
+                "to" => masked_number(&value),
+                "recipients" => masked_recipients(value),
+                "body" => Value::String(hidden_body(&value)),
+                "context" => masked_values(value),
+                _ => Value::String(HIDDEN.into()),
+            };
+            (key, value)
+        })
+        .collect();
+    Value::Object(masked)
+}
+
+const HIDDEN: &str = "***";
+
+fn masked_number(value: &Value) -> Value {
+    Value::String(value.as_str().map_or_else(|| HIDDEN.into(), mask))
+}
+
+fn hidden_body(value: &Value) -> String {
+    match value.as_str() {
+        Some(text) => format!("(hidden, {} characters)", text.chars().count()),
+        None => HIDDEN.into(),
     }
-    if let Some(list) = job.get_mut("recipients").and_then(Value::as_array_mut) {
-        for entry in list {
-            if let Some(to) = entry.get("to").and_then(Value::as_str).map(mask) {
-                entry["to"] = Value::String(to);
-            }
-        }
+}
+
+/// Keys kept, values hidden: they say what the web app attached, not to whom.
+fn masked_values(value: Value) -> Value {
+    match value {
+        Value::Object(fields) => Value::Object(
+            fields
+                .into_iter()
+                .map(|(key, _)| (key, Value::String(HIDDEN.into())))
+                .collect(),
+        ),
+        Value::Null => Value::Null,
+        _ => Value::String(HIDDEN.into()),
     }
+}
+
+fn masked_recipients(value: Value) -> Value {
+    match value {
+        Value::Array(list) => Value::Array(list.into_iter().map(masked_recipient).collect()),
+        _ => Value::String(HIDDEN.into()),
+    }
+}
+
+/// A recipient's number masked; its `ref` (the web app's id of a person) hidden.
+fn masked_recipient(entry: Value) -> Value {
+    let Value::Object(fields) = entry else {
+        return Value::String(HIDDEN.into());
+    };
+    let masked = fields.into_iter().map(|(key, value)| {
+        let value = match key.as_str() {
+            "to" => masked_number(&value),
+            _ => Value::String(HIDDEN.into()),
+        };
+        (key, value)
+    });
+    Value::Object(masked.collect())
 }
 
 /// `smsgw dlq show ID`.
@@ -248,23 +310,23 @@ fn print_letter(id: &str, letter: &DeadLetter, now: OffsetDateTime, reveal: bool
     print_body(&letter.body, reveal);
 }
 
-/// The job as JSON, its numbers masked unless `reveal`; a body that is not JSON shortened.
+/// The job as JSON, masked unless `reveal`; a body that is not JSON shown only with
+/// `reveal` (shortened).
 fn print_body(body: &[u8], reveal: bool) {
     match serde_json::from_slice::<Value>(body) {
-        Ok(mut job) => {
-            if !reveal {
-                mask_job(&mut job);
-            }
+        Ok(job) => {
+            let job = if reveal { job } else { masked_job(job) };
             let text = serde_json::to_string_pretty(&job).unwrap_or_default();
             for line in text.lines() {
                 println!("  {line}");
             }
         }
-        Err(_) => println!(
+        Err(_) if reveal => println!(
             "  (not JSON, {} bytes) {}",
             body.len(),
-            hider(reveal)(&shorten(&String::from_utf8_lossy(body), 300))
+            shorten(&String::from_utf8_lossy(body), 300)
         ),
+        Err(_) => println!("  (not JSON, {} bytes; --reveal shows it)", body.len()),
     }
 }
 
@@ -407,9 +469,27 @@ mod tests {
 
     #[test]
     fn jobs_are_masked_for_display() {
-        let mut job = json!({"to": "+447700900123", "recipients": [{"to": "+447700900124"}]});
-        mask_job(&mut job);
-        assert_eq!(job["to"], "+44*******123");
-        assert_eq!(job["recipients"][0]["to"], "+44*******124");
+        let job = json!({
+            "id": "6f1c", "type": "announcement", "school_id": 42,
+            "to": "+447700900123", "body": "Your code is 4711",
+            "context": {"booking_id": 981, "student": "Sam Smith"},
+            "recipients": [{"to": "+447700900124", "ref": "user-77"}],
+            "nickname": "Sam",
+        });
+        let masked = masked_job(job);
+        assert_eq!(masked["to"], "+44*******123");
+        assert_eq!(masked["recipients"][0]["to"], "+44*******124");
+        assert_eq!(masked["recipients"][0]["ref"], HIDDEN);
+        assert_eq!(masked["body"], "(hidden, 17 characters)");
+        assert_eq!(
+            masked["context"],
+            json!({"booking_id": HIDDEN, "student": HIDDEN})
+        );
+        assert_eq!(masked["nickname"], HIDDEN);
+        assert_eq!(
+            (&masked["id"], &masked["school_id"]),
+            (&json!("6f1c"), &json!(42))
+        );
+        assert_eq!(masked_job(json!(["+447700900123"])), json!(HIDDEN));
     }
 }
