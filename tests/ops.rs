@@ -5,6 +5,7 @@ mod helpers;
 use std::time::Duration;
 
 use serde_json::Value;
+use time::OffsetDateTime;
 
 use helpers::{App, Reply, id_of, job, spawn_app, spawn_app_with};
 
@@ -103,7 +104,7 @@ async fn dlq_list_shows_dead_letters_without_taking_or_reordering_them() {
     assert!(text.contains("body: empty"), "{text}");
     assert!(!text.contains(&ids[2]), "--limit 2 shows two: {text}");
     assert!(
-        text.contains("2 shown, 3 matching, 3 in sms.dead"),
+        text.contains("2 shown, 3 matching; looked at 3 of 3 in sms.dead"),
         "{text}"
     );
     assert!(
@@ -169,6 +170,32 @@ async fn dlq_show_hides_the_body_and_the_context_unless_revealed() {
         );
     }
     wait_depth(&app, "sms.dead", 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dlq_says_plainly_when_one_run_could_not_look_at_every_letter() {
+    let app = spawn_app().await;
+    // One more than a run can hold (AMQP's prefetch is a 16-bit number).
+    let count = u32::from(u16::MAX) + 1;
+    let (_connection, channel) = amqp_channel(&app).await;
+    for n in 0..count {
+        let body = format!("{{\"n\": {n}}}");
+        dead_letter(&channel, body.as_bytes(), Some(OffsetDateTime::now_utc())).await;
+    }
+    wait_depth(&app, "sms.dead", count).await;
+
+    let list = app.run_cli(&["dlq", "list", "--limit", "1"]);
+    let (out, err) = (stdout(&list), String::from_utf8_lossy(&list.stderr));
+    assert_eq!(list.status.code(), Some(1), "{out}\n{err}");
+    assert!(
+        out.contains("looked at 65535 of 65536 in sms.dead"),
+        "{out}"
+    );
+    assert!(
+        err.contains("only 65535 of the 65536 dead letters were looked at"),
+        "{err}"
+    );
+    wait_depth(&app, "sms.dead", count).await; // nothing was taken
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -461,6 +488,45 @@ async fn retention_purges_old_bodies_and_rows_in_the_background() {
         metrics.contains("smsgw_messages_deleted_total 1"),
         "{metrics}"
     );
+}
+
+/// A connection of the test's own to the app's vhost, and a channel on it.
+async fn amqp_channel(app: &App) -> (lapin::Connection, lapin::Channel) {
+    let connection =
+        lapin::Connection::connect(&app.env.amqp_url, lapin::ConnectionProperties::default())
+            .await
+            .expect("connect");
+    let channel = connection.create_channel().await.expect("channel");
+    (connection, channel)
+}
+
+/// Appends a dead letter with `body` to `sms.dead`, dead since `dead_at` (`None`: a
+/// letter that does not say).
+async fn dead_letter(channel: &lapin::Channel, body: &[u8], dead_at: Option<OffsetDateTime>) {
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert(
+        "x-smsgw-reason".into(),
+        lapin::types::AMQPValue::LongString("permanent_failure".into()),
+    );
+    if let Some(at) = dead_at {
+        let ms = i64::try_from(at.unix_timestamp_nanos() / 1_000_000).expect("a time");
+        headers.insert(
+            "x-smsgw-dead-at".into(),
+            lapin::types::AMQPValue::LongLongInt(ms),
+        );
+    }
+    channel
+        .basic_publish(
+            "sms.dead".into(),
+            "".into(),
+            lapin::options::BasicPublishOptions::default(),
+            body,
+            lapin::BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_headers(headers),
+        )
+        .await
+        .expect("publish a dead letter");
 }
 
 #[tokio::test(flavor = "multi_thread")]

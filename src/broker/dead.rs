@@ -47,6 +47,7 @@ impl Broker {
             consumer,
             total,
             seen: 0,
+            stalled: false,
         })
     }
 
@@ -209,7 +210,22 @@ pub struct DeadBrowser {
     /// How many messages the queue held when browsing began.
     pub total: u32,
     seen: u32,
+    /// Nothing came for a while although letters were left to see.
+    stalled: bool,
 }
+
+/// Why a browse saw fewer dead letters than the queue held when it began.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shortfall {
+    /// One browse holds at most [`MAX_BROWSE`] letters at once.
+    Limit,
+    /// The rest did not come within [`SILENCE`]: another client holds them, or they were
+    /// taken meanwhile.
+    Silence,
+}
+
+/// How long a browse waits for the next letter before it stops.
+pub const SILENCE: Duration = Duration::from_secs(5);
 
 /// Most messages one browse holds at once (AMQP's prefetch is a 16-bit number).
 pub const MAX_BROWSE: u32 = u16::MAX as u32;
@@ -221,13 +237,33 @@ impl DeadBrowser {
             return None;
         }
         // Another client may hold some of them: stop when nothing comes for a while.
-        match tokio::time::timeout(Duration::from_secs(5), self.consumer.next()).await {
+        match tokio::time::timeout(SILENCE, self.consumer.next()).await {
             Ok(Some(Ok(delivery))) => {
                 self.seen += 1;
                 Some(Ok(DeadLetter::from_delivery(delivery)))
             }
             Ok(Some(Err(e))) => Some(Err(e.into())),
-            Ok(None) | Err(_) => None,
+            Ok(None) | Err(_) => {
+                self.stalled = true;
+                None
+            }
+        }
+    }
+
+    /// How many dead letters this browse has read.
+    pub fn seen(&self) -> u32 {
+        self.seen
+    }
+
+    /// Why the browse, read to its end, missed letters that were there when it began;
+    /// `None` when it saw them all.
+    pub fn shortfall(&self) -> Option<Shortfall> {
+        if self.seen >= self.total {
+            None
+        } else if self.stalled {
+            Some(Shortfall::Silence)
+        } else {
+            Some(Shortfall::Limit)
         }
     }
 

@@ -42,7 +42,7 @@ use lapin::{
 };
 
 pub use self::{
-    dead::{DeadBrowser, DeadLetter, MAX_BROWSE},
+    dead::{DeadBrowser, DeadLetter, MAX_BROWSE, SILENCE, Shortfall},
     delivery::{Delivery, Incoming, LaneConsumer},
     headers::*,
     topology::{Topology, lane_queue, tier_name},

@@ -9,7 +9,7 @@ use super::{
     EXIT_FAILED, EXIT_USAGE, hider, open_dead, print_log, print_table, short_duration, shorten,
 };
 use crate::{
-    broker::{Broker, BrokerError, DeadBrowser, DeadLetter},
+    broker::{Broker, BrokerError, DeadBrowser, DeadLetter, MAX_BROWSE, SILENCE, Shortfall},
     config::Settings,
     phone::{mask, redact_numbers},
 };
@@ -107,9 +107,11 @@ impl Listing {
         ]);
     }
 
-    fn print(self, total: u32, as_json: bool) {
+    fn print(self, coverage: &Coverage, as_json: bool) {
         if as_json {
             println!("{}", Value::Array(self.objects));
+            // Standard output stays one JSON document.
+            eprintln!("{}", coverage.looked_at());
             return;
         }
         let header = [
@@ -123,10 +125,52 @@ impl Listing {
         ];
         print_table(&header, &self.rows);
         println!(
-            "{} shown, {} matching, {total} in sms.dead",
+            "{} shown, {} matching; {}",
             self.rows.len(),
-            self.matched
+            self.matched,
+            coverage.looked_at()
         );
+    }
+}
+
+/// How much of `sms.dead` one run saw: at most [`MAX_BROWSE`] letters, and only those
+/// that arrived within [`SILENCE`] of each other.
+struct Coverage {
+    seen: u32,
+    total: u32,
+    shortfall: Option<Shortfall>,
+}
+
+impl Coverage {
+    fn of(browser: &DeadBrowser) -> Self {
+        Coverage {
+            seen: browser.seen(),
+            total: browser.total,
+            shortfall: browser.shortfall(),
+        }
+    }
+
+    fn looked_at(&self) -> String {
+        format!("looked at {} of {} in sms.dead", self.seen, self.total)
+    }
+
+    /// Says plainly on standard error that some letters were not looked at, with `next`
+    /// (what to do about it); `true` when it had to.
+    fn warn_if_partial(&self, next: &str) -> bool {
+        let why = match self.shortfall {
+            None => return false,
+            Some(Shortfall::Limit) => format!("one run can hold at most {MAX_BROWSE}"),
+            Some(Shortfall::Silence) => format!(
+                "the rest did not arrive within {} s (another client, such as a second \
+                 smsgw dlq, may hold them)",
+                SILENCE.as_secs()
+            ),
+        };
+        eprintln!(
+            "smsgw: only {} of the {} dead letters were looked at: {why}; {next}",
+            self.seen, self.total
+        );
+        true
     }
 }
 
@@ -157,13 +201,16 @@ pub async fn dlq_list(
             }
         }
     };
-    let total = browser.total;
+    let coverage = Coverage::of(&browser);
     close(browser, broker).await;
     if let Err(e) = read {
         eprintln!("smsgw: reading sms.dead failed: {e}");
         return ExitCode::from(EXIT_FAILED);
     }
-    listing.print(total, as_json);
+    listing.print(&coverage, as_json);
+    if coverage.warn_if_partial("the others are not in this list") {
+        return ExitCode::from(EXIT_FAILED);
+    }
     ExitCode::SUCCESS
 }
 
@@ -267,8 +314,13 @@ pub async fn dlq_show(settings: &Settings, id: &str, reveal: bool) -> ExitCode {
         }
     }
     let Some(letter) = found else {
+        let coverage = Coverage::of(&browser);
         close(browser, broker).await;
-        eprintln!("smsgw: no dead letter with id {id}");
+        eprintln!(
+            "smsgw: no dead letter with id {id}; {}",
+            coverage.looked_at()
+        );
+        coverage.warn_if_partial("it may be among the others");
         return ExitCode::from(EXIT_FAILED);
     };
     print_letter(id, &letter, now, reveal);
@@ -373,11 +425,18 @@ pub async fn dlq_replay(settings: &Settings, filter: &DeadFilter, dry_run: bool)
         progress.set_message(format!("({} replayed)", pass.taken));
     }
     progress.finish_and_clear();
+    let coverage = Coverage::of(&browser);
     close(browser, broker).await;
     let verb = if dry_run { "would replay" } else { "replayed" };
-    println!("{verb} {}, kept {} in sms.dead", pass.taken, pass.kept);
+    println!(
+        "{verb} {}, kept {} in sms.dead ({})",
+        pass.taken,
+        pass.kept,
+        coverage.looked_at()
+    );
     finish(
         pass,
+        &coverage,
         "replay stopped",
         "; what was not replayed is still in sms.dead",
     )
@@ -419,10 +478,15 @@ async fn replay_one(
         .map_err(|e| format!("removing a replayed letter: {e}"))
 }
 
-fn finish(pass: Pass, stopped: &str, note: &str) -> ExitCode {
+/// The exit code of a pass that changes `sms.dead`: failed when it stopped on an error or
+/// could not look at every letter.
+fn finish(pass: Pass, coverage: &Coverage, stopped: &str, note: &str) -> ExitCode {
     match pass.failure {
         Some(e) => {
             eprintln!("smsgw: {stopped}: {e}{note}");
+            ExitCode::from(EXIT_FAILED)
+        }
+        None if coverage.warn_if_partial("run it again for the others") => {
             ExitCode::from(EXIT_FAILED)
         }
         None => ExitCode::SUCCESS,
@@ -458,9 +522,15 @@ pub async fn dlq_purge(settings: &Settings, filter: &DeadFilter, confirmed: bool
             }
         }
     }
+    let coverage = Coverage::of(&browser);
     close(browser, broker).await;
-    println!("purged {}, kept {} in sms.dead", pass.taken, pass.kept);
-    finish(pass, "purge stopped", "")
+    println!(
+        "purged {}, kept {} in sms.dead ({})",
+        pass.taken,
+        pass.kept,
+        coverage.looked_at()
+    );
+    finish(pass, &coverage, "purge stopped", "")
 }
 
 #[cfg(test)]
