@@ -530,6 +530,88 @@ async fn dead_letter(channel: &lapin::Channel, body: &[u8], dead_at: Option<Offs
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn retention_removes_old_dead_letters_and_old_log_rows_by_default() {
+    let mut app = spawn_app().await;
+    // Everything is in place before the daemon that keeps it starts: its first pass sees
+    // it all.
+    app.stop().await.expect("stopped");
+    app.sql(
+        "INSERT INTO sms_messages (id, school_id, type, recipient, status, created_at)
+         SELECT gen_random_uuid(), 1, 'booking_reminder', '+447700900123', 'delivered',
+                now() - age::interval
+           FROM (VALUES ('200 days'), ('100 days')) AS t(age)",
+    )
+    .await;
+    let (_connection, channel) = amqp_channel(&app).await;
+    let ago = |d: time::Duration| Some(OffsetDateTime::now_utc() - d);
+    let letters = [
+        ("40 days", ago(time::Duration::days(40))),
+        ("undated", None),
+        ("31 days", ago(time::Duration::days(31))),
+        ("1 hour", ago(time::Duration::hours(1))),
+        (
+            "35 days, behind a younger one",
+            ago(time::Duration::days(35)),
+        ),
+    ];
+    for (name, dead_at) in letters {
+        let body = serde_json::json!({ "id": name }).to_string();
+        dead_letter(&channel, body.as_bytes(), dead_at).await;
+    }
+    wait_depth(&app, "sms.dead", 5).await;
+
+    // Default retention: dead letters 30 days, the log 180.
+    let http_url = restart(&app, &[("SMSGW_RETENTION_INTERVAL", "200ms")]).await;
+    let deadline = std::time::Instant::now() + helpers::PATIENCE;
+    loop {
+        let rows: i64 = app
+            .db
+            .scalar("SELECT count(*) FROM sms_messages", &[])
+            .await;
+        let metrics = reqwest::get(format!("{http_url}/metrics"))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        let removed = metrics.contains("smsgw_dead_letters_removed_total 2");
+        if rows == 1 && removed {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rows {rows}, {metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The head is the oldest: a pass stops at the first letter younger than the limit.
+    assert_eq!(
+        listed_ids(&app, 3, &[]).await,
+        ["undated", "1 hour", "35 days, behind a younger one"]
+    );
+}
+
+/// Starts a daemon again on the app's vhost and database (the app's own was stopped),
+/// with the base settings changed by `overrides`; its HTTP URL.
+async fn restart(app: &App, overrides: &[(&str, &str)]) -> String {
+    let port = helpers::free_port();
+    let mut vars = helpers::base_settings(&app.env, &app.stub, port);
+    for (k, v) in overrides {
+        vars.insert((*k).to_owned(), (*v).to_owned());
+    }
+    let settings =
+        smsgw::config::Settings::from_lookup(|k| vars.get(k).cloned()).expect("valid settings");
+    // Runs until the test ends.
+    let daemon = tokio::spawn(smsgw::daemon::run(
+        settings,
+        tokio_util::sync::CancellationToken::new(),
+    ));
+    let http_url = format!("http://127.0.0.1:{port}");
+    helpers::wait_until_ready(&http_url, &daemon).await;
+    http_url
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn bodies_can_be_dropped_as_soon_as_a_message_is_done() {
     let app = spawn_app_with(&[("SMSGW_KEEP_BODY", "false")]).await;
     app.add_school(SCHOOL, "GB").await;

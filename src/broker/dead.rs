@@ -1,4 +1,5 @@
-//! The dead letters: browsing `sms.dead` without taking anything, and replaying.
+//! The dead letters: browsing `sms.dead` without taking anything, replaying, and removing
+//! those past their retention from the head of the queue.
 
 use std::time::Duration;
 
@@ -67,6 +68,87 @@ impl Broker {
         self.publish_confirmed(JOBS_EXCHANGE, &letter.routing_key, &letter.body, properties)
             .await
     }
+}
+
+/// What one pass of [`Broker::remove_old_dead_letters`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeadPruned {
+    /// Letters removed for good.
+    pub removed: u32,
+    /// Letters that say nothing about when they died (not ours, nor the broker's): kept.
+    pub undated: u32,
+    /// When the first letter kept for its age becomes old enough: no letter behind it
+    /// can be due sooner.
+    pub next_due: Option<OffsetDateTime>,
+}
+
+/// Letters a pruning pass takes from the broker at a time.
+const PRUNE_PREFETCH: u16 = 100;
+
+impl Broker {
+    /// Removes dead letters that died more than `age` ago from the head of `sms.dead`,
+    /// reading at most `max_read`. Letters are appended as they die, so the head is the
+    /// oldest: the pass stops at the first letter younger than `age`, and everything it
+    /// took without removing goes back to its place when its channel closes.
+    pub async fn remove_old_dead_letters(
+        &self,
+        age: Duration,
+        max_read: u32,
+    ) -> Result<DeadPruned, BrokerError> {
+        let channel = within(self.connection.create_channel()).await?;
+        let pruned = prune_head(&channel, age, max_read).await;
+        let _ = within(channel.close(200, "retention done".into())).await;
+        pruned
+    }
+}
+
+async fn prune_head(
+    channel: &Channel,
+    age: Duration,
+    max_read: u32,
+) -> Result<DeadPruned, BrokerError> {
+    let queue = within(channel.queue_declare(
+        DEAD_QUEUE.into(),
+        QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        },
+        FieldTable::default(),
+    ))
+    .await?;
+    let mut pruned = DeadPruned::default();
+    let to_read = queue.message_count().min(max_read);
+    if to_read == 0 {
+        return Ok(pruned);
+    }
+    within(channel.basic_qos(PRUNE_PREFETCH, BasicQosOptions::default())).await?;
+    let mut consumer = within(channel.basic_consume(
+        DEAD_QUEUE.into(),
+        ShortString::from(format!("smsgw-retention-{}", Uuid::new_v4())),
+        BasicConsumeOptions::default(),
+        FieldTable::default(),
+    ))
+    .await?;
+    let cutoff = OffsetDateTime::now_utc() - age;
+    for _ in 0..to_read {
+        let Ok(Some(delivery)) = tokio::time::timeout(SILENCE, consumer.next()).await else {
+            break;
+        };
+        let letter = DeadLetter::from_delivery(delivery?);
+        match letter.dead_at {
+            Some(at) if at <= cutoff => {
+                if within(letter.acker.ack(BasicAckOptions::default())).await? {
+                    pruned.removed += 1;
+                }
+            }
+            Some(at) => {
+                pruned.next_due = Some(at + age);
+                break;
+            }
+            None => pruned.undated += 1,
+        }
+    }
+    Ok(pruned)
 }
 
 /// Headers a replay removes: ours (reason, error, attempts, timing) and the broker's
