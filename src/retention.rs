@@ -2,7 +2,8 @@
 //! pauses between them, so it never holds up sending.
 //!
 //! - message bodies after `SMSGW_BODY_RETENTION`;
-//! - finished messages with their attempts after `SMSGW_LOG_RETENTION`;
+//! - finished messages with their attempts, and the records of applied webhooks, after
+//!   `SMSGW_LOG_RETENTION`;
 //! - dead letters after `SMSGW_DEAD_RETENTION`, from the head of `sms.dead` (RabbitMQ
 //!   cannot delete from the middle of a queue; letters are appended as they die, so the
 //!   head is the oldest). That part runs on each broker session.
@@ -85,10 +86,17 @@ async fn pass(
         },
     )
     .await?;
-    if purged > 0 || deleted > 0 {
+    let forgotten = in_batches(
+        stop,
+        || store.forget_webhooks(settings.log_retention, BATCH),
+        |_| {},
+    )
+    .await?;
+    if purged > 0 || deleted > 0 || forgotten > 0 {
         tracing::info!(
             bodies_purged = purged,
             messages_deleted = deleted,
+            webhook_ids_deleted = forgotten,
             "retention pass"
         );
     }

@@ -542,6 +542,12 @@ async fn retention_removes_old_dead_letters_and_old_log_rows_by_default() {
            FROM (VALUES ('200 days'), ('100 days')) AS t(age)",
     )
     .await;
+    app.sql(
+        "INSERT INTO sms_webhooks_seen (provider, webhook_id, received_at)
+         VALUES ('twilio', 'SM-old', now() - interval '200 days'),
+                ('twilio', 'SM-recent', now() - interval '1 day')",
+    )
+    .await;
     let (_connection, channel) = amqp_channel(&app).await;
     let ago = |d: time::Duration| Some(OffsetDateTime::now_utc() - d);
     let letters = [
@@ -568,6 +574,13 @@ async fn retention_removes_old_dead_letters_and_old_log_rows_by_default() {
             .db
             .scalar("SELECT count(*) FROM sms_messages", &[])
             .await;
+        let ids: Vec<String> = app
+            .db
+            .rows("SELECT webhook_id FROM sms_webhooks_seen", &[])
+            .await
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
         let metrics = reqwest::get(format!("{http_url}/metrics"))
             .await
             .expect("metrics")
@@ -575,12 +588,12 @@ async fn retention_removes_old_dead_letters_and_old_log_rows_by_default() {
             .await
             .expect("text");
         let removed = metrics.contains("smsgw_dead_letters_removed_total 2");
-        if rows == 1 && removed {
+        if rows == 1 && ids == ["SM-recent"] && removed {
             break;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "rows {rows}, {metrics}"
+            "rows {rows}, ids {ids:?}, {metrics}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

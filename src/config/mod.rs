@@ -98,7 +98,8 @@ pub struct Settings {
     pub rate_limit: Option<u32>,
     /// Message bodies older than this are removed from the log.
     pub body_retention: Duration,
-    /// Whole finished message rows (and their attempts) older than this are removed.
+    /// Whole finished message rows (and their attempts) and the records of applied
+    /// webhooks older than this are removed.
     pub log_retention: Duration,
     /// Dead letters older than this are removed from `sms.dead`.
     pub dead_retention: Duration,

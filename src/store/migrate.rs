@@ -64,6 +64,7 @@ pub(crate) static MIGRATIONS: &[Migration] = &[
     migration!(20261125000005, "routing_and_receipts"),
     migration!(20261125000006, "throughput"),
     migration!(20261125000007, "hot_updates"),
+    migration!(20261204000003, "inbound_replay"),
 ];
 
 const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS _sqlx_migrations (
