@@ -82,8 +82,10 @@ pub struct DeadPruned {
     pub next_due: Option<OffsetDateTime>,
 }
 
-/// Letters a pruning pass takes from the broker at a time.
-const PRUNE_PREFETCH: u16 = 100;
+/// Letters a pruning pass holds at once: the undated ones it steps over, the one it stops
+/// at, and those the broker sent ahead. Few, because each one handed back may count as a
+/// redelivery, which a quorum queue with a delivery limit holds against it.
+const PRUNE_PREFETCH: u16 = 16;
 
 impl Broker {
     /// Removes dead letters that died more than `age` ago from the head of `sms.dead`,
@@ -145,7 +147,13 @@ async fn prune_head(
                 pruned.next_due = Some(at + age);
                 break;
             }
-            None => pruned.undated += 1,
+            None => {
+                pruned.undated += 1;
+                // The window is full of letters held back: no more would come.
+                if pruned.undated >= u32::from(PRUNE_PREFETCH) {
+                    break;
+                }
+            }
         }
     }
     Ok(pruned)
