@@ -77,18 +77,20 @@ enum DlqCommand {
     Show {
         /// The job id.
         id: String,
-        /// Show phone numbers and the body unmasked.
+        /// Show phone numbers, the body and the context unmasked.
         #[arg(long)]
         reveal: bool,
     },
-    /// Put dead letters back on sms.jobs with a fresh attempt budget.
+    /// Put dead letters back on sms.jobs with a fresh attempt budget. For an
+    /// outcome_unknown letter the daemon first asks the provider whether it took the
+    /// message, and sends only if it did not.
     #[command(group(clap::ArgGroup::new("which").required(true).args(["id", "reason", "all"])))]
     Replay {
         /// Only this job.
         #[arg(long)]
         id: Option<String>,
         /// Only dead letters with this reason (invalid_job, permanent_failure,
-        /// attempts_exhausted, delivery_limit).
+        /// attempts_exhausted, outcome_unknown, delivery_limit).
         #[arg(long)]
         reason: Option<String>,
         /// Every dead letter.

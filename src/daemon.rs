@@ -454,6 +454,12 @@ impl Worker<'_> {
             self.health.clone(),
             stop.clone(),
         ));
+        let pruning = tokio::spawn(crate::retention::prune_dead_letters(
+            broker.clone(),
+            crate::retention::RetentionSettings::from(self.settings),
+            self.metrics.clone(),
+            stop.clone(),
+        ));
         let mut lanes = JoinSet::new();
         for consumer in consumers {
             lanes.spawn(run_lane(
@@ -487,6 +493,8 @@ impl Worker<'_> {
         self.health.set_consumers(0);
         watcher.abort();
         depths.abort();
+        // Letters a pass held go back to their places when the connection closes.
+        pruning.abort();
         self.health.set_blocked(false);
         match lost {
             Some(reason) if !shutdown.is_cancelled() => SessionEnd::Lost(reason),

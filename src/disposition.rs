@@ -55,6 +55,8 @@ pub enum DeadReason {
     InvalidJob,
     PermanentFailure,
     AttemptsExhausted,
+    /// Given up while the provider may have taken the message: a replay asks it first.
+    OutcomeUnknown,
 }
 
 impl DeadReason {
@@ -63,6 +65,7 @@ impl DeadReason {
             DeadReason::InvalidJob => "invalid_job",
             DeadReason::PermanentFailure => "permanent_failure",
             DeadReason::AttemptsExhausted => "attempts_exhausted",
+            DeadReason::OutcomeUnknown => "outcome_unknown",
         }
     }
 }

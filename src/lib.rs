@@ -30,7 +30,7 @@
 //! - [`segments`]: GSM-7/UCS-2 encoding and segment counts.
 //! - [`daemon`]: wiring, reconnection, graceful shutdown.
 //! - [`retry`]: the one way to wait and try again.
-//! - [`retention`]: purging old bodies and rows in the background.
+//! - [`retention`]: purging old bodies, rows, webhook ids and dead letters in the background.
 //! - [`http`]: `/healthz`, `/readyz`, `/metrics` and the webhooks (delivery receipts,
 //!   inbound STOP/START, with signature checks).
 //! - [`ops`]: the dead-letter tools, a message's record and `smsgw check`.

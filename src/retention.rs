@@ -1,21 +1,38 @@
-//! Retention: removes message bodies (and, when configured, whole rows) past their age, in
-//! small batches with pauses between them, so it never holds up sending.
+//! Retention: removes what smsgw keeps once it is past its age, in small batches with
+//! pauses between them, so it never holds up sending.
+//!
+//! - message bodies after `SMSGW_BODY_RETENTION`;
+//! - finished messages with their attempts, and the records of applied webhooks, after
+//!   `SMSGW_LOG_RETENTION`;
+//! - dead letters after `SMSGW_DEAD_RETENTION`, from the head of `sms.dead` (RabbitMQ
+//!   cannot delete from the middle of a queue; letters are appended as they die, so the
+//!   head is the oldest). That part runs on each broker session.
 
-use std::{sync::Arc, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 
+use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
-use crate::{config::Settings, http::metrics::Metrics, retry::pause, store::Store};
+use crate::{
+    broker::Broker,
+    config::Settings,
+    http::metrics::Metrics,
+    retry::pause,
+    store::{Store, StoreError},
+};
 
 /// Rows per statement: small enough that each is a short transaction.
 const BATCH: i64 = 500;
 /// Pause between two batches of one pass.
 const BREATHER: Duration = Duration::from_millis(50);
+/// Dead letters one pass reads at most: a pass holds them while it looks.
+const DEAD_BATCH: u32 = 500;
 
 #[derive(Debug, Clone)]
 pub struct RetentionSettings {
     pub body_retention: Duration,
-    pub log_retention: Option<Duration>,
+    pub log_retention: Duration,
+    pub dead_retention: Duration,
     pub interval: Duration,
 }
 
@@ -24,12 +41,13 @@ impl From<&Settings> for RetentionSettings {
         RetentionSettings {
             body_retention: settings.body_retention,
             log_retention: settings.log_retention,
+            dead_retention: settings.dead_retention,
             interval: settings.retention_interval,
         }
     }
 }
 
-/// Runs a pass at start and then every `interval`, until `stop` fires.
+/// Runs a pass over the database at start and then every `interval`, until `stop` fires.
 pub async fn run(
     store: Store,
     settings: RetentionSettings,
@@ -51,33 +69,116 @@ async fn pass(
     settings: &RetentionSettings,
     metrics: &Metrics,
     stop: &CancellationToken,
-) -> Result<(), crate::store::StoreError> {
-    let mut purged = 0;
-    loop {
-        let n = store.purge_bodies(settings.body_retention, BATCH).await?;
-        purged += n;
-        metrics.bodies_purged.inc_by(n);
-        if n < BATCH as u64 || pause(BREATHER, stop).await {
-            break;
-        }
-    }
-    let mut deleted = 0;
-    if let Some(age) = settings.log_retention {
-        loop {
-            let n = store.delete_messages(age, BATCH).await?;
-            deleted += n;
+) -> Result<(), StoreError> {
+    let purged = in_batches(
+        stop,
+        || store.purge_bodies(settings.body_retention, BATCH),
+        |n| {
+            metrics.bodies_purged.inc_by(n);
+        },
+    )
+    .await?;
+    let deleted = in_batches(
+        stop,
+        || store.delete_messages(settings.log_retention, BATCH),
+        |n| {
             metrics.messages_deleted.inc_by(n);
-            if n < BATCH as u64 || pause(BREATHER, stop).await {
-                break;
-            }
-        }
-    }
-    if purged > 0 || deleted > 0 {
+        },
+    )
+    .await?;
+    let forgotten = in_batches(
+        stop,
+        || store.forget_webhooks(settings.log_retention, BATCH),
+        |_| {},
+    )
+    .await?;
+    if purged > 0 || deleted > 0 || forgotten > 0 {
         tracing::info!(
             bodies_purged = purged,
             messages_deleted = deleted,
+            webhook_ids_deleted = forgotten,
             "retention pass"
         );
     }
     Ok(())
+}
+
+/// Runs `step` (one batch) until a batch comes back short or `stop` fires; `counted`
+/// hears each batch's count at once, so a later failure loses none of them.
+async fn in_batches<F, Fut>(
+    stop: &CancellationToken,
+    mut step: F,
+    counted: impl Fn(u64),
+) -> Result<u64, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<u64, StoreError>>,
+{
+    let mut total = 0;
+    loop {
+        let n = step().await?;
+        total += n;
+        counted(n);
+        if n < BATCH as u64 || pause(BREATHER, stop).await {
+            return Ok(total);
+        }
+    }
+}
+
+/// Removes dead letters past `dead_retention` while the broker session lasts: a pass at
+/// once, then again when the oldest letter left is due, but at most every `interval`.
+/// Looking at the head takes it off the queue for a moment, so it is not looked at more
+/// often than needed.
+pub async fn prune_dead_letters(
+    broker: Broker,
+    settings: RetentionSettings,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
+    loop {
+        let wait = match broker
+            .remove_old_dead_letters(settings.dead_retention, DEAD_BATCH)
+            .await
+        {
+            Ok(pruned) => {
+                metrics
+                    .dead_letters_removed
+                    .inc_by(u64::from(pruned.removed));
+                report_dead(&pruned, settings.dead_retention);
+                if pruned.removed == DEAD_BATCH {
+                    BREATHER
+                } else {
+                    until_due(pruned.next_due).max(settings.interval)
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not remove old dead letters; trying again later");
+                settings.interval
+            }
+        };
+        if pause(wait, &stop).await {
+            return;
+        }
+    }
+}
+
+fn report_dead(pruned: &crate::broker::DeadPruned, age: Duration) {
+    if pruned.removed > 0 {
+        tracing::info!(
+            removed = pruned.removed,
+            older_than = %humantime::format_duration(age),
+            "retention: dead letters removed from sms.dead"
+        );
+    }
+    if pruned.undated > 0 {
+        tracing::warn!(
+            undated = pruned.undated,
+            "dead letters that say nothing about when they died are kept; purge them by hand"
+        );
+    }
+}
+
+fn until_due(due: Option<OffsetDateTime>) -> Duration {
+    due.and_then(|at| Duration::try_from(at - OffsetDateTime::now_utc()).ok())
+        .unwrap_or_default()
 }

@@ -5,6 +5,7 @@ mod helpers;
 use std::time::Duration;
 
 use serde_json::Value;
+use time::OffsetDateTime;
 
 use helpers::{App, Reply, id_of, job, spawn_app, spawn_app_with};
 
@@ -103,7 +104,7 @@ async fn dlq_list_shows_dead_letters_without_taking_or_reordering_them() {
     assert!(text.contains("body: empty"), "{text}");
     assert!(!text.contains(&ids[2]), "--limit 2 shows two: {text}");
     assert!(
-        text.contains("2 shown, 3 matching, 3 in sms.dead"),
+        text.contains("2 shown, 3 matching; looked at 3 of 3 in sms.dead"),
         "{text}"
     );
     assert!(
@@ -140,6 +141,93 @@ async fn dlq_show_prints_the_job_masked_its_headers_and_its_attempts() {
     let missing = app.run_cli(&["dlq", "show", "no-such-id"]);
     assert_eq!(missing.status.code(), Some(1));
     wait_depth(&app, "sms.dead", 3).await; // messages come back when the tool closes its channel
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dlq_show_hides_the_body_and_the_context_unless_revealed() {
+    let app = spawn_app().await;
+    // Invalid (no such school id): dead-lettered as it came, text and context included.
+    let mut code = job("login_code", -1, "+447700900123", "Your code is 4711");
+    code["context"] = serde_json::json!({"student": "Sam Smith", "booking_id": 981});
+    app.publish(&code).await;
+    wait_depth(&app, "sms.dead", 1).await;
+    let id = id_of(&code).to_string();
+
+    let masked = stdout(&app.run_cli(&["dlq", "show", &id]));
+    for secret in ["4711", "Sam Smith", "981", "+447700900123"] {
+        assert!(!masked.contains(secret), "{secret} shown: {masked}");
+    }
+    assert!(masked.contains("(hidden, 17 characters)"), "{masked}");
+    assert!(masked.contains("\"student\": \"***\""), "{masked}");
+    assert!(masked.contains("+44*******123"), "{masked}");
+    wait_depth(&app, "sms.dead", 1).await; // messages come back when the tool closes its channel
+
+    let revealed = stdout(&app.run_cli(&["dlq", "show", &id, "--reveal"]));
+    for secret in ["Your code is 4711", "Sam Smith", "+447700900123"] {
+        assert!(
+            revealed.contains(secret),
+            "{secret} not revealed: {revealed}"
+        );
+    }
+    wait_depth(&app, "sms.dead", 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dlq_says_plainly_when_one_run_could_not_look_at_every_letter() {
+    let app = spawn_app().await;
+    // One more than a run can hold (AMQP's prefetch is a 16-bit number).
+    let count = u32::from(u16::MAX) + 1;
+    let (_connection, channel) = amqp_channel(&app).await;
+    for n in 0..count {
+        let body = format!("{{\"n\": {n}}}");
+        dead_letter(&channel, body.as_bytes(), Some(OffsetDateTime::now_utc())).await;
+    }
+    wait_depth(&app, "sms.dead", count).await;
+
+    let list = app.run_cli(&["dlq", "list", "--limit", "1"]);
+    let (out, err) = (stdout(&list), String::from_utf8_lossy(&list.stderr));
+    assert_eq!(list.status.code(), Some(1), "{out}\n{err}");
+    assert!(
+        out.contains("looked at 65535 of 65536 in sms.dead"),
+        "{out}"
+    );
+    assert!(
+        err.contains("only 65535 of the 65536 dead letters were looked at"),
+        "{err}"
+    );
+    wait_depth(&app, "sms.dead", count).await; // nothing was taken
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replayed_outcome_unknown_letter_is_asked_about_not_sent_twice() {
+    let app = spawn_app_with(&[
+        ("SMSGW_MAX_ATTEMPTS", "1"),
+        ("SMSGW_PROVIDER_TIMEOUT", "300ms"),
+    ])
+    .await;
+    app.add_school(SCHOOL, "GB").await;
+    // Twilio takes the text but the answer never comes: it may have gone out.
+    app.stub
+        .script([Reply::TakeThenHang(Duration::from_secs(2))]);
+    let code = job("login_code", SCHOOL, "+447700900123", "Code 1234");
+    app.publish(&code).await;
+    let failed = app.wait_for_status(id_of(&code), "failed").await;
+    assert_eq!(failed.reason.as_deref(), Some("outcome_unknown"));
+    assert_eq!(
+        listed_ids(&app, 1, &["--reason", "outcome_unknown"]).await,
+        [id_of(&code).to_string()]
+    );
+
+    let replay = app.run_cli(&["dlq", "replay", "--reason", "outcome_unknown"]);
+    assert_eq!(replay.status.code(), Some(0), "{replay:?}");
+    let row = app.wait_for_status(id_of(&code), "sent").await;
+    assert!(
+        row.provider_message_id.is_some(),
+        "the taken message adopted"
+    );
+    assert!(app.stub.lookups() >= 1, "Twilio was asked first");
+    assert_eq!(app.stub.requests().len(), 1, "never sent a second time");
+    assert_eq!(app.stub.taken_to("+447700900123"), 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -400,6 +488,140 @@ async fn retention_purges_old_bodies_and_rows_in_the_background() {
         metrics.contains("smsgw_messages_deleted_total 1"),
         "{metrics}"
     );
+}
+
+/// A connection of the test's own to the app's vhost, and a channel on it.
+async fn amqp_channel(app: &App) -> (lapin::Connection, lapin::Channel) {
+    let connection =
+        lapin::Connection::connect(&app.env.amqp_url, lapin::ConnectionProperties::default())
+            .await
+            .expect("connect");
+    let channel = connection.create_channel().await.expect("channel");
+    (connection, channel)
+}
+
+/// Appends a dead letter with `body` to `sms.dead`, dead since `dead_at` (`None`: a
+/// letter that does not say).
+async fn dead_letter(channel: &lapin::Channel, body: &[u8], dead_at: Option<OffsetDateTime>) {
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert(
+        "x-smsgw-reason".into(),
+        lapin::types::AMQPValue::LongString("permanent_failure".into()),
+    );
+    if let Some(at) = dead_at {
+        let ms = i64::try_from(at.unix_timestamp_nanos() / 1_000_000).expect("a time");
+        headers.insert(
+            "x-smsgw-dead-at".into(),
+            lapin::types::AMQPValue::LongLongInt(ms),
+        );
+    }
+    channel
+        .basic_publish(
+            "sms.dead".into(),
+            "".into(),
+            lapin::options::BasicPublishOptions::default(),
+            body,
+            lapin::BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_headers(headers),
+        )
+        .await
+        .expect("publish a dead letter");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retention_removes_old_dead_letters_and_old_log_rows_by_default() {
+    let mut app = spawn_app().await;
+    // Everything is in place before the daemon that keeps it starts: its first pass sees
+    // it all.
+    app.stop().await.expect("stopped");
+    app.sql(
+        "INSERT INTO sms_messages (id, school_id, type, recipient, status, created_at)
+         SELECT gen_random_uuid(), 1, 'booking_reminder', '+447700900123', 'delivered',
+                now() - age::interval
+           FROM (VALUES ('200 days'), ('100 days')) AS t(age)",
+    )
+    .await;
+    app.sql(
+        "INSERT INTO sms_webhooks_seen (provider, webhook_id, received_at)
+         VALUES ('twilio', 'SM-old', now() - interval '200 days'),
+                ('twilio', 'SM-recent', now() - interval '1 day')",
+    )
+    .await;
+    let (_connection, channel) = amqp_channel(&app).await;
+    let ago = |d: time::Duration| Some(OffsetDateTime::now_utc() - d);
+    let letters = [
+        ("40 days", ago(time::Duration::days(40))),
+        ("undated", None),
+        ("31 days", ago(time::Duration::days(31))),
+        ("1 hour", ago(time::Duration::hours(1))),
+        (
+            "35 days, behind a younger one",
+            ago(time::Duration::days(35)),
+        ),
+    ];
+    for (name, dead_at) in letters {
+        let body = serde_json::json!({ "id": name }).to_string();
+        dead_letter(&channel, body.as_bytes(), dead_at).await;
+    }
+    wait_depth(&app, "sms.dead", 5).await;
+
+    // Default retention: dead letters 30 days, the log 180.
+    let http_url = restart(&app, &[("SMSGW_RETENTION_INTERVAL", "200ms")]).await;
+    let deadline = std::time::Instant::now() + helpers::PATIENCE;
+    loop {
+        let rows: i64 = app
+            .db
+            .scalar("SELECT count(*) FROM sms_messages", &[])
+            .await;
+        let ids: Vec<String> = app
+            .db
+            .rows("SELECT webhook_id FROM sms_webhooks_seen", &[])
+            .await
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        let metrics = reqwest::get(format!("{http_url}/metrics"))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        let removed = metrics.contains("smsgw_dead_letters_removed_total 2");
+        if rows == 1 && ids == ["SM-recent"] && removed {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rows {rows}, ids {ids:?}, {metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The head is the oldest: a pass stops at the first letter younger than the limit.
+    assert_eq!(
+        listed_ids(&app, 3, &[]).await,
+        ["undated", "1 hour", "35 days, behind a younger one"]
+    );
+}
+
+/// Starts a daemon again on the app's vhost and database (the app's own was stopped),
+/// with the base settings changed by `overrides`; its HTTP URL.
+async fn restart(app: &App, overrides: &[(&str, &str)]) -> String {
+    let port = helpers::free_port();
+    let mut vars = helpers::base_settings(&app.env, &app.stub, port);
+    for (k, v) in overrides {
+        vars.insert((*k).to_owned(), (*v).to_owned());
+    }
+    let settings =
+        smsgw::config::Settings::from_lookup(|k| vars.get(k).cloned()).expect("valid settings");
+    // Runs until the test ends.
+    let daemon = tokio::spawn(smsgw::daemon::run(
+        settings,
+        tokio_util::sync::CancellationToken::new(),
+    ));
+    let http_url = format!("http://127.0.0.1:{port}");
+    helpers::wait_until_ready(&http_url, &daemon).await;
+    http_url
 }
 
 #[tokio::test(flavor = "multi_thread")]

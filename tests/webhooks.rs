@@ -269,25 +269,8 @@ async fn a_stop_in_a_receipt_records_an_opt_out() {
 async fn stop_and_start_round_trip_through_a_real_send() {
     let app = spawn_app_with(&[("SMSGW_PUBLIC_URL", PUBLIC)]).await;
     app.add_school(SCHOOL, "GB").await;
-    let inbound = |body: &'static str| {
-        let app = &app;
-        async move {
-            app.post_twilio(
-                PUBLIC,
-                "/webhooks/twilio/inbound",
-                &[
-                    ("AccountSid", twilio_stub::ACCOUNT_SID),
-                    ("From", "+447700900123"),
-                    ("To", twilio_stub::DEFAULT_FROM),
-                    ("Body", body),
-                    ("MessageSid", "SM11111111111111111111111111111111"),
-                ],
-                None,
-            )
-            .await
-        }
-    };
-    let response = inbound("  Stop ").await;
+    let inbound = |body: &'static str, sid: &'static str| inbound(&app, "+447700900123", body, sid);
+    let response = inbound("  Stop ", "SM11111111111111111111111111111111").await;
     assert_eq!(response.status(), 200);
     assert!(response.text().await.expect("body").contains("<Response/>"));
 
@@ -301,11 +284,18 @@ async fn stop_and_start_round_trip_through_a_real_send() {
         Some("opted_out")
     );
     assert_eq!(
-        inbound("hello there").await.status(),
+        inbound("hello there", "SM22222222222222222222222222222222")
+            .await
+            .status(),
         200,
         "other texts change nothing"
     );
-    assert_eq!(inbound("START").await.status(), 200);
+    assert_eq!(
+        inbound("START", "SM33333333333333333333333333333333")
+            .await
+            .status(),
+        200
+    );
     let resumed = job(
         "booking_reminder",
         SCHOOL,
@@ -332,6 +322,67 @@ async fn stop_and_start_round_trip_through_a_real_send() {
         )
         .await;
     assert_eq!(opt_outs, 0);
+}
+
+/// An inbound text from `from`, signed as Twilio signs it, with Twilio's id `sid`.
+async fn inbound(app: &helpers::App, from: &str, body: &str, sid: &str) -> reqwest::Response {
+    app.post_twilio(
+        PUBLIC,
+        "/webhooks/twilio/inbound",
+        &[
+            ("AccountSid", twilio_stub::ACCOUNT_SID),
+            ("From", from),
+            ("To", twilio_stub::DEFAULT_FROM),
+            ("Body", body),
+            ("MessageSid", sid),
+        ],
+        None,
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replayed_start_changes_nothing_and_a_later_stop_stays_in_force() {
+    let app = spawn_app_with(&[("SMSGW_PUBLIC_URL", PUBLIC)]).await;
+    app.add_school(SCHOOL, "GB").await;
+    let from = "+447700900123";
+    let start = "SM0000000000000000000000000000000b";
+    for (body, sid) in [
+        ("STOP", "SM0000000000000000000000000000000a"),
+        ("START", start),
+        ("STOP", "SM0000000000000000000000000000000c"),
+    ] {
+        assert_eq!(inbound(&app, from, body, sid).await.status(), 200, "{body}");
+    }
+    // The START captured on its way in, sent again: answered as Twilio expects, ignored.
+    let replay = inbound(&app, from, "START", start).await;
+    assert_eq!(replay.status(), 200);
+    let opt_outs: i64 = app
+        .db
+        .scalar(
+            "SELECT count(*) FROM sms_opt_outs WHERE phone = $1",
+            &[&from],
+        )
+        .await;
+    assert_eq!(opt_outs, 1, "the STOP after the START is still in force");
+    let next = job("booking_reminder", SCHOOL, from, "Reminder");
+    app.publish(&next).await;
+    let row = app.wait_for_status(id_of(&next), "suppressed").await;
+    assert_eq!(row.reason.as_deref(), Some("opted_out"));
+
+    let without_sid = app
+        .post_twilio(
+            PUBLIC,
+            "/webhooks/twilio/inbound",
+            &[("From", from), ("Body", "START")],
+            None,
+        )
+        .await;
+    assert_eq!(
+        without_sid.status(),
+        400,
+        "a keyword is applied only by its id"
+    );
 }
 
 fn vonage_overrides(stub: &vonage_stub::VonageStub) -> Vec<(&'static str, String)> {
@@ -570,4 +621,143 @@ async fn connections_beyond_the_cap_wait_until_one_is_freed() {
         "did not wait: {waited:?}"
     );
     assert!(waited < Duration::from_secs(5), "{waited:?}");
+}
+
+/// An app with two providers: `twilio` (the default, at the app's own stub) and `vonage`
+/// (at `vonage`), which school `vonage_school` uses.
+async fn twilio_and_vonage(vonage: &vonage_stub::VonageStub, vonage_school: i64) -> helpers::App {
+    let twilio = helpers::TwilioStub::start().await;
+    let vonage_block = format!(
+        r#"
+[providers.vonage]
+type = "vonage"
+api_key = {{ env = "TEST_VONAGE_KEY" }}
+api_secret = {{ env = "TEST_VONAGE_SECRET" }}
+from = "DriveSafe"
+signature_secret = {{ env = "TEST_VONAGE_SIGNATURE" }}
+base_url = "{}"
+"#,
+        vonage.url
+    );
+    let config = helpers::write_config(
+        "twilio",
+        &[
+            helpers::twilio_provider_toml("twilio", twilio_stub::DEFAULT_FROM, &twilio, ""),
+            vonage_block,
+        ],
+    );
+    let mut app = spawn_app_with(&[
+        ("SMSGW_CONFIG", config.as_str()),
+        ("TEST_TWILIO_TOKEN", twilio_stub::AUTH_TOKEN),
+        ("TEST_VONAGE_KEY", vonage_stub::API_KEY),
+        ("TEST_VONAGE_SECRET", vonage_stub::API_SECRET),
+        ("TEST_VONAGE_SIGNATURE", vonage_stub::SIGNATURE_SECRET),
+        ("SMSGW_PUBLIC_URL", PUBLIC),
+    ])
+    .await;
+    app.stub = twilio;
+    app.add_school(SCHOOL, "GB").await;
+    app.sql(&format!(
+        "INSERT INTO sms_school_settings (school_id, sms_enabled, country, provider)
+         VALUES ({vonage_school}, true, 'GB', 'vonage')"
+    ))
+    .await;
+    app
+}
+
+/// A Vonage receipt for `id`, signed with Vonage's secret and fresh.
+fn vonage_delivered(id: &str) -> Vec<(&'static str, String)> {
+    let now = time::OffsetDateTime::now_utc().unix_timestamp().to_string();
+    vec![
+        ("messageId", id.to_owned()),
+        ("status", "delivered".to_owned()),
+        ("err-code", "0".to_owned()),
+        ("timestamp", now),
+        ("nonce", uuid::Uuid::new_v4().to_string()),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_receipt_moves_only_messages_of_the_provider_that_signed_it() {
+    let vonage = vonage_stub::VonageStub::start().await;
+    let app = twilio_and_vonage(&vonage, 43).await;
+    let (twilio_id, twilio_sid) = sent_message(&app, "+447700900123").await;
+    let by_vonage = job("booking_reminder", 43, "+447700900124", "Reminder");
+    app.publish(&by_vonage).await;
+    let vonage_sid = app
+        .wait_for_status(id_of(&by_vonage), "sent")
+        .await
+        .provider_message_id
+        .expect("a message-id");
+
+    // Each provider's signed receipt names the other provider's message.
+    let secret = vonage_stub::SIGNATURE_SECRET;
+    assert_eq!(
+        vonage_receipt(&app, &vonage_delivered(&twilio_sid), secret).await,
+        204
+    );
+    assert_eq!(status(&app, &vonage_sid, "delivered").await, 204);
+    assert_eq!(app.message(twilio_id).await.expect("row").status, "sent");
+    assert_eq!(
+        app.message(id_of(&by_vonage)).await.expect("row").status,
+        "sent"
+    );
+
+    // A receipt that waits for its message's record: the same rule when it lands.
+    app.stub.script([Reply::Slow(Duration::from_millis(1500))]);
+    let slow = job("booking_reminder", SCHOOL, "+447700900125", "Reminder");
+    app.publish(&slow).await;
+    let slow_sid = loop {
+        if let Some(sid) = app.stub.last_sid().filter(|sid| *sid != twilio_sid) {
+            break sid;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(
+        vonage_receipt(&app, &vonage_delivered(&slow_sid), secret).await,
+        204
+    );
+    app.wait_for_status(id_of(&slow), "sent").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(app.message(id_of(&slow)).await.expect("row").status, "sent");
+
+    // Signed by their own provider, they apply.
+    assert_eq!(
+        vonage_receipt(&app, &vonage_delivered(&vonage_sid), secret).await,
+        204
+    );
+    assert_eq!(status(&app, &twilio_sid, "delivered").await, 204);
+    assert_eq!(
+        app.message(twilio_id).await.expect("row").status,
+        "delivered"
+    );
+    assert_eq!(
+        app.message(id_of(&by_vonage)).await.expect("row").status,
+        "delivered"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vonage_receipt_replayed_within_its_window_changes_nothing() {
+    let vonage = vonage_stub::VonageStub::start().await;
+    let overrides = vonage_overrides(&vonage);
+    let borrowed: Vec<(&str, &str)> = overrides.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let app = spawn_app_with(&borrowed).await;
+    app.add_school(SCHOOL, "GB").await;
+    let sent = job("booking_reminder", SCHOOL, "+447700900123", "Reminder");
+    app.publish(&sent).await;
+    let sid = app
+        .wait_for_status(id_of(&sent), "sent")
+        .await
+        .provider_message_id
+        .expect("a message-id");
+    let receipt = vonage_delivered(&sid);
+    let secret = vonage_stub::SIGNATURE_SECRET;
+    assert_eq!(vonage_receipt(&app, &receipt, secret).await, 204);
+    assert_eq!(vonage_receipt(&app, &receipt, secret).await, 204);
+    let kept: i64 = app
+        .db
+        .scalar("SELECT count(*) FROM sms_receipts", &[])
+        .await;
+    assert_eq!(kept, 1, "the replay was answered and not applied");
 }

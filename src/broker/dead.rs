@@ -1,4 +1,5 @@
-//! The dead letters: browsing `sms.dead` without taking anything, and replaying.
+//! The dead letters: browsing `sms.dead` without taking anything, replaying, and removing
+//! those past their retention from the head of the queue.
 
 use std::time::Duration;
 
@@ -47,6 +48,7 @@ impl Broker {
             consumer,
             total,
             seen: 0,
+            stalled: false,
         })
     }
 
@@ -66,6 +68,95 @@ impl Broker {
         self.publish_confirmed(JOBS_EXCHANGE, &letter.routing_key, &letter.body, properties)
             .await
     }
+}
+
+/// What one pass of [`Broker::remove_old_dead_letters`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeadPruned {
+    /// Letters removed for good.
+    pub removed: u32,
+    /// Letters that say nothing about when they died (not ours, nor the broker's): kept.
+    pub undated: u32,
+    /// When the first letter kept for its age becomes old enough: no letter behind it
+    /// can be due sooner.
+    pub next_due: Option<OffsetDateTime>,
+}
+
+/// Letters a pruning pass holds at once: the undated ones it steps over, the one it stops
+/// at, and those the broker sent ahead. Few, because each one handed back may count as a
+/// redelivery, which a quorum queue with a delivery limit holds against it.
+const PRUNE_PREFETCH: u16 = 16;
+
+impl Broker {
+    /// Removes dead letters that died more than `age` ago from the head of `sms.dead`,
+    /// reading at most `max_read`. Letters are appended as they die, so the head is the
+    /// oldest: the pass stops at the first letter younger than `age`, and everything it
+    /// took without removing goes back to its place when its channel closes.
+    pub async fn remove_old_dead_letters(
+        &self,
+        age: Duration,
+        max_read: u32,
+    ) -> Result<DeadPruned, BrokerError> {
+        let channel = within(self.connection.create_channel()).await?;
+        let pruned = prune_head(&channel, age, max_read).await;
+        let _ = within(channel.close(200, "retention done".into())).await;
+        pruned
+    }
+}
+
+async fn prune_head(
+    channel: &Channel,
+    age: Duration,
+    max_read: u32,
+) -> Result<DeadPruned, BrokerError> {
+    let queue = within(channel.queue_declare(
+        DEAD_QUEUE.into(),
+        QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        },
+        FieldTable::default(),
+    ))
+    .await?;
+    let mut pruned = DeadPruned::default();
+    let to_read = queue.message_count().min(max_read);
+    if to_read == 0 {
+        return Ok(pruned);
+    }
+    within(channel.basic_qos(PRUNE_PREFETCH, BasicQosOptions::default())).await?;
+    let mut consumer = within(channel.basic_consume(
+        DEAD_QUEUE.into(),
+        ShortString::from(format!("smsgw-retention-{}", Uuid::new_v4())),
+        BasicConsumeOptions::default(),
+        FieldTable::default(),
+    ))
+    .await?;
+    let cutoff = OffsetDateTime::now_utc() - age;
+    for _ in 0..to_read {
+        let Ok(Some(delivery)) = tokio::time::timeout(SILENCE, consumer.next()).await else {
+            break;
+        };
+        let letter = DeadLetter::from_delivery(delivery?);
+        match letter.dead_at {
+            Some(at) if at <= cutoff => {
+                if within(letter.acker.ack(BasicAckOptions::default())).await? {
+                    pruned.removed += 1;
+                }
+            }
+            Some(at) => {
+                pruned.next_due = Some(at + age);
+                break;
+            }
+            None => {
+                pruned.undated += 1;
+                // The window is full of letters held back: no more would come.
+                if pruned.undated >= u32::from(PRUNE_PREFETCH) {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(pruned)
 }
 
 /// Headers a replay removes: ours (reason, error, attempts, timing) and the broker's
@@ -209,7 +300,22 @@ pub struct DeadBrowser {
     /// How many messages the queue held when browsing began.
     pub total: u32,
     seen: u32,
+    /// Nothing came for a while although letters were left to see.
+    stalled: bool,
 }
+
+/// Why a browse saw fewer dead letters than the queue held when it began.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shortfall {
+    /// One browse holds at most [`MAX_BROWSE`] letters at once.
+    Limit,
+    /// The rest did not come within [`SILENCE`]: another client holds them, or they were
+    /// taken meanwhile.
+    Silence,
+}
+
+/// How long a browse waits for the next letter before it stops.
+pub const SILENCE: Duration = Duration::from_secs(5);
 
 /// Most messages one browse holds at once (AMQP's prefetch is a 16-bit number).
 pub const MAX_BROWSE: u32 = u16::MAX as u32;
@@ -221,13 +327,33 @@ impl DeadBrowser {
             return None;
         }
         // Another client may hold some of them: stop when nothing comes for a while.
-        match tokio::time::timeout(Duration::from_secs(5), self.consumer.next()).await {
+        match tokio::time::timeout(SILENCE, self.consumer.next()).await {
             Ok(Some(Ok(delivery))) => {
                 self.seen += 1;
                 Some(Ok(DeadLetter::from_delivery(delivery)))
             }
             Ok(Some(Err(e))) => Some(Err(e.into())),
-            Ok(None) | Err(_) => None,
+            Ok(None) | Err(_) => {
+                self.stalled = true;
+                None
+            }
+        }
+    }
+
+    /// How many dead letters this browse has read.
+    pub fn seen(&self) -> u32 {
+        self.seen
+    }
+
+    /// Why the browse, read to its end, missed letters that were there when it began;
+    /// `None` when it saw them all.
+    pub fn shortfall(&self) -> Option<Shortfall> {
+        if self.seen >= self.total {
+            None
+        } else if self.stalled {
+            Some(Shortfall::Silence)
+        } else {
+            Some(Shortfall::Limit)
         }
     }
 

@@ -24,7 +24,7 @@
 //! - `delivery`: consuming a lane; a delivery decoded into plain data for the pipeline.
 //! - `acks`: a lane's acks gathered into `multiple` acks.
 //! - `publish`: confirmed publishing, and carrying out a [`Disposition`].
-//! - `dead`: browsing and replaying the dead letters.
+//! - `dead`: browsing, replaying and (retention) removing the dead letters.
 //! - `events`: publishing status events.
 //! - `headers`: our headers and AMQP values.
 //!
@@ -47,7 +47,7 @@ use lapin::{
 };
 
 pub use self::{
-    dead::{DeadBrowser, DeadLetter, MAX_BROWSE},
+    dead::{DeadBrowser, DeadLetter, DeadPruned, MAX_BROWSE, SILENCE, Shortfall},
     delivery::{Delivery, Incoming, LaneConsumer},
     events::OutgoingEvent,
     headers::*,

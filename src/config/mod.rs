@@ -104,8 +104,11 @@ pub struct Settings {
     pub rate_limit: Option<u32>,
     /// Message bodies older than this are removed from the log.
     pub body_retention: Duration,
-    /// Whole message rows (and their attempts) older than this are removed, when set.
-    pub log_retention: Option<Duration>,
+    /// Whole finished message rows (and their attempts) and the records of applied
+    /// webhooks older than this are removed.
+    pub log_retention: Duration,
+    /// Dead letters older than this are removed from `sms.dead`.
+    pub dead_retention: Duration,
     /// `false`: a message's body is dropped as soon as it has a final outcome.
     pub keep_body: bool,
     /// How often the retention task runs.
@@ -176,6 +179,7 @@ pub const VARIABLES: &[&str] = &[
     "SMSGW_RATE_LIMIT",
     "SMSGW_BODY_RETENTION",
     "SMSGW_LOG_RETENTION",
+    "SMSGW_DEAD_RETENTION",
     "SMSGW_KEEP_BODY",
     "SMSGW_RETENTION_INTERVAL",
     "SMSGW_LOG_FORMAT",
@@ -236,6 +240,7 @@ impl Settings {
         let retry_delays = retry_delays(&get)?;
         let lanes = lanes(&get)?;
         let log_format = log_format(&get)?;
+        let (log_retention, dead_retention) = retention(&get)?;
         // Fields are evaluated in the order written, which decides which of several bad
         // variables is reported.
         Ok(Settings {
@@ -256,7 +261,8 @@ impl Settings {
             retry_delays,
             rate_limit: rate_limit(&get)?,
             body_retention: duration(&get, "SMSGW_BODY_RETENTION", "30d")?,
-            log_retention: log_retention(&get)?,
+            log_retention,
+            dead_retention,
             keep_body: keep_body(&get)?,
             retention_interval: duration(&get, "SMSGW_RETENTION_INTERVAL", "10m")?,
             provider_timeout: duration(&get, "SMSGW_PROVIDER_TIMEOUT", "10s")?,
@@ -576,12 +582,25 @@ fn rate_limit(get: &impl Fn(&str) -> Option<String>) -> Result<Option<u32>, Conf
     }
 }
 
-/// Unset means whole rows are kept for ever (only their bodies are purged).
-fn log_retention(get: &impl Fn(&str) -> Option<String>) -> Result<Option<Duration>, ConfigError> {
-    match get("SMSGW_LOG_RETENTION") {
-        None => Ok(None),
-        Some(_) => Ok(Some(duration(get, "SMSGW_LOG_RETENTION", "")?)),
+/// How long the message log and the dead letters are kept. The log is kept 180 days by
+/// default: long enough for support's questions and billing disputes over several
+/// months, and no longer, since it holds every recipient's number and the providers'
+/// error texts. It must outlast the dead letters: a replayed letter is recognised (and an
+/// unknown outcome asked about) through its message's row.
+fn retention(get: &impl Fn(&str) -> Option<String>) -> Result<(Duration, Duration), ConfigError> {
+    let log = duration(get, "SMSGW_LOG_RETENTION", "180d")?;
+    let dead = duration(get, "SMSGW_DEAD_RETENTION", "30d")?;
+    if log < dead {
+        return Err(bad(
+            "SMSGW_LOG_RETENTION",
+            format!(
+                "must be at least SMSGW_DEAD_RETENTION ({}): a replayed dead letter needs its \
+                 message's row",
+                humantime::format_duration(dead)
+            ),
+        ));
     }
+    Ok((log, dead))
 }
 
 fn keep_body(get: &impl Fn(&str) -> Option<String>) -> Result<bool, ConfigError> {
@@ -718,6 +737,25 @@ mod tests {
         assert_eq!(s.max_attempts, 6);
         assert_eq!(s.retry_delays.len(), 5);
         assert!(s.destination_summary().contains("none is sent"));
+    }
+
+    #[test]
+    fn nothing_personal_is_kept_for_ever_by_default() {
+        let s = settings(&[]).expect("defaults are valid");
+        let days = |d: u64| Duration::from_secs(d * 86_400);
+        assert_eq!(
+            (s.body_retention, s.log_retention, s.dead_retention),
+            (days(30), days(180), days(30))
+        );
+        let err = settings(&[("SMSGW_LOG_RETENTION", "7d")]).expect_err("log shorter");
+        assert_eq!(err.variable, "SMSGW_LOG_RETENTION");
+        assert!(
+            settings(&[
+                ("SMSGW_LOG_RETENTION", "7d"),
+                ("SMSGW_DEAD_RETENTION", "7d")
+            ])
+            .is_ok()
+        );
     }
 
     #[test]

@@ -64,6 +64,8 @@ pub struct Metrics {
     pub in_flight: Family<LaneLabels, Gauge>,
     pub bodies_purged: Counter,
     pub messages_deleted: Counter,
+    /// Dead letters removed from `sms.dead` past `SMSGW_DEAD_RETENTION`.
+    pub dead_letters_removed: Counter,
     /// 0 closed, 1 half-open, 2 open.
     pub circuit_state: Family<ProviderLabels, Gauge>,
     /// Messages put off because their provider's circuit was open.
@@ -112,6 +114,7 @@ impl Metrics {
             in_flight: Family::default(),
             bodies_purged: Counter::default(),
             messages_deleted: Counter::default(),
+            dead_letters_removed: Counter::default(),
             circuit_state: Family::default(),
             paused: Family::default(),
             receipts: Family::default(),
@@ -163,6 +166,11 @@ impl Metrics {
             "messages_deleted",
             "Message rows removed by the retention task",
             self.messages_deleted.clone(),
+        );
+        registry.register(
+            "dead_letters_removed",
+            "Dead letters removed from sms.dead by the retention task",
+            self.dead_letters_removed.clone(),
         );
     }
 

@@ -25,7 +25,7 @@ use crate::{
     http::metrics::Metrics,
     phone::PhoneNumber,
     provider::Gateways,
-    store::{MessageStatus, Receipt, Store},
+    store::{MessageStatus, OptOutChange, Receipt, Store},
 };
 
 /// What the webhook handlers share.
@@ -253,13 +253,17 @@ fn reject(status: StatusCode, why: &'static str) -> Response {
     (status, why).into_response()
 }
 
+/// A request refused: the status and a line saying why.
+type Refusal = (StatusCode, &'static str);
+
 impl Webhooks {
     fn store(&self) -> Option<Store> {
         self.store.borrow().clone()
     }
 
-    /// The auth tokens that may have signed a Twilio request for `account_sid`.
-    fn twilio_tokens(&self, account_sid: Option<&str>) -> Vec<String> {
+    /// The configured Twilio providers that may have signed a request for `account_sid`:
+    /// their names and auth tokens.
+    fn twilio_tokens(&self, account_sid: Option<&str>) -> Vec<(&'static str, String)> {
         self.gateways
             .all()
             .iter()
@@ -267,21 +271,22 @@ impl Webhooks {
                 ProviderKindSettings::Twilio(t)
                     if account_sid.is_none_or(|sid| sid == t.account_sid) =>
                 {
-                    Some(t.auth_token.expose_secret().to_owned())
+                    Some((g.name, t.auth_token.expose_secret().to_owned()))
                 }
                 _ => None,
             })
             .collect()
     }
 
-    /// Checks `X-Twilio-Signature` for the request to `path`; `Err` is the response.
+    /// Checks `X-Twilio-Signature` for the request to `path`: the names of the providers
+    /// whose token signed it, or the response refusing it.
     fn check_twilio(
         &self,
         path: &str,
         query: Option<&str>,
         headers: &HeaderMap,
         params: &Params,
-    ) -> Result<(), (StatusCode, &'static str)> {
+    ) -> Result<Vec<String>, Refusal> {
         let Some(base) = &self.public_url else {
             tracing::error!(
                 "a Twilio webhook came, but SMSGW_PUBLIC_URL is not set: cannot check its signature"
@@ -298,16 +303,47 @@ impl Webhooks {
         else {
             return Err((StatusCode::FORBIDDEN, "missing X-Twilio-Signature\n"));
         };
-        let tokens = self.twilio_tokens(first(params, "AccountSid"));
-        if tokens
-            .iter()
-            .any(|token| verify_twilio(token, &url, params, signature))
-        {
-            Ok(())
-        } else {
+        let signers: Vec<String> = self
+            .twilio_tokens(first(params, "AccountSid"))
+            .into_iter()
+            .filter(|(_, token)| verify_twilio(token, &url, params, signature))
+            .map(|(name, _)| name.to_owned())
+            .collect();
+        if signers.is_empty() {
             tracing::warn!(path, "a Twilio webhook with a wrong signature was refused");
-            Err((StatusCode::FORBIDDEN, "bad signature\n"))
+            return Err((StatusCode::FORBIDDEN, "bad signature\n"));
         }
+        Ok(signers)
+    }
+
+    /// The configured Vonage providers whose signature secret signed `params`.
+    fn vonage_signers(&self, params: &BTreeMap<String, String>) -> Result<Vec<String>, Refusal> {
+        let secrets: Vec<_> = self
+            .gateways
+            .all()
+            .iter()
+            .filter_map(|g| match &g.settings.kind {
+                ProviderKindSettings::Vonage(v) => v
+                    .signature_secret
+                    .as_ref()
+                    .map(|s| (g.name, s.expose_secret().to_owned(), v.signature_method)),
+                _ => None,
+            })
+            .collect();
+        if secrets.is_empty() {
+            tracing::error!("a Vonage receipt came, but no Vonage signature secret is configured");
+            return Err((StatusCode::FORBIDDEN, "signature cannot be checked\n"));
+        }
+        let signers: Vec<String> = secrets
+            .iter()
+            .filter(|(_, secret, method)| verify_vonage(secret, *method, params))
+            .map(|(name, ..)| (*name).to_owned())
+            .collect();
+        if signers.is_empty() || !fresh(params) {
+            tracing::warn!("a Vonage receipt with a wrong or stale signature was refused");
+            return Err((StatusCode::FORBIDDEN, "bad signature\n"));
+        }
+        Ok(signers)
     }
 
     async fn record_receipt(&self, receipt: Receipt<'_>) -> Response {
@@ -368,11 +404,11 @@ pub async fn twilio_status_callback(
     let Some(params) = parse_form(&body) else {
         return reject(StatusCode::BAD_REQUEST, "not a form\n");
     };
-    if let Err(response) =
-        hooks.check_twilio("/webhooks/twilio/status", uri.query(), &headers, &params)
-    {
-        return reject(response.0, response.1);
-    }
+    let signed_by =
+        match hooks.check_twilio("/webhooks/twilio/status", uri.query(), &headers, &params) {
+            Ok(signers) => signers,
+            Err((status, why)) => return reject(status, why),
+        };
     let sid = first(&params, "MessageSid").or_else(|| first(&params, "SmsSid"));
     let status = first(&params, "MessageStatus").or_else(|| first(&params, "SmsStatus"));
     let (Some(sid), Some(status)) = (sid, status) else {
@@ -390,11 +426,17 @@ pub async fn twilio_status_callback(
             status: twilio_status(status),
             error_code,
             opted_out: error_code == Some("21610"),
+            signed_by: &signed_by,
         })
         .await
 }
 
-/// `POST /webhooks/twilio/inbound`: STOP and START keywords.
+/// `POST /webhooks/twilio/inbound`: STOP and START keywords, each applied once.
+///
+/// Twilio's signature carries no time, so a captured request stays valid for ever: the
+/// message's `MessageSid` is recorded with the change it made, and a request whose sid was
+/// applied before is answered as usual and changes nothing. Otherwise a replayed START
+/// could undo a STOP sent after it.
 pub async fn twilio_inbound(
     State(hooks): State<Webhooks>,
     uri: axum::http::Uri,
@@ -412,18 +454,12 @@ pub async fn twilio_inbound(
     let from = first(&params, "From").and_then(|f| PhoneNumber::parse(f, None).ok());
     let word = first(&params, "Body").and_then(keyword);
     if let (Some(from), Some(word)) = (from, word) {
-        let Some(store) = hooks.store() else {
-            return reject(StatusCode::SERVICE_UNAVAILABLE, "not ready\n");
+        let Some(sid) = first(&params, "MessageSid").or_else(|| first(&params, "SmsSid")) else {
+            return reject(StatusCode::BAD_REQUEST, "MessageSid is required\n");
         };
-        let done = match word {
-            Keyword::Stop => store.add_opt_out(None, &from, "inbound").await,
-            Keyword::Start => store.remove_carrier_opt_outs(&from).await,
-        };
-        if let Err(e) = done {
-            tracing::warn!(error = %e, "could not record an inbound keyword; Twilio will retry");
-            return reject(StatusCode::SERVICE_UNAVAILABLE, "try again\n");
+        if let Err((status, why)) = hooks.apply_keyword(sid, &from, word).await {
+            return reject(status, why);
         }
-        tracing::info!(from = %from.masked(), keyword = ?word, "inbound keyword recorded");
     }
     (
         StatusCode::OK,
@@ -431,6 +467,45 @@ pub async fn twilio_inbound(
         "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response/>",
     )
         .into_response()
+}
+
+impl Webhooks {
+    /// Applies an inbound keyword from `from`, unless message `sid` was applied before.
+    async fn apply_keyword(
+        &self,
+        sid: &str,
+        from: &PhoneNumber,
+        word: Keyword,
+    ) -> Result<(), Refusal> {
+        let Some(store) = self.store() else {
+            return Err((StatusCode::SERVICE_UNAVAILABLE, "not ready\n"));
+        };
+        let change = match word {
+            Keyword::Stop => OptOutChange::Stop,
+            Keyword::Start => OptOutChange::Start,
+        };
+        match store
+            .apply_inbound_keyword("twilio", sid, from, change)
+            .await
+        {
+            Ok(true) => {
+                tracing::info!(from = %from.masked(), keyword = ?word, "inbound keyword recorded");
+                Ok(())
+            }
+            Ok(false) => {
+                tracing::warn!(
+                    from = %from.masked(),
+                    keyword = ?word,
+                    "an inbound keyword already applied came again (a replay?); changed nothing"
+                );
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not record an inbound keyword; Twilio will retry");
+                Err((StatusCode::SERVICE_UNAVAILABLE, "try again\n"))
+            }
+        }
+    }
 }
 
 /// Any JSON scalar as text (Vonage sends strings, but be lenient).
@@ -443,71 +518,74 @@ fn scalar(value: &Value) -> Option<String> {
     }
 }
 
-/// `POST /webhooks/vonage/status`: a signed delivery receipt (JSON or form).
+/// Whether a signed Vonage webhook's `timestamp` is within [`VONAGE_MAX_AGE_SECONDS`].
+fn fresh(params: &BTreeMap<String, String>) -> bool {
+    params
+        .get("timestamp")
+        .and_then(|t| t.trim().parse::<i64>().ok())
+        .is_some_and(|t| {
+            (OffsetDateTime::now_utc().unix_timestamp() - t).abs() <= VONAGE_MAX_AGE_SECONDS
+        })
+}
+
+/// A Vonage webhook's parameters, from a JSON object or a form.
+fn vonage_params(headers: &HeaderMap, body: &[u8]) -> Result<BTreeMap<String, String>, Refusal> {
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if json {
+        match serde_json::from_slice::<Value>(body) {
+            Ok(Value::Object(object)) => Ok(object
+                .iter()
+                .filter_map(|(k, v)| scalar(v).map(|v| (k.clone(), v)))
+                .collect()),
+            _ => Err((StatusCode::BAD_REQUEST, "not a JSON object\n")),
+        }
+    } else {
+        match parse_form(body) {
+            Some(params) => Ok(params.into_iter().collect()),
+            None => Err((StatusCode::BAD_REQUEST, "not a form\n")),
+        }
+    }
+}
+
+/// `POST /webhooks/vonage/status`: a signed delivery receipt (JSON or form), applied once.
+///
+/// Besides the timestamp window, each signature is recorded once its receipt is applied:
+/// the same signed request replayed within the window changes nothing.
 pub async fn vonage_status_callback(
     State(hooks): State<Webhooks>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let json = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/json"));
-    let params: BTreeMap<String, String> = if json {
-        match serde_json::from_slice::<Value>(&body) {
-            Ok(Value::Object(object)) => object
-                .iter()
-                .filter_map(|(k, v)| scalar(v).map(|v| (k.clone(), v)))
-                .collect(),
-            _ => return reject(StatusCode::BAD_REQUEST, "not a JSON object\n"),
-        }
-    } else {
-        match parse_form(&body) {
-            Some(params) => params.into_iter().collect(),
-            None => return reject(StatusCode::BAD_REQUEST, "not a form\n"),
-        }
+    let params = match vonage_params(&headers, &body) {
+        Ok(params) => params,
+        Err((status, why)) => return reject(status, why),
     };
-    let secrets: Vec<_> = hooks
-        .gateways
-        .all()
-        .iter()
-        .filter_map(|g| match &g.settings.kind {
-            ProviderKindSettings::Vonage(v) => v
-                .signature_secret
-                .as_ref()
-                .map(|s| (s.expose_secret().to_owned(), v.signature_method)),
-            _ => None,
-        })
-        .collect();
-    if secrets.is_empty() {
-        tracing::error!("a Vonage receipt came, but no Vonage signature secret is configured");
-        return reject(StatusCode::FORBIDDEN, "signature cannot be checked\n");
-    }
-    let fresh = params
-        .get("timestamp")
-        .and_then(|t| t.trim().parse::<i64>().ok())
-        .is_some_and(|t| {
-            (OffsetDateTime::now_utc().unix_timestamp() - t).abs() <= VONAGE_MAX_AGE_SECONDS
-        });
-    if !fresh
-        || !secrets
-            .iter()
-            .any(|(secret, method)| verify_vonage(secret, *method, &params))
-    {
-        tracing::warn!("a Vonage receipt with a wrong or stale signature was refused");
-        return reject(StatusCode::FORBIDDEN, "bad signature\n");
-    }
+    let signed_by = match hooks.vonage_signers(&params) {
+        Ok(signers) => signers,
+        Err((status, why)) => return reject(status, why),
+    };
     let (Some(id), Some(status)) = (params.get("messageId"), params.get("status")) else {
         return reject(
             StatusCode::BAD_REQUEST,
             "messageId and status are required\n",
         );
     };
+    // A request that passed `vonage_signers` has its `sig`; any case is the same one.
+    let signature = params
+        .get("sig")
+        .map(|s| s.trim().to_ascii_uppercase())
+        .unwrap_or_default();
+    if let Some(done) = hooks.seen_before("vonage", &signature).await {
+        return done;
+    }
     let error_code = params
         .get("err-code")
         .map(String::as_str)
         .filter(|c| !c.is_empty() && *c != "0");
-    hooks
+    let response = hooks
         .record_receipt(Receipt {
             provider: "vonage",
             provider_message_id: id,
@@ -515,8 +593,47 @@ pub async fn vonage_status_callback(
             status: vonage_status(status),
             error_code,
             opted_out: false,
+            signed_by: &signed_by,
         })
-        .await
+        .await;
+    if response.status().is_success() {
+        hooks.remember("vonage", &signature).await;
+    }
+    response
+}
+
+impl Webhooks {
+    /// The answer to a webhook applied before (`Some`: a replay, answered 2xx, nothing
+    /// changed); `None` to go on. When the database cannot say, the provider tries again.
+    async fn seen_before(&self, provider: &str, webhook_id: &str) -> Option<Response> {
+        let Some(store) = self.store() else {
+            return Some(reject(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"));
+        };
+        match store.webhook_seen(provider, webhook_id).await {
+            Ok(false) => None,
+            Ok(true) => {
+                tracing::warn!(
+                    provider,
+                    "a webhook already applied came again (a replay?); changed nothing"
+                );
+                Some(StatusCode::NO_CONTENT.into_response())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not check a webhook against those applied");
+                Some(reject(StatusCode::SERVICE_UNAVAILABLE, "try again\n"))
+            }
+        }
+    }
+
+    /// Records an applied webhook. Failing here loses only the replay check of a receipt,
+    /// which never moves a message backwards anyway.
+    async fn remember(&self, provider: &str, webhook_id: &str) {
+        if let Some(store) = self.store()
+            && let Err(e) = store.record_webhook(provider, webhook_id).await
+        {
+            tracing::warn!(error = %e, "could not record an applied webhook");
+        }
+    }
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use super::{
     EXIT_FAILED, EXIT_USAGE, hider, open_dead, print_log, print_table, short_duration, shorten,
 };
 use crate::{
-    broker::{Broker, BrokerError, DeadBrowser, DeadLetter},
+    broker::{Broker, BrokerError, DeadBrowser, DeadLetter, MAX_BROWSE, SILENCE, Shortfall},
     config::Settings,
     phone::{mask, redact_numbers},
 };
@@ -107,9 +107,11 @@ impl Listing {
         ]);
     }
 
-    fn print(self, total: u32, as_json: bool) {
+    fn print(self, coverage: &Coverage, as_json: bool) {
         if as_json {
             println!("{}", Value::Array(self.objects));
+            // Standard output stays one JSON document.
+            eprintln!("{}", coverage.looked_at());
             return;
         }
         let header = [
@@ -123,10 +125,52 @@ impl Listing {
         ];
         print_table(&header, &self.rows);
         println!(
-            "{} shown, {} matching, {total} in sms.dead",
+            "{} shown, {} matching; {}",
             self.rows.len(),
-            self.matched
+            self.matched,
+            coverage.looked_at()
         );
+    }
+}
+
+/// How much of `sms.dead` one run saw: at most [`MAX_BROWSE`] letters, and only those
+/// that arrived within [`SILENCE`] of each other.
+struct Coverage {
+    seen: u32,
+    total: u32,
+    shortfall: Option<Shortfall>,
+}
+
+impl Coverage {
+    fn of(browser: &DeadBrowser) -> Self {
+        Coverage {
+            seen: browser.seen(),
+            total: browser.total,
+            shortfall: browser.shortfall(),
+        }
+    }
+
+    fn looked_at(&self) -> String {
+        format!("looked at {} of {} in sms.dead", self.seen, self.total)
+    }
+
+    /// Says plainly on standard error that some letters were not looked at, with `next`
+    /// (what to do about it); `true` when it had to.
+    fn warn_if_partial(&self, next: &str) -> bool {
+        let why = match self.shortfall {
+            None => return false,
+            Some(Shortfall::Limit) => format!("one run can hold at most {MAX_BROWSE}"),
+            Some(Shortfall::Silence) => format!(
+                "the rest did not arrive within {} s (another client, such as a second \
+                 smsgw dlq, may hold them)",
+                SILENCE.as_secs()
+            ),
+        };
+        eprintln!(
+            "smsgw: only {} of the {} dead letters were looked at: {why}; {next}",
+            self.seen, self.total
+        );
+        true
     }
 }
 
@@ -157,13 +201,16 @@ pub async fn dlq_list(
             }
         }
     };
-    let total = browser.total;
+    let coverage = Coverage::of(&browser);
     close(browser, broker).await;
     if let Err(e) = read {
         eprintln!("smsgw: reading sms.dead failed: {e}");
         return ExitCode::from(EXIT_FAILED);
     }
-    listing.print(total, as_json);
+    listing.print(&coverage, as_json);
+    if coverage.warn_if_partial("the others are not in this list") {
+        return ExitCode::from(EXIT_FAILED);
+    }
     ExitCode::SUCCESS
 }
 
@@ -172,18 +219,80 @@ async fn close(browser: DeadBrowser, broker: Broker) {
     broker.close().await;
 }
 
-/// Masks `to` and every `recipients[].to` of a job.
-fn mask_job(job: &mut Value) {
-    if let Some(to) = job.get("to").and_then(Value::as_str).map(mask) {
-        job["to"] = Value::String(to);
+/// Fields of a job shown as they are: they name the job, never a person.
+const PLAIN_FIELDS: &[&str] = &["id", "type", "school_id", "not_before", "expires_at"];
+
+/// The job as `dlq show` prints it without `--reveal`, like `smsgw status`: numbers
+/// masked, the body left out (its length shown), the context's values and any other
+/// field hidden. Only the fields that name the job are shown as they are.
+fn masked_job(job: Value) -> Value {
+    let Value::Object(fields) = job else {
+        return Value::String(HIDDEN.into());
+    };
+    let masked = fields
+        .into_iter()
+        .map(|(key, value)| {
+            let value = match key.as_str() {
+                k if PLAIN_FIELDS.contains(&k) => value,
+                "to" => masked_number(&value),
+                "recipients" => masked_recipients(value),
+                "body" => Value::String(hidden_body(&value)),
+                "context" => masked_values(value),
+                _ => Value::String(HIDDEN.into()),
+            };
+            (key, value)
+        })
+        .collect();
+    Value::Object(masked)
+}
+
+const HIDDEN: &str = "***";
+
+fn masked_number(value: &Value) -> Value {
+    Value::String(value.as_str().map_or_else(|| HIDDEN.into(), mask))
+}
+
+fn hidden_body(value: &Value) -> String {
+    match value.as_str() {
+        Some(text) => format!("(hidden, {} characters)", text.chars().count()),
+        None => HIDDEN.into(),
     }
-    if let Some(list) = job.get_mut("recipients").and_then(Value::as_array_mut) {
-        for entry in list {
-            if let Some(to) = entry.get("to").and_then(Value::as_str).map(mask) {
-                entry["to"] = Value::String(to);
-            }
-        }
+}
+
+/// Keys kept, values hidden: they say what the web app attached, not to whom.
+fn masked_values(value: Value) -> Value {
+    match value {
+        Value::Object(fields) => Value::Object(
+            fields
+                .into_iter()
+                .map(|(key, _)| (key, Value::String(HIDDEN.into())))
+                .collect(),
+        ),
+        Value::Null => Value::Null,
+        _ => Value::String(HIDDEN.into()),
     }
+}
+
+fn masked_recipients(value: Value) -> Value {
+    match value {
+        Value::Array(list) => Value::Array(list.into_iter().map(masked_recipient).collect()),
+        _ => Value::String(HIDDEN.into()),
+    }
+}
+
+/// A recipient's number masked; its `ref` (the web app's id of a person) hidden.
+fn masked_recipient(entry: Value) -> Value {
+    let Value::Object(fields) = entry else {
+        return Value::String(HIDDEN.into());
+    };
+    let masked = fields.into_iter().map(|(key, value)| {
+        let value = match key.as_str() {
+            "to" => masked_number(&value),
+            _ => Value::String(HIDDEN.into()),
+        };
+        (key, value)
+    });
+    Value::Object(masked.collect())
 }
 
 /// `smsgw dlq show ID`.
@@ -205,8 +314,13 @@ pub async fn dlq_show(settings: &Settings, id: &str, reveal: bool) -> ExitCode {
         }
     }
     let Some(letter) = found else {
+        let coverage = Coverage::of(&browser);
         close(browser, broker).await;
-        eprintln!("smsgw: no dead letter with id {id}");
+        eprintln!(
+            "smsgw: no dead letter with id {id}; {}",
+            coverage.looked_at()
+        );
+        coverage.warn_if_partial("it may be among the others");
         return ExitCode::from(EXIT_FAILED);
     };
     print_letter(id, &letter, now, reveal);
@@ -248,23 +362,23 @@ fn print_letter(id: &str, letter: &DeadLetter, now: OffsetDateTime, reveal: bool
     print_body(&letter.body, reveal);
 }
 
-/// The job as JSON, its numbers masked unless `reveal`; a body that is not JSON shortened.
+/// The job as JSON, masked unless `reveal`; a body that is not JSON shown only with
+/// `reveal` (shortened).
 fn print_body(body: &[u8], reveal: bool) {
     match serde_json::from_slice::<Value>(body) {
-        Ok(mut job) => {
-            if !reveal {
-                mask_job(&mut job);
-            }
+        Ok(job) => {
+            let job = if reveal { job } else { masked_job(job) };
             let text = serde_json::to_string_pretty(&job).unwrap_or_default();
             for line in text.lines() {
                 println!("  {line}");
             }
         }
-        Err(_) => println!(
+        Err(_) if reveal => println!(
             "  (not JSON, {} bytes) {}",
             body.len(),
-            hider(reveal)(&shorten(&String::from_utf8_lossy(body), 300))
+            shorten(&String::from_utf8_lossy(body), 300)
         ),
+        Err(_) => println!("  (not JSON, {} bytes; --reveal shows it)", body.len()),
     }
 }
 
@@ -311,11 +425,18 @@ pub async fn dlq_replay(settings: &Settings, filter: &DeadFilter, dry_run: bool)
         progress.set_message(format!("({} replayed)", pass.taken));
     }
     progress.finish_and_clear();
+    let coverage = Coverage::of(&browser);
     close(browser, broker).await;
     let verb = if dry_run { "would replay" } else { "replayed" };
-    println!("{verb} {}, kept {} in sms.dead", pass.taken, pass.kept);
+    println!(
+        "{verb} {}, kept {} in sms.dead ({})",
+        pass.taken,
+        pass.kept,
+        coverage.looked_at()
+    );
     finish(
         pass,
+        &coverage,
         "replay stopped",
         "; what was not replayed is still in sms.dead",
     )
@@ -357,10 +478,15 @@ async fn replay_one(
         .map_err(|e| format!("removing a replayed letter: {e}"))
 }
 
-fn finish(pass: Pass, stopped: &str, note: &str) -> ExitCode {
+/// The exit code of a pass that changes `sms.dead`: failed when it stopped on an error or
+/// could not look at every letter.
+fn finish(pass: Pass, coverage: &Coverage, stopped: &str, note: &str) -> ExitCode {
     match pass.failure {
         Some(e) => {
             eprintln!("smsgw: {stopped}: {e}{note}");
+            ExitCode::from(EXIT_FAILED)
+        }
+        None if coverage.warn_if_partial("run it again for the others") => {
             ExitCode::from(EXIT_FAILED)
         }
         None => ExitCode::SUCCESS,
@@ -396,9 +522,15 @@ pub async fn dlq_purge(settings: &Settings, filter: &DeadFilter, confirmed: bool
             }
         }
     }
+    let coverage = Coverage::of(&browser);
     close(browser, broker).await;
-    println!("purged {}, kept {} in sms.dead", pass.taken, pass.kept);
-    finish(pass, "purge stopped", "")
+    println!(
+        "purged {}, kept {} in sms.dead ({})",
+        pass.taken,
+        pass.kept,
+        coverage.looked_at()
+    );
+    finish(pass, &coverage, "purge stopped", "")
 }
 
 #[cfg(test)]
@@ -407,9 +539,27 @@ mod tests {
 
     #[test]
     fn jobs_are_masked_for_display() {
-        let mut job = json!({"to": "+447700900123", "recipients": [{"to": "+447700900124"}]});
-        mask_job(&mut job);
-        assert_eq!(job["to"], "+44*******123");
-        assert_eq!(job["recipients"][0]["to"], "+44*******124");
+        let job = json!({
+            "id": "6f1c", "type": "announcement", "school_id": 42,
+            "to": "+447700900123", "body": "Your code is 4711",
+            "context": {"booking_id": 981, "student": "Sam Smith"},
+            "recipients": [{"to": "+447700900124", "ref": "user-77"}],
+            "nickname": "Sam",
+        });
+        let masked = masked_job(job);
+        assert_eq!(masked["to"], "+44*******123");
+        assert_eq!(masked["recipients"][0]["to"], "+44*******124");
+        assert_eq!(masked["recipients"][0]["ref"], HIDDEN);
+        assert_eq!(masked["body"], "(hidden, 17 characters)");
+        assert_eq!(
+            masked["context"],
+            json!({"booking_id": HIDDEN, "student": HIDDEN})
+        );
+        assert_eq!(masked["nickname"], HIDDEN);
+        assert_eq!(
+            (&masked["id"], &masked["school_id"]),
+            (&json!("6f1c"), &json!(42))
+        );
+        assert_eq!(masked_job(json!(["+447700900123"])), json!(HIDDEN));
     }
 }

@@ -72,7 +72,7 @@ pub trait MessageLog: Send + Sync + 'static {
         source: &str,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Gives a message with an unknown outcome up as `failed`.
+    /// Gives a message with an unknown outcome up as `failed`, still marked unknown.
     fn fail_unknown(&self, id: Uuid) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// The provider did take attempt `attempt`: it and the message are `sent`.

@@ -305,7 +305,6 @@ impl MessageLog for MemoryLog {
             if let Some(row) = t.messages.get_mut(&id).filter(|r| !r.status.is_final()) {
                 row.status = MessageStatus::Failed;
                 row.reason = Some("outcome_unknown".into());
-                row.last_outcome_unknown = false;
             }
         })
     }

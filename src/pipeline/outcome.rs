@@ -228,14 +228,7 @@ pub fn after_failure(
         );
     }
     if attempts >= settings.max_attempts {
-        let error = format!("after {attempts} attempts: {text}");
-        return given_up(
-            AttemptOutcome::TemporaryFailure,
-            "attempts_exhausted",
-            DeadReason::AttemptsExhausted,
-            error,
-            attempts,
-        );
+        return exhausted(error, attempts);
     }
     Failure {
         outcome: AttemptOutcome::TemporaryFailure,
@@ -247,6 +240,29 @@ pub fn after_failure(
             kind,
         }),
     }
+}
+
+/// Out of attempts. When the last call went unanswered the provider may have taken the
+/// message: that letter gets a reason of its own, so that nobody replays it as a plain
+/// failure, and the log keeps the flag that makes a replay ask the provider first.
+fn exhausted(error: &ProviderError, attempts: u32) -> Failure {
+    let text = error.to_string();
+    if error.outcome_unknown() {
+        return given_up(
+            AttemptOutcome::TemporaryFailure,
+            "outcome_unknown",
+            DeadReason::OutcomeUnknown,
+            format!("after {attempts} attempts, the last unanswered (may have been sent): {text}"),
+            attempts,
+        );
+    }
+    given_up(
+        AttemptOutcome::TemporaryFailure,
+        "attempts_exhausted",
+        DeadReason::AttemptsExhausted,
+        format!("after {attempts} attempts: {text}"),
+        attempts,
+    )
 }
 
 fn given_up(
@@ -352,6 +368,26 @@ mod tests {
             last.disposition,
             Some(Disposition::DeadLetter {
                 reason: DeadReason::AttemptsExhausted,
+                attempts: 3,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_last_attempt_without_an_answer_is_dead_lettered_as_outcome_unknown() {
+        let timeout = ProviderError::Timeout {
+            after: Duration::from_secs(5),
+        };
+        let last = after_failure(&timeout, 3, false, &settings(), JobType::LoginCode);
+        assert_eq!(
+            (last.status, last.reason),
+            (MessageStatus::Failed, Some("outcome_unknown"))
+        );
+        assert!(matches!(
+            last.disposition,
+            Some(Disposition::DeadLetter {
+                reason: DeadReason::OutcomeUnknown,
                 attempts: 3,
                 ..
             })

@@ -116,7 +116,7 @@ impl<L: MessageLog> Pipeline<L> {
             "outcome unknown and the provider cannot be asked; not sent again"
         );
         Ok(Some(Disposition::DeadLetter {
-            reason: DeadReason::PermanentFailure,
+            reason: DeadReason::OutcomeUnknown,
             error: format!(
                 "the outcome of attempt {} is unknown and the provider offers no lookup; not \
                  sent again (SMSGW_UNKNOWN_OUTCOME=dead_letter)",

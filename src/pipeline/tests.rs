@@ -662,7 +662,7 @@ async fn without_a_lookup_an_unknown_outcome_can_be_dead_lettered() {
     assert!(matches!(
         world.handle(&retried(&job, 1)).await,
         Disposition::DeadLetter {
-            reason: DeadReason::PermanentFailure,
+            reason: DeadReason::OutcomeUnknown,
             ..
         }
     ));
@@ -671,6 +671,56 @@ async fn without_a_lookup_an_unknown_outcome_can_be_dead_lettered() {
         (MessageStatus::Failed, Some("outcome_unknown".into()))
     );
     assert!(world.twilio.calls().is_empty());
+}
+
+#[tokio::test]
+async fn a_replayed_unknown_outcome_is_not_sent_blindly() {
+    let world = World::with(
+        PipelineSettings {
+            unknown_outcome: UnknownOutcome::DeadLetter,
+            ..settings()
+        },
+        school(),
+    );
+    let (id, job) = job(JobType::LoginCode);
+    world.log().insert(id, unknown_outcome());
+    world.handle(&retried(&job, 1)).await;
+    let replayed = Delivery {
+        replayed: true,
+        ..delivery(&job)
+    };
+    assert!(matches!(
+        world.handle(&replayed).await,
+        Disposition::DeadLetter {
+            reason: DeadReason::OutcomeUnknown,
+            ..
+        }
+    ));
+    assert!(world.twilio.calls().is_empty(), "still cannot be asked");
+}
+
+#[tokio::test]
+async fn a_replayed_unknown_outcome_the_provider_had_taken_is_adopted() {
+    let world = World::new();
+    world
+        .twilio
+        .look_up([Lookup::Found(vec![accepted("SM-taken")])]);
+    let (id, job) = job(JobType::LoginCode);
+    world.log().insert(
+        id,
+        Row {
+            status: MessageStatus::Failed,
+            reason: Some("outcome_unknown".into()),
+            ..unknown_outcome()
+        },
+    );
+    let replayed = Delivery {
+        replayed: true,
+        ..delivery(&job)
+    };
+    assert_eq!(world.handle(&replayed).await, Disposition::Ack);
+    assert!(world.twilio.calls().is_empty());
+    assert_eq!(world.status(id), (MessageStatus::Sent, None));
 }
 
 #[tokio::test]

@@ -105,7 +105,11 @@ mod tests {
     fn outside_the_window_and_at_its_edges() {
         let q = night_in_london();
         assert_eq!(q.release(at("2026-11-26T12:00:00Z")), None);
-        assert_eq!(q.release(at("2026-11-26T08:00:00Z")), None, "the end is free");
+        assert_eq!(
+            q.release(at("2026-11-26T08:00:00Z")),
+            None,
+            "the end is free"
+        );
         assert_eq!(
             q.release(at("2026-11-26T21:00:00Z")),
             Some(at("2026-11-27T08:00:00Z")),

@@ -293,11 +293,13 @@ impl Store {
         }
     }
 
-    /// Gives a message up as `failed` (`outcome_unknown`) without another call.
+    /// Gives a message up as `failed` (`outcome_unknown`) without another call. The flag
+    /// `last_outcome_unknown` stays set: a replay of the dead letter asks the provider (or
+    /// gives up again) instead of sending blindly.
     pub async fn fail_unknown(&self, id: Uuid) -> Result<(), StoreError> {
         self.execute(
             "UPDATE sms_messages
-                SET status = 'failed', reason = 'outcome_unknown', last_outcome_unknown = false,
+                SET status = 'failed', reason = 'outcome_unknown',
                     body = CASE WHEN $2 AND type <> 'login_code' THEN body END,
                     updated_at = now()
               WHERE id = $1 AND status IN ('queued', 'sending', 'retrying')",

@@ -9,10 +9,11 @@
 //! each connection's prepared statements. One file per table family, and the machinery
 //! apart:
 //!
-//! - `settings`: the schools' settings and the opt-outs;
+//! - `settings`: the schools' settings and the opt-outs (STOP and START applied once);
 //! - `messages`: the message log's rows and the pipeline's writes; `log` their batch
 //!   statements, and `recorder` the group commit that batches them;
-//! - `receipts`: delivery receipts; `views`: a message as support reads it;
+//! - `receipts`: delivery receipts and the webhooks already applied; `views`: a message
+//!   as support reads it;
 //! - `outbox`: the status events waiting for the relay;
 //! - `connect`: connection settings, TLS, the pool; `migrate`: the schema's migrations;
 //!   `notify`: the LISTEN connection of the settings cache.
@@ -46,6 +47,7 @@ pub use outbox::{BACKLOG_COUNT_LIMIT, OutboxBacklog, OutboxEvent, RelayTurn};
 pub(crate) use receipts::apply_pending_receipts;
 pub use receipts::{Receipt, ReceiptApplied};
 use recorder::Recorder;
+pub use settings::OptOutChange;
 pub use views::{AttemptView, MessageView};
 
 /// A statement's parameters.

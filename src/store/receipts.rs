@@ -1,7 +1,7 @@
 //! Delivery receipts: kept in `sms_receipts`, and moving their message forward (never
 //! back), also when the receipt came before the send's own record.
 
-use std::sync::LazyLock;
+use std::{sync::LazyLock, time::Duration};
 
 use tokio_postgres::Row;
 use uuid::Uuid;
@@ -21,6 +21,10 @@ pub struct Receipt<'a> {
     pub error_code: Option<&'a str>,
     /// The recipient unsubscribed at the carrier (Twilio 21610).
     pub opted_out: bool,
+    /// The configured providers whose secret signed it: it touches only messages sent
+    /// through one of them, so one provider's webhook cannot move another's message that
+    /// happens to share its id.
+    pub signed_by: &'a [String],
 }
 
 /// The message a receipt was applied to.
@@ -49,7 +53,9 @@ fn rank(of: &str) -> String {
     RANK.replace("$S", of)
 }
 
-/// Applies receipts that came before the messages' own records had the provider ids.
+/// Applies receipts that came before the messages' own records had the provider ids: per
+/// message, the furthest receipt signed by the provider its attempt went through.
+/// Receipts kept before `signed_by` existed apply as they always did.
 pub(super) static APPLY_PENDING_RECEIPTS: LazyLock<String> = LazyLock::new(|| {
     format!(
         "UPDATE sms_messages m
@@ -58,14 +64,14 @@ pub(super) static APPLY_PENDING_RECEIPTS: LazyLock<String> = LazyLock::new(|| {
                 delivered_at = CASE WHEN r.status = 'delivered' THEN r.received_at
                                     ELSE m.delivered_at END,
                 updated_at = now()
-           FROM (SELECT DISTINCT ON (provider_message_id)
-                        provider_message_id, status, provider_status, error_code, received_at
-                   FROM sms_receipts
-                  WHERE provider_message_id = ANY($1) AND status IS NOT NULL
-                  ORDER BY provider_message_id, {rank_inner} DESC, id DESC) r
-           JOIN sms_attempts a ON a.provider_message_id = r.provider_message_id
-          WHERE m.id = a.message_id AND {rank_r} > {rank_m}",
-        rank_inner = rank("status"),
+           FROM (SELECT DISTINCT ON (a.message_id)
+                        a.message_id, r.status, r.provider_status, r.error_code, r.received_at
+                   FROM sms_receipts r
+                   JOIN sms_attempts a ON a.provider_message_id = r.provider_message_id
+                  WHERE r.provider_message_id = ANY($1) AND r.status IS NOT NULL
+                    AND (r.signed_by IS NULL OR a.provider = ANY(r.signed_by))
+                  ORDER BY a.message_id, {rank_r} DESC, r.id DESC) r
+          WHERE m.id = r.message_id AND {rank_r} > {rank_m}",
         rank_r = rank("r.status"),
         rank_m = rank("m.status"),
     )
@@ -76,8 +82,8 @@ static APPLY_RECEIPT: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH kept AS (
             INSERT INTO sms_receipts
-                (provider, provider_message_id, provider_status, status, error_code)
-            VALUES ($1, $2, $3, $4, $5)
+                (provider, provider_message_id, provider_status, status, error_code, signed_by)
+            VALUES ($1, $2, $3, $4, $5, $6)
          )
          UPDATE sms_messages m
             SET status = CASE WHEN {new} > {old} THEN $4 ELSE m.status END,
@@ -88,6 +94,7 @@ static APPLY_RECEIPT: LazyLock<String> = LazyLock::new(|| {
                 updated_at = now()
            FROM sms_attempts a
           WHERE a.provider_message_id = $2 AND a.outcome = 'sent' AND m.id = a.message_id
+            AND a.provider = ANY($6)
             AND m.status IN ('sent', 'delivered', 'undelivered', 'failed')
           RETURNING m.id, m.recipient, m.school_id",
         new = rank("$4"),
@@ -113,8 +120,8 @@ impl Store {
         &self,
         receipt: &Receipt<'_>,
     ) -> Result<Option<ReceiptApplied>, StoreError> {
-        // Two messages could share a provider id (two providers' id spaces): the first one
-        // answers, and a second is no error.
+        // Two messages of one provider could share an id (two accounts' id spaces): the
+        // first one answers, and a second is no error.
         let rows = self
             .rows(
                 &APPLY_RECEIPT,
@@ -124,9 +131,50 @@ impl Store {
                     &storable(receipt.provider_status),
                     &receipt.status.map(MessageStatus::as_str),
                     &receipt.error_code.map(storable),
+                    &receipt.signed_by,
                 ],
             )
             .await?;
         rows.first().map(ReceiptApplied::from_row).transpose()
+    }
+
+    /// Whether a webhook (`provider`, `webhook_id`) was applied before.
+    pub async fn webhook_seen(&self, provider: &str, webhook_id: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .row(
+                "SELECT 1 FROM sms_webhooks_seen WHERE provider = $1 AND webhook_id = $2",
+                &[&provider, &storable(webhook_id)],
+            )
+            .await?
+            .is_some())
+    }
+
+    /// Records that a webhook (`provider`, `webhook_id`) was applied.
+    pub async fn record_webhook(&self, provider: &str, webhook_id: &str) -> Result<(), StoreError> {
+        self.execute(
+            "INSERT INTO sms_webhooks_seen (provider, webhook_id) VALUES ($1, $2)
+             ON CONFLICT DO NOTHING",
+            &[&provider, &storable(webhook_id)],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Deletes at most `batch` records of applied webhooks older than `older_than`;
+    /// returns how many.
+    pub async fn forget_webhooks(
+        &self,
+        older_than: Duration,
+        batch: i64,
+    ) -> Result<u64, StoreError> {
+        self.execute(
+            "DELETE FROM sms_webhooks_seen
+              WHERE (provider, webhook_id) IN (
+                    SELECT provider, webhook_id FROM sms_webhooks_seen
+                     WHERE received_at < now() - make_interval(secs => $1)
+                     LIMIT $2)",
+            &[&older_than.as_secs_f64(), &batch],
+        )
+        .await
     }
 }

@@ -5,7 +5,7 @@ use std::sync::LazyLock;
 
 use tokio_postgres::Row;
 
-use super::{Store, StoreError};
+use super::{Store, StoreError, messages::storable};
 use crate::{phone::PhoneNumber, policy::SchoolSettings};
 
 const SETTINGS_SELECT: &str = "SELECT school_id, sms_enabled, country, sender_id, provider,
@@ -86,14 +86,61 @@ impl Store {
         Ok(())
     }
 
-    /// START: removes the opt-outs a carrier or an inbound STOP made for `phone` (not the
-    /// ones the web app wrote: those are the user's settings there).
-    pub async fn remove_carrier_opt_outs(&self, phone: &PhoneNumber) -> Result<(), StoreError> {
-        self.execute(
-            "DELETE FROM sms_opt_outs WHERE phone = $1 AND source IN ('inbound', 'provider')",
-            &[&phone.as_str()],
-        )
-        .await?;
-        Ok(())
+    /// Applies an inbound STOP or START once per provider message id (`provider`,
+    /// `message_id`): the id is recorded in the statement that changes the opt-outs, so a
+    /// replayed request changes nothing. `false` when the id was applied before.
+    ///
+    /// STOP records an opt-out from every school. START removes the opt-outs a carrier or
+    /// an inbound STOP made for `phone`, not the ones the web app wrote: those are the
+    /// user's settings there.
+    pub async fn apply_inbound_keyword(
+        &self,
+        provider: &str,
+        message_id: &str,
+        phone: &PhoneNumber,
+        change: OptOutChange,
+    ) -> Result<bool, StoreError> {
+        let sql = match change {
+            OptOutChange::Stop => INBOUND_STOP,
+            OptOutChange::Start => INBOUND_START,
+        };
+        let message_id = storable(message_id);
+        let row = self
+            .row(sql, &[&provider, &message_id, &phone.as_str()])
+            .await?
+            .ok_or_else(|| StoreError::Corrupt("no answer".into()))?;
+        Ok(row.try_get::<_, i64>(0)? == 1)
     }
 }
+
+/// What an inbound keyword does to the sender's opt-outs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OptOutChange {
+    Stop,
+    Start,
+}
+
+/// `$1` provider, `$2` its message id, `$3` the sender. A data-modifying `WITH` runs to
+/// completion whatever the outer query reads, so the change happens only with the first
+/// record of the id. The answer: 1 when applied, 0 for a replay.
+const INBOUND_STOP: &str = "
+    WITH first AS (
+        INSERT INTO sms_webhooks_seen (provider, webhook_id) VALUES ($1, $2)
+        ON CONFLICT DO NOTHING RETURNING 1
+    ), applied AS (
+        INSERT INTO sms_opt_outs (school_id, phone, source)
+        SELECT NULL::bigint, $3, 'inbound' FROM first
+        ON CONFLICT (phone, (COALESCE(school_id, -1))) DO NOTHING
+    )
+    SELECT count(*) FROM first";
+
+/// As [`INBOUND_STOP`], removing the opt-outs a carrier or an inbound STOP made.
+const INBOUND_START: &str = "
+    WITH first AS (
+        INSERT INTO sms_webhooks_seen (provider, webhook_id) VALUES ($1, $2)
+        ON CONFLICT DO NOTHING RETURNING 1
+    ), applied AS (
+        DELETE FROM sms_opt_outs
+         WHERE phone = $3 AND source IN ('inbound', 'provider') AND EXISTS (SELECT 1 FROM first)
+    )
+    SELECT count(*) FROM first";
