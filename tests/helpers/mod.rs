@@ -498,6 +498,18 @@ impl App {
     }
 
     pub async fn publish_raw(&self, routing_key: &str, message_id: &str, body: &[u8]) {
+        self.publish_with_headers(routing_key, message_id, body, FieldTable::default())
+            .await;
+    }
+
+    /// Publishes to `sms.jobs` as `publish_raw` does, with these AMQP headers.
+    pub async fn publish_with_headers(
+        &self,
+        routing_key: &str,
+        message_id: &str,
+        body: &[u8],
+        headers: FieldTable,
+    ) {
         let confirmation = self
             .publisher
             .basic_publish(
@@ -511,7 +523,8 @@ impl App {
                 BasicProperties::default()
                     .with_content_type("application/json".into())
                     .with_delivery_mode(2)
-                    .with_message_id(message_id.into()),
+                    .with_message_id(message_id.into())
+                    .with_headers(headers),
             )
             .await
             .expect("publish")
