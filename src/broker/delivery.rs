@@ -7,7 +7,8 @@ use futures_util::StreamExt;
 use lapin::{
     Acker, BasicProperties, Channel, Consumer,
     options::{
-        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions,
+        BasicRejectOptions,
     },
     types::{FieldTable, ShortString},
 };
@@ -147,18 +148,17 @@ impl Incoming {
         within(self.acker.ack(BasicAckOptions::default())).await
     }
 
-    /// Gives the delivery back to its queue.
-    pub(super) async fn requeue(&self) -> Result<bool, BrokerError> {
+    /// Gives the delivery back to its queue as a failed delivery: `basic.reject`, which
+    /// counts toward the lane's `x-delivery-limit` on every RabbitMQ version. (From 4.3 a
+    /// `basic.nack` no longer counts, and a message that keeps crashing the pipeline would
+    /// come back for ever instead of reaching `sms.dead`.)
+    pub(super) async fn give_back(&self) -> Result<bool, BrokerError> {
         self.settled.store(true, Ordering::Release);
-        let nacked = within(self.acker.nack(BasicNackOptions {
-            requeue: true,
-            ..BasicNackOptions::default()
-        }))
-        .await;
+        let rejected = within(self.acker.reject(BasicRejectOptions { requeue: true })).await;
         if let Some(batcher) = &self.batcher {
             batcher.send(AckOp::Settled(self.delivery_tag));
         }
-        nacked
+        rejected
     }
 
     /// Whether the delivery can still be settled (its channel is alive and it was not yet).

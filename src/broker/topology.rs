@@ -63,13 +63,22 @@ impl Topology {
     }
 }
 
+/// `x-delivery-limit` of `sms.dead`, a number no browsing ever reaches. Browsing gives
+/// back every letter it looked at, and RabbitMQ may count that as a delivery (every return
+/// up to 4.2; a closed channel on 4.3). From 4.0 a quorum queue without a limit has one of
+/// 20, and `sms.dead` has nowhere to dead-letter to: twenty browses would drop its letters.
+/// `-1`, "no limit" on 4.x, is no answer: 3.x takes it as a limit below zero and drops a
+/// letter the first time it is given back.
+pub(super) const DEAD_DELIVERY_LIMIT: i64 = 2_147_483_647;
+
 impl Broker {
     /// Declares every exchange, queue and binding. Idempotent; fails with
-    /// PRECONDITION_FAILED when a queue exists with other arguments.
+    /// PRECONDITION_FAILED when a lane or a tier exists with other arguments. An existing
+    /// `sms.dead` with other arguments is used as it is (see [`Broker::declare_dead_queue`]).
     pub async fn declare_topology(&self) -> Result<(), BrokerError> {
         let channel = within(self.connection.create_channel()).await?;
         declare_exchanges(&channel).await?;
-        declare_quorum(&channel, DEAD_QUEUE, FieldTable::default()).await?;
+        self.declare_dead_queue().await?;
         bind(&channel, DEAD_QUEUE, DEAD_EXCHANGE, "").await?;
         for lane in Lane::ALL {
             self.declare_lane(&channel, lane).await?;
@@ -79,6 +88,53 @@ impl Broker {
             declare_tier(&channel, *delay).await?;
         }
         let _ = within(channel.close(200, "topology declared".into())).await;
+        Ok(())
+    }
+
+    /// Declares `sms.dead` with [`DEAD_DELIVERY_LIMIT`], on a channel of its own. A queue
+    /// declared before with other arguments (an older smsgw declared it with none) cannot
+    /// be redeclared, and holds letters that must not be lost by recreating it: it is used
+    /// as it is, with a warning, and a policy sets its limit (docs/operations.md).
+    async fn declare_dead_queue(&self) -> Result<(), BrokerError> {
+        let channel = within(self.connection.create_channel()).await?;
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(DEAD_DELIVERY_LIMIT),
+        );
+        match declare_quorum(&channel, DEAD_QUEUE, args).await {
+            Ok(()) => {
+                let _ = within(channel.close(200, "sms.dead declared".into())).await;
+                Ok(())
+            }
+            Err(e) if e.is_precondition_failed() => {
+                // The broker closed that channel; check on another that the queue is there.
+                self.check_dead_queue().await?;
+                tracing::warn!(
+                    error = %e,
+                    "sms.dead exists with other arguments than smsgw declares; it is used as \
+                     it is. Unless a policy sets its delivery-limit, RabbitMQ 4.x drops a \
+                     letter browsed 20 times: see the operations guide on sms.dead"
+                );
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Fails unless `sms.dead` exists (a passive declare).
+    async fn check_dead_queue(&self) -> Result<(), BrokerError> {
+        let channel = within(self.connection.create_channel()).await?;
+        within(channel.queue_declare(
+            DEAD_QUEUE.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        ))
+        .await?;
+        let _ = within(channel.close(200, "sms.dead checked".into())).await;
         Ok(())
     }
 

@@ -623,8 +623,9 @@ impl App {
         letters
     }
 
-    /// Takes the head of `queue` and gives it back (as a crashing consumer would), until
-    /// the broker stops delivering it; returns how many times it was delivered.
+    /// Takes the head of `queue` and gives it back as failed (a reject, as the daemon gives
+    /// back a message that crashed it), until the broker stops delivering it; returns how
+    /// many times it was delivered.
     pub async fn redeliver_until_gone(&self, queue: &str) -> usize {
         let mut deliveries = 0;
         let deadline = Instant::now() + PATIENCE;
@@ -639,12 +640,9 @@ impl App {
                     deliveries += 1;
                     message
                         .delivery
-                        .nack(lapin::options::BasicNackOptions {
-                            requeue: true,
-                            ..Default::default()
-                        })
+                        .reject(lapin::options::BasicRejectOptions { requeue: true })
                         .await
-                        .expect("nack");
+                        .expect("reject");
                 }
                 None if deliveries > 0 => return deliveries,
                 None => tokio::time::sleep(Duration::from_millis(20)).await,
