@@ -332,6 +332,44 @@ async fn invalid_jobs_are_dead_lettered_while_later_jobs_still_flow() {
     assert_eq!(app.stub.requests().len(), 1);
 }
 
+/// `n` with thousands separators, as smsgw writes sizes.
+fn grouped(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, digit) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_over_the_size_limit_is_dead_lettered_unread_with_its_size() {
+    let app = spawn_app_with(&[("SMSGW_MAX_JOB_BYTES", "65536")]).await;
+    app.add_school(SCHOOL, "GB").await;
+    let mut big = job("login_code", SCHOOL, "+447700900123", "Code 1234");
+    big["padding"] = json!("x".repeat(70_000));
+    let body = big.to_string().into_bytes();
+    app.publish_raw("login_code", &id_of(&big).to_string(), &body)
+        .await;
+    let after = job("login_code", SCHOOL, "+447700900124", "Code 5678");
+    app.publish(&after).await;
+
+    app.wait_for_status(id_of(&after), "sent").await;
+    let dead = app.dead_letters(1).await;
+    assert_eq!(dead[0].reason.as_deref(), Some("invalid_job"));
+    assert_eq!(dead[0].body, body, "body unchanged");
+    let expected = format!(
+        "job: {} bytes, more than SMSGW_MAX_JOB_BYTES (65,536)",
+        grouped(body.len())
+    );
+    assert_eq!(dead[0].error.as_deref(), Some(expected.as_str()));
+    assert!(app.message(id_of(&big)).await.is_none(), "never decoded");
+    assert_eq!(app.stub.requests_to("+447700900123").len(), 0);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_message_the_database_refuses_as_data_is_dead_lettered_not_held() {
     let app = spawn_app().await;

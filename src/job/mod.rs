@@ -162,6 +162,33 @@ fn optional_time(
     }
 }
 
+/// Refuses a body over `max_bytes` (`SMSGW_MAX_JOB_BYTES`) before anything is decoded:
+/// decoding takes several times a body's size in memory. The sizes are written with
+/// thousands separators, so that the dead letter's masking of long numbers leaves them.
+pub fn check_size(body: &[u8], max_bytes: usize) -> Result<(), InvalidJob> {
+    if body.len() <= max_bytes {
+        return Ok(());
+    }
+    Err(invalid(format!(
+        "job: {} bytes, more than SMSGW_MAX_JOB_BYTES ({})",
+        grouped(body.len()),
+        grouped(max_bytes)
+    )))
+}
+
+/// `8388608` as `8,388,608`.
+fn grouped(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, digit) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    out
+}
+
 impl Job {
     /// Decodes a message body. Unknown fields are ignored.
     pub fn decode(bytes: &[u8]) -> Result<Job, InvalidJob> {
@@ -411,6 +438,22 @@ fn decode_recipients(list: &Value) -> Result<Vec<BulkRecipient>, InvalidJob> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_job_over_the_size_limit_is_refused_with_its_size() {
+        assert_eq!(check_size(&[b' '; 1_000], 1_000), Ok(()));
+        let refused = check_size(&vec![b' '; 9_437_184], 8_388_608).expect_err("too big");
+        assert_eq!(
+            refused.to_string(),
+            "job: 9,437,184 bytes, more than SMSGW_MAX_JOB_BYTES (8,388,608)"
+        );
+        // The sizes survive the masking of numbers in a dead letter's x-smsgw-error.
+        let masked = crate::phone::redact_numbers(&refused.to_string());
+        assert_eq!(masked, refused.to_string());
+        assert_eq!(grouped(0), "0");
+        assert_eq!(grouped(999), "999");
+        assert_eq!(grouped(1_000), "1,000");
+    }
 
     fn valid() -> Value {
         json!({
