@@ -8,9 +8,10 @@
 //! after one chunk, not after all of this one. The broker acks the delivery only when both
 //! were confirmed; a crash in between fans the same chunk out again, to the same ids.
 //!
-//! Decoding a large announcement takes many times its size in memory, and each pass decodes
-//! what is left of it again. [`FanoutTurns`] lets only so many large jobs be decoded and
-//! fanned out at once (`SMSGW_FANOUT_CONCURRENCY`); the others wait their turn undecoded.
+//! A pass over a large announcement takes about three times its size in memory at its peak
+//! (the recipients decoded, the rest encoded again), and each pass decodes what is left
+//! again. [`FanoutTurns`] lets only so many large jobs be decoded and fanned out at once
+//! (`SMSGW_FANOUT_CONCURRENCY`); the others wait their turn undecoded.
 
 use std::{collections::HashSet, sync::Arc};
 
