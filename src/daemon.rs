@@ -619,8 +619,9 @@ struct Handler {
 }
 
 impl Handler {
-    /// Handles one delivery and settles it. A panic in the pipeline requeues the delivery,
-    /// so a message that keeps failing this way ends in `sms.dead` by the delivery limit.
+    /// Handles one delivery and settles it. A panic in the pipeline gives the delivery back
+    /// with a reject, which counts toward the lane's delivery limit: a message that keeps
+    /// failing this way ends in `sms.dead`.
     async fn process(self, incoming: Incoming) {
         let lane = LaneLabels {
             lane: incoming.delivery.lane.as_str(),
@@ -640,7 +641,10 @@ impl Handler {
             .catch_unwind()
             .await;
         let disposition = handled.unwrap_or_else(|_| {
-            tracing::error!(lane = lane.lane, "the pipeline panicked; message requeued");
+            tracing::error!(
+                lane = lane.lane,
+                "the pipeline panicked; message given back"
+            );
             Disposition::Requeue
         });
         self.count(&lane, &disposition);

@@ -25,7 +25,7 @@ use super::{
     topology::lane_queue,
     within,
 };
-use crate::job::Lane;
+use crate::{job::Lane, phone::redact_numbers};
 
 /// A delivery as the pipeline sees it: plain data, decoded from the AMQP message and our
 /// headers. The pipeline decides over it; only the broker settles it.
@@ -194,7 +194,7 @@ fn trusted_properties(exchange: &str, properties: BasicProperties) -> BasicPrope
     }
     tracing::warn!(
         exchange = %exchange.chars().take(40).collect::<String>(),
-        headers = %forged.join(", "),
+        headers = %redact_numbers(&forged.join(", ")),
         "a publish carried smsgw's own headers; they are ignored"
     );
     let headers = carried(&properties, |k| k.starts_with(OUR_PREFIX));
