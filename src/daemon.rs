@@ -23,7 +23,7 @@ use crate::{
         metrics::{LaneLabels, Metrics, ReasonLabels},
     },
     job::Lane,
-    pipeline::{Pipeline, PipelineSettings, UnknownOutcome},
+    pipeline::{FanoutTurns, Pipeline, PipelineSettings, UnknownOutcome},
     provider::Gateways,
     retry::pause,
     store::Store,
@@ -215,6 +215,10 @@ async fn consume(
         tracker: TaskTracker::new(),
         abandon: CancellationToken::new(),
         default_provider: shared.gateways.default_gateway().name,
+        turns: FanoutTurns::new(
+            shared.settings.fanout_concurrency,
+            shared.settings.max_job_bytes,
+        ),
     };
     let consumed = worker.consume_until_stopped(shutdown).await;
     worker.drain(consumed.as_ref().ok()).await;
@@ -229,6 +233,7 @@ fn pipeline_settings(settings: &Settings) -> PipelineSettings {
         provider_timeout: settings.provider_timeout,
         max_segments: settings.max_segments.clone(),
         fanout_chunk: settings.fanout_chunk,
+        max_job_bytes: settings.max_job_bytes,
         unknown_outcome: if settings.resend_unknown {
             UnknownOutcome::Resend
         } else {
@@ -336,6 +341,8 @@ struct Worker<'a> {
     /// Fires when shutdown stops waiting for in-flight messages.
     abandon: CancellationToken,
     default_provider: &'static str,
+    /// Shared by the lanes: how many large jobs are decoded and fanned out at once.
+    turns: FanoutTurns,
 }
 
 /// A broker session that ended because we were told to stop; its channels are still open
@@ -470,6 +477,7 @@ impl Worker<'_> {
                     metrics: self.metrics.clone(),
                     abandon: self.abandon.clone(),
                     default_provider: self.default_provider,
+                    turns: self.turns.clone(),
                 },
                 self.tracker.clone(),
                 stop.clone(),
@@ -615,22 +623,36 @@ struct Handler {
     abandon: CancellationToken,
     /// Labels the metrics of what belongs to no provider yet.
     default_provider: &'static str,
+    turns: FanoutTurns,
 }
 
 impl Handler {
-    /// Handles one delivery and settles it. A panic in the pipeline requeues the delivery,
-    /// so a message that keeps failing this way ends in `sms.dead` by the delivery limit.
+    /// Handles one delivery and settles it. A panic in the pipeline gives the delivery back
+    /// with a reject, which counts toward the lane's delivery limit: a message that keeps
+    /// failing this way ends in `sms.dead`.
     async fn process(self, incoming: Incoming) {
         let lane = LaneLabels {
             lane: incoming.delivery.lane.as_str(),
         };
         let in_flight = self.metrics.in_flight.get_or_create(&lane).clone();
         in_flight.inc();
+        // Held until the delivery is settled; given up (the delivery left unsettled, for
+        // the broker to deliver again) when shutdown stops waiting.
+        let _turn = tokio::select! {
+            turn = self.turns.take(&incoming.delivery) => turn,
+            () = self.abandon.cancelled() => {
+                in_flight.dec();
+                return;
+            }
+        };
         let handled = AssertUnwindSafe(self.pipeline.handle(&incoming.delivery, &self.abandon))
             .catch_unwind()
             .await;
         let disposition = handled.unwrap_or_else(|_| {
-            tracing::error!(lane = lane.lane, "the pipeline panicked; message requeued");
+            tracing::error!(
+                lane = lane.lane,
+                "the pipeline panicked; message given back"
+            );
             Disposition::Requeue
         });
         self.count(&lane, &disposition);

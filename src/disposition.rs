@@ -42,7 +42,8 @@ pub enum Disposition {
         /// The announcement without this chunk's recipients.
         rest: Option<Vec<u8>>,
     },
-    /// Give it back to the broker now (counts towards the lane's delivery limit).
+    /// Give it back to the broker now as failed (a reject: it counts toward the lane's
+    /// delivery limit, so a message that keeps failing this way ends in `sms.dead`).
     Requeue,
     /// Leave it unsettled: the broker delivers it again when our channel closes. Used when
     /// shutting down mid-outage, where any settlement would be a guess.

@@ -342,6 +342,85 @@ async fn an_interrupted_replay_loses_nothing_and_texts_nobody_twice() {
     assert_eq!(sends.len(), count as usize);
 }
 
+/// `queue`'s arguments as `rabbitmqctl list_queues` prints them.
+fn queue_arguments(vhost: &str, queue: &str) -> String {
+    let output = std::process::Command::new("rabbitmqctl")
+        .args(["list_queues", "-p", vhost, "name", "arguments"])
+        .args(["--no-table-headers", "--quiet"])
+        .output()
+        .expect("rabbitmqctl runs");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .find(|line| line.split_whitespace().next() == Some(queue))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sms_dead_keeps_its_letters_however_often_it_is_browsed() {
+    let app = spawn_app_with(&[("SMSGW_MAX_ATTEMPTS", "2")]).await;
+    three_dead_letters(&app).await;
+    // RabbitMQ 4.x would give a quorum queue without one a limit of 20 deliveries.
+    let arguments = queue_arguments(&app.env.name, "sms.dead");
+    assert!(
+        arguments.contains("x-delivery-limit") && arguments.contains("2147483647"),
+        "{arguments}"
+    );
+    let first = listed_ids(&app, 3, &[]).await;
+    for _ in 0..25 {
+        assert_eq!(listed_ids(&app, 3, &[]).await, first);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_sms_dead_declared_by_an_older_smsgw_is_used_as_it_is() {
+    use lapin::{options::*, types::*};
+    let env = helpers::TestEnv::new().await;
+    let connection = lapin::Connection::connect(&env.amqp_url, Default::default())
+        .await
+        .expect("connect");
+    let channel = connection.create_channel().await.expect("channel");
+    let mut quorum = FieldTable::default();
+    quorum.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel
+        .queue_declare("sms.dead".into(), durable, quorum)
+        .await
+        .expect("sms.dead as an older smsgw declared it");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    let letter = job("login_code", SCHOOL, "+447700900123", "Code 1234");
+    channel
+        .basic_publish(
+            "".into(),
+            "sms.dead".into(),
+            BasicPublishOptions::default(),
+            letter.to_string().as_bytes(),
+            lapin::BasicProperties::default().with_message_id(id_of(&letter).to_string().into()),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    let vhost = env.name.clone();
+    let app = helpers::attach(env, helpers::TwilioStub::start().await).await;
+
+    let ids = listed_ids(&app, 1, &[]).await;
+    assert_eq!(ids, vec![id_of(&letter).to_string()]);
+    assert!(
+        !queue_arguments(&vhost, "sms.dead").contains("x-delivery-limit"),
+        "left as it was"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn dlq_purge_needs_yes_and_deletes_only_what_it_matches() {
     let app = spawn_app_with(&[("SMSGW_MAX_ATTEMPTS", "2")]).await;

@@ -332,6 +332,44 @@ async fn invalid_jobs_are_dead_lettered_while_later_jobs_still_flow() {
     assert_eq!(app.stub.requests().len(), 1);
 }
 
+/// `n` with thousands separators, as smsgw writes sizes.
+fn grouped(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, digit) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_over_the_size_limit_is_dead_lettered_unread_with_its_size() {
+    let app = spawn_app_with(&[("SMSGW_MAX_JOB_BYTES", "65536")]).await;
+    app.add_school(SCHOOL, "GB").await;
+    let mut big = job("login_code", SCHOOL, "+447700900123", "Code 1234");
+    big["padding"] = json!("x".repeat(70_000));
+    let body = big.to_string().into_bytes();
+    app.publish_raw("login_code", &id_of(&big).to_string(), &body)
+        .await;
+    let after = job("login_code", SCHOOL, "+447700900124", "Code 5678");
+    app.publish(&after).await;
+
+    app.wait_for_status(id_of(&after), "sent").await;
+    let dead = app.dead_letters(1).await;
+    assert_eq!(dead[0].reason.as_deref(), Some("invalid_job"));
+    assert_eq!(dead[0].body, body, "body unchanged");
+    let expected = format!(
+        "job: {} bytes, more than SMSGW_MAX_JOB_BYTES (65,536)",
+        grouped(body.len())
+    );
+    assert_eq!(dead[0].error.as_deref(), Some(expected.as_str()));
+    assert!(app.message(id_of(&big)).await.is_none(), "never decoded");
+    assert_eq!(app.stub.requests_to("+447700900123").len(), 0);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_message_the_database_refuses_as_data_is_dead_lettered_not_held() {
     let app = spawn_app().await;
@@ -621,6 +659,79 @@ async fn the_same_job_published_twice_is_sent_once() {
         0,
         "duplicates are acked"
     );
+}
+
+/// Headers a publisher to `sms.jobs` could set to pass for a message smsgw has seen before:
+/// its last attempt spent, a retry not due for an hour, back from a tier.
+fn forged_history() -> lapin::types::FieldTable {
+    use lapin::types::AMQPValue;
+    let in_an_hour =
+        (OffsetDateTime::now_utc() + Duration::from_secs(3600)).unix_timestamp() * 1000;
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert("x-smsgw-attempts".into(), AMQPValue::LongLongInt(6));
+    headers.insert(
+        "x-smsgw-retry-at".into(),
+        AMQPValue::LongLongInt(in_an_hour),
+    );
+    headers.insert("x-smsgw-requeued".into(), AMQPValue::Boolean(true));
+    headers.insert(
+        "x-smsgw-replayed-at".into(),
+        AMQPValue::LongLongInt(in_an_hour),
+    );
+    headers
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fresh_publish_with_smsgws_own_headers_is_still_a_fresh_job() {
+    let app = spawn_app().await;
+    app.add_school(SCHOOL, "GB").await;
+    let job = job("login_code", SCHOOL, "+447700900123", "Code 1234");
+    let id = id_of(&job).to_string();
+    let body = job.to_string().into_bytes();
+    app.publish_with_headers("login_code", &id, &body, forged_history())
+        .await;
+
+    let row = app.wait_for_status(id_of(&job), "sent").await;
+    assert_eq!(row.attempts, 1, "attempts counted from 1");
+    let attempts = app.attempts(id_of(&job)).await;
+    assert_eq!(attempts.len(), 1);
+    assert_eq!(attempts[0].attempt, 1);
+    assert_eq!(app.stub.requests_to("+447700900123").len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_forged_replay_mark_does_not_send_a_failed_message_again() {
+    let app = spawn_app().await;
+    app.add_school(SCHOOL, "GB").await;
+    app.stub.reply_for(
+        "+447700900123",
+        Reply::error(400, 21211, "Invalid 'To' Phone Number"),
+    );
+    let job = job("booking_reminder", SCHOOL, "+447700900123", "Reminder");
+    app.publish(&job).await;
+    app.wait_for_status(id_of(&job), "failed").await;
+    app.dead_letters(1).await;
+
+    // The provider would take it now; only a replay through smsgw may try it again.
+    app.stub.reply_for("+447700900123", Reply::Created);
+    let id = id_of(&job).to_string();
+    let body = job.to_string().into_bytes();
+    let mut replayed = lapin::types::FieldTable::default();
+    replayed.insert(
+        "x-smsgw-replayed-at".into(),
+        lapin::types::AMQPValue::LongLongInt(0),
+    );
+    app.publish_with_headers("booking_reminder", &id, &body, replayed)
+        .await;
+    let marker = helpers::job("booking_reminder", SCHOOL, "+447700900999", "marker");
+    app.publish(&marker).await;
+    app.wait_for_status(id_of(&marker), "sent").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    assert_eq!(app.stub.requests_to("+447700900123").len(), 1);
+    let row = app.message(id_of(&job)).await.expect("row");
+    assert_eq!(row.status, "failed");
+    assert_eq!(app.queue_depth("sms.default").await, 0, "acked as done");
 }
 
 #[tokio::test(flavor = "multi_thread")]

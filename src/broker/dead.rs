@@ -13,7 +13,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{
-    Broker, BrokerError, DEAD_QUEUE, JOBS_EXCHANGE,
+    Broker, BrokerError, DEAD_QUEUE, REPLAY_EXCHANGE,
     headers::{
         HEADER_ATTEMPTS, HEADER_DEAD_AT, HEADER_ERROR, HEADER_REASON, HEADER_REPLAYED_AT,
         HEADER_REQUEUED, HEADER_RETRY_AT, amqp_int, amqp_text, carried, from_unix_ms, unix_ms,
@@ -53,7 +53,9 @@ impl Broker {
     }
 
     /// Puts a dead letter back on `sms.jobs`, body unchanged, its history headers removed
-    /// (a fresh attempt budget), and waits for the broker's confirm.
+    /// (a fresh attempt budget), and waits for the broker's confirm. It goes through
+    /// `sms.replay`, bound to `sms.jobs`: the delivery then shows it came from smsgw, and
+    /// its replay mark is trusted (one on a publish to `sms.jobs` is not).
     pub async fn replay(&self, letter: &DeadLetter) -> Result<(), BrokerError> {
         let mut headers = carried(&letter.properties, is_history_header);
         headers.insert(
@@ -65,8 +67,13 @@ impl Broker {
             .clone()
             .with_delivery_mode(2)
             .with_headers(headers);
-        self.publish_confirmed(JOBS_EXCHANGE, &letter.routing_key, &letter.body, properties)
-            .await
+        self.publish_confirmed(
+            REPLAY_EXCHANGE,
+            &letter.routing_key,
+            &letter.body,
+            properties,
+        )
+        .await
     }
 }
 

@@ -7,7 +7,8 @@ use futures_util::StreamExt;
 use lapin::{
     Acker, BasicProperties, Channel, Consumer,
     options::{
-        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions,
+        BasicRejectOptions,
     },
     types::{FieldTable, ShortString},
 };
@@ -15,16 +16,16 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{
-    Broker, BrokerError,
+    Broker, BrokerError, REPLAY_EXCHANGE, REQUEUE_EXCHANGE,
     acks::{AckBatcher, AckOp},
     headers::{
         HEADER_ATTEMPTS, HEADER_BULK_ID, HEADER_FANOUT_QUEUED, HEADER_REPLAYED_AT, HEADER_REQUEUED,
-        HEADER_RETRY_AT, amqp_int, amqp_text, from_unix_ms,
+        HEADER_RETRY_AT, OUR_PREFIX, amqp_int, amqp_text, carried, from_unix_ms,
     },
     topology::lane_queue,
     within,
 };
-use crate::job::Lane;
+use crate::{job::Lane, phone::redact_numbers};
 
 /// A delivery as the pipeline sees it: plain data, decoded from the AMQP message and our
 /// headers. The pipeline decides over it; only the broker settles it.
@@ -106,25 +107,9 @@ impl std::fmt::Debug for Incoming {
 }
 impl Incoming {
     fn from_delivery(lane: Lane, delivery: lapin::message::Delivery) -> Self {
-        let headers = delivery.properties.headers().as_ref();
-        let attempts = headers
-            .and_then(|h| h.inner().get(HEADER_ATTEMPTS))
-            .and_then(amqp_int)
-            .and_then(|n| u32::try_from(n).ok())
-            .unwrap_or(0);
-        let bulk_id = headers
-            .and_then(|h| h.inner().get(HEADER_BULK_ID))
-            .and_then(amqp_text)
-            .and_then(|text| Uuid::parse_str(&text).ok());
-        let retry_at = headers
-            .and_then(|h| h.inner().get(HEADER_RETRY_AT))
-            .and_then(amqp_int)
-            .and_then(from_unix_ms);
-        let replayed = headers.is_some_and(|h| h.contains_key(HEADER_REPLAYED_AT));
-        let requeued = headers.is_some_and(|h| h.contains_key(HEADER_REQUEUED));
-        let fanout_queued = headers.is_some_and(|h| h.contains_key(HEADER_FANOUT_QUEUED));
-        let message_id = delivery
-            .properties
+        let properties = trusted_properties(delivery.exchange.as_str(), delivery.properties);
+        let history = History::read(properties.headers().as_ref());
+        let message_id = properties
             .message_id()
             .as_ref()
             .map(|id| id.as_str().to_owned());
@@ -134,15 +119,15 @@ impl Incoming {
                 body: delivery.data,
                 message_id,
                 redelivered: delivery.redelivered,
-                attempts,
-                bulk_id,
-                retry_at,
-                replayed,
-                requeued,
-                fanout_queued,
+                attempts: history.attempts,
+                bulk_id: history.bulk_id,
+                retry_at: history.retry_at,
+                replayed: history.replayed,
+                requeued: history.requeued,
+                fanout_queued: history.fanout_queued,
             },
             routing_key: delivery.routing_key,
-            properties: delivery.properties,
+            properties,
             acker: delivery.acker,
             delivery_tag: delivery.delivery_tag,
             batcher: None,
@@ -163,23 +148,91 @@ impl Incoming {
         within(self.acker.ack(BasicAckOptions::default())).await
     }
 
-    /// Gives the delivery back to its queue.
-    pub(super) async fn requeue(&self) -> Result<bool, BrokerError> {
+    /// Gives the delivery back to its queue as a failed delivery: `basic.reject`, which
+    /// counts toward the lane's `x-delivery-limit` on every RabbitMQ version. (From 4.3 a
+    /// `basic.nack` no longer counts, and a message that keeps crashing the pipeline would
+    /// come back for ever instead of reaching `sms.dead`.)
+    pub(super) async fn give_back(&self) -> Result<bool, BrokerError> {
         self.settled.store(true, Ordering::Release);
-        let nacked = within(self.acker.nack(BasicNackOptions {
-            requeue: true,
-            ..BasicNackOptions::default()
-        }))
-        .await;
+        let rejected = within(self.acker.reject(BasicRejectOptions { requeue: true })).await;
         if let Some(batcher) = &self.batcher {
             batcher.send(AckOp::Settled(self.delivery_tag));
         }
-        nacked
+        rejected
     }
 
     /// Whether the delivery can still be settled (its channel is alive and it was not yet).
     pub fn settleable(&self) -> bool {
         self.acker.usable()
+    }
+}
+
+/// Whether a delivery came through an exchange only smsgw publishes to: `sms.requeue`
+/// (back from a retry tier, fanned out, an announcement's continuation) or `sms.replay`
+/// (`smsgw dlq replay`). Anything else was published to `sms.jobs` by someone else.
+fn came_through_ours(exchange: &str) -> bool {
+    exchange == REQUEUE_EXCHANGE || exchange == REPLAY_EXCHANGE
+}
+
+/// The delivery's properties, with our headers removed unless it came through one of our
+/// exchanges: whoever may publish to `sms.jobs` must not set an attempt count, a retry
+/// time or a replay mark, nor have one carried into a retry tier where it would then be
+/// trusted.
+fn trusted_properties(exchange: &str, properties: BasicProperties) -> BasicProperties {
+    if came_through_ours(exchange) {
+        return properties;
+    }
+    let forged: Vec<String> = properties
+        .headers()
+        .iter()
+        .flat_map(|h| h.inner().keys())
+        .filter(|k| k.as_str().starts_with(OUR_PREFIX))
+        .map(|k| k.as_str().chars().take(40).collect())
+        .collect();
+    if forged.is_empty() {
+        return properties;
+    }
+    tracing::warn!(
+        exchange = %exchange.chars().take(40).collect::<String>(),
+        headers = %redact_numbers(&forged.join(", ")),
+        "a publish carried smsgw's own headers; they are ignored"
+    );
+    let headers = carried(&properties, |k| k.starts_with(OUR_PREFIX));
+    properties.with_headers(headers)
+}
+
+/// What our headers say about a delivery's past.
+#[derive(Debug, Default, PartialEq)]
+struct History {
+    attempts: u32,
+    bulk_id: Option<Uuid>,
+    retry_at: Option<OffsetDateTime>,
+    replayed: bool,
+    requeued: bool,
+    fanout_queued: bool,
+}
+
+impl History {
+    fn read(headers: Option<&FieldTable>) -> Self {
+        let Some(headers) = headers else {
+            return History::default();
+        };
+        let get = |key: &str| headers.inner().get(key);
+        History {
+            attempts: get(HEADER_ATTEMPTS)
+                .and_then(amqp_int)
+                .and_then(|n| u32::try_from(n).ok())
+                .unwrap_or(0),
+            bulk_id: get(HEADER_BULK_ID)
+                .and_then(amqp_text)
+                .and_then(|text| Uuid::parse_str(&text).ok()),
+            retry_at: get(HEADER_RETRY_AT)
+                .and_then(amqp_int)
+                .and_then(from_unix_ms),
+            replayed: headers.contains_key(HEADER_REPLAYED_AT),
+            requeued: headers.contains_key(HEADER_REQUEUED),
+            fanout_queued: headers.contains_key(HEADER_FANOUT_QUEUED),
+        }
     }
 }
 
@@ -244,5 +297,51 @@ impl Broker {
             tag,
             batcher: AckBatcher::start(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lapin::types::AMQPValue;
+
+    use super::*;
+    use crate::broker::{DEAD_EXCHANGE, JOBS_EXCHANGE, headers::long_string};
+
+    /// A publish whose headers claim a whole history, plus one header of the web app's.
+    fn forged() -> BasicProperties {
+        let mut headers = FieldTable::default();
+        headers.insert(HEADER_ATTEMPTS.into(), AMQPValue::LongLongInt(6));
+        headers.insert(HEADER_RETRY_AT.into(), AMQPValue::LongLongInt(i64::MAX / 2));
+        headers.insert(HEADER_REPLAYED_AT.into(), AMQPValue::LongLongInt(1));
+        headers.insert(HEADER_REQUEUED.into(), AMQPValue::Boolean(true));
+        headers.insert(HEADER_FANOUT_QUEUED.into(), AMQPValue::Boolean(true));
+        headers.insert(HEADER_BULK_ID.into(), long_string(&Uuid::nil().to_string()));
+        headers.insert("x-webapp-trace".into(), long_string("abc"));
+        BasicProperties::default().with_headers(headers)
+    }
+
+    #[test]
+    fn our_headers_on_a_publish_to_sms_jobs_are_dropped() {
+        for exchange in [JOBS_EXCHANGE, DEAD_EXCHANGE, "sms.retry.10s", ""] {
+            let properties = trusted_properties(exchange, forged());
+            assert_eq!(
+                History::read(properties.headers().as_ref()),
+                History::default(),
+                "{exchange}"
+            );
+            let kept = properties.headers().clone().unwrap_or_default();
+            assert!(kept.contains_key("x-webapp-trace"), "{exchange}");
+        }
+    }
+
+    #[test]
+    fn our_headers_are_read_on_what_came_through_our_exchanges() {
+        for exchange in [REQUEUE_EXCHANGE, REPLAY_EXCHANGE] {
+            let properties = trusted_properties(exchange, forged());
+            let history = History::read(properties.headers().as_ref());
+            assert_eq!(history.attempts, 6, "{exchange}");
+            assert!(history.replayed && history.requeued && history.fanout_queued);
+            assert_eq!(history.bulk_id, Some(Uuid::nil()));
+        }
     }
 }

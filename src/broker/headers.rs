@@ -6,6 +6,8 @@ use lapin::{
 };
 use time::OffsetDateTime;
 
+/// Every header of ours starts so; only smsgw may set them (see `delivery`).
+pub const OUR_PREFIX: &str = "x-smsgw-";
 pub const HEADER_REASON: &str = "x-smsgw-reason";
 pub const HEADER_ERROR: &str = "x-smsgw-error";
 pub const HEADER_ATTEMPTS: &str = "x-smsgw-attempts";

@@ -14,11 +14,17 @@
 //!  dead letters ─▶ sms.dead (fanout) ─▶ sms.dead queue
 //!  lanes past x-delivery-limit ──────────▲ (the broker dead-letters them itself)
 //!
+//!  smsgw dlq replay ─▶ sms.replay (fanout) ─▶ sms.jobs (exchange-to-exchange binding)
+//!
 //!  status events (relay) ─▶ sms.events (topic, key = <type>.<status>) ─▶ the web app's queues
 //! ```
 //!
 //! Every queue is a quorum queue; the broker dead-letters at-least-once. Every publish of
 //! ours waits for the broker's confirm before the delivery it replaces is acked.
+//!
+//! Our `x-smsgw-*` headers (attempts, retry times, replay and requeue marks) are read only
+//! from deliveries that came through `sms.requeue` or `sms.replay`, exchanges only smsgw
+//! publishes to. On anything else, a publish to `sms.jobs`, they are removed on arrival.
 //!
 //! - `topology`: the queues and exchanges, declared at every start.
 //! - `delivery`: consuming a lane; a delivery decoded into plain data for the pipeline.
@@ -58,6 +64,9 @@ pub const JOBS_EXCHANGE: &str = "sms.jobs";
 pub const UNROUTED_EXCHANGE: &str = "sms.unrouted";
 pub const REQUEUE_EXCHANGE: &str = "sms.requeue";
 pub const DEAD_EXCHANGE: &str = "sms.dead";
+/// Where `smsgw dlq replay` publishes: bound to `sms.jobs`, so a replay is routed as a
+/// fresh publish is, yet its delivery names this exchange and its headers are trusted.
+pub const REPLAY_EXCHANGE: &str = "sms.replay";
 pub const DEAD_QUEUE: &str = "sms.dead";
 pub const EVENTS_EXCHANGE: &str = "sms.events";
 

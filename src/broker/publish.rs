@@ -59,7 +59,7 @@ impl Broker {
         match disposition {
             Disposition::Unsettled => return Ok(()),
             Disposition::Requeue => {
-                incoming.requeue().await?;
+                incoming.give_back().await?;
                 return Ok(());
             }
             Disposition::FanOut {

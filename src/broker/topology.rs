@@ -4,13 +4,13 @@ use std::time::Duration;
 
 use lapin::{
     Channel, ExchangeKind,
-    options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
+    options::{ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
     types::{AMQPValue, FieldTable},
 };
 
 use super::{
-    Broker, BrokerError, DEAD_EXCHANGE, DEAD_QUEUE, JOBS_EXCHANGE, REQUEUE_EXCHANGE,
-    UNROUTED_EXCHANGE, headers::long_string, within,
+    Broker, BrokerError, DEAD_EXCHANGE, DEAD_QUEUE, JOBS_EXCHANGE, REPLAY_EXCHANGE,
+    REQUEUE_EXCHANGE, UNROUTED_EXCHANGE, headers::long_string, within,
 };
 use crate::job::{JobType, Lane};
 
@@ -63,83 +63,101 @@ impl Topology {
     }
 }
 
+/// `x-delivery-limit` of `sms.dead`, a number no browsing ever reaches. Browsing gives
+/// back every letter it looked at, and RabbitMQ may count that as a delivery (every return
+/// up to 4.2; a closed channel on 4.3). From 4.0 a quorum queue without a limit has one of
+/// 20, and `sms.dead` has nowhere to dead-letter to: twenty browses would drop its letters.
+/// `-1`, "no limit" on 4.x, is no answer: 3.x takes it as a limit below zero and drops a
+/// letter the first time it is given back.
+pub(super) const DEAD_DELIVERY_LIMIT: i64 = 2_147_483_647;
+
 impl Broker {
     /// Declares every exchange, queue and binding. Idempotent; fails with
-    /// PRECONDITION_FAILED when a queue exists with other arguments.
+    /// PRECONDITION_FAILED when a lane or a tier exists with other arguments. An existing
+    /// `sms.dead` with other arguments is used as it is (see [`Broker::declare_dead_queue`]).
     pub async fn declare_topology(&self) -> Result<(), BrokerError> {
         let channel = within(self.connection.create_channel()).await?;
-        let durable = ExchangeDeclareOptions {
-            durable: true,
-            ..ExchangeDeclareOptions::default()
-        };
-        let mut jobs_args = FieldTable::default();
-        jobs_args.insert("alternate-exchange".into(), long_string(UNROUTED_EXCHANGE));
-        for (name, kind, args) in [
-            (
-                UNROUTED_EXCHANGE,
-                ExchangeKind::Fanout,
-                FieldTable::default(),
-            ),
-            (JOBS_EXCHANGE, ExchangeKind::Topic, jobs_args),
-            (
-                REQUEUE_EXCHANGE,
-                ExchangeKind::Direct,
-                FieldTable::default(),
-            ),
-            (DEAD_EXCHANGE, ExchangeKind::Fanout, FieldTable::default()),
-        ] {
-            within(channel.exchange_declare(name.into(), kind, durable, args)).await?;
-        }
-
-        declare_quorum(&channel, DEAD_QUEUE, FieldTable::default()).await?;
+        declare_exchanges(&channel).await?;
+        self.declare_dead_queue().await?;
         bind(&channel, DEAD_QUEUE, DEAD_EXCHANGE, "").await?;
-
         for lane in Lane::ALL {
-            let queue = lane_queue(lane);
-            let mut args = FieldTable::default();
-            args.insert(
-                "x-delivery-limit".into(),
-                AMQPValue::LongLongInt(i64::from(self.topology.delivery_limit)),
-            );
-            args.insert("x-dead-letter-exchange".into(), long_string(DEAD_EXCHANGE));
-            args.insert(
-                "x-dead-letter-strategy".into(),
-                long_string("at-least-once"),
-            );
-            args.insert("x-overflow".into(), long_string("reject-publish"));
-            declare_quorum(&channel, queue, args).await?;
-            for kind in JobType::ALL.into_iter().filter(|k| k.lane() == lane) {
-                bind(&channel, queue, JOBS_EXCHANGE, kind.as_str()).await?;
-                bind(&channel, queue, REQUEUE_EXCHANGE, kind.as_str()).await?;
-            }
+            self.declare_lane(&channel, lane).await?;
         }
         bind(&channel, lane_queue(Lane::Default), UNROUTED_EXCHANGE, "").await?;
-
         for delay in &self.topology.delays {
-            let name = tier_name(*delay);
-            within(channel.exchange_declare(
-                name.as_str().into(),
-                ExchangeKind::Fanout,
-                durable,
-                FieldTable::default(),
-            ))
-            .await?;
-            let mut args = FieldTable::default();
-            let ttl = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
-            args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
-            args.insert(
-                "x-dead-letter-exchange".into(),
-                long_string(REQUEUE_EXCHANGE),
-            );
-            args.insert(
-                "x-dead-letter-strategy".into(),
-                long_string("at-least-once"),
-            );
-            args.insert("x-overflow".into(), long_string("reject-publish"));
-            declare_quorum(&channel, &name, args).await?;
-            bind(&channel, &name, &name, "").await?;
+            declare_tier(&channel, *delay).await?;
         }
         let _ = within(channel.close(200, "topology declared".into())).await;
+        Ok(())
+    }
+
+    /// Declares `sms.dead` with [`DEAD_DELIVERY_LIMIT`], on a channel of its own. A queue
+    /// declared before with other arguments (an older smsgw declared it with none) cannot
+    /// be redeclared, and holds letters that must not be lost by recreating it: it is used
+    /// as it is, with a warning, and a policy sets its limit (docs/operations.md).
+    async fn declare_dead_queue(&self) -> Result<(), BrokerError> {
+        let channel = within(self.connection.create_channel()).await?;
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(DEAD_DELIVERY_LIMIT),
+        );
+        match declare_quorum(&channel, DEAD_QUEUE, args).await {
+            Ok(()) => {
+                let _ = within(channel.close(200, "sms.dead declared".into())).await;
+                Ok(())
+            }
+            Err(e) if e.is_precondition_failed() => {
+                // The broker closed that channel; check on another that the queue is there.
+                self.check_dead_queue().await?;
+                tracing::warn!(
+                    error = %e,
+                    "sms.dead exists with other arguments than smsgw declares; it is used as \
+                     it is. Unless a policy sets its delivery-limit, RabbitMQ 4.x drops a \
+                     letter browsed 20 times: see the operations guide on sms.dead"
+                );
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Fails unless `sms.dead` exists (a passive declare).
+    async fn check_dead_queue(&self) -> Result<(), BrokerError> {
+        let channel = within(self.connection.create_channel()).await?;
+        within(channel.queue_declare(
+            DEAD_QUEUE.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        ))
+        .await?;
+        let _ = within(channel.close(200, "sms.dead checked".into())).await;
+        Ok(())
+    }
+
+    /// A lane: its quorum queue, dead-lettering to `sms.dead` past the delivery limit, bound
+    /// to its job types on `sms.jobs` (fresh publishes) and `sms.requeue` (our own).
+    async fn declare_lane(&self, channel: &Channel, lane: Lane) -> Result<(), BrokerError> {
+        let queue = lane_queue(lane);
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(i64::from(self.topology.delivery_limit)),
+        );
+        args.insert("x-dead-letter-exchange".into(), long_string(DEAD_EXCHANGE));
+        args.insert(
+            "x-dead-letter-strategy".into(),
+            long_string("at-least-once"),
+        );
+        args.insert("x-overflow".into(), long_string("reject-publish"));
+        declare_quorum(channel, queue, args).await?;
+        for kind in JobType::ALL.into_iter().filter(|k| k.lane() == lane) {
+            bind(channel, queue, JOBS_EXCHANGE, kind.as_str()).await?;
+            bind(channel, queue, REQUEUE_EXCHANGE, kind.as_str()).await?;
+        }
         Ok(())
     }
 
@@ -167,6 +185,73 @@ impl Broker {
         }
         let _ = within(channel.close(200, "depths read".into())).await;
         Ok(depths)
+    }
+}
+
+/// The exchanges, and `sms.replay` bound to `sms.jobs`: a replay is routed exactly as a
+/// fresh publish is (unroutable types to `sms.unrouted` too), yet its delivery names
+/// `sms.replay`, an exchange only smsgw publishes to.
+async fn declare_exchanges(channel: &Channel) -> Result<(), BrokerError> {
+    let mut jobs_args = FieldTable::default();
+    jobs_args.insert("alternate-exchange".into(), long_string(UNROUTED_EXCHANGE));
+    for (name, kind, args) in [
+        (
+            UNROUTED_EXCHANGE,
+            ExchangeKind::Fanout,
+            FieldTable::default(),
+        ),
+        (JOBS_EXCHANGE, ExchangeKind::Topic, jobs_args),
+        (
+            REQUEUE_EXCHANGE,
+            ExchangeKind::Direct,
+            FieldTable::default(),
+        ),
+        (DEAD_EXCHANGE, ExchangeKind::Fanout, FieldTable::default()),
+        (REPLAY_EXCHANGE, ExchangeKind::Fanout, FieldTable::default()),
+    ] {
+        within(channel.exchange_declare(name.into(), kind, durable(), args)).await?;
+    }
+    within(channel.exchange_bind(
+        JOBS_EXCHANGE.into(),
+        REPLAY_EXCHANGE.into(),
+        "".into(),
+        ExchangeBindOptions::default(),
+        FieldTable::default(),
+    ))
+    .await
+}
+
+/// A retry tier: a fanout exchange and a queue of its name whose messages expire after
+/// `delay` into `sms.requeue`, which routes them back to their lane by job type.
+async fn declare_tier(channel: &Channel, delay: Duration) -> Result<(), BrokerError> {
+    let name = tier_name(delay);
+    within(channel.exchange_declare(
+        name.as_str().into(),
+        ExchangeKind::Fanout,
+        durable(),
+        FieldTable::default(),
+    ))
+    .await?;
+    let mut args = FieldTable::default();
+    let ttl = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+    args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        long_string(REQUEUE_EXCHANGE),
+    );
+    args.insert(
+        "x-dead-letter-strategy".into(),
+        long_string("at-least-once"),
+    );
+    args.insert("x-overflow".into(), long_string("reject-publish"));
+    declare_quorum(channel, &name, args).await?;
+    bind(channel, &name, &name, "").await
+}
+
+fn durable() -> ExchangeDeclareOptions {
+    ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
     }
 }
 

@@ -130,12 +130,24 @@ pub struct Settings {
     pub circuit_cooldown: Duration,
     /// Recipients of an announcement fanned out per turn in the bulk lane.
     pub fanout_chunk: usize,
+    /// Largest job body accepted; a larger one is dead-lettered before it is decoded.
+    pub max_job_bytes: usize,
+    /// Large jobs (announcements, in practice) decoded and fanned out at once, per
+    /// process: what bounds the memory their decoding takes.
+    pub fanout_concurrency: usize,
     /// Most calls in flight to one gateway at once (and so most connections open to it).
     pub provider_concurrency: u32,
     /// Status changes write events to the outbox, and the daemon relays them to
     /// `sms.events` (`SMSGW_EVENTS`).
     pub events: bool,
 }
+
+/// `SMSGW_MAX_JOB_BYTES` by default, 8 MiB: the contract's largest job, an announcement to
+/// 50,000 recipients, at a generous 160 bytes a recipient (`{"to": "+44 7700 900123",
+/// "ref": "…"}` with a 40-character number and a 100-byte `ref`, 8,000,000 bytes) leaves
+/// 380 KiB for the body (1,600 characters, 19 KiB even written as `\u` escapes), the context
+/// (2 KiB) and the rest. It stays under RabbitMQ 4.x's default `max_message_size` (16 MiB).
+pub const DEFAULT_MAX_JOB_BYTES: usize = 8 * 1024 * 1024;
 
 /// A configuration problem, naming the variable. Exit code 2.
 #[derive(Debug, thiserror::Error)]
@@ -189,6 +201,8 @@ pub const VARIABLES: &[&str] = &[
     "SMSGW_CONFIG",
     "SMSGW_MAX_SEGMENTS",
     "SMSGW_FANOUT_CHUNK",
+    "SMSGW_MAX_JOB_BYTES",
+    "SMSGW_FANOUT_CONCURRENCY",
     "SMSGW_PROVIDER_CONCURRENCY",
     "SMSGW_EVENTS",
     "VONAGE_API_KEY",
@@ -273,6 +287,14 @@ impl Settings {
             circuit_threshold: number(&get, "SMSGW_CIRCUIT_THRESHOLD", 5, 1, 10_000)?,
             circuit_cooldown: duration(&get, "SMSGW_CIRCUIT_COOLDOWN", "30s")?,
             fanout_chunk: number(&get, "SMSGW_FANOUT_CHUNK", 1_000, 1, 50_000)?,
+            max_job_bytes: number(
+                &get,
+                "SMSGW_MAX_JOB_BYTES",
+                DEFAULT_MAX_JOB_BYTES,
+                64 * 1024,
+                128 * 1024 * 1024,
+            )?,
+            fanout_concurrency: number(&get, "SMSGW_FANOUT_CONCURRENCY", 2, 1, 64)?,
             provider_concurrency: number(&get, "SMSGW_PROVIDER_CONCURRENCY", 512, 1, 10_000)?,
             resend_unknown: resend_unknown(&get)?,
             events: on_or_off(&get, "SMSGW_EVENTS", true)?,
@@ -736,6 +758,7 @@ mod tests {
         assert_eq!(s.default_provider, "log");
         assert_eq!(s.max_attempts, 6);
         assert_eq!(s.retry_delays.len(), 5);
+        assert_eq!((s.max_job_bytes, s.fanout_concurrency), (8_388_608, 2));
         assert!(s.destination_summary().contains("none is sent"));
     }
 
@@ -896,6 +919,9 @@ mod tests {
             ("SMSGW_HTTP_MAX_CONNECTIONS", "0"),
             ("SMSGW_HTTP_HEADER_TIMEOUT", "0s"),
             ("SMSGW_HTTP_HEADER_TIMEOUT", "1h"),
+            ("SMSGW_MAX_JOB_BYTES", "1000"),
+            ("SMSGW_MAX_JOB_BYTES", "8MiB"),
+            ("SMSGW_FANOUT_CONCURRENCY", "0"),
         ] {
             let err = settings(&[(variable, value)]).expect_err(value);
             assert_eq!(err.variable, variable, "{value}");

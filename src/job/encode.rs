@@ -4,11 +4,54 @@
 //! Encoding destructures the whole [`Job`], so a field added to it fails to compile here
 //! until it is encoded too: nothing is silently dropped from the jobs smsgw publishes.
 
-use serde_json::{Map, Value, json};
+use serde::{Serialize, Serializer};
+use serde_json::Value;
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 use uuid::Uuid;
 
 use super::{BulkRecipient, Job, Target};
+
+/// A job as it goes on the wire, borrowing from the [`Job`]. Serialised straight to bytes:
+/// the recipients of a large announcement never become a tree of JSON values.
+#[derive(Serialize)]
+struct Wire<'a> {
+    id: Uuid,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    school_id: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    to: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    recipients: Option<Recipients<'a>>,
+    body: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    context: Option<&'a Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    not_before: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_at: Option<String>,
+    #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+    reference: Option<&'a str>,
+}
+
+/// An announcement's recipients, written one by one as the serialiser asks for them.
+struct Recipients<'a>(&'a [BulkRecipient]);
+
+impl Serialize for Recipients<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.iter().map(|r| WireRecipient {
+            to: &r.to,
+            reference: r.reference.as_deref(),
+        }))
+    }
+}
+
+#[derive(Serialize)]
+struct WireRecipient<'a> {
+    to: &'a str,
+    #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+    reference: Option<&'a str>,
+}
 
 impl Job {
     /// The job as JSON, in the format [`Job::decode`] reads.
@@ -24,29 +67,25 @@ impl Job {
             expires_at,
             reference,
         } = self;
-        let mut job = Map::new();
-        job.insert("id".into(), json!(id));
-        job.insert("type".into(), json!(kind.as_str()));
-        job.insert("school_id".into(), json!(school_id));
-        match target {
-            Target::One(to) => job.insert("to".into(), json!(to)),
-            Target::Many(recipients) => {
-                job.insert("recipients".into(), recipients_json(recipients))
-            }
+        let (to, recipients) = match target {
+            Target::One(to) => (Some(to.as_str()), None),
+            Target::Many(recipients) => (None, Some(Recipients(recipients))),
         };
-        job.insert("body".into(), json!(body));
-        let optional = [
-            ("context", context.clone()),
-            ("not_before", time_json(*not_before)),
-            ("expires_at", time_json(*expires_at)),
-            ("ref", reference.as_ref().map(|r| json!(r))),
-        ];
-        for (field, value) in optional {
-            if let Some(value) = value {
-                job.insert(field.into(), value);
-            }
-        }
-        Value::Object(job).to_string().into_bytes()
+        let wire = Wire {
+            id: *id,
+            kind: kind.as_str(),
+            school_id: *school_id,
+            to,
+            recipients,
+            body,
+            context: context.as_ref(),
+            not_before: time_text(*not_before),
+            expires_at: time_text(*expires_at),
+            reference: reference.as_deref(),
+        };
+        // Strings, numbers, a UUID and a JSON value: nothing here can fail to serialise
+        // (that takes a map with keys that are not strings, or a failing Serialize impl).
+        serde_json::to_vec(&wire).expect("a job always serialises")
     }
 
     /// The message for one recipient of this announcement: its own id, number and `ref`,
@@ -88,23 +127,14 @@ impl Job {
     }
 }
 
-fn recipients_json(recipients: &[BulkRecipient]) -> Value {
-    recipients
-        .iter()
-        .map(|r| match &r.reference {
-            Some(reference) => json!({ "to": r.to, "ref": reference }),
-            None => json!({ "to": r.to }),
-        })
-        .collect()
-}
-
-fn time_json(at: Option<OffsetDateTime>) -> Option<Value> {
+fn time_text(at: Option<OffsetDateTime>) -> Option<String> {
     at.and_then(|at| at.format(&Rfc3339).ok())
-        .map(Value::String)
 }
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
     use crate::job::JobType;
     use time::macros::datetime;

@@ -7,10 +7,16 @@
 //! of the bulk lane. Another school's announcement published meanwhile gets its turn
 //! after one chunk, not after all of this one. The broker acks the delivery only when both
 //! were confirmed; a crash in between fans the same chunk out again, to the same ids.
+//!
+//! A pass over a large announcement takes about three times its size in memory at its peak
+//! (the recipients decoded, the rest encoded again), and each pass decodes what is left
+//! again. [`FanoutTurns`] lets only so many large jobs be decoded and fanned out at once
+//! (`SMSGW_FANOUT_CONCURRENCY`); the others wait their turn undecoded.
 
-use std::collections::HashSet;
+use std::{collections::HashSet, sync::Arc};
 
 use serde_json::Value;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -26,6 +32,40 @@ use crate::{
 
 /// Rows of an announcement's recipients written per statement when it is accepted.
 const QUEUE_PIECE: usize = 5_000;
+
+/// A job body larger than this waits for a fan-out turn before it is decoded. No job to one
+/// recipient comes near it (1,600 characters of body, 2 KiB of context), nor does an
+/// announcement to a few hundred: only large announcements wait.
+pub(super) const LARGE_JOB_BYTES: usize = 64 * 1024;
+
+/// Turns to decode and fan out a large job, shared by every lane of a process. A turn is
+/// held from before the job is decoded until its delivery is settled, when the messages of
+/// its chunk and the rest of the announcement have been published.
+#[derive(Debug, Clone)]
+pub struct FanoutTurns {
+    turns: Arc<Semaphore>,
+    /// A job over `SMSGW_MAX_JOB_BYTES` is refused unread and needs no turn.
+    max_job_bytes: usize,
+}
+
+impl FanoutTurns {
+    pub fn new(at_once: usize, max_job_bytes: usize) -> Self {
+        FanoutTurns {
+            turns: Arc::new(Semaphore::new(at_once.max(1))),
+            max_job_bytes,
+        }
+    }
+
+    /// Waits for a turn when `delivery` is large enough to need one; `None` otherwise.
+    pub async fn take(&self, delivery: &Delivery) -> Option<OwnedSemaphorePermit> {
+        let size = delivery.body.len();
+        if size <= LARGE_JOB_BYTES || size > self.max_job_bytes {
+            return None;
+        }
+        // The semaphore is never closed, so acquiring fails never.
+        self.turns.clone().acquire_owned().await.ok()
+    }
+}
 
 impl<L: MessageLog> Pipeline<L> {
     /// Queues every recipient's row (on the first pass), then hands the broker this
@@ -118,4 +158,37 @@ fn recipient_number(recipient: &BulkRecipient, country: Option<&str>) -> String 
     PhoneNumber::parse(&recipient.to, country)
         .map(|n| n.as_str().to_owned())
         .unwrap_or_else(|_| recipient.to.trim().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::job::Lane;
+
+    fn of_size(bytes: usize) -> Delivery {
+        Delivery::fresh(Lane::Bulk, vec![b' '; bytes])
+    }
+
+    #[tokio::test]
+    async fn only_so_many_large_jobs_are_decoded_at_once() {
+        let turns = FanoutTurns::new(1, 1024 * 1024);
+        let first = turns.take(&of_size(LARGE_JOB_BYTES + 1)).await;
+        assert!(first.is_some());
+        let large = of_size(LARGE_JOB_BYTES + 1);
+        let second = turns.take(&large);
+        let waited = tokio::time::timeout(Duration::from_millis(50), second).await;
+        assert!(
+            waited.is_err(),
+            "the second waits while the first holds its turn"
+        );
+
+        // Small jobs, and those refused unread for their size, need no turn.
+        assert!(turns.take(&of_size(LARGE_JOB_BYTES)).await.is_none());
+        assert!(turns.take(&of_size(1024 * 1024 + 1)).await.is_none());
+
+        drop(first);
+        assert!(turns.take(&of_size(LARGE_JOB_BYTES + 1)).await.is_some());
+    }
 }

@@ -44,14 +44,14 @@ use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-pub use self::log::MessageLog;
 use self::outcome::{Plan, Seen, Verdict};
+pub use self::{fanout::FanoutTurns, log::MessageLog};
 use crate::{
     broker::Delivery,
     cache::PolicyCache,
     disposition::Disposition,
     http::{health::Health, metrics::Metrics},
-    job::{Job, JobType, Target},
+    job::{self, Job, JobType, Target},
     phone::{PhoneNumber, redact_numbers},
     policy::{self, Decision, Facts, Route, SchoolSettings},
     provider::Gateways,
@@ -70,6 +70,8 @@ pub struct PipelineSettings {
     pub max_segments: HashMap<JobType, u32>,
     /// Recipients of an announcement fanned out per turn in the bulk lane.
     pub fanout_chunk: usize,
+    /// Largest job body decoded; a larger one is dead-lettered unread.
+    pub max_job_bytes: usize,
 }
 
 impl PipelineSettings {
@@ -84,6 +86,7 @@ impl PipelineSettings {
             unknown_outcome: UnknownOutcome::Resend,
             max_segments: HashMap::new(),
             fanout_chunk: 100,
+            max_job_bytes: 64 * 1024,
         }
     }
 
@@ -171,7 +174,9 @@ impl<L: MessageLog> Pipeline<L> {
     /// Handles one delivery. `abandon` fires when the daemon must stop waiting for the
     /// database; the delivery is then left unsettled for the broker to deliver again.
     pub async fn handle(&self, delivery: &Delivery, abandon: &CancellationToken) -> Disposition {
-        let job = match Job::decode(&delivery.body) {
+        let decoded = job::check_size(&delivery.body, self.settings.max_job_bytes)
+            .and_then(|()| Job::decode(&delivery.body));
+        let job = match decoded {
             Ok(job) => job,
             Err(invalid) => return self.invalid(delivery, &invalid.to_string()),
         };

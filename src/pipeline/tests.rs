@@ -280,6 +280,26 @@ async fn an_invalid_job_is_dead_lettered_with_the_decoders_error() {
 }
 
 #[tokio::test]
+async fn a_job_over_the_size_limit_is_dead_lettered_unread() {
+    let world = World::with(
+        PipelineSettings {
+            max_job_bytes: 100,
+            ..settings()
+        },
+        school(),
+    );
+    let (_, mut big) = job(JobType::LoginCode);
+    big["padding"] = json!("x".repeat(100));
+    let Disposition::DeadLetter { reason, error, .. } = world.handle(&delivery(&big)).await else {
+        panic!("dead-lettered");
+    };
+    assert_eq!(reason, DeadReason::InvalidJob);
+    assert!(error.starts_with("job: 2"), "{error}");
+    assert!(error.ends_with("bytes, more than SMSGW_MAX_JOB_BYTES (100)"));
+    assert!(world.log().rows().is_empty());
+}
+
+#[tokio::test]
 async fn an_impossible_number_fails_permanently_without_a_call() {
     let world = World::new();
     let (_, mut job) = job(JobType::LoginCode);

@@ -498,6 +498,18 @@ impl App {
     }
 
     pub async fn publish_raw(&self, routing_key: &str, message_id: &str, body: &[u8]) {
+        self.publish_with_headers(routing_key, message_id, body, FieldTable::default())
+            .await;
+    }
+
+    /// Publishes to `sms.jobs` as `publish_raw` does, with these AMQP headers.
+    pub async fn publish_with_headers(
+        &self,
+        routing_key: &str,
+        message_id: &str,
+        body: &[u8],
+        headers: FieldTable,
+    ) {
         let confirmation = self
             .publisher
             .basic_publish(
@@ -511,7 +523,8 @@ impl App {
                 BasicProperties::default()
                     .with_content_type("application/json".into())
                     .with_delivery_mode(2)
-                    .with_message_id(message_id.into()),
+                    .with_message_id(message_id.into())
+                    .with_headers(headers),
             )
             .await
             .expect("publish")
@@ -610,8 +623,9 @@ impl App {
         letters
     }
 
-    /// Takes the head of `queue` and gives it back (as a crashing consumer would), until
-    /// the broker stops delivering it; returns how many times it was delivered.
+    /// Takes the head of `queue` and gives it back as failed (a reject, as the daemon gives
+    /// back a message that crashed it), until the broker stops delivering it; returns how
+    /// many times it was delivered.
     pub async fn redeliver_until_gone(&self, queue: &str) -> usize {
         let mut deliveries = 0;
         let deadline = Instant::now() + PATIENCE;
@@ -626,12 +640,9 @@ impl App {
                     deliveries += 1;
                     message
                         .delivery
-                        .nack(lapin::options::BasicNackOptions {
-                            requeue: true,
-                            ..Default::default()
-                        })
+                        .reject(lapin::options::BasicRejectOptions { requeue: true })
                         .await
-                        .expect("nack");
+                        .expect("reject");
                 }
                 None if deliveries > 0 => return deliveries,
                 None => tokio::time::sleep(Duration::from_millis(20)).await,
