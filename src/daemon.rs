@@ -234,6 +234,8 @@ fn pipeline_settings(settings: &Settings) -> PipelineSettings {
         max_segments: settings.max_segments.clone(),
         fanout_chunk: settings.fanout_chunk,
         max_job_bytes: settings.max_job_bytes,
+        quiet_types: settings.quiet_types.clone(),
+        default_expiry: settings.default_expiry.clone(),
         unknown_outcome: if settings.resend_unknown {
             UnknownOutcome::Resend
         } else {

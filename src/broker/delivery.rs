@@ -19,8 +19,9 @@ use super::{
     Broker, BrokerError, REPLAY_EXCHANGE, REQUEUE_EXCHANGE,
     acks::{AckBatcher, AckOp},
     headers::{
-        HEADER_ATTEMPTS, HEADER_BULK_ID, HEADER_FANOUT_QUEUED, HEADER_REPLAYED_AT, HEADER_REQUEUED,
-        HEADER_RETRY_AT, OUR_PREFIX, amqp_int, amqp_text, carried, from_unix_ms,
+        HEADER_ATTEMPTS, HEADER_BULK_ID, HEADER_FANOUT_QUEUED, HEADER_FIRST_SEEN,
+        HEADER_REPLAYED_AT, HEADER_REQUEUED, HEADER_RETRY_AT, OUR_PREFIX, amqp_int, amqp_text,
+        carried, from_unix_ms,
     },
     topology::lane_queue,
     within,
@@ -48,6 +49,8 @@ pub struct Delivery {
     pub requeued: bool,
     /// An announcement's continuation: its recipients' rows were written by the first pass.
     pub fanout_queued: bool,
+    /// When the job was published (its AMQP `timestamp`), else when smsgw first saw it.
+    pub first_seen: OffsetDateTime,
 }
 
 impl Delivery {
@@ -64,6 +67,7 @@ impl Delivery {
             replayed: false,
             requeued: false,
             fanout_queued: false,
+            first_seen: OffsetDateTime::now_utc(),
         }
     }
 
@@ -125,6 +129,9 @@ impl Incoming {
                 replayed: history.replayed,
                 requeued: history.requeued,
                 fanout_queued: history.fanout_queued,
+                first_seen: published_at(&properties)
+                    .or(history.first_seen)
+                    .unwrap_or_else(OffsetDateTime::now_utc),
             },
             routing_key: delivery.routing_key,
             properties,
@@ -210,6 +217,13 @@ struct History {
     replayed: bool,
     requeued: bool,
     fanout_queued: bool,
+    first_seen: Option<OffsetDateTime>,
+}
+
+/// The AMQP `timestamp` the publisher set (Unix seconds), if any.
+fn published_at(properties: &BasicProperties) -> Option<OffsetDateTime> {
+    let seconds = i64::try_from((*properties.timestamp())?).ok()?;
+    OffsetDateTime::from_unix_timestamp(seconds).ok()
 }
 
 impl History {
@@ -232,6 +246,9 @@ impl History {
             replayed: headers.contains_key(HEADER_REPLAYED_AT),
             requeued: headers.contains_key(HEADER_REQUEUED),
             fanout_queued: headers.contains_key(HEADER_FANOUT_QUEUED),
+            first_seen: get(HEADER_FIRST_SEEN)
+                .and_then(amqp_int)
+                .and_then(from_unix_ms),
         }
     }
 }

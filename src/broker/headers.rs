@@ -26,6 +26,9 @@ pub const HEADER_REQUEUED: &str = "x-smsgw-requeued";
 pub const HEADER_RETRY_AT: &str = "x-smsgw-retry-at";
 /// On an announcement whose fan-out goes on: every recipient already has its `queued` row.
 pub const HEADER_FANOUT_QUEUED: &str = "x-smsgw-fanout-queued";
+/// When smsgw first saw the job (Unix milliseconds), kept on every republish: a job
+/// without an AMQP `timestamp` has its default expiry counted from then.
+pub const HEADER_FIRST_SEEN: &str = "x-smsgw-first-seen";
 
 /// The message's headers, less those `drop` names: what a republish carries over.
 pub(super) fn carried(properties: &BasicProperties, drop: impl Fn(&str) -> bool) -> FieldTable {

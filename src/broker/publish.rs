@@ -15,8 +15,8 @@ use super::{
     Broker, BrokerError, DEAD_EXCHANGE, Incoming, JOBS_EXCHANGE, REQUEUE_EXCHANGE,
     headers::{
         HEADER_ATTEMPTS, HEADER_BULK_ID, HEADER_DEAD_AT, HEADER_ERROR, HEADER_FANOUT_QUEUED,
-        HEADER_REASON, HEADER_REPLAYED_AT, HEADER_REQUEUED, HEADER_RETRY_AT, carried, long_string,
-        unix_ms,
+        HEADER_FIRST_SEEN, HEADER_REASON, HEADER_REPLAYED_AT, HEADER_REQUEUED, HEADER_RETRY_AT,
+        carried, long_string, unix_ms,
     },
     tier_name, within,
 };
@@ -68,9 +68,11 @@ impl Broker {
                 messages,
                 rest,
             } => {
-                self.publish_fanout(*announcement, *kind, messages).await?;
+                let first_seen = incoming.delivery.first_seen;
+                self.publish_fanout(*announcement, *kind, messages, first_seen)
+                    .await?;
                 if let Some(rest) = rest {
-                    self.publish_continuation(*announcement, *kind, rest)
+                    self.publish_continuation(*announcement, *kind, rest, first_seen)
                         .await?;
                 }
             }
@@ -153,6 +155,10 @@ impl Broker {
             HEADER_ATTEMPTS.into(),
             AMQPValue::LongLongInt(i64::from(target.attempts)),
         );
+        headers.insert(
+            HEADER_FIRST_SEEN.into(),
+            AMQPValue::LongLongInt(unix_ms(incoming.delivery.first_seen)),
+        );
         if let Some(at) = target.retry_at {
             headers.insert(HEADER_RETRY_AT.into(), AMQPValue::LongLongInt(unix_ms(at)));
         }
@@ -179,8 +185,9 @@ impl Broker {
         bulk_id: Uuid,
         kind: JobType,
         messages: &[(Uuid, Vec<u8>)],
+        first_seen: OffsetDateTime,
     ) -> Result<(), BrokerError> {
-        let mut headers = FieldTable::default();
+        let mut headers = first_seen_header(first_seen);
         headers.insert(HEADER_BULK_ID.into(), long_string(&bulk_id.to_string()));
         let mut pending = Vec::with_capacity(messages.len());
         for (id, body) in messages {
@@ -208,8 +215,9 @@ impl Broker {
         job_id: Uuid,
         kind: JobType,
         body: &[u8],
+        first_seen: OffsetDateTime,
     ) -> Result<(), BrokerError> {
-        let mut headers = FieldTable::default();
+        let mut headers = first_seen_header(first_seen);
         headers.insert(HEADER_FANOUT_QUEUED.into(), AMQPValue::Boolean(true));
         let properties = json_properties(job_id).with_headers(headers);
         self.publish_confirmed(REQUEUE_EXCHANGE, kind.as_str(), body, properties)
@@ -249,6 +257,17 @@ fn mark_dead(headers: &mut FieldTable, reason: DeadReason, error: &str) {
         .take(MAX_ERROR_HEADER)
         .collect();
     headers.insert(HEADER_ERROR.into(), long_string(&error));
+}
+
+/// Our headers on a job published for an announcement: when the announcement was first
+/// seen, so that its recipients' default expiry counts from then.
+fn first_seen_header(first_seen: OffsetDateTime) -> FieldTable {
+    let mut headers = FieldTable::default();
+    headers.insert(
+        HEADER_FIRST_SEEN.into(),
+        AMQPValue::LongLongInt(unix_ms(first_seen)),
+    );
+    headers
 }
 
 /// A persistent JSON message with our job id as its `message_id`.

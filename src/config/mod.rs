@@ -17,6 +17,7 @@ use secrecy::SecretString;
 use crate::{http::HttpLimits, job::JobType, phone::PhoneNumber};
 
 mod providers;
+mod schedule;
 mod service_url;
 
 pub use service_url::ServiceUrl;
@@ -140,6 +141,10 @@ pub struct Settings {
     /// Status changes write events to the outbox, and the daemon relays them to
     /// `sms.events` (`SMSGW_EVENTS`).
     pub events: bool,
+    /// The types that wait while a school's quiet hours last.
+    pub quiet_types: Vec<JobType>,
+    /// How long after publication a job of a type without `expires_at` expires.
+    pub default_expiry: HashMap<JobType, Duration>,
 }
 
 /// `SMSGW_MAX_JOB_BYTES` by default, 8 MiB: the contract's largest job, an announcement to
@@ -205,6 +210,8 @@ pub const VARIABLES: &[&str] = &[
     "SMSGW_FANOUT_CONCURRENCY",
     "SMSGW_PROVIDER_CONCURRENCY",
     "SMSGW_EVENTS",
+    "SMSGW_QUIET_TYPES",
+    "SMSGW_DEFAULT_EXPIRY",
     "VONAGE_API_KEY",
     "VONAGE_API_SECRET",
     "VONAGE_FROM",
@@ -298,6 +305,8 @@ impl Settings {
             provider_concurrency: number(&get, "SMSGW_PROVIDER_CONCURRENCY", 512, 1, 10_000)?,
             resend_unknown: resend_unknown(&get)?,
             events: on_or_off(&get, "SMSGW_EVENTS", true)?,
+            quiet_types: schedule::quiet_types(get("SMSGW_QUIET_TYPES").as_deref())?,
+            default_expiry: schedule::default_expiry(get("SMSGW_DEFAULT_EXPIRY").as_deref())?,
         })
     }
 

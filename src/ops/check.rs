@@ -103,9 +103,38 @@ async fn check_database(settings: &Settings) -> bool {
     };
     if current {
         report_events(&store, settings.events).await;
+        report_timezones(&store).await;
     }
     store.close().await;
     current
+}
+
+/// Schools whose time zone is unknown: their quiet hours are ignored (a warning).
+async fn report_timezones(store: &Store) {
+    match store.schools_with_unknown_timezone().await {
+        Ok(schools) if schools.is_empty() => {
+            line("timezones", true, "every school's timezone is known");
+        }
+        Ok(schools) => {
+            let list: Vec<String> = schools
+                .iter()
+                .take(20)
+                .map(|(school, zone)| format!("{school} ('{zone}')"))
+                .collect();
+            let more = schools.len().saturating_sub(list.len());
+            let text = format!(
+                "unknown, so quiet hours are ignored, for school {}{}",
+                list.join(", "),
+                if more > 0 {
+                    format!(" and {more} more")
+                } else {
+                    String::new()
+                }
+            );
+            say("timezones", "WARN", &text);
+        }
+        Err(e) => line("timezones", false, &e.to_string()),
+    }
 }
 
 /// The status events waiting to be published: a warning, not a failure, when they are

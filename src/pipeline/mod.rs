@@ -72,6 +72,10 @@ pub struct PipelineSettings {
     pub fanout_chunk: usize,
     /// Largest job body decoded; a larger one is dead-lettered unread.
     pub max_job_bytes: usize,
+    /// The types that wait out a school's quiet hours.
+    pub quiet_types: Vec<JobType>,
+    /// How long after publication a job of a type without `expires_at` expires.
+    pub default_expiry: HashMap<JobType, Duration>,
 }
 
 impl PipelineSettings {
@@ -87,6 +91,8 @@ impl PipelineSettings {
             max_segments: HashMap::new(),
             fanout_chunk: 100,
             max_job_bytes: 64 * 1024,
+            quiet_types: vec![JobType::BookingReminder],
+            default_expiry: HashMap::from([(JobType::LoginCode, Duration::from_secs(900))]),
         }
     }
 
@@ -215,7 +221,7 @@ impl<L: MessageLog> Pipeline<L> {
             Err(done) => return Ok(done),
         };
         let settings = self.school_settings(job.school_id, abandon).await?;
-        let (decision, draft) = self.decide(job, to, settings.as_deref());
+        let (decision, draft) = self.decide(delivery, job, to, settings.as_deref());
         tracing::Span::current().record("provider", draft.provider);
         let message = Message {
             delivery,
@@ -261,8 +267,23 @@ impl<L: MessageLog> Pipeline<L> {
         }))
     }
 
+    /// The job's own `expires_at`, else its type's default expiry counted from when it
+    /// was published (or first seen).
+    fn expires_at(&self, delivery: &Delivery, job: &Job) -> Option<OffsetDateTime> {
+        job.expires_at.or_else(|| {
+            let after = self.settings.default_expiry.get(&job.kind)?;
+            Some(delivery.first_seen + *after)
+        })
+    }
+
     /// The policy's decision, and the row the log keeps for the message whatever it is.
-    fn decide(&self, job: &Job, to: &str, settings: Option<&SchoolSettings>) -> (Decision, Draft) {
+    fn decide(
+        &self,
+        delivery: &Delivery,
+        job: &Job,
+        to: &str,
+        settings: Option<&SchoolSettings>,
+    ) -> (Decision, Draft) {
         let country = settings.and_then(|s| s.country.as_deref());
         let recipient = PhoneNumber::parse(to, country);
         let segments = crate::segments::segment(&job.body).segments;
@@ -270,13 +291,14 @@ impl<L: MessageLog> Pipeline<L> {
         let decision = policy::decide(
             job.kind,
             job.not_before,
-            job.expires_at,
+            self.expires_at(delivery, job),
             &Facts {
                 settings,
                 recipient: &recipient,
                 route: &route,
                 segments,
                 max_segments: self.settings.max_segments.get(&job.kind).copied(),
+                quiet_types: &self.settings.quiet_types,
                 now: OffsetDateTime::now_utc(),
             },
         );

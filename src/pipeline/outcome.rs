@@ -76,6 +76,11 @@ pub fn plan<R>(decision: Decision<R>, kind: JobType, attempts: u32) -> Plan<R> {
             reason: "not_before",
             disposition: Disposition::Defer { until, kind },
         },
+        Decision::Hold { until } => Verdict {
+            status: MessageStatus::Queued,
+            reason: "quiet_hours",
+            disposition: Disposition::Defer { until, kind },
+        },
     };
     Plan::Record(verdict)
 }

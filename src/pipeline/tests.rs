@@ -894,3 +894,66 @@ fn unknown_outcome() -> Row {
         ..row_with_attempts(1)
     }
 }
+
+/// A school whose quiet hours (in UTC) began an hour ago and end in an hour.
+fn quiet_now() -> SchoolSettings {
+    let now = OffsetDateTime::now_utc();
+    SchoolSettings {
+        quiet: crate::policy::Quiet::of(
+            Some("UTC"),
+            Some((now - time::Duration::hours(1)).time()),
+            Some((now + time::Duration::hours(1)).time()),
+        ),
+        ..school()
+    }
+}
+
+#[tokio::test]
+async fn quiet_hours_hold_a_reminder_queued_until_the_window_ends() {
+    let world = World::with(settings(), quiet_now());
+    let (id, reminder) = job(JobType::BookingReminder);
+    let Disposition::Defer { until, kind } = world.handle(&delivery(&reminder)).await else {
+        panic!("held");
+    };
+    let left = until - OffsetDateTime::now_utc();
+    assert!(left > time::Duration::minutes(59) && left <= time::Duration::hours(1));
+    assert_eq!(kind, JobType::BookingReminder);
+    assert_eq!(
+        world.status(id),
+        (MessageStatus::Queued, Some("quiet_hours".into()))
+    );
+    assert!(world.twilio.calls().is_empty());
+}
+
+#[tokio::test]
+async fn quiet_hours_never_hold_a_login_code() {
+    let world = World::with(settings(), quiet_now());
+    world.twilio.answer([Ok(accepted("SM1"))]);
+    let (id, code) = job(JobType::LoginCode);
+    assert_eq!(world.handle(&delivery(&code)).await, Disposition::Ack);
+    assert_eq!(world.status(id).0, MessageStatus::Sent);
+}
+
+#[tokio::test]
+async fn a_login_code_past_its_default_expiry_ends_expired_without_a_call() {
+    let world = World::new();
+    let (id, code) = job(JobType::LoginCode);
+    let seen_long_ago = Delivery {
+        first_seen: OffsetDateTime::now_utc() - time::Duration::minutes(16),
+        ..delivery(&code)
+    };
+    assert_eq!(world.handle(&seen_long_ago).await, Disposition::Ack);
+    assert_eq!(world.status(id).0, MessageStatus::Expired);
+    assert!(world.twilio.calls().is_empty());
+
+    // Its own expires_at wins over the default.
+    let (later, mut code) = job(JobType::LoginCode);
+    code["expires_at"] = json!("2099-01-01T00:00:00Z");
+    world.twilio.answer([Ok(accepted("SM2"))]);
+    let seen_long_ago = Delivery {
+        first_seen: OffsetDateTime::now_utc() - time::Duration::minutes(16),
+        ..delivery(&code)
+    };
+    world.handle(&seen_long_ago).await;
+    assert_eq!(world.status(later).0, MessageStatus::Sent);
+}

@@ -9,6 +9,7 @@
 pub mod quiet;
 mod routing;
 
+pub use quiet::QuietHours;
 pub use routing::{Route, route};
 
 use time::OffsetDateTime;
@@ -18,8 +19,53 @@ use crate::{
     phone::{PhoneError, PhoneNumber, SenderId},
 };
 
+/// A school's quiet hours, as its settings give them.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum Quiet {
+    #[default]
+    None,
+    Hours(QuietHours),
+    /// Quiet hours are set, but `timezone` is not a known IANA name: nothing is held
+    /// (a text sent at night beats one held for ever on a guess).
+    UnknownZone(String),
+}
+
+impl Quiet {
+    /// The school's quiet hours from its columns; `None` unless both ends are set.
+    pub fn of(timezone: Option<&str>, start: Option<time::Time>, end: Option<time::Time>) -> Self {
+        let (Some(start), Some(end)) = (start, end) else {
+            return Quiet::None;
+        };
+        let name = timezone.unwrap_or_default();
+        match quiet::zone(name) {
+            Some(zone) => Quiet::Hours(QuietHours {
+                start: civil(start),
+                end: civil(end),
+                zone,
+            }),
+            None => Quiet::UnknownZone(name.to_owned()),
+        }
+    }
+
+    /// When the quiet window around `now` ends, if `now` is in one.
+    fn release(&self, now: OffsetDateTime) -> Option<OffsetDateTime> {
+        let Quiet::Hours(hours) = self else {
+            return None;
+        };
+        let now = jiff::Timestamp::from_nanosecond(now.unix_timestamp_nanos()).ok()?;
+        let until = hours.release(now)?;
+        OffsetDateTime::from_unix_timestamp_nanos(until.as_nanosecond()).ok()
+    }
+}
+
+fn civil(at: time::Time) -> jiff::civil::Time {
+    let (hour, minute, second) = at.as_hms();
+    // Each part is within range, so the narrowing casts are exact.
+    jiff::civil::time(hour as i8, minute as i8, second as i8, 0)
+}
+
 /// A school's row in `sms_school_settings`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SchoolSettings {
     pub school_id: i64,
     pub sms_enabled: bool,
@@ -33,6 +79,7 @@ pub struct SchoolSettings {
     pub allow_changes: bool,
     pub allow_announcements: bool,
     pub allow_login_codes: bool,
+    pub quiet: Quiet,
 }
 
 impl SchoolSettings {
@@ -52,6 +99,7 @@ impl SchoolSettings {
             allow_changes: true,
             allow_announcements: true,
             allow_login_codes: true,
+            quiet: Quiet::None,
         }
     }
 
@@ -128,6 +176,10 @@ pub enum Decision<R = Route> {
     Defer {
         until: OffsetDateTime,
     },
+    /// The school's quiet hours last until this moment (or the job expires then first).
+    Hold {
+        until: OffsetDateTime,
+    },
     Refuse(Refusal),
 }
 
@@ -142,13 +194,15 @@ pub struct Facts<'a, R = Route> {
     /// How many segments the body takes, and the most the job's type may take.
     pub segments: u32,
     pub max_segments: Option<u32>,
+    /// The types that wait out a school's quiet hours.
+    pub quiet_types: &'a [JobType],
     pub now: OffsetDateTime,
 }
 
 /// Decides a message's fate. Expiry first (an expired text is never useful), then the
-/// school's settings, the recipient, the sender and length, the schedule, and last the
-/// route: a scheduled message is deferred even when its provider is missing, so that a
-/// configuration fixed before it is due still sends it.
+/// school's settings, the recipient, the sender and length, the schedule (`not_before`,
+/// then quiet hours), and last the route: a message that waits is deferred even when its
+/// provider is missing, so that a configuration fixed before it is due still sends it.
 pub fn decide<R: Clone>(
     kind: JobType,
     not_before: Option<OffsetDateTime>,
@@ -187,6 +241,13 @@ pub fn decide<R: Clone>(
     if let Some(until) = not_before.filter(|at| *at > facts.now) {
         return Decision::Defer { until };
     }
+    if facts.quiet_types.contains(&kind)
+        && let Some(until) = settings.quiet.release(facts.now)
+    {
+        // Held no longer than it is worth sending: at `expires_at` it ends as expired.
+        let until = expires_at.map_or(until, |at| at.min(until));
+        return Decision::Hold { until };
+    }
     match facts.route {
         Ok(route) => Decision::Send {
             to,
@@ -224,6 +285,7 @@ mod tests {
                 route: &Ok(()),
                 segments: 1,
                 max_segments: None,
+                quiet_types: &[],
                 now: NOW,
             },
         )
@@ -285,6 +347,7 @@ mod tests {
             route: &Ok(()),
             segments: 1,
             max_segments: None,
+            quiet_types: &[],
             now: NOW,
         };
         assert_eq!(
@@ -303,6 +366,7 @@ mod tests {
             route: &Ok(()),
             segments: 1,
             max_segments: None,
+            quiet_types: &[],
             now: NOW,
         };
         let later = datetime!(2026-11-25 11:00 UTC);
@@ -330,6 +394,7 @@ mod tests {
             route: &Ok(()),
             segments: 1,
             max_segments: None,
+            quiet_types: &[],
             now: NOW,
         };
         assert_eq!(
@@ -364,6 +429,7 @@ mod tests {
             route: &Ok(()),
             segments: 2,
             max_segments: Some(1),
+            quiet_types: &[],
             now: NOW,
         };
         assert_eq!(
@@ -393,6 +459,7 @@ mod tests {
             route: &Ok(()),
             segments: 1,
             max_segments: None,
+            quiet_types: &[],
             now: NOW,
         };
         let decision = decide(JobType::LoginCode, None, None, &facts);
@@ -413,6 +480,7 @@ mod tests {
             route: &missing,
             segments: 1,
             max_segments: None,
+            quiet_types: &[],
             now: NOW,
         };
         assert_eq!(
@@ -435,6 +503,116 @@ mod tests {
         assert_eq!(
             decide(JobType::LoginCode, None, None, &facts),
             Decision::Suppress(SuppressReason::SchoolDisabled)
+        );
+    }
+
+    /// A London school quiet from 21:00 to 08:00; NOW (10:00 UTC) is outside it.
+    fn quiet_school() -> SchoolSettings {
+        SchoolSettings {
+            quiet: Quiet::of(
+                Some("Europe/London"),
+                Some(time::macros::time!(21:00)),
+                Some(time::macros::time!(08:00)),
+            ),
+            ..school()
+        }
+    }
+
+    const LATE: OffsetDateTime = datetime!(2026-11-25 23:30 UTC);
+    const MORNING: OffsetDateTime = datetime!(2026-11-26 08:00 UTC);
+    const HELD: [JobType; 3] = [
+        JobType::BookingConfirmation,
+        JobType::BookingReminder,
+        JobType::Announcement,
+    ];
+
+    fn decide_at(
+        kind: JobType,
+        expires_at: Option<OffsetDateTime>,
+        settings: &SchoolSettings,
+        now: OffsetDateTime,
+    ) -> Decision<()> {
+        let recipient = number();
+        let facts = Facts {
+            settings: Some(settings),
+            recipient: &recipient,
+            route: &Ok(()),
+            segments: 1,
+            max_segments: None,
+            quiet_types: &HELD,
+            now,
+        };
+        decide(kind, None, expires_at, &facts)
+    }
+
+    #[test]
+    fn quiet_hours_hold_a_reminder_until_the_window_ends() {
+        let school = quiet_school();
+        assert_eq!(
+            decide_at(JobType::BookingReminder, None, &school, LATE),
+            Decision::Hold { until: MORNING }
+        );
+        assert!(matches!(
+            decide_at(JobType::BookingReminder, None, &school, NOW),
+            Decision::Send { .. }
+        ));
+    }
+
+    #[test]
+    fn quiet_hours_never_hold_urgent_types() {
+        let school = quiet_school();
+        for kind in [
+            JobType::LoginCode,
+            JobType::BookingChange,
+            JobType::BookingCancellation,
+        ] {
+            assert!(
+                matches!(decide_at(kind, None, &school, LATE), Decision::Send { .. }),
+                "{kind:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_held_text_waits_no_longer_than_it_is_worth_sending() {
+        let school = quiet_school();
+        let expiry = datetime!(2026-11-26 06:00 UTC);
+        assert_eq!(
+            decide_at(JobType::BookingReminder, Some(expiry), &school, LATE),
+            Decision::Hold { until: expiry }
+        );
+        assert_eq!(
+            decide_at(JobType::BookingReminder, Some(expiry), &school, expiry),
+            Decision::Expire
+        );
+    }
+
+    #[test]
+    fn an_unknown_timezone_holds_nothing_back() {
+        let school = SchoolSettings {
+            quiet: Quiet::of(
+                Some("Europe/Atlantis"),
+                Some(time::macros::time!(21:00)),
+                Some(time::macros::time!(08:00)),
+            ),
+            ..school()
+        };
+        assert_eq!(school.quiet, Quiet::UnknownZone("Europe/Atlantis".into()));
+        assert!(matches!(
+            decide_at(JobType::BookingReminder, None, &school, LATE),
+            Decision::Send { .. }
+        ));
+    }
+
+    #[test]
+    fn quiet_hours_need_both_ends() {
+        assert_eq!(
+            Quiet::of(
+                Some("Europe/London"),
+                Some(time::macros::time!(21:00)),
+                None
+            ),
+            Quiet::None
         );
     }
 }

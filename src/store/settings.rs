@@ -6,11 +6,14 @@ use std::sync::LazyLock;
 use tokio_postgres::Row;
 
 use super::{Store, StoreError, messages::storable};
-use crate::{phone::PhoneNumber, policy::SchoolSettings};
+use crate::{
+    phone::PhoneNumber,
+    policy::{Quiet, SchoolSettings},
+};
 
 const SETTINGS_SELECT: &str = "SELECT school_id, sms_enabled, country, sender_id, provider,
         fallback_provider, allow_confirmations, allow_reminders, allow_changes,
-        allow_announcements, allow_login_codes
+        allow_announcements, allow_login_codes, timezone, quiet_hours_start, quiet_hours_end
    FROM sms_school_settings";
 
 fn settings_of(row: &Row) -> Result<SchoolSettings, StoreError> {
@@ -30,7 +33,25 @@ fn settings_of(row: &Row) -> Result<SchoolSettings, StoreError> {
         allow_changes: flag("allow_changes")?,
         allow_announcements: flag("allow_announcements")?,
         allow_login_codes: flag("allow_login_codes")?,
+        quiet: quiet_of(row)?,
     })
+}
+
+/// The school's quiet hours. An unknown time zone holds nothing back, and is logged each
+/// time the school's settings are read (at start-up and when they change).
+fn quiet_of(row: &Row) -> Result<Quiet, StoreError> {
+    let timezone: Option<String> = row.try_get("timezone")?;
+    let quiet = Quiet::of(
+        timezone.as_deref(),
+        row.try_get("quiet_hours_start")?,
+        row.try_get("quiet_hours_end")?,
+    );
+    if let Quiet::UnknownZone(zone) = &quiet {
+        let school_id: i64 = row.try_get("school_id")?;
+        tracing::warn!(school_id, timezone = %zone,
+            "the school's timezone is not a known IANA name: its quiet hours are ignored");
+    }
+    Ok(quiet)
 }
 
 impl Store {
@@ -62,6 +83,28 @@ impl Store {
             LazyLock::new(|| format!("{SETTINGS_SELECT} WHERE school_id = $1"));
         let row = self.row(&SQL, &[&school_id]).await?;
         row.as_ref().map(settings_of).transpose()
+    }
+
+    /// The schools whose `timezone` is not a known IANA name (or missing while quiet hours
+    /// are set), with the name as written: their quiet hours hold nothing back.
+    pub async fn schools_with_unknown_timezone(&self) -> Result<Vec<(i64, String)>, StoreError> {
+        let rows = self
+            .rows(
+                "SELECT school_id, COALESCE(timezone, '') FROM sms_school_settings
+                  WHERE timezone IS NOT NULL
+                     OR (quiet_hours_start IS NOT NULL AND quiet_hours_end IS NOT NULL)
+                  ORDER BY school_id",
+                &[],
+            )
+            .await?;
+        let mut unknown = Vec::new();
+        for row in &rows {
+            let name: String = row.try_get(1)?;
+            if crate::policy::quiet::zone(&name).is_none() {
+                unknown.push((row.try_get(0)?, name));
+            }
+        }
+        Ok(unknown)
     }
 
     /// Every school's settings, for the in-memory cache.
