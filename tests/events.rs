@@ -91,12 +91,7 @@ async fn a_sent_then_delivered_text_gives_one_event_per_status_in_order() {
         "no phone number in an event: {text}"
     );
 
-    let metrics = reqwest::get(format!("{}/metrics", app.http_url))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = app.metrics().await;
     assert!(
         metrics.contains("smsgw_events_published_total"),
         "{metrics}"

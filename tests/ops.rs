@@ -550,12 +550,7 @@ async fn retention_purges_old_bodies_and_rows_in_the_background() {
         )
         .await;
     assert_eq!(recent.as_deref(), Some("old text"), "a recent body stays");
-    let metrics = reqwest::get(format!("{}/metrics", app.http_url))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = app.metrics().await;
     // The 40-day-old finished row is deleted; its body counts as purged only when a pass
     // purged it before deleting it, which depends on when the rows landed in the pass.
     assert!(
@@ -728,12 +723,7 @@ async fn metrics_count_outcomes_calls_and_dead_letters() {
     app.publish(&ok).await;
     app.wait_for_status(id_of(&ok), "sent").await;
 
-    let text = reqwest::get(format!("{}/metrics", app.http_url))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let text = app.metrics().await;
     for expected in [
         r#"smsgw_messages_total{outcome="sent",type="login_code",provider="twilio"} 1"#,
         r#"smsgw_messages_total{outcome="failed",type="booking_reminder",provider="twilio"} 1"#,

@@ -994,12 +994,7 @@ async fn without_a_lookup_an_unknown_outcome_is_resent_and_counted() {
     unknown_outcome_row(&app, &job).await;
     app.publish(&job).await;
     app.wait_for_status(id_of(&job), "sent").await;
-    let metrics = reqwest::get(format!("{}/metrics", app.http_url))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = app.metrics().await;
     assert!(
         metrics.contains("smsgw_possible_duplicates_total 1"),
         "{metrics}"
@@ -1056,12 +1051,7 @@ async fn a_provider_outage_pauses_traffic_instead_of_exhausting_every_job() {
     // The outage lasts long enough to exhaust every job three times over without a circuit.
     tokio::time::sleep(Duration::from_millis(3500)).await;
     let during = app.stub.requests().len();
-    let metrics = reqwest::get(format!("{}/metrics", app.http_url))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = app.metrics().await;
     assert!(metrics.contains("smsgw_paused_total"), "{metrics}");
     app.stub.reply_always(Reply::Created);
 
@@ -1073,12 +1063,7 @@ async fn a_provider_outage_pauses_traffic_instead_of_exhausting_every_job() {
         "{during} calls during the outage: the circuit did not pause"
     );
     assert_eq!(app.queue_depth("sms.dead").await, 0, "nothing exhausted");
-    let metrics = reqwest::get(format!("{}/metrics", app.http_url))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = app.metrics().await;
     assert!(
         metrics.contains(r#"smsgw_circuit_state{provider="twilio"} 0"#),
         "closed again: {metrics}"

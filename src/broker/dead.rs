@@ -21,20 +21,22 @@ use super::{
     within,
 };
 
+/// How many letters `sms.dead` holds; an error unless it exists (a passive declare).
+pub(super) async fn dead_letter_count(channel: &Channel) -> Result<u32, BrokerError> {
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let queue =
+        within(channel.queue_declare(DEAD_QUEUE.into(), passive, FieldTable::default())).await?;
+    Ok(queue.message_count())
+}
+
 impl Broker {
     /// Starts browsing `sms.dead`.
     pub async fn browse_dead(&self) -> Result<DeadBrowser, BrokerError> {
         let channel = within(self.connection.create_channel()).await?;
-        let queue = within(channel.queue_declare(
-            DEAD_QUEUE.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        ))
-        .await?;
-        let total = queue.message_count();
+        let total = dead_letter_count(&channel).await?;
         within(channel.basic_qos(u16::MAX, BasicQosOptions::default())).await?;
         let consumer = within(channel.basic_consume(
             DEAD_QUEUE.into(),
@@ -116,17 +118,8 @@ async fn prune_head(
     age: Duration,
     max_read: u32,
 ) -> Result<DeadPruned, BrokerError> {
-    let queue = within(channel.queue_declare(
-        DEAD_QUEUE.into(),
-        QueueDeclareOptions {
-            passive: true,
-            ..QueueDeclareOptions::default()
-        },
-        FieldTable::default(),
-    ))
-    .await?;
     let mut pruned = DeadPruned::default();
-    let to_read = queue.message_count().min(max_read);
+    let to_read = dead_letter_count(channel).await?.min(max_read);
     if to_read == 0 {
         return Ok(pruned);
     }

@@ -125,15 +125,7 @@ impl Broker {
     /// Fails unless `sms.dead` exists (a passive declare).
     async fn check_dead_queue(&self) -> Result<(), BrokerError> {
         let channel = within(self.connection.create_channel()).await?;
-        within(channel.queue_declare(
-            DEAD_QUEUE.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        ))
-        .await?;
+        super::dead::dead_letter_count(&channel).await?;
         let _ = within(channel.close(200, "sms.dead checked".into())).await;
         Ok(())
     }

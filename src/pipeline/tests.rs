@@ -586,20 +586,23 @@ async fn an_unanswered_call_the_provider_took_is_adopted_not_sent_again() {
     );
 }
 
+/// A world whose log has another message, sent with provider id `sid`.
+fn with_another_message_sent_as(sid: &str) -> World {
+    let world = World::new();
+    let other = Row {
+        status: MessageStatus::Sent,
+        provider_message_id: Some(sid.into()),
+        ..row_with_attempts(1)
+    };
+    world.log().insert(Uuid::new_v4(), other);
+    world
+}
+
 /// In staging every message goes to one number: another message with the same text is
 /// found too, and must not be taken for ours.
 #[tokio::test]
 async fn a_lookup_never_adopts_another_messages_text() {
-    let world = World::new();
-    let other = Uuid::new_v4();
-    world.log().insert(
-        other,
-        Row {
-            status: MessageStatus::Sent,
-            provider_message_id: Some("SM-other".into()),
-            ..row_with_attempts(1)
-        },
-    );
+    let world = with_another_message_sent_as("SM-other");
     world
         .twilio
         .look_up([Lookup::Found(vec![accepted("SM-other")])]);
@@ -616,16 +619,7 @@ async fn a_lookup_never_adopts_another_messages_text() {
 
 #[tokio::test]
 async fn a_lookup_adopts_the_newest_match_no_other_message_has() {
-    let world = World::new();
-    let other = Uuid::new_v4();
-    world.log().insert(
-        other,
-        Row {
-            status: MessageStatus::Sent,
-            provider_message_id: Some("SM-other".into()),
-            ..row_with_attempts(1)
-        },
-    );
+    let world = with_another_message_sent_as("SM-other");
     world.twilio.look_up([Lookup::Found(vec![
         accepted("SM-other"),
         accepted("SM-ours"),
@@ -668,8 +662,8 @@ async fn when_the_provider_cannot_be_asked_the_message_waits() {
     assert!(world.twilio.calls().is_empty());
 }
 
-#[tokio::test]
-async fn without_a_lookup_an_unknown_outcome_can_be_dead_lettered() {
+/// `SMSGW_UNKNOWN_OUTCOME=dead_letter`, and a login code whose last call went unanswered.
+fn unknown_outcome_dead_lettered_by_setting() -> (World, Uuid, serde_json::Value) {
     let world = World::with(
         PipelineSettings {
             unknown_outcome: UnknownOutcome::DeadLetter,
@@ -679,6 +673,12 @@ async fn without_a_lookup_an_unknown_outcome_can_be_dead_lettered() {
     );
     let (id, job) = job(JobType::LoginCode);
     world.log().insert(id, unknown_outcome());
+    (world, id, job)
+}
+
+#[tokio::test]
+async fn without_a_lookup_an_unknown_outcome_can_be_dead_lettered() {
+    let (world, id, job) = unknown_outcome_dead_lettered_by_setting();
     assert!(matches!(
         world.handle(&retried(&job, 1)).await,
         Disposition::DeadLetter {
@@ -695,15 +695,7 @@ async fn without_a_lookup_an_unknown_outcome_can_be_dead_lettered() {
 
 #[tokio::test]
 async fn a_replayed_unknown_outcome_is_not_sent_blindly() {
-    let world = World::with(
-        PipelineSettings {
-            unknown_outcome: UnknownOutcome::DeadLetter,
-            ..settings()
-        },
-        school(),
-    );
-    let (id, job) = job(JobType::LoginCode);
-    world.log().insert(id, unknown_outcome());
+    let (world, _, job) = unknown_outcome_dead_lettered_by_setting();
     world.handle(&retried(&job, 1)).await;
     let replayed = Delivery {
         replayed: true,

@@ -722,6 +722,16 @@ impl App {
         request.send().await.expect("post webhook")
     }
 
+    /// `/metrics`, as Prometheus text.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.http_url))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
     /// `/readyz` as JSON.
     pub async fn readiness(&self) -> Value {
         match reqwest::get(format!("{}/readyz", self.http_url)).await {
