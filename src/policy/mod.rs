@@ -59,9 +59,9 @@ impl Quiet {
 }
 
 fn civil(at: time::Time) -> jiff::civil::Time {
-    let (hour, minute, second) = at.as_hms();
+    let (hour, minute, second, nanosecond) = at.as_hms_nano();
     // Each part is within range, so the narrowing casts are exact.
-    jiff::civil::time(hour as i8, minute as i8, second as i8, 0)
+    jiff::civil::time(hour as i8, minute as i8, second as i8, nanosecond as i32)
 }
 
 /// A school's row in `sms_school_settings`.
