@@ -15,8 +15,8 @@
 //! - [`broker`]: RabbitMQ: topology, deliveries as plain data, confirmed publishing,
 //!   carrying out a [`disposition::Disposition`], dead letters. Only it speaks AMQP.
 //! - [`job`]: the v1 job format, decoded, validated and encoded.
-//! - [`policy`]: the pure decision: send (by which route), suppress, expire, defer or
-//!   refuse.
+//! - [`policy`]: the pure decision: send (by which route), suppress, expire, defer,
+//!   hold for the school's quiet hours, or refuse.
 //! - [`provider`]: the adapters (`log`, Twilio, Vonage), each behind a gateway with its
 //!   circuit breaker, pace and call slots.
 //! - [`pipeline`]: one delivery in, one disposition out; its rules are pure functions in
