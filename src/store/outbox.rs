@@ -1,10 +1,10 @@
 //! The status events' outbox (`sms_events`). Triggers write a row in the transaction of
-//! every status change (see the `status_events` migration); the relay reads the rows in
-//! order, hands them to the broker and deletes them once the broker confirmed them.
+//! every status change (see the `status_events` migration); a relay turn takes rows out
+//! in order, hands them to the broker, and commits once the broker confirmed them.
 //!
 //! One relay at a time: a relay turn runs in a transaction that holds an advisory lock,
 //! so with several daemons relaying one outbox, turns follow one another and never
-//! overlap. Within a turn, rows are read in `id` order, and `id` orders each message's
+//! overlap. Within a turn, rows are published in `id` order, and `id` orders each message's
 //! events (a message's next change waits for the row lock its previous change held until
 //! it committed, and takes its `id` after that). So no message's events are ever
 //! published out of order, and none twice, unless a relay dies between the broker's
@@ -87,20 +87,23 @@ pub enum RelayTurn {
 }
 
 impl Store {
-    /// Takes one relay turn: reads up to `limit` events in order, passes them to
-    /// `publish`, and removes them once it returned `Ok`. On an error nothing is removed
-    /// and the events are published again by a later turn.
+    /// Takes one relay turn: takes up to `limit` events out of the outbox, passes them to
+    /// `publish` in order, and commits once it returned `Ok`. On an error the turn rolls
+    /// back, and the events are published again by a later turn.
     pub async fn relay_events<E, F, Fut>(&self, limit: i64, publish: F) -> Result<RelayTurn, E>
     where
         E: From<StoreError>,
         F: FnOnce(Vec<OutboxEvent>) -> Fut,
         Fut: Future<Output = Result<(), E>>,
     {
-        const READ: &str = "SELECT id, message_id, seq, bulk_id, type, school_id, status,
-                                   previous_status, reason, error_code, provider,
-                                   provider_message_id, attempts, segments, context, occurred_at
-                              FROM sms_events ORDER BY id LIMIT $1";
-        const REMOVE: &str = "DELETE FROM sms_events WHERE id = ANY($1)";
+        // Taken out and published in one transaction: if publishing fails, the turn
+        // rolls back and the rows are back for the next one.
+        const TAKE: &str = "DELETE FROM sms_events
+                             WHERE id IN (SELECT id FROM sms_events ORDER BY id LIMIT $1)
+                            RETURNING id, message_id, seq, bulk_id, type, school_id, status,
+                                      previous_status, reason, error_code, provider,
+                                      provider_message_id, attempts, segments, context,
+                                      occurred_at";
         let mut client = self.client().await?;
         let turn = client.transaction().await.map_err(StoreError::from)?;
         let lock = turn
@@ -115,33 +118,24 @@ impl Store {
         if !ours {
             return Ok(RelayTurn::Busy);
         }
-        let read = turn.prepare_cached(READ).await.map_err(StoreError::from)?;
+        let take = turn.prepare_cached(TAKE).await.map_err(StoreError::from)?;
         let rows = turn
-            .query(&read, &[&limit])
+            .query(&take, &[&limit])
             .await
             .map_err(StoreError::from)?;
         if rows.is_empty() {
             return Ok(RelayTurn::Relayed(0));
         }
-        let ids = rows
+        let mut events = rows
             .iter()
-            .map(|row| row.try_get::<_, i64>("id"))
-            .collect::<Result<Vec<i64>, _>>()
-            .map_err(StoreError::from)?;
-        let events = rows
-            .iter()
-            .map(OutboxEvent::from_row)
-            .collect::<Result<Vec<_>, _>>()?;
-        publish(events).await?;
-        let remove = turn
-            .prepare_cached(REMOVE)
-            .await
-            .map_err(StoreError::from)?;
-        turn.execute(&remove, &[&ids])
-            .await
-            .map_err(StoreError::from)?;
+            .map(|row| Ok((row.try_get::<_, i64>("id")?, OutboxEvent::from_row(row)?)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        // RETURNING gives no order: publish in the outbox's.
+        events.sort_unstable_by_key(|(id, _)| *id);
+        let taken = events.len();
+        publish(events.into_iter().map(|(_, event)| event).collect()).await?;
         turn.commit().await.map_err(StoreError::from)?;
-        Ok(RelayTurn::Relayed(ids.len()))
+        Ok(RelayTurn::Relayed(taken))
     }
 
     /// How many events wait in the outbox, and for how long the oldest has.
