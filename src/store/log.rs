@@ -25,7 +25,9 @@ use time::OffsetDateTime;
 use tokio_postgres::{Row, types::ToSql};
 use uuid::Uuid;
 
-use super::{MessageState, MessageStatus, Params, StoreError, UnknownAttempt, prepared};
+use super::{
+    MessageState, MessageStatus, Params, StoreError, UnknownAttempt, messages::keeps_body, prepared,
+};
 
 /// The columns a new message row starts with; the first eight are bound as `$1` to
 /// `$8` (id, bulk_id, school_id, type, recipient, body, context, provider).
@@ -440,7 +442,9 @@ async fn claim_existing(client: &Client, rows: &[ClaimRow]) -> Result<Vec<Claim>
 }
 
 /// Records attempts' ends and their messages' new statuses.
-const FINISH: &str = "WITH input AS (
+static FINISH: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH input AS (
             SELECT * FROM UNNEST($1::uuid[], $2::int4[], $3::int4[], $4::text[], $5::int4[],
                                  $6::text[], $7::text[], $8::bool[], $9::text[], $10::text[],
                                  $11::text[])
@@ -466,11 +470,13 @@ const FINISH: &str = "WITH input AS (
             SET status = i.status, reason = i.reason,
                 provider_message_id = COALESCE(i.sid, m.provider_message_id),
                 sent_at = CASE WHEN i.status = 'sent' THEN now() ELSE m.sent_at END,
-                body = CASE WHEN i.status = 'retrying' OR ($12 AND m.type <> 'login_code')
-                            THEN m.body END,
+                body = CASE WHEN i.status = 'retrying' OR {keep} THEN m.body END,
                 last_outcome_unknown = i.outcome_unknown, updated_at = now()
            FROM input i
-          WHERE m.id = i.id AND m.status = 'sending' AND m.attempts = i.attempt";
+          WHERE m.id = i.id AND m.status = 'sending' AND m.attempts = i.attempt",
+        keep = keeps_body("$12", "m.type"),
+    )
+});
 
 /// Finishes attempts, then applies the receipts that arrived before the provider ids
 /// were recorded. Both statements go out together on one connection (pipelined): the
@@ -481,7 +487,7 @@ pub(crate) async fn finish_batch(
     rows: &[FinishRow],
     keep_body: bool,
 ) -> Result<(), StoreError> {
-    let finish = prepared(client, FINISH).await?;
+    let finish = prepared(client, &FINISH).await?;
     let receipts = prepared(client, &super::receipts::APPLY_PENDING_RECEIPTS).await?;
     let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
     let attempts: Vec<i32> = rows.iter().map(|r| r.attempt).collect();
@@ -524,19 +530,23 @@ pub(crate) async fn finish_batch(
 }
 
 /// A record of a message seen for the first time: one insert.
-const RECORD_NEW: &str = "INSERT INTO sms_messages (id, bulk_id, school_id, type, recipient, body,
+static RECORD_NEW: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "INSERT INTO sms_messages (id, bulk_id, school_id, type, recipient, body,
                                context, status, reason, provider, segments)
      SELECT id, bulk_id, school_id, type, recipient,
-            CASE WHEN status = 'queued' OR ($12 AND type <> 'login_code') THEN body END,
-            context, status,
-            reason, provider, segments
+            CASE WHEN status = 'queued' OR {keep} THEN body END, context, status, reason,
+            provider, segments
        FROM UNNEST($1::uuid[], $2::uuid[], $3::int8[], $4::text[], $5::text[],
                    $6::text[], $7::jsonb[], $8::text[], $9::int4[], $10::text[],
                    $11::text[])
          AS t(id, bulk_id, school_id, type, recipient, body, context, provider,
               segments, status, reason)
      ON CONFLICT (id) DO NOTHING
-     RETURNING id";
+     RETURNING id",
+        keep = keeps_body("$12", "type"),
+    )
+});
 
 /// The full record; see [`record_existing`].
 static RECORD_EXISTING: LazyLock<String> = LazyLock::new(|| {
@@ -551,8 +561,7 @@ static RECORD_EXISTING: LazyLock<String> = LazyLock::new(|| {
          updated AS (
             UPDATE sms_messages m
                SET status = i.status, reason = i.reason,
-                   body = CASE WHEN i.status = 'queued' OR ($13 AND m.type <> 'login_code')
-                               THEN m.body END,
+                   body = CASE WHEN i.status = 'queued' OR {keep_row} THEN m.body END,
                    updated_at = now()
               FROM input i
              WHERE m.id = i.id
@@ -563,8 +572,7 @@ static RECORD_EXISTING: LazyLock<String> = LazyLock::new(|| {
             INSERT INTO sms_messages (id, bulk_id, school_id, type, recipient, body, context,
                                       status, reason, provider, segments)
             SELECT i.id, i.bulk_id, i.school_id, i.type, i.recipient,
-                   CASE WHEN i.status = 'queued' OR ($13 AND i.type <> 'login_code')
-                        THEN i.body END, i.context,
+                   CASE WHEN i.status = 'queued' OR {keep_input} THEN i.body END, i.context,
                    i.status, i.reason, i.provider, i.segments
               FROM input i
              WHERE NOT EXISTS (SELECT 1 FROM sms_messages x WHERE x.id = ANY($1) AND x.id = i.id)
@@ -575,7 +583,9 @@ static RECORD_EXISTING: LazyLock<String> = LazyLock::new(|| {
            FROM input i
            LEFT JOIN updated u ON u.id = i.id
            LEFT JOIN inserted n ON n.id = i.id
-           LEFT JOIN (SELECT * FROM sms_messages WHERE id = ANY($1)) m ON m.id = i.id"
+           LEFT JOIN (SELECT * FROM sms_messages WHERE id = ANY($1)) m ON m.id = i.id",
+        keep_row = keeps_body("$13", "m.type"),
+        keep_input = keeps_body("$13", "i.type"),
     )
 });
 
@@ -630,7 +640,7 @@ async fn record_new(
     let statuses: Vec<&str> = rows.iter().map(|r| r.status).collect();
     let reasons: Vec<Option<&str>> = rows.iter().map(|r| r.reason.as_deref()).collect();
     let params = columns.params(&[&columns.segments, &statuses, &reasons, &keep_body]);
-    query(client, RECORD_NEW, &params)
+    query(client, &RECORD_NEW, &params)
         .await?
         .iter()
         .map(|row| Ok(row.try_get::<_, Uuid>(0)?))

@@ -1,7 +1,7 @@
 //! The message log (`sms_messages`, `sms_attempts`): its statuses and rows, and the
 //! writes the pipeline makes, through the recorder's batches when it runs.
 
-use std::time::Duration;
+use std::{sync::LazyLock, time::Duration};
 
 use serde_json::Value;
 use time::OffsetDateTime;
@@ -125,6 +125,13 @@ impl NewMessage<'_> {
             reopen_failed: self.reopen_failed,
         }
     }
+}
+
+/// Whether a message keeps its body once it has an outcome, as SQL over the store's
+/// body setting (`keep`, a parameter) and the message's `kind` column: a login code never
+/// does, being a secret nobody needs once it went out (or did not).
+pub(super) fn keeps_body(keep: &str, kind: &str) -> String {
+    format!("({keep} AND {kind} <> '{}')", JobType::LoginCode.as_str())
 }
 
 /// Text from outside (a provider's answer) as PostgreSQL can store it: a NUL character,
@@ -297,15 +304,16 @@ impl Store {
     /// `last_outcome_unknown` stays set: a replay of the dead letter asks the provider (or
     /// gives up again) instead of sending blindly.
     pub async fn fail_unknown(&self, id: Uuid) -> Result<(), StoreError> {
-        self.execute(
-            "UPDATE sms_messages
-                SET status = 'failed', reason = 'outcome_unknown',
-                    body = CASE WHEN $2 AND type <> 'login_code' THEN body END,
-                    updated_at = now()
-              WHERE id = $1 AND status IN ('queued', 'sending', 'retrying')",
-            &[&id, &self.keep_body],
-        )
-        .await?;
+        static FAIL_UNKNOWN: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "UPDATE sms_messages
+                    SET status = 'failed', reason = 'outcome_unknown',
+                        body = CASE WHEN {keep} THEN body END, updated_at = now()
+                  WHERE id = $1 AND status IN ('queued', 'sending', 'retrying')",
+                keep = keeps_body("$2", "type"),
+            )
+        });
+        self.execute(&FAIL_UNKNOWN, &[&id, &self.keep_body]).await?;
         Ok(())
     }
 
@@ -320,9 +328,9 @@ impl Store {
         let provider_message_id = storable(provider_message_id);
         let provider_message_id = provider_message_id.as_str();
         let client = self.client().await?;
-        let adopt = prepared(
-            &client,
-            "WITH attempt AS (
+        static ADOPT: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "WITH attempt AS (
                 INSERT INTO sms_attempts (message_id, attempt, provider, started_at, outcome,
                                           provider_message_id, error_message)
                 SELECT m.id, $2, m.provider, COALESCE(m.attempt_started_at, now()), 'sent', $3,
@@ -337,11 +345,12 @@ impl Store {
              UPDATE sms_messages
                 SET status = 'sent', reason = NULL, provider_message_id = $3,
                     sent_at = COALESCE(sent_at, now()), last_outcome_unknown = false,
-                    body = CASE WHEN $4 AND type <> 'login_code' THEN body END,
-                    updated_at = now()
+                    body = CASE WHEN {keep} THEN body END, updated_at = now()
               WHERE id = $1 AND status IN ('queued', 'sending', 'retrying', 'failed')",
-        )
-        .await?;
+                keep = keeps_body("$4", "type"),
+            )
+        });
+        let adopt = prepared(&client, &ADOPT).await?;
         client
             .execute(
                 &adopt,
