@@ -139,20 +139,20 @@ impl Relay {
     /// Relays until `stop` fires, reconnecting to the broker as needed, then relays what
     /// is left for a few seconds more.
     pub async fn run(self, stop: CancellationToken) {
-        let mut backoff = crate::retry::reconnecting().build();
         let mut backlog = BacklogWatch::default();
-        while !stop.is_cancelled() {
-            let broker = match self.connect().await {
-                Ok(broker) => broker,
-                Err(e) => {
-                    let wait = backoff.next().unwrap_or(Duration::from_secs(10));
+        loop {
+            let connected = crate::retry::until_ok(
+                crate::retry::reconnecting(),
+                &stop,
+                || self.connect(),
+                |e, wait| {
                     tracing::warn!(broker = %self.amqp_url, error = %e, retry_in = ?wait,
                         "status events: broker unavailable");
-                    pause(wait, &stop).await;
-                    continue;
-                }
+                },
+            );
+            let Some(broker) = connected.await else {
+                return;
             };
-            backoff = crate::retry::reconnecting().build();
             match self.relay_on(&broker, &mut backlog, &stop).await {
                 Ok(()) => {
                     self.flush(&broker).await;

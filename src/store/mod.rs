@@ -43,7 +43,7 @@ pub use messages::{
     AttemptOutcome, AttemptRecord, MessageState, MessageStatus, NewMessage, UnknownAttempt,
 };
 pub(crate) use notify::Listener;
-pub use outbox::{BACKLOG_COUNT_LIMIT, OutboxBacklog, OutboxEvent, RelayTurn};
+pub use outbox::{OutboxBacklog, OutboxEvent, RelayTurn};
 pub(crate) use receipts::apply_pending_receipts;
 pub use receipts::{Receipt, ReceiptApplied};
 use recorder::Recorder;

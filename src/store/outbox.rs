@@ -75,7 +75,7 @@ pub struct OutboxBacklog {
 
 /// Counting stops here, so that reading the backlog stays cheap however far behind the
 /// relay is.
-pub const BACKLOG_COUNT_LIMIT: i64 = 1_000_000;
+const BACKLOG_COUNT_LIMIT: i64 = 1_000_000;
 
 /// What a relay turn did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
