@@ -220,9 +220,13 @@ struct History {
     first_seen: Option<OffsetDateTime>,
 }
 
-/// The AMQP `timestamp` the publisher set (Unix seconds), if any.
+/// The AMQP `timestamp` the publisher set (Unix seconds), if any. Zero, which some
+/// clients send for "not set", counts as none: read as 1970 it would expire every login
+/// code on arrival.
 fn published_at(properties: &BasicProperties) -> Option<OffsetDateTime> {
-    let seconds = i64::try_from((*properties.timestamp())?).ok()?;
+    let seconds = i64::try_from((*properties.timestamp())?)
+        .ok()
+        .filter(|s| *s > 0)?;
     OffsetDateTime::from_unix_timestamp(seconds).ok()
 }
 
@@ -323,6 +327,19 @@ mod tests {
 
     use super::*;
     use crate::broker::{DEAD_EXCHANGE, JOBS_EXCHANGE, headers::long_string};
+
+    #[test]
+    fn a_publish_time_that_is_no_time_at_all_is_not_used() {
+        let at = |seconds: u64| published_at(&BasicProperties::default().with_timestamp(seconds));
+        assert_eq!(
+            at(1_764_057_600),
+            OffsetDateTime::from_unix_timestamp(1_764_057_600).ok()
+        );
+        assert_eq!(at(u64::MAX), None, "beyond what a time can hold");
+        assert_eq!(at(i64::MAX as u64), None, "beyond the year 9999");
+        assert_eq!(at(0), None, "zero is no time set");
+        assert_eq!(published_at(&BasicProperties::default()), None);
+    }
 
     /// A publish whose headers claim a whole history, plus one header of the web app's.
     fn forged() -> BasicProperties {

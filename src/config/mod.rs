@@ -761,6 +761,16 @@ mod tests {
     const SID: &str = "AC0123456789abcdef0123456789abcdef";
 
     #[test]
+    fn status_events_are_on_unless_turned_off() {
+        assert!(settings(&[]).expect("defaults").events);
+        assert!(!settings(&[("SMSGW_EVENTS", "off")]).expect("off").events);
+        let error = settings(&[("SMSGW_EVENTS", "sometimes")]).expect_err("refused");
+        assert_eq!(error.variable, "SMSGW_EVENTS");
+        let quiet = settings(&[("SMSGW_QUIET_TYPES", "login_code")]).expect_err("refused");
+        assert_eq!(quiet.variable, "SMSGW_QUIET_TYPES");
+    }
+
+    #[test]
     fn development_defaults_to_the_log_provider() {
         let s = settings(&[]).expect("defaults are valid");
         assert_eq!(s.env, Environment::Development);
