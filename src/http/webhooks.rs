@@ -359,6 +359,7 @@ impl Webhooks {
             .inc();
         match store.apply_receipt(&receipt).await {
             Ok(Some(applied)) => {
+                self.metrics.observe_receipt_delay(&receipt, &applied);
                 if receipt.opted_out
                     && let Ok(number) = PhoneNumber::parse(&applied.recipient, None)
                 {
