@@ -1,4 +1,6 @@
 //! The migrations in `schema/`, embedded at build time, and the code that applies them.
+//! Only its `.sql` files are migrations, each listed in [`MIGRATIONS`]: the job's JSON
+//! Schema beside them (`job-v1.schema.json`) is for the web app's developers.
 //!
 //! They are recorded in `_sqlx_migrations`, the table (and the row format) of the sqlx
 //! migrator this replaced: a database it migrated is recognised as it is, and a database
