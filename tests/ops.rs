@@ -735,3 +735,148 @@ async fn metrics_count_outcomes_calls_and_dead_letters() {
         assert!(text.contains(expected), "missing {expected}:\n{text}");
     }
 }
+
+/// A row in the log as the daemon would have written it, created `ago` (an interval)
+/// before now; its id.
+async fn logged(app: &App, school: i64, to: &str, ago: &str, context: Value) -> uuid::Uuid {
+    let id = uuid::Uuid::new_v4();
+    app.db
+        .execute(
+            "INSERT INTO sms_messages (id, school_id, type, recipient, body, context, status,
+                                       segments, provider, created_at)
+             VALUES ($1, $2, 'booking_reminder', $3, 'Your code is 4711', $4, 'delivered', 1,
+                     'twilio', now() - $5::text::interval)",
+            &[&id, &school, &to, &context, &ago],
+        )
+        .await;
+    id
+}
+
+/// Where each id appears in `text` (None when absent).
+fn positions(text: &str, ids: &[uuid::Uuid]) -> Vec<Option<usize>> {
+    ids.iter().map(|id| text.find(&id.to_string())).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_lists_a_numbers_messages_newest_first_masked_unless_revealed() {
+    let app = spawn_app().await;
+    app.add_school(SCHOOL, "GB").await;
+    let to = "+447700900123";
+    let old = logged(&app, SCHOOL, to, "3 days", Value::Null).await;
+    let newest = logged(&app, SCHOOL, to, "1 minute", Value::Null).await;
+    let middle = logged(&app, SCHOOL, to, "2 hours", Value::Null).await;
+    let other_school = logged(&app, 7, to, "1 hour", Value::Null).await;
+    let other_number = logged(&app, SCHOOL, "+447700900124", "1 minute", Value::Null).await;
+
+    let output = app.run_cli(&["status", "--to", to]);
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    let text = stdout(&output);
+    let at = positions(&text, &[newest, other_school, middle, old, other_number]);
+    assert!(at[..4].iter().all(Option::is_some), "{text}");
+    assert!(at[..4].is_sorted(), "newest first: {text}");
+    assert_eq!(at[4], None, "another number's message: {text}");
+    assert!(
+        text.contains("+44*******123") && text.contains("4 shown"),
+        "{text}"
+    );
+    for secret in [to, "4711"] {
+        assert!(!text.contains(secret), "{secret} shown: {text}");
+        assert!(!String::from_utf8_lossy(&output.stderr).contains(secret));
+    }
+
+    // A national number, read with the school's country; only that school's messages.
+    let national = stdout(&app.run_cli(&["status", "--to", "07700 900123", "--school", "42"]));
+    let at = positions(&national, &[newest, middle, old, other_school]);
+    assert!(at[..3].iter().all(Option::is_some), "{national}");
+    assert_eq!(at[3], None, "school 7's message: {national}");
+    let recent = stdout(&app.run_cli(&["status", "--to", to, "--since", "24h"]));
+    assert!(recent.contains(&middle.to_string()), "{recent}");
+    assert!(
+        !recent.contains(&old.to_string()),
+        "older than 24h: {recent}"
+    );
+    let limited = stdout(&app.run_cli(&["status", "--to", to, "--limit", "2"]));
+    assert!(
+        limited.contains("2 shown, newest first; more match"),
+        "{limited}"
+    );
+    assert!(!limited.contains(&middle.to_string()), "{limited}");
+
+    let revealed = stdout(&app.run_cli(&["status", "--to", to, "--reveal"]));
+    assert!(revealed.contains(to), "{revealed}");
+    let json: Value =
+        serde_json::from_str(&stdout(&app.run_cli(&["status", "--to", to, "--json"])))
+            .expect("JSON");
+    assert_eq!(json[0]["id"], newest.to_string());
+    assert_eq!(json[0]["to"], "+44*******123");
+    assert_eq!(json[0]["status"], "delivered");
+    assert!(json[0].get("body").is_none(), "{json}");
+    let json: Value = serde_json::from_str(&stdout(
+        &app.run_cli(&["status", "--to", to, "--json", "--reveal"]),
+    ))
+    .expect("JSON");
+    assert_eq!(json[0]["to"], to);
+    assert_eq!(json[0]["body"], "Your code is 4711");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_finds_a_booking_by_its_context_as_a_number_or_a_string() {
+    let app = spawn_app().await;
+    app.add_school(SCHOOL, "GB").await;
+    let mut sent = job("booking_cancellation", SCHOOL, "+447700900123", "Cancelled");
+    sent["context"] = serde_json::json!({"booking_id": 981, "student": "Sam Smith"});
+    app.publish(&sent).await;
+    app.wait_for_status(id_of(&sent), "sent").await;
+    let as_string = logged(
+        &app,
+        7,
+        "+447700900124",
+        "1 day",
+        serde_json::json!({"booking_id": "981"}),
+    )
+    .await;
+    let mut others = Vec::new();
+    for context in [
+        serde_json::json!({"booking_id": 9810}),
+        serde_json::json!({"booking_id": "0981"}),
+        serde_json::json!({"user_id": 981}),
+        serde_json::json!({"nested": {"booking_id": 981}}),
+    ] {
+        others.push(logged(&app, SCHOOL, "+447700900125", "1 minute", context).await);
+    }
+
+    let output = app.run_cli(&["status", "--context", "booking_id=981", "--json"]);
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    let found: Value = serde_json::from_str(&stdout(&output)).expect("JSON");
+    let ids: Vec<&str> = found
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|m| m["id"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        ids,
+        [id_of(&sent).to_string(), as_string.to_string()],
+        "newest first"
+    );
+    assert_eq!(
+        found[0]["context"],
+        serde_json::json!({"booking_id": "***", "student": "***"}),
+        "keys shown, values hidden"
+    );
+    assert_eq!(found[0]["to"], "+44*******123");
+
+    let table = stdout(&app.run_cli(&["status", "--context", "booking_id=981", "--school", "42"]));
+    assert!(table.contains(&id_of(&sent).to_string()), "{table}");
+    assert!(
+        table.contains("booking_cancellation") && table.contains("sent"),
+        "{table}"
+    );
+    assert!(
+        !table.contains(&as_string.to_string()),
+        "school 7's: {table}"
+    );
+    let none = app.run_cli(&["status", "--context", "booking_id=404"]);
+    assert_eq!(none.status.code(), Some(0), "none found is an answer");
+    assert!(stdout(&none).contains("no messages match"));
+}
