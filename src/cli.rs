@@ -1,5 +1,5 @@
-//! The command line: `smsgw run | migrate | send | dlq | check | status`. Exit codes:
-//! 0 done, 1 failed at run time, 2 bad usage or configuration.
+//! The command line: `smsgw run | migrate | send | dlq | check | status | usage`. Exit
+//! codes: 0 done, 1 failed at run time, 2 bad usage or configuration.
 
 use std::process::ExitCode;
 
@@ -53,6 +53,9 @@ enum Command {
     /// Show a message's record and its attempts, or find messages by number, school,
     /// age or context, newest first (for support: did the text go out?).
     Status(StatusArgs),
+    /// Messages and segments per school and status, of the messages created in a range
+    /// (from inclusive, to exclusive, UTC): the figures a school is billed on.
+    Usage(UsageArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -86,6 +89,22 @@ struct StatusArgs {
     /// Show phone numbers, the body and the context unmasked.
     #[arg(long)]
     reveal: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct UsageArgs {
+    /// First day counted (2026-11-01, midnight UTC) or an RFC 3339 time; inclusive.
+    #[arg(long, value_name = "DATE", value_parser = crate::ops::parse_instant)]
+    from: time::OffsetDateTime,
+    /// The day after the last one counted (2026-12-01) or an RFC 3339 time; exclusive.
+    #[arg(long, value_name = "DATE", value_parser = crate::ops::parse_instant)]
+    to: time::OffsetDateTime,
+    /// Only this school.
+    #[arg(long, value_name = "ID")]
+    school: Option<i64>,
+    /// Print CSV with a header row instead of a table.
+    #[arg(long)]
+    csv: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -201,9 +220,11 @@ pub fn main() -> ExitCode {
     }
     let settings = match &cli.command {
         Command::Run | Command::Check => Settings::from_env(),
-        Command::Migrate | Command::Send(_) | Command::Dlq { .. } | Command::Status(_) => {
-            Settings::from_env_for_tools()
-        }
+        Command::Migrate
+        | Command::Send(_)
+        | Command::Dlq { .. }
+        | Command::Status(_)
+        | Command::Usage(_) => Settings::from_env_for_tools(),
     };
     let settings = match settings {
         Ok(settings) => settings,
@@ -221,6 +242,7 @@ pub fn main() -> ExitCode {
             Command::Dlq { command } => dlq(&settings, command).await,
             Command::Check => ExitCode::SUCCESS,
             Command::Status(args) => status(&settings, args).await,
+            Command::Usage(args) => usage(&settings, args).await,
         }
     })
 }
@@ -272,6 +294,13 @@ async fn status(settings: &Settings, args: StatusArgs) -> ExitCode {
         reveal: args.reveal,
     };
     crate::ops::find_messages(settings, &lookup).await
+}
+
+async fn usage(settings: &Settings, args: UsageArgs) -> ExitCode {
+    match crate::ops::UsageRange::new(args.from, args.to) {
+        Ok(range) => crate::ops::print_usage(settings, range, args.school, args.csv).await,
+        Err(e) => refuse("usage", e.to_string()),
+    }
 }
 
 fn block_on(work: impl Future<Output = ExitCode>) -> ExitCode {

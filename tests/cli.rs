@@ -342,7 +342,7 @@ async fn logs_hold_no_phone_number_token_or_body() {
 }
 
 #[test]
-fn status_refuses_bad_input_with_exit_2_before_looking() {
+fn status_and_usage_refuse_bad_input_with_exit_2_before_looking() {
     // No database is reachable: each is refused before one is needed.
     let nowhere = vars(&[("SMSGW_DATABASE_URL", "postgres://postgres@127.0.0.1:1/none")]);
     for (args, says) in [
@@ -372,6 +372,19 @@ fn status_refuses_bad_input_with_exit_2_before_looking() {
             ],
             "cannot be used",
         ),
+        (
+            &["usage", "--from", "2026-12-01", "--to", "2026-11-01"],
+            "--from must be before --to",
+        ),
+        (
+            &["usage", "--from", "2026-11-01", "--to", "2026-11-01"],
+            "--from must be before --to",
+        ),
+        (
+            &["usage", "--from", "2026-11-31", "--to", "2026-12-01"],
+            "expected a day",
+        ),
+        (&["usage", "--from", "2026-11-01"], "--to"),
     ] {
         let output = smsgw(&nowhere, args).output().expect("run");
         let stderr = String::from_utf8_lossy(&output.stderr);

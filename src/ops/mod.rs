@@ -1,5 +1,6 @@
 //! Tools for ops and support: the dead-letter queue (`smsgw dlq ...`), a message's record
-//! and the messages support looks for (`smsgw status`), and `smsgw check`.
+//! and the messages support looks for (`smsgw status`), the usage figures billing reads
+//! (`smsgw usage`) and `smsgw check`.
 //!
 //! Reading `sms.dead` never loses or reorders anything: messages are held unacked while
 //! they are looked at and go back to their original places; only `replay` (after the
@@ -9,6 +10,7 @@ mod args;
 mod check;
 mod dlq;
 mod status;
+mod usage;
 
 use std::{process::ExitCode, time::Duration};
 
@@ -19,6 +21,7 @@ pub use self::{
     check::check,
     dlq::{DeadFilter, dlq_list, dlq_purge, dlq_replay, dlq_show},
     status::{Lookup, find_messages, print_log},
+    usage::{UsageRange, UsageRangeError, print_usage},
 };
 use crate::{
     broker::{Broker, DeadBrowser, Topology},
