@@ -14,7 +14,8 @@
 //!   statements, and `recorder` the group commit that batches them;
 //! - `receipts`: delivery receipts and the webhooks already applied; `views`: a message
 //!   as support reads it;
-//! - `outbox`: the status events waiting for the relay;
+//! - `outbox`: the status events waiting for the relay; `rates`: the account-wide rate
+//!   clocks the replicas lease call slots from;
 //! - `connect`: connection settings, TLS, the pool; `migrate`: the schema's migrations;
 //!   `notify`: the LISTEN connection of the settings cache.
 
@@ -32,6 +33,7 @@ mod messages;
 mod migrate;
 mod notify;
 mod outbox;
+mod rates;
 mod receipts;
 mod recorder;
 mod settings;
@@ -44,6 +46,7 @@ pub use messages::{
 };
 pub(crate) use notify::Listener;
 pub use outbox::{OutboxBacklog, OutboxEvent, RelayTurn};
+pub use rates::ClockSpacing;
 pub(crate) use receipts::apply_pending_receipts;
 pub use receipts::{Receipt, ReceiptApplied};
 use recorder::Recorder;

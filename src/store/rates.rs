@@ -1,0 +1,37 @@
+//! The account-wide rate clocks (`sms_rate_clocks`): every replica leases its call slots
+//! from them, so that all replicas together keep each rate (see the `shared_rates`
+//! migration and `provider::clock`).
+
+use std::time::Duration;
+
+use super::{Store, StoreError};
+
+/// A clock and the spacing of its slots.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClockSpacing {
+    pub name: String,
+    pub spacing: Duration,
+}
+
+impl Store {
+    /// Leases `slots` consecutive call slots on every clock of `clocks` at once. Returns
+    /// how long after the server answered the first slot lies (the rest follow it at the
+    /// largest of the clocks' spacings).
+    pub async fn lease_slots(
+        &self,
+        clocks: &[ClockSpacing],
+        slots: u32,
+    ) -> Result<Duration, StoreError> {
+        const LEASE: &str = "SELECT sms_lease_slots($1, $2, $3)";
+        let names: Vec<&str> = clocks.iter().map(|c| c.name.as_str()).collect();
+        let spacings: Vec<f64> = clocks.iter().map(|c| c.spacing.as_secs_f64()).collect();
+        let slots = i32::try_from(slots.max(1)).unwrap_or(i32::MAX);
+        let row = self
+            .row(LEASE, &[&names, &spacings, &slots])
+            .await?
+            .ok_or_else(|| StoreError::Corrupt("no lease row".into()))?;
+        let offset: f64 = row.try_get(0)?;
+        // A negative or unreadable offset cannot come from the function; read it as "now".
+        Ok(Duration::try_from_secs_f64(offset).unwrap_or(Duration::ZERO))
+    }
+}
