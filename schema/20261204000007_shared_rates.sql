@@ -14,10 +14,12 @@ CREATE TABLE IF NOT EXISTS sms_rate_clocks (
 
 -- Leases `slots` call slots on every named clock at once (a call governed by two rates
 -- takes one slot of each, at the same instant). `spacings` are the clocks' own spacings
--- in seconds, in the order of `names`. Returns how many seconds after the server's
--- clock_timestamp() the first slot lies; the slots are then max(spacings) apart.
-CREATE OR REPLACE FUNCTION sms_lease_slots(names text[], spacings float8[], slots integer)
-RETURNS float8
+-- in seconds, in the order of `names`. Says when the first slot is, twice: how many
+-- seconds after the lease (`starts_in`) and as a Unix time (`starts_at`), so that the
+-- replica can place it on its own clock both ways; the slots are max(spacings) apart.
+CREATE OR REPLACE FUNCTION sms_lease_slots(
+    names text[], spacings float8[], slots integer,
+    OUT starts_in float8, OUT starts_at float8)
 LANGUAGE plpgsql AS $$
 DECLARE
     leased_at timestamptz;
@@ -37,6 +39,7 @@ BEGIN
        SET next_slot = start_at + make_interval(secs => (slots - 1) * step + own.spacing)
       FROM unnest(names, spacings) AS own (name, spacing)
      WHERE clock.name = own.name;
-    RETURN extract(epoch FROM start_at - leased_at);
+    starts_in := extract(epoch FROM start_at - leased_at);
+    starts_at := extract(epoch FROM start_at);
 END;
 $$;

@@ -112,6 +112,7 @@ async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_node_going_away_moves_its_replica_to_another_and_loses_nothing() {
+    helpers::init_logs();
     let cluster = std::sync::Arc::new(blocking(|| Cluster::start(3)).await);
     let env = TestEnv::new().await;
     helpers::migrate(&env.database_url).await;
@@ -177,6 +178,22 @@ async fn a_node_going_away_moves_its_replica_to_another_and_loses_nothing() {
     );
 }
 
+/// How many of `times` fall in each whole second after the first.
+fn per_second(times: &[Instant]) -> Vec<usize> {
+    let Some(first) = times.iter().min() else {
+        return Vec::new();
+    };
+    let mut counts = Vec::new();
+    for t in times {
+        let second = t.duration_since(*first).as_secs() as usize;
+        if counts.len() <= second {
+            counts.resize(second + 1, 0);
+        }
+        counts[second] += 1;
+    }
+    counts
+}
+
 /// Calls per second over `times` from `from` to `to`.
 fn rate_between(times: &[Instant], from: Instant, to: Instant) -> f64 {
     let calls = times.iter().filter(|t| **t >= from && **t < to).count();
@@ -186,6 +203,7 @@ fn rate_between(times: &[Instant], from: Instant, to: Instant) -> f64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn replicas_share_one_rate_and_take_up_a_dead_ones_share() {
     const RATE: usize = 50;
+    helpers::init_logs();
     let env = TestEnv::new().await;
     helpers::migrate(&env.database_url).await;
     let db = helpers::Db::connect(&env.database_url).await;
@@ -211,9 +229,10 @@ async fn replicas_share_one_rate_and_take_up_a_dead_ones_share() {
     assert!(stub.texted_twice().is_empty(), "{:?}", stub.texted_twice());
     let times: Vec<Instant> = stub.requests().iter().map(|r| r.at).collect();
     let busiest = busiest_second(times.clone());
+    let seconds = per_second(&times);
     assert!(
         busiest <= RATE,
-        "{busiest} calls in one second at a shared rate of {RATE}"
+        "{busiest} calls in one second at a shared rate of {RATE}; by second: {seconds:?}"
     );
     let first = times.iter().min().copied().expect("calls");
     // Until the last few, which wait for the killed replica's messages to come back.

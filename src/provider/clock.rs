@@ -9,23 +9,29 @@
 //! work keeps leasing, so the rate is used in full whichever replicas have the work.
 //!
 //! A call goes out a little after its slot (timers, the claim, the network): if that
-//! delay varies by less than `(SPACING - 1)` seconds, 20 ms, no one-second window holds
-//! more than `rate` calls. A replica holds at most [`LOOKAHEAD`] of slots ahead, so one
-//! that dies takes that much of the rate with it, once. Slots left unused for longer than
-//! [`STALE`] are dropped, not used late.
+//! delay varies by less than `(SPACING - 1)` seconds, 30 ms, no one-second window holds
+//! more than `rate` calls. So a call that would go out more than 10 ms late takes a fresh
+//! slot (`pace`), and a slot is placed on this process's clock by the wall clock, held
+//! within the lease's round trip ([`place`]), so that an answer read late does not make
+//! every slot of the batch late. A replica holds at most [`LOOKAHEAD`] of slots ahead, so
+//! one that dies takes that much of the rate with it, once. Slots left unused for longer
+//! than [`STALE`] are dropped, not used late.
 //!
 //! The cost is one statement per lease, about ten a second per rate, whatever the rate.
 
-use std::{collections::VecDeque, time::Duration};
+use std::{
+    collections::VecDeque,
+    time::{Duration, SystemTime},
+};
 
 use backon::Retryable;
 use tokio::{sync::watch, time::Instant};
 
-use crate::store::{ClockSpacing, Store, StoreError};
+use crate::store::{ClockSpacing, LeaseStart, Store, StoreError};
 
-/// Slot spacing as a multiple of `1 / rate`: 2% under the rate, the margin for the delay
+/// Slot spacing as a multiple of `1 / rate`: 3% under the rate, the margin for the delay
 /// between a slot and its call.
-pub const SPACING: f64 = 1.02;
+pub const SPACING: f64 = 1.03;
 /// How much of the rate one lease takes.
 const LEASE_SPAN: Duration = Duration::from_millis(100);
 /// A replica leases no more while its last slot is further ahead than this.
@@ -98,14 +104,18 @@ impl SharedClock {
     /// slot and the spacing of the rest.
     async fn lease(&self) -> (Instant, Duration) {
         let store = self.connected_store().await;
-        let offset = (|| store.lease_slots(&self.clocks, self.batch))
+        let sent = Instant::now();
+        let start = (|| store.lease_slots(&self.clocks, self.batch))
             .retry(crate::retry::patiently())
             .notify(|e: &StoreError, wait| {
                 tracing::warn!(error = %e, retry_in = ?wait, "cannot lease call slots");
             })
-            .await
-            .unwrap_or(Duration::ZERO);
-        (Instant::now() + offset, self.step())
+            .await;
+        let first = match start {
+            Ok(start) => place(start, sent, Instant::now(), SystemTime::now()),
+            Err(_) => Instant::now(),
+        };
+        (first, self.step())
     }
 
     async fn connected_store(&self) -> Store {
@@ -151,6 +161,26 @@ impl Leased {
     }
 }
 
+/// Where a lease's first slot falls on this process's clock. The database made the lease
+/// somewhere between `sent` and `answered`, so the slot lies `start.after` past a point
+/// in that span. The wall clock (kept in step with the database's by NTP) places it
+/// exactly unless the two clocks disagree, so it is used, held inside the span. A busy
+/// process that reads the answer late then still places the slot where it belongs.
+fn place(start: LeaseStart, sent: Instant, answered: Instant, wall_now: SystemTime) -> Instant {
+    let earliest = sent + start.after;
+    let latest = answered + start.after;
+    let wall_now = wall_now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0.0, |since| since.as_secs_f64());
+    let ahead = start.unix_seconds - wall_now;
+    let by_wall = if ahead >= 0.0 {
+        answered.checked_add(Duration::from_secs_f64(ahead.min(3_600.0)))
+    } else {
+        answered.checked_sub(Duration::from_secs_f64((-ahead).min(3_600.0)))
+    };
+    by_wall.map_or(latest, |at| at.clamp(earliest, latest))
+}
+
 /// About [`LEASE_SPAN`] of slots; one when a call needs a slot of two clocks at once, as
 /// the database keeps each clock's spacing only for slots it hands out together.
 fn batch_size(clocks: &[ClockSpacing]) -> u32 {
@@ -176,7 +206,7 @@ mod tests {
 
     #[test]
     fn a_lease_takes_about_a_tenth_of_a_second_of_the_rate() {
-        assert_eq!(batch_size(&[clock(1_000)]), 98);
+        assert_eq!(batch_size(&[clock(1_000)]), 97);
         assert_eq!(batch_size(&[clock(50)]), 4);
         // Slower than ten a second: one slot at a time.
         assert_eq!(batch_size(&[clock(2)]), 1);
@@ -195,5 +225,42 @@ mod tests {
         // 50 and 30 ms ago are stale; 10 ms ago too; the fourth is 10 ms ahead.
         assert_eq!(leased.take(now), Some(now + Duration::from_millis(10)));
         assert_eq!(leased.take(now), None);
+    }
+
+    fn lease_at(after_ms: u64, unix_seconds: f64) -> LeaseStart {
+        LeaseStart {
+            after: Duration::from_millis(after_ms),
+            unix_seconds,
+        }
+    }
+
+    #[test]
+    fn a_slot_read_late_is_placed_by_the_wall_clock() {
+        let sent = Instant::now();
+        let answered = sent + Duration::from_millis(80);
+        let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        // Leased 10 ms after sending, first slot 50 ms after that: 20 ms before the
+        // answer was read.
+        let start = lease_at(50, 1_000.0 - 0.020);
+        let placed = place(start, sent, answered, wall);
+        assert_eq!(placed, answered - Duration::from_millis(20));
+    }
+
+    #[test]
+    fn a_wall_clock_out_of_step_is_held_to_what_the_round_trip_allows() {
+        let sent = Instant::now();
+        let answered = sent + Duration::from_millis(4);
+        let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        // The database's clock says the slot is 2 s away; the lease said 50 ms.
+        let start = lease_at(50, 1_002.0);
+        assert_eq!(
+            place(start, sent, answered, wall),
+            answered + Duration::from_millis(50)
+        );
+        let start = lease_at(50, 990.0);
+        assert_eq!(
+            place(start, sent, answered, wall),
+            sent + Duration::from_millis(50)
+        );
     }
 }

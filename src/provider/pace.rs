@@ -42,7 +42,10 @@ const SPACING: f64 = 1.005;
 const WINDOW: Duration = Duration::from_millis(1_010);
 /// How long before its slot a call's turn comes: the claim is made meanwhile, so that the
 /// call itself goes out on time.
-const LEAD: Duration = Duration::from_millis(25);
+const LEAD: Duration = Duration::from_millis(50);
+/// How late after its slot a call may still go out: the margin the clock's spacing
+/// leaves (3%, 30 ms of each second) less the time from here to the provider.
+const MAX_LATE: Duration = Duration::from_millis(10);
 /// How long a provider is paused after a 429 that named no `Retry-After`.
 const DEFAULT_PAUSE: Duration = Duration::from_secs(1);
 /// Longest pause a provider's `Retry-After` may impose on every task at once.
@@ -121,6 +124,20 @@ pub struct Pace {
     global: Option<Arc<Gates>>,
     shared: Option<SharedClock>,
     paused_until: Mutex<Option<Instant>>,
+}
+
+/// Waits for `slot`. A wake-up later than [`MAX_LATE`] (a busy machine) gives the slot up
+/// for a fresh one: a call that late could crowd the calls of the slots after it.
+async fn on_time(mut slot: tokio::time::Instant, clock: &SharedClock) {
+    loop {
+        tokio::time::sleep_until(slot).await;
+        let late = slot.elapsed();
+        if late <= MAX_LATE {
+            return;
+        }
+        tracing::debug!(?late, "woke too late for the call slot; taking another");
+        slot = clock.slot().await;
+    }
 }
 
 /// A message's turn: how long it waited, and the instant its call may go out.
@@ -203,8 +220,8 @@ impl Pace {
 
     /// The second gate, right before the call: the turn's slot, then the hard ceiling.
     pub async fn call(&self, turn: &Turn) {
-        if let Some(slot) = turn.slot {
-            tokio::time::sleep_until(slot).await;
+        if let (Some(slot), Some(clock)) = (turn.slot, &self.shared) {
+            on_time(slot, clock).await;
         }
         if let Some(own) = &self.own {
             own.call().await;

@@ -46,7 +46,7 @@ pub use messages::{
 };
 pub(crate) use notify::Listener;
 pub use outbox::{OutboxBacklog, OutboxEvent, RelayTurn};
-pub use rates::ClockSpacing;
+pub use rates::{ClockSpacing, LeaseStart};
 pub(crate) use receipts::apply_pending_receipts;
 pub use receipts::{Receipt, ReceiptApplied};
 use recorder::Recorder;
