@@ -2,8 +2,10 @@
 CARGO ?= cargo
 NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
 REPORT := target/tmp/fault-report.md
-# Test binaries that restart or stop the shared services: run alone, after the rest.
-EXCLUSIVE := exclusive
+# Test binaries that restart or stop services, or run several daemons flat out: run
+# alone, after the rest, one test at a time.
+EXCLUSIVE := exclusive cluster
+EXCLUSIVE_FILTER := $(subst $(eval) , | ,$(foreach t,$(EXCLUSIVE),binary($(t))))
 
 .PHONY: run test test-parallel test-faults bench fmt lint check audit fuzz services clean-test-envs
 
@@ -27,17 +29,18 @@ test: services clean-test-envs
 
 test-parallel:
 ifeq ($(NEXTEST),yes)
-	$(CARGO) nextest run --no-fail-fast -E 'not binary($(EXCLUSIVE))'
+	$(CARGO) nextest run --no-fail-fast -E 'not ($(EXCLUSIVE_FILTER))'
 else
 	$(CARGO) test --no-fail-fast --lib --bins $(foreach t,$(filter-out $(EXCLUSIVE),$(basename $(notdir $(wildcard tests/*.rs)))),--test $(t))
 endif
 
-## test-faults: only the tests that restart RabbitMQ or stop PostgreSQL (one at a time)
+## test-faults: only the tests that restart RabbitMQ or stop PostgreSQL, and the cluster
+## and shared-rate tests (one at a time)
 test-faults: services
 ifeq ($(NEXTEST),yes)
-	$(CARGO) nextest run --no-fail-fast --test-threads 1 -E 'binary($(EXCLUSIVE))'
+	$(CARGO) nextest run --no-fail-fast --test-threads 1 -E '$(EXCLUSIVE_FILTER)'
 else
-	$(CARGO) test --no-fail-fast --test $(EXCLUSIVE) -- --test-threads 1
+	$(CARGO) test --no-fail-fast $(foreach t,$(EXCLUSIVE),--test $(t)) -- --test-threads 1
 endif
 	@scripts/services.sh
 

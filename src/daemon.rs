@@ -52,8 +52,9 @@ struct Shared {
 
 /// Runs the daemon until `shutdown` fires, then drains and returns.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), DaemonError> {
-    let gateways =
-        Gateways::from_settings(&settings).map_err(|e| DaemonError::Config(e.to_string()))?;
+    let (store_tx, store_rx) = watch::channel(None);
+    let gateways = Gateways::shared(&settings, store_rx.clone())
+        .map_err(|e| DaemonError::Config(e.to_string()))?;
     tracing::info!("{}", settings.destination_summary());
     let metrics = Metrics::new();
     metrics.start_providers_at_zero(gateways.names());
@@ -63,7 +64,6 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         health: Arc::new(Health::default()),
         metrics: Arc::new(metrics),
     };
-    let (store_tx, store_rx) = watch::channel(None);
     let http = Http::start(&shared, store_rx).await?;
     let result = serve_jobs(&shared, &store_tx, &shutdown).await;
     http.stop().await;
@@ -391,8 +391,7 @@ impl Worker<'_> {
         while !shutdown.is_cancelled() {
             let connected = async {
                 let broker =
-                    Broker::connect(self.settings.amqp_url.expose(), &name, self.topology())
-                        .await?;
+                    Broker::connect(&self.settings.amqp_url, &name, self.topology()).await?;
                 broker.declare_topology().await?;
                 Ok::<_, crate::broker::BrokerError>(broker)
             }
@@ -424,7 +423,7 @@ impl Worker<'_> {
                 }
             };
             self.health.set_broker(true);
-            tracing::info!(broker = %self.settings.amqp_url_redacted(), "broker connected; consuming");
+            tracing::info!(broker = %broker.node(), "broker connected; consuming");
             backoff = reconnect_backoff();
             match self.session(&broker, shutdown).await {
                 SessionEnd::Stopped(consumers) => {

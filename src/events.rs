@@ -173,7 +173,7 @@ impl Relay {
             env!("CARGO_PKG_VERSION"),
             std::process::id()
         );
-        let broker = Broker::connect(self.amqp_url.expose(), &name, self.topology.clone()).await?;
+        let broker = Broker::connect(&self.amqp_url, &name, self.topology.clone()).await?;
         broker.declare_events_exchange().await?;
         Ok(broker)
     }

@@ -46,6 +46,7 @@ mod topology;
 
 use std::{sync::Arc, time::Duration};
 
+use crate::config::{ServiceUrl, redact_url};
 use futures_util::StreamExt;
 use lapin::{
     Channel, Connection, ConnectionProperties, options::ConfirmSelectOptions, types::LongString,
@@ -122,6 +123,8 @@ pub struct Broker {
     connection: Arc<Connection>,
     publisher: Channel,
     topology: Arc<Topology>,
+    /// The node connected to, its password hidden.
+    node: String,
 }
 
 impl std::fmt::Debug for Broker {
@@ -144,7 +147,28 @@ fn parse_url(url: &str) -> Result<AMQPUri, BrokerError> {
 }
 
 impl Broker {
-    pub async fn connect(url: &str, name: &str, topology: Topology) -> Result<Self, BrokerError> {
+    /// Connects to the first node of `urls` (one URL, or a comma-separated list of one
+    /// cluster's nodes) that answers.
+    pub async fn connect(
+        urls: &ServiceUrl,
+        name: &str,
+        topology: Topology,
+    ) -> Result<Self, BrokerError> {
+        let mut failure = BrokerError::BadUrl;
+        for node in urls.nodes() {
+            match Self::connect_node(node, name, topology.clone()).await {
+                Ok(broker) => return Ok(broker),
+                Err(e @ BrokerError::BadUrl) => return Err(e),
+                Err(e) => {
+                    tracing::debug!(node = %redact_url(node), error = %e, "broker node unavailable");
+                    failure = e;
+                }
+            }
+        }
+        Err(failure)
+    }
+
+    async fn connect_node(url: &str, name: &str, topology: Topology) -> Result<Self, BrokerError> {
         let properties =
             ConnectionProperties::default().with_connection_name(LongString::from(name));
         let connection = within(Connection::connect_uri(parse_url(url)?, properties)).await?;
@@ -154,6 +178,7 @@ impl Broker {
             connection: Arc::new(connection),
             publisher,
             topology: Arc::new(topology),
+            node: redact_url(url),
         })
     }
 
@@ -168,6 +193,11 @@ impl Broker {
                     _ => None,
                 }
             })
+    }
+
+    /// The node this connection went to (its URL with the password hidden).
+    pub fn node(&self) -> &str {
+        &self.node
     }
 
     pub fn is_connected(&self) -> bool {

@@ -21,6 +21,7 @@ mod schedule;
 mod service_url;
 
 pub use service_url::ServiceUrl;
+pub(crate) use service_url::redact_url;
 
 pub use providers::{
     DEFAULT_TWILIO_BASE_URL, DEFAULT_VONAGE_BASE_URL, ProviderKindSettings, ProviderSettings,
@@ -431,14 +432,15 @@ fn refuse_log_provider_in_production(
 fn amqp_url(get: &impl Fn(&str) -> Option<String>) -> Result<ServiceUrl, ConfigError> {
     let url =
         get("SMSGW_AMQP_URL").unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned());
-    if !service_url::is_amqp_url(&url) {
+    let url = ServiceUrl::new(url);
+    if url.nodes().next().is_none() || !url.nodes().all(service_url::is_amqp_url) {
         return Err(bad(
             "SMSGW_AMQP_URL",
-            "not an amqp:// or amqps:// URL (e.g. amqp://user:password@host:5672/%2f); \
-             not shown, as it may hold a password",
+            "not an amqp:// or amqps:// URL, or a comma-separated list of them (e.g. \
+             amqp://user:password@host:5672/%2f); not shown, as it may hold a password",
         ));
     }
-    Ok(ServiceUrl::new(url))
+    Ok(url)
 }
 
 fn redirect_to(get: &impl Fn(&str) -> Option<String>) -> Result<Option<PhoneNumber>, ConfigError> {
@@ -977,5 +979,19 @@ mod tests {
             .expect_err("no // after the scheme");
         assert_eq!(err.variable, "SMSGW_AMQP_URL");
         assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn a_broker_list_is_read_node_by_node() {
+        let s = settings(&[(
+            "SMSGW_AMQP_URL",
+            "amqp://guest:guest@rabbit-0:5672/%2f,amqp://guest:guest@rabbit-1:5672/%2f",
+        )])
+        .expect("two nodes");
+        assert_eq!(s.amqp_url.nodes().count(), 2);
+        for bad in ["amqp://guest:hunter2@rabbit-0:5672/%2f,rabbit-1:5672", ","] {
+            let err = settings(&[("SMSGW_AMQP_URL", bad)]).expect_err(bad);
+            assert!(!err.to_string().contains("hunter2"), "{err}");
+        }
     }
 }

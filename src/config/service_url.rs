@@ -27,9 +27,21 @@ impl ServiceUrl {
         &self.0
     }
 
-    /// The URL with every password replaced by `***`.
+    /// The URL with every password replaced by `***`; each node of a broker list.
     pub fn redacted(&self) -> String {
+        if is_amqp_scheme(&self.0) {
+            return self.nodes().map(redact_url).collect::<Vec<_>>().join(",");
+        }
         redact_url(&self.0)
+    }
+
+    /// The nodes of a comma-separated list of one cluster's URLs (`SMSGW_AMQP_URL`), in
+    /// order; a single URL is a list of one.
+    pub fn nodes(&self) -> impl Iterator<Item = &str> {
+        self.0
+            .split(',')
+            .map(str::trim)
+            .filter(|node| !node.is_empty())
     }
 }
 
@@ -86,6 +98,11 @@ fn is_secret_parameter(key: &str) -> bool {
 /// Whether `url` has the shape of an AMQP URL (`amqp://` or `amqps://`), so that a
 /// malformed one is refused at start-up instead of being echoed, password and all, by the
 /// broker client's parse error.
+fn is_amqp_scheme(url: &str) -> bool {
+    let url = url.trim_start().to_ascii_lowercase();
+    url.starts_with("amqp://") || url.starts_with("amqps://")
+}
+
 pub(crate) fn is_amqp_url(url: &str) -> bool {
     Url::parse(url).is_ok_and(|parsed| {
         matches!(parsed.scheme(), "amqp" | "amqps") && !parsed.cannot_be_a_base()
@@ -154,5 +171,25 @@ mod tests {
         ] {
             assert!(!is_amqp_url(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn each_node_of_a_broker_list_is_redacted() {
+        let url = ServiceUrl::new(
+            "amqp://smsgw:hunter2@rabbit-0:5672/%2f, amqp://smsgw:hunter3@rabbit-1:5672/%2f",
+        );
+        assert_eq!(
+            url.nodes().collect::<Vec<_>>(),
+            [
+                "amqp://smsgw:hunter2@rabbit-0:5672/%2f",
+                "amqp://smsgw:hunter3@rabbit-1:5672/%2f"
+            ]
+        );
+        let shown = url.redacted();
+        assert!(!shown.contains("hunter"), "{shown}");
+        assert!(
+            shown.contains("rabbit-0") && shown.contains("rabbit-1"),
+            "{shown}"
+        );
     }
 }

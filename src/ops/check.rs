@@ -6,7 +6,9 @@ use std::process::ExitCode;
 use super::{EXIT_FAILED, EXIT_USAGE, topology};
 use crate::{
     broker::Broker,
-    config::{ConfigError, ProviderKindSettings, ProviderSettings, Settings, TwilioSender},
+    config::{
+        ConfigError, ProviderKindSettings, ProviderSettings, ServiceUrl, Settings, TwilioSender,
+    },
     store::Store,
 };
 
@@ -54,25 +56,33 @@ pub async fn check(settings: Result<Settings, ConfigError>) -> ExitCode {
     }
 }
 
+/// Every node of the broker list: one down is a warning, all down a failure.
 async fn check_broker(settings: &Settings) -> bool {
-    let url = settings.amqp_url_redacted();
-    match Broker::connect(
-        settings.amqp_url.expose(),
-        "smsgw check",
-        topology(settings),
-    )
-    .await
-    {
-        Ok(broker) => {
-            line("broker", true, &url);
-            broker.close().await;
-            true
-        }
-        Err(e) => {
-            line("broker", false, &format!("{url}: {e}"));
-            false
+    let mut answered = 0;
+    let nodes: Vec<ServiceUrl> = settings.amqp_url.nodes().map(ServiceUrl::new).collect();
+    for node in &nodes {
+        let shown = node.redacted();
+        match Broker::connect(node, "smsgw check", topology(settings)).await {
+            Ok(broker) => {
+                line("broker", true, &shown);
+                broker.close().await;
+                answered += 1;
+            }
+            Err(e) if nodes.len() > 1 => say("broker", "WARN", &format!("{shown}: {e}")),
+            Err(e) => line("broker", false, &format!("{shown}: {e}")),
         }
     }
+    if answered > 0 && answered < nodes.len() {
+        say(
+            "broker",
+            "WARN",
+            &format!("{answered} of {} nodes answer", nodes.len()),
+        );
+    }
+    if answered == 0 && nodes.len() > 1 {
+        line("broker", false, "no node of the list answers");
+    }
+    answered > 0
 }
 
 async fn check_database(settings: &Settings) -> bool {

@@ -93,8 +93,7 @@ fn topology(settings: &Settings) -> Topology {
 
 async fn connect_broker(settings: &Settings) -> Result<Broker, ExitCode> {
     let connected = async {
-        let broker =
-            Broker::connect(settings.amqp_url.expose(), "smsgw dlq", topology(settings)).await?;
+        let broker = Broker::connect(&settings.amqp_url, "smsgw dlq", topology(settings)).await?;
         broker.declare_topology().await?;
         Ok::<_, crate::broker::BrokerError>(broker)
     }

@@ -20,6 +20,7 @@ use crate::{
     provider::{
         Accepted, Gateway, OutboundSms, ProviderError,
         circuit::{CallResult, Permit},
+        pace::Turn,
     },
     store::{AttemptOutcome, AttemptRecord, Claim, MessageStatus, NewMessage, UnknownAttempt},
 };
@@ -231,8 +232,8 @@ impl<L: MessageLog> Pipeline<L> {
         gateway: &Gateway,
         next: Try,
     ) -> Result<Attempted, Abandoned> {
-        let slot = match self.wait_for_turn(gateway, out).await? {
-            Ok(slot) => slot,
+        let (slot, turn) = match self.wait_for_turn(gateway, out).await? {
+            Ok(ready) => ready,
             Err(put_off) => return Ok(Attempted::Done(put_off)),
         };
         let message = NewMessage {
@@ -243,7 +244,7 @@ impl<L: MessageLog> Pipeline<L> {
             Claimed::Attempt(attempt) => attempt,
             Claimed::Settled(attempted) => return Ok(attempted),
         };
-        let (result, duration) = self.call(gateway, &out.sms, slot).await;
+        let (result, duration) = self.call(gateway, &out.sms, slot, &turn).await;
         let attempts = next.attempts_before.saturating_add(1);
         let call = Call {
             gateway,
@@ -268,11 +269,11 @@ impl<L: MessageLog> Pipeline<L> {
         &self,
         gateway: &'g Gateway,
         out: &Outgoing<'_>,
-    ) -> Result<Result<Option<SemaphorePermit<'g>>, Disposition>, Abandoned> {
+    ) -> Result<Result<(Option<SemaphorePermit<'g>>, Turn), Disposition>, Abandoned> {
         let ready = async {
             let slot = gateway.calls.acquire().await.ok();
-            gateway.pace.admit().await;
-            slot
+            let turn = gateway.pace.admit().await;
+            (slot, turn)
         };
         tokio::select! {
             ready = tokio::time::timeout(PACE_MAX_WAIT, ready) => Ok(ready.map_err(|_| {
@@ -355,9 +356,10 @@ impl<L: MessageLog> Pipeline<L> {
         gateway: &Gateway,
         sms: &OutboundSms<'_>,
         slot: Option<SemaphorePermit<'_>>,
+        turn: &Turn,
     ) -> (Result<Accepted, ProviderError>, Duration) {
         // Claiming took a few milliseconds, more or less: space the calls out again.
-        gateway.pace.call().await;
+        gateway.pace.call(turn).await;
         let started = Instant::now();
         // The adapter has its own timeout; this one only guards against an adapter bug.
         let limit = self.settings.provider_timeout + Duration::from_secs(1);

@@ -3,12 +3,21 @@
 
 use std::sync::Arc;
 
+use tokio::sync::watch;
+
 use super::{
     Provider, ProviderSetupError,
     circuit::Circuit,
+    clock::{Rate, SharedClock},
     pace::{Gates, Pace},
 };
-use crate::config::{ProviderSettings, Settings};
+use crate::{
+    config::{ProviderSettings, Settings},
+    store::Store,
+};
+
+/// The clock of `SMSGW_RATE_LIMIT`, which every gateway's calls count against.
+const ACCOUNT_CLOCK: &str = "account";
 
 /// A configured provider: its name (as recorded in the log), its adapter and its
 /// circuit breaker.
@@ -33,7 +42,25 @@ pub struct Gateways {
 }
 
 impl Gateways {
+    /// The gateways of `settings`, each rate kept by this process alone (tests and
+    /// tools).
     pub fn from_settings(settings: &Settings) -> Result<Self, ProviderSetupError> {
+        Self::build(settings, None)
+    }
+
+    /// The gateways of `settings`, each rate shared with every replica through the
+    /// store, once `store` holds one.
+    pub fn shared(
+        settings: &Settings,
+        store: watch::Receiver<Option<Store>>,
+    ) -> Result<Self, ProviderSetupError> {
+        Self::build(settings, Some(store))
+    }
+
+    fn build(
+        settings: &Settings,
+        store: Option<watch::Receiver<Option<Store>>>,
+    ) -> Result<Self, ProviderSetupError> {
         let mut all = Vec::new();
         // One process-wide limit, shared by every gateway.
         let global = settings
@@ -56,7 +83,7 @@ impl Gateways {
                     settings.circuit_cooldown,
                     settings.provider_timeout * 2,
                 ),
-                pace: Pace::new(provider.rate, global.clone()),
+                pace: pace(provider, settings.rate_limit, global.clone(), store.clone()),
                 calls: tokio::sync::Semaphore::new(settings.provider_concurrency as usize),
                 settings: provider.clone(),
             }));
@@ -85,5 +112,32 @@ impl Gateways {
 
     pub fn names(&self) -> Vec<&'static str> {
         self.all.iter().map(|g| g.name).collect()
+    }
+}
+
+/// A gateway's pace: with a store, every rate it is held to is the account's.
+fn pace(
+    provider: &ProviderSettings,
+    account_rate: Option<u32>,
+    global: Option<Arc<Gates>>,
+    store: Option<watch::Receiver<Option<Store>>>,
+) -> Pace {
+    let rates: Vec<Rate> = provider
+        .rate
+        .map(|rate| Rate {
+            clock: format!("provider:{}", provider.name),
+            per_second: rate,
+        })
+        .into_iter()
+        .chain(account_rate.map(|rate| Rate {
+            clock: ACCOUNT_CLOCK.to_owned(),
+            per_second: rate,
+        }))
+        .collect();
+    match store {
+        Some(store) if !rates.is_empty() => {
+            Pace::shared(provider.rate, global, SharedClock::new(&rates, store))
+        }
+        _ => Pace::new(provider.rate, global),
     }
 }

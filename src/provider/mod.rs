@@ -1,14 +1,15 @@
 //! Providers: the one place that knows how a text leaves the building.
 //!
 //! - the adapters (`log`, `twilio`, `vonage`), each keeping its wire format private;
-//! - [`Gateway`]: a configured provider with its [`circuit`] breaker, its [`pace`] and
-//!   its call slots.
+//! - [`Gateway`]: a configured provider with its [`circuit`] breaker, its [`pace`] (with
+//!   the account-wide [`clock`] shared by every replica) and its call slots.
 //!
 //! Every adapter speaks our own types ([`OutboundSms`] in, [`Accepted`] or
 //! [`ProviderError`] out) and keeps its wire format private. [`Provider`] chooses the
 //! adapter by enum dispatch, so adding one is a new variant and a new file.
 
 pub mod circuit;
+pub mod clock;
 mod gateway;
 mod log;
 pub mod pace;

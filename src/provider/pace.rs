@@ -20,6 +20,10 @@
 //! A provider that answers "too many requests" (HTTP 429, Twilio 20429) pauses that
 //! gateway for every task in the process, for its `Retry-After` or a second, instead of
 //! each task finding out for itself.
+//!
+//! In the daemon a rate is the account's, shared with every other replica: the first gate
+//! is then a call slot leased from the account's clock ([`SharedClock`]), and the call
+//! waits for that slot exactly. The process's own ceiling stays as the second gate.
 
 use std::{
     collections::VecDeque,
@@ -30,10 +34,18 @@ use std::{
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
+use super::clock::SharedClock;
+
 /// The spacing of admissions, as a multiple of `1 / rate`: 0.5% under the rate.
 const SPACING: f64 = 1.005;
 /// The window of the ceiling: a second and 10 ms, for the jitter after the gate.
 const WINDOW: Duration = Duration::from_millis(1_010);
+/// How long before its slot a call's turn comes: the claim is made meanwhile, so that the
+/// call itself goes out on time.
+const LEAD: Duration = Duration::from_millis(50);
+/// How late after its slot a call may still go out: the margin the clock's spacing
+/// leaves (3%, 30 ms of each second) less the time from here to the provider.
+const MAX_LATE: Duration = Duration::from_millis(10);
 /// How long a provider is paused after a 429 that named no `Retry-After`.
 const DEFAULT_PAUSE: Duration = Duration::from_secs(1);
 /// Longest pause a provider's `Retry-After` may impose on every task at once.
@@ -104,20 +116,53 @@ impl Gates {
 }
 
 /// The pace of one gateway: its own limiter, the process-wide one, and a pause set by
-/// the provider itself.
+/// the provider itself; in the daemon, also the account's clock both rates share with
+/// the other replicas.
 #[derive(Debug)]
 pub struct Pace {
     own: Option<Gates>,
     global: Option<Arc<Gates>>,
+    shared: Option<SharedClock>,
     paused_until: Mutex<Option<Instant>>,
 }
 
+/// Waits for `slot`. A wake-up later than [`MAX_LATE`] (a busy machine) gives the slot up
+/// for a fresh one: a call that late could crowd the calls of the slots after it.
+async fn on_time(mut slot: tokio::time::Instant, clock: &SharedClock) {
+    loop {
+        tokio::time::sleep_until(slot).await;
+        let late = slot.elapsed();
+        if late <= MAX_LATE {
+            return;
+        }
+        tracing::debug!(?late, "woke too late for the call slot; taking another");
+        slot = clock.slot().await;
+    }
+}
+
+/// A message's turn: how long it waited, and the instant its call may go out.
+#[derive(Debug, Clone, Copy)]
+pub struct Turn {
+    pub waited: Duration,
+    slot: Option<tokio::time::Instant>,
+}
+
 impl Pace {
+    /// Rates kept by this process alone.
     pub fn new(rate: Option<u32>, global: Option<Arc<Gates>>) -> Self {
         Pace {
             own: rate.map(Gates::per_second),
             global,
+            shared: None,
             paused_until: Mutex::new(None),
+        }
+    }
+
+    /// Rates shared with every replica through `clock`; this process's own ceilings stay.
+    pub fn shared(rate: Option<u32>, global: Option<Arc<Gates>>, clock: SharedClock) -> Self {
+        Pace {
+            shared: Some(clock),
+            ..Pace::new(rate, global)
         }
     }
 
@@ -137,8 +182,8 @@ impl Pace {
     }
 
     /// The first gate: waits for this message's turn (and for the end of a pause the
-    /// provider asked for). Returns how long that took.
-    pub async fn admit(&self) -> Duration {
+    /// provider asked for).
+    pub async fn admit(&self) -> Turn {
         let started = Instant::now();
         loop {
             let pause = self.pause_left();
@@ -147,17 +192,37 @@ impl Pace {
             }
             tokio::time::sleep(pause).await;
         }
+        let slot = match &self.shared {
+            Some(clock) => {
+                let slot = clock.slot().await;
+                tokio::time::sleep_until(slot - LEAD).await;
+                Some(slot)
+            }
+            None => {
+                self.admit_locally().await;
+                None
+            }
+        };
+        Turn {
+            waited: started.elapsed(),
+            slot,
+        }
+    }
+
+    async fn admit_locally(&self) {
         if let Some(own) = &self.own {
             own.admit().await;
         }
         if let Some(global) = &self.global {
             global.admit().await;
         }
-        started.elapsed()
     }
 
-    /// The second gate, right before the call: the hard ceiling.
-    pub async fn call(&self) {
+    /// The second gate, right before the call: the turn's slot, then the hard ceiling.
+    pub async fn call(&self, turn: &Turn) {
+        if let (Some(slot), Some(clock)) = (turn.slot, &self.shared) {
+            on_time(slot, clock).await;
+        }
         if let Some(own) = &self.own {
             own.call().await;
         }
@@ -201,8 +266,8 @@ mod tests {
         let pace = Pace::new(Some(200), None);
         let started = Instant::now();
         for _ in 0..41 {
-            pace.admit().await;
-            pace.call().await;
+            let turn = pace.admit().await;
+            pace.call(&turn).await;
         }
         // 40 gaps of at least 5 ms each (less the burst of two).
         assert!(started.elapsed() >= Duration::from_millis(195));
@@ -234,7 +299,7 @@ mod tests {
         // A shorter pause never cuts a longer one short.
         pace.throttled(Some(Duration::from_millis(10)));
         assert!(pace.pause_left() > Duration::from_millis(100));
-        let waited = pace.admit().await;
+        let waited = pace.admit().await.waited;
         assert!(waited >= Duration::from_millis(140), "{waited:?}");
         assert_eq!(pace.pause_left(), Duration::ZERO);
     }

@@ -15,7 +15,8 @@
 //! - `receipts`: delivery receipts and the webhooks already applied; `views`: a message
 //!   as support reads it; `lookups`: messages as support searches them, and the usage
 //!   figures billing counts;
-//! - `outbox`: the status events waiting for the relay;
+//! - `outbox`: the status events waiting for the relay; `rates`: the account-wide rate
+//!   clocks the replicas lease call slots from;
 //! - `connect`: connection settings, TLS, the pool; `migrate`: the schema's migrations;
 //!   `notify`: the LISTEN connection of the settings cache.
 
@@ -34,6 +35,7 @@ mod messages;
 mod migrate;
 mod notify;
 mod outbox;
+mod rates;
 mod receipts;
 mod recorder;
 mod settings;
@@ -47,6 +49,7 @@ pub use messages::{
 };
 pub(crate) use notify::Listener;
 pub use outbox::{OutboxBacklog, OutboxEvent, RelayTurn};
+pub use rates::{ClockSpacing, LeaseStart};
 pub(crate) use receipts::apply_pending_receipts;
 pub use receipts::{Receipt, ReceiptApplied};
 use recorder::Recorder;
