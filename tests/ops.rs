@@ -496,6 +496,25 @@ async fn check_reports_each_item_and_exits_by_what_failed() {
             .any(|l| l.starts_with("broker") && l.contains("FAIL"))
     );
 
+    // A cluster's node list with one node down: usable, with a warning.
+    let vars = [
+        (
+            "SMSGW_AMQP_URL".to_owned(),
+            format!("amqp://guest:hunter2@127.0.0.1:1/%2f,{}", app.env.amqp_url),
+        ),
+        (
+            "SMSGW_DATABASE_URL".to_owned(),
+            app.env.database_url.clone(),
+        ),
+    ];
+    let one_down = helpers::smsgw_command(&vars, &["check"])
+        .output()
+        .expect("check");
+    let text = stdout(&one_down);
+    assert_eq!(one_down.status.code(), Some(0), "{text}");
+    assert!(text.contains("1 of 2 nodes answer"), "{text}");
+    assert!(!text.contains("hunter2"), "{text}");
+
     let vars = [("SMSGW_ENV".to_owned(), "production".to_owned())];
     let bad = helpers::smsgw_command(&vars, &["check"])
         .output()

@@ -382,3 +382,57 @@ async fn listen(
         .expect("LISTEN");
     (client, rx)
 }
+
+/// Leases from the account-wide rate clocks never hand one instant out twice and keep
+/// each clock's spacing, also for a call that takes a slot of two clocks at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn rate_clocks_hand_out_each_instant_once_at_their_spacing() {
+    use smsgw::store::ClockSpacing;
+    helpers::init_logs();
+    let env = TestEnv::new().await;
+    helpers::migrate(&env.database_url).await;
+    let store = Store::connect(&env.database_url, 4).await.expect("store");
+    // Spacings of seconds keep every lease ahead of the clock however slow the machine.
+    let clock = |name: &str, seconds: u64| ClockSpacing {
+        name: name.to_owned(),
+        spacing: Duration::from_secs(seconds),
+    };
+    let provider = [clock("provider:twilio", 2)];
+    let both = [clock("provider:twilio", 2), clock("account", 5)];
+
+    // Four slots: the next lease starts where they end, 8 s on.
+    let first = store.lease_slots(&provider, 4).await.expect("lease");
+    let second = store.lease_slots(&provider, 4).await.expect("lease");
+    let gap = second.unix_seconds - first.unix_seconds;
+    assert!(
+        (gap - 8.0).abs() < 1e-6,
+        "second lease {gap} s after the first"
+    );
+    // One slot of both clocks: after the provider's slots, and then each clock moves on
+    // by its own spacing.
+    let joint = store.lease_slots(&both, 1).await.expect("lease");
+    assert!((joint.unix_seconds - second.unix_seconds - 8.0).abs() < 1e-6);
+    let account_only = store
+        .lease_slots(&[clock("account", 5)], 1)
+        .await
+        .expect("lease");
+    let after_provider = store.lease_slots(&provider, 1).await.expect("lease");
+    assert!((account_only.unix_seconds - joint.unix_seconds - 5.0).abs() < 1e-6);
+    assert!((after_provider.unix_seconds - joint.unix_seconds - 2.0).abs() < 1e-6);
+
+    // Leases made at once from many connections never overlap.
+    let leases =
+        futures_util::future::join_all((0..20).map(|_| store.lease_slots(&provider, 3))).await;
+    let mut starts: Vec<f64> = leases
+        .into_iter()
+        .map(|lease| lease.expect("lease").unix_seconds)
+        .collect();
+    starts.sort_by(f64::total_cmp);
+    for pair in starts.windows(2) {
+        assert!(
+            pair[1] - pair[0] >= 6.0 - 1e-6,
+            "overlapping leases: {pair:?}"
+        );
+    }
+    store.close().await;
+}
