@@ -86,6 +86,7 @@ pub(crate) static MIGRATIONS: &[Migration] = &[
     migration!(20261204000002, "drop_opt_out_notify"),
     migration!(20261204000003, "inbound_replay"),
     migration!(20261204000004, "quiet_hours"),
+    migration!(20261204000006, "inbox"),
 ];
 
 const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS _sqlx_migrations (

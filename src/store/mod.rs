@@ -15,6 +15,7 @@
 //! - `receipts`: delivery receipts and the webhooks already applied; `views`: a message
 //!   as support reads it;
 //! - `outbox`: the status events waiting for the relay;
+//! - `inbox`: the development inbox's copies of the messages it handled;
 //! - `connect`: connection settings, TLS, the pool; `migrate`: the schema's migrations;
 //!   `notify`: the LISTEN connection of the settings cache.
 
@@ -27,6 +28,7 @@ use deadpool_postgres::{Pool, PoolError};
 use tokio_postgres::{Row, types::ToSql};
 
 mod connect;
+mod inbox;
 mod log;
 mod messages;
 mod migrate;
@@ -38,6 +40,7 @@ mod settings;
 mod views;
 
 use connect::{Connector, quote_identifier};
+pub use inbox::{InboxCopy, InboxFilter, InboxMessage};
 pub use log::Claim;
 pub use messages::{
     AttemptOutcome, AttemptRecord, MessageState, MessageStatus, NewMessage, UnknownAttempt,
