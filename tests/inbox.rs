@@ -339,9 +339,7 @@ async fn production_refuses_a_sandbox_provider_with_exit_code_2() {
 #[tokio::test]
 async fn the_page_shows_a_new_text_without_a_reload_and_a_script_as_text() {
     let Some(chromium) = browser::chromium() else {
-        println!(
-            "SKIPPED: chromium is not installed (apt-get install -y chromium); .ci/run installs it"
-        );
+        browser::skipped("the inbox page's browser test");
         return;
     };
     let app = inbox_app().await;

@@ -27,6 +27,15 @@ pub fn chromium() -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
+/// Says, past the test harness's capture of `print!`, that `test` did not run.
+pub fn skipped(test: &str) {
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED {test}: chromium is not installed (apt-get install -y chromium; .ci/run does)"
+    );
+}
+
 /// A headless chromium showing one page, killed (with its profile removed) when dropped.
 pub struct Browser {
     process: Child,
