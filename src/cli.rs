@@ -1,5 +1,5 @@
-//! The command line: `smsgw run | migrate | send`. Exit codes: 0 done, 1 failed at run
-//! time, 2 bad usage or configuration.
+//! The command line: `smsgw run | migrate | send | dlq | check | status | usage`. Exit
+//! codes: 0 done, 1 failed at run time, 2 bad usage or configuration.
 
 use std::process::ExitCode;
 
@@ -50,14 +50,61 @@ enum Command {
     },
     /// Check configuration, broker, database, schema and provider credentials.
     Check,
-    /// Show a message's record and its attempts (for support: did the text go out?).
-    Status {
-        /// The job id (or, for an announcement's recipient, the message id).
-        id: uuid::Uuid,
-        /// Show the phone number and the body unmasked.
-        #[arg(long)]
-        reveal: bool,
-    },
+    /// Show a message's record and its attempts, or find messages by number, school,
+    /// age or context, newest first (for support: did the text go out?).
+    Status(StatusArgs),
+    /// Messages and segments per school and status, of the messages created in a range
+    /// (from inclusive, to exclusive, UTC): the figures a school is billed on.
+    Usage(UsageArgs),
+}
+
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("which").required(true).multiple(true)
+    .args(["id", "to", "school", "context"])))]
+struct StatusArgs {
+    /// The job id (or, for an announcement's recipient, the message id): that message's
+    /// record and attempts.
+    #[arg(conflicts_with_all = ["to", "school", "since", "context", "limit", "json"])]
+    id: Option<uuid::Uuid>,
+    /// Messages to this number: E.164 (+447700900123), or a national number read with
+    /// the country of --school.
+    #[arg(long, value_name = "NUMBER")]
+    to: Option<String>,
+    /// Only this school's messages.
+    #[arg(long, value_name = "ID")]
+    school: Option<i64>,
+    /// Only messages created since: an age (24h, 7d) or a time (2026-11-25, RFC 3339).
+    #[arg(long, value_name = "WHEN", value_parser = crate::ops::parse_since)]
+    since: Option<time::OffsetDateTime>,
+    /// Messages whose context has this top-level key and value (booking_id=981 matches
+    /// the number 981 and the string "981").
+    #[arg(long, value_name = "KEY=VALUE", value_parser = crate::ops::ContextMatch::parse)]
+    context: Option<crate::ops::ContextMatch>,
+    /// Show at most this many, the newest.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    limit: u16,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Show phone numbers, the body and the context unmasked.
+    #[arg(long)]
+    reveal: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct UsageArgs {
+    /// First day counted (2026-11-01, midnight UTC) or an RFC 3339 time; inclusive.
+    #[arg(long, value_name = "DATE", value_parser = crate::ops::parse_instant)]
+    from: time::OffsetDateTime,
+    /// The day after the last one counted (2026-12-01) or an RFC 3339 time; exclusive.
+    #[arg(long, value_name = "DATE", value_parser = crate::ops::parse_instant)]
+    to: time::OffsetDateTime,
+    /// Only this school.
+    #[arg(long, value_name = "ID")]
+    school: Option<i64>,
+    /// Print CSV with a header row instead of a table.
+    #[arg(long)]
+    csv: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -173,9 +220,11 @@ pub fn main() -> ExitCode {
     }
     let settings = match &cli.command {
         Command::Run | Command::Check => Settings::from_env(),
-        Command::Migrate | Command::Send(_) | Command::Dlq { .. } | Command::Status { .. } => {
-            Settings::from_env_for_tools()
-        }
+        Command::Migrate
+        | Command::Send(_)
+        | Command::Dlq { .. }
+        | Command::Status(_)
+        | Command::Usage(_) => Settings::from_env_for_tools(),
     };
     let settings = match settings {
         Ok(settings) => settings,
@@ -192,15 +241,66 @@ pub fn main() -> ExitCode {
             Command::Send(args) => send(&settings, args).await,
             Command::Dlq { command } => dlq(&settings, command).await,
             Command::Check => ExitCode::SUCCESS,
-            Command::Status { id, reveal } => {
-                if crate::ops::print_log(&settings, id, reveal).await {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::from(EXIT_FAILED)
-                }
-            }
+            Command::Status(args) => status(&settings, args).await,
+            Command::Usage(args) => usage(&settings, args).await,
         }
     })
+}
+
+/// A value clap took but `subcommand` refuses: as clap says it, and exit code 2.
+fn refuse(subcommand: &str, message: String) -> ExitCode {
+    use clap::CommandFactory;
+    let mut cli = Cli::command();
+    cli.build();
+    let kind = clap::error::ErrorKind::ValueValidation;
+    let error = match cli.find_subcommand_mut(subcommand) {
+        Some(command) => command.error(kind, message),
+        None => cli.error(kind, message),
+    };
+    let _ = error.print();
+    ExitCode::from(EXIT_USAGE)
+}
+
+async fn status(settings: &Settings, args: StatusArgs) -> ExitCode {
+    if let Some(id) = args.id {
+        return if crate::ops::print_log(settings, id, args.reveal).await {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(EXIT_FAILED)
+        };
+    }
+    // Parsed here rather than by clap, whose message would repeat the number in full.
+    use crate::ops::NumberQuery;
+    let to = match args.to.as_deref().map(NumberQuery::parse) {
+        None => None,
+        Some(Ok(number)) => Some(number),
+        Some(Err(e)) => return refuse("status", format!("invalid value for '--to <NUMBER>': {e}")),
+    };
+    if to.as_ref().is_some_and(NumberQuery::is_national) && args.school.is_none() {
+        return refuse(
+            "status",
+            "--to: a national number is read with the country of --school; give --school, \
+             or the number in E.164 (+44...)"
+                .into(),
+        );
+    }
+    let lookup = crate::ops::Lookup {
+        to,
+        school: args.school,
+        since: args.since,
+        context: args.context,
+        limit: args.limit,
+        json: args.json,
+        reveal: args.reveal,
+    };
+    crate::ops::find_messages(settings, &lookup).await
+}
+
+async fn usage(settings: &Settings, args: UsageArgs) -> ExitCode {
+    match crate::ops::UsageRange::new(args.from, args.to) {
+        Ok(range) => crate::ops::print_usage(settings, range, args.school, args.csv).await,
+        Err(e) => refuse("usage", e.to_string()),
+    }
 }
 
 fn block_on(work: impl Future<Output = ExitCode>) -> ExitCode {

@@ -55,11 +55,13 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     let gateways =
         Gateways::from_settings(&settings).map_err(|e| DaemonError::Config(e.to_string()))?;
     tracing::info!("{}", settings.destination_summary());
+    let metrics = Metrics::new();
+    metrics.start_providers_at_zero(gateways.names());
     let shared = Shared {
         settings,
         gateways: Arc::new(gateways),
         health: Arc::new(Health::default()),
-        metrics: Arc::new(Metrics::new()),
+        metrics: Arc::new(metrics),
     };
     let (store_tx, store_rx) = watch::channel(None);
     let http = Http::start(&shared, store_rx).await?;

@@ -61,6 +61,13 @@ pub enum DeadReason {
 }
 
 impl DeadReason {
+    pub const ALL: [DeadReason; 4] = [
+        DeadReason::InvalidJob,
+        DeadReason::PermanentFailure,
+        DeadReason::AttemptsExhausted,
+        DeadReason::OutcomeUnknown,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             DeadReason::InvalidJob => "invalid_job",

@@ -33,7 +33,8 @@
 //! - [`retention`]: purging old bodies, rows, webhook ids and dead letters in the background.
 //! - [`http`]: `/healthz`, `/readyz`, `/metrics` and the webhooks (delivery receipts,
 //!   inbound STOP/START, with signature checks); `/inbox` with the inbox provider.
-//! - [`ops`]: the dead-letter tools, a message's record and `smsgw check`.
+//! - [`ops`]: the dead-letter tools, a message's record, support lookups, usage for
+//!   billing and `smsgw check`.
 //! - [`systemd`]: the notify protocol (ready, stopping, watchdog).
 //! - [`telemetry`]: logging setup; [`cli`]: the command line.
 

@@ -340,3 +340,56 @@ async fn logs_hold_no_phone_number_token_or_body() {
         );
     }
 }
+
+#[test]
+fn status_and_usage_refuse_bad_input_with_exit_2_before_looking() {
+    // No database is reachable: each is refused before one is needed.
+    let nowhere = vars(&[("SMSGW_DATABASE_URL", "postgres://postgres@127.0.0.1:1/none")]);
+    for (args, says) in [
+        (&["status"][..], "required"),
+        (&["status", "--to", "hello"], "not a phone number"),
+        (
+            &["status", "--to", "+447700900123999"],
+            "not a possible phone number",
+        ),
+        (&["status", "--to", "07700 900123"], "--school"),
+        (
+            &["status", "--since", "yesterday", "--school", "1"],
+            "expected an age",
+        ),
+        (
+            &["status", "--context", "booking_id", "--school", "1"],
+            "KEY=VALUE",
+        ),
+        (&["status", "--context", "=981"], "key"),
+        (&["status", "--school", "1", "--limit", "0"], "--limit"),
+        (
+            &[
+                "status",
+                "6f1c2d3e-8a9b-4c5d-9e0f-1a2b3c4d5e6f",
+                "--to",
+                "+447700900123",
+            ],
+            "cannot be used",
+        ),
+        (
+            &["usage", "--from", "2026-12-01", "--to", "2026-11-01"],
+            "--from must be before --to",
+        ),
+        (
+            &["usage", "--from", "2026-11-01", "--to", "2026-11-01"],
+            "--from must be before --to",
+        ),
+        (
+            &["usage", "--from", "2026-11-31", "--to", "2026-12-01"],
+            "expected a day",
+        ),
+        (&["usage", "--from", "2026-11-01"], "--to"),
+    ] {
+        let output = smsgw(&nowhere, args).output().expect("run");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+        assert!(!stderr.contains("7700900123"), "a number in full: {stderr}");
+    }
+}

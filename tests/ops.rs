@@ -735,3 +735,335 @@ async fn metrics_count_outcomes_calls_and_dead_letters() {
         assert!(text.contains(expected), "missing {expected}:\n{text}");
     }
 }
+
+/// A row in the log as the daemon would have written it, created `ago` (an interval)
+/// before now; its id.
+async fn logged(app: &App, school: i64, to: &str, ago: &str, context: Value) -> uuid::Uuid {
+    let id = uuid::Uuid::new_v4();
+    app.db
+        .execute(
+            "INSERT INTO sms_messages (id, school_id, type, recipient, body, context, status,
+                                       segments, provider, created_at)
+             VALUES ($1, $2, 'booking_reminder', $3, 'Your code is 4711', $4, 'delivered', 1,
+                     'twilio', now() - $5::text::interval)",
+            &[&id, &school, &to, &context, &ago],
+        )
+        .await;
+    id
+}
+
+/// Where each id appears in `text` (None when absent).
+fn positions(text: &str, ids: &[uuid::Uuid]) -> Vec<Option<usize>> {
+    ids.iter().map(|id| text.find(&id.to_string())).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_lists_a_numbers_messages_newest_first_masked_unless_revealed() {
+    let app = spawn_app().await;
+    app.add_school(SCHOOL, "GB").await;
+    let to = "+447700900123";
+    let old = logged(&app, SCHOOL, to, "3 days", Value::Null).await;
+    let newest = logged(&app, SCHOOL, to, "1 minute", Value::Null).await;
+    let middle = logged(&app, SCHOOL, to, "2 hours", Value::Null).await;
+    let other_school = logged(&app, 7, to, "1 hour", Value::Null).await;
+    let other_number = logged(&app, SCHOOL, "+447700900124", "1 minute", Value::Null).await;
+
+    let output = app.run_cli(&["status", "--to", to]);
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    let text = stdout(&output);
+    let at = positions(&text, &[newest, other_school, middle, old, other_number]);
+    assert!(at[..4].iter().all(Option::is_some), "{text}");
+    assert!(at[..4].is_sorted(), "newest first: {text}");
+    assert_eq!(at[4], None, "another number's message: {text}");
+    assert!(
+        text.contains("+44*******123") && text.contains("4 shown"),
+        "{text}"
+    );
+    for secret in [to, "4711"] {
+        assert!(!text.contains(secret), "{secret} shown: {text}");
+        assert!(!String::from_utf8_lossy(&output.stderr).contains(secret));
+    }
+
+    // A national number, read with the school's country; only that school's messages.
+    let national = stdout(&app.run_cli(&["status", "--to", "07700 900123", "--school", "42"]));
+    let at = positions(&national, &[newest, middle, old, other_school]);
+    assert!(at[..3].iter().all(Option::is_some), "{national}");
+    assert_eq!(at[3], None, "school 7's message: {national}");
+    let recent = stdout(&app.run_cli(&["status", "--to", to, "--since", "24h"]));
+    assert!(recent.contains(&middle.to_string()), "{recent}");
+    assert!(
+        !recent.contains(&old.to_string()),
+        "older than 24h: {recent}"
+    );
+    let limited = stdout(&app.run_cli(&["status", "--to", to, "--limit", "2"]));
+    assert!(
+        limited.contains("2 shown, newest first; more match"),
+        "{limited}"
+    );
+    assert!(!limited.contains(&middle.to_string()), "{limited}");
+
+    let revealed = stdout(&app.run_cli(&["status", "--to", to, "--reveal"]));
+    assert!(revealed.contains(to), "{revealed}");
+    let json: Value =
+        serde_json::from_str(&stdout(&app.run_cli(&["status", "--to", to, "--json"])))
+            .expect("JSON");
+    assert_eq!(json[0]["id"], newest.to_string());
+    assert_eq!(json[0]["to"], "+44*******123");
+    assert_eq!(json[0]["status"], "delivered");
+    assert!(json[0].get("body").is_none(), "{json}");
+    let json: Value = serde_json::from_str(&stdout(
+        &app.run_cli(&["status", "--to", to, "--json", "--reveal"]),
+    ))
+    .expect("JSON");
+    assert_eq!(json[0]["to"], to);
+    assert_eq!(json[0]["body"], "Your code is 4711");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_finds_a_booking_by_its_context_as_a_number_or_a_string() {
+    let app = spawn_app().await;
+    app.add_school(SCHOOL, "GB").await;
+    let mut sent = job("booking_cancellation", SCHOOL, "+447700900123", "Cancelled");
+    sent["context"] = serde_json::json!({"booking_id": 981, "student": "Sam Smith"});
+    app.publish(&sent).await;
+    app.wait_for_status(id_of(&sent), "sent").await;
+    let as_string = logged(
+        &app,
+        7,
+        "+447700900124",
+        "1 day",
+        serde_json::json!({"booking_id": "981"}),
+    )
+    .await;
+    let mut others = Vec::new();
+    for context in [
+        serde_json::json!({"booking_id": 9810}),
+        serde_json::json!({"booking_id": "0981"}),
+        serde_json::json!({"user_id": 981}),
+        serde_json::json!({"nested": {"booking_id": 981}}),
+    ] {
+        others.push(logged(&app, SCHOOL, "+447700900125", "1 minute", context).await);
+    }
+
+    let output = app.run_cli(&["status", "--context", "booking_id=981", "--json"]);
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    let found: Value = serde_json::from_str(&stdout(&output)).expect("JSON");
+    let ids: Vec<&str> = found
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|m| m["id"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        ids,
+        [id_of(&sent).to_string(), as_string.to_string()],
+        "newest first"
+    );
+    assert_eq!(
+        found[0]["context"],
+        serde_json::json!({"booking_id": "***", "student": "***"}),
+        "keys shown, values hidden"
+    );
+    assert_eq!(found[0]["to"], "+44*******123");
+
+    let table = stdout(&app.run_cli(&["status", "--context", "booking_id=981", "--school", "42"]));
+    assert!(table.contains(&id_of(&sent).to_string()), "{table}");
+    assert!(
+        table.contains("booking_cancellation") && table.contains("sent"),
+        "{table}"
+    );
+    assert!(
+        !table.contains(&as_string.to_string()),
+        "school 7's: {table}"
+    );
+    let none = app.run_cli(&["status", "--context", "booking_id=404"]);
+    assert_eq!(none.status.code(), Some(0), "none found is an answer");
+    assert!(stdout(&none).contains("no messages match"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn usage_counts_each_message_once_across_retries_failover_and_announcements() {
+    let backup = helpers::TwilioStub::start().await;
+    let primary = helpers::TwilioStub::start().await;
+    let config = helpers::write_config(
+        "primary",
+        &[
+            helpers::twilio_provider_toml("primary", "+15005550006", &primary, ""),
+            helpers::twilio_provider_toml("backup", "+15005550007", &backup, ""),
+        ],
+    );
+    let app = spawn_app_with(&[
+        ("SMSGW_CONFIG", config.as_str()),
+        ("TEST_TWILIO_TOKEN", helpers::twilio_stub::AUTH_TOKEN),
+    ])
+    .await;
+    app.db
+        .batch(&format!(
+            "INSERT INTO sms_school_settings (school_id, sms_enabled, country, provider,
+                                              fallback_provider)
+             VALUES ({SCHOOL}, true, 'GB', 'primary', 'backup');
+             INSERT INTO sms_opt_outs (school_id, phone, source)
+             VALUES ({SCHOOL}, '+447700900144', 'web')"
+        ))
+        .await;
+    let from = OffsetDateTime::now_utc() - Duration::from_secs(3_600);
+
+    // Retried twice, then sent: one message, three attempts.
+    primary.script([
+        Reply::error(500, 20500, "oops"),
+        Reply::error(500, 20500, "oops"),
+    ]);
+    let retried = job("booking_reminder", SCHOOL, "+447700900111", "Reminder");
+    app.publish(&retried).await;
+    app.wait_for_status(id_of(&retried), "sent").await;
+    assert_eq!(app.attempts(id_of(&retried)).await.len(), 3);
+    // Refused by the primary in a way another provider may not share: sent by the backup.
+    primary.reply_for("+447700900122", Reply::error(400, 21608, "unverified"));
+    let failed_over = job("booking_reminder", SCHOOL, "+447700900122", "Reminder");
+    app.publish(&failed_over).await;
+    app.wait_for_status(id_of(&failed_over), "sent").await;
+    assert_eq!(backup.requests().len(), 1);
+    // Three recipients: three messages; the announcement itself has no row.
+    let mut announcement = job("announcement", SCHOOL, "+447700900133", "Closed on Monday");
+    announcement.as_object_mut().expect("object").remove("to");
+    announcement["recipients"] = serde_json::json!([
+        {"to": "+447700900133"}, {"to": "+447700900134"}, {"to": "07700 900135"}
+    ]);
+    app.publish(&announcement).await;
+    let suppressed = job("booking_reminder", SCHOOL, "+447700900144", "Reminder");
+    app.publish(&suppressed).await;
+    app.wait_for_status(id_of(&suppressed), "suppressed").await;
+    let long = job(
+        "booking_change",
+        SCHOOL,
+        "+447700900155",
+        &"Moved. ".repeat(25),
+    );
+    app.publish(&long).await;
+    app.wait_for_status(id_of(&long), "sent").await;
+    let deadline = std::time::Instant::now() + helpers::PATIENCE;
+    while app
+        .db
+        .scalar::<i64>(
+            "SELECT count(*) FROM sms_messages WHERE status = 'sent' AND bulk_id IS NOT NULL",
+            &[],
+        )
+        .await
+        < 3
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the announcement never went out"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(app.message(id_of(&announcement)).await.is_none());
+
+    let to = OffsetDateTime::now_utc() + Duration::from_secs(3_600);
+    let rfc = |at: OffsetDateTime| {
+        at.format(&time::format_description::well_known::Rfc3339)
+            .expect("format")
+    };
+    let output = app.run_cli(&["usage", "--from", &rfc(from), "--to", &rfc(to), "--csv"]);
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    let csv = stdout(&output);
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.len(), 2, "{csv}");
+    let header: Vec<&str> = lines[0].split(',').collect();
+    let figures: std::collections::HashMap<&str, &str> =
+        header.into_iter().zip(lines[1].split(',')).collect();
+    // Seven messages: retried, failed over, three recipients, suppressed, long (2 segments).
+    for (column, expected) in [
+        ("school_id", "42"),
+        ("messages", "7"),
+        ("segments", "8"),
+        ("sent_messages", "6"),
+        ("sent_segments", "7"),
+        ("suppressed_messages", "1"),
+        ("failed_messages", "0"),
+        ("in_progress_messages", "0"),
+        ("billable_messages", "6"),
+        ("billable_segments", "7"),
+    ] {
+        assert_eq!(figures[column], expected, "{column}: {csv}");
+    }
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("has not ended yet"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn usage_counts_what_was_created_from_the_first_day_up_to_the_last_one_excluded() {
+    let app = spawn_app().await;
+    app.sql(
+        "INSERT INTO sms_messages (id, school_id, type, recipient, status, segments, created_at)
+         SELECT gen_random_uuid(), school, 'booking_reminder', '+447700900123', status, 2,
+                at::timestamptz
+           FROM (VALUES (7, 'delivered', '2026-11-01T00:00:00Z'),
+                        (7, 'undelivered', '2026-11-30T23:59:59.999999Z'),
+                        (7, 'queued', '2026-11-15T12:00:00+01:00'),
+                        (8, 'failed', '2026-11-10T00:00:00Z'),
+                        (7, 'delivered', '2026-12-01T00:00:00Z'),
+                        (9, 'delivered', '2026-10-31T23:59:59.999999Z')) AS t(school, status, at)",
+    )
+    .await;
+
+    let csv = app.run_cli(&[
+        "usage",
+        "--from",
+        "2026-11-01",
+        "--to",
+        "2026-12-01",
+        "--csv",
+    ]);
+    assert_eq!(csv.status.code(), Some(0), "{csv:?}");
+    let lines: Vec<String> = stdout(&csv).lines().map(str::to_owned).collect();
+    assert!(
+        lines[0].starts_with("school_id,messages,segments,sent_messages"),
+        "{lines:?}"
+    );
+    assert_eq!(
+        lines[1..],
+        [
+            "7,3,6,0,0,1,2,1,2,0,0,0,0,0,0,1,2,2,4",
+            "8,1,2,0,0,0,0,0,0,1,2,0,0,0,0,0,0,0,0",
+        ],
+        "the first instant counts, the last one does not"
+    );
+    assert!(
+        String::from_utf8_lossy(&csv.stderr).contains("1 messages are still in progress"),
+        "{csv:?}"
+    );
+
+    let table = stdout(&app.run_cli(&["usage", "--from", "2026-11-01", "--to", "2026-12-01"]));
+    assert!(
+        table.contains("messages created from 2026-11-01T00:00:00Z (inclusive) to 2026-12-01T00:00:00Z (exclusive)"),
+        "{table}"
+    );
+    assert!(
+        table.contains("BILLABLE") && table.contains("IN PROGRESS"),
+        "{table}"
+    );
+    let total = table
+        .lines()
+        .find(|l| l.starts_with("all"))
+        .expect("a total line");
+    assert_eq!(
+        total.split_whitespace().collect::<Vec<_>>()[..4],
+        ["all", "messages", "4", "0"]
+    );
+    let one = stdout(&app.run_cli(&[
+        "usage",
+        "--from",
+        "2026-11-01",
+        "--to",
+        "2026-12-01",
+        "--school",
+        "8",
+        "--csv",
+    ]));
+    assert_eq!(one.lines().count(), 2, "{one}");
+    assert!(
+        one.lines().nth(1).is_some_and(|l| l.starts_with("8,")),
+        "{one}"
+    );
+}

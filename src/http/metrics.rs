@@ -13,6 +13,14 @@ use prometheus_client::{
     registry::Registry,
 };
 
+use time::OffsetDateTime;
+
+use crate::{
+    disposition::DeadReason,
+    job::Lane,
+    store::{MessageStatus, Receipt, ReceiptApplied},
+};
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
     pub outcome: &'static str,
@@ -29,6 +37,20 @@ pub struct ProviderLabels {
 pub struct ReceiptLabels {
     pub provider: String,
     pub status: String,
+}
+
+/// A provider's error: the provider's own code when it gave one, else what went wrong
+/// (`timeout`, `unreachable`, `http_503`, ...).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProviderErrorLabels {
+    pub provider: &'static str,
+    pub code: String,
+}
+
+/// The provider type a receipt came from (`twilio`, `vonage`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReceiptSourceLabels {
+    pub provider: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -51,6 +73,16 @@ fn call_duration_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 15))
 }
 
+fn send_latency_histogram() -> Histogram {
+    // 10 ms to ~164 s: the urgent lane's promise is a second or two.
+    Histogram::new(exponential_buckets(0.01, 2.0, 15))
+}
+
+fn receipt_delay_histogram() -> Histogram {
+    // 0.5 s to ~68 min: carriers report within seconds, or hours late.
+    Histogram::new(exponential_buckets(0.5, 2.0, 14))
+}
+
 /// Every metric the daemon keeps. Cheap to clone (each metric is an `Arc` inside).
 #[derive(Debug)]
 pub struct Metrics {
@@ -59,6 +91,12 @@ pub struct Metrics {
     /// retrying, failed, duplicate, deferred).
     pub messages: Family<OutcomeLabels, Counter>,
     pub provider_calls: Family<ProviderLabels, Histogram, fn() -> Histogram>,
+    /// From when a message was due (its job published, or its wait in a retry tier over)
+    /// to the provider accepting it, by lane: what the urgent lane promises.
+    pub send_latency: Family<LaneLabels, Histogram, fn() -> Histogram>,
+    /// Provider calls that failed, by provider and error code: which failures, not only
+    /// how many.
+    pub provider_errors: Family<ProviderErrorLabels, Counter>,
     pub retries: Family<LaneLabels, Counter>,
     pub dead_letters: Family<ReasonLabels, Counter>,
     pub in_flight: Family<LaneLabels, Gauge>,
@@ -72,6 +110,9 @@ pub struct Metrics {
     pub paused: Family<ProviderLabels, Counter>,
     /// Delivery receipts, by provider and the provider's status word.
     pub receipts: Family<ReceiptLabels, Counter>,
+    /// From a message's acceptance by the provider to its final receipt (delivered,
+    /// undelivered, failed): how late the web app learns whether a text arrived.
+    pub receipt_delay: Family<ReceiptSourceLabels, Histogram, fn() -> Histogram>,
     /// Messages waiting in each queue (lanes, retry tiers, dead letters): the lag.
     pub queue_depth: Family<QueueLabels, Gauge>,
     /// Resends after an unknown outcome that the provider could not be asked about.
@@ -82,6 +123,8 @@ pub struct Metrics {
     pub events_outbox: Gauge,
     /// Age of the oldest status event waiting in the outbox.
     pub events_outbox_oldest: Gauge<f64, AtomicU64>,
+    /// 1 while `/readyz` would answer 200, else 0; set at each scrape.
+    pub ready: Gauge,
 }
 
 impl Default for Metrics {
@@ -100,7 +143,39 @@ impl Metrics {
         metrics.register_queues();
         metrics.register_possible_duplicates();
         metrics.register_events();
+        metrics.register_ready();
+        metrics.start_at_zero();
         metrics
+    }
+
+    /// Gives the series whose labels are known before anything happens a value of 0, so
+    /// that a dashboard shows 0 rather than "no data", and an alert has a series to read.
+    /// (Creating a series is the point: the guard `get_or_create` returns goes at once.)
+    fn start_at_zero(&self) {
+        for lane in Lane::ALL {
+            let labels = LaneLabels {
+                lane: lane.as_str(),
+            };
+            drop(self.in_flight.get_or_create(&labels));
+            drop(self.retries.get_or_create(&labels));
+            drop(self.send_latency.get_or_create(&labels));
+        }
+        for reason in DeadReason::ALL {
+            drop(self.dead_letters.get_or_create(&ReasonLabels {
+                reason: reason.as_str(),
+            }));
+        }
+    }
+
+    /// Series at 0 for each configured provider: its circuit (closed), put-off messages and
+    /// call durations.
+    pub fn start_providers_at_zero(&self, providers: impl IntoIterator<Item = &'static str>) {
+        for provider in providers {
+            let labels = ProviderLabels { provider };
+            drop(self.circuit_state.get_or_create(&labels));
+            drop(self.paused.get_or_create(&labels));
+            drop(self.provider_calls.get_or_create(&labels));
+        }
     }
 
     /// Every metric, none of them in the registry yet: only [`Metrics::new`] should call it.
@@ -109,6 +184,8 @@ impl Metrics {
             registry: Registry::with_prefix("smsgw"),
             messages: Family::default(),
             provider_calls: Family::new_with_constructor(call_duration_histogram),
+            provider_errors: Family::default(),
+            send_latency: Family::new_with_constructor(send_latency_histogram),
             retries: Family::default(),
             dead_letters: Family::default(),
             in_flight: Family::default(),
@@ -118,11 +195,13 @@ impl Metrics {
             circuit_state: Family::default(),
             paused: Family::default(),
             receipts: Family::default(),
+            receipt_delay: Family::new_with_constructor(receipt_delay_histogram),
             queue_depth: Family::default(),
             possible_duplicates: Counter::default(),
             events_published: Counter::default(),
             events_outbox: Gauge::default(),
             events_outbox_oldest: Gauge::default(),
+            ready: Gauge::default(),
         }
     }
 
@@ -137,6 +216,17 @@ impl Metrics {
             "provider_call_duration_seconds",
             "Duration of provider calls",
             self.provider_calls.clone(),
+        );
+        registry.register(
+            "send_latency_seconds",
+            "Time from when a message was due (published, or out of a retry tier) to the \
+             provider accepting it, by lane",
+            self.send_latency.clone(),
+        );
+        registry.register(
+            "provider_errors",
+            "Provider calls that failed, by provider and error code",
+            self.provider_errors.clone(),
         );
         registry.register(
             "retries",
@@ -191,6 +281,11 @@ impl Metrics {
             "Delivery receipts received, by provider and status",
             self.receipts.clone(),
         );
+        registry.register(
+            "receipt_delay_seconds",
+            "Time from the provider accepting a message to its final delivery receipt",
+            self.receipt_delay.clone(),
+        );
     }
 
     fn register_queues(&mut self) {
@@ -229,6 +324,14 @@ impl Metrics {
         );
     }
 
+    fn register_ready(&mut self) {
+        self.registry.register(
+            "ready",
+            "1 while the daemon is ready (broker, lane consumers and database usable), else 0",
+            self.ready.clone(),
+        );
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut text = String::new();
@@ -245,5 +348,95 @@ impl Metrics {
                 provider,
             })
             .inc();
+    }
+
+    /// Observes how long the final word on a message (delivered, undelivered, failed) took
+    /// to come; the provider's interim words (queued, sent) are not what anyone waits for.
+    pub fn observe_receipt_delay(&self, receipt: &Receipt<'_>, applied: &ReceiptApplied) {
+        let last_word = matches!(
+            receipt.status,
+            Some(MessageStatus::Delivered | MessageStatus::Undelivered | MessageStatus::Failed)
+        );
+        if let (true, Some(seconds)) = (last_word, applied.since_sent) {
+            self.receipt_delay
+                .get_or_create(&ReceiptSourceLabels {
+                    provider: receipt.provider.to_owned(),
+                })
+                .observe(seconds.max(0.0));
+        }
+    }
+
+    /// Observes the time since `due` for a message of `lane` that the provider accepted.
+    pub fn observe_send_latency(&self, lane: Lane, due: OffsetDateTime) {
+        let seconds = (OffsetDateTime::now_utc() - due).as_seconds_f64();
+        self.send_latency
+            .get_or_create(&LaneLabels {
+                lane: lane.as_str(),
+            })
+            .observe(seconds.max(0.0));
+    }
+
+    pub fn count_provider_error(&self, provider: &'static str, code: String) {
+        self.provider_errors
+            .get_or_create(&ProviderErrorLabels { provider, code })
+            .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn receipt(status: Option<MessageStatus>) -> Receipt<'static> {
+        Receipt {
+            provider: "twilio",
+            provider_message_id: "SM1",
+            provider_status: "x",
+            status,
+            error_code: None,
+            opted_out: false,
+            signed_by: &[],
+        }
+    }
+
+    #[test]
+    fn series_known_before_any_event_are_shown_at_zero() {
+        let metrics = Metrics::new();
+        metrics.start_providers_at_zero(["twilio"]);
+        let text = metrics.render();
+        for expected in [
+            r#"smsgw_in_flight{lane="bulk"} 0"#,
+            r#"smsgw_retries_total{lane="urgent"} 0"#,
+            r#"smsgw_dead_letters_total{reason="attempts_exhausted"} 0"#,
+            r#"smsgw_circuit_state{provider="twilio"} 0"#,
+            r#"smsgw_paused_total{provider="twilio"} 0"#,
+            r#"smsgw_send_latency_seconds_count{lane="default"} 0"#,
+            "smsgw_ready 0",
+        ] {
+            assert!(text.contains(expected), "missing {expected}:\n{text}");
+        }
+    }
+
+    #[test]
+    fn only_a_final_receipt_counts_toward_the_receipt_delay() {
+        let metrics = Metrics::new();
+        let applied = ReceiptApplied {
+            id: uuid::Uuid::nil(),
+            recipient: "+447700900123".into(),
+            school_id: 1,
+            since_sent: Some(3.0),
+        };
+        metrics.observe_receipt_delay(&receipt(Some(MessageStatus::Sent)), &applied);
+        metrics.observe_receipt_delay(&receipt(None), &applied);
+        metrics.observe_receipt_delay(&receipt(Some(MessageStatus::Delivered)), &applied);
+        let text = metrics.render();
+        assert!(
+            text.contains(r#"smsgw_receipt_delay_seconds_count{provider="twilio"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"smsgw_receipt_delay_seconds_sum{provider="twilio"} 3.0"#),
+            "{text}"
+        );
     }
 }

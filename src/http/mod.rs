@@ -116,6 +116,9 @@ async fn healthz() -> &'static str {
 async fn metrics_text(
     State(state): State<AppState>,
 ) -> ([(axum::http::HeaderName, &'static str); 1], String) {
+    // Read at each scrape, so that an alert can see a daemon that is up but not ready.
+    let (ready, _) = readiness(&state).await;
+    state.metrics.ready.set(i64::from(ready));
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -126,6 +129,17 @@ async fn metrics_text(
 }
 
 async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<serde_json::Value>) {
+    let (ready, parts) = readiness(&state).await;
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(parts))
+}
+
+/// Whether the daemon can do its work, and what `/readyz` says about each part.
+async fn readiness(state: &AppState) -> (bool, serde_json::Value) {
     let store = state.store.borrow().clone();
     let database = match &store {
         Some(store) => tokio::time::timeout(Duration::from_secs(2), store.ping())
@@ -137,19 +151,12 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<serde_json::
     let blocked = state.health.blocked();
     let consumers = state.health.consumers();
     let ready = broker && !blocked && database && consumers == Lane::ALL.len();
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (
-        status,
-        Json(json!({
-            "ready": ready,
-            "broker": broker,
-            "broker_blocked": blocked,
-            "consumers": consumers,
-            "database": database,
-        })),
-    )
+    let parts = json!({
+        "ready": ready,
+        "broker": broker,
+        "broker_blocked": blocked,
+        "consumers": consumers,
+        "database": database,
+    });
+    (ready, parts)
 }

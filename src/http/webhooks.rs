@@ -391,6 +391,7 @@ impl Webhooks {
         let Some(applied) = store.apply_receipt(receipt).await? else {
             return Ok(None);
         };
+        self.metrics.observe_receipt_delay(receipt, &applied);
         if receipt.opted_out
             && let Ok(number) = PhoneNumber::parse(&applied.recipient, None)
         {

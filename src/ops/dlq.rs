@@ -6,7 +6,8 @@ use serde_json::{Value, json};
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
 use super::{
-    EXIT_FAILED, EXIT_USAGE, hider, open_dead, print_log, print_table, short_duration, shorten,
+    EXIT_FAILED, EXIT_USAGE, HIDDEN, hider, masked_values, open_dead, print_log, print_table,
+    short_duration, shorten,
 };
 use crate::{
     broker::{Broker, BrokerError, DeadBrowser, DeadLetter, MAX_BROWSE, SILENCE, Shortfall},
@@ -246,8 +247,6 @@ fn masked_job(job: Value) -> Value {
     Value::Object(masked)
 }
 
-const HIDDEN: &str = "***";
-
 fn masked_number(value: &Value) -> Value {
     Value::String(value.as_str().map_or_else(|| HIDDEN.into(), mask))
 }
@@ -256,20 +255,6 @@ fn hidden_body(value: &Value) -> String {
     match value.as_str() {
         Some(text) => format!("(hidden, {} characters)", text.chars().count()),
         None => HIDDEN.into(),
-    }
-}
-
-/// Keys kept, values hidden: they say what the web app attached, not to whom.
-fn masked_values(value: Value) -> Value {
-    match value {
-        Value::Object(fields) => Value::Object(
-            fields
-                .into_iter()
-                .map(|(key, _)| (key, Value::String(HIDDEN.into())))
-                .collect(),
-        ),
-        Value::Null => Value::Null,
-        _ => Value::String(HIDDEN.into()),
     }
 }
 

@@ -1,20 +1,27 @@
 //! Tools for ops and support: the dead-letter queue (`smsgw dlq ...`), a message's record
-//! (`smsgw status`) and `smsgw check`.
+//! and the messages support looks for (`smsgw status`), the usage figures billing reads
+//! (`smsgw usage`) and `smsgw check`.
 //!
 //! Reading `sms.dead` never loses or reorders anything: messages are held unacked while
 //! they are looked at and go back to their original places; only `replay` (after the
 //! broker confirmed the republish) and `purge` remove what they were asked to.
 
+mod args;
 mod check;
 mod dlq;
 mod status;
+mod usage;
 
 use std::{process::ExitCode, time::Duration};
 
+use serde_json::Value;
+
 pub use self::{
+    args::{ContextMatch, ContextMatchError, NumberQuery, parse_instant, parse_since},
     check::check,
     dlq::{DeadFilter, dlq_list, dlq_purge, dlq_replay, dlq_show},
-    status::print_log,
+    status::{Lookup, find_messages, print_log},
+    usage::{UsageRange, UsageRangeError, print_usage},
 };
 use crate::{
     broker::{Broker, DeadBrowser, Topology},
@@ -122,6 +129,23 @@ fn hider(reveal: bool) -> impl Fn(&str) -> String {
         } else {
             crate::phone::redact_numbers(text)
         }
+    }
+}
+
+const HIDDEN: &str = "***";
+
+/// A context with its keys kept and its values hidden: they say what the web app
+/// attached, not to whom.
+fn masked_values(value: Value) -> Value {
+    match value {
+        Value::Object(fields) => Value::Object(
+            fields
+                .into_iter()
+                .map(|(key, _)| (key, Value::String(HIDDEN.into())))
+                .collect(),
+        ),
+        Value::Null => Value::Null,
+        _ => Value::String(HIDDEN.into()),
     }
 }
 

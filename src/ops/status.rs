@@ -1,16 +1,227 @@
-//! A message's record in the log, as support reads it (`smsgw status`, `dlq show`):
-//! numbers masked and the body hidden unless `--reveal`.
+//! The log as support reads it (`smsgw status`, `dlq show`): one message's record and
+//! attempts, or the messages to a number, of a school, or with a context value, newest
+//! first. Numbers masked and the body hidden unless `--reveal`.
 
-use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+use std::process::ExitCode;
 
-use super::{hider, print_table, shorten};
+use serde_json::{Value, json};
+use time::{OffsetDateTime, format_description::well_known::Rfc3339, macros::format_description};
+
+use super::{
+    ContextMatch, EXIT_FAILED, EXIT_USAGE, NumberQuery, hider, masked_values, print_table, shorten,
+};
 use crate::{
     config::Settings,
-    phone::mask,
-    store::{AttemptView, MessageView, Store},
+    phone::{PhoneNumber, mask},
+    store::{AttemptView, MessageSearch, MessageView, Store, StoreError},
 };
 
-/// Prints the message's row and attempts from the log; says whether it found the row.
+/// What `smsgw status` looks messages up by; every filter given must hold.
+#[derive(Debug, Clone)]
+pub struct Lookup {
+    pub to: Option<NumberQuery>,
+    /// Only this school's messages; its country reads a national `to`.
+    pub school: Option<i64>,
+    /// Created at or after.
+    pub since: Option<OffsetDateTime>,
+    pub context: Option<ContextMatch>,
+    /// Show at most this many, the newest.
+    pub limit: u16,
+    pub json: bool,
+    pub reveal: bool,
+}
+
+/// `smsgw status --to/--school/--since/--context`: the matching messages, newest first.
+/// Finding none is an answer, not a failure (exit 0).
+pub async fn find_messages(settings: &Settings, lookup: &Lookup) -> ExitCode {
+    let store = match Store::connect(settings.database_url.expose(), 1).await {
+        Ok(store) => store,
+        Err(e) => return unavailable(&e),
+    };
+    let found = match search_for(&store, lookup).await {
+        Ok(search) => store
+            .find_messages(&search)
+            .await
+            .map_err(|e| unavailable(&e)),
+        Err(code) => Err(code),
+    };
+    store.close().await;
+    match found {
+        Ok(mut messages) => {
+            let limit = usize::from(lookup.limit);
+            let more = messages.len() > limit;
+            messages.truncate(limit);
+            print_found(&messages, more, lookup);
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+fn unavailable(e: &StoreError) -> ExitCode {
+    eprintln!("smsgw: message log unavailable: {e}");
+    ExitCode::from(EXIT_FAILED)
+}
+
+fn refuse(message: &str) -> ExitCode {
+    eprintln!("smsgw: {message}");
+    ExitCode::from(EXIT_USAGE)
+}
+
+async fn search_for(store: &Store, lookup: &Lookup) -> Result<MessageSearch, ExitCode> {
+    let recipient = match &lookup.to {
+        Some(number) => Some(recipient(store, number, lookup.school).await?),
+        None => None,
+    };
+    Ok(MessageSearch {
+        recipient: recipient.map(|number| number.as_str().to_owned()),
+        school_id: lookup.school,
+        since: lookup.since,
+        context_any: lookup
+            .context
+            .as_ref()
+            .map(ContextMatch::forms)
+            .unwrap_or_default(),
+        // One more than shown, to tell whether more match.
+        limit: i64::from(lookup.limit) + 1,
+    })
+}
+
+/// `--to` in E.164, as the log keeps it: a national number read with the country of
+/// `--school` (`sms_school_settings.country`), as the daemon read it when it was sent.
+async fn recipient(
+    store: &Store,
+    number: &NumberQuery,
+    school: Option<i64>,
+) -> Result<PhoneNumber, ExitCode> {
+    let country = match (number.is_national(), school) {
+        (true, Some(id)) => match store.school_settings(id).await {
+            Ok(Some(settings)) => settings.country,
+            Ok(None) => {
+                return Err(refuse(&format!(
+                    "--to: school {id} has no row in sms_school_settings to read a national \
+                     number with; give it in E.164 (+44...)"
+                )));
+            }
+            Err(e) => return Err(unavailable(&e)),
+        },
+        // In E.164 already; or national without a school, which `resolve` refuses.
+        _ => None,
+    };
+    number
+        .resolve(country.as_deref())
+        .map_err(|e| refuse(&format!("--to: {e}")))
+}
+
+fn print_found(messages: &[MessageView], more: bool, lookup: &Lookup) {
+    let shown = messages.len();
+    if lookup.json {
+        let items: Vec<Value> = messages.iter().map(|m| json_of(m, lookup.reveal)).collect();
+        println!("{}", Value::Array(items));
+        if more {
+            eprintln!("showing the newest {shown}; more match (--limit, --since)");
+        }
+        return;
+    }
+    if messages.is_empty() {
+        println!("no messages match");
+        return;
+    }
+    let hide = |number: &str| {
+        if lookup.reveal {
+            number.to_owned()
+        } else {
+            mask(number)
+        }
+    };
+    let rows: Vec<Vec<String>> = messages.iter().map(|m| row_of(m, &hide)).collect();
+    let header = [
+        "CREATED",
+        "MESSAGE ID",
+        "SCHOOL",
+        "TYPE",
+        "TO",
+        "STATUS",
+        "SEGMENTS",
+        "ATTEMPTS",
+        "PROVIDER",
+    ];
+    print_table(&header, &rows);
+    let more = if more {
+        "; more match (--limit, --since)"
+    } else {
+        ""
+    };
+    println!("{shown} shown, newest first{more}. `smsgw status ID`: one with its attempts");
+}
+
+fn row_of(m: &MessageView, hide: &impl Fn(&str) -> String) -> Vec<String> {
+    let status = match &m.reason {
+        Some(reason) => format!("{} ({reason})", m.status),
+        None => m.status.clone(),
+    };
+    vec![
+        short_time(m.created_at),
+        m.id.to_string(),
+        m.school_id.to_string(),
+        m.kind.clone(),
+        hide(&m.recipient),
+        status,
+        m.segments.map_or("-".into(), |s| s.to_string()),
+        m.attempts.to_string(),
+        m.provider.clone().unwrap_or_else(|| "-".into()),
+    ]
+}
+
+/// A message for `--json`: the number masked, the context's values hidden and no body,
+/// unless `reveal`.
+fn json_of(m: &MessageView, reveal: bool) -> Value {
+    let context = if reveal {
+        m.context.clone()
+    } else {
+        m.context.clone().map(masked_values)
+    };
+    let mut item = json!({
+        "id": m.id,
+        "bulk_id": m.bulk_id,
+        "school_id": m.school_id,
+        "type": m.kind,
+        "to": if reveal { m.recipient.clone() } else { mask(&m.recipient) },
+        "status": m.status,
+        "reason": m.reason,
+        "provider": m.provider,
+        "provider_message_id": m.provider_message_id,
+        "provider_status": m.provider_status,
+        "error_code": m.error_code,
+        "segments": m.segments,
+        "attempts": m.attempts,
+        "context": context,
+        "created_at": rfc3339(Some(m.created_at)),
+        "sent_at": rfc3339(m.sent_at),
+        "delivered_at": rfc3339(m.delivered_at),
+        "updated_at": rfc3339(Some(m.updated_at)),
+    });
+    if reveal {
+        item["body"] = m.body.clone().into();
+    }
+    item
+}
+
+fn rfc3339(at: Option<OffsetDateTime>) -> Option<String> {
+    at.and_then(|t| t.format(&Rfc3339).ok())
+}
+
+/// `2026-11-25T08:00:01Z`: to the second, in UTC, for a table.
+fn short_time(at: OffsetDateTime) -> String {
+    at.to_offset(time::UtcOffset::UTC)
+        .format(format_description!(
+            "[year]-[month]-[day]T[hour]:[minute]:[second]Z"
+        ))
+        .unwrap_or_default()
+}
+
+/// `smsgw status ID`: prints the message's row and attempts from the log; says whether it
+/// found the row.
 pub async fn print_log(settings: &Settings, id: uuid::Uuid, reveal: bool) -> bool {
     let store = match Store::connect(settings.database_url.expose(), 1).await {
         Ok(store) => store,

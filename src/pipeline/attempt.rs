@@ -384,6 +384,10 @@ impl<L: MessageLog> Pipeline<L> {
                 provider: gateway.name,
             })
             .observe(duration.as_secs_f64());
+        if let Err(error) = &result {
+            self.metrics
+                .count_provider_error(gateway.name, error_code_label(error));
+        }
         (result, duration)
     }
 
@@ -410,6 +414,9 @@ impl<L: MessageLog> Pipeline<L> {
         })
         .await?;
         self.count("sent", job.kind, call.gateway.name);
+        let delivery = out.message.delivery;
+        let due = delivery.retry_at.unwrap_or(delivery.first_seen);
+        self.metrics.observe_send_latency(delivery.lane, due);
         tracing::info!(
             to = %out.sms.to.masked(),
             sender = out.sms.sender.map(|s| s.as_str()).unwrap_or("default"),
@@ -498,6 +505,36 @@ struct Call<'g> {
     duration: Duration,
 }
 
+/// The `code` label of a failed call: the provider's own code when it gave a short, plain
+/// one (an answer from outside must not make labels of any length), else what went wrong.
+fn error_code_label(error: &ProviderError) -> String {
+    let plain = |code: &str| {
+        code.len() <= 16
+            && code
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    };
+    match error {
+        ProviderError::Unreachable { .. } => "unreachable".to_owned(),
+        ProviderError::ConnectionLost { .. } => "connection_lost".to_owned(),
+        ProviderError::Timeout { .. } => "timeout".to_owned(),
+        ProviderError::Unreadable { .. } => "unreadable".to_owned(),
+        ProviderError::Unavailable {
+            http_status, code, ..
+        }
+        | ProviderError::Throttled {
+            http_status, code, ..
+        }
+        | ProviderError::Rejected {
+            http_status, code, ..
+        } => match code.as_deref() {
+            Some(code) if plain(code) => code.to_owned(),
+            Some(_) => "other".to_owned(),
+            None => format!("http_{http_status}"),
+        },
+    }
+}
+
 /// The provider's own words when it gave any, else our description of the failure.
 fn error_message(error: &ProviderError) -> String {
     match error {
@@ -506,5 +543,37 @@ fn error_message(error: &ProviderError) -> String {
             message.clone().unwrap_or_else(|| error.to_string())
         }
         _ => error.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_is_labelled_by_the_providers_code_or_by_what_went_wrong() {
+        let rejected = |code: Option<&str>| ProviderError::Rejected {
+            http_status: 400,
+            code: code.map(str::to_owned),
+            message: "no".into(),
+            recipient_opted_out: false,
+            other_gateway_may_succeed: false,
+        };
+        assert_eq!(error_code_label(&rejected(Some("21211"))), "21211");
+        assert_eq!(error_code_label(&rejected(None)), "http_400");
+        // A code from outside that would make a long or odd label is not kept.
+        assert_eq!(error_code_label(&rejected(Some(&"9".repeat(40)))), "other");
+        assert_eq!(error_code_label(&rejected(Some("a b"))), "other");
+        let timeout = ProviderError::Timeout {
+            after: Duration::from_secs(10),
+        };
+        assert_eq!(error_code_label(&timeout), "timeout");
+        let unavailable = ProviderError::Unavailable {
+            http_status: 503,
+            code: None,
+            message: None,
+            retry_after: None,
+        };
+        assert_eq!(error_code_label(&unavailable), "http_503");
     }
 }

@@ -1,4 +1,6 @@
 //! The migrations in `schema/`, embedded at build time, and the code that applies them.
+//! Only its `.sql` files are migrations, each listed in [`MIGRATIONS`]: the job's JSON
+//! Schema beside them (`job-v1.schema.json`) is for the web app's developers.
 //!
 //! They are recorded in `_sqlx_migrations`, the table (and the row format) of the sqlx
 //! migrator this replaced: a database it migrated is recognised as it is, and a database
@@ -86,6 +88,7 @@ pub(crate) static MIGRATIONS: &[Migration] = &[
     migration!(20261204000002, "drop_opt_out_notify"),
     migration!(20261204000003, "inbound_replay"),
     migration!(20261204000004, "quiet_hours"),
+    migration!(20261204000005, "support_lookups"),
     migration!(20261204000006, "inbox"),
 ];
 

@@ -13,7 +13,8 @@
 //! - `messages`: the message log's rows and the pipeline's writes; `log` their batch
 //!   statements, and `recorder` the group commit that batches them;
 //! - `receipts`: delivery receipts and the webhooks already applied; `views`: a message
-//!   as support reads it;
+//!   as support reads it; `lookups`: messages as support searches them, and the usage
+//!   figures billing counts;
 //! - `outbox`: the status events waiting for the relay;
 //! - `inbox`: the development inbox's copies of the messages it handled;
 //! - `connect`: connection settings, TLS, the pool; `migrate`: the schema's migrations;
@@ -30,6 +31,7 @@ use tokio_postgres::{Row, types::ToSql};
 mod connect;
 mod inbox;
 mod log;
+mod lookups;
 mod messages;
 mod migrate;
 mod notify;
@@ -42,6 +44,7 @@ mod views;
 use connect::{Connector, quote_identifier};
 pub use inbox::{InboxCopy, InboxFilter, InboxMessage};
 pub use log::Claim;
+pub use lookups::{MessageSearch, UsageCount};
 pub use messages::{
     AttemptOutcome, AttemptRecord, MessageState, MessageStatus, NewMessage, UnknownAttempt,
 };

@@ -33,6 +33,8 @@ pub struct ReceiptApplied {
     pub id: Uuid,
     pub recipient: String,
     pub school_id: i64,
+    /// Seconds since the provider accepted the message, by the database's clock.
+    pub since_sent: Option<f64>,
 }
 
 impl ReceiptApplied {
@@ -41,6 +43,7 @@ impl ReceiptApplied {
             id: row.try_get("id")?,
             recipient: row.try_get("recipient")?,
             school_id: row.try_get("school_id")?,
+            since_sent: row.try_get("since_sent")?,
         })
     }
 }
@@ -96,7 +99,8 @@ static APPLY_RECEIPT: LazyLock<String> = LazyLock::new(|| {
           WHERE a.provider_message_id = $2 AND a.outcome = 'sent' AND m.id = a.message_id
             AND a.provider = ANY($6)
             AND m.status IN ('sent', 'delivered', 'undelivered', 'failed')
-          RETURNING m.id, m.recipient, m.school_id",
+          RETURNING m.id, m.recipient, m.school_id,
+                    EXTRACT(EPOCH FROM now() - m.sent_at)::float8 AS since_sent",
         new = rank("$4"),
         old = rank("m.status"),
     )

@@ -1,11 +1,19 @@
 //! A message and its attempts as support reads them (`smsgw status`, `dlq show`).
 
+use std::sync::LazyLock;
+
 use serde_json::Value;
 use time::OffsetDateTime;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
 use super::{Store, StoreError};
+
+/// The columns [`MessageView::from_row`] reads.
+pub(super) const MESSAGE_COLUMNS: &str =
+    "id, bulk_id, school_id, type, recipient, body, context, status, reason, provider,
+     provider_message_id, provider_status, error_code, segments, attempts, created_at,
+     sent_at, delivered_at, updated_at";
 
 /// A message row, as support reads it.
 #[derive(Debug, Clone)]
@@ -33,7 +41,7 @@ pub struct MessageView {
 }
 
 impl MessageView {
-    fn from_row(row: &Row) -> Result<Self, StoreError> {
+    pub(super) fn from_row(row: &Row) -> Result<Self, StoreError> {
         Ok(MessageView {
             id: row.try_get("id")?,
             bulk_id: row.try_get("bulk_id")?,
@@ -88,18 +96,13 @@ impl AttemptView {
 
 impl Store {
     pub async fn message_view(&self, id: Uuid) -> Result<Option<MessageView>, StoreError> {
-        self.row(
-            "SELECT id, bulk_id, school_id, type, recipient, body, context, status, reason,
-                    provider, provider_message_id, provider_status, error_code, segments,
-                    attempts, created_at, sent_at,
-                    delivered_at, updated_at
-             FROM sms_messages WHERE id = $1",
-            &[&id],
-        )
-        .await?
-        .as_ref()
-        .map(MessageView::from_row)
-        .transpose()
+        static SQL: LazyLock<String> =
+            LazyLock::new(|| format!("SELECT {MESSAGE_COLUMNS} FROM sms_messages WHERE id = $1"));
+        self.row(&SQL, &[&id])
+            .await?
+            .as_ref()
+            .map(MessageView::from_row)
+            .transpose()
     }
 
     pub async fn attempt_views(&self, id: Uuid) -> Result<Vec<AttemptView>, StoreError> {
