@@ -7,6 +7,8 @@ COPY Cargo.toml Cargo.lock ./
 COPY .cargo .cargo
 COPY src src
 COPY schema schema
+# The inbox page's template, compiled into the binary.
+COPY templates templates
 RUN cargo build --release --locked --bin smsgw && strip target/release/smsgw
 
 # glibc and CA certificates, nothing else; runs as uid 65532.

@@ -9,7 +9,8 @@ EXCLUSIVE_FILTER := $(subst $(eval) , | ,$(foreach t,$(EXCLUSIVE),binary($(t))))
 
 .PHONY: run test test-parallel test-faults bench fmt lint check audit fuzz services clean-test-envs
 
-## run: the daemon against the local RabbitMQ and PostgreSQL, log provider (nothing is sent)
+## run: the daemon against the local RabbitMQ and PostgreSQL, inbox provider (nothing is
+## sent; every text is shown at http://127.0.0.1:9464/inbox)
 run: services
 	$(CARGO) run --quiet -- run
 

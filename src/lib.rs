@@ -17,8 +17,8 @@
 //! - [`job`]: the v1 job format, decoded, validated and encoded.
 //! - [`policy`]: the pure decision: send (by which route), suppress, expire, defer,
 //!   hold for the school's quiet hours, or refuse.
-//! - [`provider`]: the adapters (`log`, Twilio, Vonage), each behind a gateway with its
-//!   circuit breaker, pace and call slots.
+//! - [`provider`]: the adapters (`log`, the development `inbox`, Twilio, Vonage), each
+//!   behind a gateway with its circuit breaker, pace and call slots.
 //! - [`pipeline`]: one delivery in, one disposition out; its rules are pure functions in
 //!   [`pipeline::outcome`], and it reaches the log through [`pipeline::MessageLog`].
 //! - [`store`]: PostgreSQL: settings, opt-outs, the message log, and the outbox of status
@@ -32,7 +32,7 @@
 //! - [`retry`]: the one way to wait and try again.
 //! - [`retention`]: purging old bodies, rows, webhook ids and dead letters in the background.
 //! - [`http`]: `/healthz`, `/readyz`, `/metrics` and the webhooks (delivery receipts,
-//!   inbound STOP/START, with signature checks).
+//!   inbound STOP/START, with signature checks); `/inbox` with the inbox provider.
 //! - [`ops`]: the dead-letter tools, a message's record, support lookups, usage for
 //!   billing and `smsgw check`.
 //! - [`systemd`]: the notify protocol (ready, stopping, watchdog).

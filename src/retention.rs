@@ -1,7 +1,8 @@
 //! Retention: removes what smsgw keeps once it is past its age, in small batches with
 //! pauses between them, so it never holds up sending.
 //!
-//! - message bodies after `SMSGW_BODY_RETENTION`;
+//! - message bodies after `SMSGW_BODY_RETENTION`, and the development inbox's copies of
+//!   them then too (or with their messages, if `SMSGW_LOG_RETENTION` is shorter);
 //! - finished messages with their attempts, and the records of applied webhooks, after
 //!   `SMSGW_LOG_RETENTION`;
 //! - dead letters after `SMSGW_DEAD_RETENTION`, from the head of `sms.dead` (RabbitMQ
@@ -92,11 +93,14 @@ async fn pass(
         |_| {},
     )
     .await?;
-    if purged > 0 || deleted > 0 || forgotten > 0 {
+    let inbox_age = settings.body_retention.min(settings.log_retention);
+    let inbox = in_batches(stop, || store.purge_inbox(inbox_age, BATCH), |_| {}).await?;
+    if purged > 0 || deleted > 0 || forgotten > 0 || inbox > 0 {
         tracing::info!(
             bodies_purged = purged,
             messages_deleted = deleted,
             webhook_ids_deleted = forgotten,
+            inbox_copies_deleted = inbox,
             "retention pass"
         );
     }

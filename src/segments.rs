@@ -92,9 +92,60 @@ pub fn segment(text: &str) -> Segmentation {
     }
 }
 
+impl Encoding {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Encoding::Gsm7 => "GSM-7",
+            Encoding::Ucs2 => "UCS-2",
+        }
+    }
+}
+
+/// A text that goes as UCS-2, costing more segments than it would as GSM-7, because of a
+/// few characters outside the GSM alphabet (an emoji, a curly quote, a dash).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ucs2Cost {
+    /// The characters outside the alphabet, each once, in order of appearance.
+    pub characters: Vec<char>,
+    pub segments: u32,
+    /// The segments the text would take without them.
+    pub gsm7_segments: u32,
+}
+
+/// What UCS-2 costs `text`, when it costs a segment or more; `None` for GSM-7 texts and
+/// for texts that are UCS-2 at no extra cost.
+pub fn ucs2_cost(text: &str) -> Option<Ucs2Cost> {
+    let segmentation = segment(text);
+    if segmentation.encoding != Encoding::Ucs2 {
+        return None;
+    }
+    let mut characters: Vec<char> = Vec::new();
+    for c in text.chars().filter(|c| gsm_cost(*c).is_none()) {
+        if !characters.contains(&c) {
+            characters.push(c);
+        }
+    }
+    let gsm7_segments = pack(text.chars().filter_map(gsm_cost), 160, 153);
+    (gsm7_segments < segmentation.segments).then_some(Ucs2Cost {
+        characters,
+        segments: segmentation.segments,
+        gsm7_segments,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_emoji_that_adds_segments_is_named() {
+        let text = format!("{} 👍", "a".repeat(100));
+        let cost = ucs2_cost(&text).expect("UCS-2 costs a segment");
+        assert_eq!(cost.characters, ['👍']);
+        assert_eq!((cost.segments, cost.gsm7_segments), (2, 1));
+        assert_eq!(ucs2_cost("See you 👍"), None, "still one segment");
+        assert_eq!(ucs2_cost(&"a".repeat(100)), None, "GSM-7");
+    }
 
     #[test]
     fn the_ascii_table_agrees_with_the_alphabet() {

@@ -405,6 +405,12 @@ fn the_compose_file_and_env_examples_use_real_settings() {
     let dockerfile = read("Dockerfile");
     assert!(dockerfile.contains("USER 65532"), "runs as non-root");
     assert!(dockerfile.matches("FROM ").count() >= 2, "multi-stage");
+    for read_by_the_build in ["src", "schema", "templates"] {
+        assert!(
+            dockerfile.contains(&format!("COPY {read_by_the_build} {read_by_the_build}")),
+            "the image build needs {read_by_the_build}/"
+        );
+    }
     // Built like `cargo build` here: with the allocator settings of .cargo/config.toml.
     assert!(
         dockerfile.contains("COPY .cargo .cargo"),

@@ -68,6 +68,9 @@ pub struct TwilioSettings {
     pub sender: TwilioSender,
     /// `https://api.twilio.com` in real use; tests point it at a local stub.
     pub base_url: String,
+    /// Test credentials (`sandbox = true`): Twilio accepts every request and delivers
+    /// nothing. Never a real destination; refused in production.
+    pub sandbox: bool,
 }
 
 /// Concurrency budget of each lane: how many messages of it may be in flight at once.
@@ -253,7 +256,7 @@ impl Settings {
         let env = environment(&get)?;
         let provider_config = provider_config(&get, env, delivery)?;
         if delivery {
-            refuse_log_provider_in_production(env, &provider_config.providers)?;
+            refuse_non_delivering_in_production(env, &provider_config.providers)?;
         }
         let redirect_to = redirect_to(&get)?;
         check_redirect(env, redirect_to.as_ref(), &provider_config.providers)?;
@@ -324,14 +327,19 @@ impl Settings {
     /// One line that says where messages will really go. Printed at start-up in every mode.
     pub fn destination_summary(&self) -> String {
         let env = self.env.as_str();
-        if self
-            .providers
-            .iter()
-            .all(|p| matches!(p.kind, ProviderKindSettings::Log))
-        {
+        let only =
+            |kind: fn(&ProviderKindSettings) -> bool| self.providers.iter().all(|p| kind(&p.kind));
+        if only(|k| matches!(k, ProviderKindSettings::Log)) {
             return format!(
                 "{env}: provider '{}': messages are written to the log, none is sent",
                 self.default_provider
+            );
+        }
+        if only(|k| matches!(k, ProviderKindSettings::Inbox)) {
+            return format!(
+                "{env}: provider '{}': messages are kept in the inbox at http://{}/inbox, \
+                 none is sent",
+                self.default_provider, self.http_addr
             );
         }
         let list: Vec<String> = self.providers.iter().map(|p| p.describe()).collect();
@@ -349,6 +357,14 @@ impl Settings {
                 "{env}: {which}: every message is redirected to {}",
                 number.masked()
             ),
+            // Each provider's description already says that it delivers nothing.
+            None if self
+                .providers
+                .iter()
+                .all(|p| p.delivers_nothing().is_some()) =>
+            {
+                format!("{env}: {which}")
+            }
             None => format!("{env}: {which}: messages go to their real recipients"),
         }
     }
@@ -401,31 +417,39 @@ fn provider_config(
                 "production needs a real provider (e.g. twilio); the log provider sends nothing",
             ));
         }
+        // Development shows what it would have sent; staging, where the HTTP address may
+        // be reachable by others, keeps to the log unless told otherwise.
+        None if env == Environment::Development => "inbox".to_owned(),
         None => "log".to_owned(),
         Some(kind) => kind.trim().to_owned(),
     };
     providers::from_env(get, &kind)
 }
 
-/// In production a log provider would make messages vanish while looking sent.
-fn refuse_log_provider_in_production(
+/// In production a provider that delivers nothing (the log, the inbox, a sandbox) would
+/// make messages vanish while looking sent.
+fn refuse_non_delivering_in_production(
     env: Environment,
     providers: &[ProviderSettings],
 ) -> Result<(), ConfigError> {
-    if env == Environment::Production
-        && let Some(log) = providers
-            .iter()
-            .find(|p| matches!(p.kind, ProviderKindSettings::Log))
-    {
-        return Err(bad(
-            "SMSGW_PROVIDER",
-            format!(
-                "production refuses the log provider ('{}'): it would silently send nothing",
-                log.name
-            ),
-        ));
+    if env != Environment::Production {
+        return Ok(());
     }
-    Ok(())
+    let Some((provider, (what, why))) = providers
+        .iter()
+        .find_map(|p| p.delivers_nothing().map(|refusal| (p, refusal)))
+    else {
+        return Ok(());
+    };
+    // A sandbox can only be declared in the file; the others may come from either.
+    let variable = match provider.kind {
+        ProviderKindSettings::Twilio(_) => "SMSGW_CONFIG",
+        _ => "SMSGW_PROVIDER",
+    };
+    Err(bad(
+        variable,
+        format!("production refuses {what} ('{}'): {why}", provider.name),
+    ))
 }
 
 /// A malformed URL is refused here, and not quoted: it may hold a password.
@@ -476,7 +500,7 @@ fn check_redirect(
             "SMSGW_REDIRECT_TO",
             format!(
                 "{}: provider {} would text real people: set SMSGW_REDIRECT_TO to your own \
-                 number (or use SMSGW_PROVIDER=log)",
+                 number (or use SMSGW_PROVIDER=inbox)",
                 env.as_str(),
                 real.describe()
             ),
@@ -773,14 +797,29 @@ mod tests {
     }
 
     #[test]
-    fn development_defaults_to_the_log_provider() {
+    fn development_defaults_to_the_inbox_and_staging_to_the_log() {
         let s = settings(&[]).expect("defaults are valid");
         assert_eq!(s.env, Environment::Development);
-        assert_eq!(s.default_provider, "log");
+        assert_eq!(s.default_provider, "inbox");
         assert_eq!(s.max_attempts, 6);
         assert_eq!(s.retry_delays.len(), 5);
         assert_eq!((s.max_job_bytes, s.fanout_concurrency), (8_388_608, 2));
-        assert!(s.destination_summary().contains("none is sent"));
+        assert_eq!(
+            s.destination_summary(),
+            "development: provider 'inbox': messages are kept in the inbox at \
+             http://127.0.0.1:9464/inbox, none is sent"
+        );
+        let staging = settings(&[("SMSGW_ENV", "staging")]).expect("valid");
+        assert_eq!(staging.default_provider, "log");
+        assert!(staging.destination_summary().contains("none is sent"));
+    }
+
+    #[test]
+    fn production_refuses_the_inbox() {
+        let err = settings(&[("SMSGW_ENV", "production"), ("SMSGW_PROVIDER", "inbox")])
+            .expect_err("inbox in production");
+        assert_eq!(err.variable, "SMSGW_PROVIDER");
+        assert!(err.problem.contains("inbox provider"), "{err}");
     }
 
     #[test]
@@ -871,6 +910,42 @@ mod tests {
         let s = settings(&with_redirect).expect("redirected staging is fine");
         let line = s.destination_summary();
         assert!(line.contains("redirected to +44*******123"), "{line}");
+    }
+
+    /// A Twilio sandbox (test credentials at Twilio's real API) declared in a file.
+    fn sandbox(env: &'static str) -> Result<Settings, ConfigError> {
+        let path = std::env::temp_dir().join(format!(
+            "smsgw-sandbox-{}.toml",
+            uuid::Uuid::new_v4().simple()
+        ));
+        let toml = format!(
+            "[providers.twilio]\ntype = \"twilio\"\nsandbox = true\naccount_sid = \"{SID}\"\n\
+             auth_token = {{ env = \"TEST_TOKEN\" }}\nfrom = \"+15005550006\"\n"
+        );
+        std::fs::write(&path, toml).expect("write");
+        let path = path.to_string_lossy().into_owned();
+        settings(&[
+            ("SMSGW_ENV", env),
+            ("SMSGW_CONFIG", &path),
+            ("TEST_TOKEN", "test-token"),
+            ("SMSGW_PUBLIC_URL", "https://smsgw.example.com"),
+        ])
+    }
+
+    #[test]
+    fn staging_accepts_a_sandbox_without_a_redirect_and_says_so() {
+        let s = sandbox("staging").expect("a sandbox texts nobody");
+        assert_eq!(
+            s.destination_summary(),
+            "staging: provider 'twilio': twilio sandbox (test credentials): nothing is delivered"
+        );
+    }
+
+    #[test]
+    fn production_refuses_a_sandbox() {
+        let err = sandbox("production").expect_err("a sandbox delivers nothing");
+        assert_eq!(err.variable, "SMSGW_CONFIG");
+        assert!(err.problem.contains("sandbox"), "{err}");
     }
 
     #[test]

@@ -20,6 +20,16 @@
 //! api_secret = { env = "VONAGE_API_SECRET" }
 //! from = "DriveSafe"
 //! signature_secret = { env = "VONAGE_SIGNATURE_SECRET" }
+//!
+//! [providers.sandbox]
+//! type = "twilio"
+//! sandbox = true                                   # Twilio's test credentials
+//! account_sid = "AC0123456789abcdef0123456789abcdef"
+//! auth_token = { env = "TWILIO_TEST_AUTH_TOKEN" }
+//! from = "+15005550006"
+//!
+//! [providers.inbox]
+//! type = "inbox"                                   # development: kept and shown at /inbox
 //! ```
 
 use std::collections::BTreeMap;
@@ -72,6 +82,8 @@ pub struct VonageSettings {
 #[derive(Debug, Clone)]
 pub enum ProviderKindSettings {
     Log,
+    /// The development inbox: nothing leaves the machine; every message is kept and shown.
+    Inbox,
     Twilio(TwilioSettings),
     Vonage(VonageSettings),
 }
@@ -89,19 +101,42 @@ impl ProviderSettings {
     pub fn type_name(&self) -> &'static str {
         match self.kind {
             ProviderKindSettings::Log => "log",
+            ProviderKindSettings::Inbox => "inbox",
             ProviderKindSettings::Twilio(_) => "twilio",
             ProviderKindSettings::Vonage(_) => "vonage",
         }
     }
 
-    /// Whether this provider reaches real phones: a real API, not the log and not a stub.
-    /// Decided from the base URL's host, so that any port, path or regional host of the
-    /// provider counts as real, and staging cannot run unredirected against it.
+    /// Whether this provider reaches real phones: a real API, not the log, the inbox, a
+    /// sandbox or a stub. Decided from the base URL's host, so that any port, path or
+    /// regional host of the provider counts as real, and staging cannot run unredirected
+    /// against it.
     pub fn reaches_real_phones(&self) -> bool {
         match &self.kind {
-            ProviderKindSettings::Log => false,
-            ProviderKindSettings::Twilio(t) => host_within(&t.base_url, TWILIO_DOMAINS),
+            ProviderKindSettings::Log | ProviderKindSettings::Inbox => false,
+            ProviderKindSettings::Twilio(t) => {
+                !t.sandbox && host_within(&t.base_url, TWILIO_DOMAINS)
+            }
             ProviderKindSettings::Vonage(v) => host_within(&v.base_url, VONAGE_DOMAINS),
+        }
+    }
+
+    /// Why production refuses this provider, if it does: it would deliver nothing while
+    /// the log says sent. What it is, and why that is refused.
+    pub fn delivers_nothing(&self) -> Option<(&'static str, &'static str)> {
+        match &self.kind {
+            ProviderKindSettings::Log => {
+                Some(("the log provider", "it would silently send nothing"))
+            }
+            ProviderKindSettings::Inbox => Some((
+                "the inbox provider",
+                "it sends nothing, and keeps every text, login codes included",
+            )),
+            ProviderKindSettings::Twilio(t) if t.sandbox => Some((
+                "a sandbox provider",
+                "Twilio's test credentials accept messages and deliver none",
+            )),
+            ProviderKindSettings::Twilio(_) | ProviderKindSettings::Vonage(_) => None,
         }
     }
 
@@ -109,6 +144,16 @@ impl ProviderSettings {
     pub fn describe(&self) -> String {
         match &self.kind {
             ProviderKindSettings::Log => format!("'{}' (log: nothing is sent)", self.name),
+            ProviderKindSettings::Inbox => {
+                format!(
+                    "'{}' (inbox: kept and shown at /inbox, nothing is sent)",
+                    self.name
+                )
+            }
+            ProviderKindSettings::Twilio(t) if t.sandbox => format!(
+                "'{}': twilio sandbox (test credentials): nothing is delivered",
+                self.name
+            ),
             ProviderKindSettings::Twilio(t) if self.reaches_real_phones() => {
                 format!("'{}' via Twilio's API", self.name)
             }
@@ -153,6 +198,7 @@ struct FileConfig {
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
 enum FileProvider {
     Log { rate: Option<u32> },
+    Inbox { rate: Option<u32> },
     Twilio(FileTwilio),
     Vonage(FileVonage),
 }
@@ -166,6 +212,9 @@ struct FileTwilio {
     messaging_service_sid: Option<FileValue>,
     base_url: Option<String>,
     rate: Option<u32>,
+    /// Test credentials: Twilio accepts every request and delivers nothing.
+    #[serde(default)]
+    sandbox: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -271,6 +320,7 @@ fn twilio(
         auth_token,
         sender,
         base_url: base_url(base, DEFAULT_TWILIO_BASE_URL, variable)?,
+        sandbox: false,
     })
 }
 
@@ -292,12 +342,13 @@ fn signature_method(
 pub(super) fn from_env(get: Get<'_>, kind: &str) -> Result<ProviderConfig, ConfigError> {
     let provider = match kind {
         "log" => ProviderKindSettings::Log,
+        "inbox" => ProviderKindSettings::Inbox,
         "twilio" => ProviderKindSettings::Twilio(twilio_from_env(get)?),
         "vonage" => ProviderKindSettings::Vonage(vonage_from_env(get)?),
         other => {
             return Err(bad(
                 "SMSGW_PROVIDER",
-                format!("unknown provider '{other}' (known: log, twilio, vonage)"),
+                format!("unknown provider '{other}' (known: inbox, log, twilio, vonage)"),
             ));
         }
     };
@@ -404,6 +455,7 @@ fn file_provider(
     check_provider_name(&name)?;
     let (kind, rate) = match provider {
         FileProvider::Log { rate } => (ProviderKindSettings::Log, rate),
+        FileProvider::Inbox { rate } => (ProviderKindSettings::Inbox, rate),
         FileProvider::Twilio(file) => {
             let rate = file.rate;
             let settings = twilio_from_file(get, &name, file)?;
@@ -446,7 +498,8 @@ fn twilio_from_file(
     file: FileTwilio,
 ) -> Result<TwilioSettings, ConfigError> {
     let what = |field: &str| format!("providers.{name}.{field}");
-    twilio(
+    let sandbox = file.sandbox;
+    let settings = twilio(
         name,
         plain(get, &file.account_sid, &what("account_sid"))?,
         secret(get, &file.auth_token, &what("auth_token"))?,
@@ -458,7 +511,11 @@ fn twilio_from_file(
             .transpose()?,
         file.base_url,
         "SMSGW_CONFIG",
-    )
+    )?;
+    Ok(TwilioSettings {
+        sandbox,
+        ..settings
+    })
 }
 
 fn vonage_from_file(

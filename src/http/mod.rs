@@ -1,5 +1,6 @@
-//! The HTTP surface on `SMSGW_HTTP_ADDR`: liveness, readiness, metrics and the provider
-//! webhooks. Every request is size- and time-limited, and so are connections (`server`).
+//! The HTTP surface on `SMSGW_HTTP_ADDR`: liveness, readiness, metrics, the provider
+//! webhooks, and the development inbox when its provider is configured (`inbox`). Every
+//! request is size- and time-limited, and so are connections (`server`).
 
 use std::{sync::Arc, time::Duration};
 
@@ -15,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tower_http::timeout::TimeoutLayer;
 
 pub mod health;
+mod inbox;
 pub mod metrics;
 mod server;
 pub mod webhooks;
@@ -36,7 +38,7 @@ struct AppState {
     store: watch::Receiver<Option<Store>>,
 }
 
-/// Serves until `shutdown` fires.
+/// Serves until `shutdown` fires; posts the development inbox's receipts meanwhile.
 pub async fn serve(
     listener: TcpListener,
     health: Arc<Health>,
@@ -44,11 +46,40 @@ pub async fn serve(
     limits: HttpLimits,
     shutdown: CancellationToken,
 ) {
-    server::run(listener, router(health, hooks), limits, shutdown).await;
+    warn_if_inbox_is_exposed(&listener, &hooks);
+    let receipts = inbox::post_receipts(hooks.clone(), shutdown.clone());
+    let app = router(health, hooks);
+    tokio::join!(server::run(listener, app, limits, shutdown), receipts);
+}
+
+/// Whether a provider is the development inbox: then `/inbox` is served.
+fn has_inbox(hooks: &Webhooks) -> bool {
+    hooks
+        .gateways
+        .all()
+        .iter()
+        .any(|g| g.provider.inbox().is_some())
+}
+
+/// The inbox shows every text, login codes included, to whoever reaches the address.
+fn warn_if_inbox_is_exposed(listener: &TcpListener, hooks: &Webhooks) {
+    let address = listener.local_addr().ok();
+    if has_inbox(hooks) && address.is_some_and(|a| !a.ip().is_loopback()) {
+        tracing::warn!(
+            address = ?address,
+            "the inbox is served on an address other hosts may reach: whoever can reach it reads \
+             every text, login codes included"
+        );
+    }
 }
 
 /// Every endpoint, with the limits on each request.
 fn router(health: Arc<Health>, hooks: Webhooks) -> Router {
+    let inbox = has_inbox(&hooks).then(|| {
+        inbox::routes(inbox::Inbox {
+            store: hooks.store.clone(),
+        })
+    });
     let webhooks = Router::new()
         .route(
             "/webhooks/twilio/status",
@@ -70,6 +101,7 @@ fn router(health: Arc<Health>, hooks: Webhooks) -> Router {
             store: hooks.store.clone(),
         })
         .merge(webhooks)
+        .merge(inbox.unwrap_or_default())
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,

@@ -25,7 +25,7 @@ use crate::{
     http::metrics::Metrics,
     phone::PhoneNumber,
     provider::Gateways,
-    store::{MessageStatus, OptOutChange, Receipt, Store},
+    store::{MessageStatus, OptOutChange, Receipt, ReceiptApplied, Store, StoreError},
 };
 
 /// What the webhook handlers share.
@@ -347,31 +347,8 @@ impl Webhooks {
     }
 
     async fn record_receipt(&self, receipt: Receipt<'_>) -> Response {
-        let Some(store) = self.store() else {
-            return reject(StatusCode::SERVICE_UNAVAILABLE, "not ready\n");
-        };
-        self.metrics
-            .receipts
-            .get_or_create(&crate::http::metrics::ReceiptLabels {
-                provider: receipt.provider.to_owned(),
-                status: receipt.provider_status.chars().take(30).collect(),
-            })
-            .inc();
-        match store.apply_receipt(&receipt).await {
+        match self.apply_receipt(&receipt).await {
             Ok(Some(applied)) => {
-                self.metrics.observe_receipt_delay(&receipt, &applied);
-                if receipt.opted_out
-                    && let Ok(number) = PhoneNumber::parse(&applied.recipient, None)
-                {
-                    if let Err(e) = store
-                        .add_opt_out(Some(applied.school_id), &number, "provider")
-                        .await
-                    {
-                        tracing::warn!(error = %e, "could not record the opt-out of a receipt");
-                        return reject(StatusCode::SERVICE_UNAVAILABLE, "try again\n");
-                    }
-                    tracing::info!(to = %number.masked(), "receipt says the recipient unsubscribed; opt-out recorded");
-                }
                 tracing::debug!(
                     job_id = %applied.id,
                     provider_status = receipt.provider_status,
@@ -387,12 +364,56 @@ impl Webhooks {
                 );
                 StatusCode::NO_CONTENT.into_response()
             }
+            Err(ReceiptError::NotReady) => reject(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
             Err(e) => {
                 tracing::warn!(error = %e, "could not record a receipt; the provider will retry");
                 reject(StatusCode::SERVICE_UNAVAILABLE, "try again\n")
             }
         }
     }
+
+    /// Counts a receipt, keeps it, moves its message forward and records the opt-out it
+    /// may carry: the one path of every receipt, a provider's webhook or the development
+    /// inbox's simulated one. `None` when no sent message has its id yet (it is applied
+    /// when the send's record lands).
+    pub(crate) async fn apply_receipt(
+        &self,
+        receipt: &Receipt<'_>,
+    ) -> Result<Option<ReceiptApplied>, ReceiptError> {
+        let store = self.store().ok_or(ReceiptError::NotReady)?;
+        self.metrics
+            .receipts
+            .get_or_create(&crate::http::metrics::ReceiptLabels {
+                provider: receipt.provider.to_owned(),
+                status: receipt.provider_status.chars().take(30).collect(),
+            })
+            .inc();
+        let Some(applied) = store.apply_receipt(receipt).await? else {
+            return Ok(None);
+        };
+        self.metrics.observe_receipt_delay(receipt, &applied);
+        if receipt.opted_out
+            && let Ok(number) = PhoneNumber::parse(&applied.recipient, None)
+        {
+            store
+                .add_opt_out(Some(applied.school_id), &number, "provider")
+                .await
+                .map_err(ReceiptError::OptOut)?;
+            tracing::info!(to = %number.masked(), "receipt says the recipient unsubscribed; opt-out recorded");
+        }
+        Ok(Some(applied))
+    }
+}
+
+/// Why a receipt could not be recorded; whoever sent it should try again.
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiptError {
+    #[error("the database has not been reached yet")]
+    NotReady,
+    #[error("could not record the receipt: {0}")]
+    Store(#[from] StoreError),
+    #[error("could not record the opt-out of a receipt: {0}")]
+    OptOut(StoreError),
 }
 
 /// `POST /webhooks/twilio/status`

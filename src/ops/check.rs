@@ -177,6 +177,9 @@ async fn report_events(store: &Store, on: bool) {
 fn provider_detail(provider: &ProviderSettings) -> String {
     match &provider.kind {
         ProviderKindSettings::Log => "log: nothing is sent, no credentials needed".to_owned(),
+        ProviderKindSettings::Inbox => {
+            "inbox: nothing is sent, messages are shown at /inbox".to_owned()
+        }
         ProviderKindSettings::Twilio(twilio) => {
             let sender = match &twilio.sender {
                 TwilioSender::From(from) => format!("from {from}"),
@@ -185,7 +188,12 @@ fn provider_detail(provider: &ProviderSettings) -> String {
             let sid: Vec<char> = twilio.account_sid.chars().collect();
             let head: String = sid.iter().take(6).collect();
             let tail: String = sid[sid.len().saturating_sub(4)..].iter().collect();
-            format!("twilio credentials present (account {head}…{tail}), {sender}")
+            let kind = if twilio.sandbox {
+                "twilio sandbox: test credentials"
+            } else {
+                "twilio credentials"
+            };
+            format!("{kind} present (account {head}…{tail}), {sender}")
         }
         ProviderKindSettings::Vonage(vonage) => {
             let receipts = if vonage.signature_secret.is_some() {

@@ -14,7 +14,9 @@ use super::{Abandoned, Pipeline};
 use crate::{
     phone::{PhoneNumber, redact_numbers},
     policy::SchoolSettings,
-    store::{AttemptRecord, Claim, MessageState, MessageStatus, NewMessage, Store, StoreError},
+    store::{
+        AttemptRecord, Claim, InboxCopy, MessageState, MessageStatus, NewMessage, Store, StoreError,
+    },
 };
 
 /// Longest wait for one database statement before it counts as failed.
@@ -90,6 +92,12 @@ pub trait MessageLog: Send + Sync + 'static {
         provider_message_id: &str,
         id: Uuid,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Keeps the development inbox's copy of a message (its body and sender).
+    fn keep_in_inbox(
+        &self,
+        copy: &InboxCopy<'_>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// A statement got no answer in time: connections may have gone silent.
     fn stalled(&self) {}
@@ -173,6 +181,13 @@ impl MessageLog for Store {
         id: Uuid,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send {
         Store::provider_message_taken(self, provider_message_id, id)
+    }
+
+    fn keep_in_inbox(
+        &self,
+        copy: &InboxCopy<'_>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        Store::keep_in_inbox(self, copy)
     }
 
     fn stalled(&self) {

@@ -19,8 +19,8 @@ use crate::{
     phone::PhoneNumber,
     policy::SchoolSettings,
     store::{
-        AttemptOutcome, AttemptRecord, Claim, MessageState, MessageStatus, NewMessage, StoreError,
-        UnknownAttempt,
+        AttemptOutcome, AttemptRecord, Claim, InboxCopy, MessageState, MessageStatus, NewMessage,
+        StoreError, UnknownAttempt,
     },
 };
 
@@ -100,6 +100,8 @@ struct Tables {
     /// (school, phone); `None` is every school.
     opt_outs: HashSet<(Option<i64>, String)>,
     settings: HashMap<i64, SchoolSettings>,
+    /// The inbox's copies: body and sender, by message.
+    inbox: HashMap<Uuid, (String, Option<String>)>,
 }
 
 #[derive(Debug, Default)]
@@ -139,6 +141,11 @@ impl MemoryLog {
             || tables
                 .opt_outs
                 .contains(&(Some(school_id), phone.to_owned()))
+    }
+
+    /// The inbox's copy of a message: its body and sender.
+    pub(super) fn inbox_copy(&self, id: Uuid) -> Option<(String, Option<String>)> {
+        self.tables().inbox.get(&id).cloned()
     }
 
     pub(super) fn row(&self, id: Uuid) -> Option<Row> {
@@ -338,6 +345,13 @@ impl MessageLog for MemoryLog {
             t.messages.iter().any(|(other, row)| {
                 *other != id && row.provider_message_id.as_deref() == Some(provider_message_id)
             })
+        })
+    }
+
+    async fn keep_in_inbox(&self, copy: &InboxCopy<'_>) -> Result<(), StoreError> {
+        self.run(|t| {
+            let kept = (copy.body.to_owned(), copy.sender.map(str::to_owned));
+            t.inbox.insert(copy.message_id, kept);
         })
     }
 }

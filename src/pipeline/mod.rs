@@ -19,6 +19,7 @@
 //! - `attempt`: wait for a call slot, claim, call, record; failover.
 //! - `reconcile`: ask the provider about an attempt whose outcome is unknown.
 //! - `fanout`: an announcement into one message per recipient.
+//! - `inbox`: the development inbox's copy of each message, whatever its outcome.
 //! - [`MessageLog`]: the narrow interface to the message log, with an in-memory
 //!   implementation for the unit tests.
 //!
@@ -28,6 +29,7 @@
 
 mod attempt;
 mod fanout;
+mod inbox;
 mod log;
 pub mod outcome;
 mod reconcile;
@@ -230,6 +232,8 @@ impl<L: MessageLog> Pipeline<L> {
             label: draft.provider,
             abandon,
         };
+        self.keep_in_inbox(&message, &decision, settings.as_deref())
+            .await?;
         match outcome::plan(decision, job.kind, delivery.attempts) {
             Plan::Send { to, sender, route } => {
                 let out = self.outgoing(message, &to, sender.as_ref());

@@ -949,3 +949,58 @@ async fn a_login_code_past_its_default_expiry_ends_expired_without_a_call() {
     world.handle(&seen_long_ago).await;
     assert_eq!(world.status(later).0, MessageStatus::Sent);
 }
+
+/// A pipeline whose only provider is the development inbox.
+fn inbox_pipeline() -> Pipeline<MemoryLog> {
+    let log = MemoryLog::default();
+    log.set_school(SchoolSettings {
+        sender_id: Some("DriveSafe".into()),
+        allow_login_codes: false,
+        ..school()
+    });
+    Pipeline::new(
+        log,
+        PolicyCache::default(),
+        Arc::new(Gateways::inbox()),
+        settings(),
+        Arc::new(Health::default()),
+        Arc::new(Metrics::new()),
+    )
+}
+
+#[tokio::test]
+async fn the_inbox_keeps_every_text_with_its_sender_whatever_the_outcome() {
+    let pipeline = inbox_pipeline();
+    let abandon = CancellationToken::new();
+    let (sent, reminder) = job(JobType::BookingReminder);
+    let (suppressed, login) = job(JobType::LoginCode);
+    for job in [&reminder, &login] {
+        assert_eq!(
+            pipeline.handle(&delivery(job), &abandon).await,
+            Disposition::Ack
+        );
+    }
+    let body = "Your lesson is at 10:00 tomorrow.".to_owned();
+    let expected = Some((body, Some("DriveSafe".to_owned())));
+    assert_eq!(
+        pipeline.log.row(sent).map(|r| r.status),
+        Some(MessageStatus::Sent)
+    );
+    assert_eq!(pipeline.log.inbox_copy(sent), expected);
+    let row = pipeline.log.row(suppressed).expect("recorded");
+    assert_eq!(row.status, MessageStatus::Suppressed);
+    assert_eq!(
+        pipeline.log.inbox_copy(suppressed),
+        expected,
+        "a refused login code is shown too"
+    );
+}
+
+#[tokio::test]
+async fn no_inbox_copy_is_kept_for_a_real_provider() {
+    let world = World::new();
+    let (id, job) = job(JobType::LoginCode);
+    assert_eq!(world.handle(&delivery(&job)).await, Disposition::Ack);
+    assert_eq!(world.status(id).0, MessageStatus::Sent);
+    assert_eq!(world.log().inbox_copy(id), None);
+}

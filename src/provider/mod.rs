@@ -1,6 +1,7 @@
 //! Providers: the one place that knows how a text leaves the building.
 //!
-//! - the adapters (`log`, `twilio`, `vonage`), each keeping its wire format private;
+//! - the adapters (`log`, `inbox`, `twilio`, `vonage`), each keeping its wire format
+//!   private;
 //! - [`Gateway`]: a configured provider with its [`circuit`] breaker, its [`pace`] (with
 //!   the account-wide [`clock`] shared by every replica) and its call slots.
 //!
@@ -11,6 +12,7 @@
 pub mod circuit;
 pub mod clock;
 mod gateway;
+pub mod inbox;
 mod log;
 pub mod pace;
 #[cfg(test)]
@@ -29,6 +31,7 @@ use crate::{
 
 pub use self::{
     gateway::{Gateway, Gateways},
+    inbox::InboxProvider,
     log::LogProvider,
     twilio::Twilio,
     vonage::Vonage,
@@ -220,6 +223,7 @@ pub enum Lookup {
 #[derive(Debug, Clone)]
 pub enum Provider {
     Log(LogProvider),
+    Inbox(InboxProvider),
     Twilio(Twilio),
     Vonage(Vonage),
     /// Answers as a unit test scripts it.
@@ -247,6 +251,7 @@ impl Provider {
         };
         Ok(match &settings.kind {
             ProviderKindSettings::Log => Provider::Log(LogProvider),
+            ProviderKindSettings::Inbox => Provider::Inbox(InboxProvider::default()),
             ProviderKindSettings::Twilio(twilio) => {
                 Provider::Twilio(Twilio::new(twilio, public_url, timeout).map_err(failed)?)
             }
@@ -256,9 +261,18 @@ impl Provider {
         })
     }
 
+    /// The development inbox, whose messages are kept and shown at `/inbox`.
+    pub fn inbox(&self) -> Option<&InboxProvider> {
+        match self {
+            Provider::Inbox(inbox) => Some(inbox),
+            _ => None,
+        }
+    }
+
     pub async fn send(&self, sms: &OutboundSms<'_>) -> Result<Accepted, ProviderError> {
         match self {
             Provider::Log(p) => p.send(sms).await,
+            Provider::Inbox(p) => p.send(sms).await,
             Provider::Twilio(p) => p.send(sms).await,
             Provider::Vonage(p) => p.send(sms).await,
             #[cfg(test)]
@@ -271,6 +285,8 @@ impl Provider {
     pub async fn lookup(&self, sms: &OutboundSms<'_>, since: time::OffsetDateTime) -> Lookup {
         match self {
             Provider::Log(_) => Lookup::Unsupported,
+            // Nothing left the machine: sending again reaches no phone.
+            Provider::Inbox(_) => Lookup::NotFound,
             Provider::Twilio(p) => p.lookup(sms, since).await,
             // Vonage's SMS API offers no search by recipient.
             Provider::Vonage(_) => Lookup::Unsupported,

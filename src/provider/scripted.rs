@@ -8,8 +8,8 @@ use std::{
 };
 
 use super::{
-    Accepted, Gateway, Gateways, Lookup, OutboundSms, Provider, ProviderError, circuit::Circuit,
-    pace::Pace,
+    Accepted, Gateway, Gateways, InboxProvider, Lookup, OutboundSms, Provider, ProviderError,
+    circuit::Circuit, pace::Pace,
 };
 use crate::config::{ProviderKindSettings, ProviderSettings};
 
@@ -65,30 +65,50 @@ impl Scripted {
     }
 }
 
+/// A gateway for unit tests: `provider`, named `name`, recorded as `kind`.
+fn test_gateway(
+    name: &'static str,
+    provider: Provider,
+    kind: ProviderKindSettings,
+    threshold: u32,
+) -> Arc<Gateway> {
+    Arc::new(Gateway {
+        name,
+        provider,
+        circuit: Circuit::new(
+            name,
+            threshold,
+            Duration::from_secs(30),
+            Duration::from_secs(20),
+        ),
+        pace: Pace::unlimited(),
+        calls: tokio::sync::Semaphore::new(8),
+        settings: ProviderSettings {
+            name: name.to_owned(),
+            kind,
+            rate: None,
+        },
+    })
+}
+
 impl Gateways {
+    /// One development inbox, `inbox`.
+    pub(crate) fn inbox() -> Gateways {
+        let inbox = Provider::Inbox(InboxProvider::default());
+        Gateways {
+            all: vec![test_gateway("inbox", inbox, ProviderKindSettings::Inbox, 5)],
+            default: 0,
+        }
+    }
+
     /// Gateways of scripted providers, the first the default; each circuit opens after
     /// `threshold` outage-like failures in a row.
     pub(crate) fn scripted(providers: &[(&'static str, &Scripted)], threshold: u32) -> Gateways {
         let all = providers
             .iter()
             .map(|(name, script)| {
-                Arc::new(Gateway {
-                    name,
-                    provider: Provider::Scripted((*script).clone()),
-                    circuit: Circuit::new(
-                        name,
-                        threshold,
-                        Duration::from_secs(30),
-                        Duration::from_secs(20),
-                    ),
-                    pace: Pace::unlimited(),
-                    calls: tokio::sync::Semaphore::new(8),
-                    settings: ProviderSettings {
-                        name: (*name).to_owned(),
-                        kind: ProviderKindSettings::Log,
-                        rate: None,
-                    },
-                })
+                let scripted = Provider::Scripted((*script).clone());
+                test_gateway(name, scripted, ProviderKindSettings::Log, threshold)
             })
             .collect();
         Gateways { all, default: 0 }

@@ -44,6 +44,8 @@ pub struct Twilio {
     default_sender: TwilioSender,
     status_callback: Option<String>,
     timeout: Duration,
+    /// Test credentials: nothing is delivered, and Twilio keeps no messages to look up.
+    sandbox: bool,
 }
 
 impl Twilio {
@@ -74,6 +76,7 @@ impl Twilio {
             default_sender: settings.sender.clone(),
             status_callback: public_url.map(|url| format!("{url}/webhooks/twilio/status")),
             timeout,
+            sandbox: settings.sandbox,
         })
     }
 
@@ -132,6 +135,10 @@ impl Twilio {
     /// picks those that may be ours: same body, outbound, created since the attempt began
     /// (with a margin for clock skew).
     pub async fn lookup(&self, sms: &OutboundSms<'_>, since: time::OffsetDateTime) -> Lookup {
+        if self.sandbox {
+            // Test credentials cannot list messages, and a resend reaches no phone.
+            return Lookup::NotFound;
+        }
         let started = Instant::now();
         let response = self
             .client
@@ -330,17 +337,27 @@ fn interpret(
             retry_after,
         });
     }
+    Err(rejected(
+        http_status,
+        code,
+        message.unwrap_or_else(|| format!("HTTP {http_status}")),
+    ))
+}
+
+/// A refusal with Twilio's error `code`, classified as Twilio's refusals are: the inbox
+/// simulates its magic numbers through this too, so that they end as Twilio's would.
+pub(super) fn rejected(http_status: u16, code: Option<String>, message: String) -> ProviderError {
     let recipient_opted_out = code.as_deref() == Some(CODE_UNSUBSCRIBED);
     let other_gateway_may_succeed = code
         .as_deref()
         .is_some_and(|c| OTHER_GATEWAY_MAY_SUCCEED.contains(&c));
-    Err(ProviderError::Rejected {
+    ProviderError::Rejected {
         http_status,
-        message: message.unwrap_or_else(|| format!("HTTP {http_status}")),
+        message,
         code,
         recipient_opted_out,
         other_gateway_may_succeed,
-    })
+    }
 }
 
 #[cfg(test)]

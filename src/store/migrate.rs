@@ -89,6 +89,7 @@ pub(crate) static MIGRATIONS: &[Migration] = &[
     migration!(20261204000003, "inbound_replay"),
     migration!(20261204000004, "quiet_hours"),
     migration!(20261204000005, "support_lookups"),
+    migration!(20261204000006, "inbox"),
     migration!(20261204000007, "shared_rates"),
 ];
 

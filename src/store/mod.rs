@@ -17,6 +17,7 @@
 //!   figures billing counts;
 //! - `outbox`: the status events waiting for the relay; `rates`: the account-wide rate
 //!   clocks the replicas lease call slots from;
+//! - `inbox`: the development inbox's copies of the messages it handled;
 //! - `connect`: connection settings, TLS, the pool; `migrate`: the schema's migrations;
 //!   `notify`: the LISTEN connection of the settings cache.
 
@@ -29,6 +30,7 @@ use deadpool_postgres::{Pool, PoolError};
 use tokio_postgres::{Row, types::ToSql};
 
 mod connect;
+mod inbox;
 mod log;
 mod lookups;
 mod messages;
@@ -42,6 +44,7 @@ mod settings;
 mod views;
 
 use connect::{Connector, quote_identifier};
+pub use inbox::{InboxCopy, InboxFilter, InboxMessage};
 pub use log::Claim;
 pub use lookups::{MessageSearch, UsageCount};
 pub use messages::{

@@ -6,6 +6,7 @@
 //! database of its own, so tests run in parallel without seeing each other's data.
 #![allow(dead_code, unreachable_pub, unused_imports)]
 
+pub mod browser;
 pub mod cluster;
 pub mod db;
 pub mod events;
