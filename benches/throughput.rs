@@ -16,14 +16,15 @@ use std::{
 
 use futures_util::StreamExt;
 use lapin::{
-    BasicProperties, Connection, ConnectionProperties,
+    BasicProperties, Connection, ConnectionProperties, ExchangeKind,
     options::{
         BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-        ConfirmSelectOptions, QueueDeclareOptions,
+        ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
     },
     types::{AMQPValue, FieldTable},
 };
 use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use helpers::{Reply, TestEnv, TwilioStub, base_settings, free_port, process::Daemon};
@@ -379,6 +380,79 @@ async fn events_relayed(app: &helpers::App) -> bool {
         == 0
 }
 
+/// The web app's queue for every status event, with a consumer that keeps up, as the web
+/// app's own would: events are taken as they come and acked in batches. Returns how many
+/// it took when stopped.
+fn keep_up_with_events(amqp_url: &str, stop: CancellationToken) -> tokio::task::JoinHandle<u64> {
+    let amqp_url = amqp_url.to_owned();
+    tokio::spawn(async move {
+        let connection = Connection::connect(&amqp_url, ConnectionProperties::default())
+            .await
+            .expect("connect the events consumer");
+        let channel = connection.create_channel().await.expect("channel");
+        channel
+            .exchange_declare(
+                "sms.events".into(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("declare sms.events");
+        let queue = channel
+            .queue_declare(
+                "web-app-events".into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("declare the events queue");
+        channel
+            .queue_bind(
+                queue.name().as_str().into(),
+                "sms.events".into(),
+                "#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind the events queue");
+        channel
+            .basic_qos(512, BasicQosOptions::default())
+            .await
+            .expect("prefetch");
+        let mut consumer = channel
+            .basic_consume(
+                queue.name().as_str().into(),
+                "bench-events".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume events");
+        let mut taken = 0u64;
+        loop {
+            let next = tokio::select! {
+                next = consumer.next() => next,
+                () = stop.cancelled() => break,
+            };
+            let Some(Ok(delivery)) = next else { break };
+            taken += 1;
+            if taken.is_multiple_of(64) {
+                let _ = delivery.ack(BasicAckOptions { multiple: true }).await;
+            }
+        }
+        let _ = connection.close(200, "bench done".into()).await;
+        taken
+    })
+}
+
 async fn end_to_end(jobs: usize, latency_ms: u64, events: bool) -> Throughput {
     // The lanes' budgets: BENCH_CONCURRENCY for the default and bulk lanes (the urgent
     // one 128); else the daemon's own defaults with a fast provider, and 1,024 in flight
@@ -400,8 +474,8 @@ async fn end_to_end(jobs: usize, latency_ms: u64, events: bool) -> Throughput {
     let mut extra = lanes;
     extra.push(("SMSGW_EVENTS", if events { "on" } else { "off" }.to_owned()));
     let run = prepare(latency_ms, &extra).await;
-    // The web app's queue for every event, as a consumer that keeps up would have it.
-    let _tap = helpers::events::EventTap::bind(&run.app.env.amqp_url, "#").await;
+    let events_stop = CancellationToken::new();
+    let events_consumer = keep_up_with_events(&run.app.env.amqp_url, events_stop.clone());
     opt_out_every_50th(&run.app, jobs).await;
     // Declare the topology, then publish everything before the clock starts.
     let mut daemon = Daemon::spawn(&run.vars);
@@ -432,6 +506,8 @@ async fn end_to_end(jobs: usize, latency_ms: u64, events: bool) -> Throughput {
         );
     }
     let elapsed = started.elapsed();
+    events_stop.cancel();
+    let _ = events_consumer.await;
     let worker_cpu = cpu_seconds(pid);
     let (pg_cpu, rabbit_cpu) = (cpu_of("postgres") - pg0, cpu_of("beam.smp") - rabbit0);
 
