@@ -13,12 +13,7 @@ use helpers::{
     smsgw_command as smsgw,
 };
 
-fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-    pairs
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect()
-}
+use helpers::vars;
 
 #[test]
 fn production_refuses_the_log_provider() {

@@ -12,10 +12,7 @@ use helpers::{
     free_port,
     process::{Daemon, wait_ready},
 };
-use lapin::{
-    BasicProperties, Connection, ConnectionProperties,
-    options::{BasicPublishOptions, ConfirmSelectOptions},
-};
+use lapin::{Connection, ConnectionProperties, options::ConfirmSelectOptions};
 use uuid::Uuid;
 
 const SCHOOL: i64 = 42;
@@ -30,40 +27,19 @@ async fn publish_reminders(url: &str, count: usize) -> Vec<Uuid> {
         .confirm_select(ConfirmSelectOptions::default())
         .await
         .expect("confirms");
-    let mut ids = Vec::with_capacity(count);
-    let mut confirms = Vec::with_capacity(count);
-    for i in 0..count {
-        let job = helpers::job(
-            "booking_reminder",
-            SCHOOL,
-            &format!("+447{:09}", 700_000_000 + i),
-            "Reminder: lesson tomorrow",
-        );
-        let id = helpers::id_of(&job);
-        let confirm = channel
-            .basic_publish(
-                "sms.jobs".into(),
-                "booking_reminder".into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                job.to_string().as_bytes(),
-                BasicProperties::default()
-                    .with_content_type("application/json".into())
-                    .with_delivery_mode(2)
-                    .with_message_id(id.to_string().into()),
+    let jobs: Vec<_> = (0..count)
+        .map(|i| {
+            helpers::job(
+                "booking_reminder",
+                SCHOOL,
+                &format!("+447{:09}", 700_000_000 + i),
+                "Reminder: lesson tomorrow",
             )
-            .await
-            .expect("publish");
-        confirms.push(confirm);
-        ids.push(id);
-    }
-    for confirm in confirms {
-        assert!(confirm.await.expect("confirm").is_ack());
-    }
+        })
+        .collect();
+    helpers::publish_jobs(&channel, &jobs).await;
     let _ = connection.close(200, "published".into()).await;
-    ids
+    jobs.iter().map(helpers::id_of).collect()
 }
 
 async fn add_school(db: &helpers::Db) {

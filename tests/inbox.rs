@@ -230,6 +230,8 @@ async fn filters_select_by_school_and_number_and_emptying_keeps_the_log() {
     let app = inbox_app().await;
     app.add_school(43, "GB").await;
     let a = send(&app, "booking_reminder", "+447700900001", "For one.").await;
+    // In the log before the next is published, so that "newest first" has one answer.
+    app.wait_for_status(a, "delivered").await;
     let b = send(&app, "booking_reminder", "+447700900002", "For two.").await;
     let other = job("booking_reminder", 43, "+447700900001", "Other school.");
     app.publish(&other).await;
@@ -303,12 +305,7 @@ async fn the_inbox_is_not_served_unless_its_provider_is_configured() {
     assert_eq!(delete.status(), 404);
 }
 
-fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-    pairs
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect()
-}
+use helpers::vars;
 
 #[test]
 fn production_refuses_the_inbox_with_exit_code_2() {

@@ -460,6 +460,46 @@ pub fn id_of(job: &Value) -> Uuid {
         .expect("job has an id")
 }
 
+/// Publishes `jobs` on `channel` (in confirm mode) as the web app does: to `sms.jobs`,
+/// routing key = type, pipelined; waits for every confirm.
+pub async fn publish_jobs(channel: &Channel, jobs: &[Value]) {
+    for chunk in jobs.chunks(5_000) {
+        let mut confirms = Vec::with_capacity(chunk.len());
+        for job in chunk {
+            let kind = job["type"].as_str().unwrap_or("unknown").to_owned();
+            let confirm = channel
+                .basic_publish(
+                    "sms.jobs".into(),
+                    kind.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    job.to_string().as_bytes(),
+                    BasicProperties::default()
+                        .with_content_type("application/json".into())
+                        .with_delivery_mode(2)
+                        .with_message_id(job["id"].as_str().unwrap_or_default().into()),
+                )
+                .await
+                .expect("publish");
+            confirms.push(confirm);
+        }
+        for confirm in confirms {
+            let confirmation = confirm.await.expect("confirm");
+            assert!(confirmation.is_ack() && confirmation.take_message().is_none());
+        }
+    }
+}
+
+/// Variables for [`smsgw_command`].
+pub fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
 impl App {
     /// Adds a school that sends everything, with `country`.
     pub async fn add_school(&self, school_id: i64, country: &str) {
@@ -763,34 +803,7 @@ impl App {
 
     /// Publishes jobs as the web app does, pipelined, and waits for every confirm.
     pub async fn publish_all(&self, jobs: &[Value]) {
-        for chunk in jobs.chunks(5_000) {
-            let mut confirms = Vec::with_capacity(chunk.len());
-            for job in chunk {
-                let kind = job["type"].as_str().unwrap_or("unknown").to_owned();
-                let confirm = self
-                    .publisher
-                    .basic_publish(
-                        "sms.jobs".into(),
-                        kind.as_str().into(),
-                        BasicPublishOptions {
-                            mandatory: true,
-                            ..BasicPublishOptions::default()
-                        },
-                        job.to_string().as_bytes(),
-                        BasicProperties::default()
-                            .with_content_type("application/json".into())
-                            .with_delivery_mode(2)
-                            .with_message_id(job["id"].as_str().unwrap_or_default().into()),
-                    )
-                    .await
-                    .expect("publish");
-                confirms.push(confirm);
-            }
-            for confirm in confirms {
-                let confirmation = confirm.await.expect("confirm");
-                assert!(confirmation.is_ack() && confirmation.take_message().is_none());
-            }
-        }
+        publish_jobs(&self.publisher, jobs).await;
     }
 
     /// Publishes `count` distinct jobs of `kind` (each to its own number) and returns ids.
