@@ -810,40 +810,18 @@ impl App {
     pub async fn publish_many(&self, count: usize, kind: &str, school: i64) -> Vec<Uuid> {
         static NEXT_NUMBER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let first = NEXT_NUMBER.fetch_add(count, std::sync::atomic::Ordering::SeqCst);
-        let mut ids = Vec::with_capacity(count);
-        let mut confirms = Vec::with_capacity(count);
-        for i in 0..count {
-            let job = job(
-                kind,
-                school,
-                &format!("+447{:09}", 700_000_000 + first + i),
-                "Your lesson",
-            );
-            let confirm = self
-                .publisher
-                .basic_publish(
-                    "sms.jobs".into(),
-                    kind.into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..BasicPublishOptions::default()
-                    },
-                    job.to_string().as_bytes(),
-                    BasicProperties::default()
-                        .with_content_type("application/json".into())
-                        .with_delivery_mode(2)
-                        .with_message_id(id_of(&job).to_string().into()),
+        let jobs: Vec<Value> = (0..count)
+            .map(|i| {
+                job(
+                    kind,
+                    school,
+                    &format!("+447{:09}", 700_000_000 + first + i),
+                    "Your lesson",
                 )
-                .await
-                .expect("publish");
-            confirms.push(confirm);
-            ids.push(id_of(&job));
-        }
-        for confirm in confirms {
-            let confirmation = confirm.await.expect("confirm");
-            assert!(confirmation.is_ack() && confirmation.take_message().is_none());
-        }
-        ids
+            })
+            .collect();
+        publish_jobs(&self.publisher, &jobs).await;
+        jobs.iter().map(id_of).collect()
     }
 
     /// Stops the daemon as SIGTERM would and returns how it ended.
