@@ -16,7 +16,16 @@ if command -v psql >/dev/null; then
             psql "$admin" -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null 2>&1
         done
 fi
-# The RabbitMQ nodes of test clusters (tests/cluster.rs) whose test was killed.
-pkill -9 -f 'smsgw-cluster-[0-9]+-[0-9]+@localhost' 2>/dev/null
-rm -rf "${TMPDIR:-/tmp}"/smsgw-cluster-* 2>/dev/null
+# The RabbitMQ nodes and directories of test clusters (tests/cluster.rs) whose test
+# process is gone; their names carry that process's id.
+orphaned() { ! kill -0 "$1" 2>/dev/null; }
+pgrep -af 'smsgw-cluster-[0-9]+-[0-9]+@localhost' 2>/dev/null | while read -r pid args; do
+    owner=$(grep -oE 'smsgw-cluster-[0-9]+-' <<<"$args" | head -1 | tr -dc '0-9')
+    if [ -n "$owner" ] && orphaned "$owner"; then kill -9 "$pid" 2>/dev/null; fi
+done
+for dir in "${TMPDIR:-/tmp}"/smsgw-cluster-*; do
+    [ -d "$dir" ] || continue
+    owner=$(basename "$dir" | cut -d- -f3)
+    if [ -n "$owner" ] && orphaned "$owner"; then rm -rf "$dir"; fi
+done
 exit 0

@@ -160,7 +160,7 @@ impl Broker {
                 Ok(broker) => return Ok(broker),
                 Err(e @ BrokerError::BadUrl) => return Err(e),
                 Err(e) => {
-                    tracing::debug!(node = %redact_url(node), error = %e, "broker node unavailable");
+                    tracing::warn!(node = %redact_url(node), error = %e, "broker node unavailable");
                     failure = e;
                 }
             }

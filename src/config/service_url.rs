@@ -95,14 +95,16 @@ fn is_secret_parameter(key: &str) -> bool {
         .any(|word| key.contains(word))
 }
 
-/// Whether `url` has the shape of an AMQP URL (`amqp://` or `amqps://`), so that a
-/// malformed one is refused at start-up instead of being echoed, password and all, by the
-/// broker client's parse error.
+/// Whether `url` is meant for a broker: then it may be a comma-separated list of nodes,
+/// each redacted on its own (read whole, the second node's password would pass as path).
 fn is_amqp_scheme(url: &str) -> bool {
     let url = url.trim_start().to_ascii_lowercase();
     url.starts_with("amqp://") || url.starts_with("amqps://")
 }
 
+/// Whether `url` has the shape of an AMQP URL (`amqp://` or `amqps://`), so that a
+/// malformed one is refused at start-up instead of being echoed, password and all, by the
+/// broker client's parse error.
 pub(crate) fn is_amqp_url(url: &str) -> bool {
     Url::parse(url).is_ok_and(|parsed| {
         matches!(parsed.scheme(), "amqp" | "amqps") && !parsed.cannot_be_a_base()

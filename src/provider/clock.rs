@@ -17,7 +17,8 @@
 //! one that dies takes that much of the rate with it, once. Slots left unused for longer
 //! than [`STALE`] are dropped, not used late.
 //!
-//! The cost is one statement per lease, about ten a second per rate, whatever the rate.
+//! The cost is one statement per lease, about ten a second per rate, whatever the rate;
+//! a call under two rates leases alone, one statement per call ([`batch_size`]).
 
 use std::{
     collections::VecDeque,
@@ -95,27 +96,32 @@ impl SharedClock {
                 tokio::time::sleep_until(last - LOOKAHEAD).await;
                 continue;
             }
-            let (first, step) = self.lease().await;
-            leased.add(first, step, self.batch);
+            if let Some((first, step)) = self.lease().await {
+                leased.add(first, step, self.batch);
+            }
         }
     }
 
     /// Leases the next batch, trying again until the database answers. Returns the first
-    /// slot and the spacing of the rest.
-    async fn lease(&self) -> (Instant, Duration) {
+    /// slot and the spacing of the rest; `None` only if trying again ever stops, and then
+    /// no slot is invented.
+    async fn lease(&self) -> Option<(Instant, Duration)> {
         let store = self.connected_store().await;
-        let sent = Instant::now();
-        let start = (|| store.lease_slots(&self.clocks, self.batch))
+        // Each try times its own round trip: an outage before it must not widen the span
+        // the slot is placed in.
+        let once = || async {
+            let sent = Instant::now();
+            let start = store.lease_slots(&self.clocks, self.batch).await?;
+            Ok::<_, StoreError>((start, sent, Instant::now(), SystemTime::now()))
+        };
+        let (start, sent, answered, wall) = once
             .retry(crate::retry::patiently())
             .notify(|e: &StoreError, wait| {
                 tracing::warn!(error = %e, retry_in = ?wait, "cannot lease call slots");
             })
-            .await;
-        let first = match start {
-            Ok(start) => place(start, sent, Instant::now(), SystemTime::now()),
-            Err(_) => Instant::now(),
-        };
-        (first, self.step())
+            .await
+            .ok()?;
+        Some((place(start, sent, answered, wall), self.step()))
     }
 
     async fn connected_store(&self) -> Store {

@@ -23,7 +23,7 @@
 //!
 //! In the daemon a rate is the account's, shared with every other replica: the first gate
 //! is then a call slot leased from the account's clock ([`SharedClock`]), and the call
-//! waits for that slot exactly. The process's own ceiling stays as the second gate.
+//! waits for that slot exactly, and nothing else holds it back once the slot has come.
 
 use std::{
     collections::VecDeque,
@@ -127,7 +127,12 @@ pub struct Pace {
 }
 
 /// Waits for `slot`. A wake-up later than [`MAX_LATE`] (a busy machine) gives the slot up
-/// for a fresh one: a call that late could crowd the calls of the slots after it.
+/// for a fresh one: a call that late could crowd the calls of the slots after it. The
+/// attempt is already claimed, so the fresh slot is waited for as long as it takes (a
+/// bound would let calls out late, over the rate): behind the messages already waiting
+/// their turn, or until the database answers again, when the outcome could not be
+/// recorded anyway. A stop in between leaves the attempt to be reconciled, as a crash
+/// would.
 async fn on_time(mut slot: tokio::time::Instant, clock: &SharedClock) {
     loop {
         tokio::time::sleep_until(slot).await;
@@ -218,10 +223,13 @@ impl Pace {
         }
     }
 
-    /// The second gate, right before the call: the turn's slot, then the hard ceiling.
+    /// The second gate, right before the call: the turn's slot on the account's clock;
+    /// without one, this process's hard ceiling. (After the slot nothing may hold the
+    /// call back: it would go out late and crowd the next slots.)
     pub async fn call(&self, turn: &Turn) {
         if let (Some(slot), Some(clock)) = (turn.slot, &self.shared) {
             on_time(slot, clock).await;
+            return;
         }
         if let Some(own) = &self.own {
             own.call().await;

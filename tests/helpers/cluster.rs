@@ -36,13 +36,17 @@ fn bin(script: &str) -> PathBuf {
 impl Cluster {
     /// Starts `size` nodes and joins them into one cluster.
     pub fn start(size: usize) -> Cluster {
-        let dir =
-            std::env::temp_dir().join(format!("{NODE_PREFIX}{}", uuid::Uuid::new_v4().simple()));
+        // The test's process id in every name, so that a later clean-up can tell the
+        // nodes of a killed run from those of a running one.
+        let tag = std::process::id();
+        let dir = std::env::temp_dir().join(format!(
+            "{NODE_PREFIX}{tag}-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
         std::fs::create_dir_all(&dir).expect("cluster directory");
         let cookie = dir.join(".erlang.cookie");
         std::fs::write(&cookie, uuid::Uuid::new_v4().simple().to_string()).expect("cookie");
         set_owner_only(&cookie);
-        let tag = std::process::id();
         let nodes = (1..=size)
             .map(|n| Node::configure(&dir, &format!("{NODE_PREFIX}{tag}-{n}@localhost")))
             .collect();
