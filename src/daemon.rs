@@ -388,10 +388,20 @@ impl Worker<'_> {
             env!("CARGO_PKG_VERSION"),
             std::process::id()
         );
+        // Where the next connection starts in the node list: past the node of the last
+        // one, so that a node that went away, or took the connection but could not declare
+        // the queues, is tried last.
+        let mut first_node = 0;
         while !shutdown.is_cancelled() {
             let connected = async {
-                let broker =
-                    Broker::connect(&self.settings.amqp_url, &name, self.topology()).await?;
+                let broker = Broker::connect_from(
+                    &self.settings.amqp_url,
+                    first_node,
+                    &name,
+                    self.topology(),
+                )
+                .await?;
+                first_node = broker.node_index() + 1;
                 broker.declare_topology().await?;
                 Ok::<_, crate::broker::BrokerError>(broker)
             }

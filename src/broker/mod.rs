@@ -125,6 +125,8 @@ pub struct Broker {
     topology: Arc<Topology>,
     /// The node connected to, its password hidden.
     node: String,
+    /// Its place in the node list.
+    node_index: usize,
 }
 
 impl std::fmt::Debug for Broker {
@@ -138,6 +140,12 @@ impl std::fmt::Debug for Broker {
 /// Heartbeat interval (seconds) unless the URL sets one: a dead peer is noticed in
 /// seconds, not minutes.
 const HEARTBEAT_SECS: u16 = 20;
+
+/// The places of `count` nodes in the order to try them, from the `first`-th on and
+/// round to the start.
+fn node_order(count: usize, first: usize) -> impl Iterator<Item = usize> {
+    (0..count).map(move |n| (n + first) % count)
+}
 
 /// Parses the URL here rather than in `Connection::connect`, whose error quotes it.
 fn parse_url(url: &str) -> Result<AMQPUri, BrokerError> {
@@ -154,10 +162,23 @@ impl Broker {
         name: &str,
         topology: Topology,
     ) -> Result<Self, BrokerError> {
+        Self::connect_from(urls, 0, name, topology).await
+    }
+
+    /// As [`Broker::connect`], trying the nodes from the `first`-th on (and then from the
+    /// start): a node that just failed is tried last.
+    pub async fn connect_from(
+        urls: &ServiceUrl,
+        first: usize,
+        name: &str,
+        topology: Topology,
+    ) -> Result<Self, BrokerError> {
+        let nodes: Vec<&str> = urls.nodes().collect();
         let mut failure = BrokerError::BadUrl;
-        for node in urls.nodes() {
+        for index in node_order(nodes.len(), first) {
+            let node = nodes[index];
             match Self::connect_node(node, name, topology.clone()).await {
-                Ok(broker) => return Ok(broker),
+                Ok(broker) => return Ok(broker.numbered(index)),
                 Err(e @ BrokerError::BadUrl) => return Err(e),
                 Err(e) => {
                     tracing::warn!(node = %redact_url(node), error = %e, "broker node unavailable");
@@ -166,6 +187,16 @@ impl Broker {
             }
         }
         Err(failure)
+    }
+
+    fn numbered(mut self, index: usize) -> Self {
+        self.node_index = index;
+        self
+    }
+
+    /// Which node of the list this connection went to (0 for the first).
+    pub fn node_index(&self) -> usize {
+        self.node_index
     }
 
     async fn connect_node(url: &str, name: &str, topology: Topology) -> Result<Self, BrokerError> {
@@ -179,6 +210,7 @@ impl Broker {
             publisher,
             topology: Arc::new(topology),
             node: redact_url(url),
+            node_index: 0,
         })
     }
 
@@ -213,6 +245,15 @@ impl Broker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_nodes_are_tried_from_the_one_after_the_last_used_and_round() {
+        assert_eq!(node_order(3, 0).collect::<Vec<_>>(), [0, 1, 2]);
+        assert_eq!(node_order(3, 1).collect::<Vec<_>>(), [1, 2, 0]);
+        // Past the last node: from the start again.
+        assert_eq!(node_order(3, 3).collect::<Vec<_>>(), [0, 1, 2]);
+        assert_eq!(node_order(1, 1).collect::<Vec<_>>(), [0]);
+    }
 
     #[test]
     fn a_malformed_url_is_refused_without_quoting_it() {
