@@ -24,7 +24,7 @@ const STORE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the pipeline reads from and writes to the message log. Every write is safe to
 /// repeat, even after a try that timed out but did commit.
-pub trait MessageLog: Send + Sync + 'static {
+pub trait MessageLog: ReconcileLog {
     /// A school's settings, for one the cache does not know yet.
     fn school_settings(
         &self,
@@ -74,6 +74,19 @@ pub trait MessageLog: Send + Sync + 'static {
         source: &str,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
+    /// Keeps the development inbox's copy of a message (its body and sender).
+    fn keep_in_inbox(
+        &self,
+        copy: &InboxCopy<'_>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// A statement got no answer in time: connections may have gone silent.
+    fn stalled(&self) {}
+}
+
+/// What reconciling an attempt with an unknown outcome writes: the part of the log that
+/// settles what a provider did or did not take.
+pub trait ReconcileLog: Send + Sync + 'static {
     /// Gives a message with an unknown outcome up as `failed`, still marked unknown.
     fn fail_unknown(&self, id: Uuid) -> impl Future<Output = Result<(), StoreError>> + Send;
 
@@ -92,15 +105,29 @@ pub trait MessageLog: Send + Sync + 'static {
         provider_message_id: &str,
         id: Uuid,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+}
 
-    /// Keeps the development inbox's copy of a message (its body and sender).
-    fn keep_in_inbox(
+impl ReconcileLog for Store {
+    fn fail_unknown(&self, id: Uuid) -> impl Future<Output = Result<(), StoreError>> + Send {
+        Store::fail_unknown(self, id)
+    }
+
+    fn adopt_attempt(
         &self,
-        copy: &InboxCopy<'_>,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+        id: Uuid,
+        attempt: i32,
+        provider_message_id: &str,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        Store::adopt_attempt(self, id, attempt, provider_message_id)
+    }
 
-    /// A statement got no answer in time: connections may have gone silent.
-    fn stalled(&self) {}
+    fn provider_message_taken(
+        &self,
+        provider_message_id: &str,
+        id: Uuid,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        Store::provider_message_taken(self, provider_message_id, id)
+    }
 }
 
 impl MessageLog for Store {
@@ -160,27 +187,6 @@ impl MessageLog for Store {
         source: &str,
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
         Store::add_opt_out(self, school_id, phone, source)
-    }
-
-    fn fail_unknown(&self, id: Uuid) -> impl Future<Output = Result<(), StoreError>> + Send {
-        Store::fail_unknown(self, id)
-    }
-
-    fn adopt_attempt(
-        &self,
-        id: Uuid,
-        attempt: i32,
-        provider_message_id: &str,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send {
-        Store::adopt_attempt(self, id, attempt, provider_message_id)
-    }
-
-    fn provider_message_taken(
-        &self,
-        provider_message_id: &str,
-        id: Uuid,
-    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
-        Store::provider_message_taken(self, provider_message_id, id)
     }
 
     fn keep_in_inbox(

@@ -14,7 +14,7 @@ use std::{
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::MessageLog;
+use super::{MessageLog, ReconcileLog};
 use crate::{
     phone::PhoneNumber,
     policy::SchoolSettings,
@@ -223,6 +223,49 @@ fn claim(
     Claim::Busy(row.state())
 }
 
+impl ReconcileLog for MemoryLog {
+    async fn fail_unknown(&self, id: Uuid) -> Result<(), StoreError> {
+        self.run(|t| {
+            if let Some(row) = t.messages.get_mut(&id).filter(|r| !r.status.is_final()) {
+                row.status = MessageStatus::Failed;
+                row.reason = Some("outcome_unknown".into());
+            }
+        })
+    }
+
+    async fn adopt_attempt(
+        &self,
+        id: Uuid,
+        attempt: i32,
+        provider_message_id: &str,
+    ) -> Result<(), StoreError> {
+        self.run(|t| {
+            let Some(row) = t.messages.get_mut(&id) else {
+                return;
+            };
+            row.record(attempt, Some(AttemptOutcome::Sent));
+            if !row.status.is_final() || row.status == MessageStatus::Failed {
+                row.status = MessageStatus::Sent;
+                row.reason = None;
+                row.last_outcome_unknown = false;
+                row.provider_message_id = Some(provider_message_id.to_owned());
+            }
+        })
+    }
+
+    async fn provider_message_taken(
+        &self,
+        provider_message_id: &str,
+        id: Uuid,
+    ) -> Result<bool, StoreError> {
+        self.run(|t| {
+            t.messages.iter().any(|(other, row)| {
+                *other != id && row.provider_message_id.as_deref() == Some(provider_message_id)
+            })
+        })
+    }
+}
+
 impl MessageLog for MemoryLog {
     async fn school_settings(&self, school_id: i64) -> Result<Option<SchoolSettings>, StoreError> {
         self.run(|t| t.settings.get(&school_id).cloned())
@@ -304,47 +347,6 @@ impl MessageLog for MemoryLog {
     ) -> Result<(), StoreError> {
         self.run(|t| {
             t.opt_outs.insert((school_id, phone.as_str().to_owned()));
-        })
-    }
-
-    async fn fail_unknown(&self, id: Uuid) -> Result<(), StoreError> {
-        self.run(|t| {
-            if let Some(row) = t.messages.get_mut(&id).filter(|r| !r.status.is_final()) {
-                row.status = MessageStatus::Failed;
-                row.reason = Some("outcome_unknown".into());
-            }
-        })
-    }
-
-    async fn adopt_attempt(
-        &self,
-        id: Uuid,
-        attempt: i32,
-        provider_message_id: &str,
-    ) -> Result<(), StoreError> {
-        self.run(|t| {
-            let Some(row) = t.messages.get_mut(&id) else {
-                return;
-            };
-            row.record(attempt, Some(AttemptOutcome::Sent));
-            if !row.status.is_final() || row.status == MessageStatus::Failed {
-                row.status = MessageStatus::Sent;
-                row.reason = None;
-                row.last_outcome_unknown = false;
-                row.provider_message_id = Some(provider_message_id.to_owned());
-            }
-        })
-    }
-
-    async fn provider_message_taken(
-        &self,
-        provider_message_id: &str,
-        id: Uuid,
-    ) -> Result<bool, StoreError> {
-        self.run(|t| {
-            t.messages.iter().any(|(other, row)| {
-                *other != id && row.provider_message_id.as_deref() == Some(provider_message_id)
-            })
         })
     }
 

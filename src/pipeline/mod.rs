@@ -47,7 +47,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use self::outcome::{Plan, Seen, Verdict};
-pub use self::{fanout::FanoutTurns, log::MessageLog};
+pub use self::{
+    fanout::FanoutTurns,
+    log::{MessageLog, ReconcileLog},
+};
 use crate::{
     broker::Delivery,
     cache::PolicyCache,
