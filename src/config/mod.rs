@@ -914,12 +914,17 @@ mod tests {
 
     /// A Twilio sandbox (test credentials at Twilio's real API) declared in a file.
     fn sandbox(env: &'static str) -> Result<Settings, ConfigError> {
+        sandbox_file(env, "true")
+    }
+
+    /// A Twilio entry whose `sandbox` is `value`, written as TOML.
+    fn sandbox_file(env: &'static str, value: &str) -> Result<Settings, ConfigError> {
         let path = std::env::temp_dir().join(format!(
             "smsgw-sandbox-{}.toml",
             uuid::Uuid::new_v4().simple()
         ));
         let toml = format!(
-            "[providers.twilio]\ntype = \"twilio\"\nsandbox = true\naccount_sid = \"{SID}\"\n\
+            "[providers.twilio]\ntype = \"twilio\"\nsandbox = {value}\naccount_sid = \"{SID}\"\n\
              auth_token = {{ env = \"TEST_TOKEN\" }}\nfrom = \"+15005550006\"\n"
         );
         std::fs::write(&path, toml).expect("write");
@@ -930,6 +935,14 @@ mod tests {
             ("TEST_TOKEN", "test-token"),
             ("SMSGW_PUBLIC_URL", "https://smsgw.example.com"),
         ])
+    }
+
+    #[test]
+    fn a_sandbox_that_is_not_a_boolean_is_refused() {
+        for value in ["\"yes\"", "1"] {
+            let err = sandbox_file("staging", value).expect_err(value);
+            assert_eq!(err.variable, "SMSGW_CONFIG", "{value}: {err}");
+        }
     }
 
     #[test]
