@@ -1,5 +1,5 @@
 //! A local Twilio that speaks Twilio's wire format and checks every request against
-//! Twilio's own OpenAPI description of Create Message (`../shared/reference/`).
+//! Twilio's own OpenAPI description of Create Message (`tests/fixtures/providers/`).
 //!
 //! A request that breaks the description is answered 400 and recorded as a violation;
 //! tests assert that there are none.
@@ -25,15 +25,12 @@ pub const ACCOUNT_SID: &str = "AC0123456789abcdef0123456789abcdef";
 pub const AUTH_TOKEN: &str = "test-auth-token-5f8e2a";
 pub const DEFAULT_FROM: &str = "+15005550006";
 
-/// Where the OpenAPI description lives: `SMSGW_TWILIO_OPENAPI`, else the shared reference
-/// folder beside the repository.
+/// Twilio's own OpenAPI description, kept as a fixture (`tests/fixtures/providers/`).
 fn spec_path() -> String {
-    std::env::var("SMSGW_TWILIO_OPENAPI").unwrap_or_else(|_| {
-        format!(
-            "{}/../shared/reference/twilio-create-message.openapi.json",
-            env!("CARGO_MANIFEST_DIR")
-        )
-    })
+    format!(
+        "{}/tests/fixtures/providers/twilio-create-message.openapi.json",
+        env!("CARGO_MANIFEST_DIR")
+    )
 }
 
 /// The parts of the description the stub checks.
@@ -52,7 +49,7 @@ impl Spec {
         let path = spec_path();
         let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
             panic!(
-                "cannot read Twilio's OpenAPI description at {path} ({e}); set SMSGW_TWILIO_OPENAPI"
+                "cannot read Twilio's OpenAPI description at {path} ({e})"
             )
         });
         let doc: Value = serde_json::from_str(&text).expect("the OpenAPI description is JSON");

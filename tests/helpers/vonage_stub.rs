@@ -1,5 +1,5 @@
 //! A local Vonage SMS API that checks every request against Vonage's own OpenAPI
-//! description (`../shared/reference/vonage-sms.openapi.yml`) and answers in its format:
+//! description (`tests/fixtures/providers/vonage-sms.openapi.yml`) and answers in its format:
 //! HTTP 200 with a per-message `status`.
 
 use std::{
@@ -22,13 +22,12 @@ pub const API_KEY: &str = "abcd1234";
 pub const API_SECRET: &str = "vonagesecret3f9a";
 pub const SIGNATURE_SECRET: &str = "vonage-signature-secret";
 
+/// Vonage's own OpenAPI description, kept as a fixture (`tests/fixtures/providers/`).
 fn spec_path() -> String {
-    std::env::var("SMSGW_VONAGE_OPENAPI").unwrap_or_else(|_| {
-        format!(
-            "{}/../shared/reference/vonage-sms.openapi.yml",
-            env!("CARGO_MANIFEST_DIR")
-        )
-    })
+    format!(
+        "{}/tests/fixtures/providers/vonage-sms.openapi.yml",
+        env!("CARGO_MANIFEST_DIR")
+    )
 }
 
 struct Spec {
@@ -41,7 +40,7 @@ impl Spec {
         let path = spec_path();
         let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
             panic!(
-                "cannot read Vonage's OpenAPI description at {path} ({e}); set SMSGW_VONAGE_OPENAPI"
+                "cannot read Vonage's OpenAPI description at {path} ({e})"
             )
         });
         let doc = YamlLoader::load_from_str(&text)
