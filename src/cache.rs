@@ -21,7 +21,7 @@ use backon::BackoffBuilder;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    policy::SchoolSettings,
+    school::SchoolSettings,
     store::{Store, StoreError},
 };
 

@@ -17,12 +17,10 @@ use crate::{
     cache::PolicyCache,
     config::{Environment, Settings},
     disposition::Disposition,
-    http::{
-        self,
-        health::Health,
-        metrics::{LaneLabels, Metrics, ReasonLabels},
-    },
+    health::Health,
+    http,
     job::Lane,
+    metrics::{LaneLabels, Metrics, ReasonLabels},
     pipeline::{FanoutTurns, Pipeline, PipelineSettings, UnknownOutcome},
     provider::Gateways,
     retry::pause,
@@ -584,7 +582,7 @@ async fn watch_queue_depths(broker: Broker, metrics: Arc<Metrics>, stop: Cancell
                 for (queue, depth) in depths {
                     metrics
                         .queue_depth
-                        .get_or_create(&crate::http::metrics::QueueLabels { queue })
+                        .get_or_create(&crate::metrics::QueueLabels { queue })
                         .set(i64::from(depth));
                 }
             }

@@ -22,7 +22,7 @@ use uuid::Uuid;
 use crate::{
     broker::{Broker, BrokerError, OutgoingEvent, Topology},
     config::ServiceUrl,
-    http::metrics::Metrics,
+    metrics::Metrics,
     retry::pause,
     store::{OutboxEvent, RelayTurn, Store, StoreError},
 };

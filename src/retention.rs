@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     broker::Broker,
     config::Settings,
-    http::metrics::Metrics,
+    metrics::Metrics,
     retry::pause,
     store::{Store, StoreError},
 };

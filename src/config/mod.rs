@@ -14,7 +14,7 @@ use std::{
 
 use secrecy::SecretString;
 
-use crate::{http::HttpLimits, job::JobType, phone::PhoneNumber};
+use crate::{job::JobType, phone::PhoneNumber};
 
 mod providers;
 mod schedule;
@@ -597,6 +597,16 @@ fn retry_delays(get: &impl Fn(&str) -> Option<String>) -> Result<Vec<Duration>, 
 /// A few seconds for the headers: a client on a working network sends them at once, and
 /// ingress proxies pass them on whole. Connections: far more than probes, scrapes and
 /// receipts need at once, far fewer than the file descriptors the daemon may open.
+/// How long a client may take, and how many may be connected at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// For a request's headers; also the idle time after which a keep-alive connection
+    /// is closed.
+    pub header_timeout: Duration,
+    /// Connections open at once; more wait to be accepted.
+    pub max_connections: usize,
+}
+
 fn http_limits(get: &impl Fn(&str) -> Option<String>) -> Result<HttpLimits, ConfigError> {
     let header_timeout = duration(get, "SMSGW_HTTP_HEADER_TIMEOUT", "5s")?;
     if !(Duration::from_millis(100)..=Duration::from_secs(300)).contains(&header_timeout) {

@@ -15,15 +15,12 @@ use tokio::{net::TcpListener, sync::watch};
 use tokio_util::sync::CancellationToken;
 use tower_http::timeout::TimeoutLayer;
 
-pub mod health;
 mod inbox;
-pub mod metrics;
 mod server;
 pub mod webhooks;
 
-pub use self::server::HttpLimits;
-use self::{health::Health, metrics::Metrics, webhooks::Webhooks};
-use crate::{job::Lane, store::Store};
+use self::webhooks::Webhooks;
+use crate::{config::HttpLimits, health::Health, job::Lane, metrics::Metrics, store::Store};
 
 /// Largest request body: a webhook is a few hundred bytes.
 const MAX_BODY_BYTES: usize = 64 * 1024;

@@ -22,21 +22,13 @@ use hyper_util::{
 use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use crate::config::HttpLimits;
+
 /// Longest the server waits, at shutdown, for requests under way to be answered.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Pause after a failed accept that is not about one connection (out of file
 /// descriptors, say), so the loop does not spin.
 const ACCEPT_PAUSE: Duration = Duration::from_secs(1);
-
-/// How long a client may take, and how many may be connected at once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HttpLimits {
-    /// For a request's headers; also the idle time after which a keep-alive connection
-    /// is closed.
-    pub header_timeout: Duration,
-    /// Connections open at once; more wait to be accepted.
-    pub max_connections: usize,
-}
 
 /// Serves `app` on `listener` until `shutdown` fires, then lets requests under way finish.
 pub(super) async fn run(

@@ -22,7 +22,7 @@ use time::OffsetDateTime;
 
 use crate::{
     config::{ProviderKindSettings, SignatureMethod},
-    http::metrics::Metrics,
+    metrics::Metrics,
     phone::PhoneNumber,
     provider::Gateways,
     store::{MessageStatus, OptOutChange, Receipt, ReceiptApplied, Store, StoreError},
@@ -383,7 +383,7 @@ impl Webhooks {
         let store = self.store().ok_or(ReceiptError::NotReady)?;
         self.metrics
             .receipts
-            .get_or_create(&crate::http::metrics::ReceiptLabels {
+            .get_or_create(&crate::metrics::ReceiptLabels {
                 provider: receipt.provider.to_owned(),
                 status: receipt.provider_status.chars().take(30).collect(),
             })

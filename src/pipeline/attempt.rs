@@ -14,9 +14,10 @@ use uuid::Uuid;
 use super::{Abandoned, Message, MessageLog, Pipeline, Prior, outcome};
 use crate::{
     disposition::Disposition,
-    http::metrics::ProviderLabels,
+    metrics::ProviderLabels,
     phone::{PhoneNumber, SenderId, redact_numbers},
-    policy::{Route, SuppressReason},
+    policy::SuppressReason,
+    provider::Route,
     provider::{
         Accepted, Gateway, OutboundSms, ProviderError,
         circuit::{CallResult, Permit},

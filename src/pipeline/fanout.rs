@@ -26,7 +26,8 @@ use crate::{
     disposition::Disposition,
     job::{BulkRecipient, Job},
     phone::PhoneNumber,
-    policy::{self, SchoolSettings},
+    provider,
+    school::SchoolSettings,
     store::NewMessage,
 };
 
@@ -116,7 +117,7 @@ impl<L: MessageLog> Pipeline<L> {
         abandon: &CancellationToken,
     ) -> Result<(), Abandoned> {
         let country = settings.and_then(|s| s.country.as_deref());
-        let provider = self.provider_label(&policy::route(settings, &self.gateways));
+        let provider = self.provider_label(&provider::route(settings, &self.gateways));
         let segments = i32::try_from(crate::segments::segment(&job.body).segments).ok();
         let mut seen = HashSet::with_capacity(recipients.len());
         for piece in recipients.chunks(QUEUE_PIECE) {

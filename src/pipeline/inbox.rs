@@ -3,10 +3,7 @@
 //! why it would not go out.
 
 use super::{Abandoned, Message, MessageLog, Pipeline};
-use crate::{
-    policy::{Decision, SchoolSettings},
-    store::InboxCopy,
-};
+use crate::{policy::Decision, provider::Route, school::SchoolSettings, store::InboxCopy};
 
 impl<L: MessageLog> Pipeline<L> {
     /// Keeps the inbox's copy of `message` when its provider is an inbox: the body (the
@@ -15,7 +12,7 @@ impl<L: MessageLog> Pipeline<L> {
     pub(super) async fn keep_in_inbox(
         &self,
         message: &Message<'_>,
-        decision: &Decision,
+        decision: &Decision<Route>,
         settings: Option<&SchoolSettings>,
     ) -> Result<(), Abandoned> {
         let inbox = self

@@ -13,7 +13,7 @@ use uuid::Uuid;
 use super::{Abandoned, Pipeline};
 use crate::{
     phone::{PhoneNumber, redact_numbers},
-    policy::SchoolSettings,
+    school::SchoolSettings,
     store::{
         AttemptRecord, Claim, InboxCopy, MessageState, MessageStatus, NewMessage, Store, StoreError,
     },

@@ -17,7 +17,7 @@ use uuid::Uuid;
 use super::{MessageLog, ReconcileLog};
 use crate::{
     phone::PhoneNumber,
-    policy::SchoolSettings,
+    school::SchoolSettings,
     store::{
         AttemptOutcome, AttemptRecord, Claim, InboxCopy, MessageState, MessageStatus, NewMessage,
         StoreError, UnknownAttempt,

@@ -55,11 +55,14 @@ use crate::{
     broker::Delivery,
     cache::PolicyCache,
     disposition::Disposition,
-    http::{health::Health, metrics::Metrics},
+    health::Health,
     job::{self, Job, JobType, Target},
+    metrics::Metrics,
     phone::{PhoneNumber, redact_numbers},
-    policy::{self, Decision, Facts, Route, SchoolSettings},
+    policy::{self, Decision, Facts},
     provider::Gateways,
+    provider::{self, Route},
+    school::SchoolSettings,
     store::{MessageState, MessageStatus, NewMessage, Store, UnknownAttempt},
 };
 
@@ -290,11 +293,11 @@ impl<L: MessageLog> Pipeline<L> {
         job: &Job,
         to: &str,
         settings: Option<&SchoolSettings>,
-    ) -> (Decision, Draft) {
+    ) -> (Decision<Route>, Draft) {
         let country = settings.and_then(|s| s.country.as_deref());
         let recipient = PhoneNumber::parse(to, country);
         let segments = crate::segments::segment(&job.body).segments;
-        let route = policy::route(settings, &self.gateways);
+        let route = provider::route(settings, &self.gateways);
         let decision = policy::decide(
             job.kind,
             job.not_before,

@@ -13,10 +13,11 @@ use crate::{
     broker::Delivery,
     cache::PolicyCache,
     disposition::{DeadReason, Disposition},
-    http::{health::Health, metrics::Metrics},
+    health::Health,
     job::{JobType, Lane},
-    policy::SchoolSettings,
+    metrics::Metrics,
     provider::{Accepted, Gateways, Lookup, ProviderError, scripted::Scripted},
+    school::SchoolSettings,
     store::{AttemptOutcome, MessageStatus},
 };
 
@@ -891,7 +892,7 @@ fn unknown_outcome() -> Row {
 fn quiet_now() -> SchoolSettings {
     let now = OffsetDateTime::now_utc();
     SchoolSettings {
-        quiet: crate::policy::Quiet::of(
+        quiet: crate::school::Quiet::of(
             Some("UTC"),
             Some((now - time::Duration::hours(1)).time()),
             Some((now + time::Duration::hours(1)).time()),

@@ -1,118 +1,19 @@
-//! Policy: whether, when, from whom and through which gateway a message is sent. A pure
-//! function over the job, the school's settings and its route, so every rule is
-//! unit-tested without mocks.
+//! Policy: whether, when, from whom and by which route a message is sent. A pure function
+//! over the job, the school's settings and its route (whatever the caller resolved the
+//! school's provider to: the daemon passes its gateways), so every rule is unit-tested
+//! without mocks.
 //!
-//! Opt-outs are not decided here: the claim that starts an attempt reads `sms_opt_outs`
-//! in the same statement (see [`crate::store::Claim::OptedOut`]), so an opt-out written a
-//! moment ago counts, and the table stays the only authority.
-
-pub mod quiet;
-mod routing;
-
-pub use quiet::QuietHours;
-pub use routing::{Route, route};
+//! Opt-outs are not decided here: the store's claim that starts an attempt reads
+//! `sms_opt_outs` in the same statement, so an opt-out written a moment ago counts, and
+//! the table stays the only authority.
 
 use time::OffsetDateTime;
 
 use crate::{
     job::JobType,
     phone::{PhoneError, PhoneNumber, SenderId},
+    school::SchoolSettings,
 };
-
-/// A school's quiet hours, as its settings give them.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub enum Quiet {
-    #[default]
-    None,
-    Hours(QuietHours),
-    /// Quiet hours are set, but `timezone` is not a known IANA name: nothing is held
-    /// (a text sent at night beats one held for ever on a guess).
-    UnknownZone(String),
-}
-
-impl Quiet {
-    /// The school's quiet hours from its columns; `None` unless both ends are set.
-    pub fn of(timezone: Option<&str>, start: Option<time::Time>, end: Option<time::Time>) -> Self {
-        let (Some(start), Some(end)) = (start, end) else {
-            return Quiet::None;
-        };
-        let name = timezone.unwrap_or_default();
-        match quiet::zone(name) {
-            Some(zone) => Quiet::Hours(QuietHours {
-                start: civil(start),
-                end: civil(end),
-                zone,
-            }),
-            None => Quiet::UnknownZone(name.to_owned()),
-        }
-    }
-
-    /// When the quiet window around `now` ends, if `now` is in one.
-    fn release(&self, now: OffsetDateTime) -> Option<OffsetDateTime> {
-        let Quiet::Hours(hours) = self else {
-            return None;
-        };
-        let now = jiff::Timestamp::from_nanosecond(now.unix_timestamp_nanos()).ok()?;
-        let until = hours.release(now)?;
-        OffsetDateTime::from_unix_timestamp_nanos(until.as_nanosecond()).ok()
-    }
-}
-
-fn civil(at: time::Time) -> jiff::civil::Time {
-    let (hour, minute, second, nanosecond) = at.as_hms_nano();
-    // Each part is within range, so the narrowing casts are exact.
-    jiff::civil::time(hour as i8, minute as i8, second as i8, nanosecond as i32)
-}
-
-/// A school's row in `sms_school_settings`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SchoolSettings {
-    pub school_id: i64,
-    pub sms_enabled: bool,
-    pub country: Option<String>,
-    pub sender_id: Option<String>,
-    pub provider: Option<String>,
-    /// Used when `provider` refuses for a reason it may not share, or its circuit is open.
-    pub fallback_provider: Option<String>,
-    pub allow_confirmations: bool,
-    pub allow_reminders: bool,
-    pub allow_changes: bool,
-    pub allow_announcements: bool,
-    pub allow_login_codes: bool,
-    pub quiet: Quiet,
-}
-
-impl SchoolSettings {
-    /// A British school that allows every type, with no sender or provider of its own:
-    /// for unit tests.
-    #[cfg(test)]
-    pub(crate) fn example(school_id: i64) -> Self {
-        SchoolSettings {
-            school_id,
-            sms_enabled: true,
-            country: Some("GB".into()),
-            sender_id: None,
-            provider: None,
-            fallback_provider: None,
-            allow_confirmations: true,
-            allow_reminders: true,
-            allow_changes: true,
-            allow_announcements: true,
-            allow_login_codes: true,
-            quiet: Quiet::None,
-        }
-    }
-
-    pub fn allows(&self, kind: JobType) -> bool {
-        match kind {
-            JobType::BookingConfirmation => self.allow_confirmations,
-            JobType::BookingReminder => self.allow_reminders,
-            JobType::BookingChange | JobType::BookingCancellation => self.allow_changes,
-            JobType::Announcement => self.allow_announcements,
-            JobType::LoginCode => self.allow_login_codes,
-        }
-    }
-}
 
 /// Why a message is not sent although nothing failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,9 +60,10 @@ impl Refusal {
     }
 }
 
-/// What to do with a message. `R` is the route it goes by (a [`Route`] in the daemon).
+/// What to do with a message. `R` is the route it goes by (the provider's `Route` in the
+/// daemon).
 #[derive(Debug, Clone, PartialEq)]
-pub enum Decision<R = Route> {
+pub enum Decision<R> {
     /// Send it now to `to` through `route`, from the school's sender if it has one (else
     /// the default).
     Send {
@@ -185,7 +87,7 @@ pub enum Decision<R = Route> {
 
 /// The inputs of [`decide`] that come from outside the job itself.
 #[derive(Debug, Clone)]
-pub struct Facts<'a, R = Route> {
+pub struct Facts<'a, R> {
     pub settings: Option<&'a SchoolSettings>,
     /// The recipient normalised with the school's country (or why it could not be).
     pub recipient: &'a Result<PhoneNumber, PhoneError>,
@@ -261,6 +163,7 @@ pub fn decide<R: Clone>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::school::Quiet;
     use time::macros::datetime;
 
     fn school() -> SchoolSettings {
@@ -602,17 +505,5 @@ mod tests {
             decide_at(JobType::BookingReminder, None, &school, LATE),
             Decision::Send { .. }
         ));
-    }
-
-    #[test]
-    fn quiet_hours_need_both_ends() {
-        assert_eq!(
-            Quiet::of(
-                Some("Europe/London"),
-                Some(time::macros::time!(21:00)),
-                None
-            ),
-            Quiet::None
-        );
     }
 }

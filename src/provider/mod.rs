@@ -3,7 +3,8 @@
 //! - the adapters (`log`, `inbox`, `twilio`, `vonage`), each keeping its wire format
 //!   private;
 //! - [`Gateway`]: a configured provider with its [`circuit`] breaker, its [`pace`] (with
-//!   the account-wide [`clock`] shared by every replica) and its call slots.
+//!   the account-wide [`clock`] shared by every replica) and its call slots;
+//! - [`route`]: the gateways a school's settings name, primary and fallback.
 //!
 //! Every adapter speaks our own types ([`OutboundSms`] in, [`Accepted`] or
 //! [`ProviderError`] out) and keeps its wire format private. [`Provider`] chooses the
@@ -15,6 +16,7 @@ mod gateway;
 pub mod inbox;
 mod log;
 pub mod pace;
+mod routing;
 #[cfg(test)]
 pub(crate) mod scripted;
 mod twilio;
@@ -33,6 +35,7 @@ pub use self::{
     gateway::{Gateway, Gateways},
     inbox::InboxProvider,
     log::LogProvider,
+    routing::{Route, route},
     twilio::Twilio,
     vonage::Vonage,
 };

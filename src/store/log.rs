@@ -26,78 +26,12 @@ use tokio_postgres::{Row, types::ToSql};
 use uuid::Uuid;
 
 use super::{
-    MessageState, MessageStatus, Params, StoreError, UnknownAttempt, messages::keeps_body, prepared,
+    Params, StoreError, prepared,
+    vocabulary::{
+        Claim, ClaimRow, FinishRow, MessageColumns, MessageState, MessageStatus, RecordRow,
+        UnknownAttempt, keeps_body,
+    },
 };
-
-/// The columns a new message row starts with; the first eight are bound as `$1` to
-/// `$8` (id, bulk_id, school_id, type, recipient, body, context, provider).
-#[derive(Debug, Clone)]
-pub(crate) struct MessageColumns {
-    pub id: Uuid,
-    pub bulk_id: Option<Uuid>,
-    pub school_id: i64,
-    pub kind: &'static str,
-    pub recipient: String,
-    pub body: String,
-    pub context: Option<Value>,
-    pub provider: String,
-    pub segments: Option<i32>,
-    pub reopen_failed: bool,
-}
-
-/// A message to claim an attempt for.
-#[derive(Debug, Clone)]
-pub(crate) struct ClaimRow {
-    pub message: MessageColumns,
-    /// Take over this attempt, left open by a crash.
-    pub take_over: Option<i32>,
-    /// The previous attempt's unknown outcome was reconciled: claim anyway.
-    pub reconciled: bool,
-    /// This claim's id, kept across retries.
-    pub claim: Uuid,
-}
-
-/// An attempt's end.
-#[derive(Debug, Clone)]
-pub(crate) struct FinishRow {
-    pub id: Uuid,
-    pub attempt: i32,
-    pub duration_ms: i32,
-    pub outcome: &'static str,
-    pub http_status: Option<i32>,
-    pub error_code: Option<String>,
-    pub error_message: Option<String>,
-    pub outcome_unknown: bool,
-    pub provider_message_id: Option<String>,
-    pub status: &'static str,
-    pub reason: Option<String>,
-}
-
-/// An outcome without a provider call.
-#[derive(Debug, Clone)]
-pub(crate) struct RecordRow {
-    pub message: MessageColumns,
-    pub status: &'static str,
-    pub reason: Option<String>,
-}
-
-impl AsRef<MessageColumns> for MessageColumns {
-    fn as_ref(&self) -> &MessageColumns {
-        self
-    }
-}
-
-impl AsRef<MessageColumns> for ClaimRow {
-    fn as_ref(&self) -> &MessageColumns {
-        &self.message
-    }
-}
-
-impl AsRef<MessageColumns> for RecordRow {
-    fn as_ref(&self) -> &MessageColumns {
-        &self.message
-    }
-}
 
 /// The columns of a batch of new message rows, as arrays for `UNNEST`.
 struct MessageArrays<'a> {
@@ -159,18 +93,6 @@ fn by_first_column(rows: &[Row]) -> Result<HashMap<Uuid, &Row>, StoreError> {
     rows.iter()
         .map(|row| Ok((row.try_get::<_, Uuid>(0)?, row)))
         .collect()
-}
-
-/// What a claim found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Claim {
-    /// Attempt number `attempt` is recorded as started.
-    Started { attempt: i32 },
-    /// Not claimable: the message is in this state.
-    Busy(MessageState),
-    /// The recipient opted out (checked in the same statement, so an opt-out written a
-    /// moment ago counts even before the cache hears of it).
-    OptedOut,
 }
 
 /// A message's state, read from its row (before the statement changed anything).

@@ -1,96 +1,20 @@
-//! The message log (`sms_messages`, `sms_attempts`): its statuses and rows, and the
-//! writes the pipeline makes, through the recorder's batches when it runs.
+//! The message log (`sms_messages`, `sms_attempts`): the writes the pipeline makes,
+//! through the recorder's batches when it runs.
 
 use std::{sync::LazyLock, time::Duration};
 
 use serde_json::Value;
-use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{
-    Store, StoreError, apply_pending_receipts,
-    log::{self, Claim, ClaimRow, FinishRow, MessageColumns, RecordRow},
-    prepared,
+    Store, StoreError, apply_pending_receipts, log, prepared,
     recorder::Op,
+    vocabulary::{
+        AttemptOutcome, Claim, ClaimRow, FinishRow, MessageColumns, MessageState, MessageStatus,
+        RecordRow, keeps_body, storable,
+    },
 };
 use crate::job::JobType;
-
-/// The status of a message, as `sms_messages.status` stores it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MessageStatus {
-    Queued,
-    Sending,
-    Sent,
-    Delivered,
-    Undelivered,
-    Failed,
-    Retrying,
-    Suppressed,
-    Expired,
-}
-
-impl MessageStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            MessageStatus::Queued => "queued",
-            MessageStatus::Sending => "sending",
-            MessageStatus::Sent => "sent",
-            MessageStatus::Delivered => "delivered",
-            MessageStatus::Undelivered => "undelivered",
-            MessageStatus::Failed => "failed",
-            MessageStatus::Retrying => "retrying",
-            MessageStatus::Suppressed => "suppressed",
-            MessageStatus::Expired => "expired",
-        }
-    }
-
-    pub fn parse(text: &str) -> Option<Self> {
-        [
-            MessageStatus::Queued,
-            MessageStatus::Sending,
-            MessageStatus::Sent,
-            MessageStatus::Delivered,
-            MessageStatus::Undelivered,
-            MessageStatus::Failed,
-            MessageStatus::Retrying,
-            MessageStatus::Suppressed,
-            MessageStatus::Expired,
-        ]
-        .into_iter()
-        .find(|s| s.as_str() == text)
-    }
-
-    /// Whether the message has an outcome: nothing more will be sent for it.
-    pub fn is_final(self) -> bool {
-        match self {
-            MessageStatus::Queued | MessageStatus::Sending | MessageStatus::Retrying => false,
-            MessageStatus::Sent
-            | MessageStatus::Delivered
-            | MessageStatus::Undelivered
-            | MessageStatus::Failed
-            | MessageStatus::Suppressed
-            | MessageStatus::Expired => true,
-        }
-    }
-}
-
-/// What `sms_attempts.outcome` records.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AttemptOutcome {
-    Sent,
-    TemporaryFailure,
-    PermanentFailure,
-}
-
-impl AttemptOutcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AttemptOutcome::Sent => "sent",
-            AttemptOutcome::TemporaryFailure => "temporary_failure",
-            AttemptOutcome::PermanentFailure => "permanent_failure",
-        }
-    }
-}
 
 /// A message as first recorded.
 #[derive(Debug, Clone)]
@@ -125,41 +49,6 @@ impl NewMessage<'_> {
             reopen_failed: self.reopen_failed,
         }
     }
-}
-
-/// Whether a message keeps its body once it has an outcome, as SQL over the store's
-/// body setting (`keep`, a parameter) and the message's `kind` column: a login code never
-/// does, being a secret nobody needs once it went out (or did not).
-pub(super) fn keeps_body(keep: &str, kind: &str) -> String {
-    format!("({keep} AND {kind} <> '{}')", JobType::LoginCode.as_str())
-}
-
-/// Text from outside (a provider's answer) as PostgreSQL can store it: a NUL character,
-/// which its text type cannot hold, becomes U+FFFD. Without this, an answer with one
-/// could never be recorded, and the message would be held for ever.
-pub(super) fn storable(text: &str) -> String {
-    text.replace('\0', "\u{fffd}")
-}
-
-/// The state of a message already in the log.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MessageState {
-    pub status: MessageStatus,
-    pub attempts: i32,
-    /// When the latest attempt started, if it has no outcome yet.
-    pub open_attempt_started: Option<OffsetDateTime>,
-    /// The latest attempt, if the provider may have taken it without our knowing: cut off
-    /// by a crash (no outcome) or ended without an answer we could read.
-    pub unknown_attempt: Option<UnknownAttempt>,
-}
-
-/// An attempt whose outcome is not known.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UnknownAttempt {
-    pub attempt: i32,
-    pub started_at: OffsetDateTime,
-    /// The provider that was called: the one to ask.
-    pub provider: String,
 }
 
 /// How one provider call ended, for `finish_attempt`.

@@ -42,14 +42,12 @@ mod receipts;
 mod recorder;
 mod settings;
 mod views;
+mod vocabulary;
 
 use connect::{Connector, quote_identifier};
 pub use inbox::{InboxCopy, InboxFilter, InboxMessage};
-pub use log::Claim;
 pub use lookups::{MessageSearch, UsageCount};
-pub use messages::{
-    AttemptOutcome, AttemptRecord, MessageState, MessageStatus, NewMessage, UnknownAttempt,
-};
+pub use messages::{AttemptRecord, NewMessage};
 pub(crate) use notify::Listener;
 pub use outbox::{OutboxBacklog, OutboxEvent, RelayTurn};
 pub use rates::{ClockSpacing, LeaseStart};
@@ -58,6 +56,7 @@ pub use receipts::{Receipt, ReceiptApplied};
 use recorder::Recorder;
 pub use settings::OptOutChange;
 pub use views::{AttemptView, MessageView};
+pub use vocabulary::{AttemptOutcome, Claim, MessageState, MessageStatus, UnknownAttempt};
 
 /// A statement's parameters.
 type Params<'a> = [&'a (dyn ToSql + Sync)];

@@ -6,7 +6,10 @@ use std::{sync::LazyLock, time::Duration};
 use tokio_postgres::Row;
 use uuid::Uuid;
 
-use super::{MessageStatus, Store, StoreError, messages::storable, prepared};
+use super::{
+    Store, StoreError, prepared,
+    vocabulary::{MessageStatus, storable},
+};
 
 /// A delivery receipt, as a webhook reports it.
 #[derive(Debug, Clone)]

@@ -13,8 +13,9 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use uuid::Uuid;
 
 use super::{
-    MessageState, StoreError,
-    log::{Claim, ClaimRow, FinishRow, RecordRow, claim_batch, finish_batch, record_batch},
+    StoreError,
+    log::{claim_batch, finish_batch, record_batch},
+    vocabulary::{Claim, ClaimRow, FinishRow, MessageState, RecordRow},
 };
 
 /// Most rows in one statement.

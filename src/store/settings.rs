@@ -5,10 +5,10 @@ use std::sync::LazyLock;
 
 use tokio_postgres::Row;
 
-use super::{Store, StoreError, messages::storable};
+use super::{Store, StoreError, vocabulary::storable};
 use crate::{
     phone::PhoneNumber,
-    policy::{Quiet, SchoolSettings},
+    school::{Quiet, SchoolSettings, zone},
 };
 
 const SETTINGS_SELECT: &str = "SELECT school_id, sms_enabled, country, sender_id, provider,
@@ -100,7 +100,7 @@ impl Store {
         let mut unknown = Vec::new();
         for row in &rows {
             let name: String = row.try_get(1)?;
-            if crate::policy::quiet::zone(&name).is_none() {
+            if zone(&name).is_none() {
                 unknown.push((row.try_get(0)?, name));
             }
         }

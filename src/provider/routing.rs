@@ -2,8 +2,8 @@
 
 use std::sync::Arc;
 
-use super::SchoolSettings;
-use crate::provider::{Gateway, Gateways};
+use super::{Gateway, Gateways};
+use crate::school::SchoolSettings;
 
 /// The gateway to call first, and the one to fail over to.
 #[derive(Debug, Clone)]
