@@ -15,6 +15,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     broker::{Broker, BrokerEvent, Incoming, LaneConsumer, Topology},
     cache::PolicyCache,
+    callbacks::{Callbacks, post_inbox_receipts},
     config::{Environment, Settings},
     disposition::Disposition,
     health::Health,
@@ -78,6 +79,8 @@ struct Http {
     stop: CancellationToken,
     server: tokio::task::JoinHandle<()>,
     watchdog: tokio::task::JoinHandle<()>,
+    /// The development inbox's simulated receipts (nothing without an inbox provider).
+    inbox_receipts: tokio::task::JoinHandle<()>,
 }
 
 impl Http {
@@ -91,10 +94,13 @@ impl Http {
             .map_err(|e| DaemonError::Runtime(format!("cannot listen on {address}: {e}")))?;
         tracing::info!(address = %address, "health endpoints listening");
         let stop = CancellationToken::new();
-        let hooks = http::webhooks::Webhooks {
+        let callbacks = Callbacks {
             gateways: shared.gateways.clone(),
             store,
             metrics: shared.metrics.clone(),
+        };
+        let hooks = http::webhooks::Webhooks {
+            callbacks: callbacks.clone(),
             public_url: shared.settings.public_url.clone(),
         };
         let health = shared.health.clone();
@@ -107,6 +113,7 @@ impl Http {
                 stop.clone(),
             )),
             watchdog: tokio::spawn(crate::systemd::watchdog(stop.clone())),
+            inbox_receipts: tokio::spawn(post_inbox_receipts(callbacks, stop.clone())),
             stop,
         })
     }
@@ -115,6 +122,7 @@ impl Http {
         self.stop.cancel();
         let _ = self.server.await;
         let _ = self.watchdog.await;
+        let _ = self.inbox_receipts.await;
     }
 }
 

@@ -40,6 +40,7 @@
 
 pub mod broker;
 pub mod cache;
+pub mod callbacks;
 pub mod cli;
 pub mod config;
 pub mod daemon;

@@ -18,7 +18,7 @@ use time::OffsetDateTime;
 use crate::{
     disposition::DeadReason,
     job::Lane,
-    store::{MessageStatus, Receipt, ReceiptApplied},
+    store::{Receipt, ReceiptApplied, Status},
 };
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -355,7 +355,7 @@ impl Metrics {
     pub fn observe_receipt_delay(&self, receipt: &Receipt<'_>, applied: &ReceiptApplied) {
         let last_word = matches!(
             receipt.status,
-            Some(MessageStatus::Delivered | MessageStatus::Undelivered | MessageStatus::Failed)
+            Some(Status::Delivered | Status::Undelivered | Status::Failed)
         );
         if let (true, Some(seconds)) = (last_word, applied.since_sent) {
             self.receipt_delay
@@ -387,7 +387,7 @@ impl Metrics {
 mod tests {
     use super::*;
 
-    fn receipt(status: Option<MessageStatus>) -> Receipt<'static> {
+    fn receipt(status: Option<Status>) -> Receipt<'static> {
         Receipt {
             provider: "twilio",
             provider_message_id: "SM1",
@@ -426,9 +426,9 @@ mod tests {
             school_id: 1,
             since_sent: Some(3.0),
         };
-        metrics.observe_receipt_delay(&receipt(Some(MessageStatus::Sent)), &applied);
+        metrics.observe_receipt_delay(&receipt(Some(Status::Sent)), &applied);
         metrics.observe_receipt_delay(&receipt(None), &applied);
-        metrics.observe_receipt_delay(&receipt(Some(MessageStatus::Delivered)), &applied);
+        metrics.observe_receipt_delay(&receipt(Some(Status::Delivered)), &applied);
         let text = metrics.render();
         assert!(
             text.contains(r#"smsgw_receipt_delay_seconds_count{provider="twilio"} 1"#),

@@ -102,7 +102,7 @@ proptest! {
 proptest! {
     #[test]
     fn webhook_bodies_never_panic_the_parsers(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
-        let _ = smsgw::http::webhooks::parse_form(&bytes);
+        let _ = smsgw::provider::callback::parse_form(&bytes);
     }
 
     #[test]
@@ -112,9 +112,9 @@ proptest! {
         params in prop::collection::vec((".{0,12}", ".{0,20}"), 0..8),
         signature in ".{0,60}",
     ) {
-        let _ = smsgw::http::webhooks::verify_twilio(&token, &url, &params, &signature);
+        let _ = smsgw::provider::twilio::callbacks::verify(&token, &url, &params, &signature);
         let map: std::collections::BTreeMap<String, String> = params.into_iter().chain([("sig".to_owned(), signature)]).collect();
-        let _ = smsgw::http::webhooks::verify_vonage(&token, smsgw::config::SignatureMethod::Sha256, &map);
+        let _ = smsgw::provider::vonage::callbacks::verify(&token, smsgw::config::SignatureMethod::Sha256, &map);
     }
 
     #[test]

@@ -16,7 +16,10 @@ use tokio::{
 
 use smsgw::{
     config::SignatureMethod,
-    http::webhooks::{twilio_signature, verify_twilio, vonage_signature},
+    provider::{
+        twilio::callbacks::{signature as twilio_signature, verify as verify_twilio},
+        vonage::callbacks::signature as vonage_signature,
+    },
 };
 
 use helpers::{Reply, id_of, job, spawn_app_with, twilio_stub, vonage_stub};

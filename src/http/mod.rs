@@ -35,7 +35,7 @@ struct AppState {
     store: watch::Receiver<Option<Store>>,
 }
 
-/// Serves until `shutdown` fires; posts the development inbox's receipts meanwhile.
+/// Serves until `shutdown` fires.
 pub async fn serve(
     listener: TcpListener,
     health: Arc<Health>,
@@ -44,14 +44,14 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     warn_if_inbox_is_exposed(&listener, &hooks);
-    let receipts = inbox::post_receipts(hooks.clone(), shutdown.clone());
     let app = router(health, hooks);
-    tokio::join!(server::run(listener, app, limits, shutdown), receipts);
+    server::run(listener, app, limits, shutdown).await;
 }
 
 /// Whether a provider is the development inbox: then `/inbox` is served.
 fn has_inbox(hooks: &Webhooks) -> bool {
     hooks
+        .callbacks
         .gateways
         .all()
         .iter()
@@ -74,7 +74,7 @@ fn warn_if_inbox_is_exposed(listener: &TcpListener, hooks: &Webhooks) {
 fn router(health: Arc<Health>, hooks: Webhooks) -> Router {
     let inbox = has_inbox(&hooks).then(|| {
         inbox::routes(inbox::Inbox {
-            store: hooks.store.clone(),
+            store: hooks.callbacks.store.clone(),
         })
     });
     let webhooks = Router::new()
@@ -94,8 +94,8 @@ fn router(health: Arc<Health>, hooks: Webhooks) -> Router {
         .route("/metrics", get(metrics_text))
         .with_state(AppState {
             health,
-            metrics: hooks.metrics.clone(),
-            store: hooks.store.clone(),
+            metrics: hooks.callbacks.metrics.clone(),
+            store: hooks.callbacks.store.clone(),
         })
         .merge(webhooks)
         .merge(inbox.unwrap_or_default())

@@ -13,7 +13,7 @@ use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 use super::{EXIT_FAILED, print_table};
 use crate::{
     config::Settings,
-    store::{MessageStatus, Store, UsageCount},
+    store::{Status, Store, UsageCount},
 };
 
 /// The messages created from `from` (inclusive) to `to` (exclusive), by `created_at`.
@@ -74,17 +74,15 @@ const COLUMNS: [Column; 7] = [
 
 impl Column {
     /// Every status has its column: a new status must be placed here (no wildcard).
-    fn of(status: MessageStatus) -> Column {
+    fn of(status: Status) -> Column {
         match status {
-            MessageStatus::Sent => Column::Sent,
-            MessageStatus::Delivered => Column::Delivered,
-            MessageStatus::Undelivered => Column::Undelivered,
-            MessageStatus::Failed => Column::Failed,
-            MessageStatus::Suppressed => Column::Suppressed,
-            MessageStatus::Expired => Column::Expired,
-            MessageStatus::Queued | MessageStatus::Sending | MessageStatus::Retrying => {
-                Column::InProgress
-            }
+            Status::Sent => Column::Sent,
+            Status::Delivered => Column::Delivered,
+            Status::Undelivered => Column::Undelivered,
+            Status::Failed => Column::Failed,
+            Status::Suppressed => Column::Suppressed,
+            Status::Expired => Column::Expired,
+            Status::Queued | Status::Sending | Status::Retrying => Column::InProgress,
         }
     }
 
@@ -305,7 +303,7 @@ mod tests {
 
     use super::*;
 
-    fn count(school_id: i64, status: MessageStatus, messages: i64, segments: i64) -> UsageCount {
+    fn count(school_id: i64, status: Status, messages: i64, segments: i64) -> UsageCount {
         UsageCount {
             school_id,
             status,
@@ -327,7 +325,7 @@ mod tests {
 
     #[test]
     fn statuses_in_progress_share_a_column_and_only_accepted_ones_are_billable() {
-        use MessageStatus::*;
+        use Status::*;
         let schools = tally(&[
             count(7, Delivered, 3, 4),
             count(7, Sent, 1, 1),
@@ -367,7 +365,7 @@ mod tests {
 
     #[test]
     fn the_csv_has_a_header_and_a_line_per_school_without_a_total() {
-        use MessageStatus::*;
+        use Status::*;
         let text = csv(&tally(&[
             count(42, Delivered, 2, 3),
             count(42, Failed, 1, 1),
@@ -391,7 +389,7 @@ mod tests {
 
     #[test]
     fn the_total_adds_up_every_school() {
-        use MessageStatus::*;
+        use Status::*;
         let schools = tally(&[count(1, Delivered, 2, 2), count(2, Delivered, 3, 6)]);
         let sum = total(&schools);
         assert_eq!(sum.school_id, None);

@@ -23,7 +23,7 @@ use crate::{
         circuit::{CallResult, Permit},
         pace::Turn,
     },
-    store::{AttemptOutcome, AttemptRecord, Claim, MessageStatus, NewMessage, UnknownAttempt},
+    store::{AttemptOutcome, AttemptRecord, Claim, NewMessage, Status, UnknownAttempt},
 };
 
 /// Longest a message holds its delivery waiting for its turn under a rate limit; past
@@ -318,7 +318,7 @@ impl<L: MessageLog> Pipeline<L> {
                 job.kind,
             )
         };
-        let waiting = matches!(busy.status, MessageStatus::Queued | MessageStatus::Retrying);
+        let waiting = matches!(busy.status, Status::Queued | Status::Retrying);
         let attempted = match (waiting, busy.unknown_attempt.clone()) {
             // Not claimed although waiting: its last attempt's outcome is unknown.
             (true, Some(unknown)) => Attempted::Unknown(unknown),
@@ -408,7 +408,7 @@ impl<L: MessageLog> Pipeline<L> {
             error_message: None,
             outcome_unknown: false,
             provider_message_id: Some(&accepted.provider_message_id),
-            status: MessageStatus::Sent,
+            status: Status::Sent,
             reason: None,
         };
         let job = out.message.job;

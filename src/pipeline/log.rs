@@ -14,9 +14,7 @@ use super::{Abandoned, Pipeline};
 use crate::{
     phone::{PhoneNumber, redact_numbers},
     school::SchoolSettings,
-    store::{
-        AttemptRecord, Claim, InboxCopy, MessageState, MessageStatus, NewMessage, Store, StoreError,
-    },
+    store::{AttemptRecord, Claim, InboxCopy, MessageState, NewMessage, Status, Store, StoreError},
 };
 
 /// Longest wait for one database statement before it counts as failed.
@@ -47,7 +45,7 @@ pub trait MessageLog: ReconcileLog {
     fn record_without_call(
         &self,
         message: &NewMessage<'_>,
-        status: MessageStatus,
+        status: Status,
         reason: Option<&str>,
     ) -> impl Future<Output = Result<Option<MessageState>, StoreError>> + Send;
 
@@ -155,7 +153,7 @@ impl MessageLog for Store {
     fn record_without_call(
         &self,
         message: &NewMessage<'_>,
-        status: MessageStatus,
+        status: Status,
         reason: Option<&str>,
     ) -> impl Future<Output = Result<Option<MessageState>, StoreError>> + Send {
         Store::record_without_call(self, message, status, reason)

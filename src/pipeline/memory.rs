@@ -19,7 +19,7 @@ use crate::{
     phone::PhoneNumber,
     school::SchoolSettings,
     store::{
-        AttemptOutcome, AttemptRecord, Claim, InboxCopy, MessageState, MessageStatus, NewMessage,
+        AttemptOutcome, AttemptRecord, Claim, InboxCopy, MessageState, NewMessage, Status,
         StoreError, UnknownAttempt,
     },
 };
@@ -27,7 +27,7 @@ use crate::{
 /// One message's row, with its attempts.
 #[derive(Debug, Clone)]
 pub(super) struct Row {
-    pub(super) status: MessageStatus,
+    pub(super) status: Status,
     pub(super) reason: Option<String>,
     pub(super) recipient: String,
     pub(super) provider: String,
@@ -42,7 +42,7 @@ pub(super) struct Row {
 }
 
 impl Row {
-    fn new(message: &NewMessage<'_>, status: MessageStatus) -> Row {
+    fn new(message: &NewMessage<'_>, status: Status) -> Row {
         Row {
             status,
             reason: None,
@@ -60,7 +60,7 @@ impl Row {
 
     fn state(&self) -> MessageState {
         let recorded = self.recorded.iter().any(|(n, _)| *n == self.attempts);
-        let open = self.status == MessageStatus::Sending && !recorded;
+        let open = self.status == Status::Sending && !recorded;
         MessageState {
             status: self.status,
             attempts: self.attempts,
@@ -82,7 +82,7 @@ impl Row {
     }
 
     fn start_attempt(&mut self, message: &NewMessage<'_>, claim: Uuid) -> i32 {
-        self.status = MessageStatus::Sending;
+        self.status = Status::Sending;
         self.attempts += 1;
         self.provider = message.provider.to_owned();
         self.recipient = message.recipient.to_owned();
@@ -196,15 +196,15 @@ fn claim(
         return Claim::OptedOut;
     }
     let Some(row) = tables.messages.get_mut(&message.id) else {
-        let mut row = Row::new(message, MessageStatus::Queued);
+        let mut row = Row::new(message, Status::Queued);
         let attempt = row.start_attempt(message, claim);
         tables.messages.insert(message.id, row);
         return Claim::Started { attempt };
     };
-    let waiting = matches!(row.status, MessageStatus::Queued | MessageStatus::Retrying)
+    let waiting = matches!(row.status, Status::Queued | Status::Retrying)
         && (reconciled || !row.last_outcome_unknown);
-    let cut_off = row.status == MessageStatus::Sending && Some(row.attempts) == take_over;
-    let reopened = message.reopen_failed && row.status == MessageStatus::Failed;
+    let cut_off = row.status == Status::Sending && Some(row.attempts) == take_over;
+    let reopened = message.reopen_failed && row.status == Status::Failed;
     if cut_off && !row.recorded.iter().any(|(n, _)| *n == row.attempts) {
         let attempt = row.attempts;
         // Cut off by a crash: recorded without an outcome.
@@ -227,7 +227,7 @@ impl ReconcileLog for MemoryLog {
     async fn fail_unknown(&self, id: Uuid) -> Result<(), StoreError> {
         self.run(|t| {
             if let Some(row) = t.messages.get_mut(&id).filter(|r| !r.status.is_final()) {
-                row.status = MessageStatus::Failed;
+                row.status = Status::Failed;
                 row.reason = Some("outcome_unknown".into());
             }
         })
@@ -244,8 +244,8 @@ impl ReconcileLog for MemoryLog {
                 return;
             };
             row.record(attempt, Some(AttemptOutcome::Sent));
-            if !row.status.is_final() || row.status == MessageStatus::Failed {
-                row.status = MessageStatus::Sent;
+            if !row.status.is_final() || row.status == Status::Failed {
+                row.status = Status::Sent;
                 row.reason = None;
                 row.last_outcome_unknown = false;
                 row.provider_message_id = Some(provider_message_id.to_owned());
@@ -280,7 +280,7 @@ impl MessageLog for MemoryLog {
             for message in messages {
                 t.messages
                     .entry(message.id)
-                    .or_insert_with(|| Row::new(message, MessageStatus::Queued));
+                    .or_insert_with(|| Row::new(message, Status::Queued));
             }
         })
     }
@@ -288,16 +288,16 @@ impl MessageLog for MemoryLog {
     async fn record_without_call(
         &self,
         message: &NewMessage<'_>,
-        status: MessageStatus,
+        status: Status,
         reason: Option<&str>,
     ) -> Result<Option<MessageState>, StoreError> {
         self.run(|t| {
             let row = t
                 .messages
                 .entry(message.id)
-                .or_insert_with(|| Row::new(message, MessageStatus::Queued));
-            let open = matches!(row.status, MessageStatus::Queued | MessageStatus::Retrying)
-                || (message.reopen_failed && row.status == MessageStatus::Failed);
+                .or_insert_with(|| Row::new(message, Status::Queued));
+            let open = matches!(row.status, Status::Queued | Status::Retrying)
+                || (message.reopen_failed && row.status == Status::Failed);
             if !open {
                 return Some(row.state());
             }
@@ -328,7 +328,7 @@ impl MessageLog for MemoryLog {
                 return;
             };
             row.record(attempt, Some(record.outcome));
-            if row.status == MessageStatus::Sending && row.attempts == attempt {
+            if row.status == Status::Sending && row.attempts == attempt {
                 row.status = record.status;
                 row.reason = record.reason.map(str::to_owned);
                 row.last_outcome_unknown = record.outcome_unknown;

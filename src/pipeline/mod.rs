@@ -63,7 +63,7 @@ use crate::{
     provider::Gateways,
     provider::{self, Route},
     school::SchoolSettings,
-    store::{MessageState, MessageStatus, NewMessage, Store, UnknownAttempt},
+    store::{MessageState, NewMessage, Status, Store, UnknownAttempt},
 };
 
 /// What the pipeline needs from the configuration.
@@ -269,7 +269,7 @@ impl<L: MessageLog> Pipeline<L> {
         };
         let take_over = match self.seen_before(delivery, job, &state) {
             Some(done) => return Ok(Err(done)),
-            None => (state.status == MessageStatus::Sending).then_some(state.attempts),
+            None => (state.status == Status::Sending).then_some(state.attempts),
         };
         Ok(Ok(Prior {
             take_over,

@@ -14,7 +14,7 @@ use crate::{
     phone::{PhoneNumber, SenderId},
     policy::{Decision, Refusal, SuppressReason},
     provider::ProviderError,
-    store::{AttemptOutcome, MessageState, MessageStatus},
+    store::{AttemptOutcome, MessageState, Status},
 };
 
 /// A retry that comes back sooner than this before its `retry_at` is sent anyway: the
@@ -36,7 +36,7 @@ pub enum Plan<R> {
 /// broker does.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Verdict {
-    pub status: MessageStatus,
+    pub status: Status,
     pub reason: &'static str,
     pub disposition: Disposition,
 }
@@ -51,7 +51,7 @@ impl Verdict {
                 let until = until.format(&Rfc3339).unwrap_or_default();
                 tracing::debug!(until = %until, "not due yet");
             }
-            _ if self.status == MessageStatus::Expired => {
+            _ if self.status == Status::Expired => {
                 tracing::info!("expired before it could be sent");
             }
             _ => tracing::info!(reason = self.reason, "suppressed"),
@@ -65,19 +65,19 @@ pub fn plan<R>(decision: Decision<R>, kind: JobType, attempts: u32) -> Plan<R> {
     let verdict = match decision {
         Decision::Send { to, sender, route } => return Plan::Send { to, sender, route },
         Decision::Expire => Verdict {
-            status: MessageStatus::Expired,
+            status: Status::Expired,
             reason: "expires_at passed",
             disposition: Disposition::Ack,
         },
         Decision::Suppress(reason) => suppressed(reason),
         Decision::Refuse(refusal) => refused(&refusal, attempts),
         Decision::Defer { until } => Verdict {
-            status: MessageStatus::Queued,
+            status: Status::Queued,
             reason: "not_before",
             disposition: Disposition::Defer { until, kind },
         },
         Decision::Hold { until } => Verdict {
-            status: MessageStatus::Queued,
+            status: Status::Queued,
             reason: "quiet_hours",
             disposition: Disposition::Defer { until, kind },
         },
@@ -87,7 +87,7 @@ pub fn plan<R>(decision: Decision<R>, kind: JobType, attempts: u32) -> Plan<R> {
 
 pub fn suppressed(reason: SuppressReason) -> Verdict {
     Verdict {
-        status: MessageStatus::Suppressed,
+        status: Status::Suppressed,
         reason: reason.as_str(),
         disposition: Disposition::Ack,
     }
@@ -95,7 +95,7 @@ pub fn suppressed(reason: SuppressReason) -> Verdict {
 
 fn refused(refusal: &Refusal, attempts: u32) -> Verdict {
     Verdict {
-        status: MessageStatus::Failed,
+        status: Status::Failed,
         reason: refusal.reason(),
         disposition: Disposition::DeadLetter {
             reason: DeadReason::PermanentFailure,
@@ -160,11 +160,11 @@ pub fn seen(
     now: OffsetDateTime,
     recheck: Duration,
 ) -> Seen {
-    let replay_of_failure = delivery.replayed && state.status == MessageStatus::Failed;
+    let replay_of_failure = delivery.replayed && state.status == Status::Failed;
     if state.status.is_final() && !replay_of_failure {
         return Seen::Done;
     }
-    if state.status != MessageStatus::Sending {
+    if state.status != Status::Sending {
         return Seen::Open;
     }
     if !delivery.redelivered && !delivery.requeued {
@@ -194,7 +194,7 @@ pub fn look_again(recheck: Duration, attempts: u32, kind: JobType) -> Dispositio
 #[derive(Debug, Clone, PartialEq)]
 pub struct Failure {
     pub outcome: AttemptOutcome,
-    pub status: MessageStatus,
+    pub status: Status,
     pub reason: Option<&'static str>,
     /// `None`: try the other gateway now.
     pub disposition: Option<Disposition>,
@@ -213,7 +213,7 @@ pub fn after_failure(
     if fail_over {
         return Failure {
             outcome: AttemptOutcome::PermanentFailure,
-            status: MessageStatus::Retrying,
+            status: Status::Retrying,
             reason: Some("failing_over"),
             disposition: None,
         };
@@ -237,7 +237,7 @@ pub fn after_failure(
     }
     Failure {
         outcome: AttemptOutcome::TemporaryFailure,
-        status: MessageStatus::Retrying,
+        status: Status::Retrying,
         reason: None,
         disposition: Some(Disposition::Retry {
             delay: retry_delay(&settings.retry_delays, attempts, error.retry_after()),
@@ -279,7 +279,7 @@ fn given_up(
 ) -> Failure {
     Failure {
         outcome,
-        status: MessageStatus::Failed,
+        status: Status::Failed,
         reason: Some(reason),
         disposition: Some(Disposition::DeadLetter {
             reason: dead,
@@ -319,7 +319,7 @@ mod tests {
         Delivery::fresh(Lane::Urgent, Vec::new())
     }
 
-    fn state(status: MessageStatus, started: Option<OffsetDateTime>) -> MessageState {
+    fn state(status: Status, started: Option<OffsetDateTime>) -> MessageState {
         MessageState {
             status,
             attempts: 1,
@@ -355,7 +355,7 @@ mod tests {
     #[test]
     fn a_temporary_failure_retries_until_the_last_attempt() {
         let failure = after_failure(&unavailable(), 1, false, &settings(), JobType::LoginCode);
-        assert_eq!(failure.status, MessageStatus::Retrying);
+        assert_eq!(failure.status, Status::Retrying);
         assert_eq!(
             failure.disposition,
             Some(Disposition::Retry {
@@ -367,7 +367,7 @@ mod tests {
         let last = after_failure(&unavailable(), 3, false, &settings(), JobType::LoginCode);
         assert_eq!(
             (last.status, last.reason),
-            (MessageStatus::Failed, Some("attempts_exhausted"))
+            (Status::Failed, Some("attempts_exhausted"))
         );
         assert!(matches!(
             last.disposition,
@@ -387,7 +387,7 @@ mod tests {
         let last = after_failure(&timeout, 3, false, &settings(), JobType::LoginCode);
         assert_eq!(
             (last.status, last.reason),
-            (MessageStatus::Failed, Some("outcome_unknown"))
+            (Status::Failed, Some("outcome_unknown"))
         );
         assert!(matches!(
             last.disposition,
@@ -418,7 +418,7 @@ mod tests {
     #[test]
     fn failing_over_records_the_refusal_and_settles_nothing() {
         let failure = after_failure(&rejected(false), 1, true, &settings(), JobType::LoginCode);
-        assert_eq!(failure.status, MessageStatus::Retrying);
+        assert_eq!(failure.status, Status::Retrying);
         assert_eq!(failure.reason, Some("failing_over"));
         assert_eq!(failure.disposition, None);
     }
@@ -431,24 +431,20 @@ mod tests {
         };
         assert_eq!(
             (expired.status, expired.reason, expired.disposition),
-            (
-                MessageStatus::Expired,
-                "expires_at passed",
-                Disposition::Ack
-            )
+            (Status::Expired, "expires_at passed", Disposition::Ack)
         );
         let Plan::Record(off) = plan(Decision::Suppress(SuppressReason::SchoolDisabled)) else {
             panic!("recorded")
         };
         assert_eq!(
             (off.status, off.reason),
-            (MessageStatus::Suppressed, "school_disabled")
+            (Status::Suppressed, "school_disabled")
         );
         let until = NOW + time::Duration::hours(1);
         let Plan::Record(later) = plan(Decision::Defer { until }) else {
             panic!("recorded")
         };
-        assert_eq!(later.status, MessageStatus::Queued);
+        assert_eq!(later.status, Status::Queued);
         assert_eq!(
             later.disposition,
             Disposition::Defer {
@@ -462,7 +458,7 @@ mod tests {
         };
         assert_eq!(
             (refused.status, refused.reason),
-            (MessageStatus::Failed, "unknown_provider")
+            (Status::Failed, "unknown_provider")
         );
         assert!(matches!(
             refused.disposition,
@@ -472,9 +468,9 @@ mod tests {
 
     #[test]
     fn a_message_with_an_outcome_is_done_unless_a_replay_reopens_a_failure() {
-        let sent = state(MessageStatus::Sent, None);
+        let sent = state(Status::Sent, None);
         assert_eq!(seen(&delivery(), &sent, NOW, RECHECK), Seen::Done);
-        let failed = state(MessageStatus::Failed, None);
+        let failed = state(Status::Failed, None);
         let replayed = Delivery {
             replayed: true,
             ..delivery()
@@ -485,10 +481,7 @@ mod tests {
 
     #[test]
     fn a_message_in_flight_is_a_duplicate_unless_redelivered() {
-        let sending = state(
-            MessageStatus::Sending,
-            Some(NOW - time::Duration::seconds(1)),
-        );
+        let sending = state(Status::Sending, Some(NOW - time::Duration::seconds(1)));
         assert_eq!(seen(&delivery(), &sending, NOW, RECHECK), Seen::InFlight);
         let redelivered = Delivery {
             redelivered: true,
@@ -498,10 +491,7 @@ mod tests {
             seen(&redelivered, &sending, NOW, RECHECK),
             Seen::MayStillRun
         );
-        let old = state(
-            MessageStatus::Sending,
-            Some(NOW - time::Duration::seconds(21)),
-        );
+        let old = state(Status::Sending, Some(NOW - time::Duration::seconds(21)));
         assert_eq!(seen(&redelivered, &old, NOW, RECHECK), Seen::CutOff);
     }
 

@@ -18,7 +18,7 @@ use crate::{
     metrics::Metrics,
     provider::{Accepted, Gateways, Lookup, ProviderError, scripted::Scripted},
     school::SchoolSettings,
-    store::{AttemptOutcome, MessageStatus},
+    store::{AttemptOutcome, Status},
 };
 
 const SCHOOL: i64 = 42;
@@ -94,7 +94,7 @@ impl World {
         self.log().row(id).expect("the message has a row")
     }
 
-    fn status(&self, id: Uuid) -> (MessageStatus, Option<String>) {
+    fn status(&self, id: Uuid) -> (Status, Option<String>) {
         let row = self.row(id);
         (row.status, row.reason)
     }
@@ -126,10 +126,7 @@ async fn refused_without_a_call(world: &World, job: &serde_json::Value, reason: 
     };
     assert_eq!(dead, DeadReason::PermanentFailure);
     let id = Uuid::parse_str(job["id"].as_str().unwrap_or_default()).expect("a job id");
-    assert_eq!(
-        world.status(id),
-        (MessageStatus::Failed, Some(reason.into()))
-    );
+    assert_eq!(world.status(id), (Status::Failed, Some(reason.into())));
     assert!(world.twilio.calls().is_empty(), "{reason}: never sent");
     error
 }
@@ -176,7 +173,7 @@ async fn a_due_message_is_sent_once_and_recorded_sent() {
     assert_eq!(world.handle(&delivery(&job)).await, Disposition::Ack);
     assert_eq!(world.twilio.calls(), vec![NUMBER.to_owned()]);
     let row = world.row(id);
-    assert_eq!((row.status, row.attempts), (MessageStatus::Sent, 1));
+    assert_eq!((row.status, row.attempts), (Status::Sent, 1));
     assert_eq!(row.recorded, vec![(1, Some(AttemptOutcome::Sent))]);
 }
 
@@ -219,7 +216,7 @@ async fn each_school_setting_that_says_no_suppresses_without_a_call() {
         let (id, job) = job(JobType::BookingReminder);
         assert_eq!(world.handle(&delivery(&job)).await, Disposition::Ack);
         let recorded = world.status(id);
-        assert_eq!(recorded, (MessageStatus::Suppressed, Some(reason.into())));
+        assert_eq!(recorded, (Status::Suppressed, Some(reason.into())));
         assert!(world.twilio.calls().is_empty());
     }
 }
@@ -232,7 +229,7 @@ async fn an_opted_out_recipient_is_suppressed_by_the_claim() {
     assert_eq!(world.handle(&delivery(&job)).await, Disposition::Ack);
     assert_eq!(
         world.status(id),
-        (MessageStatus::Suppressed, Some("opted_out".into()))
+        (Status::Suppressed, Some("opted_out".into()))
     );
     assert!(world.twilio.calls().is_empty());
 }
@@ -245,7 +242,7 @@ async fn an_expired_job_is_recorded_expired_and_never_sent() {
     assert_eq!(world.handle(&delivery(&job)).await, Disposition::Ack);
     assert_eq!(
         world.status(id),
-        (MessageStatus::Expired, Some("expires_at passed".into()))
+        (Status::Expired, Some("expires_at passed".into()))
     );
     assert!(world.twilio.calls().is_empty());
 }
@@ -261,7 +258,7 @@ async fn a_job_not_yet_due_is_queued_and_deferred_until_then() {
     assert_eq!((until.year(), kind), (2099, JobType::BookingReminder));
     assert_eq!(
         world.status(id),
-        (MessageStatus::Queued, Some("not_before".into()))
+        (Status::Queued, Some("not_before".into()))
     );
 }
 
@@ -354,10 +351,10 @@ async fn a_temporary_failure_retries_after_its_tier_then_sends() {
             kind: JobType::BookingChange
         }
     );
-    assert_eq!(world.status(id).0, MessageStatus::Retrying);
+    assert_eq!(world.status(id).0, Status::Retrying);
     assert_eq!(world.handle(&retried(&job, 1)).await, Disposition::Ack);
     let row = world.row(id);
-    assert_eq!((row.status, row.attempts), (MessageStatus::Sent, 2));
+    assert_eq!((row.status, row.attempts), (Status::Sent, 2));
 }
 
 #[tokio::test]
@@ -384,7 +381,7 @@ async fn the_last_failed_attempt_is_dead_lettered_as_exhausted() {
     world.log().insert(
         id,
         Row {
-            status: MessageStatus::Retrying,
+            status: Status::Retrying,
             ..row_with_attempts(2)
         },
     );
@@ -397,7 +394,7 @@ async fn the_last_failed_attempt_is_dead_lettered_as_exhausted() {
     assert_eq!((reason, attempts), (DeadReason::AttemptsExhausted, 3));
     assert_eq!(
         world.status(id),
-        (MessageStatus::Failed, Some("attempts_exhausted".into()))
+        (Status::Failed, Some("attempts_exhausted".into()))
     );
 }
 
@@ -417,7 +414,7 @@ async fn a_carrier_stop_fails_the_message_and_records_an_opt_out() {
     ));
     assert_eq!(
         world.status(id),
-        (MessageStatus::Failed, Some("recipient_opted_out".into()))
+        (Status::Failed, Some("recipient_opted_out".into()))
     );
     assert!(world.log().is_opted_out(SCHOOL, NUMBER));
 }
@@ -439,7 +436,7 @@ async fn a_refusal_another_gateway_may_not_share_fails_over_to_the_fallback() {
     let row = world.row(id);
     assert_eq!(
         (row.status, row.provider.as_str(), row.attempts),
-        (MessageStatus::Sent, "vonage", 2)
+        (Status::Sent, "vonage", 2)
     );
 }
 
@@ -454,7 +451,7 @@ async fn without_a_fallback_the_same_refusal_is_final() {
     ));
     assert_eq!(
         world.status(id),
-        (MessageStatus::Failed, Some("permanent_failure".into()))
+        (Status::Failed, Some("permanent_failure".into()))
     );
 }
 
@@ -543,7 +540,7 @@ async fn an_attempt_cut_off_by_a_crash_is_reconciled_then_taken_over() {
     };
     assert_eq!(world.handle(&redelivered).await, Disposition::Ack);
     let row = world.row(id);
-    assert_eq!((row.status, row.attempts), (MessageStatus::Sent, 2));
+    assert_eq!((row.status, row.attempts), (Status::Sent, 2));
     assert_eq!(
         row.recorded,
         vec![(1, None), (2, Some(AttemptOutcome::Sent))]
@@ -583,7 +580,7 @@ async fn an_unanswered_call_the_provider_took_is_adopted_not_sent_again() {
     let row = world.row(id);
     assert_eq!(
         (row.status, row.provider_message_id),
-        (MessageStatus::Sent, Some("SM-taken".into()))
+        (Status::Sent, Some("SM-taken".into()))
     );
 }
 
@@ -591,7 +588,7 @@ async fn an_unanswered_call_the_provider_took_is_adopted_not_sent_again() {
 fn with_another_message_sent_as(sid: &str) -> World {
     let world = World::new();
     let other = Row {
-        status: MessageStatus::Sent,
+        status: Status::Sent,
         provider_message_id: Some(sid.into()),
         ..row_with_attempts(1)
     };
@@ -614,7 +611,7 @@ async fn a_lookup_never_adopts_another_messages_text() {
 
     assert_eq!(world.twilio.calls().len(), 1, "sent again");
     let row = world.row(id);
-    assert_eq!((row.status, row.attempts), (MessageStatus::Sent, 2));
+    assert_eq!((row.status, row.attempts), (Status::Sent, 2));
     assert_ne!(row.provider_message_id, Some("SM-other".into()));
 }
 
@@ -689,7 +686,7 @@ async fn without_a_lookup_an_unknown_outcome_can_be_dead_lettered() {
     ));
     assert_eq!(
         world.status(id),
-        (MessageStatus::Failed, Some("outcome_unknown".into()))
+        (Status::Failed, Some("outcome_unknown".into()))
     );
     assert!(world.twilio.calls().is_empty());
 }
@@ -722,7 +719,7 @@ async fn a_replayed_unknown_outcome_the_provider_had_taken_is_adopted() {
     world.log().insert(
         id,
         Row {
-            status: MessageStatus::Failed,
+            status: Status::Failed,
             reason: Some("outcome_unknown".into()),
             ..unknown_outcome()
         },
@@ -733,7 +730,7 @@ async fn a_replayed_unknown_outcome_the_provider_had_taken_is_adopted() {
     };
     assert_eq!(world.handle(&replayed).await, Disposition::Ack);
     assert!(world.twilio.calls().is_empty());
-    assert_eq!(world.status(id), (MessageStatus::Sent, None));
+    assert_eq!(world.status(id), (Status::Sent, None));
 }
 
 #[tokio::test]
@@ -752,7 +749,7 @@ async fn a_replayed_failure_is_tried_again() {
     world.log().insert(
         id,
         Row {
-            status: MessageStatus::Failed,
+            status: Status::Failed,
             ..row_with_attempts(3)
         },
     );
@@ -761,7 +758,7 @@ async fn a_replayed_failure_is_tried_again() {
         ..delivery(&job)
     };
     assert_eq!(world.handle(&replayed).await, Disposition::Ack);
-    assert_eq!(world.status(id).0, MessageStatus::Sent);
+    assert_eq!(world.status(id).0, Status::Sent);
 }
 
 #[tokio::test]
@@ -802,7 +799,7 @@ async fn an_announcement_queues_every_recipient_and_fans_out_a_chunk() {
     assert!(
         queued
             .iter()
-            .all(|(_, row)| row.status == MessageStatus::Queued && row.bulk_id == Some(id))
+            .all(|(_, row)| row.status == Status::Queued && row.bulk_id == Some(id))
     );
     assert!(world.twilio.calls().is_empty());
 }
@@ -813,7 +810,7 @@ async fn a_database_outage_holds_the_message_until_the_write_succeeds() {
     world.log().fail_next(3);
     let (id, job) = job(JobType::LoginCode);
     assert_eq!(world.handle(&delivery(&job)).await, Disposition::Ack);
-    assert_eq!(world.status(id).0, MessageStatus::Sent);
+    assert_eq!(world.status(id).0, Status::Sent);
     assert_eq!(
         world.twilio.calls().len(),
         1,
@@ -853,7 +850,7 @@ fn smsgw_job(bytes: &[u8]) -> crate::job::Job {
 
 fn row_with_attempts(attempts: i32) -> Row {
     Row {
-        status: MessageStatus::Queued,
+        status: Status::Queued,
         reason: None,
         recipient: NUMBER.into(),
         provider: "twilio".into(),
@@ -872,7 +869,7 @@ fn row_with_attempts(attempts: i32) -> Row {
 /// A message whose attempt 1 started at `started` and has no outcome yet.
 fn sending(attempts: i32, started: OffsetDateTime) -> Row {
     Row {
-        status: MessageStatus::Sending,
+        status: Status::Sending,
         attempt_started: Some(started),
         recorded: Vec::new(),
         ..row_with_attempts(attempts)
@@ -882,7 +879,7 @@ fn sending(attempts: i32, started: OffsetDateTime) -> Row {
 /// A message whose only attempt timed out: the provider may have taken it.
 fn unknown_outcome() -> Row {
     Row {
-        status: MessageStatus::Retrying,
+        status: Status::Retrying,
         last_outcome_unknown: true,
         ..row_with_attempts(1)
     }
@@ -913,7 +910,7 @@ async fn quiet_hours_hold_a_reminder_queued_until_the_window_ends() {
     assert_eq!(kind, JobType::BookingReminder);
     assert_eq!(
         world.status(id),
-        (MessageStatus::Queued, Some("quiet_hours".into()))
+        (Status::Queued, Some("quiet_hours".into()))
     );
     assert!(world.twilio.calls().is_empty());
 }
@@ -924,7 +921,7 @@ async fn quiet_hours_never_hold_a_login_code() {
     world.twilio.answer([Ok(accepted("SM1"))]);
     let (id, code) = job(JobType::LoginCode);
     assert_eq!(world.handle(&delivery(&code)).await, Disposition::Ack);
-    assert_eq!(world.status(id).0, MessageStatus::Sent);
+    assert_eq!(world.status(id).0, Status::Sent);
 }
 
 #[tokio::test]
@@ -936,7 +933,7 @@ async fn a_login_code_past_its_default_expiry_ends_expired_without_a_call() {
         ..delivery(&code)
     };
     assert_eq!(world.handle(&seen_long_ago).await, Disposition::Ack);
-    assert_eq!(world.status(id).0, MessageStatus::Expired);
+    assert_eq!(world.status(id).0, Status::Expired);
     assert!(world.twilio.calls().is_empty());
 
     // Its own expires_at wins over the default.
@@ -948,7 +945,7 @@ async fn a_login_code_past_its_default_expiry_ends_expired_without_a_call() {
         ..delivery(&code)
     };
     world.handle(&seen_long_ago).await;
-    assert_eq!(world.status(later).0, MessageStatus::Sent);
+    assert_eq!(world.status(later).0, Status::Sent);
 }
 
 /// A pipeline whose only provider is the development inbox.
@@ -983,13 +980,10 @@ async fn the_inbox_keeps_every_text_with_its_sender_whatever_the_outcome() {
     }
     let body = "Your lesson is at 10:00 tomorrow.".to_owned();
     let expected = Some((body, Some("DriveSafe".to_owned())));
-    assert_eq!(
-        pipeline.log.row(sent).map(|r| r.status),
-        Some(MessageStatus::Sent)
-    );
+    assert_eq!(pipeline.log.row(sent).map(|r| r.status), Some(Status::Sent));
     assert_eq!(pipeline.log.inbox_copy(sent), expected);
     let row = pipeline.log.row(suppressed).expect("recorded");
-    assert_eq!(row.status, MessageStatus::Suppressed);
+    assert_eq!(row.status, Status::Suppressed);
     assert_eq!(
         pipeline.log.inbox_copy(suppressed),
         expected,
@@ -1002,6 +996,6 @@ async fn no_inbox_copy_is_kept_for_a_real_provider() {
     let world = World::new();
     let (id, job) = job(JobType::LoginCode);
     assert_eq!(world.handle(&delivery(&job)).await, Disposition::Ack);
-    assert_eq!(world.status(id).0, MessageStatus::Sent);
+    assert_eq!(world.status(id).0, Status::Sent);
     assert_eq!(world.log().inbox_copy(id), None);
 }

@@ -10,6 +10,7 @@
 //! [`ProviderError`] out) and keeps its wire format private. [`Provider`] chooses the
 //! adapter by enum dispatch, so adding one is a new variant and a new file.
 
+pub mod callback;
 pub mod circuit;
 pub mod clock;
 mod gateway;
@@ -19,8 +20,8 @@ pub mod pace;
 mod routing;
 #[cfg(test)]
 pub(crate) mod scripted;
-mod twilio;
-mod vonage;
+pub mod twilio;
+pub mod vonage;
 
 use std::time::Duration;
 
@@ -32,6 +33,7 @@ use crate::{
 };
 
 pub use self::{
+    callback::{Callback, InboundText, ReceiptReport, Refused},
     gateway::{Gateway, Gateways},
     inbox::InboxProvider,
     log::LogProvider,

@@ -28,7 +28,7 @@ use uuid::Uuid;
 use super::{
     Params, StoreError, prepared,
     vocabulary::{
-        Claim, ClaimRow, FinishRow, MessageColumns, MessageState, MessageStatus, RecordRow,
+        Claim, ClaimRow, FinishRow, MessageColumns, MessageState, RecordRow, Status,
         UnknownAttempt, keeps_body,
     },
 };
@@ -100,7 +100,7 @@ fn state_of(row: &Row) -> Result<Option<MessageState>, StoreError> {
     let Some(status) = row.try_get::<_, Option<String>>("status")? else {
         return Ok(None);
     };
-    let status = MessageStatus::parse(&status)
+    let status = Status::parse(&status)
         .ok_or_else(|| StoreError::Corrupt(format!("unknown status '{status}'")))?;
     let attempts: i32 = row.try_get::<_, Option<i32>>("attempts")?.unwrap_or(0);
     let started: Option<OffsetDateTime> = row.try_get("attempt_started_at")?;
@@ -111,7 +111,7 @@ fn state_of(row: &Row) -> Result<Option<MessageState>, StoreError> {
         .try_get::<_, Option<bool>>("last_outcome_unknown")?
         .unwrap_or(false);
     let provider: Option<String> = row.try_get("provider")?;
-    let open = status == MessageStatus::Sending && !recorded;
+    let open = status == Status::Sending && !recorded;
     Ok(Some(MessageState {
         status,
         attempts,
@@ -353,7 +353,7 @@ async fn claim_existing(client: &Client, rows: &[ClaimRow]) -> Result<Vec<Claim>
             Some(state) => claims.push(Claim::Busy(state)),
             // Inserted by another statement at the same moment: in flight elsewhere.
             None => claims.push(Claim::Busy(MessageState {
-                status: MessageStatus::Sending,
+                status: Status::Sending,
                 attempts: 1,
                 open_attempt_started: Some(OffsetDateTime::now_utc()),
                 unknown_attempt: None,
@@ -601,7 +601,7 @@ async fn record_existing(
         } else {
             // Not ours to record: report what is there (final, or in flight).
             answers.push(Some(state_of(found)?.unwrap_or(MessageState {
-                status: MessageStatus::Sending,
+                status: Status::Sending,
                 attempts: 1,
                 open_attempt_started: Some(OffsetDateTime::now_utc()),
                 unknown_attempt: None,

@@ -6,7 +6,7 @@ use serde_json::Value;
 use time::OffsetDateTime;
 
 use super::{
-    MessageStatus, Store, StoreError,
+    Status, Store, StoreError,
     views::{MESSAGE_COLUMNS, MessageView},
 };
 
@@ -28,7 +28,7 @@ pub struct MessageSearch {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsageCount {
     pub school_id: i64,
-    pub status: MessageStatus,
+    pub status: Status,
     pub messages: i64,
     pub segments: i64,
 }
@@ -107,7 +107,7 @@ impl Store {
                 let status: String = row.try_get("status")?;
                 Ok(UsageCount {
                     school_id: row.try_get("school_id")?,
-                    status: MessageStatus::parse(&status)
+                    status: Status::parse(&status)
                         .ok_or_else(|| StoreError::Corrupt(format!("status '{status}'")))?,
                     messages: row.try_get("messages")?,
                     segments: row.try_get("segments")?,

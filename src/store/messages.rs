@@ -10,8 +10,8 @@ use super::{
     Store, StoreError, apply_pending_receipts, log, prepared,
     recorder::Op,
     vocabulary::{
-        AttemptOutcome, Claim, ClaimRow, FinishRow, MessageColumns, MessageState, MessageStatus,
-        RecordRow, keeps_body, storable,
+        AttemptOutcome, Claim, ClaimRow, FinishRow, MessageColumns, MessageState, RecordRow,
+        Status, keeps_body, storable,
     },
 };
 use crate::job::JobType;
@@ -63,7 +63,7 @@ pub struct AttemptRecord<'a> {
     pub outcome_unknown: bool,
     pub provider_message_id: Option<&'a str>,
     /// The message's status after this attempt.
-    pub status: MessageStatus,
+    pub status: Status,
     pub reason: Option<&'a str>,
 }
 
@@ -117,7 +117,7 @@ impl Store {
     pub async fn record_without_call(
         &self,
         message: &NewMessage<'_>,
-        status: MessageStatus,
+        status: Status,
         reason: Option<&str>,
     ) -> Result<Option<MessageState>, StoreError> {
         let row = RecordRow {

@@ -56,7 +56,7 @@ pub use receipts::{Receipt, ReceiptApplied};
 use recorder::Recorder;
 pub use settings::OptOutChange;
 pub use views::{AttemptView, MessageView};
-pub use vocabulary::{AttemptOutcome, Claim, MessageState, MessageStatus, UnknownAttempt};
+pub use vocabulary::{AttemptOutcome, Claim, MessageState, Status, UnknownAttempt};
 
 /// A statement's parameters.
 type Params<'a> = [&'a (dyn ToSql + Sync)];

@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use super::{
     Store, StoreError, prepared,
-    vocabulary::{MessageStatus, storable},
+    vocabulary::{Status, storable},
 };
 
 /// A delivery receipt, as a webhook reports it.
@@ -20,7 +20,7 @@ pub struct Receipt<'a> {
     /// The provider's own status word.
     pub provider_status: &'a str,
     /// Ours, when the word maps onto one.
-    pub status: Option<MessageStatus>,
+    pub status: Option<Status>,
     pub error_code: Option<&'a str>,
     /// The recipient unsubscribed at the carrier (Twilio 21610).
     pub opted_out: bool,
@@ -136,7 +136,7 @@ impl Store {
                     &receipt.provider,
                     &storable(receipt.provider_message_id),
                     &storable(receipt.provider_status),
-                    &receipt.status.map(MessageStatus::as_str),
+                    &receipt.status.map(Status::as_str),
                     &receipt.error_code.map(storable),
                     &receipt.signed_by,
                 ],

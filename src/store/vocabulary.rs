@@ -11,7 +11,7 @@ use crate::job::JobType;
 
 /// The status of a message, as `sms_messages.status` stores it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MessageStatus {
+pub enum Status {
     Queued,
     Sending,
     Sent,
@@ -23,32 +23,32 @@ pub enum MessageStatus {
     Expired,
 }
 
-impl MessageStatus {
+impl Status {
     pub fn as_str(self) -> &'static str {
         match self {
-            MessageStatus::Queued => "queued",
-            MessageStatus::Sending => "sending",
-            MessageStatus::Sent => "sent",
-            MessageStatus::Delivered => "delivered",
-            MessageStatus::Undelivered => "undelivered",
-            MessageStatus::Failed => "failed",
-            MessageStatus::Retrying => "retrying",
-            MessageStatus::Suppressed => "suppressed",
-            MessageStatus::Expired => "expired",
+            Status::Queued => "queued",
+            Status::Sending => "sending",
+            Status::Sent => "sent",
+            Status::Delivered => "delivered",
+            Status::Undelivered => "undelivered",
+            Status::Failed => "failed",
+            Status::Retrying => "retrying",
+            Status::Suppressed => "suppressed",
+            Status::Expired => "expired",
         }
     }
 
     pub fn parse(text: &str) -> Option<Self> {
         [
-            MessageStatus::Queued,
-            MessageStatus::Sending,
-            MessageStatus::Sent,
-            MessageStatus::Delivered,
-            MessageStatus::Undelivered,
-            MessageStatus::Failed,
-            MessageStatus::Retrying,
-            MessageStatus::Suppressed,
-            MessageStatus::Expired,
+            Status::Queued,
+            Status::Sending,
+            Status::Sent,
+            Status::Delivered,
+            Status::Undelivered,
+            Status::Failed,
+            Status::Retrying,
+            Status::Suppressed,
+            Status::Expired,
         ]
         .into_iter()
         .find(|s| s.as_str() == text)
@@ -57,13 +57,13 @@ impl MessageStatus {
     /// Whether the message has an outcome: nothing more will be sent for it.
     pub fn is_final(self) -> bool {
         match self {
-            MessageStatus::Queued | MessageStatus::Sending | MessageStatus::Retrying => false,
-            MessageStatus::Sent
-            | MessageStatus::Delivered
-            | MessageStatus::Undelivered
-            | MessageStatus::Failed
-            | MessageStatus::Suppressed
-            | MessageStatus::Expired => true,
+            Status::Queued | Status::Sending | Status::Retrying => false,
+            Status::Sent
+            | Status::Delivered
+            | Status::Undelivered
+            | Status::Failed
+            | Status::Suppressed
+            | Status::Expired => true,
         }
     }
 }
@@ -103,7 +103,7 @@ pub(super) fn storable(text: &str) -> String {
 /// The state of a message already in the log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MessageState {
-    pub status: MessageStatus,
+    pub status: Status,
     pub attempts: i32,
     /// When the latest attempt started, if it has no outcome yet.
     pub open_attempt_started: Option<OffsetDateTime>,

@@ -748,7 +748,7 @@ impl App {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
-        let signed = smsgw::http::webhooks::twilio_signature(
+        let signed = smsgw::provider::twilio::callbacks::signature(
             twilio_stub::AUTH_TOKEN,
             &format!("{public_url}{path}"),
             &pairs,

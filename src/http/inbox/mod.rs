@@ -7,7 +7,6 @@
 //! - `GET /inbox/api/messages?to=&school_id=&limit=`: JSON, newest first, for tests.
 //! - `DELETE /inbox/api/messages?to=&school_id=`: empties the inbox (or the part the
 //!   filters select); the message log keeps every row.
-//! - `receipts`: the simulated `delivered` receipts, posted through the webhooks' path.
 
 use axum::{
     Json, Router,
@@ -22,9 +21,7 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 mod page;
-mod receipts;
 
-pub(super) use self::receipts::post_receipts;
 use crate::{
     phone::PhoneNumber,
     segments,

@@ -2,6 +2,8 @@
 //! with `api_key`/`api_secret`, and an answer of HTTP 200 whose `messages[].status` says
 //! whether each part was taken (`"0"`) or why not.
 
+pub mod callbacks;
+
 use std::time::{Duration, Instant};
 
 use reqwest::{StatusCode, header::RETRY_AFTER};

@@ -1,6 +1,8 @@
 //! Twilio's Create Message (`POST /2010-04-01/Accounts/{AccountSid}/Messages.json`),
 //! built to Twilio's OpenAPI description: form-encoded, basic auth, JSON answers.
 
+pub mod callbacks;
+
 use std::time::{Duration, Instant};
 
 use base64::Engine;

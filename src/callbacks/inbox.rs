@@ -1,17 +1,18 @@
-//! The inbox's simulated `delivered` receipts, posted when they fall due through the same
-//! path as a provider's webhook ([`Webhooks::apply_receipt`]): kept in `sms_receipts`,
-//! never moving a message backwards, applied later if the send's record is not in yet.
+//! The development inbox's simulated `delivered` receipts, posted when they fall due
+//! through the same path as a provider's webhook ([`Callbacks::apply_receipt`]): kept in
+//! `sms_receipts`, never moving a message backwards, applied later if the send's record
+//! is not in yet.
 
 use tokio_util::sync::CancellationToken;
 
+use super::{CallbackError, Callbacks};
 use crate::{
-    http::webhooks::{ReceiptError, Webhooks},
     provider::inbox::DueReceipt,
-    store::{MessageStatus, Receipt},
+    store::{Receipt, Status},
 };
 
 /// Posts the receipts of every inbox gateway until `stop` fires.
-pub(in crate::http) async fn post_receipts(hooks: Webhooks, stop: CancellationToken) {
+pub async fn post_inbox_receipts(hooks: Callbacks, stop: CancellationToken) {
     let mut each = Vec::new();
     for gateway in hooks.gateways.all() {
         let owed = gateway
@@ -27,7 +28,7 @@ pub(in crate::http) async fn post_receipts(hooks: Webhooks, stop: CancellationTo
 
 /// Posts each receipt `gateway` owes, in order, once it is due.
 async fn post_owed(
-    hooks: Webhooks,
+    hooks: Callbacks,
     gateway: &'static str,
     mut owed: tokio::sync::mpsc::Receiver<DueReceipt>,
     stop: CancellationToken,
@@ -47,7 +48,7 @@ async fn post_owed(
             provider: "inbox",
             provider_message_id: &due.provider_message_id,
             provider_status: "delivered",
-            status: Some(MessageStatus::Delivered),
+            status: Some(Status::Delivered),
             error_code: None,
             opted_out: false,
             signed_by: &signed_by,
@@ -57,7 +58,7 @@ async fn post_owed(
             crate::retry::reconnecting(),
             &stop,
             || hooks.apply_receipt(&receipt),
-            |e: &ReceiptError, wait| {
+            |e: &CallbackError, wait| {
                 tracing::warn!(error = %e, retry_in = ?wait, "cannot post an inbox receipt; retrying");
             },
         )
