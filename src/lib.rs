@@ -11,32 +11,54 @@
 //!                                                                       retry, dead-letter, fan-out)
 //! ```
 //!
-//! - [`config`]: settings from the environment, validated at start-up.
-//! - [`broker`]: RabbitMQ: topology, deliveries as plain data, confirmed publishing,
-//!   carrying out a [`disposition::Disposition`], dead letters. Only it speaks AMQP.
+//! The layers, lowest first. A module imports only from rows below its own (never from
+//! its own row or above), so each can be read, and tested, knowing nothing of what sits
+//! on it; `tests/layers.rs` reads this table and holds the code to it.
+//!
+//! ```text
+//! 1  job phone segments retry health systemd        values and leaf tools, no I/O of ours
+//! 2  config school disposition                      settings; a school's row; a broker action
+//! 3  store broker policy telemetry                  the outside systems; the pure decision
+//! 4  provider cache metrics                         adapters and their clocks; what we count
+//! 5  pipeline callbacks events retention ops        the work: deliveries, callbacks, relays
+//! 6  http                                           the HTTP surface
+//! 7  daemon                                         wiring, reconnection, shutdown
+//! 8  cli                                            the command line
+//! ```
+//!
 //! - [`job`]: the v1 job format, decoded, validated and encoded.
-//! - [`policy`]: the pure decision: send (by which route), suppress, expire, defer,
-//!   hold for the school's quiet hours, or refuse.
-//! - [`provider`]: the adapters (`log`, the development `inbox`, Twilio, Vonage), each
-//!   behind a gateway with its circuit breaker, pace and call slots.
-//! - [`pipeline`]: one delivery in, one disposition out; its rules are pure functions in
-//!   [`pipeline::outcome`], and it reaches the log through [`pipeline::MessageLog`].
-//! - [`store`]: PostgreSQL: settings, opt-outs, the message log, and the outbox of status
-//!   events that triggers fill in each status change's transaction. Only it speaks SQL.
-//! - [`events`]: the relay that publishes the outbox's status events to `sms.events`.
-//! - [`cache`]: school settings in memory, kept current by LISTEN/NOTIFY.
-//! - [`disposition`]: what the broker does with a delivery once it is handled.
 //! - [`phone`]: phone numbers (E.164, masked in logs) and sender IDs.
 //! - [`segments`]: GSM-7/UCS-2 encoding and segment counts.
-//! - [`daemon`]: wiring, reconnection, graceful shutdown.
 //! - [`retry`]: the one way to wait and try again.
+//! - [`health`]: what the daemon is connected to, for `/readyz`.
+//! - [`systemd`]: the notify protocol (ready, stopping, watchdog).
+//! - [`config`]: settings from the environment, validated at start-up.
+//! - [`school`]: a school's settings as values, and its quiet hours.
+//! - [`disposition`]: what the broker does with a delivery once it is handled.
+//! - [`store`]: PostgreSQL: settings, opt-outs, the message log, and the outbox of status
+//!   events that triggers fill in each status change's transaction. Only it speaks SQL.
+//! - [`broker`]: RabbitMQ: topology, deliveries as plain data, confirmed publishing,
+//!   carrying out a [`disposition::Disposition`], dead letters. Only it speaks AMQP.
+//! - [`policy`]: the pure decision: send (by the route it is given), suppress, expire,
+//!   defer, hold for the school's quiet hours, or refuse.
+//! - [`telemetry`]: logging setup.
+//! - [`provider`]: the adapters (`log`, the development `inbox`, Twilio, Vonage), each
+//!   behind a gateway with its circuit breaker, pace and call slots; each reads its own
+//!   callbacks; [`provider::route`] picks a school's gateways.
+//! - [`cache`]: school settings in memory, kept current by LISTEN/NOTIFY.
+//! - [`metrics`]: the Prometheus metrics every part reports to.
+//! - [`pipeline`]: one delivery in, one disposition out; its rules are pure functions in
+//!   [`pipeline::outcome`], and it reaches the log through [`pipeline::MessageLog`].
+//! - [`callbacks`]: what a provider's receipt or inbound keyword does to the log, and the
+//!   development inbox's simulated receipts.
+//! - [`events`]: the relay that publishes the outbox's status events to `sms.events`.
 //! - [`retention`]: purging old bodies, rows, webhook ids and dead letters in the background.
-//! - [`http`]: `/healthz`, `/readyz`, `/metrics` and the webhooks (delivery receipts,
-//!   inbound STOP/START, with signature checks); `/inbox` with the inbox provider.
 //! - [`ops`]: the dead-letter tools, a message's record, support lookups, usage for
 //!   billing and `smsgw check`.
-//! - [`systemd`]: the notify protocol (ready, stopping, watchdog).
-//! - [`telemetry`]: logging setup; [`cli`]: the command line.
+//! - [`http`]: `/healthz`, `/readyz`, `/metrics` and the providers' webhooks; `/inbox`
+//!   with the inbox provider.
+//! - [`daemon`]: wiring, reconnection, graceful shutdown.
+//! - [`cli`]: the command line.
 
 pub mod broker;
 pub mod cache;

@@ -1,0 +1,164 @@
+//! The layers `src/lib.rs` draws are the layers the code has: every module imports only
+//! from modules in rows below its own. Reads the table from the crate's documentation, so
+//! the picture and the code cannot drift apart. Needs no services.
+
+use std::{collections::BTreeMap, fs, path::Path};
+
+use regex::Regex;
+
+const SRC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/src");
+
+/// Each top-level module's row, from the table in `lib.rs`.
+fn layers() -> BTreeMap<String, u32> {
+    let rows = rows();
+    let layers: BTreeMap<String, u32> = rows.iter().cloned().collect();
+    assert_eq!(layers.len(), rows.len(), "a module is in two rows: {rows:?}");
+    layers
+}
+
+/// The table's entries as written.
+fn rows() -> Vec<(String, u32)> {
+    let lib = fs::read_to_string(format!("{SRC}/lib.rs")).expect("src/lib.rs is readable");
+    let row = Regex::new(r"^//! (\d)  (\S+(?: \S+)*)\s{2,}").expect("a valid pattern");
+    lib.lines()
+        .filter_map(|line| row.captures(line))
+        .flat_map(|c| {
+            let layer: u32 = c[1].parse().expect("a row number");
+            c[2].split(' ')
+                .map(|m| (m.to_owned(), layer))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// The top-level modules a file names through `crate::`, grouped `use` trees included.
+/// Tests inside the file (after `#[cfg(test)]`) may reach anything.
+fn imports(path: &Path) -> Vec<String> {
+    let text = fs::read_to_string(path).expect("a source file is readable");
+    let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+    let single = Regex::new(r"\bcrate::(\w+)").expect("a valid pattern");
+    let group = Regex::new(r"\bcrate::\{").expect("a valid pattern");
+    let mut found: Vec<String> = single
+        .captures_iter(code)
+        .map(|c| c[1].to_owned())
+        .collect();
+    for start in group.find_iter(code) {
+        let mut depth = 1;
+        let mut item = String::new();
+        for ch in code[start.end()..].chars() {
+            match ch {
+                '{' => depth += 1,
+                '}' => depth -= 1,
+                _ => {}
+            }
+            if depth == 0 {
+                break;
+            }
+            if depth == 1 && ch == ',' {
+                found.push(first_segment(&item));
+                item.clear();
+            } else if depth == 1 || !item.contains("::") {
+                item.push(ch);
+            }
+        }
+        found.push(first_segment(&item));
+    }
+    found.retain(|m| !m.is_empty() && m != "self");
+    found
+}
+
+fn first_segment(item: &str) -> String {
+    item.trim()
+        .split("::")
+        .next()
+        .unwrap_or_default()
+        .trim_matches(|c: char| !c.is_alphanumeric() && c != '_')
+        .to_owned()
+}
+
+/// Every `.rs` file under `dir`.
+fn sources(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+    for entry in fs::read_dir(dir).expect("src is a folder").flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            sources(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+/// The top-level module a file belongs to (`src/store/log.rs` → `store`).
+fn module_of(path: &Path) -> Option<String> {
+    let relative = path.strip_prefix(SRC).ok()?;
+    let first = relative.components().next()?.as_os_str().to_str()?;
+    let name = first.strip_suffix(".rs").unwrap_or(first);
+    (!matches!(name, "lib" | "main")).then(|| name.to_owned())
+}
+
+#[test]
+fn every_module_has_a_row() {
+    let layers = layers();
+    let mut files = Vec::new();
+    sources(Path::new(SRC), &mut files);
+    let missing: Vec<String> = files
+        .iter()
+        .filter_map(|f| module_of(f))
+        .filter(|m| !layers.contains_key(m))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "modules missing from the table in src/lib.rs: {missing:?}"
+    );
+}
+
+#[test]
+fn every_module_imports_only_from_rows_below_its_own() {
+    let layers = layers();
+    assert!(layers.len() > 10, "the table in src/lib.rs was not found");
+    let mut files = Vec::new();
+    sources(Path::new(SRC), &mut files);
+    let mut upward = Vec::new();
+    for file in &files {
+        let Some(module) = module_of(file) else {
+            continue;
+        };
+        let Some(&own) = layers.get(&module) else {
+            continue;
+        };
+        for target in imports(file) {
+            if target == module {
+                continue;
+            }
+            if let Some(&theirs) = layers.get(&target)
+                && theirs >= own
+            {
+                upward.push(format!(
+                    "{} ({module}, row {own}) imports {target} (row {theirs})",
+                    file.display()
+                ));
+            }
+        }
+    }
+    assert!(
+        upward.is_empty(),
+        "imports that do not point down:\n{}",
+        upward.join("\n")
+    );
+}
+
+#[test]
+fn the_import_reader_sees_grouped_trees() {
+    let dir = std::env::temp_dir().join(format!("smsgw-layers-{}", std::process::id()));
+    fs::create_dir_all(&dir).expect("a temporary folder");
+    let file = dir.join("sample.rs");
+    fs::write(
+        &file,
+        "use crate::{\n    job::{JobType, Lane},\n    store::Store,\n};\nuse crate::phone::PhoneNumber;\n#[cfg(test)]\nuse crate::daemon;\n",
+    )
+    .expect("a sample file");
+    let mut found = imports(&file);
+    found.sort();
+    assert_eq!(found, ["job", "phone", "store"]);
+    let _ = fs::remove_dir_all(dir);
+}
