@@ -47,11 +47,8 @@ struct Spec {
 impl Spec {
     fn load() -> Spec {
         let path = spec_path();
-        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-            panic!(
-                "cannot read Twilio's OpenAPI description at {path} ({e})"
-            )
-        });
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("cannot read Twilio's OpenAPI description at {path} ({e})"));
         let doc: Value = serde_json::from_str(&text).expect("the OpenAPI description is JSON");
         let post = &doc["paths"]["/2010-04-01/Accounts/{AccountSid}/Messages.json"]["post"];
         let sid_pattern = post["parameters"][0]["schema"]["pattern"]

@@ -38,11 +38,8 @@ struct Spec {
 impl Spec {
     fn load() -> Spec {
         let path = spec_path();
-        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-            panic!(
-                "cannot read Vonage's OpenAPI description at {path} ({e})"
-            )
-        });
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("cannot read Vonage's OpenAPI description at {path} ({e})"));
         let doc = YamlLoader::load_from_str(&text)
             .expect("the description is YAML")
             .remove(0);
