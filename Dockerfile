@@ -2,7 +2,8 @@
 # Multi-stage: build with the Rust toolchain, run on a small non-root image.
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
-COPY Cargo.toml Cargo.lock ./
+# build.rs sets the commit `smsgw --version` reports.
+COPY Cargo.toml Cargo.lock build.rs ./
 # Cargo.toml declares the throughput bench: cargo refuses a manifest whose bench file is
 # missing, even to build only the binary.
 COPY benches benches
@@ -12,6 +13,10 @@ COPY src src
 COPY schema schema
 # The inbox page's template, compiled into the binary.
 COPY templates templates
+# The image's build has no .git (.dockerignore): the commit comes as a build argument,
+#   docker build --build-arg SMSGW_COMMIT=$(git rev-parse --short HEAD) .
+# and `smsgw --version` says "unknown" without it.
+ARG SMSGW_COMMIT
 RUN cargo build --release --locked --bin smsgw && strip target/release/smsgw
 
 # glibc and CA certificates, nothing else; runs as uid 65532.

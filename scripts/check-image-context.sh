@@ -9,6 +9,10 @@
 # temporary directory laid out as the stage's WORKDIR, and `cargo build --locked --bin
 # smsgw` runs there. The image builds with --release; this check uses the dev profile to
 # keep CI lean: a missing file or a lockfile mismatch fails either profile the same way.
+# When the stage declares `ARG SMSGW_COMMIT` before it builds, this build gets the
+# checkout's commit as `docker build --build-arg SMSGW_COMMIT=...` would pass it, and
+# `smsgw --version` must report it ("unknown" otherwise, as the image's build finds no
+# .git).
 #
 # Anything in the build stage this script does not understand (ADD, COPY --from, JSON
 # form, wildcards, line continuations, `!` in .dockerignore) fails it rather than being
@@ -31,6 +35,8 @@ stage=$(awk '
 [[ -n $stage ]] || die "the Dockerfile has no stage named build (FROM ... AS build)"
 
 workdir=/
+commit_arg=no
+built=no
 sources=()      # every source path, for the context
 copies=()       # one entry per COPY: "dest<TAB>source<TAB>source..."
 while IFS= read -r line; do
@@ -41,6 +47,12 @@ while IFS= read -r line; do
         /*) workdir=$rest ;;
         *) workdir=${workdir%/}/$rest ;;
         esac
+        ;;
+    ARG)
+        [[ ${rest%%=*} == SMSGW_COMMIT && $built == no ]] && commit_arg=yes
+        ;;
+    RUN)
+        [[ $rest == *"cargo build"* ]] && built=yes
         ;;
     ADD) die "ADD is not supported: $line" ;;
     COPY)
@@ -157,10 +169,26 @@ target_dir=${CARGO_TARGET_DIR:-target}
 [[ $target_dir == /* ]] || target_dir=$repo/$target_dir
 target_dir=$target_dir/image-context
 
+commit=$(git rev-parse --short HEAD 2>/dev/null || true)
+if [[ $commit_arg == yes && -n $commit ]]; then
+    expected=$commit
+    commit_env=(SMSGW_COMMIT="$commit")
+else
+    expected=unknown
+    commit_env=(-u SMSGW_COMMIT)
+fi
+
 echo "check-image-context: building from ${sources[*]}"
 start=$SECONDS
+# GIT_CEILING_DIRECTORIES: git's search for a repository stops at the temporary directory,
+# so that build.rs finds no .git here either.
 (
     cd "$build"
-    CARGO_TARGET_DIR="$target_dir" "$CARGO" build --locked --bin smsgw
+    env "${commit_env[@]}" GIT_CEILING_DIRECTORIES="$tmp" CARGO_TARGET_DIR="$target_dir" \
+        "$CARGO" build --locked --bin smsgw
 ) || die "the image's build stage fails (see above): fix the Dockerfile's COPY lines or .dockerignore"
-echo "check-image-context: ok in $((SECONDS - start))s"
+
+version=$("$target_dir/debug/smsgw" --version)
+[[ $version == *" ($expected)" ]] ||
+    die "smsgw --version says '$version'; built as the image is, it should report commit $expected"
+echo "check-image-context: ok in $((SECONDS - start))s: $version"

@@ -411,6 +411,11 @@ fn the_compose_file_and_env_examples_use_real_settings() {
             "the image build needs {read_by_the_build}/"
         );
     }
+    // The image's build has no .git: `smsgw --version` gets the commit from this argument.
+    assert!(
+        dockerfile.contains("ARG SMSGW_COMMIT"),
+        "the image's build takes the commit as a build argument"
+    );
     // Built like `cargo build` here: with the allocator settings of .cargo/config.toml.
     assert!(
         dockerfile.contains("COPY .cargo .cargo"),
