@@ -23,7 +23,11 @@ RUN cargo build --release --locked --bin smsgw && strip target/release/smsgw
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /src/target/release/smsgw /usr/local/bin/smsgw
 USER 65532:65532
-ENV SMSGW_HTTP_ADDR=0.0.0.0:9464 SMSGW_LOG_FORMAT=json
+# Production unless the deployment says otherwise: the image listens beyond localhost, and
+# a development daemon would migrate, consume real jobs, send nothing and show login codes
+# on its inbox page. Production instead refuses to start without a real provider, its
+# credentials and an https SMSGW_PUBLIC_URL. (docker-compose.yml sets development.)
+ENV SMSGW_ENV=production SMSGW_HTTP_ADDR=0.0.0.0:9464 SMSGW_LOG_FORMAT=json
 EXPOSE 9464
 ENTRYPOINT ["/usr/local/bin/smsgw"]
 CMD ["run"]
