@@ -114,14 +114,13 @@ fn bad_usage_exits_2_and_help_lists_the_commands() {
 
 #[test]
 fn version_states_the_cargo_version_and_the_commit() {
+    // The commit build.rs found (git, or SMSGW_COMMIT as the image passes it), or
+    // `unknown` when there was none.
+    let line = regex::Regex::new(r"^smsgw (\S+) \(([0-9a-f]{4,40}|unknown)\)\n$").expect("regex");
     for flag in ["--version", "-V"] {
         let output = smsgw(&[], &[flag]).output().expect("run");
         assert_eq!(output.status.code(), Some(0), "{flag}");
         let text = String::from_utf8_lossy(&output.stdout);
-        // The commit build.rs found (git, or SMSGW_COMMIT as the image passes it), or
-        // `unknown` when there was none.
-        let line =
-            regex::Regex::new(r"^smsgw (\S+) \(([0-9a-f]{4,40}|unknown)\)\n$").expect("regex");
         let parts = line
             .captures(&text)
             .unwrap_or_else(|| panic!("{flag}: {text:?}"));
