@@ -7,18 +7,20 @@ REPORT := target/tmp/fault-report.md
 EXCLUSIVE := exclusive cluster
 EXCLUSIVE_FILTER := $(subst $(eval) , | ,$(foreach t,$(EXCLUSIVE),binary($(t))))
 
-.PHONY: run test test-parallel test-faults bench fmt lint check audit fuzz services clean-test-envs
+.PHONY: run test test-parallel test-faults test-image-context bench fmt lint check audit fuzz services clean-test-envs
 
 ## run: the daemon against the local RabbitMQ and PostgreSQL, inbox provider (nothing is
 ## sent; every text is shown at http://127.0.0.1:9464/inbox)
 run: services
 	$(CARGO) run --quiet -- run
 
-## test: every test against the real RabbitMQ and PostgreSQL: the parallel suite, then
-## the service-restarting faults alone; prints the fault report at the end
+## test: the image's build context, then every test against the real RabbitMQ and
+## PostgreSQL: the parallel suite, then the service-restarting faults alone; prints the
+## fault report at the end
 test: services clean-test-envs
 	@rm -f $(REPORT)
 	@status=0; \
+	$(MAKE) --no-print-directory test-image-context || status=1; \
 	$(MAKE) --no-print-directory test-parallel || status=1; \
 	$(MAKE) --no-print-directory test-faults || status=1; \
 	if [ -f $(REPORT) ]; then \
@@ -44,6 +46,11 @@ else
 	$(CARGO) test --no-fail-fast $(foreach t,$(EXCLUSIVE),--test $(t)) -- --test-threads 1
 endif
 	@scripts/services.sh
+
+## test-image-context: build smsgw from exactly what the Dockerfile's build stage copies,
+## as CI cannot build the image itself (no container engine; scripts/check-image-context.sh)
+test-image-context:
+	CARGO="$(CARGO)" scripts/check-image-context.sh
 
 ## bench: throughput, latency, memory and CPU against the raw ceilings of RabbitMQ and
 ## PostgreSQL on this machine, then the fairness, pacing and two-process scenarios

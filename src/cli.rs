@@ -20,10 +20,14 @@ use crate::{
 const EXIT_FAILED: u8 = 1;
 const EXIT_USAGE: u8 = 2;
 
+/// What `smsgw --version` prints after the name: the Cargo version and the commit it was
+/// built from (`unknown` when the build knew none; see build.rs), e.g. `0.1.0 (a1b2c3d)`.
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("SMSGW_COMMIT"), ")");
+
 #[derive(Debug, Parser)]
 #[command(
     name = "smsgw",
-    version,
+    version = VERSION,
     about = "The SMS gateway worker: consumes SMS jobs from RabbitMQ, applies each school's \
              settings from PostgreSQL, sends through the configured provider and records every \
              attempt.",

@@ -112,6 +112,23 @@ fn bad_usage_exits_2_and_help_lists_the_commands() {
     }
 }
 
+#[test]
+fn version_states_the_cargo_version_and_the_commit() {
+    // The commit build.rs found (git, or SMSGW_COMMIT as the image passes it), or
+    // `unknown` when there was none.
+    let line = regex::Regex::new(r"^smsgw (\S+) \(([0-9a-f]{4,40}|unknown)\)\n$").expect("regex");
+    for flag in ["--version", "-V"] {
+        let output = smsgw(&[], &[flag]).output().expect("run");
+        assert_eq!(output.status.code(), Some(0), "{flag}");
+        let text = String::from_utf8_lossy(&output.stdout);
+        let parts = line
+            .captures(&text)
+            .unwrap_or_else(|| panic!("{flag}: {text:?}"));
+        assert_eq!(&parts[1], env!("CARGO_PKG_VERSION"), "{text}");
+        assert_eq!(&parts[2], env!("SMSGW_COMMIT"), "{text}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn migrate_is_safe_twice_and_from_two_processes_at_once() {
     let env = TestEnv::new().await;

@@ -5,6 +5,7 @@
 mod helpers;
 
 use std::{
+    collections::HashMap,
     os::unix::net::UnixDatagram,
     path::Path,
     process::{Command, Stdio},
@@ -47,6 +48,24 @@ fn manifests() -> Vec<Yaml> {
         }
     }
     docs
+}
+
+/// The variables the image's final stage sets (`ENV KEY=VALUE ...` lines).
+fn image_env() -> HashMap<String, String> {
+    let dockerfile = read("Dockerfile");
+    let image = dockerfile
+        .rsplit("\nFROM ")
+        .next()
+        .expect("the final stage");
+    image
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("ENV "))
+        .flat_map(str::split_whitespace)
+        .map(|pair| {
+            let (key, value) = pair.split_once('=').expect("ENV KEY=VALUE");
+            (key.to_owned(), value.to_owned())
+        })
+        .collect()
 }
 
 fn unit_value<'a>(unit: &'a str, key: &str) -> Option<&'a str> {
@@ -218,14 +237,25 @@ fn the_kubernetes_manifests_fit_the_daemon() {
 
     // Settings: only variables smsgw reads, and the ones it needs in production.
     let mut keys = Vec::new();
+    // The pod's environment: the image's defaults, then the ConfigMap and the Secret (the
+    // example Secret's placeholder ids, ACxxx..., filled in).
+    let mut pod_env = image_env();
     for source in [config, secret] {
         let data = if source["data"].is_badvalue() {
             &source["stringData"]
         } else {
             &source["data"]
         };
-        for (key, _) in data.as_hash().expect("data") {
-            keys.push(key.as_str().expect("key").to_owned());
+        for (key, value) in data.as_hash().expect("data") {
+            let key = key.as_str().expect("key").to_owned();
+            let value = value.as_str().expect("a string value");
+            let value = if value.contains("xxxx") {
+                value.replace('x', "0")
+            } else {
+                value.to_owned()
+            };
+            keys.push(key.clone());
+            pod_env.insert(key, value);
         }
     }
     for key in &keys {
@@ -243,6 +273,11 @@ fn the_kubernetes_manifests_fit_the_daemon() {
     ] {
         assert!(keys.iter().any(|k| k == needed), "{needed} is not set");
     }
+    // Production accepts it: a real provider, its credentials, an https public URL.
+    let settings = smsgw::config::Settings::from_lookup(|name| pod_env.get(name).cloned())
+        .unwrap_or_else(|e| panic!("the manifests' settings are refused: {e}"));
+    assert_eq!(settings.env, smsgw::config::Environment::Production);
+
     let env_from: Vec<&str> = container["envFrom"]
         .as_vec()
         .expect("envFrom")
@@ -411,6 +446,19 @@ fn the_compose_file_and_env_examples_use_real_settings() {
             "the image build needs {read_by_the_build}/"
         );
     }
+    // A deployment that forgets SMSGW_ENV must not get a development daemon listening on
+    // 0.0.0.0 (it would consume real jobs, send nothing and show login codes).
+    let defaults = image_env();
+    assert_eq!(
+        defaults.get("SMSGW_ENV").map(String::as_str),
+        Some("production"),
+        "the image runs as production by default: {defaults:?}"
+    );
+    // The image's build has no .git: `smsgw --version` gets the commit from this argument.
+    assert!(
+        dockerfile.contains("ARG SMSGW_COMMIT"),
+        "the image's build takes the commit as a build argument"
+    );
     // Built like `cargo build` here: with the allocator settings of .cargo/config.toml.
     assert!(
         dockerfile.contains("COPY .cargo .cargo"),
