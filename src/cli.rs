@@ -13,6 +13,7 @@ use crate::{
     config::Settings,
     daemon::{self, DaemonError},
     job::{Job, JobType},
+    phone::PhoneNumber,
     store::Store,
     telemetry,
 };
@@ -60,6 +61,31 @@ enum Command {
     /// Messages and segments per school and status, of the messages created in a range
     /// (from inclusive, to exclusive, UTC): the figures a school is billed on.
     Usage(UsageArgs),
+    /// Replies (inbound texts that are not STOP/START keywords), newest first, with the
+    /// message each answers.
+    Replies(RepliesArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct RepliesArgs {
+    /// Only replies from this number (E.164, +447700900123).
+    #[arg(long, value_name = "NUMBER")]
+    from: Option<String>,
+    /// Only replies attributed to this school.
+    #[arg(long, value_name = "ID")]
+    school: Option<i64>,
+    /// Only replies received since: an age (24h, 7d) or a time (2026-11-25, RFC 3339).
+    #[arg(long, value_name = "WHEN", value_parser = crate::ops::parse_since)]
+    since: Option<time::OffsetDateTime>,
+    /// Show at most this many, the newest.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    limit: u16,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Show phone numbers and texts unmasked.
+    #[arg(long)]
+    reveal: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -228,7 +254,8 @@ pub fn main() -> ExitCode {
         | Command::Send(_)
         | Command::Dlq { .. }
         | Command::Status(_)
-        | Command::Usage(_) => Settings::from_env_for_tools(),
+        | Command::Usage(_)
+        | Command::Replies(_) => Settings::from_env_for_tools(),
     };
     let settings = match settings {
         Ok(settings) => settings,
@@ -247,6 +274,7 @@ pub fn main() -> ExitCode {
             Command::Check => ExitCode::SUCCESS,
             Command::Status(args) => status(&settings, args).await,
             Command::Usage(args) => usage(&settings, args).await,
+            Command::Replies(args) => replies(&settings, args).await,
         }
     })
 }
@@ -298,6 +326,29 @@ async fn status(settings: &Settings, args: StatusArgs) -> ExitCode {
         reveal: args.reveal,
     };
     crate::ops::find_messages(settings, &lookup).await
+}
+
+async fn replies(settings: &Settings, args: RepliesArgs) -> ExitCode {
+    // Parsed here rather than by clap, whose message would repeat the number in full.
+    let from = match args.from.as_deref().map(|n| PhoneNumber::parse(n, None)) {
+        None => None,
+        Some(Ok(number)) => Some(number),
+        Some(Err(e)) => {
+            return refuse(
+                "replies",
+                format!("invalid value for '--from <NUMBER>': {e} (E.164: +447700900123)"),
+            );
+        }
+    };
+    let lookup = crate::ops::ReplyLookup {
+        from,
+        school: args.school,
+        since: args.since,
+        limit: args.limit,
+        json: args.json,
+        reveal: args.reveal,
+    };
+    crate::ops::list_replies(settings, &lookup).await
 }
 
 async fn usage(settings: &Settings, args: UsageArgs) -> ExitCode {

@@ -98,6 +98,8 @@ impl Http {
             gateways: shared.gateways.clone(),
             store,
             metrics: shared.metrics.clone(),
+            keywords: shared.settings.keywords.clone(),
+            reply_window: shared.settings.reply_window,
         };
         let hooks = http::webhooks::Webhooks {
             callbacks: callbacks.clone(),

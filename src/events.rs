@@ -1,11 +1,12 @@
-//! Status events (contract section 9): the relay from the outbox to `sms.events`.
+//! Events (interface sections 9 and 13): the relay from the outbox to `sms.events`.
 //!
-//! The store writes an event for every status change in the change's own transaction
-//! (`store::outbox`); this task publishes them. It keeps a broker connection of its own,
+//! The store writes an event for every status change, and for every reply, in the
+//! change's own transaction (`store::outbox`); this task publishes them. It keeps a broker connection of its own,
 //! so that it goes on while the lanes reconnect or drain, and it empties the outbox once
 //! more when the daemon stops. Delivery is at least once: a consumer de-duplicates on
-//! `event_id`, which is derived from the message and `seq`, so a copy published again
-//! after a crash carries the same id.
+//! `event_id`, which a status event derives from the message and `seq`, and any other
+//! event keeps in its outbox row, so a copy published again after a crash carries the
+//! same id.
 
 use std::{
     sync::Arc,
@@ -24,7 +25,7 @@ use crate::{
     config::ServiceUrl,
     metrics::Metrics,
     retry::pause,
-    store::{OutboxEvent, RelayTurn, Store, StoreError},
+    store::{OutboxEvent, RelayTurn, StatusEvent, Store, StoreError},
 };
 
 /// Most events per relay turn.
@@ -74,6 +75,23 @@ pub fn event_id(message_id: Uuid, seq: i32) -> Uuid {
 
 /// An outbox row as the message published to `sms.events`.
 pub fn encode(event: &OutboxEvent) -> OutgoingEvent {
+    match event {
+        OutboxEvent::Status(status) => encode_status(status),
+        OutboxEvent::Payload {
+            event_id,
+            routing_key,
+            payload,
+        } => OutgoingEvent {
+            event_id: *event_id,
+            routing_key: routing_key.clone(),
+            // Serialising a `Value` cannot fail.
+            body: serde_json::to_vec(payload).unwrap_or_default(),
+        },
+    }
+}
+
+/// A status change as its event.
+fn encode_status(event: &StatusEvent) -> OutgoingEvent {
     let event_id = event_id(event.message_id, event.seq);
     // An announcement's recipient keeps its `ref` in its context (see the fan-out).
     let reference = event
@@ -268,8 +286,8 @@ mod tests {
 
     use super::*;
 
-    fn event() -> OutboxEvent {
-        OutboxEvent {
+    fn event() -> StatusEvent {
+        StatusEvent {
             message_id: Uuid::from_u128(1),
             seq: 2,
             bulk_id: None,
@@ -288,13 +306,13 @@ mod tests {
         }
     }
 
-    fn body(event: &OutboxEvent) -> Value {
-        serde_json::from_slice(&encode(event).body).expect("an event is JSON")
+    fn body(event: &StatusEvent) -> Value {
+        serde_json::from_slice(&encode_status(event).body).expect("an event is JSON")
     }
 
     #[test]
     fn an_event_has_the_contracts_fields_and_routing_key() {
-        let encoded = encode(&event());
+        let encoded = encode_status(&event());
         assert_eq!(encoded.routing_key, "booking_cancellation.failed");
         assert_eq!(
             body(&event()),
@@ -312,15 +330,15 @@ mod tests {
 
     #[test]
     fn every_copy_of_an_event_has_one_id_and_each_change_its_own() {
-        let first = encode(&event()).event_id;
-        assert_eq!(first, encode(&event()).event_id);
-        let next = OutboxEvent { seq: 3, ..event() };
-        assert_ne!(first, encode(&next).event_id);
+        let first = encode_status(&event()).event_id;
+        assert_eq!(first, encode_status(&event()).event_id);
+        let next = StatusEvent { seq: 3, ..event() };
+        assert_ne!(first, encode_status(&next).event_id);
     }
 
     #[test]
     fn a_recipients_event_names_its_announcement_and_ref() {
-        let recipient = OutboxEvent {
+        let recipient = StatusEvent {
             bulk_id: Some(Uuid::from_u128(9)),
             kind: "announcement".into(),
             context: Some(json!({"ref": "user-77", "term": "spring"})),
@@ -334,7 +352,7 @@ mod tests {
 
     #[test]
     fn a_ref_in_a_single_jobs_context_is_not_a_recipients_ref() {
-        let single = OutboxEvent {
+        let single = StatusEvent {
             context: Some(json!({"ref": "mine"})),
             ..event()
         };

@@ -34,6 +34,13 @@ pub struct ProviderLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReplyLabels {
+    pub provider: &'static str,
+    /// `true` when the message it answers was found.
+    pub attributed: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReceiptLabels {
     pub provider: String,
     pub status: String,
@@ -110,6 +117,8 @@ pub struct Metrics {
     pub paused: Family<ProviderLabels, Counter>,
     /// Delivery receipts, by provider and the provider's status word.
     pub receipts: Family<ReceiptLabels, Counter>,
+    /// Replies kept, by provider and whether the message they answer was found.
+    pub replies: Family<ReplyLabels, Counter>,
     /// From a message's acceptance by the provider to its final receipt (delivered,
     /// undelivered, failed): how late the web app learns whether a text arrived.
     pub receipt_delay: Family<ReceiptSourceLabels, Histogram, fn() -> Histogram>,
@@ -195,6 +204,7 @@ impl Metrics {
             circuit_state: Family::default(),
             paused: Family::default(),
             receipts: Family::default(),
+            replies: Family::default(),
             receipt_delay: Family::new_with_constructor(receipt_delay_histogram),
             queue_depth: Family::default(),
             possible_duplicates: Counter::default(),
@@ -282,6 +292,11 @@ impl Metrics {
             self.receipts.clone(),
         );
         registry.register(
+            "replies",
+            "Replies kept, by provider and whether the message they answer was found",
+            self.replies.clone(),
+        );
+        registry.register(
             "receipt_delay_seconds",
             "Time from the provider accepting a message to its final delivery receipt",
             self.receipt_delay.clone(),
@@ -346,6 +361,16 @@ impl Metrics {
                 outcome,
                 r#type: kind,
                 provider,
+            })
+            .inc();
+    }
+
+    /// Counts a reply kept.
+    pub fn count_reply(&self, provider: &'static str, attributed: bool) {
+        self.replies
+            .get_or_create(&ReplyLabels {
+                provider,
+                attributed: if attributed { "true" } else { "false" },
             })
             .inc();
     }

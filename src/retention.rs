@@ -95,16 +95,40 @@ async fn pass(
     .await?;
     let inbox_age = settings.body_retention.min(settings.log_retention);
     let inbox = in_batches(stop, || store.purge_inbox(inbox_age, BATCH), |_| {}).await?;
-    if purged > 0 || deleted > 0 || forgotten > 0 || inbox > 0 {
+    let (reply_bodies, replies) = purge_replies(store, settings, stop).await?;
+    if purged > 0 || deleted > 0 || forgotten > 0 || inbox > 0 || reply_bodies > 0 || replies > 0 {
         tracing::info!(
             bodies_purged = purged,
             messages_deleted = deleted,
             webhook_ids_deleted = forgotten,
             inbox_copies_deleted = inbox,
+            reply_bodies_purged = reply_bodies,
+            replies_deleted = replies,
             "retention pass"
         );
     }
     Ok(())
+}
+
+/// Reply bodies go with message bodies, whole replies with whole messages.
+async fn purge_replies(
+    store: &Store,
+    settings: &RetentionSettings,
+    stop: &CancellationToken,
+) -> Result<(u64, u64), StoreError> {
+    let bodies = in_batches(
+        stop,
+        || store.purge_reply_bodies(settings.body_retention, BATCH),
+        |_| {},
+    )
+    .await?;
+    let rows = in_batches(
+        stop,
+        || store.delete_replies(settings.log_retention, BATCH),
+        |_| {},
+    )
+    .await?;
+    Ok((bodies, rows))
 }
 
 /// Runs `step` (one batch) until a batch comes back short or `stop` fires; `counted`

@@ -12,7 +12,11 @@ const SRC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/src");
 fn layers() -> BTreeMap<String, u32> {
     let rows = rows();
     let layers: BTreeMap<String, u32> = rows.iter().cloned().collect();
-    assert_eq!(layers.len(), rows.len(), "a module is in two rows: {rows:?}");
+    assert_eq!(
+        layers.len(),
+        rows.len(),
+        "a module is in two rows: {rows:?}"
+    );
     layers
 }
 

@@ -1,6 +1,7 @@
 //! What the providers' callbacks do to the log, whichever provider sent them: a delivery
 //! receipt moves its message forward (never back) and records the opt-out it may carry;
-//! an inbound STOP or START changes the sender's opt-out, once per inbound message. The
+//! an inbound opt-out or opt-in keyword changes the sender's opt-out, and any other
+//! inbound text is kept as a reply and published; each once per inbound message. The
 //! adapters read and verify the requests (`provider::*::callbacks`); `http` only carries
 //! them here; the development inbox posts its simulated receipts through the same path.
 
@@ -8,15 +9,17 @@ mod inbox;
 
 pub use inbox::post_inbox_receipts;
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use tokio::sync::watch;
+use uuid::Uuid;
 
 use crate::{
+    config::{Keyword, Keywords},
     metrics::{Metrics, ReceiptLabels},
     phone::PhoneNumber,
     provider::{Gateways, InboundText, ReceiptReport},
-    store::{OptOutChange, Receipt, ReceiptApplied, Store, StoreError},
+    store::{NewReply, OptOutChange, Receipt, ReceiptApplied, Store, StoreError},
 };
 
 /// What the callbacks share.
@@ -26,10 +29,14 @@ pub struct Callbacks {
     /// `None` until the database is first reached.
     pub store: watch::Receiver<Option<Store>>,
     pub metrics: Arc<Metrics>,
+    /// Which inbound texts are opt-out or opt-in keywords.
+    pub keywords: Keywords,
+    /// How far back a reply looks for the message it answers.
+    pub reply_window: Duration,
 }
 
-/// Why a callback could not be applied; whoever sent it should try again, except for
-/// [`CallbackError::MissingId`].
+/// Why a callback could not be applied. Whoever sent it should try again, except after
+/// [`CallbackError::Invalid`], which the same request will always get.
 #[derive(Debug, thiserror::Error)]
 pub enum CallbackError {
     #[error("the database has not been reached yet")]
@@ -38,39 +45,21 @@ pub enum CallbackError {
     Store(#[from] StoreError),
     #[error("could not record the opt-out of a receipt: {0}")]
     OptOut(StoreError),
-    /// An inbound keyword without the provider's message id cannot be applied once only.
-    #[error("the inbound message has no id")]
-    MissingId,
+    /// The text cannot be kept as it stands.
+    #[error("{0}")]
+    Invalid(&'static str),
 }
 
-const STOP_WORDS: &[&str] = &[
-    "STOP",
-    "STOPALL",
-    "UNSUBSCRIBE",
-    "CANCEL",
-    "END",
-    "QUIT",
-    "REVOKE",
-    "OPTOUT",
-];
-const START_WORDS: &[&str] = &["START", "YES", "UNSTOP"];
+/// The longest inbound text kept, in characters: as long as the longest we send.
+pub const MAX_INBOUND_CHARS: usize = 1_600;
 
+/// What an inbound text turned out to be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Keyword {
-    Stop,
-    Start,
-}
-
-/// A STOP or START keyword: the whole message, any case, surrounding spaces ignored.
-pub fn keyword(body: &str) -> Option<Keyword> {
-    let word = body.trim().to_ascii_uppercase();
-    if STOP_WORDS.contains(&word.as_str()) {
-        Some(Keyword::Stop)
-    } else if START_WORDS.contains(&word.as_str()) {
-        Some(Keyword::Start)
-    } else {
-        None
-    }
+pub enum Inbound {
+    /// An opt-out or opt-in, applied (or applied before: a replay).
+    Keyword(Keyword),
+    /// A reply, kept (`None`: kept before, a replay).
+    Reply(Option<Uuid>),
 }
 
 impl Callbacks {
@@ -137,27 +126,41 @@ impl Callbacks {
         Ok(Some(applied))
     }
 
-    /// Applies an inbound STOP or START from a number we can read, once per inbound
-    /// message: a provider's signature may carry no time, so a captured request stays
-    /// valid for ever, and a replayed START must not undo a STOP sent after it. Any other
-    /// text changes nothing.
-    pub async fn receive_inbound(&self, text: &InboundText) -> Result<(), CallbackError> {
-        let (Some(from), Some(word)) = (&text.from, text.body.as_deref().and_then(keyword)) else {
-            return Ok(());
-        };
-        let id = text
-            .provider_message_id
-            .as_deref()
-            .ok_or(CallbackError::MissingId)?;
+    /// An inbound text, from a provider's webhook or the development inbox: an opt-out or
+    /// opt-in keyword changes the sender's opt-out; any other text is kept as a reply and
+    /// published. Each is applied once per provider message id: a provider's signature
+    /// may carry no time, so a captured request stays valid for ever, and a replayed
+    /// START must not undo a STOP sent after it.
+    pub async fn receive_inbound(&self, text: &InboundText) -> Result<Inbound, CallbackError> {
+        let chars = text.body.trim().chars().count();
+        if chars == 0 {
+            return Err(CallbackError::Invalid("the text is empty\n"));
+        }
+        if text.body.chars().count() > MAX_INBOUND_CHARS {
+            return Err(CallbackError::Invalid(
+                "the text is longer than 1,600 characters\n",
+            ));
+        }
+        match self.keywords.classify(&text.body) {
+            Some(word) => {
+                self.apply_keyword(text, word).await?;
+                Ok(Inbound::Keyword(word))
+            }
+            None => self.keep_reply(text).await.map(Inbound::Reply),
+        }
+    }
+
+    async fn apply_keyword(&self, text: &InboundText, word: Keyword) -> Result<(), CallbackError> {
         let change = match word {
-            Keyword::Stop => OptOutChange::Stop,
-            Keyword::Start => OptOutChange::Start,
+            Keyword::OptOut => OptOutChange::Stop,
+            Keyword::OptIn => OptOutChange::Start,
         };
-        let store = self.store()?;
-        if store
-            .apply_inbound_keyword(text.provider, id, from, change)
-            .await?
-        {
+        let from = &text.from;
+        let applied = self
+            .store()?
+            .apply_inbound_keyword(text.provider, &text.provider_message_id, from, change)
+            .await?;
+        if applied {
             tracing::info!(from = %from.masked(), keyword = ?word, "inbound keyword recorded");
         } else {
             tracing::warn!(
@@ -167,6 +170,42 @@ impl Callbacks {
             );
         }
         Ok(())
+    }
+
+    /// Keeps a reply, attributed to the newest message sent to its sender from the number
+    /// it went to, and writes its event; `None` when it was kept before.
+    async fn keep_reply(&self, text: &InboundText) -> Result<Option<Uuid>, CallbackError> {
+        let gateways = self.gateways.answerable(text.provider, &text.to);
+        let recorded = self
+            .store()?
+            .record_reply(&NewReply {
+                from: &text.from,
+                to: &text.to,
+                body: &text.body,
+                provider: text.provider,
+                provider_message_id: &text.provider_message_id,
+                gateways: &gateways,
+                window: self.reply_window,
+            })
+            .await?;
+        let Some(recorded) = recorded else {
+            tracing::warn!(
+                from = %text.from.masked(),
+                provider = text.provider,
+                "a reply already kept came again (a replay?); changed nothing"
+            );
+            return Ok(None);
+        };
+        let attributed = recorded.in_reply_to.is_some();
+        self.metrics.count_reply(text.provider, attributed);
+        tracing::info!(
+            from = %text.from.masked(),
+            reply_id = %recorded.id,
+            school_id = ?recorded.school_id,
+            in_reply_to = ?recorded.in_reply_to,
+            "reply kept"
+        );
+        Ok(Some(recorded.id))
     }
 
     /// Whether a webhook was applied before (a replay: nothing is changed).
@@ -189,21 +228,5 @@ impl Callbacks {
         {
             tracing::warn!(error = %e, "could not record an applied webhook");
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn keywords_are_whole_words_in_any_case() {
-        assert_eq!(keyword("stop"), Some(Keyword::Stop));
-        assert_eq!(keyword("  Unsubscribe \n"), Some(Keyword::Stop));
-        assert_eq!(keyword("OPTOUT"), Some(Keyword::Stop));
-        assert_eq!(keyword("start"), Some(Keyword::Start));
-        assert_eq!(keyword("Yes"), Some(Keyword::Start));
-        assert_eq!(keyword("please stop"), None);
-        assert_eq!(keyword("stopping"), None);
     }
 }

@@ -16,10 +16,12 @@ use secrecy::SecretString;
 
 use crate::{job::JobType, phone::PhoneNumber};
 
+mod inbound;
 mod providers;
 mod schedule;
 mod service_url;
 
+pub use inbound::{Keyword, Keywords};
 pub use service_url::ServiceUrl;
 pub(crate) use service_url::redact_url;
 
@@ -149,6 +151,10 @@ pub struct Settings {
     pub quiet_types: Vec<JobType>,
     /// How long after publication a job of a type without `expires_at` expires.
     pub default_expiry: HashMap<JobType, Duration>,
+    /// What inbound texts are opt-out or opt-in keywords; any other text is a reply.
+    pub keywords: Keywords,
+    /// How far back a reply looks for the message it answers.
+    pub reply_window: Duration,
 }
 
 /// `SMSGW_MAX_JOB_BYTES` by default, 8 MiB: the contract's largest job, an announcement to
@@ -216,6 +222,9 @@ pub const VARIABLES: &[&str] = &[
     "SMSGW_EVENTS",
     "SMSGW_QUIET_TYPES",
     "SMSGW_DEFAULT_EXPIRY",
+    "SMSGW_OPT_OUT_KEYWORDS",
+    "SMSGW_OPT_IN_KEYWORDS",
+    "SMSGW_REPLY_WINDOW",
     "VONAGE_API_KEY",
     "VONAGE_API_SECRET",
     "VONAGE_FROM",
@@ -311,6 +320,11 @@ impl Settings {
             events: on_or_off(&get, "SMSGW_EVENTS", true)?,
             quiet_types: schedule::quiet_types(get("SMSGW_QUIET_TYPES").as_deref())?,
             default_expiry: schedule::default_expiry(get("SMSGW_DEFAULT_EXPIRY").as_deref())?,
+            keywords: Keywords::parse(
+                get("SMSGW_OPT_OUT_KEYWORDS").as_deref(),
+                get("SMSGW_OPT_IN_KEYWORDS").as_deref(),
+            )?,
+            reply_window: duration(&get, "SMSGW_REPLY_WINDOW", "7d")?,
         })
     }
 

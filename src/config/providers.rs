@@ -62,6 +62,11 @@ fn host_within(base_url: &str, domains: &[&str]) -> bool {
 /// How Vonage signs its webhooks (the account's "signature method").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SignatureMethod {
+    /// MD5 of the parameters followed by the secret (Vonage's `md5hash`).
+    Md5Hash,
+    /// HMAC-MD5 keyed by the secret.
+    Md5,
+    Sha1,
     Sha256,
     Sha512,
 }
@@ -331,9 +336,12 @@ fn signature_method(
     match raw.map(str::trim) {
         None | Some("sha256") => Ok(SignatureMethod::Sha256),
         Some("sha512") => Ok(SignatureMethod::Sha512),
+        Some("sha1") => Ok(SignatureMethod::Sha1),
+        Some("md5") => Ok(SignatureMethod::Md5),
+        Some("md5hash") => Ok(SignatureMethod::Md5Hash),
         Some(other) => Err(bad(
             variable,
-            format!("signature method '{other}' is not one of sha256, sha512"),
+            format!("signature method '{other}' is not one of md5hash, md5, sha1, sha256, sha512"),
         )),
     }
 }

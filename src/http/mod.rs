@@ -75,6 +75,7 @@ fn router(health: Arc<Health>, hooks: Webhooks) -> Router {
     let inbox = has_inbox(&hooks).then(|| {
         inbox::routes(inbox::Inbox {
             store: hooks.callbacks.store.clone(),
+            callbacks: hooks.callbacks.clone(),
         })
     });
     let webhooks = Router::new()
@@ -87,6 +88,7 @@ fn router(health: Arc<Health>, hooks: Webhooks) -> Router {
             "/webhooks/vonage/status",
             post(webhooks::vonage_status_callback),
         )
+        .route("/webhooks/vonage/inbound", post(webhooks::vonage_inbound))
         .with_state(hooks.clone());
     Router::new()
         .route("/healthz", get(healthz))

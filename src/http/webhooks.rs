@@ -46,7 +46,7 @@ fn refused(refusal: Refused) -> Response {
 fn failed(error: &CallbackError) -> Response {
     match error {
         CallbackError::NotReady => (StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
-        CallbackError::MissingId => (StatusCode::BAD_REQUEST, "the message's id is required\n"),
+        CallbackError::Invalid(why) => (StatusCode::BAD_REQUEST, *why),
         CallbackError::Store(_) | CallbackError::OptOut(_) => {
             tracing::warn!(error = %error, "could not apply a webhook; the provider will retry");
             (StatusCode::SERVICE_UNAVAILABLE, "try again\n")
@@ -86,7 +86,8 @@ pub async fn twilio_status_callback(
     receipt(&hooks, read).await
 }
 
-/// `POST /webhooks/twilio/inbound`: STOP and START keywords, each applied once.
+/// `POST /webhooks/twilio/inbound`: opt-out and opt-in keywords, and replies, each
+/// applied once.
 pub async fn twilio_inbound(
     State(hooks): State<Webhooks>,
     uri: Uri,
@@ -113,6 +114,28 @@ pub async fn twilio_inbound(
         answer,
     )
         .into_response()
+}
+
+/// `POST /webhooks/vonage/inbound`: a signed inbound message (JSON or form): keywords and
+/// replies as Twilio's, each applied once per `messageId`.
+pub async fn vonage_inbound(
+    State(hooks): State<Webhooks>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let request = Callback {
+        url: None,
+        headers: &headers,
+        body: &body,
+    };
+    let text = match vonage::callbacks::read_inbound(&hooks.callbacks.gateways, &request) {
+        Ok(text) => text,
+        Err(refusal) => return refused(refusal),
+    };
+    match hooks.callbacks.receive_inbound(&text).await {
+        Ok(_) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => failed(&e),
+    }
 }
 
 /// `POST /webhooks/vonage/status`: a signed delivery receipt (JSON or form), applied once.

@@ -9,6 +9,7 @@
 mod args;
 mod check;
 mod dlq;
+mod replies;
 mod status;
 mod usage;
 
@@ -20,6 +21,7 @@ pub use self::{
     args::{ContextMatch, ContextMatchError, NumberQuery, parse_instant, parse_since},
     check::check,
     dlq::{DeadFilter, dlq_list, dlq_purge, dlq_replay, dlq_show},
+    replies::{ReplyLookup, list_replies},
     status::{Lookup, find_messages, print_log},
     usage::{UsageRange, UsageRangeError, print_usage},
 };

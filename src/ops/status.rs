@@ -8,12 +8,14 @@ use serde_json::{Value, json};
 use time::{OffsetDateTime, format_description::well_known::Rfc3339, macros::format_description};
 
 use super::{
-    ContextMatch, EXIT_FAILED, EXIT_USAGE, NumberQuery, hider, masked_values, print_table, shorten,
+    ContextMatch, EXIT_FAILED, EXIT_USAGE, NumberQuery, hider, masked_values, print_table,
+    replies::{ReplyLookup, print_replies},
+    shorten,
 };
 use crate::{
     config::Settings,
     phone::{PhoneNumber, mask},
-    store::{AttemptView, MessageSearch, MessageView, Store, StoreError},
+    store::{AttemptView, MessageSearch, MessageView, ReplyView, Store, StoreError},
 };
 
 /// What `smsgw status` looks messages up by; every filter given must hold.
@@ -39,22 +41,56 @@ pub async fn find_messages(settings: &Settings, lookup: &Lookup) -> ExitCode {
         Err(e) => return unavailable(&e),
     };
     let found = match search_for(&store, lookup).await {
-        Ok(search) => store
-            .find_messages(&search)
-            .await
-            .map_err(|e| unavailable(&e)),
+        Ok(search) => with_replies(&store, search, lookup).await,
         Err(code) => Err(code),
     };
     store.close().await;
     match found {
-        Ok(mut messages) => {
+        Ok((mut messages, replies)) => {
             let limit = usize::from(lookup.limit);
             let more = messages.len() > limit;
             messages.truncate(limit);
             print_found(&messages, more, lookup);
+            if let Some(replies) = replies {
+                println!();
+                println!("Replies from this number:");
+                print_replies(replies, &reply_lookup(None, lookup));
+            }
             ExitCode::SUCCESS
         }
         Err(code) => code,
+    }
+}
+
+/// The messages found and, for a table of one number's messages, that number's replies.
+async fn with_replies(
+    store: &Store,
+    search: MessageSearch,
+    lookup: &Lookup,
+) -> Result<(Vec<MessageView>, Option<Vec<ReplyView>>), ExitCode> {
+    let messages = store
+        .find_messages(&search)
+        .await
+        .map_err(|e| unavailable(&e))?;
+    let Some(number) = search.recipient.filter(|_| !lookup.json) else {
+        return Ok((messages, None));
+    };
+    let replies = store
+        .find_replies(&reply_lookup(Some(&number), lookup).search())
+        .await
+        .map_err(|e| unavailable(&e))?;
+    Ok((messages, Some(replies)))
+}
+
+/// The replies beside a number's messages: from that number, with the same filters.
+fn reply_lookup(number: Option<&str>, lookup: &Lookup) -> ReplyLookup {
+    ReplyLookup {
+        from: number.and_then(|n| PhoneNumber::parse(n, None).ok()),
+        school: lookup.school,
+        since: lookup.since,
+        limit: lookup.limit,
+        json: false,
+        reveal: lookup.reveal,
     }
 }
 
@@ -212,7 +248,7 @@ fn rfc3339(at: Option<OffsetDateTime>) -> Option<String> {
 }
 
 /// `2026-11-25T08:00:01Z`: to the second, in UTC, for a table.
-fn short_time(at: OffsetDateTime) -> String {
+pub(super) fn short_time(at: OffsetDateTime) -> String {
     at.to_offset(time::UtcOffset::UTC)
         .format(format_description!(
             "[year]-[month]-[day]T[hour]:[minute]:[second]Z"

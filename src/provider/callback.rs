@@ -69,11 +69,24 @@ impl ReceiptReport {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InboundText {
     pub provider: &'static str,
-    /// The provider's id of the inbound message, when the request carried one.
-    pub provider_message_id: Option<String>,
-    /// The sender, when it is a number we can read.
-    pub from: Option<PhoneNumber>,
-    pub body: Option<String>,
+    /// The provider's id of the inbound message: a replay carries the same one.
+    pub provider_message_id: String,
+    pub from: PhoneNumber,
+    /// Our number it was sent to, E.164 when it reads as a number.
+    pub to: String,
+    pub body: String,
+}
+
+/// Our number as a provider wrote it, in E.164 when it reads as one (Vonage writes no
+/// `+`); as given otherwise.
+pub fn our_number(raw: &str) -> String {
+    let raw = raw.trim();
+    let plus = if raw.starts_with('+') {
+        raw.to_owned()
+    } else {
+        format!("+{raw}")
+    };
+    PhoneNumber::parse(&plus, None).map_or_else(|_| raw.to_owned(), |n| n.as_str().to_owned())
 }
 
 /// A form body's pairs as the request sent them (keys may repeat); `None` when it is not

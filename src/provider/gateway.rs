@@ -12,7 +12,7 @@ use super::{
     pace::{Gates, Pace},
 };
 use crate::{
-    config::{ProviderSettings, Settings},
+    config::{ProviderKindSettings, ProviderSettings, Settings, TwilioSender},
     store::Store,
 };
 
@@ -113,6 +113,46 @@ impl Gateways {
     pub fn names(&self) -> Vec<&'static str> {
         self.all.iter().map(|g| g.name).collect()
     }
+
+    /// The gateways whose messages a text to our number `to`, through a provider of type
+    /// `kind`, may answer: those of that type that send from `to`; when none does (a
+    /// messaging service's pool, a school's own number), every gateway of that type.
+    pub fn answerable(&self, kind: &str, to: &str) -> Vec<&'static str> {
+        let of_kind: Vec<&Arc<Gateway>> = self
+            .all
+            .iter()
+            .filter(|g| g.settings.type_name() == kind)
+            .collect();
+        let from_to: Vec<&'static str> = of_kind
+            .iter()
+            .filter(|g| default_sender(&g.settings).is_some_and(|from| same_number(from, to)))
+            .map(|g| g.name)
+            .collect();
+        if from_to.is_empty() {
+            of_kind.iter().map(|g| g.name).collect()
+        } else {
+            from_to
+        }
+    }
+}
+
+/// The number or sender ID a provider sends from when a school names none.
+fn default_sender(settings: &ProviderSettings) -> Option<&str> {
+    match &settings.kind {
+        ProviderKindSettings::Twilio(t) => match &t.sender {
+            TwilioSender::From(from) => Some(from),
+            TwilioSender::MessagingService(_) => None,
+        },
+        ProviderKindSettings::Vonage(v) => Some(&v.from),
+        ProviderKindSettings::Log | ProviderKindSettings::Inbox => None,
+    }
+}
+
+/// Whether two ways of writing a number are the same number (`+447700900000`,
+/// `447700900000`).
+fn same_number(a: &str, b: &str) -> bool {
+    let digits = |s: &str| s.chars().filter(char::is_ascii_digit).collect::<String>();
+    !digits(a).is_empty() && digits(a) == digits(b)
 }
 
 /// A gateway's pace: with a store, every rate it is held to is the account's.

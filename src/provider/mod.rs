@@ -33,7 +33,7 @@ use crate::{
 };
 
 pub use self::{
-    callback::{Callback, InboundText, ReceiptReport, Refused},
+    callback::{Callback, InboundText, ReceiptReport, Refused, our_number},
     gateway::{Gateway, Gateways},
     inbox::InboxProvider,
     log::LogProvider,

@@ -136,6 +136,19 @@ impl Store {
         self.execute(&EMPTY, &[&filter.to, &filter.school_id]).await
     }
 
+    /// Deletes the replies sent through the inbox that `filter` selects (the inbox's
+    /// conversations are emptied whole); returns how many.
+    pub async fn empty_inbox_replies(&self, filter: &InboxFilter) -> Result<u64, StoreError> {
+        self.execute(
+            "DELETE FROM sms_replies
+              WHERE provider = 'inbox'
+                AND ($1::text IS NULL OR from_number = $1)
+                AND ($2::bigint IS NULL OR school_id = $2)",
+            &[&filter.to, &filter.school_id],
+        )
+        .await
+    }
+
     /// Deletes at most `batch` copies kept before `older_than` ago; returns how many.
     pub async fn purge_inbox(&self, older_than: Duration, batch: i64) -> Result<u64, StoreError> {
         self.execute(

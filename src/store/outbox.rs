@@ -21,9 +21,45 @@ use super::{Store, StoreError};
 /// The advisory lock that makes relay turns take turns (any constant unique to smsgw).
 const RELAY_LOCK: i64 = 0x736d_7367_7700_0001;
 
+/// An event waiting to be published.
+// Status events are nearly all of them: boxing the large variant would allocate once per
+// event for nothing (a turn keeps its events in one vector).
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq)]
+pub enum OutboxEvent {
+    /// A message's status change, written by the log's triggers.
+    Status(StatusEvent),
+    /// Any other event (a reply, ...): published as its payload, under its routing key.
+    Payload {
+        event_id: Uuid,
+        routing_key: String,
+        payload: Value,
+    },
+}
+
+impl OutboxEvent {
+    fn from_row(row: &Row) -> Result<Self, StoreError> {
+        let Some(routing_key) = row.try_get::<_, Option<String>>("routing_key")? else {
+            return StatusEvent::from_row(row).map(OutboxEvent::Status);
+        };
+        let event_id: Option<Uuid> = row.try_get("event_id")?;
+        let payload: Option<Value> = row.try_get("payload")?;
+        match (event_id, payload) {
+            (Some(event_id), Some(payload)) => Ok(OutboxEvent::Payload {
+                event_id,
+                routing_key,
+                payload,
+            }),
+            _ => Err(StoreError::Corrupt(format!(
+                "a '{routing_key}' event without its id or payload"
+            ))),
+        }
+    }
+}
+
 /// A status change waiting to be published.
 #[derive(Debug, Clone, PartialEq)]
-pub struct OutboxEvent {
+pub struct StatusEvent {
     pub message_id: Uuid,
     pub seq: i32,
     /// The announcement a recipient's message came from.
@@ -42,9 +78,9 @@ pub struct OutboxEvent {
     pub occurred_at: OffsetDateTime,
 }
 
-impl OutboxEvent {
+impl StatusEvent {
     fn from_row(row: &Row) -> Result<Self, StoreError> {
-        Ok(OutboxEvent {
+        Ok(StatusEvent {
             message_id: row.try_get("message_id")?,
             seq: row.try_get("seq")?,
             bulk_id: row.try_get("bulk_id")?,
@@ -103,7 +139,7 @@ impl Store {
                             RETURNING id, message_id, seq, bulk_id, type, school_id, status,
                                       previous_status, reason, error_code, provider,
                                       provider_message_id, attempts, segments, context,
-                                      occurred_at";
+                                      occurred_at, event_id, routing_key, payload";
         let mut client = self.client().await?;
         let turn = client.transaction().await.map_err(StoreError::from)?;
         let lock = turn

@@ -6,7 +6,10 @@
 //!   once a second. Everything is rendered and escaped on the server.
 //! - `GET /inbox/api/messages?to=&school_id=&limit=`: JSON, newest first, for tests.
 //! - `DELETE /inbox/api/messages?to=&school_id=`: empties the inbox (or the part the
-//!   filters select); the message log keeps every row.
+//!   filters select), replies sent through it included; the message log keeps every row.
+//! - `POST /inbox/api/replies` (`{"from", "to", "body"}`): a reply, as if a phone had sent
+//!   it, through the same path as a provider's inbound webhook; `GET /inbox/api/replies`
+//!   lists replies, newest first, with the same filters as the messages.
 
 use axum::{
     Json, Router,
@@ -16,6 +19,7 @@ use axum::{
     routing::get,
 };
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 use time::format_description::well_known::Rfc3339;
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -23,9 +27,12 @@ use uuid::Uuid;
 mod page;
 
 use crate::{
+    callbacks::{CallbackError, Callbacks, Inbound},
+    config::Keyword,
     phone::PhoneNumber,
+    provider::{InboundText, our_number},
     segments,
-    store::{InboxFilter, InboxMessage, Store},
+    store::{InboxFilter, InboxMessage, ReplySearch, ReplyView, Store},
 };
 
 /// Messages the API returns when it is not told how many.
@@ -39,6 +46,8 @@ const NO_STORE: (HeaderName, &str) = (header::CACHE_CONTROL, "no-store");
 pub(super) struct Inbox {
     /// `None` until the database is first reached.
     pub store: watch::Receiver<Option<Store>>,
+    /// Where a reply typed into the inbox goes: where a provider's would.
+    pub callbacks: Callbacks,
 }
 
 impl Inbox {
@@ -81,6 +90,7 @@ pub(super) fn routes(inbox: Inbox) -> Router {
         .route("/inbox/inbox.js", get(page::script))
         .route("/inbox/inbox.css", get(page::style))
         .route("/inbox/api/messages", get(list).delete(empty))
+        .route("/inbox/api/replies", get(replies).post(reply))
         .with_state(inbox)
 }
 
@@ -240,16 +250,114 @@ async fn list(State(inbox): State<Inbox>, Query(params): Query<Params>) -> Respo
     }
 }
 
-/// `DELETE /inbox/api/messages`: how many messages went from the inbox.
+/// `DELETE /inbox/api/messages`: how many messages and replies went from the inbox.
 async fn empty(State(inbox): State<Inbox>, Query(params): Query<Params>) -> Response {
     let emptied = async {
         let filter = params.filter()?;
         let store = inbox.store()?;
-        store.empty_inbox(&filter).await.map_err(unavailable)
+        let messages = store.empty_inbox(&filter).await.map_err(unavailable)?;
+        let replies = store
+            .empty_inbox_replies(&filter)
+            .await
+            .map_err(unavailable)?;
+        Ok::<_, Refused>((messages, replies))
     };
     match emptied.await {
-        Ok(n) => Json(serde_json::json!({ "emptied": n })).into_response(),
+        Ok((messages, replies)) => {
+            Json(json!({ "emptied": messages, "replies": replies })).into_response()
+        }
         Err(refused) => refused.into_response(),
+    }
+}
+
+/// The replies the query selects, newest first.
+pub(super) async fn find_replies(
+    inbox: &Inbox,
+    params: &Params,
+    default_limit: i64,
+) -> Result<Vec<ReplyView>, Refused> {
+    let filter = params.filter()?;
+    let search = ReplySearch {
+        from: filter.to,
+        school_id: filter.school_id,
+        since: None,
+        limit: params.limit(default_limit)?,
+    };
+    inbox
+        .store()?
+        .find_replies(&search)
+        .await
+        .map_err(unavailable)
+}
+
+/// One reply as the API gives it.
+fn api_reply(r: &ReplyView) -> serde_json::Value {
+    json!({
+        "reply_id": r.id,
+        "from": r.from,
+        "to": r.to,
+        "body": r.body,
+        "provider": r.provider,
+        "school_id": r.school_id,
+        "in_reply_to": r.in_reply_to,
+        "received_at": r.received_at.format(&Rfc3339).unwrap_or_default(),
+    })
+}
+
+/// `GET /inbox/api/replies`
+async fn replies(State(inbox): State<Inbox>, Query(params): Query<Params>) -> Response {
+    match find_replies(&inbox, &params, DEFAULT_LIMIT).await {
+        Ok(found) => {
+            let items: Vec<serde_json::Value> = found.iter().map(api_reply).collect();
+            ([NO_STORE], Json(items)).into_response()
+        }
+        Err(refused) => refused.into_response(),
+    }
+}
+
+/// A reply typed into the inbox.
+#[derive(Debug, Deserialize)]
+struct TypedReply {
+    from: String,
+    /// The sender it answers: a number, a sender ID, or empty for the default.
+    #[serde(default)]
+    to: String,
+    body: String,
+}
+
+/// `POST /inbox/api/replies`: a reply as if a phone had sent it, through the same path
+/// as a provider's inbound webhook (so STOP and START work here too).
+async fn reply(State(inbox): State<Inbox>, Json(typed): Json<TypedReply>) -> Response {
+    let Ok(from) = PhoneNumber::parse(&typed.from, None) else {
+        return (StatusCode::BAD_REQUEST, "from: not a phone number\n").into_response();
+    };
+    let to = match typed.to.trim() {
+        "" => "inbox".to_owned(),
+        to => our_number(to),
+    };
+    let text = InboundText {
+        provider: "inbox",
+        provider_message_id: Uuid::new_v4().to_string(),
+        from,
+        to,
+        body: typed.body,
+    };
+    match inbox.callbacks.receive_inbound(&text).await {
+        Ok(Inbound::Reply(id)) => {
+            (StatusCode::CREATED, Json(json!({ "reply_id": id }))).into_response()
+        }
+        Ok(Inbound::Keyword(word)) => {
+            let keyword = match word {
+                Keyword::OptOut => "opt_out",
+                Keyword::OptIn => "opt_in",
+            };
+            Json(json!({ "keyword": keyword })).into_response()
+        }
+        Err(CallbackError::Invalid(why)) => (StatusCode::BAD_REQUEST, why).into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not keep a reply typed into the inbox");
+            Refused::Unavailable.into_response()
+        }
     }
 }
 

@@ -8,11 +8,14 @@ use axum::{
     http::{HeaderName, StatusCode, header},
     response::{Html, IntoResponse, Response},
 };
-use time::{format_description::BorrowedFormatItem, macros::format_description};
+use time::{OffsetDateTime, format_description::BorrowedFormatItem, macros::format_description};
 use uuid::Uuid;
 
-use super::{Inbox, NO_STORE, Params, encoding_warning, messages};
-use crate::{segments, store::InboxMessage};
+use super::{Inbox, NO_STORE, Params, Refused, encoding_warning, find_replies, messages};
+use crate::{
+    segments,
+    store::{InboxMessage, ReplyView},
+};
 
 /// Messages the page shows at most.
 const PAGE_LIMIT: i64 = 200;
@@ -30,9 +33,13 @@ const POLICY: (HeaderName, &str) = (
 #[derive(Debug)]
 pub(super) struct Bubble {
     pub message_id: Uuid,
+    /// A reply from the phone, not a text smsgw sent.
+    pub incoming: bool,
+    pub at: OffsetDateTime,
     pub date: String,
     pub time: String,
-    pub school_id: i64,
+    /// `school 42`, or `no school` for a reply that answers nothing found.
+    pub school: String,
     pub kind: String,
     pub from: String,
     pub body: String,
@@ -46,10 +53,13 @@ pub(super) struct Bubble {
     pub why: Option<String>,
 }
 
-/// One recipient's texts, oldest first.
+/// One recipient's texts and replies, oldest first.
 #[derive(Debug)]
 pub(super) struct Conversation {
     pub to: String,
+    /// The sender a reply from this number answers: the newest text's sender ID, or
+    /// empty for the default sender.
+    pub reply_to: String,
     pub bubbles: Vec<Bubble>,
 }
 
@@ -102,9 +112,11 @@ fn bubble(m: InboxMessage) -> Bubble {
     };
     Bubble {
         message_id: m.message_id,
+        incoming: false,
+        at: m.created_at,
         date: m.created_at.format(DATE).unwrap_or_default(),
         time: m.created_at.format(TIME).unwrap_or_default(),
-        school_id: m.school_id,
+        school: format!("school {}", m.school_id),
         warning: encoding_warning(&m.body),
         encoding: segmentation.encoding.as_str(),
         segments,
@@ -120,26 +132,72 @@ fn bubble(m: InboxMessage) -> Bubble {
     }
 }
 
-/// Groups messages (newest first) by recipient: the conversation with the newest text
-/// first, each oldest first, as a phone shows them.
-pub(super) fn conversations(newest_first: Vec<InboxMessage>) -> Vec<Conversation> {
+fn reply_bubble(r: ReplyView) -> Bubble {
+    let body = r.body.unwrap_or_else(|| "(purged)".to_owned());
+    let segmentation = segments::segment(&body);
+    Bubble {
+        message_id: r.id,
+        incoming: true,
+        at: r.received_at,
+        date: r.received_at.format(DATE).unwrap_or_default(),
+        time: r.received_at.format(TIME).unwrap_or_default(),
+        school: r
+            .school_id
+            .map_or_else(|| "no school".to_owned(), |id| format!("school {id}")),
+        kind: "reply".to_owned(),
+        from: r.from,
+        encoding: segmentation.encoding.as_str(),
+        segments: String::new(),
+        warning: None,
+        status: if r.in_reply_to.is_some() {
+            "answers a text".to_owned()
+        } else {
+            "answers nothing found".to_owned()
+        },
+        tone: "reply",
+        why: None,
+        body,
+    }
+}
+
+/// Groups messages and replies (each newest first) by phone number: the conversation
+/// with the newest text first, each oldest first, as a phone shows them.
+pub(super) fn conversations(
+    newest_first: Vec<InboxMessage>,
+    replies: Vec<ReplyView>,
+) -> Vec<Conversation> {
     let mut grouped: Vec<Conversation> = Vec::new();
+    let mut add = |number: String, sender: Option<String>, bubble: Bubble| match grouped
+        .iter_mut()
+        .find(|c| c.to == number)
+    {
+        Some(conversation) => conversation.bubbles.push(bubble),
+        None => grouped.push(Conversation {
+            to: number,
+            reply_to: sender.unwrap_or_default(),
+            bubbles: vec![bubble],
+        }),
+    };
     for message in newest_first {
-        let at = grouped.iter().position(|c| c.to == message.to);
-        let to = message.to.clone();
-        let bubble = bubble(message);
-        match at {
-            Some(i) => grouped[i].bubbles.push(bubble),
-            None => grouped.push(Conversation {
-                to,
-                bubbles: vec![bubble],
-            }),
-        }
+        let (to, from) = (message.to.clone(), message.from.clone());
+        add(to, from, bubble(message));
+    }
+    for reply in replies {
+        add(reply.from.clone(), None, reply_bubble(reply));
     }
     for conversation in &mut grouped {
-        conversation.bubbles.reverse();
+        conversation.bubbles.sort_by_key(|b| b.at);
     }
+    grouped.sort_by_key(|c| std::cmp::Reverse(c.bubbles.last().map(|b| b.at)));
     grouped
+}
+
+/// The messages and the replies the query selects, grouped.
+async fn load(inbox: &Inbox, params: &Params) -> Result<(usize, Vec<Conversation>), Refused> {
+    let found = messages(inbox, params, PAGE_LIMIT).await?;
+    let replies = find_replies(inbox, params, PAGE_LIMIT).await?;
+    let count = found.len() + replies.len();
+    Ok((count, conversations(found, replies)))
 }
 
 fn html(template: &impl Template) -> Response {
@@ -158,15 +216,15 @@ fn html(template: &impl Template) -> Response {
 
 /// `GET /inbox`
 pub(super) async fn page(State(inbox): State<Inbox>, Query(params): Query<Params>) -> Response {
-    let found = match messages(&inbox, &params, PAGE_LIMIT).await {
-        Ok(found) => found,
+    let (count, conversations) = match load(&inbox, &params).await {
+        Ok(loaded) => loaded,
         Err(refused) => return refused.into_response(),
     };
     html(&Page {
         to: params.to.clone().unwrap_or_default(),
         school_id: params.school_id.clone().unwrap_or_default(),
-        count: found.len(),
-        conversations: conversations(found),
+        count,
+        conversations,
     })
 }
 
@@ -175,10 +233,10 @@ pub(super) async fn conversations_block(
     State(inbox): State<Inbox>,
     Query(params): Query<Params>,
 ) -> Response {
-    match messages(&inbox, &params, PAGE_LIMIT).await {
-        Ok(found) => html(&Conversations {
-            count: found.len(),
-            conversations: conversations(found),
+    match load(&inbox, &params).await {
+        Ok((count, conversations)) => html(&Conversations {
+            count,
+            conversations,
         }),
         Err(refused) => refused.into_response(),
     }
@@ -228,11 +286,24 @@ mod tests {
 
     #[test]
     fn conversations_are_by_recipient_newest_first_each_oldest_first() {
-        let grouped = conversations(vec![
-            message("+1", "third", "sent"),
-            message("+2", "second", "sent"),
-            message("+1", "first", "sent"),
-        ]);
+        let at = |seconds| OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(seconds);
+        let grouped = conversations(
+            vec![
+                InboxMessage {
+                    created_at: at(3),
+                    ..message("+1", "third", "sent")
+                },
+                InboxMessage {
+                    created_at: at(2),
+                    ..message("+2", "second", "sent")
+                },
+                InboxMessage {
+                    created_at: at(1),
+                    ..message("+1", "first", "sent")
+                },
+            ],
+            Vec::new(),
+        );
         let shown: Vec<(&str, Vec<&str>)> = grouped
             .iter()
             .map(|c| {
@@ -252,11 +323,14 @@ mod tests {
     fn a_body_is_shown_as_text_never_as_markup() {
         let page = Conversations {
             count: 1,
-            conversations: conversations(vec![message(
-                "+1",
-                "<script>alert(1)</script> & \"quotes\"",
-                "sent",
-            )]),
+            conversations: conversations(
+                vec![message(
+                    "+1",
+                    "<script>alert(1)</script> & \"quotes\"",
+                    "sent",
+                )],
+                Vec::new(),
+            ),
         };
         let html = page.render().expect("renders");
         assert!(!html.contains("<script>"), "{html}");
@@ -264,6 +338,40 @@ mod tests {
             html.contains("&#60;script&#62;alert(1)&#60;/script&#62;"),
             "{html}"
         );
+    }
+
+    #[test]
+    fn a_reply_joins_its_numbers_conversation_in_time_order() {
+        let at = |seconds| OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(seconds);
+        let reply = |from: &str, body: &str, seconds| ReplyView {
+            id: Uuid::new_v4(),
+            received_at: at(seconds),
+            from: from.into(),
+            to: "inbox".into(),
+            body: Some(body.into()),
+            provider: "inbox".into(),
+            school_id: None,
+            in_reply_to: None,
+        };
+        let grouped = conversations(
+            vec![InboxMessage {
+                created_at: at(1),
+                from: Some("DriveCo".into()),
+                ..message("+1", "Lesson at 10:00", "sent")
+            }],
+            vec![
+                reply("+2", "who is this?", 5),
+                reply("+1", "Running late", 2),
+            ],
+        );
+        assert_eq!(grouped[0].to, "+2", "the newest conversation first");
+        assert_eq!(grouped[1].reply_to, "DriveCo");
+        let bodies: Vec<(&str, bool)> = grouped[1]
+            .bubbles
+            .iter()
+            .map(|b| (b.body.as_str(), b.incoming))
+            .collect();
+        assert_eq!(bodies, [("Lesson at 10:00", false), ("Running late", true)]);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use crate::{
     phone::PhoneNumber,
     provider::{
         Gateways,
-        callback::{Callback, InboundText, ReceiptReport, Refused, parse_form},
+        callback::{Callback, InboundText, ReceiptReport, Refused, our_number, parse_form},
     },
     store::Status,
 };
@@ -52,13 +52,21 @@ pub fn read_status(gateways: &Gateways, request: &Callback<'_>) -> Result<Receip
 pub fn read_inbound(gateways: &Gateways, request: &Callback<'_>) -> Result<InboundText, Refused> {
     let params = parse_form(request.body).ok_or(Refused::Malformed("not a form\n"))?;
     signers(gateways, request, &params)?;
+    let id = first(&params, "MessageSid")
+        .or_else(|| first(&params, "SmsSid"))
+        .filter(|id| !id.trim().is_empty())
+        .ok_or(Refused::Malformed("MessageSid is required\n"))?;
+    let from = first(&params, "From")
+        .and_then(|f| PhoneNumber::parse(f, None).ok())
+        .ok_or(Refused::Malformed(
+            "From is missing or not a phone number\n",
+        ))?;
     Ok(InboundText {
         provider: "twilio",
-        provider_message_id: first(&params, "MessageSid")
-            .or_else(|| first(&params, "SmsSid"))
-            .map(str::to_owned),
-        from: first(&params, "From").and_then(|f| PhoneNumber::parse(f, None).ok()),
-        body: first(&params, "Body").map(str::to_owned),
+        provider_message_id: id.to_owned(),
+        from,
+        to: our_number(first(&params, "To").unwrap_or_default()),
+        body: first(&params, "Body").unwrap_or_default().to_owned(),
     })
 }
 
