@@ -4,10 +4,7 @@
 
 mod helpers;
 
-use std::{
-    collections::BTreeMap,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -16,10 +13,7 @@ use tokio::{
 
 use smsgw::{
     config::SignatureMethod,
-    provider::{
-        twilio::callbacks::{signature as twilio_signature, verify as verify_twilio},
-        vonage::callbacks::signature as vonage_signature,
-    },
+    provider::twilio::callbacks::{signature as twilio_signature, verify as verify_twilio},
 };
 
 use helpers::{Reply, id_of, job, spawn_app_with, twilio_stub, vonage_stub};
@@ -327,21 +321,8 @@ async fn stop_and_start_round_trip_through_a_real_send() {
     assert_eq!(opt_outs, 0);
 }
 
-/// An inbound text from `from`, signed as Twilio signs it, with Twilio's id `sid`.
 async fn inbound(app: &helpers::App, from: &str, body: &str, sid: &str) -> reqwest::Response {
-    app.post_twilio(
-        PUBLIC,
-        "/webhooks/twilio/inbound",
-        &[
-            ("AccountSid", twilio_stub::ACCOUNT_SID),
-            ("From", from),
-            ("To", twilio_stub::DEFAULT_FROM),
-            ("Body", body),
-            ("MessageSid", sid),
-        ],
-        None,
-    )
-    .await
+    app.post_twilio_inbound(PUBLIC, from, body, sid).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -404,20 +385,17 @@ fn vonage_overrides(stub: &vonage_stub::VonageStub) -> Vec<(&'static str, String
 }
 
 async fn vonage_receipt(app: &helpers::App, params: &[(&str, String)], secret: &str) -> u16 {
-    let mut map: BTreeMap<String, String> = params
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), v.clone()))
-        .collect();
-    let sig = vonage_signature(secret, SignatureMethod::Sha256, &map);
-    map.insert("sig".into(), sig);
-    reqwest::Client::new()
-        .post(format!("{}/webhooks/vonage/status", app.http_url))
-        .json(&map)
-        .send()
-        .await
-        .expect("post")
-        .status()
-        .as_u16()
+    vonage_stub::post_signed(
+        &app.http_url,
+        "/webhooks/vonage/status",
+        params,
+        secret,
+        SignatureMethod::Sha256,
+        true,
+    )
+    .await
+    .status()
+    .as_u16()
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -764,6 +764,30 @@ impl App {
         request.send().await.expect("post webhook")
     }
 
+    /// An inbound text from `from` to the Twilio stub's number, signed as Twilio signs it,
+    /// with Twilio's id `sid`.
+    pub async fn post_twilio_inbound(
+        &self,
+        public_url: &str,
+        from: &str,
+        body: &str,
+        sid: &str,
+    ) -> reqwest::Response {
+        self.post_twilio(
+            public_url,
+            "/webhooks/twilio/inbound",
+            &[
+                ("AccountSid", twilio_stub::ACCOUNT_SID),
+                ("From", from),
+                ("To", twilio_stub::DEFAULT_FROM),
+                ("Body", body),
+                ("MessageSid", sid),
+            ],
+            None,
+        )
+        .await
+    }
+
     /// `/metrics`, as Prometheus text.
     pub async fn metrics(&self) -> String {
         reqwest::get(format!("{}/metrics", self.http_url))

@@ -252,3 +252,28 @@ fn json_answer(value: serde_json::Value) -> Response {
     )
         .into_response()
 }
+
+/// Posts `params` to smsgw's Vonage webhook at `path`, signed with `secret` as Vonage signs
+/// with `method` (`sig` added), as JSON or as a form.
+pub async fn post_signed(
+    http_url: &str,
+    path: &str,
+    params: &[(&str, String)],
+    secret: &str,
+    method: smsgw::config::SignatureMethod,
+    as_json: bool,
+) -> reqwest::Response {
+    let mut map: std::collections::BTreeMap<String, String> = params
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), v.clone()))
+        .collect();
+    let sig = smsgw::provider::vonage::callbacks::signature(secret, method, &map);
+    map.insert("sig".into(), sig);
+    let request = reqwest::Client::new().post(format!("{http_url}{path}"));
+    let request = if as_json {
+        request.json(&map)
+    } else {
+        request.form(&map)
+    };
+    request.send().await.expect("post a Vonage webhook")
+}
