@@ -368,3 +368,104 @@ async fn the_page_shows_a_new_text_without_a_reload_and_a_script_as_text() {
     let title = page.eval("document.title").await;
     assert_eq!(title, "smsgw inbox (2)", "the script never ran");
 }
+
+/// `POST /inbox/api/replies`, as the page's reply box sends it.
+async fn post_reply(app: &App, reply: &Value) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("{}/inbox/api/replies", app.http_url))
+        .json(reply)
+        .send()
+        .await
+        .expect("the inbox answers")
+}
+
+#[tokio::test]
+async fn a_reply_through_the_api_takes_the_webhooks_path() {
+    let app = inbox_app().await;
+    let to = "+447700900123";
+    let reminder = send(&app, "booking_reminder", to, "Lesson at 10:00").await;
+    app.wait_for_status(reminder, "delivered").await;
+    let kept = post_reply(
+        &app,
+        &serde_json::json!({"from": to, "to": "", "body": "Running late"}),
+    )
+    .await;
+    assert_eq!(kept.status(), 201);
+    let listed: Vec<Value> = reqwest::get(format!("{}/inbox/api/replies?to={to}", app.http_url))
+        .await
+        .expect("replies")
+        .json()
+        .await
+        .expect("a JSON array");
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["body"], "Running late");
+    assert_eq!(listed[0]["in_reply_to"], reminder.to_string());
+    assert_eq!(listed[0]["school_id"], SCHOOL);
+
+    let stop = post_reply(&app, &serde_json::json!({"from": to, "body": "STOP"})).await;
+    assert_eq!(
+        stop.json::<Value>().await.expect("JSON")["keyword"],
+        "opt_out"
+    );
+    let later = send(&app, "booking_reminder", to, "Another lesson").await;
+    app.wait_for_status(later, "suppressed").await;
+
+    for bad in [
+        serde_json::json!({"from": "nobody", "body": "hi"}),
+        serde_json::json!({"from": to, "body": ""}),
+        serde_json::json!({"from": to}),
+    ] {
+        let refused = post_reply(&app, &bad).await;
+        assert!(
+            refused.status().is_client_error(),
+            "{bad}: {}",
+            refused.status()
+        );
+    }
+    let emptied: Value = reqwest::Client::new()
+        .delete(format!("{}/inbox/api/messages", app.http_url))
+        .send()
+        .await
+        .expect("empty")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(emptied["replies"], 1, "{emptied}");
+}
+
+#[tokio::test]
+async fn a_reply_typed_into_the_page_shows_in_its_conversation() {
+    let Some(chromium) = browser::chromium() else {
+        browser::skipped("the inbox page's reply box test");
+        return;
+    };
+    let app = inbox_app().await;
+    let to = "+447700900123";
+    let reminder = send(&app, "booking_reminder", to, "Lesson at 10:00").await;
+    app.wait_for_status(reminder, "delivered").await;
+
+    let mut page = browser::Browser::open(&chromium, &format!("{}/inbox", app.http_url)).await;
+    page.wait_for_text("Lesson at 10:00").await;
+    let typed = page
+        .eval(
+            "(function () { var form = document.querySelector('.reply-box'); \
+             form.querySelector('input').value = 'Running 10 min late'; \
+             form.requestSubmit(); return form.getAttribute('data-from'); })()",
+        )
+        .await;
+    assert_eq!(typed, to, "the box answers as the conversation's number");
+    let shown = page.wait_for_text("Running 10 min late").await;
+    assert!(shown.contains("reply from"), "{shown}");
+    let bubbles = page
+        .eval("document.querySelectorAll('.conversation .sms.reply').length")
+        .await;
+    assert_eq!(bubbles, 1);
+    let kept: i64 = app
+        .db
+        .scalar(
+            "SELECT count(*) FROM sms_replies WHERE from_number = $1 AND in_reply_to = $2",
+            &[&to, &reminder],
+        )
+        .await;
+    assert_eq!(kept, 1, "kept, and attributed to the reminder");
+}

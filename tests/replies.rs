@@ -363,3 +363,100 @@ async fn vonage_inbound_stop_is_honoured_and_replies_kept_once() {
     let row = app.wait_for_status(id_of(&next), "suppressed").await;
     assert_eq!(row.reason.as_deref(), Some("opted_out"));
 }
+
+/// A reply as the webhook would have kept it, received `ago` (an interval) before now.
+async fn kept_reply(app: &App, from: &str, school: Option<i64>, ago: &str, body: &str) -> Uuid {
+    let id = Uuid::new_v4();
+    app.db
+        .execute(
+            "INSERT INTO sms_replies (id, received_at, from_number, to_number, body, provider,
+                                      provider_message_id, school_id)
+             VALUES ($1, now() - $2::text::interval, $3, '+15005550006', $4, 'twilio',
+                     gen_random_uuid()::text, $5)",
+            &[&id, &ago, &from, &body, &school],
+        )
+        .await;
+    id
+}
+
+fn stdout(output: &std::process::Output) -> String {
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn support_lists_replies_masked_and_beside_a_numbers_messages() {
+    let app = app_with(&[]).await;
+    let old = kept_reply(&app, STUDENT, Some(SCHOOL), "3 days", "See you then").await;
+    let new = kept_reply(&app, STUDENT, Some(SCHOOL), "1 minute", "Running late").await;
+    let other = kept_reply(&app, "+447700900124", Some(7), "1 hour", "Who is this?").await;
+
+    let all = stdout(&app.run_cli(&["replies"]));
+    let at = |text: &str, id: Uuid| text.find(&id.to_string());
+    assert!(
+        at(&all, new) < at(&all, other) && at(&all, other) < at(&all, old),
+        "{all}"
+    );
+    for secret in [STUDENT, "Running late"] {
+        assert!(!all.contains(secret), "{secret} shown: {all}");
+    }
+    assert!(all.contains("+44*******123"), "{all}");
+    let school = stdout(&app.run_cli(&["replies", "--school", "7"]));
+    assert!(
+        at(&school, other).is_some() && at(&school, new).is_none(),
+        "{school}"
+    );
+    let recent = stdout(&app.run_cli(&["replies", "--since", "24h", "--json", "--reveal"]));
+    let json: Value = serde_json::from_str(&recent).expect("JSON");
+    assert_eq!(json.as_array().map(Vec::len), Some(2), "{json}");
+    assert_eq!(json[0]["body"], "Running late");
+    assert_eq!(json[0]["from"], STUDENT);
+
+    let status = stdout(&app.run_cli(&["status", "--to", STUDENT]));
+    assert!(status.contains("Replies from this number:"), "{status}");
+    assert!(
+        at(&status, new).is_some() && at(&status, old).is_some(),
+        "{status}"
+    );
+    assert!(
+        at(&status, other).is_none(),
+        "another number's reply: {status}"
+    );
+
+    let bad = app.run_cli(&["replies", "--from", "not a number"]);
+    assert_eq!(bad.status.code(), Some(2), "{bad:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retention_purges_reply_bodies_with_the_others() {
+    let app = app_with(&[
+        ("SMSGW_BODY_RETENTION", "1h"),
+        ("SMSGW_LOG_RETENTION", "30d"),
+        ("SMSGW_RETENTION_INTERVAL", "200ms"),
+    ])
+    .await;
+    kept_reply(&app, STUDENT, None, "2 hours", "old reply").await;
+    kept_reply(&app, STUDENT, None, "40 days", "ancient reply").await;
+    let recent = kept_reply(&app, STUDENT, None, "10 minutes", "new reply").await;
+    let deadline = std::time::Instant::now() + helpers::PATIENCE;
+    loop {
+        let counts = app
+            .db
+            .rows("SELECT count(body), count(*) FROM sms_replies", &[])
+            .await;
+        let (bodies, rows): (i64, i64) = (counts[0].get(0), counts[0].get(1));
+        if bodies == 1 && rows == 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "bodies {bodies}, rows {rows}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let kept: Option<String> = app
+        .db
+        .scalar("SELECT body FROM sms_replies WHERE id = $1", &[&recent])
+        .await;
+    assert_eq!(kept.as_deref(), Some("new reply"));
+}
