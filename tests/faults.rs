@@ -10,15 +10,46 @@ mod helpers;
 
 use std::time::{Duration, Instant};
 
+use tokio_util::sync::CancellationToken;
+
 use helpers::{
     Reply, TestEnv, TwilioStub, base_settings,
     events::{EventTap, assert_events_match_log},
     free_port,
     process::{Daemon, wait_ready},
-    spawn_app, spawn_app_behind_proxies, spawn_app_with,
+    spawn_app, spawn_app_behind_proxies, spawn_app_with, twilio_stub,
 };
 
 const SCHOOL: i64 = 42;
+const PUBLIC: &str = "https://smsgw.example.com";
+
+/// Posts replies from a student to the daemon on `port`, one after another, each until it
+/// is answered 2xx (as a provider retries a webhook), until `stop`; how many were taken.
+fn post_replies(port: u16, stop: CancellationToken) -> tokio::task::JoinHandle<usize> {
+    tokio::spawn(async move {
+        let url = format!("http://127.0.0.1:{port}");
+        let mut taken = 0;
+        while !stop.is_cancelled() {
+            let (sid, body) = (format!("SM{taken:032x}"), format!("reply {taken}"));
+            let params = [
+                ("AccountSid", twilio_stub::ACCOUNT_SID),
+                ("From", "+447700900123"),
+                ("To", twilio_stub::DEFAULT_FROM),
+                ("Body", body.as_str()),
+                ("MessageSid", sid.as_str()),
+            ];
+            let path = "/webhooks/twilio/inbound";
+            while !helpers::post_twilio_to(&url, PUBLIC, path, &params, None)
+                .await
+                .is_ok_and(|r| r.status().is_success())
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            taken += 1;
+        }
+        taken
+    })
+}
 
 /// Waits for every id to be sent; returns (lost, duplicates) and prints the duplicates.
 async fn tally(app: &helpers::App, ids: &[uuid::Uuid], patience: Duration) -> (usize, usize) {
@@ -40,6 +71,7 @@ async fn killed_again_and_again_nothing_is_lost_or_sent_twice() {
     let mut vars: Vec<(String, String)> = base_settings(&env, &stub, port).into_iter().collect();
     vars.push(("SMSGW_LOG_FORMAT".into(), "json".into()));
     vars.push(("RUST_LOG".into(), "warn".into()));
+    vars.push(("SMSGW_PUBLIC_URL".into(), PUBLIC.into()));
     // A little provider latency keeps messages in the window between call and record.
     stub.reply_always(Reply::Slow(Duration::from_millis(3)));
 
@@ -55,6 +87,8 @@ async fn killed_again_and_again_nothing_is_lost_or_sent_twice() {
     let ids = app.publish_many(jobs, "booking_reminder", SCHOOL).await;
 
     let started = Instant::now();
+    let stop_replies = CancellationToken::new();
+    let replies = post_replies(port, stop_replies.clone());
     let mut kills = 0;
     while kills < 6 {
         let mut daemon = Daemon::spawn(&vars);
@@ -66,6 +100,8 @@ async fn killed_again_and_again_nothing_is_lost_or_sent_twice() {
     }
     let mut daemon = Daemon::spawn(&vars);
     wait_ready(port, &mut daemon).await;
+    stop_replies.cancel();
+    let replies = replies.await.expect("the replies' poster");
     let (lost, duplicates) = tally(&app, &ids, Duration::from_secs(180)).await;
     let took = started.elapsed();
     // Copies waiting in a tier (a redelivery that looked again later) come back and are
@@ -93,7 +129,9 @@ async fn killed_again_and_again_nothing_is_lost_or_sent_twice() {
     daemon.signal("TERM");
     assert_eq!(daemon.wait_exit(Duration::from_secs(30)).0, Some(0));
     let copies = assert_events_match_log(&tap, &app.db).await;
-    println!("status events published again after a kill: {copies}");
+    println!("events published again after a kill: {copies}; replies taken: {replies}");
+    let kept: i64 = app.db.scalar("SELECT count(*) FROM sms_replies", &[]).await;
+    assert_eq!(kept, replies as i64, "each reply taken kept once");
 
     helpers::report(
         "SIGKILL mid-work",

@@ -142,6 +142,35 @@ pub struct App {
     daemon: Option<JoinHandle<Result<(), DaemonError>>>,
 }
 
+/// Posts a Twilio webhook to the daemon at `http_url`, as [`App::post_twilio`] does; an
+/// error when the daemon cannot be reached.
+pub async fn post_twilio_to(
+    http_url: &str,
+    public_url: &str,
+    path: &str,
+    params: &[(&str, &str)],
+    signature: Option<&str>,
+) -> reqwest::Result<reqwest::Response> {
+    let pairs: Vec<(String, String)> = params
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    let signed = smsgw::provider::twilio::callbacks::signature(
+        twilio_stub::AUTH_TOKEN,
+        &format!("{public_url}{path}"),
+        &pairs,
+    );
+    let mut request = reqwest::Client::new()
+        .post(format!("{http_url}{path}"))
+        .form(&pairs);
+    match signature {
+        None => request = request.header("X-Twilio-Signature", signed),
+        Some("") => {}
+        Some(other) => request = request.header("X-Twilio-Signature", other),
+    }
+    request.send().await
+}
+
 /// The settings every test starts from: Twilio at the stub, short retry tiers.
 pub fn base_settings(env: &TestEnv, stub: &TwilioStub, http_port: u16) -> HashMap<String, String> {
     [
@@ -744,24 +773,9 @@ impl App {
         params: &[(&str, &str)],
         signature: Option<&str>,
     ) -> reqwest::Response {
-        let pairs: Vec<(String, String)> = params
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect();
-        let signed = smsgw::provider::twilio::callbacks::signature(
-            twilio_stub::AUTH_TOKEN,
-            &format!("{public_url}{path}"),
-            &pairs,
-        );
-        let mut request = reqwest::Client::new()
-            .post(format!("{}{path}", self.http_url))
-            .form(&pairs);
-        match signature {
-            None => request = request.header("X-Twilio-Signature", signed),
-            Some("") => {}
-            Some(other) => request = request.header("X-Twilio-Signature", other),
-        }
-        request.send().await.expect("post webhook")
+        post_twilio_to(&self.http_url, public_url, path, params, signature)
+            .await
+            .expect("post webhook")
     }
 
     /// An inbound text from `from` to the Twilio stub's number, signed as Twilio signs it,
