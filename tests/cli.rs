@@ -318,10 +318,28 @@ async fn logs_hold_no_phone_number_token_or_body() {
     wait_status(&db, rejected, "failed").await;
     wait_status(&db, nationally, "sent").await;
     wait_status(&db, suppressed, "suppressed").await;
+    let http = format!("http://127.0.0.1:{port}");
+    let params = [
+        ("From", sent_to),
+        ("To", twilio_stub::DEFAULT_FROM),
+        ("Body", "Reply secret OTTER-4411"),
+        ("MessageSid", "SM00000000000000000000000000000001"),
+    ];
+    let reply = helpers::post_twilio_to(
+        &http,
+        "https://hooks.example.com",
+        "/webhooks/twilio/inbound",
+        &params,
+        None,
+    )
+    .await
+    .expect("post a reply");
+    assert_eq!(reply.status(), 200);
     daemon.signal("TERM");
     assert_eq!(daemon.wait_exit(Duration::from_secs(15)).0, Some(0));
 
     let logs = daemon.logs().join("\n");
+    assert!(logs.contains("reply kept"), "{logs}");
     assert!(
         logs.contains("+44*******123"),
         "masked numbers are logged: {logs}"
@@ -339,6 +357,7 @@ async fn logs_hold_no_phone_number_token_or_body() {
         twilio_stub::AUTH_TOKEN,
         body,
         "ZEBRA",
+        "OTTER",
     ] {
         assert!(
             !logs.contains(secret),
