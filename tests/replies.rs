@@ -299,6 +299,14 @@ async fn vonage_inbound(app: &App, id: &str, text: &str, secret: &str, json: boo
         ("timestamp", now),
         ("nonce", Uuid::new_v4().to_string()),
     ];
+    let required = vonage_stub::inbound_required_fields();
+    assert!(required.len() >= 8, "{required:?}");
+    for field in &required {
+        assert!(
+            params.iter().any(|(k, _)| k == field),
+            "Vonage always sends {field}"
+        );
+    }
     let path = "/webhooks/vonage/inbound";
     vonage_stub::post_signed(
         &app.http_url,

@@ -253,6 +253,23 @@ fn json_answer(value: serde_json::Value) -> Response {
         .into_response()
 }
 
+/// The fields Vonage's description says every inbound SMS webhook carries
+/// (`InboundMessage`'s `required`), so a test's inbound text is shaped as Vonage's are.
+pub fn inbound_required_fields() -> Vec<String> {
+    let text = std::fs::read_to_string(spec_path()).expect("Vonage's OpenAPI description");
+    let doc = YamlLoader::load_from_str(&text)
+        .expect("the description is YAML")
+        .remove(0);
+    doc["components"]["schemas"]["InboundMessage"]["required"]
+        .as_vec()
+        .map(|r| {
+            r.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Posts `params` to smsgw's Vonage webhook at `path`, signed with `secret` as Vonage signs
 /// with `method` (`sig` added), as JSON or as a form.
 pub async fn post_signed(
