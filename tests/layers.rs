@@ -1,6 +1,7 @@
 //! The layers `src/lib.rs` draws are the layers the code has: every module imports only
-//! from modules in rows below its own. Reads the table from the crate's documentation, so
-//! the picture and the code cannot drift apart. Needs no services.
+//! from modules in rows below its own, and the files of one folder import each other one
+//! way. Reads the table from the crate's documentation, so the picture and the code cannot
+//! drift apart. Needs no services.
 
 use std::{collections::BTreeMap, fs, path::Path};
 
@@ -148,6 +149,104 @@ fn every_module_imports_only_from_rows_below_its_own() {
         upward.is_empty(),
         "imports that do not point down:\n{}",
         upward.join("\n")
+    );
+}
+
+/// The sibling files of one folder that a file names through `super::` (grouped trees
+/// included): `store/log.rs` naming `super::vocabulary` depends on `store/vocabulary.rs`.
+fn sibling_imports(path: &Path, siblings: &[String]) -> Vec<String> {
+    let text = fs::read_to_string(path).expect("a source file is readable");
+    let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+    let named = Regex::new(r"\bsuper::(\w+)").expect("a valid pattern");
+    let grouped = Regex::new(r"\bsuper::\{([^;]*)\}").expect("a valid pattern");
+    let word = Regex::new(r"(?:^|[{,\s])(\w+)::").expect("a valid pattern");
+    let mut found: Vec<String> = named.captures_iter(code).map(|c| c[1].to_owned()).collect();
+    for group in grouped.captures_iter(code) {
+        found.extend(word.captures_iter(&group[1]).map(|c| c[1].to_owned()));
+    }
+    found.retain(|name| siblings.contains(name));
+    found.sort();
+    found.dedup();
+    found
+}
+
+/// A cycle in `graph`, as the names along it, if there is one.
+fn a_cycle(graph: &BTreeMap<String, Vec<String>>) -> Option<Vec<String>> {
+    fn visit(
+        node: &str,
+        graph: &BTreeMap<String, Vec<String>>,
+        path: &mut Vec<String>,
+        done: &mut Vec<String>,
+    ) -> Option<Vec<String>> {
+        if let Some(at) = path.iter().position(|n| n == node) {
+            return Some(path[at..].to_vec());
+        }
+        if done.iter().any(|n| n == node) {
+            return None;
+        }
+        path.push(node.to_owned());
+        for next in graph.get(node).into_iter().flatten() {
+            if let Some(cycle) = visit(next, graph, path, done) {
+                return Some(cycle);
+            }
+        }
+        path.pop();
+        done.push(node.to_owned());
+        None
+    }
+    let mut done = Vec::new();
+    graph
+        .keys()
+        .find_map(|node| visit(node, graph, &mut Vec::new(), &mut done))
+}
+
+#[test]
+fn sibling_files_import_each_other_one_way() {
+    let mut files = Vec::new();
+    sources(Path::new(SRC), &mut files);
+    let mut folders: BTreeMap<std::path::PathBuf, Vec<std::path::PathBuf>> = BTreeMap::new();
+    for file in files {
+        let name = file
+            .file_stem()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        if !matches!(name, "mod" | "lib" | "main") {
+            let folder = file.parent().map(Path::to_path_buf).unwrap_or_default();
+            folders.entry(folder).or_default().push(file);
+        }
+    }
+    let stem = |f: &std::path::PathBuf| f.file_stem().and_then(|n| n.to_str()).map(str::to_owned);
+    for (folder, files) in folders {
+        let siblings: Vec<String> = files.iter().filter_map(stem).collect();
+        let graph: BTreeMap<String, Vec<String>> = files
+            .iter()
+            .filter_map(|f| Some((stem(f)?, sibling_imports(f, &siblings))))
+            .collect();
+        assert_eq!(
+            a_cycle(&graph),
+            None,
+            "files of {} import each other in a circle",
+            folder.display()
+        );
+    }
+}
+
+#[test]
+fn the_cycle_finder_finds_one() {
+    let graph = |edges: &[(&str, &str)]| {
+        let mut graph: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (from, to) in edges {
+            graph
+                .entry((*from).to_owned())
+                .or_default()
+                .push((*to).to_owned());
+        }
+        graph
+    };
+    assert_eq!(a_cycle(&graph(&[("a", "b"), ("b", "c"), ("a", "c")])), None);
+    assert_eq!(
+        a_cycle(&graph(&[("a", "b"), ("b", "c"), ("c", "a")])),
+        Some(vec!["a".to_owned(), "b".to_owned(), "c".to_owned()])
     );
 }
 

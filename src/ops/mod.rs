@@ -45,6 +45,15 @@ fn short_duration(duration: Duration) -> String {
     }
 }
 
+/// `2026-11-25T08:00:01Z`: to the second, in UTC, for a table.
+fn short_time(at: time::OffsetDateTime) -> String {
+    at.to_offset(time::UtcOffset::UTC)
+        .format(time::macros::format_description!(
+            "[year]-[month]-[day]T[hour]:[minute]:[second]Z"
+        ))
+        .unwrap_or_default()
+}
+
 /// One line of at most `max` characters, cut with an ellipsis.
 fn shorten(text: &str, max: usize) -> String {
     let text = text.replace(['\n', '\r'], " ");

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use serde_json::{Value, json};
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
-use super::{EXIT_FAILED, print_table, shorten};
+use super::{EXIT_FAILED, print_table, short_time, shorten};
 use crate::{
     config::Settings,
     phone::{PhoneNumber, mask},
@@ -112,7 +112,7 @@ fn row_of(r: &ReplyView, reveal: bool) -> Vec<String> {
         (Some(_), false) => "(hidden)".to_owned(),
     };
     vec![
-        super::status::short_time(r.received_at),
+        short_time(r.received_at),
         r.id.to_string(),
         r.school_id.map_or("-".into(), |id| id.to_string()),
         if reveal {

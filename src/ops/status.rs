@@ -5,12 +5,12 @@
 use std::process::ExitCode;
 
 use serde_json::{Value, json};
-use time::{OffsetDateTime, format_description::well_known::Rfc3339, macros::format_description};
+use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
 use super::{
     ContextMatch, EXIT_FAILED, EXIT_USAGE, NumberQuery, hider, masked_values, print_table,
     replies::{ReplyLookup, print_replies},
-    shorten,
+    short_time, shorten,
 };
 use crate::{
     config::Settings,
@@ -245,15 +245,6 @@ fn json_of(m: &MessageView, reveal: bool) -> Value {
 
 fn rfc3339(at: Option<OffsetDateTime>) -> Option<String> {
     at.and_then(|t| t.format(&Rfc3339).ok())
-}
-
-/// `2026-11-25T08:00:01Z`: to the second, in UTC, for a table.
-pub(super) fn short_time(at: OffsetDateTime) -> String {
-    at.to_offset(time::UtcOffset::UTC)
-        .format(format_description!(
-            "[year]-[month]-[day]T[hour]:[minute]:[second]Z"
-        ))
-        .unwrap_or_default()
 }
 
 /// `smsgw status ID`: prints the message's row and attempts from the log; says whether it
