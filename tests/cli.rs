@@ -47,6 +47,29 @@ fn production_refuses_missing_credentials() {
 }
 
 #[test]
+fn a_bad_keyword_list_is_refused_at_start_up() {
+    for (variable, list, says) in [
+        ("SMSGW_OPT_OUT_KEYWORDS", "STOP,,QUIT", "empty keyword"),
+        (
+            "SMSGW_OPT_IN_KEYWORDS",
+            "START,STOP",
+            "also an opt-out keyword",
+        ),
+        ("SMSGW_OPT_OUT_KEYWORDS", "STOP ALL", "one word"),
+    ] {
+        let output = smsgw(&vars(&[(variable, list)]), &["run"])
+            .output()
+            .expect("run");
+        assert_eq!(output.status.code(), Some(2), "{list}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains(variable) && stderr.contains(says),
+            "{stderr}"
+        );
+    }
+}
+
+#[test]
 fn development_never_sends_to_real_twilio_without_a_redirect() {
     let output = smsgw(
         &vars(&[
