@@ -273,3 +273,48 @@ async fn check_warns_of_events_that_no_daemon_relays() {
     assert!(events.contains("WARN"), "{text}");
     assert!(events.contains("1 waiting"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_invalid_job_gives_a_job_rejected_event_with_what_could_be_read() {
+    let app = spawn_app().await;
+    let mut tap = EventTap::bind(&app.env.amqp_url, "job.rejected").await;
+    let id = Uuid::new_v4();
+    let bad = json!({"id": id, "type": "sms_blast", "school_id": SCHOOL, "to": "+447700900123",
+                     "body": "hi"});
+    app.publish_raw("sms_blast", &id.to_string(), bad.to_string().as_bytes())
+        .await;
+    let unreadable = Uuid::new_v4();
+    app.publish_raw("login_code", &unreadable.to_string(), b"call +447700900123")
+        .await;
+    app.dead_letters(2).await;
+    let events = tap.until(|received| received.len() >= 2).await.to_vec();
+    let of = |job: Uuid| {
+        events
+            .iter()
+            .find(|e| e.body["job_id"] == json!(job))
+            .unwrap_or_else(|| panic!("no event for {job}: {events:#?}"))
+    };
+    let named = of(id);
+    assert_eq!(named.routing_key, "job.rejected");
+    assert_eq!(named.message_id.as_deref(), named.body["event_id"].as_str());
+    assert!(named.persistent);
+    assert_eq!(named.body["type"], "sms_blast");
+    assert_eq!(named.body["school_id"], SCHOOL);
+    assert_eq!(named.body["reason"], "invalid_job");
+    assert_eq!(named.body["error"], "type: unknown type 'sms_blast'");
+    assert!(
+        named.body["occurred_at"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z'))
+    );
+    // Not JSON: the id comes from the AMQP message id; type and school are unknown.
+    let not_json = of(unreadable);
+    assert_eq!(not_json.body["type"], Value::Null);
+    assert_eq!(not_json.body["school_id"], Value::Null);
+    let error = not_json.body["error"].as_str().unwrap_or_default();
+    assert!(error.starts_with("not JSON"), "{error}");
+    assert!(
+        !not_json.body.to_string().contains("7700900123"),
+        "no number"
+    );
+}

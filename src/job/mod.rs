@@ -262,6 +262,57 @@ const KNOWN_FIELDS: [&str; 9] = [
     "ref",
 ];
 
+/// What could still be read of a job that is invalid, for its `job.rejected` event: each
+/// field only when it reads as that field should.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Salvaged {
+    pub id: Option<Uuid>,
+    /// A known type, or an unknown one written as a type name would be (letters, digits
+    /// and `_`, at most 40), so the web app sees which of its types was refused.
+    pub kind: Option<String>,
+    pub school_id: Option<i64>,
+}
+
+impl Salvaged {
+    /// Reads what it can of `bytes` (a job the decoder refused); `message_id` (the AMQP
+    /// property, which the web app sets to the job's id) stands in for an unreadable id. A
+    /// body over `max_bytes` is not read.
+    pub fn of(bytes: &[u8], max_bytes: usize, message_id: Option<&str>) -> Salvaged {
+        /// Only these fields are kept; the rest (50,000 recipients, say) is skipped
+        /// without being built.
+        #[derive(Default, serde::Deserialize)]
+        struct Probe {
+            id: Option<Value>,
+            #[serde(rename = "type")]
+            kind: Option<Value>,
+            school_id: Option<Value>,
+        }
+        let probe: Probe = (bytes.len() <= max_bytes)
+            .then(|| serde_json::from_slice(bytes).ok())
+            .flatten()
+            .unwrap_or_default();
+        let kind = probe
+            .kind
+            .as_ref()
+            .and_then(Value::as_str)
+            .filter(|t| {
+                (1..=40).contains(&t.len())
+                    && t.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            })
+            .map(str::to_owned);
+        Salvaged {
+            id: probe
+                .id
+                .as_ref()
+                .and_then(Value::as_str)
+                .or(message_id)
+                .and_then(|id| Uuid::parse_str(id.trim()).ok()),
+            kind,
+            school_id: probe.school_id.as_ref().and_then(Value::as_i64),
+        }
+    }
+}
+
 /// A message body's JSON object: its known fields decoded, and an announcement's
 /// `recipients` still raw. Decoded as one tree of values, 50,000 recipients would take
 /// some fifteen times the body's size; [`recipients`] reads them one at a time.
@@ -425,6 +476,35 @@ fn recipient_str<'a>(field: &str, value: &'a Value) -> Result<&'a str, InvalidJo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_can_be_read_of_an_invalid_job_is_salvaged() {
+        let body = br#"{"id": "6f1c2d3e-8a9b-4c5d-9e0f-1a2b3c4d5e6f", "type": "sms_blast",
+                        "school_id": 42, "to": 17}"#;
+        let salvaged = Salvaged::of(body, 1024, None);
+        assert_eq!(
+            salvaged.id.map(|id| id.to_string()).as_deref(),
+            Some("6f1c2d3e-8a9b-4c5d-9e0f-1a2b3c4d5e6f")
+        );
+        assert_eq!(salvaged.kind.as_deref(), Some("sms_blast"));
+        assert_eq!(salvaged.school_id, Some(42));
+        let odd = br#"{"id": "not a uuid", "type": "<script>", "school_id": "42"}"#;
+        assert_eq!(Salvaged::of(odd, 1024, None), Salvaged::default());
+        let id = "6f1c2d3e-8a9b-4c5d-9e0f-1a2b3c4d5e6f";
+        assert_eq!(
+            Salvaged::of(b"not json", 1024, Some(id))
+                .id
+                .map(|u| u.to_string())
+                .as_deref(),
+            Some(id),
+            "the AMQP message id stands in"
+        );
+        assert_eq!(
+            Salvaged::of(body, 10, None),
+            Salvaged::default(),
+            "too big to read"
+        );
+    }
     use serde_json::json;
 
     #[test]

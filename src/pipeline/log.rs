@@ -14,7 +14,10 @@ use super::{Abandoned, Pipeline};
 use crate::{
     phone::{PhoneNumber, redact_numbers},
     school::SchoolSettings,
-    store::{AttemptRecord, Claim, InboxCopy, MessageState, NewMessage, Status, Store, StoreError},
+    store::{
+        AttemptRecord, Claim, InboxCopy, MessageState, NewMessage, RejectedJob, Status, Store,
+        StoreError,
+    },
 };
 
 /// Longest wait for one database statement before it counts as failed.
@@ -76,6 +79,12 @@ pub trait MessageLog: ReconcileLog {
     fn keep_in_inbox(
         &self,
         copy: &InboxCopy<'_>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Tells the web app that a job will never be sent (its `job.rejected` event).
+    fn reject_job(
+        &self,
+        rejected: &RejectedJob<'_>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// A statement got no answer in time: connections may have gone silent.
@@ -192,6 +201,13 @@ impl MessageLog for Store {
         copy: &InboxCopy<'_>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
         Store::keep_in_inbox(self, copy)
+    }
+
+    fn reject_job(
+        &self,
+        rejected: &RejectedJob<'_>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        Store::reject_job(self, rejected)
     }
 
     fn stalled(&self) {

@@ -19,8 +19,8 @@ use crate::{
     phone::PhoneNumber,
     school::SchoolSettings,
     store::{
-        AttemptOutcome, AttemptRecord, Claim, InboxCopy, MessageState, NewMessage, Status,
-        StoreError, UnknownAttempt,
+        AttemptOutcome, AttemptRecord, Claim, InboxCopy, MessageState, NewMessage, RejectedJob,
+        Status, StoreError, UnknownAttempt,
     },
 };
 
@@ -94,6 +94,15 @@ impl Row {
     }
 }
 
+/// A `job.rejected` event as the in-memory log keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Rejection {
+    pub job_id: Option<Uuid>,
+    pub kind: Option<String>,
+    pub school_id: Option<i64>,
+    pub error: String,
+}
+
 #[derive(Debug, Default)]
 struct Tables {
     messages: HashMap<Uuid, Row>,
@@ -102,6 +111,8 @@ struct Tables {
     settings: HashMap<i64, SchoolSettings>,
     /// The inbox's copies: body and sender, by message.
     inbox: HashMap<Uuid, (String, Option<String>)>,
+    /// The `job.rejected` events written.
+    rejected: Vec<Rejection>,
 }
 
 #[derive(Debug, Default)]
@@ -125,6 +136,11 @@ impl MemoryLog {
 
     pub(super) fn statements(&self) -> u32 {
         self.statements.load(Ordering::SeqCst)
+    }
+
+    /// The `job.rejected` events written so far.
+    pub(super) fn rejected(&self) -> Vec<Rejection> {
+        self.tables().rejected.clone()
     }
 
     pub(super) fn set_school(&self, settings: SchoolSettings) {
@@ -354,6 +370,17 @@ impl MessageLog for MemoryLog {
         self.run(|t| {
             let kept = (copy.body.to_owned(), copy.sender.map(str::to_owned));
             t.inbox.insert(copy.message_id, kept);
+        })
+    }
+
+    async fn reject_job(&self, rejected: &RejectedJob<'_>) -> Result<(), StoreError> {
+        self.run(|t| {
+            t.rejected.push(Rejection {
+                job_id: rejected.job_id,
+                kind: rejected.kind.map(str::to_owned),
+                school_id: rejected.school_id,
+                error: rejected.error.to_owned(),
+            });
         })
     }
 }

@@ -45,6 +45,7 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
+use uuid::Uuid;
 
 use self::outcome::{Plan, Seen, Verdict};
 pub use self::{
@@ -54,17 +55,21 @@ pub use self::{
 use crate::{
     broker::Delivery,
     cache::PolicyCache,
-    disposition::Disposition,
+    disposition::{DeadReason, Disposition},
     health::Health,
-    job::{self, Job, JobType, Target},
+    job::{self, Job, JobType, Salvaged, Target},
     metrics::Metrics,
     phone::{PhoneNumber, redact_numbers},
     policy::{self, Decision, Facts},
     provider::Gateways,
     provider::{self, Route},
     school::SchoolSettings,
-    store::{MessageState, NewMessage, Status, Store, UnknownAttempt},
+    store::{MessageState, NewMessage, RejectedJob, Status, Store, UnknownAttempt},
 };
+
+/// Namespace of the ids of `job.rejected` events: derived from the delivery's bytes, the
+/// id is the same for every copy of one rejection.
+const REJECTED: Uuid = Uuid::from_u128(0x736d_7367_7700_4a4f_4252_454a_4543_5444);
 
 /// What the pipeline needs from the configuration.
 #[derive(Debug, Clone)]
@@ -192,7 +197,12 @@ impl<L: MessageLog> Pipeline<L> {
             .and_then(|()| Job::decode(&delivery.body));
         let job = match decoded {
             Ok(job) => job,
-            Err(invalid) => return self.invalid(delivery, &invalid.to_string()),
+            Err(invalid) => {
+                return match self.invalid(delivery, &invalid.to_string(), abandon).await {
+                    Ok(done) => done,
+                    Err(abandoned) => self.abandoned(abandoned, delivery, None).await,
+                };
+            }
         };
         let span = tracing::info_span!(
             "message",
@@ -210,7 +220,10 @@ impl<L: MessageLog> Pipeline<L> {
                 Target::Many(recipients) => self.fan_out(delivery, &job, recipients, abandon).await,
                 Target::One(to) => self.handle_one(delivery, &job, to, abandon).await,
             };
-            handled.unwrap_or_else(|abandoned| self.abandoned(abandoned, delivery))
+            match handled {
+                Ok(done) => done,
+                Err(abandoned) => self.abandoned(abandoned, delivery, Some(&job)).await,
+            }
         }
         .instrument(span)
         .await
@@ -391,7 +404,14 @@ impl<L: MessageLog> Pipeline<L> {
         }
     }
 
-    fn invalid(&self, delivery: &Delivery, error: &str) -> Disposition {
+    /// A job that cannot be decoded: dead-lettered, once its `job.rejected` event is
+    /// written (so that the web app learns of it without reading `sms.dead`).
+    async fn invalid(
+        &self,
+        delivery: &Delivery,
+        error: &str,
+        abandon: &CancellationToken,
+    ) -> Result<Disposition, Abandoned> {
         let message_id: String = delivery
             .message_id
             .as_deref()
@@ -405,14 +425,69 @@ impl<L: MessageLog> Pipeline<L> {
             error = %error,
             "invalid job dead-lettered"
         );
+        let salvaged = Salvaged::of(
+            &delivery.body,
+            self.settings.max_job_bytes,
+            delivery.message_id.as_deref(),
+        );
+        self.reject(delivery, &salvaged, error, Some(abandon))
+            .await?;
         let default = self.gateways.default_gateway().name;
         self.metrics.count_message("invalid", "unknown", default);
-        outcome::invalid(error, delivery.attempts)
+        Ok(outcome::invalid(error, delivery.attempts))
     }
 
-    fn abandoned(&self, abandoned: Abandoned, delivery: &Delivery) -> Disposition {
+    /// Writes a job's `job.rejected` event. Its id is the same for every copy of one
+    /// delivery's rejection, so the web app can drop the copies a redelivery writes.
+    /// `abandon`: `None` tries once only.
+    async fn reject(
+        &self,
+        delivery: &Delivery,
+        salvaged: &Salvaged,
+        error: &str,
+        abandon: Option<&CancellationToken>,
+    ) -> Result<(), Abandoned> {
+        let error: String = redact_numbers(error).chars().take(1_000).collect();
+        let rejected = RejectedJob {
+            event_id: Uuid::new_v5(&REJECTED, &delivery.body),
+            job_id: salvaged.id,
+            kind: salvaged.kind.as_deref(),
+            school_id: salvaged.school_id,
+            reason: DeadReason::InvalidJob.as_str(),
+            error: &error,
+        };
+        match abandon {
+            Some(abandon) => {
+                self.persist(abandon, || self.log.reject_job(&rejected))
+                    .await
+            }
+            None => self.log.reject_job(&rejected).await.map_err(|e| {
+                tracing::warn!(error = %e, "could not write the job.rejected event of a refused job");
+                Abandoned::Stopping
+            }),
+        }
+    }
+
+    /// A database write given up on. The data the database refused makes the job
+    /// invalid: its `job.rejected` event is written, if the database takes that.
+    async fn abandoned(
+        &self,
+        abandoned: Abandoned,
+        delivery: &Delivery,
+        job: Option<&Job>,
+    ) -> Disposition {
         if let Abandoned::Unrecordable(error) = &abandoned {
             tracing::error!(error = %redact_numbers(error), "the database refused the message's data; dead-lettered");
+            if let Some(job) = job {
+                let salvaged = Salvaged {
+                    id: Some(job.id),
+                    kind: Some(job.kind.as_str().to_owned()),
+                    school_id: Some(job.school_id),
+                };
+                let error = format!("the database refused the message's data: {error}");
+                // Once only: the message is dead-lettered whether or not this is written.
+                let _ = self.reject(delivery, &salvaged, &error, None).await;
+            }
         }
         outcome::abandoned(abandoned, delivery.attempts)
     }

@@ -278,6 +278,28 @@ async fn an_invalid_job_is_dead_lettered_with_the_decoders_error() {
 }
 
 #[tokio::test]
+async fn an_invalid_job_tells_the_web_app_what_could_be_read_of_it() {
+    let world = World::new();
+    let (id, mut bad) = job(JobType::LoginCode);
+    bad["type"] = json!("sms_blast");
+    bad["body"] = json!("Call +447700900123 now");
+    world.handle(&delivery(&bad)).await;
+    let rejected = world.log().rejected();
+    assert_eq!(rejected.len(), 1);
+    assert_eq!(rejected[0].job_id, Some(id));
+    assert_eq!(rejected[0].kind.as_deref(), Some("sms_blast"));
+    assert_eq!(rejected[0].school_id, Some(SCHOOL));
+    assert_eq!(rejected[0].error, "type: unknown type 'sms_blast'");
+
+    // The database is down: the delivery is held until the event is written.
+    world.log().fail_next(2);
+    let Disposition::DeadLetter { .. } = world.handle(&delivery(&bad)).await else {
+        panic!("dead-lettered once the event is written");
+    };
+    assert_eq!(world.log().rejected().len(), 2);
+}
+
+#[tokio::test]
 async fn a_job_over_the_size_limit_is_dead_lettered_unread() {
     let world = World::with(
         PipelineSettings {

@@ -50,7 +50,7 @@ pub use inbox::{InboxCopy, InboxFilter, InboxMessage};
 pub use lookups::{MessageSearch, UsageCount};
 pub use messages::{AttemptRecord, NewMessage};
 pub(crate) use notify::Listener;
-pub use outbox::{OutboxBacklog, OutboxEvent, RelayTurn, StatusEvent};
+pub use outbox::{OutboxBacklog, OutboxEvent, RejectedJob, RelayTurn, StatusEvent};
 pub use rates::{ClockSpacing, LeaseStart};
 pub(crate) use receipts::apply_pending_receipts;
 pub use receipts::{Receipt, ReceiptApplied};

@@ -189,3 +189,41 @@ impl Store {
         })
     }
 }
+
+/// A job that will never be sent, as its `job.rejected` event tells the web app.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RejectedJob<'a> {
+    /// The same for every copy of one delivery's rejection.
+    pub event_id: Uuid,
+    pub job_id: Option<Uuid>,
+    pub kind: Option<&'a str>,
+    pub school_id: Option<i64>,
+    pub reason: &'a str,
+    /// Numbers already masked.
+    pub error: &'a str,
+}
+
+impl Store {
+    /// Writes a `job.rejected` event to the outbox (nothing with events off).
+    pub async fn reject_job(&self, rejected: &RejectedJob<'_>) -> Result<(), StoreError> {
+        self.execute(
+            "INSERT INTO sms_events (event_id, routing_key, payload)
+             SELECT $1::uuid, 'job.rejected', jsonb_build_object(
+                        'event_id', $1::uuid, 'job_id', $2::uuid, 'type', $3::text,
+                        'school_id', $4::bigint, 'reason', $5::text, 'error', $6::text,
+                        'occurred_at', to_char(now() AT TIME ZONE 'UTC',
+                                               'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'))
+              WHERE smsgw_events_enabled()",
+            &[
+                &rejected.event_id,
+                &rejected.job_id,
+                &rejected.kind,
+                &rejected.school_id,
+                &rejected.reason,
+                &rejected.error,
+            ],
+        )
+        .await
+        .map(|_| ())
+    }
+}
