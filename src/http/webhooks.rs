@@ -13,7 +13,7 @@ use axum::{
 
 use crate::{
     callbacks::{CallbackError, Callbacks},
-    provider::{Callback, Refused, twilio, vonage},
+    provider::{Callback, InboundText, ReceiptReport, Refused, twilio, vonage},
 };
 
 /// What the webhook handlers share.
@@ -55,11 +55,23 @@ fn failed(error: &CallbackError) -> Response {
     .into_response()
 }
 
-/// Applies a receipt an adapter read: 204 once kept, whether or not its message is known.
-async fn receipt(
+/// Applies an inbound text an adapter read; `answer` is what its provider expects back.
+async fn inbound(
     hooks: &Webhooks,
-    read: Result<crate::provider::ReceiptReport, Refused>,
+    read: Result<InboundText, Refused>,
+    answer: impl FnOnce() -> Response,
 ) -> Response {
+    match read {
+        Ok(text) => match hooks.callbacks.receive_inbound(&text).await {
+            Ok(_) => answer(),
+            Err(e) => failed(&e),
+        },
+        Err(refusal) => refused(refusal),
+    }
+}
+
+/// Applies a receipt an adapter read: 204 once kept, whether or not its message is known.
+async fn receipt(hooks: &Webhooks, read: Result<ReceiptReport, Refused>) -> Response {
     match read {
         Ok(report) => match hooks.callbacks.receive_receipt(&report).await {
             Ok(()) => StatusCode::NO_CONTENT.into_response(),
@@ -123,19 +135,9 @@ pub async fn vonage_inbound(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let request = Callback {
-        url: None,
-        headers: &headers,
-        body: &body,
-    };
-    let text = match vonage::callbacks::read_inbound(&hooks.callbacks.gateways, &request) {
-        Ok(text) => text,
-        Err(refusal) => return refused(refusal),
-    };
-    match hooks.callbacks.receive_inbound(&text).await {
-        Ok(_) => StatusCode::NO_CONTENT.into_response(),
-        Err(e) => failed(&e),
-    }
+    let request = Callback::unsigned_url(&headers, &body);
+    let read = vonage::callbacks::read_inbound(&hooks.callbacks.gateways, &request);
+    inbound(&hooks, read, || StatusCode::NO_CONTENT.into_response()).await
 }
 
 /// `POST /webhooks/vonage/status`: a signed delivery receipt (JSON or form), applied once.
@@ -144,11 +146,7 @@ pub async fn vonage_status_callback(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let request = Callback {
-        url: None,
-        headers: &headers,
-        body: &body,
-    };
+    let request = Callback::unsigned_url(&headers, &body);
     let read = vonage::callbacks::read_status(&hooks.callbacks.gateways, &request);
     receipt(&hooks, read).await
 }

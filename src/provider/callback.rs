@@ -19,6 +19,17 @@ pub struct Callback<'a> {
     pub body: &'a [u8],
 }
 
+impl<'a> Callback<'a> {
+    /// A request whose signature does not cover the URL (Vonage's).
+    pub fn unsigned_url(headers: &'a HeaderMap, body: &'a [u8]) -> Self {
+        Callback {
+            url: None,
+            headers,
+            body,
+        }
+    }
+}
+
 /// Why a webhook is not taken: nothing in it is applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Refused {
