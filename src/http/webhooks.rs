@@ -129,7 +129,7 @@ pub async fn twilio_inbound(
 }
 
 /// `POST /webhooks/vonage/inbound`: a signed inbound message (JSON or form): keywords and
-/// replies as Twilio's, each applied once per `messageId`.
+/// replies as Twilio's, each applied once per provider message id.
 pub async fn vonage_inbound(
     State(hooks): State<Webhooks>,
     headers: HeaderMap,
