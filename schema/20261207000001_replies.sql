@@ -1,24 +1,24 @@
--- Replies (two-way SMS) and events that are not status changes.
+-- Replies (two-way SMS), and an outbox for events that are not status changes.
 --
--- The outbox (sms_events) also carries events with a payload of their own: a row with
--- `routing_key` set is published as its `payload`, verbatim, under that key, with
--- `event_id` as the message id. It is written in the transaction of the change it
--- reports, like a status event, and relayed in the same order and with the same
--- guarantees. Status events leave the new columns null; their own columns are null on
--- the others.
-ALTER TABLE sms_events
-    ALTER COLUMN message_id DROP NOT NULL,
-    ALTER COLUMN seq DROP NOT NULL,
-    ALTER COLUMN type DROP NOT NULL,
-    ALTER COLUMN school_id DROP NOT NULL,
-    ALTER COLUMN status DROP NOT NULL,
-    ALTER COLUMN attempts DROP NOT NULL,
-    ADD COLUMN IF NOT EXISTS event_id uuid NULL,
-    ADD COLUMN IF NOT EXISTS routing_key text NULL,
-    ADD COLUMN IF NOT EXISTS payload jsonb NULL;
+-- sms_outbox holds events with a payload of their own (reply.received, job.rejected):
+-- each is published as its `payload`, verbatim, under its `routing_key`, with `event_id`
+-- as the message id. It is written in the transaction of the change it reports, like a
+-- status event in sms_events, and relayed by the same turns with the same guarantees. A
+-- table of its own, not new columns on sms_events: a build that knows only status events
+-- (during a rolling update, or after a rollback) relays sms_events as before and leaves
+-- these rows to a build that knows them.
+CREATE TABLE IF NOT EXISTS sms_outbox (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    event_id    uuid NOT NULL,
+    routing_key text NOT NULL,
+    payload     jsonb NOT NULL,
+    occurred_at timestamptz NOT NULL DEFAULT now()
+);
 
 -- Every inbound text that is not an opt-out or opt-in keyword.
 CREATE TABLE IF NOT EXISTS sms_replies (
+    -- Derived from the provider and its message id: a replay, even after retention
+    -- removed the row, gets the same id and its event the same event_id.
     id                  uuid PRIMARY KEY,
     received_at         timestamptz NOT NULL DEFAULT now(),
     from_number         text NOT NULL,          -- E.164

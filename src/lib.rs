@@ -49,9 +49,10 @@
 //! - [`metrics`]: the Prometheus metrics every part reports to.
 //! - [`pipeline`]: one delivery in, one disposition out; its rules are pure functions in
 //!   [`pipeline::outcome`], and it reaches the log through [`pipeline::MessageLog`].
-//! - [`callbacks`]: what a provider's receipt or inbound keyword does to the log, and the
-//!   development inbox's simulated receipts.
-//! - [`events`]: the relay that publishes the outbox's status events to `sms.events`.
+//! - [`callbacks`]: what a provider's receipt or inbound text (keyword or reply) does, and
+//!   the development inbox's simulated receipts.
+//! - [`events`]: the relay that publishes the outbox's events (status changes, replies,
+//!   rejected jobs) to `sms.events`.
 //! - [`retention`]: purging old bodies, rows, webhook ids and dead letters in the background.
 //! - [`ops`]: the dead-letter tools, a message's record, support lookups, usage for
 //!   billing and `smsgw check`.

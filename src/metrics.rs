@@ -126,9 +126,9 @@ pub struct Metrics {
     pub queue_depth: Family<QueueLabels, Gauge>,
     /// Resends after an unknown outcome that the provider could not be asked about.
     pub possible_duplicates: Counter,
-    /// Status events published to `sms.events` (and confirmed by the broker).
+    /// Events published to `sms.events` (and confirmed by the broker).
     pub events_published: Counter,
-    /// Status events waiting in the outbox.
+    /// Events waiting in the outbox.
     pub events_outbox: Gauge,
     /// Age of the oldest status event waiting in the outbox.
     pub events_outbox_oldest: Gauge<f64, AtomicU64>,
@@ -324,12 +324,12 @@ impl Metrics {
         let registry = &mut self.registry;
         registry.register(
             "events_published",
-            "Status events published to sms.events and confirmed by the broker",
+            "Events published to sms.events and confirmed by the broker",
             self.events_published.clone(),
         );
         registry.register(
             "events_outbox",
-            "Status events waiting in the outbox to be published",
+            "Events waiting in the outbox to be published",
             self.events_outbox.clone(),
         );
         registry.register(

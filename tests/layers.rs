@@ -40,7 +40,7 @@ fn rows() -> Vec<(String, u32)> {
 /// Tests inside the file (after `#[cfg(test)]`) may reach anything.
 fn imports(path: &Path) -> Vec<String> {
     let text = fs::read_to_string(path).expect("a source file is readable");
-    let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+    let code = before_tests(&text);
     let single = Regex::new(r"\bcrate::(\w+)").expect("a valid pattern");
     let group = Regex::new(r"\bcrate::\{").expect("a valid pattern");
     let mut found: Vec<String> = single
@@ -70,6 +70,13 @@ fn imports(path: &Path) -> Vec<String> {
     }
     found.retain(|m| !m.is_empty() && m != "self");
     found
+}
+
+/// A file's code without its unit tests (`#[cfg(test)] mod tests { ... }`, which may reach
+/// anything); a test-only `mod` declared higher up cuts nothing.
+fn before_tests(text: &str) -> &str {
+    let tests = Regex::new(r"#\[cfg\(test\)\]\s*mod tests\b").expect("a valid pattern");
+    tests.find(text).map_or(text, |m| &text[..m.start()])
 }
 
 fn first_segment(item: &str) -> String {
@@ -156,7 +163,7 @@ fn every_module_imports_only_from_rows_below_its_own() {
 /// included): `store/log.rs` naming `super::vocabulary` depends on `store/vocabulary.rs`.
 fn sibling_imports(path: &Path, siblings: &[String]) -> Vec<String> {
     let text = fs::read_to_string(path).expect("a source file is readable");
-    let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+    let code = before_tests(&text);
     let named = Regex::new(r"\bsuper::(\w+)").expect("a valid pattern");
     let grouped = Regex::new(r"\bsuper::\{([^;]*)\}").expect("a valid pattern");
     let word = Regex::new(r"(?:^|[{,\s])(\w+)::").expect("a valid pattern");
@@ -257,7 +264,7 @@ fn the_import_reader_sees_grouped_trees() {
     let file = dir.join("sample.rs");
     fs::write(
         &file,
-        "use crate::{\n    job::{JobType, Lane},\n    store::Store,\n};\nuse crate::phone::PhoneNumber;\n#[cfg(test)]\nuse crate::daemon;\n",
+        "#[cfg(test)]\nmod scripted;\nuse crate::{\n    job::{JobType, Lane},\n    store::Store,\n};\nuse crate::phone::PhoneNumber;\n#[cfg(test)]\nmod tests {\nuse crate::daemon;\n}\n",
     )
     .expect("a sample file");
     let mut found = imports(&file);

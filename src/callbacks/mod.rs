@@ -175,7 +175,9 @@ impl Callbacks {
     /// Keeps a reply, attributed to the newest message sent to its sender from the number
     /// it went to, and writes its event; `None` when it was kept before.
     async fn keep_reply(&self, text: &InboundText) -> Result<Option<Uuid>, CallbackError> {
-        let gateways = self.gateways.answerable(text.provider, &text.to);
+        let gateways = self
+            .gateways
+            .answerable(text.provider, &text.to, &text.signed_by);
         let recorded = self
             .store()?
             .record_reply(&NewReply {

@@ -7,8 +7,10 @@ use super::{ConfigError, bad};
 const OPT_OUT: &str = "SMSGW_OPT_OUT_KEYWORDS";
 const OPT_IN: &str = "SMSGW_OPT_IN_KEYWORDS";
 
-/// Twilio's own lists, so that ours matches what the provider itself enforces.
-const DEFAULT_OPT_OUT: &str = "STOP,STOPALL,UNSUBSCRIBE,CANCEL,END,QUIT";
+/// Twilio's own lists, so that ours matches what the provider itself enforces; with
+/// REVOKE and OPTOUT, the words of a consent revoked that Twilio also honours and smsgw
+/// always did (a Vonage number has no block of its own: smsgw's list is the only one).
+const DEFAULT_OPT_OUT: &str = "STOP,STOPALL,UNSUBSCRIBE,CANCEL,END,QUIT,REVOKE,OPTOUT";
 const DEFAULT_OPT_IN: &str = "START,UNSTOP,YES";
 
 /// What a keyword asks for.
@@ -91,13 +93,23 @@ mod tests {
     #[test]
     fn the_defaults_are_twilios_lists() {
         let k = Keywords::default();
-        for word in ["STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT"] {
+        let opt_out = [
+            "STOP",
+            "STOPALL",
+            "UNSUBSCRIBE",
+            "CANCEL",
+            "END",
+            "QUIT",
+            "REVOKE",
+            "OPTOUT",
+        ];
+        for word in opt_out {
             assert_eq!(k.classify(word), Some(Keyword::OptOut), "{word}");
         }
         for word in ["START", "UNSTOP", "YES"] {
             assert_eq!(k.classify(word), Some(Keyword::OptIn), "{word}");
         }
-        assert_eq!(k.classify("OPTOUT"), None);
+        assert_eq!(k.classify("HELP"), None);
     }
 
     #[test]

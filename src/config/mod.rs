@@ -608,9 +608,6 @@ fn retry_delays(get: &impl Fn(&str) -> Option<String>) -> Result<Vec<Duration>, 
     parse_delays(&raw).map_err(|problem| bad("SMSGW_RETRY_DELAYS", problem))
 }
 
-/// A few seconds for the headers: a client on a working network sends them at once, and
-/// ingress proxies pass them on whole. Connections: far more than probes, scrapes and
-/// receipts need at once, far fewer than the file descriptors the daemon may open.
 /// How long a client may take, and how many may be connected at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HttpLimits {
@@ -621,6 +618,9 @@ pub struct HttpLimits {
     pub max_connections: usize,
 }
 
+/// A few seconds for the headers: a client on a working network sends them at once, and
+/// ingress proxies pass them on whole. Connections: far more than probes, scrapes and
+/// receipts need at once, far fewer than the file descriptors the daemon may open.
 fn http_limits(get: &impl Fn(&str) -> Option<String>) -> Result<HttpLimits, ConfigError> {
     let header_timeout = duration(get, "SMSGW_HTTP_HEADER_TIMEOUT", "5s")?;
     if !(Duration::from_millis(100)..=Duration::from_secs(300)).contains(&header_timeout) {

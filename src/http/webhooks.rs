@@ -112,20 +112,17 @@ pub async fn twilio_inbound(
         headers: &headers,
         body: &body,
     };
-    let text = match twilio::callbacks::read_inbound(&hooks.callbacks.gateways, &request) {
-        Ok(text) => text,
-        Err(refusal) => return refused(refusal),
-    };
-    if let Err(e) = hooks.callbacks.receive_inbound(&text).await {
-        return failed(&e);
-    }
-    let (content_type, answer) = twilio::callbacks::INBOUND_ANSWER;
-    (
-        StatusCode::OK,
-        [(header::CONTENT_TYPE, content_type)],
-        answer,
-    )
-        .into_response()
+    let read = twilio::callbacks::read_inbound(&hooks.callbacks.gateways, &request);
+    inbound(&hooks, read, || {
+        let (content_type, answer) = twilio::callbacks::INBOUND_ANSWER;
+        (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, content_type)],
+            answer,
+        )
+            .into_response()
+    })
+    .await
 }
 
 /// `POST /webhooks/vonage/inbound`: a signed inbound message (JSON or form): keywords and

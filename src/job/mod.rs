@@ -301,12 +301,10 @@ impl Salvaged {
             })
             .map(str::to_owned);
         Salvaged {
-            id: probe
-                .id
-                .as_ref()
-                .and_then(Value::as_str)
-                .or(message_id)
-                .and_then(|id| Uuid::parse_str(id.trim()).ok()),
+            id: [probe.id.as_ref().and_then(Value::as_str), message_id]
+                .into_iter()
+                .flatten()
+                .find_map(|id| Uuid::parse_str(id.trim()).ok()),
             kind,
             school_id: probe.school_id.as_ref().and_then(Value::as_i64),
         }
@@ -490,6 +488,15 @@ mod tests {
         assert_eq!(salvaged.school_id, Some(42));
         let odd = br#"{"id": "not a uuid", "type": "<script>", "school_id": "42"}"#;
         assert_eq!(Salvaged::of(odd, 1024, None), Salvaged::default());
+        let fallback = "0b6c2d3e-8a9b-4c5d-9e0f-1a2b3c4d5e6f";
+        assert_eq!(
+            Salvaged::of(odd, 1024, Some(fallback))
+                .id
+                .map(|u| u.to_string())
+                .as_deref(),
+            Some(fallback),
+            "a body id that is no UUID gives way to the AMQP message id"
+        );
         let id = "6f1c2d3e-8a9b-4c5d-9e0f-1a2b3c4d5e6f";
         assert_eq!(
             Salvaged::of(b"not json", 1024, Some(id))

@@ -15,7 +15,7 @@ use super::{
 use crate::{
     config::Settings,
     phone::{PhoneNumber, mask},
-    store::{AttemptView, MessageSearch, MessageView, ReplyView, Store, StoreError},
+    store::{AttemptView, MessageSearch, MessageView, ReplySearch, ReplyView, Store, StoreError},
 };
 
 /// What `smsgw status` looks messages up by; every filter given must hold.
@@ -54,7 +54,7 @@ pub async fn find_messages(settings: &Settings, lookup: &Lookup) -> ExitCode {
             if let Some(replies) = replies {
                 println!();
                 println!("Replies from this number:");
-                print_replies(replies, &reply_lookup(None, lookup));
+                print_replies(replies, &reply_lookup(lookup));
             }
             ExitCode::SUCCESS
         }
@@ -75,17 +75,21 @@ async fn with_replies(
     let Some(number) = search.recipient.filter(|_| !lookup.json) else {
         return Ok((messages, None));
     };
+    let search = ReplySearch {
+        from: Some(number),
+        ..reply_lookup(lookup).search()
+    };
     let replies = store
-        .find_replies(&reply_lookup(Some(&number), lookup).search())
+        .find_replies(&search)
         .await
         .map_err(|e| unavailable(&e))?;
     Ok((messages, Some(replies)))
 }
 
-/// The replies beside a number's messages: from that number, with the same filters.
-fn reply_lookup(number: Option<&str>, lookup: &Lookup) -> ReplyLookup {
+/// How the replies beside a number's messages are shown: with the same filters.
+fn reply_lookup(lookup: &Lookup) -> ReplyLookup {
     ReplyLookup {
-        from: number.and_then(|n| PhoneNumber::parse(n, None).ok()),
+        from: None,
         school: lookup.school,
         since: lookup.since,
         limit: lookup.limit,

@@ -67,9 +67,17 @@ use crate::{
     store::{MessageState, NewMessage, RejectedJob, Status, Store, UnknownAttempt},
 };
 
-/// Namespace of the ids of `job.rejected` events: derived from the delivery's bytes, the
-/// id is the same for every copy of one rejection.
+/// Namespace of the ids of `job.rejected` events (any constant unique to smsgw).
 const REJECTED: Uuid = Uuid::from_u128(0x736d_7367_7700_4a4f_4252_454a_4543_5444);
+
+/// A `job.rejected` event's id, derived from the delivery's AMQP message id and bytes: the
+/// same for every copy of one rejection, different for two jobs that differ in either.
+fn rejection_id(delivery: &Delivery) -> Uuid {
+    let mut name = delivery.message_id.clone().unwrap_or_default().into_bytes();
+    name.push(0);
+    name.extend_from_slice(&delivery.body);
+    Uuid::new_v5(&REJECTED, &name)
+}
 
 /// What the pipeline needs from the configuration.
 #[derive(Debug, Clone)]
@@ -412,6 +420,13 @@ impl<L: MessageLog> Pipeline<L> {
         error: &str,
         abandon: &CancellationToken,
     ) -> Result<Disposition, Abandoned> {
+        let salvaged = Salvaged::of(
+            &delivery.body,
+            self.settings.max_job_bytes,
+            delivery.message_id.as_deref(),
+        );
+        self.reject(delivery, &salvaged, error, Some(abandon))
+            .await?;
         let message_id: String = delivery
             .message_id
             .as_deref()
@@ -425,13 +440,6 @@ impl<L: MessageLog> Pipeline<L> {
             error = %error,
             "invalid job dead-lettered"
         );
-        let salvaged = Salvaged::of(
-            &delivery.body,
-            self.settings.max_job_bytes,
-            delivery.message_id.as_deref(),
-        );
-        self.reject(delivery, &salvaged, error, Some(abandon))
-            .await?;
         let default = self.gateways.default_gateway().name;
         self.metrics.count_message("invalid", "unknown", default);
         Ok(outcome::invalid(error, delivery.attempts))
@@ -449,7 +457,7 @@ impl<L: MessageLog> Pipeline<L> {
     ) -> Result<(), Abandoned> {
         let error: String = redact_numbers(error).chars().take(1_000).collect();
         let rejected = RejectedJob {
-            event_id: Uuid::new_v5(&REJECTED, &delivery.body),
+            event_id: rejection_id(delivery),
             job_id: salvaged.id,
             kind: salvaged.kind.as_deref(),
             school_id: salvaged.school_id,

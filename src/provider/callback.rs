@@ -86,6 +86,9 @@ pub struct InboundText {
     /// Our number it was sent to, E.164 when it reads as a number.
     pub to: String,
     pub body: String,
+    /// The configured providers whose secret signed it (empty: not signed, the
+    /// development inbox): a reply answers only messages sent through one of them.
+    pub signed_by: Vec<String>,
 }
 
 /// Our number as a provider wrote it, in E.164 when it reads as one (Vonage writes no

@@ -115,13 +115,15 @@ impl Gateways {
     }
 
     /// The gateways whose messages a text to our number `to`, through a provider of type
-    /// `kind`, may answer: those of that type that send from `to`; when none does (a
-    /// messaging service's pool, a school's own number), every gateway of that type.
-    pub fn answerable(&self, kind: &str, to: &str) -> Vec<&'static str> {
+    /// `kind` signed by `signed_by` (empty: not signed), may answer: those of that type,
+    /// among the signers, that send from `to`; when none does (a messaging service's
+    /// pool, a school's own number), every one of them.
+    pub fn answerable(&self, kind: &str, to: &str, signed_by: &[String]) -> Vec<&'static str> {
         let of_kind: Vec<&Arc<Gateway>> = self
             .all
             .iter()
             .filter(|g| g.settings.type_name() == kind)
+            .filter(|g| signed_by.is_empty() || signed_by.iter().any(|s| s == g.name))
             .collect();
         let from_to: Vec<&'static str> = of_kind
             .iter()

@@ -29,7 +29,8 @@ const RELAY_LOCK: i64 = 0x736d_7367_7700_0001;
 pub enum OutboxEvent {
     /// A message's status change, written by the log's triggers.
     Status(StatusEvent),
-    /// Any other event (a reply, ...): published as its payload, under its routing key.
+    /// Any other event (a reply, a rejected job; `sms_outbox`): published as its payload,
+    /// under its routing key.
     Payload {
         event_id: Uuid,
         routing_key: String,
@@ -37,24 +38,29 @@ pub enum OutboxEvent {
     },
 }
 
-impl OutboxEvent {
-    fn from_row(row: &Row) -> Result<Self, StoreError> {
-        let Some(routing_key) = row.try_get::<_, Option<String>>("routing_key")? else {
-            return StatusEvent::from_row(row).map(OutboxEvent::Status);
-        };
-        let event_id: Option<Uuid> = row.try_get("event_id")?;
-        let payload: Option<Value> = row.try_get("payload")?;
-        match (event_id, payload) {
-            (Some(event_id), Some(payload)) => Ok(OutboxEvent::Payload {
-                event_id,
-                routing_key,
-                payload,
-            }),
-            _ => Err(StoreError::Corrupt(format!(
-                "a '{routing_key}' event without its id or payload"
-            ))),
-        }
-    }
+/// Takes up to `limit` rows out with `statement`, in `id` order (RETURNING gives none).
+async fn take(
+    turn: &deadpool_postgres::Transaction<'_>,
+    statement: &str,
+    limit: i64,
+    read: impl Fn(&Row) -> Result<OutboxEvent, StoreError>,
+) -> Result<Vec<OutboxEvent>, StoreError> {
+    let statement = turn.prepare_cached(statement).await?;
+    let rows = turn.query(&statement, &[&limit]).await?;
+    let mut events = rows
+        .iter()
+        .map(|row| Ok((row.try_get::<_, i64>("id")?, read(row)?)))
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    events.sort_unstable_by_key(|(id, _)| *id);
+    Ok(events.into_iter().map(|(_, event)| event).collect())
+}
+
+fn payload_event(row: &Row) -> Result<OutboxEvent, StoreError> {
+    Ok(OutboxEvent::Payload {
+        event_id: row.try_get("event_id")?,
+        routing_key: row.try_get("routing_key")?,
+        payload: row.try_get("payload")?,
+    })
 }
 
 /// A status change waiting to be published.
@@ -122,10 +128,23 @@ pub enum RelayTurn {
     Relayed(usize),
 }
 
+/// A turn's statements: each takes rows out of one table in `id` order (the order of
+/// the changes within it), and the turn publishes in the order of the statements.
+const TAKE_STATUS: &str = "DELETE FROM sms_events
+                            WHERE id IN (SELECT id FROM sms_events ORDER BY id LIMIT $1)
+                           RETURNING id, message_id, seq, bulk_id, type, school_id, status,
+                                     previous_status, reason, error_code, provider,
+                                     provider_message_id, attempts, segments, context,
+                                     occurred_at";
+const TAKE_PAYLOADS: &str = "DELETE FROM sms_outbox
+                              WHERE id IN (SELECT id FROM sms_outbox ORDER BY id LIMIT $1)
+                             RETURNING id, event_id, routing_key, payload";
+
 impl Store {
-    /// Takes one relay turn: takes up to `limit` events out of the outbox, passes them to
-    /// `publish` in order, and commits once it returned `Ok`. On an error the turn rolls
-    /// back, and the events are published again by a later turn.
+    /// Takes one relay turn: takes up to `limit` status events and up to `limit` other
+    /// events out of the outbox, passes them to `publish` in order, and commits once it
+    /// returned `Ok`. On an error the turn rolls back, and the events are published again
+    /// by a later turn.
     pub async fn relay_events<E, F, Fut>(&self, limit: i64, publish: F) -> Result<RelayTurn, E>
     where
         E: From<StoreError>,
@@ -134,12 +153,6 @@ impl Store {
     {
         // Taken out and published in one transaction: if publishing fails, the turn
         // rolls back and the rows are back for the next one.
-        const TAKE: &str = "DELETE FROM sms_events
-                             WHERE id IN (SELECT id FROM sms_events ORDER BY id LIMIT $1)
-                            RETURNING id, message_id, seq, bulk_id, type, school_id, status,
-                                      previous_status, reason, error_code, provider,
-                                      provider_message_id, attempts, segments, context,
-                                      occurred_at, event_id, routing_key, payload";
         let mut client = self.client().await?;
         let turn = client.transaction().await.map_err(StoreError::from)?;
         let lock = turn
@@ -154,31 +167,27 @@ impl Store {
         if !ours {
             return Ok(RelayTurn::Busy);
         }
-        let take = turn.prepare_cached(TAKE).await.map_err(StoreError::from)?;
-        let rows = turn
-            .query(&take, &[&limit])
-            .await
-            .map_err(StoreError::from)?;
-        if rows.is_empty() {
+        let mut events = take(&turn, TAKE_STATUS, limit, |row| {
+            StatusEvent::from_row(row).map(OutboxEvent::Status)
+        })
+        .await?;
+        events.extend(take(&turn, TAKE_PAYLOADS, limit, payload_event).await?);
+        if events.is_empty() {
             return Ok(RelayTurn::Relayed(0));
         }
-        let mut events = rows
-            .iter()
-            .map(|row| Ok((row.try_get::<_, i64>("id")?, OutboxEvent::from_row(row)?)))
-            .collect::<Result<Vec<_>, StoreError>>()?;
-        // RETURNING gives no order: publish in the outbox's.
-        events.sort_unstable_by_key(|(id, _)| *id);
         let taken = events.len();
-        publish(events.into_iter().map(|(_, event)| event).collect()).await?;
+        publish(events).await?;
         turn.commit().await.map_err(StoreError::from)?;
         Ok(RelayTurn::Relayed(taken))
     }
 
     /// How many events wait in the outbox, and for how long the oldest has.
     pub async fn outbox_backlog(&self) -> Result<OutboxBacklog, StoreError> {
-        const BACKLOG: &str = "SELECT (SELECT count(*) FROM (SELECT 1 FROM sms_events LIMIT $1) t),
-                    COALESCE(extract(epoch FROM now() - (SELECT occurred_at FROM sms_events
-                                                           ORDER BY id LIMIT 1)), 0)::float8";
+        const BACKLOG: &str = "SELECT (SELECT count(*) FROM (SELECT 1 FROM sms_events LIMIT $1) t)
+                  + (SELECT count(*) FROM (SELECT 1 FROM sms_outbox LIMIT $1) u),
+                    COALESCE(extract(epoch FROM now() - LEAST(
+                        (SELECT occurred_at FROM sms_events ORDER BY id LIMIT 1),
+                        (SELECT occurred_at FROM sms_outbox ORDER BY id LIMIT 1))), 0)::float8";
         let row = self
             .row(BACKLOG, &[&BACKLOG_COUNT_LIMIT])
             .await?
@@ -207,7 +216,7 @@ impl Store {
     /// Writes a `job.rejected` event to the outbox (nothing with events off).
     pub async fn reject_job(&self, rejected: &RejectedJob<'_>) -> Result<(), StoreError> {
         self.execute(
-            "INSERT INTO sms_events (event_id, routing_key, payload)
+            "INSERT INTO sms_outbox (event_id, routing_key, payload)
              SELECT $1::uuid, 'job.rejected', jsonb_build_object(
                         'event_id', $1::uuid, 'job_id', $2::uuid, 'type', $3::text,
                         'school_id', $4::bigint, 'reason', $5::text, 'error', $6::text,

@@ -93,7 +93,7 @@ WITH answered AS (
     ON CONFLICT (provider, provider_message_id) DO NOTHING
     RETURNING id, received_at, school_id, in_reply_to
 ), event AS (
-    INSERT INTO sms_events (event_id, routing_key, payload)
+    INSERT INTO sms_outbox (event_id, routing_key, payload)
     SELECT $7::uuid, 'reply.received', jsonb_build_object(
                'event_id', $7::uuid, 'reply_id', r.id, 'school_id', r.school_id,
                'in_reply_to', r.in_reply_to, 'job_id', COALESCE(a.bulk_id, a.id),
@@ -106,6 +106,19 @@ WITH answered AS (
 )
 SELECT id, school_id, in_reply_to FROM reply";
 
+/// Namespace of replies' ids (any constant unique to smsgw).
+const REPLIES: Uuid = Uuid::from_u128(0x736d_7367_7700_5245_504c_4945_5300_0001);
+
+/// A reply's id and its event's, derived from the provider's message: a replay, even one
+/// that comes after retention removed the row, is the same reply and the same event.
+fn reply_ids(provider: &str, provider_message_id: &str) -> (Uuid, Uuid) {
+    let id = Uuid::new_v5(
+        &REPLIES,
+        format!("{provider}:{provider_message_id}").as_bytes(),
+    );
+    (id, Uuid::new_v5(&id, b"reply.received"))
+}
+
 const REPLY_COLUMNS: &str =
     "id, received_at, from_number, to_number, body, provider, school_id, in_reply_to";
 
@@ -117,17 +130,18 @@ impl Store {
         reply: &NewReply<'_>,
     ) -> Result<Option<ReplyRecorded>, StoreError> {
         let gateways: Vec<&str> = reply.gateways.to_vec();
+        let (id, event_id) = reply_ids(reply.provider, reply.provider_message_id);
         let row = self
             .row(
                 RECORD,
                 &[
-                    &Uuid::new_v4(),
+                    &id,
                     &reply.from.as_str(),
                     &storable(reply.to),
                     &storable(reply.body),
                     &reply.provider,
                     &storable(reply.provider_message_id),
-                    &Uuid::new_v4(),
+                    &event_id,
                     &gateways,
                     &reply.window.as_secs_f64(),
                 ],

@@ -29,11 +29,16 @@ pub fn chromium() -> Option<PathBuf> {
 
 /// Says, past the test harness's capture of `print!`, that `test` did not run.
 pub fn skipped(test: &str) {
-    use std::io::Write;
-    let _ = writeln!(
-        std::io::stderr(),
-        "SKIPPED {test}: chromium is not installed (apt-get install -y chromium; .ci/run does)"
+    skipped_without(
+        test,
+        "chromium is not installed (apt-get install -y chromium; .ci/run does)",
     );
+}
+
+/// Says, past the test harness's capture, that `test` did not run, and why.
+pub fn skipped_without(test: &str, why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
 }
 
 /// A headless chromium showing one page, killed (with its profile removed) when dropped.

@@ -160,7 +160,12 @@ impl EventTap {
     pub async fn drain(&mut self, db: &Db, patience: Duration) {
         let deadline = Instant::now() + patience;
         loop {
-            let waiting: i64 = db.scalar("SELECT count(*) FROM sms_events", &[]).await;
+            let waiting: i64 = db
+                .scalar(
+                    "SELECT (SELECT count(*) FROM sms_events) + (SELECT count(*) FROM sms_outbox)",
+                    &[],
+                )
+                .await;
             let took = self.take().await;
             if waiting == 0 && took == 0 {
                 return;

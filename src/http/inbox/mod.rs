@@ -341,6 +341,7 @@ async fn reply(State(inbox): State<Inbox>, Json(typed): Json<TypedReply>) -> Res
         from,
         to,
         body: typed.body,
+        signed_by: Vec::new(),
     };
     match inbox.callbacks.receive_inbound(&text).await {
         Ok(Inbound::Reply(id)) => {

@@ -51,7 +51,7 @@ pub fn read_status(gateways: &Gateways, request: &Callback<'_>) -> Result<Receip
 /// An inbound message, read once its signature is checked.
 pub fn read_inbound(gateways: &Gateways, request: &Callback<'_>) -> Result<InboundText, Refused> {
     let params = parse_form(request.body).ok_or(Refused::Malformed("not a form\n"))?;
-    signers(gateways, request, &params)?;
+    let signed_by = signers(gateways, request, &params)?;
     let id = first(&params, "MessageSid")
         .or_else(|| first(&params, "SmsSid"))
         .filter(|id| !id.trim().is_empty())
@@ -67,6 +67,7 @@ pub fn read_inbound(gateways: &Gateways, request: &Callback<'_>) -> Result<Inbou
         from,
         to: our_number(first(&params, "To").unwrap_or_default()),
         body: first(&params, "Body").unwrap_or_default().to_owned(),
+        signed_by,
     })
 }
 

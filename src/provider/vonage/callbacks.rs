@@ -11,6 +11,7 @@ use secrecy::ExposeSecret;
 use serde_json::Value;
 use sha1::Sha1;
 use sha2::{Sha256, Sha512};
+use subtle::ConstantTimeEq;
 use time::OffsetDateTime;
 
 use crate::{
@@ -62,7 +63,7 @@ pub fn read_status(gateways: &Gateways, request: &Callback<'_>) -> Result<Receip
 /// with its own `messageId`, and is taken as its own text.
 pub fn read_inbound(gateways: &Gateways, request: &Callback<'_>) -> Result<InboundText, Refused> {
     let params = params(request.headers, request.body)?;
-    signers(gateways, &params)?;
+    let signed_by = signers(gateways, &params)?;
     let id = params
         .get("messageId")
         .filter(|id| !id.trim().is_empty())
@@ -80,6 +81,7 @@ pub fn read_inbound(gateways: &Gateways, request: &Callback<'_>) -> Result<Inbou
         from,
         to: our_number(params.get("to").map_or("", String::as_str)),
         body: params.get("text").cloned().unwrap_or_default(),
+        signed_by,
     })
 }
 
@@ -180,7 +182,7 @@ pub fn signature(secret: &str, method: SignatureMethod, params: &Params) -> Stri
     hex::encode_upper(digest(secret, method, &base(params)))
 }
 
-/// Checks a `sig` (any case) without an early exit on the first byte that differs.
+/// Checks a `sig` (any case) in constant time.
 pub fn verify(secret: &str, method: SignatureMethod, params: &Params) -> bool {
     let Some(given) = params
         .get("sig")
@@ -189,12 +191,7 @@ pub fn verify(secret: &str, method: SignatureMethod, params: &Params) -> bool {
         return false;
     };
     let expected = digest(secret, method, &base(params));
-    expected.len() == given.len()
-        && expected
-            .iter()
-            .zip(&given)
-            .fold(0u8, |differs, (a, b)| differs | (a ^ b))
-            == 0
+    bool::from(expected.as_slice().ct_eq(given.as_slice()))
 }
 
 fn digest(secret: &str, method: SignatureMethod, base: &str) -> Vec<u8> {
