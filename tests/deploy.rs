@@ -742,3 +742,80 @@ fn the_compose_file_and_env_examples_use_real_settings() {
         "the allocator settings are in the build"
     );
 }
+
+/// `make release` leaves the binary and its checksum, as `sha256sum` writes one, under a
+/// name that says the version and the target. Checked on the test build, packaged as
+/// `make release` packages its own (`scripts/release.sh --from`): no release build here.
+#[test]
+fn make_release_packages_the_binary_with_its_checksum() {
+    use sha2::Digest;
+    let makefile = read("Makefile");
+    let recipe = makefile
+        .split("\nrelease:\n")
+        .nth(1)
+        .expect("a release target in the Makefile");
+    assert!(
+        recipe
+            .lines()
+            .next()
+            .is_some_and(|l| l.contains("scripts/release.sh"))
+    );
+
+    let out = std::env::temp_dir().join(format!("smsgw-release-{}", uuid::Uuid::new_v4()));
+    let output = Command::new(repo("scripts/release.sh"))
+        .args(["--from", env!("CARGO_BIN_EXE_smsgw")])
+        .env("RELEASE_DIR", &out)
+        .output()
+        .expect("scripts/release.sh");
+    assert!(output.status.success(), "{output:?}");
+    let rustc = Command::new("rustc")
+        .arg("-vV")
+        .output()
+        .expect("rustc -vV");
+    let host = String::from_utf8_lossy(&rustc.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("host: ").map(str::to_owned))
+        .expect("the host's target triple");
+    let name = format!("smsgw-{}-{host}", env!("CARGO_PKG_VERSION"));
+    let binary = std::fs::read(out.join(&name)).expect("the binary");
+    let checksum = std::fs::read_to_string(out.join(format!("{name}.sha256"))).expect("sum");
+    let digest = hex::encode(sha2::Sha256::digest(&binary));
+    assert_eq!(checksum, format!("{digest}  {name}\n"));
+    let verified = Command::new("sha256sum")
+        .args(["-c", &format!("{name}.sha256")])
+        .current_dir(&out)
+        .output()
+        .expect("sha256sum -c");
+    assert!(verified.status.success(), "{verified:?}");
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+/// `make run` and `make test` check what they need before anything else, quickly: here,
+/// where everything is in place, the check passes in well under a second.
+#[test]
+fn make_checks_its_prerequisites_first_and_quickly() {
+    let makefile = read("Makefile");
+    for (target, mode) in [("run", "run"), ("test", "test")] {
+        let recipe = makefile
+            .split(&format!("\n{target}:"))
+            .nth(1)
+            .unwrap_or_else(|| panic!("no {target} target"));
+        let first = recipe.lines().nth(1).unwrap_or_default();
+        assert_eq!(
+            first.trim(),
+            format!("@scripts/prerequisites.sh {mode}"),
+            "{target}"
+        );
+    }
+    let started = Instant::now();
+    let output = Command::new(repo("scripts/prerequisites.sh"))
+        .arg("test")
+        .output()
+        .expect("scripts/prerequisites.sh");
+    assert!(output.status.success(), "{output:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+}
