@@ -911,6 +911,70 @@ async fn support_and_billing_read_through_their_roles_and_cannot_write() {
     app.db.drop_roles(prefix).await;
 }
 
+/// The daemon needs no more than `smsgw_daemon` of `deploy/postgresql/roles.sql`: as a
+/// login of that role alone (a staging daemon: it does not migrate), it sends and records
+/// a text, relays its events and applies a STOP, on tables it does not own.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_daemon_sends_and_applies_a_stop_as_a_login_of_its_role() {
+    let mut app = spawn_app().await;
+    app.stop().await.expect("the owner's daemon stops");
+    let prefix = app.env.name.clone();
+    helpers::db::apply_roles(&app.env.database_url, &prefix);
+    let login = app.db.login(&prefix, "app", "daemon").await;
+    let public = "https://smsgw.example.com";
+    app.http_url = restart(
+        &app,
+        &[
+            ("SMSGW_ENV", "staging"),
+            ("SMSGW_DATABASE_URL", &login),
+            ("SMSGW_PUBLIC_URL", public),
+        ],
+    )
+    .await;
+    app.add_school(SCHOOL, "GB").await;
+
+    let sent = job("booking_reminder", SCHOOL, "+447700900123", "Reminder");
+    app.publish(&sent).await;
+    let row = app.wait_for_status(id_of(&sent), "sent").await;
+    assert_eq!(row.attempts, 1);
+    assert_eq!(app.attempts(id_of(&sent)).await.len(), 1);
+    let stop = app
+        .post_twilio_inbound(public, "+447700900123", "STOP", "SMroles0001")
+        .await;
+    assert!(stop.status().is_success(), "{stop:?}");
+    let opted_out: i64 = app
+        .db
+        .scalar(
+            "SELECT count(*) FROM sms_opt_outs WHERE phone = '+447700900123'",
+            &[],
+        )
+        .await;
+    assert_eq!(opted_out, 1);
+    let deadline = std::time::Instant::now() + helpers::PATIENCE;
+    while app
+        .db
+        .scalar::<i64>("SELECT count(*) FROM sms_events", &[])
+        .await
+        > 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the events were never relayed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let sessions: i64 = app
+        .db
+        .scalar(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE usename = $1 AND datname = current_database()",
+            &[&format!("{prefix}_app")],
+        )
+        .await;
+    assert!(sessions > 0, "the daemon is connected as its login");
+    app.db.drop_roles(&prefix).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn status_finds_a_booking_by_its_context_as_a_number_or_a_string() {
     let app = spawn_app().await;
