@@ -7,17 +7,22 @@ REPORT := target/tmp/fault-report.md
 EXCLUSIVE := exclusive cluster
 EXCLUSIVE_FILTER := $(subst $(eval) , | ,$(foreach t,$(EXCLUSIVE),binary($(t))))
 
-.PHONY: run test test-parallel test-faults test-image-context bench fmt lint check audit fuzz services clean-test-envs
+.PHONY: run test test-parallel test-faults test-image-context bench fmt lint check audit fuzz release prerequisites services clean-test-envs
 
 ## run: the daemon against the local RabbitMQ and PostgreSQL, inbox provider (nothing is
-## sent; every text is shown at http://127.0.0.1:9464/inbox)
-run: services
+## sent; every text is shown at http://127.0.0.1:9464/inbox). First, what it needs
+## (scripts/prerequisites.sh: Rust, the services and their logins, saying what to do)
+run:
+	@scripts/prerequisites.sh run
 	$(CARGO) run --quiet -- run
 
 ## test: the image's build context, then every test against the real RabbitMQ and
 ## PostgreSQL: the parallel suite, then the service-restarting faults alone; prints the
 ## fault report at the end
-test: services clean-test-envs
+test:
+	@scripts/prerequisites.sh test
+	@scripts/services.sh
+	@scripts/clean-test-envs.sh
 	@rm -f $(REPORT)
 	@status=0; \
 	$(MAKE) --no-print-directory test-image-context || status=1; \
@@ -57,6 +62,15 @@ test-image-context:
 ## (BENCH_JOBS, BENCH_LATENCIES, BENCH_SCENARIOS, BENCH_RECIPIENTS; see benches/throughput.rs)
 bench: services clean-test-envs
 	$(CARGO) bench --bench throughput
+
+## release: a stripped release binary for this machine's target and its SHA-256 checksum,
+## target/release-artifacts/smsgw-<version>-<target triple> and .sha256 (scripts/release.sh)
+release:
+	CARGO="$(CARGO)" scripts/release.sh
+
+## prerequisites: what `make run` needs, and what to install, start or change when not
+prerequisites:
+	@scripts/prerequisites.sh run
 
 ## fmt: format the code
 fmt:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Removes the vhosts, databases and cluster nodes that test runs left behind when they
+# Removes the vhosts, databases, roles and cluster nodes that test runs left behind when they
 # were killed (a test removes its own when it ends normally). Run before a test run, not
 # during one.
 set -uo pipefail
@@ -14,6 +14,12 @@ if command -v psql >/dev/null; then
     psql "$admin" -tAc "SELECT datname FROM pg_database WHERE datname LIKE 'smsgw_test_%'" 2>/dev/null |
         while read -r db; do
             psql "$admin" -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null 2>&1
+        done
+    # The roles of tests of deploy/postgresql/roles.sql: their grants went with the
+    # databases above.
+    psql "$admin" -tAc "SELECT rolname FROM pg_roles WHERE rolname LIKE 'smsgw\\_test\\_%'" 2>/dev/null |
+        while read -r role; do
+            psql "$admin" -qc "DROP ROLE IF EXISTS \"$role\"" >/dev/null 2>&1
         done
 fi
 # The RabbitMQ nodes and directories of test clusters (tests/cluster.rs) whose test

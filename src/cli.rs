@@ -465,6 +465,14 @@ async fn migrate(settings: &Settings) -> ExitCode {
     }
     .await;
     match result {
+        Ok(version) if version > Store::latest_migration() => {
+            println!(
+                "schema is at version {version}, newer than this build's {}: nothing to apply \
+                 (a later version migrated it; migrations only add, so this build runs on it)",
+                Store::latest_migration()
+            );
+            ExitCode::SUCCESS
+        }
         Ok(version) => {
             println!("schema is at version {version}");
             ExitCode::SUCCESS

@@ -321,6 +321,14 @@ async fn connect_store(
                              run `smsgw migrate` first"
                         )));
                     }
+                    if have > need {
+                        tracing::info!(
+                            database_version = have,
+                            build_version = need,
+                            "the schema is newer than this build (a later version migrated \
+                             it); migrations only add, so this build runs on it"
+                        );
+                    }
                 }
                 tracing::info!(database = %settings.database_url_redacted(), "database ready");
                 return Ok(Some(store));

@@ -26,7 +26,8 @@ const SCHOOL: i64 = 42;
 const PUBLIC: &str = "https://smsgw.example.com";
 const RULES: &str = "deploy/prometheus/smsgw.rules.yml";
 const RULE_TESTS: &str = "deploy/prometheus/smsgw.rules.test.yml";
-const PROMETHEUS_RULE: &str = "deploy/kubernetes/prometheusrule.yaml";
+const PROMETHEUS_RULE: &str =
+    "deploy/kubernetes/components/prometheus-operator/prometheusrule.yaml";
 const DASHBOARD: &str = "deploy/grafana/smsgw.json";
 
 fn repo(path: &str) -> String {

@@ -838,6 +838,143 @@ async fn status_lists_a_numbers_messages_newest_first_masked_unless_revealed() {
     assert_eq!(json[0]["body"], "Your code is 4711");
 }
 
+/// Whether a write as `url`'s login is refused for want of privilege.
+async fn write_refused(url: &str, statement: &str) -> bool {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect as the login");
+    tokio::spawn(connection);
+    let refused = client.batch_execute(statement).await.err();
+    refused.and_then(|e| e.code().cloned())
+        == Some(tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE)
+}
+
+/// The roles of `deploy/postgresql/roles.sql`: support looks messages up and counts them,
+/// billing counts them, and neither can write; the web app writes its own tables only.
+/// `status` and `usage` connect without migrating, creating or locking anything.
+#[tokio::test(flavor = "multi_thread")]
+async fn support_and_billing_read_through_their_roles_and_cannot_write() {
+    let app = spawn_app().await;
+    app.add_school(SCHOOL, "GB").await;
+    let to = "+447700900123";
+    let id = logged(&app, SCHOOL, to, "1 hour", Value::Null).await;
+    let prefix = app.env.name.as_str();
+    helpers::db::apply_roles(&app.env.database_url, prefix);
+    let support = app.db.login(prefix, "alice", "support").await;
+    let billing = app.db.login(prefix, "bob", "billing").await;
+    let webapp = app.db.login(prefix, "web", "webapp").await;
+    let as_login = |url: &str, args: &[&str]| {
+        let vars = [("SMSGW_DATABASE_URL".to_owned(), url.to_owned())];
+        helpers::smsgw_command(&vars, args).output().expect("smsgw")
+    };
+    let today = OffsetDateTime::now_utc().date();
+    let (from, until) = (
+        today.previous_day().expect("a day").to_string(),
+        today.next_day().expect("a day").to_string(),
+    );
+
+    let found = as_login(&support, &["status", "--to", to]);
+    assert_eq!(found.status.code(), Some(0), "{found:?}");
+    assert!(stdout(&found).contains(&id.to_string()), "{found:?}");
+    let one = as_login(&support, &["status", &id.to_string()]);
+    assert_eq!(one.status.code(), Some(0), "{one:?}");
+    for login in [&support, &billing] {
+        let usage = as_login(login, &["usage", "--from", &from, "--to", &until, "--csv"]);
+        assert_eq!(usage.status.code(), Some(0), "{usage:?}");
+        assert!(stdout(&usage).contains("\n42,1,1,"), "{usage:?}");
+    }
+    // Billing reads the log's rows and nothing else (not the replies status shows).
+    let narrow = as_login(&billing, &["status", "--to", to]);
+    assert_eq!(narrow.status.code(), Some(1), "{narrow:?}");
+
+    let opt_out = "INSERT INTO sms_opt_outs (phone, source) VALUES ('+447700900123', 'web')";
+    for login in [&support, &billing] {
+        assert!(
+            write_refused(login, opt_out).await,
+            "{login} wrote an opt-out"
+        );
+        let update = "UPDATE sms_messages SET status = 'failed'";
+        assert!(
+            write_refused(login, update).await,
+            "{login} changed the log"
+        );
+    }
+    assert!(
+        !write_refused(&webapp, opt_out).await,
+        "the web app writes opt-outs"
+    );
+    let forged = format!("UPDATE sms_messages SET status = 'failed' WHERE id = '{id}'");
+    assert!(
+        write_refused(&webapp, &forged).await,
+        "the web app changed the log"
+    );
+    app.db.drop_roles(prefix).await;
+}
+
+/// The daemon needs no more than `smsgw_daemon` of `deploy/postgresql/roles.sql`: as a
+/// login of that role alone (a staging daemon: it does not migrate), it sends and records
+/// a text, relays its events and applies a STOP, on tables it does not own.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_daemon_sends_and_applies_a_stop_as_a_login_of_its_role() {
+    let mut app = spawn_app().await;
+    app.stop().await.expect("the owner's daemon stops");
+    let prefix = app.env.name.clone();
+    helpers::db::apply_roles(&app.env.database_url, &prefix);
+    let login = app.db.login(&prefix, "app", "daemon").await;
+    let public = "https://smsgw.example.com";
+    app.http_url = restart(
+        &app,
+        &[
+            ("SMSGW_ENV", "staging"),
+            ("SMSGW_DATABASE_URL", &login),
+            ("SMSGW_PUBLIC_URL", public),
+        ],
+    )
+    .await;
+    app.add_school(SCHOOL, "GB").await;
+
+    let sent = job("booking_reminder", SCHOOL, "+447700900123", "Reminder");
+    app.publish(&sent).await;
+    let row = app.wait_for_status(id_of(&sent), "sent").await;
+    assert_eq!(row.attempts, 1);
+    assert_eq!(app.attempts(id_of(&sent)).await.len(), 1);
+    let stop = app
+        .post_twilio_inbound(public, "+447700900123", "STOP", "SMroles0001")
+        .await;
+    assert!(stop.status().is_success(), "{stop:?}");
+    let opted_out: i64 = app
+        .db
+        .scalar(
+            "SELECT count(*) FROM sms_opt_outs WHERE phone = '+447700900123'",
+            &[],
+        )
+        .await;
+    assert_eq!(opted_out, 1);
+    let deadline = std::time::Instant::now() + helpers::PATIENCE;
+    while app
+        .db
+        .scalar::<i64>("SELECT count(*) FROM sms_events", &[])
+        .await
+        > 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the events were never relayed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let sessions: i64 = app
+        .db
+        .scalar(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE usename = $1 AND datname = current_database()",
+            &[&format!("{prefix}_app")],
+        )
+        .await;
+    assert!(sessions > 0, "the daemon is connected as its login");
+    app.db.drop_roles(&prefix).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn status_finds_a_booking_by_its_context_as_a_number_or_a_string() {
     let app = spawn_app().await;

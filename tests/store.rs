@@ -151,6 +151,56 @@ async fn a_migration_changed_after_it_was_applied_stops_the_migrator() {
     store.close().await;
 }
 
+/// A rollback runs the previous version, and its `smsgw migrate` (the Kubernetes Job of
+/// every rollout), on the schema a later version left: migrations newer than the build
+/// are accepted and nothing is applied. One the build should know but does not (another
+/// history) still stops it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_schema_a_later_version_migrated_is_accepted_but_another_history_is_not() {
+    let env = TestEnv::new().await;
+    let store = store(&env).await;
+    store.migrate().await.expect("migrate");
+    let db = Db::connect(&env.database_url).await;
+    let later = Store::latest_migration() + 1;
+    // What a later version's additive migration does, and its record.
+    db.batch("ALTER TABLE sms_messages ADD COLUMN later_column text")
+        .await;
+    db.execute(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+         VALUES ($1, 'later', TRUE, '\\x00', 1)",
+        &[&later],
+    )
+    .await;
+
+    store.migrate().await.expect("a newer schema is accepted");
+    assert_eq!(store.schema_version().await.expect("version"), later);
+    let vars = [("SMSGW_DATABASE_URL".to_owned(), env.database_url.clone())];
+    let output = helpers::smsgw_command(&vars, &["migrate"])
+        .output()
+        .expect("smsgw migrate");
+    let said = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    assert!(
+        said.contains(&format!("version {later}, newer than this build's")),
+        "{said}"
+    );
+
+    // An unknown migration among the build's own: another branch applied it.
+    let between = Store::latest_migration() - 1;
+    db.execute(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+         VALUES ($1, 'elsewhere', TRUE, '\\x00', 1)",
+        &[&between],
+    )
+    .await;
+    let refused = store.migrate().await.expect_err("refused");
+    assert!(
+        refused.to_string().contains("different histories"),
+        "{refused}"
+    );
+    store.close().await;
+}
+
 /// A migration on a big table may run for minutes: the daemon's 15 s statement timeout
 /// must not cut it off half-way. An event trigger notes the timeout in force for every
 /// schema change the migrations make.

@@ -97,7 +97,15 @@ async fn check_database(settings: &Settings) -> bool {
     line("database", true, &url);
     let need = Store::latest_migration();
     let current = match store.schema_version().await {
-        Ok(have) if have >= need => {
+        Ok(have) if have > need => {
+            let text = format!(
+                "version {have}, newer than this build's {need} (a later version migrated it; \
+                 migrations only add)"
+            );
+            line("schema", true, &text);
+            true
+        }
+        Ok(have) if have == need => {
             line("schema", true, &format!("version {have}"));
             true
         }

@@ -10,8 +10,17 @@
 //! once either.
 //!
 //! As sqlx did, a migration whose file changed after it was applied stops everything (the
-//! files are append-only: an edited one would leave databases that disagree), and so does
-//! an applied migration this build does not know (the database is newer than the build).
+//! files are append-only: an edited one would leave databases that disagree).
+//!
+//! A database a later build migrated holds migrations this build does not know. Unlike
+//! sqlx, this build accepts them, and applies nothing, when each is newer than every one
+//! it knows and it finds all of its own applied: the database is then ahead on the same
+//! line, and since migrations only ever add (docs/versioning.md), this build's statements
+//! still find everything they use. That is what lets a rollback run the previous version,
+//! its `smsgw migrate` (the Kubernetes Job of every rollout) included, on the schema the
+//! newer one left. An unknown migration older than this build's newest, or one of this
+//! build's missing under newer ones, means the two come from different histories: that
+//! still stops everything.
 //!
 //! Each migration runs in a transaction with its record, unless its first line is
 //! `-- smsgw:no-transaction` (for `CREATE INDEX CONCURRENTLY`, which PostgreSQL refuses in
@@ -116,11 +125,16 @@ pub(crate) async fn run(client: &mut Client) -> Result<(), StoreError> {
     lock(client, lock_key(&database)).await?;
     client.batch_execute(CREATE_TABLE).await?;
     let applied = applied(client).await?;
+    if let Some(newest) = applied.newer.last() {
+        tracing::info!(
+            database_version = newest,
+            build_version = latest(),
+            "the schema is newer than this build (a later version migrated it): nothing to \
+             apply; migrations only add, so this build works on it"
+        );
+    }
     for migration in MIGRATIONS {
-        if !applied
-            .iter()
-            .any(|(version, _)| *version == migration.version)
-        {
+        if !applied.known.contains(&migration.version) {
             apply(client, migration).await?;
         }
     }
@@ -151,35 +165,75 @@ async fn lock(client: &Client, key: i64) -> Result<(), StoreError> {
     }
 }
 
+/// A row of `_sqlx_migrations`: version, checksum, success.
+type Recorded = (i64, Vec<u8>, bool);
+
+/// The migrations a database has applied, as this build sees them.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Applied {
+    /// This build's migrations that are applied.
+    known: Vec<i64>,
+    /// Applied migrations newer than every one this build knows, oldest first: a later
+    /// build applied them.
+    newer: Vec<i64>,
+}
+
 /// The applied migrations, checked against this build's.
-async fn applied(client: &Client) -> Result<Vec<(i64, Vec<u8>)>, StoreError> {
+async fn applied(client: &Client) -> Result<Applied, StoreError> {
     let rows = client
         .query(
             "SELECT version, checksum, success FROM _sqlx_migrations ORDER BY version",
             &[],
         )
         .await?;
-    let mut applied = Vec::with_capacity(rows.len());
+    let mut recorded = Vec::with_capacity(rows.len());
     for row in rows {
-        let (version, checksum, success): (i64, Vec<u8>, bool) =
-            (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+        recorded.push((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?));
+    }
+    check_applied(MIGRATIONS, &recorded)
+}
+
+/// `recorded` (by version) against the build's `migrations`.
+fn check_applied(migrations: &[Migration], recorded: &[Recorded]) -> Result<Applied, StoreError> {
+    let newest_known = migrations.iter().map(|m| m.version).max().unwrap_or(0);
+    let mut applied = Applied::default();
+    for (version, checksum, success) in recorded {
+        let version = *version;
         if !success {
             return Err(StoreError::Migrate(format!(
                 "migration {version} is recorded as failed: repair the database by hand"
             )));
         }
-        match MIGRATIONS.iter().find(|m| m.version == version) {
+        match migrations.iter().find(|m| m.version == version) {
+            None if version > newest_known => applied.newer.push(version),
             None => {
                 return Err(StoreError::Migrate(format!(
-                    "migration {version} was applied but this build does not know it"
+                    "migration {version} was applied but this build does not know it, though \
+                     it knows newer ones (up to {newest_known}): the database and this build \
+                     come from different histories"
                 )));
             }
-            Some(known) if known.checksum() != checksum => {
+            Some(known) if known.checksum() != *checksum => {
                 return Err(StoreError::Migrate(format!(
                     "migration {version} was applied but its file has changed since"
                 )));
             }
-            Some(_) => applied.push((version, checksum)),
+            Some(_) => applied.known.push(version),
+        }
+    }
+    if let Some(first_newer) = applied.newer.first() {
+        let missing: Vec<String> = migrations
+            .iter()
+            .filter(|m| !applied.known.contains(&m.version))
+            .map(|m| m.version.to_string())
+            .collect();
+        if !missing.is_empty() {
+            return Err(StoreError::Migrate(format!(
+                "the database holds migrations newer than this build (from {first_newer}) \
+                 but lacks this build's {}: the database and this build come from \
+                 different histories",
+                missing.join(", ")
+            )));
         }
     }
     Ok(applied)
@@ -335,6 +389,55 @@ mod tests {
             ]
         );
         assert_eq!(statements("SELECT 1"), vec!["SELECT 1"]);
+    }
+
+    /// A build of three migrations (10, 20, 30), and the rows a database records for
+    /// `versions`.
+    fn build_and_rows(versions: &[i64]) -> (Vec<Migration>, Vec<Recorded>) {
+        let build: Vec<Migration> = [10, 20, 30]
+            .map(|version| Migration {
+                version,
+                name: "x",
+                sql: "SELECT 1",
+            })
+            .into();
+        let rows = versions
+            .iter()
+            .map(|v| (*v, Sha384::digest(b"SELECT 1").to_vec(), true))
+            .collect();
+        (build, rows)
+    }
+
+    #[test]
+    fn migrations_newer_than_the_build_are_accepted_when_the_history_is_the_same() {
+        let (build, rows) = build_and_rows(&[10, 20, 30, 40, 50]);
+        let applied = check_applied(&build, &rows).expect("a later build's database");
+        assert_eq!(
+            applied,
+            Applied {
+                known: vec![10, 20, 30],
+                newer: vec![40, 50]
+            }
+        );
+        let (build, rows) = build_and_rows(&[10, 20]);
+        let applied = check_applied(&build, &rows).expect("an older database");
+        assert_eq!(applied.newer, Vec::<i64>::new(), "30 is simply missing");
+    }
+
+    #[test]
+    fn a_database_from_another_history_is_refused() {
+        // An unknown migration older than the build's newest: another branch applied it.
+        let (build, mut rows) = build_and_rows(&[10, 20, 30]);
+        rows.insert(2, (25, vec![0], true));
+        let refused = check_applied(&build, &rows).expect_err("refused");
+        assert!(refused.to_string().contains("migration 25 "), "{refused}");
+        // Newer migrations, but one of the build's own missing beneath them.
+        let (build, rows) = build_and_rows(&[10, 30, 40]);
+        let refused = check_applied(&build, &rows).expect_err("refused");
+        assert!(
+            refused.to_string().contains("lacks this build's 20"),
+            "{refused}"
+        );
     }
 
     #[test]

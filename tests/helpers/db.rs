@@ -134,3 +134,63 @@ pub async fn drop_database(url: &str, name: &str) -> Result<(), tokio_postgres::
         ))
         .await
 }
+
+/// The group roles of `deploy/postgresql/roles.sql`, applied to the database at `url`
+/// under names of the test's own: `<prefix>_daemon`, `_webapp`, `_support`, `_billing`
+/// (roles belong to the whole server, which the tests share).
+pub fn apply_roles(url: &str, prefix: &str) {
+    let mut psql = std::process::Command::new("psql");
+    psql.args(["-X", "-q", "-v", "ON_ERROR_STOP=1"]);
+    for group in ["daemon", "webapp", "support", "billing"] {
+        psql.args(["-v", &format!("{group}={prefix}_{group}")]);
+    }
+    let output = psql
+        .arg("-f")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/deploy/postgresql/roles.sql"
+        ))
+        .arg(url)
+        .output()
+        .expect("psql runs deploy/postgresql/roles.sql");
+    assert!(
+        output.status.success(),
+        "roles.sql: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+impl Db {
+    /// A login role `<prefix>_<name>`, member of the group `<prefix>_<group>`; the URL of
+    /// this database as that login.
+    pub async fn login(&self, prefix: &str, name: &str, group: &str) -> String {
+        let login = format!("{prefix}_{name}");
+        self.batch(&format!(
+            "CREATE ROLE {login} LOGIN PASSWORD 'secret'; GRANT {prefix}_{group} TO {login}"
+        ))
+        .await;
+        let mut url = reqwest::Url::parse(&self.url).expect("a database URL");
+        url.set_username(&login).expect("a user");
+        url.set_password(Some("secret")).expect("a password");
+        url.to_string()
+    }
+
+    /// Drops the roles named `<prefix>_...`, and whatever they were granted here.
+    /// (`scripts/clean-test-envs.sh` drops those a killed test left.)
+    pub async fn drop_roles(&self, prefix: &str) {
+        let roles: Vec<String> = self
+            .rows(
+                "SELECT quote_ident(rolname) FROM pg_roles WHERE starts_with(rolname, $1)",
+                &[&format!("{prefix}_")],
+            )
+            .await
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        if !roles.is_empty() {
+            let list = roles.join(", ");
+            self.batch(&format!("DROP OWNED BY {list}; DROP ROLE {list}"))
+                .await;
+        }
+    }
+}
