@@ -369,7 +369,7 @@ async fn round_trip(lang: &Lang) {
     let seq = delivered.seq();
     let expected = [
         format!("login_code.delivered job={id} message={id} seq={seq} "),
-        format!("job.rejected job={rejected} error=body: "),
+        format!("job.rejected job={rejected} error=body: missing"),
         format!("reply.received job={id} from={STUDENT} body=Running late"),
     ];
     assert_eq!(lines.len(), 3, "{lines:#?}");
