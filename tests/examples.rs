@@ -30,7 +30,11 @@ use tokio::{
 };
 use uuid::Uuid;
 
-use helpers::{App, PATIENCE, TestEnv, events::EventTap, spawn_app_with};
+use helpers::{
+    App, PATIENCE, TestEnv,
+    events::{Event, EventTap},
+    spawn_app_with,
+};
 
 const SCHOOL: i64 = 42;
 const STUDENT: &str = "+447700900123";
@@ -300,6 +304,36 @@ async fn assert_published_as_the_interface_asks(channel: &Channel, spy: &str, id
     assert_eq!(job["context"], json!({"booking_id": 981}));
 }
 
+/// The publisher's arguments: a login code, with a context.
+#[rustfmt::skip]
+const LOGIN_CODE: [&str; 10] = [
+    "--school", "42", "--to", STUDENT, "--type", "login_code", "--body", "Your code is 4711",
+    "--context", r#"{"booking_id": 981}"#,
+];
+
+/// Publishes `delivered` again (events come at least once), then an older status of the
+/// same message: a consumer handles neither.
+async fn send_a_copy_and_older_news(channel: &Channel, delivered: &Event) {
+    let (key, body) = (&delivered.routing_key, &delivered.body);
+    publish_to(channel, "sms.events", key, body).await;
+    let mut older = body.clone();
+    older["event_id"] = json!(Uuid::new_v4());
+    (older["seq"], older["status"]) = (json!(1), json!("failed"));
+    publish_to(channel, "sms.events", "login_code.failed", &older).await;
+}
+
+/// A reply from the student, through the inbox's API as its reply box sends it.
+async fn post_reply(app: &App, body: &str) {
+    let reply = json!({"from": STUDENT, "to": "", "body": body});
+    let posted = reqwest::Client::new()
+        .post(format!("{}/inbox/api/replies", app.http_url))
+        .json(&reply)
+        .send()
+        .await
+        .expect("the inbox answers");
+    assert_eq!(posted.status(), 201);
+}
+
 /// The whole round: publish, deliver, hear the events; copies and older news ignored.
 async fn round_trip(lang: &Lang) {
     let Some(runtime) = lang.runtime() else {
@@ -314,56 +348,21 @@ async fn round_trip(lang: &Lang) {
     let queue = format!("webapp-{}", lang.dir);
     let consumer = Consumer::start(lang, &runtime, &app, &queue, 3).await;
 
-    let (code, out, err) = lang
-        .publish(
-            &runtime,
-            &app.env.amqp_url,
-            &[
-                "--school",
-                "42",
-                "--to",
-                STUDENT,
-                "--type",
-                "login_code",
-                "--body",
-                "Your code is 4711",
-                "--context",
-                r#"{"booking_id": 981}"#,
-            ],
-        )
-        .await;
+    let (code, out, err) = lang.publish(&runtime, &app.env.amqp_url, &LOGIN_CODE).await;
     assert_eq!(code, 0, "{err}");
     let id: Uuid = out.parse().expect("the publisher prints the job's id");
     app.wait_for_status(id, "delivered").await;
     assert_published_as_the_interface_asks(&channel, spy, id).await;
 
-    // The event again (at least once), then an older status of the same message.
     consumer.wait_for_lines(1).await;
     let delivered = tap.until(|events| !events.is_empty()).await[0].clone();
-    publish_to(
-        &channel,
-        "sms.events",
-        &delivered.routing_key,
-        &delivered.body,
-    )
-    .await;
-    let mut older = delivered.body.clone();
-    older["event_id"] = json!(Uuid::new_v4());
-    (older["seq"], older["status"]) = (json!(1), json!("failed"));
-    publish_to(&channel, "sms.events", "login_code.failed", &older).await;
+    send_a_copy_and_older_news(&channel, &delivered).await;
 
     let rejected = Uuid::new_v4();
     let invalid = json!({"id": rejected, "type": "login_code", "school_id": SCHOOL, "to": STUDENT});
     publish_to(&channel, "sms.jobs", "login_code", &invalid).await;
     consumer.wait_for_lines(2).await;
-    let reply = json!({"from": STUDENT, "to": "", "body": "Running late"});
-    let posted = reqwest::Client::new()
-        .post(format!("{}/inbox/api/replies", app.http_url))
-        .json(&reply)
-        .send()
-        .await
-        .expect("the inbox answers");
-    assert_eq!(posted.status(), 201);
+    post_reply(&app, "Running late").await;
 
     let lines = consumer.finish().await;
     let seq = delivered.seq();
