@@ -219,8 +219,13 @@ struct SendArgs {
     #[arg(long, value_name = "ID")]
     school: i64,
     /// Recipient: E.164 (+447700900123) or a national number read with the school's country.
-    #[arg(long, value_name = "NUMBER")]
-    to: String,
+    #[arg(long, value_name = "NUMBER", required_unless_present = "recipients")]
+    to: Option<String>,
+    /// An announcement's recipients, instead of --to: a file with one number a line,
+    /// optionally followed by a comma and the recipient's ref (+447700900123,user-77);
+    /// blank lines and lines starting with # are skipped.
+    #[arg(long, value_name = "FILE", conflicts_with = "to")]
+    recipients: Option<std::path::PathBuf>,
     /// Job type.
     #[arg(long = "type", value_name = "TYPE", value_parser = job_types())]
     kind: String,
@@ -236,6 +241,10 @@ struct SendArgs {
     /// Never send after this RFC 3339 time.
     #[arg(long, value_name = "TIME")]
     expires_at: Option<String>,
+    /// A JSON object kept with the message and sent back in its events, at most 2 KiB
+    /// ({"booking_id": 981}).
+    #[arg(long, value_name = "JSON")]
+    context: Option<String>,
 }
 
 fn job_types() -> clap::builder::PossibleValuesParser {
@@ -493,9 +502,22 @@ async fn send(settings: &Settings, args: SendArgs) -> ExitCode {
         "id": id,
         "type": args.kind,
         "school_id": args.school,
-        "to": args.to,
         "body": args.body,
     });
+    match (&args.to, &args.recipients) {
+        (Some(to), _) => job["to"] = to.as_str().into(),
+        (None, Some(path)) => match read_recipients(path, &args.kind) {
+            Ok(recipients) => job["recipients"] = recipients.into(),
+            Err(message) => return refuse("send", message),
+        },
+        (None, None) => return refuse("send", "--to or --recipients is required".into()),
+    }
+    if let Some(context) = &args.context {
+        match parse_context(context) {
+            Ok(context) => job["context"] = context,
+            Err(message) => return refuse("send", message),
+        }
+    }
     if let Some(at) = args.not_before {
         job["not_before"] = at.into();
     }
@@ -506,6 +528,17 @@ async fn send(settings: &Settings, args: SendArgs) -> ExitCode {
     if let Err(e) = Job::decode(&body) {
         eprintln!("smsgw: this job would be invalid: {e}");
         return ExitCode::from(EXIT_USAGE);
+    }
+    if body.len() > settings.max_job_bytes {
+        return refuse(
+            "send",
+            format!(
+                "the job is {} bytes, more than SMSGW_MAX_JOB_BYTES ({}): the daemon would \
+                 refuse it unread; send the recipients in several announcements",
+                body.len(),
+                settings.max_job_bytes
+            ),
+        );
     }
     let topology = Topology {
         delays: settings.retry_delays.clone(),
@@ -534,4 +567,34 @@ async fn send(settings: &Settings, args: SendArgs) -> ExitCode {
             ExitCode::from(EXIT_FAILED)
         }
     }
+}
+
+/// `--recipients FILE` for an announcement: its entries, or why the file is refused (its
+/// line named, never quoted).
+fn read_recipients(path: &std::path::Path, kind: &str) -> Result<Vec<serde_json::Value>, String> {
+    if kind != JobType::Announcement.as_str() {
+        return Err(format!(
+            "--recipients is for --type announcement; a {kind} has one recipient: --to"
+        ));
+    }
+    let text = std::fs::read(path)
+        .map_err(|e| format!("--recipients {}: cannot read it: {e}", path.display()))?;
+    crate::ops::parse_recipients(&text).map_err(|e| format!("--recipients {}: {e}", path.display()))
+}
+
+/// `--context JSON`: an object of at most 2 KiB as compact JSON, as a job's `context`.
+fn parse_context(text: &str) -> Result<serde_json::Value, String> {
+    let context: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| format!("--context: not JSON: {e}"))?;
+    if !context.is_object() {
+        return Err("--context: a JSON object is expected ({\"booking_id\": 981})".into());
+    }
+    let size = context.to_string().len();
+    if size > crate::job::MAX_CONTEXT_BYTES {
+        return Err(format!(
+            "--context: {size} bytes as compact JSON, more than {}",
+            crate::job::MAX_CONTEXT_BYTES
+        ));
+    }
+    Ok(context)
 }

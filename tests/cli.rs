@@ -447,3 +447,149 @@ fn status_and_usage_refuse_bad_input_with_exit_2_before_looking() {
         assert!(!stderr.contains("7700900123"), "a number in full: {stderr}");
     }
 }
+
+/// A file of this test's own in the temporary directory, holding `text`; its path.
+fn temp_file(text: &str) -> String {
+    let path = std::env::temp_dir().join(format!("smsgw-{}.txt", Uuid::new_v4().simple()));
+    std::fs::write(&path, text).expect("write a temporary file");
+    path.to_string_lossy().into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn send_announces_to_every_recipient_of_a_file_with_their_refs_and_the_context() {
+    let app = helpers::spawn_app().await;
+    app.add_school(42, "GB").await;
+    let file =
+        temp_file("# spring term\n+447700900301,user-1\n\n07700 900302\n+447700900303, user-3\n");
+    let output = app.run_cli(&[
+        "send",
+        "--school",
+        "42",
+        "--type",
+        "announcement",
+        "--recipients",
+        &file,
+        "--body",
+        "The office is closed on Monday.",
+        "--context",
+        r#"{"term": "spring"}"#,
+    ]);
+    let _ = std::fs::remove_file(&file);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    let bulk: Uuid = String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .parse()
+        .expect("the id");
+    for (number, reference) in [
+        ("+447700900301", Some("user-1")),
+        ("+447700900302", None),
+        ("+447700900303", Some("user-3")),
+    ] {
+        let row = app
+            .wait_for_status(Uuid::new_v5(&bulk, number.as_bytes()), "sent")
+            .await;
+        assert_eq!((row.recipient.as_str(), row.bulk_id), (number, Some(bulk)));
+        let context = row.context.expect("a context");
+        assert_eq!(context["term"], "spring", "{context}");
+        assert_eq!(context["ref"].as_str(), reference, "{context}");
+    }
+    assert_eq!(app.stub.requests().len(), 3, "each recipient texted once");
+}
+
+#[test]
+fn send_refuses_a_bad_recipients_file_or_context_with_exit_2_before_connecting() {
+    let header = temp_file("phone,ref\n+447700900123,user-1\n");
+    let no_ref = temp_file("+447700900123\n\n+447700900124,\n");
+    let empty = temp_file("# nobody yet\n");
+    let missing = format!("{header}.missing");
+    let announce = [
+        "send",
+        "--school",
+        "42",
+        "--type",
+        "announcement",
+        "--body",
+        "Closed",
+    ];
+    let code = [
+        "send",
+        "--school",
+        "42",
+        "--type",
+        "login_code",
+        "--body",
+        "Code 1",
+    ];
+    let code_to = [&code[..], &["--to", "+447700900123", "--context"]].concat();
+    let big = format!(r#"{{"note": "{}"}}"#, "x".repeat(2_040));
+    let cases: [(&[&str], &str, &str); 8] = [
+        (&announce, &header, "line 1: not a phone number"),
+        (&announce, &no_ref, "line 3: an empty ref"),
+        (&announce, &empty, "no recipients"),
+        (&announce, &missing, "cannot read it"),
+        (&code, &header, "--recipients is for --type announcement"),
+        (&code_to, "[1, 2]", "a JSON object is expected"),
+        (&code_to, "{booking_id: 981}", "--context: not JSON"),
+        (&code_to, &big, "more than 2048"),
+    ];
+    // Nothing listens there: each is refused before the broker is needed.
+    let nowhere = vars(&[("SMSGW_AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f")]);
+    for (args, last, says) in cases {
+        // A file goes after --recipients; a context is the last of its arguments.
+        let args = match args.last() {
+            Some(&"--context") => [args, &[last]].concat(),
+            _ => [args, &["--recipients", last]].concat(),
+        };
+        let output = smsgw(&nowhere, &args).output().expect("run");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+        assert!(!stderr.contains("7700900123"), "a number quoted: {stderr}");
+    }
+    for file in [header, no_ref, empty] {
+        let _ = std::fs::remove_file(file);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn send_sets_the_amqp_timestamp_that_default_expiry_counts_from() {
+    use lapin::options::BasicGetOptions;
+    let env = TestEnv::new().await;
+    let before = time::OffsetDateTime::now_utc().unix_timestamp();
+    let amqp = vars(&[("SMSGW_AMQP_URL", &env.amqp_url)]);
+    let args = [
+        "send",
+        "--school",
+        "42",
+        "--type",
+        "login_code",
+        "--to",
+        "+447700900123",
+        "--body",
+        "Your code is 4711",
+    ];
+    let output = smsgw(&amqp, &args).output().expect("send");
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let after = time::OffsetDateTime::now_utc().unix_timestamp();
+    // No daemon runs: the job waits in its lane, which `send` declared.
+    let connection = lapin::Connection::connect(&env.amqp_url, Default::default())
+        .await
+        .expect("connect");
+    let channel = connection.create_channel().await.expect("channel");
+    let message = channel
+        .basic_get("sms.urgent".into(), BasicGetOptions { no_ack: true })
+        .await
+        .expect("basic.get")
+        .expect("the job is in its lane");
+    let stamp = message.delivery.properties.timestamp().map(|t| t as i64);
+    assert!(
+        stamp.is_some_and(|t| (before..=after).contains(&t)),
+        "timestamp {stamp:?}, published between {before} and {after}"
+    );
+}

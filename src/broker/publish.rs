@@ -39,12 +39,15 @@ struct Republish<'a> {
 }
 
 impl Broker {
-    /// Publishes a job onto `sms.jobs` (as the web app does) and waits for the confirm.
+    /// Publishes a job onto `sms.jobs` (as the web app does) and waits for the confirm. Its
+    /// AMQP `timestamp` is now: a default expiry counts from it.
     pub async fn publish_job(&self, id: Uuid, kind: &str, body: &[u8]) -> Result<(), BrokerError> {
+        let now = OffsetDateTime::now_utc().unix_timestamp();
         let properties = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_delivery_mode(2)
-            .with_message_id(id.to_string().into());
+            .with_message_id(id.to_string().into())
+            .with_timestamp(u64::try_from(now).unwrap_or_default());
         self.publish_confirmed(JOBS_EXCHANGE, kind, body, properties)
             .await
     }

@@ -1,6 +1,7 @@
 //! Tools for ops and support: the dead-letter queue (`smsgw dlq ...`), a message's record
 //! and the messages support looks for (`smsgw status`), the usage figures billing reads
-//! (`smsgw usage`) and `smsgw check`.
+//! (`smsgw usage`), an announcement's recipients file (`smsgw send --recipients`) and
+//! `smsgw check`.
 //!
 //! Reading `sms.dead` never loses or reorders anything: messages are held unacked while
 //! they are looked at and go back to their original places; only `replay` (after the
@@ -9,6 +10,7 @@
 mod args;
 mod check;
 mod dlq;
+mod recipients;
 mod replies;
 mod status;
 mod usage;
@@ -21,6 +23,7 @@ pub use self::{
     args::{ContextMatch, ContextMatchError, NumberQuery, parse_instant, parse_since},
     check::check,
     dlq::{DeadFilter, dlq_list, dlq_purge, dlq_replay, dlq_show},
+    recipients::{RecipientsError, parse_recipients},
     replies::{ReplyLookup, list_replies},
     status::{Lookup, find_messages, print_log},
     usage::{UsageRange, UsageRangeError, print_usage},
