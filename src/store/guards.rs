@@ -137,8 +137,10 @@ impl Store {
         }
     }
 
-    /// Each school with a budget, of one school or all, and what it used in each month
-    /// from `first` to `last` (first days, inclusive); a month it used nothing in too.
+    /// Each school with a budget (a negative one is none: see
+    /// [`Store::schools_with_unreadable_guards`]), of one school or all, and what it used
+    /// in each month from `first` to `last` (first days, inclusive); a month it used
+    /// nothing in too.
     pub async fn budget_use(
         &self,
         first: Date,
@@ -152,7 +154,7 @@ impl Store {
              CROSS JOIN generate_series($1::date, $2::date, interval '1 month') AS m (month)
               LEFT JOIN sms_guard_budgets b
                      ON b.school_id = s.school_id AND b.month = m.month::date
-             WHERE s.monthly_segment_budget IS NOT NULL
+             WHERE s.monthly_segment_budget >= 0
                AND ($3::int8 IS NULL OR s.school_id = $3)
              ORDER BY s.school_id, m.month";
         self.rows(USE, &[&first, &last, &school_id])
