@@ -92,6 +92,37 @@ BEGIN
 END
 $$;
 
+-- Locks a school's month and says whether the messages `wanted` fit its budget:
+-- `adding`, the segments of those not counted before; `counted`, the month's row as
+-- locked; `fits`. A message that does not fit writes budget.exhausted the first time.
+-- The month is the one the messages were created in, as `smsgw usage` counts them.
+CREATE OR REPLACE FUNCTION sms_guard_budget_room(
+    wanted uuid[], school bigint, segments integer, budget integer, exempt boolean,
+    OUT month_start date, OUT counted sms_guard_budgets, OUT adding bigint,
+    OUT fits boolean)
+LANGUAGE plpgsql AS $$
+BEGIN
+    month_start := date_trunc('month',
+        COALESCE((SELECT min(m.created_at) FROM sms_messages m WHERE m.id = ANY (wanted)),
+                 now()) AT TIME ZONE 'UTC')::date;
+    INSERT INTO sms_guard_budgets (school_id, month) VALUES (school, month_start)
+    ON CONFLICT (school_id, month) DO NOTHING;
+    SELECT * INTO counted FROM sms_guard_budgets b
+     WHERE b.school_id = school AND b.month = month_start FOR UPDATE;
+    SELECT count(*) * segments INTO adding
+      FROM unnest(wanted) AS w (id)
+     WHERE NOT EXISTS (SELECT 1 FROM sms_guard_reservations g
+                        WHERE g.message_id = w.id AND g.guard = 'budget');
+    fits := adding = 0 OR exempt OR counted.used + adding <= budget;
+    IF NOT fits AND NOT counted.exhausted THEN
+        PERFORM sms_guard_budget_event('budget.exhausted', school, month_start, budget,
+                                       counted.used);
+        UPDATE sms_guard_budgets b SET exhausted = true
+         WHERE b.school_id = school AND b.month = month_start;
+    END IF;
+END
+$$;
+
 -- Admits messages past the guards, or names the guard that refuses them: 'opted_out'
 -- (every recipient opted out: nothing is counted), 'recipient_limit',
 -- 'international_limit', 'budget_exhausted'; null when admitted.
@@ -116,9 +147,7 @@ DECLARE
     recent timestamptz[];
     today date := (now() AT TIME ZONE 'UTC')::date;
     abroad_today integer;
-    month_start date;
-    counter sms_guard_budgets%ROWTYPE;
-    adding bigint := 0;
+    room record;
     login_new boolean := false;
     abroad_new boolean := false;
 BEGIN
@@ -158,25 +187,8 @@ BEGIN
     END IF;
 
     IF budget IS NOT NULL THEN
-        -- The month the messages were created in, as `smsgw usage` counts them.
-        month_start := date_trunc('month',
-            COALESCE((SELECT min(m.created_at) FROM sms_messages m WHERE m.id = ANY (wanted)),
-                     now()) AT TIME ZONE 'UTC')::date;
-        INSERT INTO sms_guard_budgets (school_id, month) VALUES (school, month_start)
-        ON CONFLICT (school_id, month) DO NOTHING;
-        SELECT * INTO counter FROM sms_guard_budgets b
-         WHERE b.school_id = school AND b.month = month_start FOR UPDATE;
-        SELECT count(*) * segments INTO adding
-          FROM unnest(wanted) AS w (id)
-         WHERE NOT EXISTS (SELECT 1 FROM sms_guard_reservations g
-                            WHERE g.message_id = w.id AND g.guard = 'budget');
-        IF adding > 0 AND NOT exempt AND counter.used + adding > budget THEN
-            IF NOT counter.exhausted THEN
-                PERFORM sms_guard_budget_event('budget.exhausted', school, month_start,
-                                               budget, counter.used);
-                UPDATE sms_guard_budgets b SET exhausted = true
-                 WHERE b.school_id = school AND b.month = month_start;
-            END IF;
+        SELECT * INTO room FROM sms_guard_budget_room(wanted, school, segments, budget, exempt);
+        IF NOT room.fits THEN
             RETURN 'budget_exhausted';
         END IF;
     END IF;
@@ -191,11 +203,14 @@ BEGIN
         INSERT INTO sms_guard_reservations (message_id, guard)
         VALUES (wanted[1], 'international');
     END IF;
-    IF adding > 0 THEN
-        INSERT INTO sms_guard_reservations (message_id, guard)
-        SELECT w.id, 'budget' FROM unnest(wanted) AS w (id)
-        ON CONFLICT (message_id, guard) DO NOTHING;
-        PERFORM sms_guard_budget_used(school, month_start, budget, counter, adding);
+    IF budget IS NOT NULL THEN
+        IF room.adding > 0 THEN
+            INSERT INTO sms_guard_reservations (message_id, guard)
+            SELECT w.id, 'budget' FROM unnest(wanted) AS w (id)
+            ON CONFLICT (message_id, guard) DO NOTHING;
+            PERFORM sms_guard_budget_used(school, room.month_start, budget, room.counted,
+                                          room.adding);
+        END IF;
     END IF;
     RETURN NULL;
 END
