@@ -263,22 +263,10 @@ fn admit(t: &mut Tables, check: &GuardCheck<'_>) -> Admission {
     let Some(first) = wanted.first().copied() else {
         return Admission::Refused(GuardRefusal::OptedOut);
     };
-    let mut recent = None;
-    if let Some(limit) = check.login_codes {
-        let since = now - limit.window;
-        let times: Vec<OffsetDateTime> = t
-            .counts
-            .recipients
-            .get(check.recipients[0])
-            .map(|times| times.iter().copied().filter(|at| *at > since).collect())
-            .unwrap_or_default();
-        if !t.reserved(first, "recipient") {
-            if times.len() >= limit.count as usize {
-                return Admission::Refused(GuardRefusal::RecipientLimit);
-            }
-            recent = Some(times);
-        }
-    }
+    let recent = match login_room(t, check, first, now) {
+        Ok(recent) => recent,
+        Err(refusal) => return Admission::Refused(refusal),
+    };
     let abroad = check
         .international
         .filter(|_| !t.reserved(first, "international"));
@@ -286,36 +274,14 @@ fn admit(t: &mut Tables, check: &GuardCheck<'_>) -> Admission {
     if abroad.is_some_and(|limit| t.counts.days.get(&today).copied().unwrap_or(0) >= limit) {
         return Admission::Refused(GuardRefusal::InternationalLimit);
     }
-    let created = wanted
-        .iter()
-        .filter_map(|id| t.messages.get(id).map(|row| row.created_at))
-        .min();
-    let month = Month::of(created.unwrap_or(now));
-    let fresh = wanted
-        .iter()
-        .filter(|id| !t.reserved(**id, "budget"))
-        .count() as u64;
-    let adding = fresh * u64::from(check.segments);
-    if let Some(budget) = check.budget.filter(|b| adding > 0 && !b.exempt) {
-        let counted = t
-            .counts
-            .budgets
-            .entry((check.school_id, month))
-            .or_default();
-        if !fits(budget.budget, counted.used, adding) {
-            if !counted.exhausted {
-                counted.exhausted = true;
-                let used = counted.used;
-                budget_event(t, "budget.exhausted", check.school_id, month, used);
-            }
-            return Admission::Refused(GuardRefusal::BudgetExhausted);
-        }
-    }
+    let (month, adding) = match budget_room(t, check, &wanted, now) {
+        Ok(room) => room,
+        Err(refusal) => return Admission::Refused(refusal),
+    };
     if let Some(mut times) = recent {
         times.push(now);
-        t.counts
-            .recipients
-            .insert(check.recipients[0].to_owned(), times);
+        let number = check.recipients[0].to_owned();
+        t.counts.recipients.insert(number, times);
         t.counts.reservations.insert((first, "recipient"));
     }
     if abroad.is_some() {
@@ -329,6 +295,71 @@ fn admit(t: &mut Tables, check: &GuardCheck<'_>) -> Admission {
         count_budget(t, check.school_id, month, budget.budget, adding);
     }
     Admission::Admitted
+}
+
+/// A login code's number: the times of its codes still in the window, to add this one
+/// to (`None`: not a login code, or counted before); `Err` when one more is too many.
+fn login_room(
+    t: &Tables,
+    check: &GuardCheck<'_>,
+    first: Uuid,
+    now: OffsetDateTime,
+) -> Result<Option<Vec<OffsetDateTime>>, GuardRefusal> {
+    let Some(limit) = check
+        .login_codes
+        .filter(|_| !t.reserved(first, "recipient"))
+    else {
+        return Ok(None);
+    };
+    let since = now - limit.window;
+    let times: Vec<OffsetDateTime> = t
+        .counts
+        .recipients
+        .get(check.recipients[0])
+        .map(|times| times.iter().copied().filter(|at| *at > since).collect())
+        .unwrap_or_default();
+    if times.len() >= limit.count as usize {
+        return Err(GuardRefusal::RecipientLimit);
+    }
+    Ok(Some(times))
+}
+
+/// `sms_guard_budget_room`: the month the messages count in and the segments they add
+/// (0 without a budget, or when counted before); `Err` when they do not fit, having
+/// written `budget.exhausted` the first time.
+fn budget_room(
+    t: &mut Tables,
+    check: &GuardCheck<'_>,
+    wanted: &[Uuid],
+    now: OffsetDateTime,
+) -> Result<(Month, u64), GuardRefusal> {
+    let created = wanted
+        .iter()
+        .filter_map(|id| t.messages.get(id).map(|row| row.created_at))
+        .min();
+    let month = Month::of(created.unwrap_or(now));
+    let Some(budget) = check.budget else {
+        return Ok((month, 0));
+    };
+    let fresh = wanted
+        .iter()
+        .filter(|id| !t.reserved(**id, "budget"))
+        .count() as u64;
+    let adding = fresh * u64::from(check.segments);
+    let counted = t
+        .counts
+        .budgets
+        .entry((check.school_id, month))
+        .or_default();
+    if adding == 0 || budget.exempt || fits(budget.budget, counted.used, adding) {
+        return Ok((month, adding));
+    }
+    if !counted.exhausted {
+        counted.exhausted = true;
+        let used = counted.used;
+        budget_event(t, "budget.exhausted", check.school_id, month, used);
+    }
+    Err(GuardRefusal::BudgetExhausted)
 }
 
 /// `sms_guard_budget_used`: counts `adding` more and writes the events the use reaches
