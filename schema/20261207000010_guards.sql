@@ -125,7 +125,8 @@ $$;
 
 -- Admits messages past the guards, or names the guard that refuses them: 'opted_out'
 -- (every recipient opted out: nothing is counted), 'recipient_limit',
--- 'international_limit', 'budget_exhausted'; null when admitted.
+-- 'international_limit', 'budget_exhausted'; null when admitted (or when every message
+-- has an outcome already: nothing is counted, and the claim finds them done).
 --
 -- `ids` and `recipients` are the messages, one, or an announcement's recipients at once
 -- (the budget only: an announcement that does not fit whole is refused whole). The
@@ -151,6 +152,17 @@ DECLARE
     login_new boolean := false;
     abroad_new boolean := false;
 BEGIN
+    -- A message with an outcome (a job published again) is not counted: its claim finds
+    -- it done. A failed one may be replayed, and counts (once) like any other.
+    SELECT array_agg(i.id), array_agg(i.number) INTO ids, recipients
+      FROM unnest(ids, recipients) AS i (id, number)
+     WHERE NOT EXISTS (SELECT 1 FROM sms_messages m
+                        WHERE m.id = i.id
+                          AND m.status IN ('sent', 'delivered', 'undelivered', 'suppressed',
+                                           'expired'));
+    IF ids IS NULL THEN
+        RETURN NULL;
+    END IF;
     SELECT array_agg(i.id) INTO wanted
       FROM unnest(ids, recipients) AS i (id, number)
      WHERE NOT EXISTS (SELECT 1 FROM sms_opt_outs o

@@ -101,6 +101,33 @@ async fn a_login_code_tried_again_is_counted_once() {
 }
 
 #[tokio::test]
+async fn a_refused_login_code_published_again_is_not_counted() {
+    let mut guarded = settings();
+    guarded.guards.login_code_limit = crate::config::RateWindow::parse("1/1h").expect("1/1h");
+    let world = World::with(guarded, school());
+    world.log().set_now(NOON);
+    assert_eq!(
+        send(&world, JobType::LoginCode, NUMBER).await.1,
+        Status::Sent
+    );
+    let (refused, again) = job(JobType::LoginCode);
+    assert_eq!(world.handle(&delivery(&again)).await, Disposition::Ack);
+    assert_eq!(world.status(refused), suppressed("recipient_limit"));
+
+    // An hour later the web app publishes the same job again: acked as done, not counted.
+    world.log().set_now(NOON + time::Duration::hours(1));
+    assert_eq!(world.handle(&delivery(&again)).await, Disposition::Ack);
+    assert_eq!(world.status(refused), suppressed("recipient_limit"));
+    let next = send(&world, JobType::LoginCode, NUMBER).await;
+    assert_eq!(
+        next.1,
+        Status::Sent,
+        "the window's one code is still there to send"
+    );
+    assert_eq!(world.twilio.calls().len(), 2);
+}
+
+#[tokio::test]
 async fn a_number_abroad_goes_only_where_the_school_or_the_account_allows() {
     let world = World::new();
     let refused = send(&world, JobType::BookingChange, JAMAICA).await;

@@ -249,14 +249,25 @@ impl Tables {
 }
 
 /// `sms_guard_admit`, rule for rule: every counter checked before any is counted, each
-/// message counted once per counter, recipients who opted out neither counted nor sent
-/// to.
+/// message counted once per counter, messages with an outcome and recipients who opted
+/// out neither counted nor sent to.
 fn admit(t: &mut Tables, check: &GuardCheck<'_>) -> Admission {
     let now = t.clock();
-    let wanted: Vec<Uuid> = check
+    let open: Vec<(&Uuid, &&str)> = check
         .messages
         .iter()
         .zip(check.recipients)
+        .filter(|(id, _)| {
+            t.messages
+                .get(id)
+                .is_none_or(|row| !row.status.is_final() || row.status == Status::Failed)
+        })
+        .collect();
+    if open.is_empty() {
+        return Admission::Admitted;
+    }
+    let wanted: Vec<Uuid> = open
+        .into_iter()
         .filter(|(_, to)| !t.opted_out(check.school_id, to))
         .map(|(id, _)| *id)
         .collect();
