@@ -92,7 +92,8 @@ BEGIN
 END
 $$;
 
--- Locks a school's month and says whether the messages `wanted` fit its budget:
+-- Locks a school's month (created with the month's billable use so far) and says whether
+-- the messages `wanted` fit its budget:
 -- `adding`, the segments of those not counted before; `counted`, the month's row as
 -- locked; `fits`. A message that does not fit writes budget.exhausted the first time.
 -- The month is the one the messages were created in, as `smsgw usage` counts them.
@@ -105,8 +106,20 @@ BEGIN
     month_start := date_trunc('month',
         COALESCE((SELECT min(m.created_at) FROM sms_messages m WHERE m.id = ANY (wanted)),
                  now()) AT TIME ZONE 'UTC')::date;
-    INSERT INTO sms_guard_budgets (school_id, month) VALUES (school, month_start)
-    ON CONFLICT (school_id, month) DO NOTHING;
+    IF NOT EXISTS (SELECT 1 FROM sms_guard_budgets b
+                    WHERE b.school_id = school AND b.month = month_start) THEN
+        -- A school's first admission of the month starts from what it used of the month
+        -- before it had a budget, as `smsgw usage` bills it (once a month: an index scan
+        -- of its messages of the month).
+        INSERT INTO sms_guard_budgets (school_id, month, used)
+        SELECT school, month_start, COALESCE(sum(m.segments), 0)
+          FROM sms_messages m
+         WHERE m.school_id = school
+           AND m.created_at >= month_start::timestamp AT TIME ZONE 'UTC'
+           AND m.created_at < (month_start + interval '1 month') AT TIME ZONE 'UTC'
+           AND m.status IN ('sent', 'delivered', 'undelivered')
+        ON CONFLICT (school_id, month) DO NOTHING;
+    END IF;
     SELECT * INTO counted FROM sms_guard_budgets b
      WHERE b.school_id = school AND b.month = month_start FOR UPDATE;
     SELECT count(*) * segments INTO adding

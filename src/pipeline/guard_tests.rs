@@ -217,6 +217,26 @@ async fn a_budgets_last_segment_goes_and_the_next_message_does_not() {
 }
 
 #[tokio::test]
+async fn a_budget_set_in_the_middle_of_a_month_starts_from_what_was_used() {
+    let world = World::new();
+    world.log().set_now(NOON);
+    for _ in 0..3 {
+        assert_eq!(
+            send(&world, JobType::BookingReminder, NUMBER).await.1,
+            Status::Sent
+        );
+    }
+    world.log().set_school(budgeted(4));
+    assert_eq!(
+        send(&world, JobType::BookingReminder, NUMBER).await.1,
+        Status::Sent
+    );
+    let over = send(&world, JobType::BookingReminder, NUMBER).await;
+    assert_eq!((over.1, over.2), suppressed("budget_exhausted"));
+    assert_eq!(world.log().budget_used(SCHOOL, NOON), 4);
+}
+
+#[tokio::test]
 async fn a_message_refused_by_its_budget_sets_off_one_exhausted_event() {
     let world = World::with(settings(), budgeted(1));
     let (_, mut long) = job(JobType::BookingReminder);

@@ -42,12 +42,16 @@ pub(super) struct Row {
     /// Each recorded attempt's number and outcome.
     pub(super) recorded: Vec<(i32, Option<AttemptOutcome>)>,
     pub(super) created_at: OffsetDateTime,
+    pub(super) school_id: i64,
+    pub(super) segments: Option<i32>,
 }
 
 impl Row {
     fn new(message: &NewMessage<'_>, status: Status, created_at: OffsetDateTime) -> Row {
         Row {
             created_at,
+            school_id: message.school_id,
+            segments: message.segments,
             status,
             reason: None,
             recipient: message.recipient.to_owned(),
@@ -357,6 +361,14 @@ fn budget_room(
         .filter(|id| !t.reserved(**id, "budget"))
         .count() as u64;
     let adding = fresh * u64::from(check.segments);
+    if !t.counts.budgets.contains_key(&(check.school_id, month)) {
+        let used = billable(t, check.school_id, month);
+        let first = BudgetMonth {
+            used,
+            ..BudgetMonth::default()
+        };
+        t.counts.budgets.insert((check.school_id, month), first);
+    }
     let counted = t
         .counts
         .budgets
@@ -371,6 +383,22 @@ fn budget_room(
         budget_event(t, "budget.exhausted", check.school_id, month, used);
     }
     Err(GuardRefusal::BudgetExhausted)
+}
+
+/// A school's billable segments of a month, as `smsgw usage` counts them: what its first
+/// admission of the month starts from.
+fn billable(t: &Tables, school_id: i64, month: Month) -> u64 {
+    t.messages
+        .values()
+        .filter(|row| row.school_id == school_id && Month::of(row.created_at) == month)
+        .filter(|row| {
+            matches!(
+                row.status,
+                Status::Sent | Status::Delivered | Status::Undelivered
+            )
+        })
+        .map(|row| u64::try_from(row.segments.unwrap_or(0)).unwrap_or(0))
+        .sum()
 }
 
 /// `sms_guard_budget_used`: counts `adding` more and writes the events the use reaches

@@ -864,6 +864,8 @@ fn row_with_attempts(attempts: i32) -> Row {
             .map(|n| (n, Some(AttemptOutcome::TemporaryFailure)))
             .collect(),
         created_at: OffsetDateTime::now_utc(),
+        school_id: SCHOOL,
+        segments: Some(1),
     }
 }
 
