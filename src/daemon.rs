@@ -246,6 +246,7 @@ fn pipeline_settings(settings: &Settings) -> PipelineSettings {
         max_job_bytes: settings.max_job_bytes,
         quiet_types: settings.quiet_types.clone(),
         default_expiry: settings.default_expiry.clone(),
+        guards: settings.guards.clone(),
         unknown_outcome: if settings.resend_unknown {
             UnknownOutcome::Resend
         } else {

@@ -40,7 +40,8 @@
 //! - [`broker`]: RabbitMQ: topology, deliveries as plain data, confirmed publishing,
 //!   carrying out a [`disposition::Disposition`], dead letters. Only it speaks AMQP.
 //! - [`policy`]: the pure decision: send (by the route it is given), suppress, expire,
-//!   defer, hold for the school's quiet hours, or refuse.
+//!   defer, hold for the school's quiet hours, or refuse; and which of the guards' counts
+//!   (login codes per number, texts abroad per day, a school's budget) a message involves.
 //! - [`telemetry`]: logging setup.
 //! - [`provider`]: the adapters (`log`, the development `inbox`, Twilio, Vonage), each
 //!   behind a gateway with its circuit breaker, pace and call slots; each reads its own

@@ -18,6 +18,7 @@ use time::OffsetDateTime;
 use crate::{
     disposition::DeadReason,
     job::Lane,
+    policy::SuppressReason,
     store::{Receipt, ReceiptApplied, Status},
 };
 
@@ -97,6 +98,8 @@ pub struct Metrics {
     /// Messages by how their handling ended this time (sent, suppressed, expired,
     /// retrying, failed, duplicate, deferred).
     pub messages: Family<OutcomeLabels, Counter>,
+    /// Messages suppressed, by reason: the settings, opt-outs and the guards' refusals.
+    pub suppressed: Family<ReasonLabels, Counter>,
     pub provider_calls: Family<ProviderLabels, Histogram, fn() -> Histogram>,
     /// From when a message was due (its job published, or its wait in a retry tier over)
     /// to the provider accepting it, by lane: what the urgent lane promises.
@@ -174,6 +177,11 @@ impl Metrics {
                 reason: reason.as_str(),
             }));
         }
+        for reason in SuppressReason::ALL {
+            drop(self.suppressed.get_or_create(&ReasonLabels {
+                reason: reason.as_str(),
+            }));
+        }
     }
 
     /// Series at 0 for each configured provider: its circuit (closed), put-off messages and
@@ -192,6 +200,7 @@ impl Metrics {
         Metrics {
             registry: Registry::with_prefix("smsgw"),
             messages: Family::default(),
+            suppressed: Family::default(),
             provider_calls: Family::new_with_constructor(call_duration_histogram),
             provider_errors: Family::default(),
             send_latency: Family::new_with_constructor(send_latency_histogram),
@@ -221,6 +230,11 @@ impl Metrics {
             "messages",
             "Messages handled, by outcome, type and provider",
             self.messages.clone(),
+        );
+        registry.register(
+            "suppressed",
+            "Messages suppressed, by reason (settings, opt-outs, the guards' refusals)",
+            self.suppressed.clone(),
         );
         registry.register(
             "provider_call_duration_seconds",
@@ -365,6 +379,13 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts a message suppressed for `reason` (as `sms_messages.reason` has it).
+    pub fn count_suppressed(&self, reason: &'static str) {
+        self.suppressed
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
     /// Counts a reply kept.
     pub fn count_reply(&self, provider: &'static str, attributed: bool) {
         self.replies
@@ -433,6 +454,8 @@ mod tests {
             r#"smsgw_in_flight{lane="bulk"} 0"#,
             r#"smsgw_retries_total{lane="urgent"} 0"#,
             r#"smsgw_dead_letters_total{reason="attempts_exhausted"} 0"#,
+            r#"smsgw_suppressed_total{reason="recipient_limit"} 0"#,
+            r#"smsgw_suppressed_total{reason="international_limit"} 0"#,
             r#"smsgw_circuit_state{provider="twilio"} 0"#,
             r#"smsgw_paused_total{provider="twilio"} 0"#,
             r#"smsgw_send_latency_seconds_count{lane="default"} 0"#,

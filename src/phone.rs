@@ -2,9 +2,46 @@
 
 use std::fmt;
 
-/// A recipient in E.164 (`+447700900123`), checked against the numbering plan.
+/// A recipient in E.164 (`+447700900123`), checked against the numbering plan, with the
+/// country it belongs to.
 #[derive(Clone, PartialEq, Eq, Hash)]
-pub struct PhoneNumber(String);
+pub struct PhoneNumber {
+    e164: String,
+    /// `None` for the numbers of no country (`+800`, `+881`, `+882`, `+883`, ...).
+    country: Option<Country>,
+}
+
+/// An ISO 3166 alpha-2 code that the numbering plans know (`GB`, `US`, `JE`): a school's
+/// `country`, an allowed destination, the country a number belongs to.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Country([u8; 2]);
+
+impl Country {
+    /// `GB`, `gb` or ` GB `; `None` for a code the numbering plans do not know.
+    pub fn parse(code: &str) -> Option<Country> {
+        let code = code.trim().to_ascii_uppercase();
+        code.parse::<phonenumber::country::Id>().ok()?;
+        let letters: [u8; 2] = code.as_bytes().try_into().ok()?;
+        Some(Country(letters))
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Built only from two ASCII letters.
+        std::str::from_utf8(&self.0).unwrap_or("??")
+    }
+}
+
+impl fmt::Display for Country {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for Country {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// Why a string is not a phone number. Carries no part of the input, so it is safe to log.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -62,22 +99,81 @@ impl PhoneNumber {
         // the crate's formatter writes it; written here directly, because the formatter
         // first matches the number against the country's display formats, which E.164
         // does not use (a tenth of the worker's time per message).
-        Ok(PhoneNumber(format!("+{}{national}", parsed.code().value())))
+        Ok(PhoneNumber {
+            e164: format!("+{}{national}", parsed.code().value()),
+            country: country_of(&parsed),
+        })
     }
 
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.e164
+    }
+
+    /// The country the number belongs to; `None` for a number of no country (the
+    /// international networks and services: `+800`, `+808`, `+870`, `+881` to `+883`).
+    pub fn country(&self) -> Option<Country> {
+        self.country
     }
 
     /// The number as logs show it: `+44*******123`.
     pub fn masked(&self) -> String {
-        mask(&self.0)
+        mask(&self.e164)
     }
+}
+
+/// The country a number belongs to, as the numbering plans say. Where several countries
+/// share a calling code (`+1`, `+44`, `+7`): one whose plan names the number's leading
+/// digits (`+1 876` is Jamaica, `+7 7` Kazakhstan), else one whose number ranges hold it
+/// (`+1 613` is Canada, `+44 1534` Jersey) unless the main country's hold it too (`+1
+/// 800`, shared by all of North America, is the United States'), else the code's main
+/// country: the plans do not list every number a country has allocated (the UK's drama
+/// numbers, say).
+///
+/// The main country's ranges, the largest, are looked at only when another country's
+/// hold the number: the regular expressions of a country's number types cost
+/// microseconds, and this runs for every message.
+fn country_of(parsed: &phonenumber::PhoneNumber) -> Option<Country> {
+    let database = &*phonenumber::metadata::DATABASE;
+    let regions = database.region(&parsed.code().value())?;
+    let (main, others) = regions.split_first()?;
+    let national = if others.is_empty() {
+        String::new()
+    } else {
+        parsed.national().to_string()
+    };
+    for id in others {
+        let Some(meta) = database.by_id(*id) else {
+            continue;
+        };
+        let here = match meta.leading_digits() {
+            Some(leading) => leading.find(&national).is_some_and(|m| m.start() == 0),
+            None => {
+                holds(meta, &national)
+                    && !database.by_id(*main).is_some_and(|m| holds(m, &national))
+            }
+        };
+        if here {
+            return Country::parse(id);
+        }
+    }
+    Country::parse(main)
+}
+
+/// Whether one of a region's number types holds `national`.
+fn holds(meta: &phonenumber::Metadata, national: &str) -> bool {
+    number_types(meta).any(|descriptor| descriptor.is_match(national))
 }
 
 /// The national number lengths a region uses, over all its number types (the metadata
 /// leaves the general descriptor's lengths empty).
 fn possible_lengths(meta: &phonenumber::Metadata) -> impl Iterator<Item = u16> + '_ {
+    number_types(meta).flat_map(|descriptor| descriptor.possible_length().iter().copied())
+}
+
+/// A region's descriptors of each number type it has.
+fn number_types(
+    meta: &phonenumber::Metadata,
+) -> impl Iterator<Item = &phonenumber::metadata::Descriptor> + '_ {
     let d = meta.descriptors();
     [
         d.fixed_line(),
@@ -93,7 +189,6 @@ fn possible_lengths(meta: &phonenumber::Metadata) -> impl Iterator<Item = u16> +
     ]
     .into_iter()
     .flatten()
-    .flat_map(|descriptor| descriptor.possible_length().iter().copied())
 }
 
 /// Debug never shows the full number, so a stray `{:?}` cannot leak one into a log.
@@ -232,6 +327,51 @@ mod tests {
                 .to_string();
             assert_eq!(ours.as_str(), theirs, "{raw}");
         }
+    }
+
+    #[test]
+    fn a_number_knows_its_country_where_a_calling_code_is_shared() {
+        let country = |raw: &str| {
+            PhoneNumber::parse(raw, None)
+                .expect(raw)
+                .country()
+                .map(|c| c.to_string())
+        };
+        for (raw, expected) in [
+            ("+447700900123", "GB"),
+            ("+441534123456", "JE"),
+            ("+12015550123", "US"),
+            ("+15005550006", "US"),
+            ("+16135550123", "CA"),
+            ("+18765551234", "JM"),
+            ("+33612345678", "FR"),
+            ("+79123456789", "RU"),
+            ("+77012345678", "KZ"),
+        ] {
+            assert_eq!(country(raw).as_deref(), Some(expected), "{raw}");
+        }
+        assert_eq!(
+            country("+881612345678"),
+            None,
+            "a satellite network's number"
+        );
+        assert_eq!(
+            country("+80012345678"),
+            None,
+            "an international freephone number"
+        );
+    }
+
+    #[test]
+    fn countries_are_iso_codes_the_numbering_plans_know() {
+        assert_eq!(
+            Country::parse(" gb ").map(|c| c.to_string()),
+            Some("GB".into())
+        );
+        assert_eq!(Country::parse("UK"), None);
+        assert_eq!(Country::parse("GBR"), None);
+        assert_eq!(Country::parse("001"), None);
+        assert_eq!(Country::parse(""), None);
     }
 
     #[test]

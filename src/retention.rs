@@ -3,8 +3,9 @@
 //!
 //! - message bodies after `SMSGW_BODY_RETENTION`, and the development inbox's copies of
 //!   them then too (or with their messages, if `SMSGW_LOG_RETENTION` is shorter);
-//! - finished messages with their attempts, and the records of applied webhooks, after
-//!   `SMSGW_LOG_RETENTION`;
+//! - finished messages with their attempts, the records of applied webhooks, and the
+//!   guards' counts (messages' reservations, numbers' login codes, days, schools' months)
+//!   after `SMSGW_LOG_RETENTION`;
 //! - dead letters after `SMSGW_DEAD_RETENTION`, from the head of `sms.dead` (RabbitMQ
 //!   cannot delete from the middle of a queue; letters are appended as they die, so the
 //!   head is the oldest). That part runs on each broker session.
@@ -96,7 +97,22 @@ async fn pass(
     let inbox_age = settings.body_retention.min(settings.log_retention);
     let inbox = in_batches(stop, || store.purge_inbox(inbox_age, BATCH), |_| {}).await?;
     let (reply_bodies, replies) = purge_replies(store, settings, stop).await?;
-    if purged > 0 || deleted > 0 || forgotten > 0 || inbox > 0 || reply_bodies > 0 || replies > 0 {
+    let guards = in_batches(
+        stop,
+        || store.purge_guards(settings.log_retention, BATCH),
+        |_| {},
+    )
+    .await?;
+    let any = [
+        purged,
+        deleted,
+        forgotten,
+        inbox,
+        reply_bodies,
+        replies,
+        guards,
+    ];
+    if any.iter().any(|n| *n > 0) {
         tracing::info!(
             bodies_purged = purged,
             messages_deleted = deleted,
@@ -104,6 +120,7 @@ async fn pass(
             inbox_copies_deleted = inbox,
             reply_bodies_purged = reply_bodies,
             replies_deleted = replies,
+            guard_counts_deleted = guards,
             "retention pass"
         );
     }

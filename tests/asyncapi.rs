@@ -105,6 +105,7 @@ fn kind_of(routing_key: &str) -> &'static str {
     match routing_key {
         "reply.received" => "reply",
         "job.rejected" => "rejected",
+        "budget.warning" | "budget.exhausted" => "budget",
         _ => "status",
     }
 }
@@ -126,6 +127,12 @@ async fn every_kind_of_event_the_daemon_publishes_matches_the_schema() {
         job("booking_change", SCHOOL, "+447700900666", "Moved"),
         job("announcement", 99, "+447700900124", "No such school"),
         expired,
+        job(
+            "booking_reminder",
+            SCHOOL + 1,
+            "+447700900125",
+            "Within the budget",
+        ),
     ];
     app.publish_all(&jobs).await;
     app.wait_for_status(id_of(&jobs[0]), "sent").await;

@@ -16,8 +16,14 @@ use helpers::{
 
 const SCHOOL: i64 = 42;
 
+/// The daemon with the inbox, and a British school that may text the United States: the
+/// magic numbers are American.
 async fn inbox_app() -> App {
-    let app = spawn_app_with(&[("SMSGW_PROVIDER", "inbox")]).await;
+    let app = spawn_app_with(&[
+        ("SMSGW_PROVIDER", "inbox"),
+        ("SMSGW_ALLOWED_COUNTRIES", "US"),
+    ])
+    .await;
     app.add_school(SCHOOL, "GB").await;
     app
 }

@@ -16,11 +16,13 @@ use secrecy::SecretString;
 
 use crate::{job::JobType, phone::PhoneNumber};
 
+mod guards;
 mod inbound;
 mod providers;
 mod schedule;
 mod service_url;
 
+pub use guards::{GuardSettings, RateWindow};
 pub use inbound::{Keyword, Keywords};
 pub use service_url::ServiceUrl;
 pub(crate) use service_url::redact_url;
@@ -155,6 +157,8 @@ pub struct Settings {
     pub keywords: Keywords,
     /// How far back a reply looks for the message it answers.
     pub reply_window: Duration,
+    /// The account's guards against fraud and spend.
+    pub guards: GuardSettings,
 }
 
 /// `SMSGW_MAX_JOB_BYTES` by default, 8 MiB: the contract's largest job, an announcement to
@@ -225,6 +229,10 @@ pub const VARIABLES: &[&str] = &[
     "SMSGW_OPT_OUT_KEYWORDS",
     "SMSGW_OPT_IN_KEYWORDS",
     "SMSGW_REPLY_WINDOW",
+    "SMSGW_ALLOWED_COUNTRIES",
+    "SMSGW_LOGIN_CODE_LIMIT",
+    "SMSGW_INTERNATIONAL_DAILY_LIMIT",
+    "SMSGW_BUDGET_EXEMPT_TYPES",
     "VONAGE_API_KEY",
     "VONAGE_API_SECRET",
     "VONAGE_FROM",
@@ -325,6 +333,7 @@ impl Settings {
                 get("SMSGW_OPT_IN_KEYWORDS").as_deref(),
             )?,
             reply_window: duration(&get, "SMSGW_REPLY_WINDOW", "7d")?,
+            guards: guards::guards(&get)?,
         })
     }
 
@@ -1023,8 +1032,13 @@ mod tests {
             );
         }
         let readme = include_str!("../../README.md");
+        let reference = include_str!("../../docs/configuration.md");
         for name in VARIABLES {
             assert!(readme.contains(name), "{name} is not in the README");
+            assert!(
+                reference.contains(name),
+                "{name} is not in docs/configuration.md"
+            );
         }
     }
 

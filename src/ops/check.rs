@@ -3,12 +3,15 @@
 
 use std::process::ExitCode;
 
-use super::{EXIT_FAILED, EXIT_USAGE, topology};
+use time::OffsetDateTime;
+
+use super::{EXIT_FAILED, EXIT_USAGE, topology, usage::percent};
 use crate::{
     broker::Broker,
     config::{
         ConfigError, ProviderKindSettings, ProviderSettings, ServiceUrl, Settings, TwilioSender,
     },
+    policy::guards::{Month, reached},
     store::Store,
 };
 
@@ -122,6 +125,8 @@ async fn check_database(settings: &Settings) -> bool {
     if current {
         report_events(&store, settings.events).await;
         report_timezones(&store).await;
+        report_guards(&store).await;
+        report_budgets(&store, Month::of(OffsetDateTime::now_utc())).await;
     }
     store.close().await;
     current
@@ -152,6 +157,66 @@ async fn report_timezones(store: &Store) {
             say("timezones", "WARN", &text);
         }
         Err(e) => line("timezones", false, &e.to_string()),
+    }
+}
+
+/// Schools whose guard settings cannot be read: their messages are refused (a warning:
+/// nothing is sent that should not be).
+async fn report_guards(store: &Store) {
+    match store.schools_with_unreadable_guards().await {
+        Ok(schools) if schools.is_empty() => {
+            line("guards", true, "every school's guard settings can be read");
+        }
+        Ok(schools) => {
+            let list: Vec<String> = schools
+                .iter()
+                .take(20)
+                .map(|s| format!("school {}: {} '{}'", s.school_id, s.setting, s.value))
+                .collect();
+            let more = schools.len().saturating_sub(list.len());
+            let more = if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            };
+            let text = format!(
+                "{}{more}: not readable, so these schools' messages are refused",
+                list.join(", ")
+            );
+            say("guards", "WARN", &text);
+        }
+        Err(e) => line("guards", false, &e.to_string()),
+    }
+}
+
+/// Schools that used 80% of their monthly budget or more this month (a warning).
+async fn report_budgets(store: &Store, month: Month) {
+    let day = month.first_day();
+    match store.budget_use(day, day, None).await {
+        Ok(budgets) => {
+            let near: Vec<String> = budgets
+                .iter()
+                .filter(|b| {
+                    let budget = u32::try_from(b.budget).unwrap_or(0);
+                    reached(budget, u64::try_from(b.used).unwrap_or(0)).warning
+                })
+                .map(|b| {
+                    let share = percent(b.used, b.budget);
+                    format!(
+                        "school {}: {} of {} ({share}%)",
+                        b.school_id, b.used, b.budget
+                    )
+                })
+                .collect();
+            if near.is_empty() {
+                let text = format!("no school has used 80% of its budget in {month}");
+                line("budgets", true, &text);
+            } else {
+                let text = format!("segments used in {month}: {}", near.join(", "));
+                say("budgets", "WARN", &text);
+            }
+        }
+        Err(e) => line("budgets", false, &e.to_string()),
     }
 }
 

@@ -5,6 +5,10 @@
 //! several attempts), sent through a second provider (one row), one recipient of an
 //! announcement (a row each; the announcement itself has none). Segments are the row's,
 //! as smsgw counted them from the text (GSM-7 or UCS-2).
+//!
+//! Below the figures, each school with a monthly budget: its budget and what it used in
+//! each month of the range, as the guard counts it (the segments of every message it
+//! admitted that month, a failure after admission included).
 
 use std::{collections::BTreeMap, process::ExitCode};
 
@@ -13,7 +17,8 @@ use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 use super::{EXIT_FAILED, print_table};
 use crate::{
     config::Settings,
-    store::{Status, Store, UsageCount},
+    policy::guards::Month,
+    store::{BudgetUse, Status, Store, UsageCount},
 };
 
 /// The messages created from `from` (inclusive) to `to` (exclusive), by `created_at`.
@@ -34,6 +39,15 @@ impl UsageRange {
         } else {
             Err(UsageRangeError)
         }
+    }
+
+    /// The first days of the first and the last month the range touches.
+    fn months(&self) -> (time::Date, time::Date) {
+        let last = self.to - time::Duration::nanoseconds(1);
+        (
+            Month::of(self.from).first_day(),
+            Month::of(last.max(self.from)).first_day(),
+        )
     }
 
     fn describe(&self) -> String {
@@ -237,6 +251,39 @@ fn print_figures(range: &UsageRange, schools: &[SchoolUsage]) {
     print_table(&header, &rows);
 }
 
+/// Each school's monthly budget and its use, a line per school and month (not in the
+/// CSV, whose lines the billing job reads).
+fn print_budgets(budgets: &[BudgetUse]) {
+    if budgets.is_empty() {
+        return;
+    }
+    println!();
+    println!("monthly segment budgets, UTC: segments admitted (sent, or failed after admission)");
+    let rows: Vec<Vec<String>> = budgets
+        .iter()
+        .map(|b| {
+            vec![
+                b.school_id.to_string(),
+                Month::of(b.month.midnight().assume_utc()).to_string(),
+                b.budget.to_string(),
+                b.used.to_string(),
+                format!("{}%", percent(b.used, b.budget)),
+            ]
+        })
+        .collect();
+    print_table(&["SCHOOL", "MONTH", "BUDGET", "USED", "USE"], &rows);
+}
+
+/// `used` as a share of `budget`, in whole percent (rounded down); a budget of 0 is all
+/// used by its first segment.
+pub(super) fn percent(used: i64, budget: i32) -> i64 {
+    match i64::from(budget) {
+        0 if used > 0 => 100,
+        0 => 0,
+        budget => used.saturating_mul(100) / budget,
+    }
+}
+
 /// `smsgw usage`: the figures as a table, or as CSV for the billing job. What may make
 /// them incomplete or not yet final goes to stderr.
 pub async fn print_usage(
@@ -247,13 +294,15 @@ pub async fn print_usage(
 ) -> ExitCode {
     let counted = async {
         let store = Store::connect(settings.database_url.expose(), 1).await?;
+        let (first, last) = range.months();
         let counts = store.usage(range.from, range.to, school).await;
+        let budgets = store.budget_use(first, last, school).await;
         store.close().await;
-        counts
+        Ok::<_, crate::store::StoreError>((counts?, budgets?))
     }
     .await;
-    let schools = match counted {
-        Ok(counts) => tally(&counts),
+    let (schools, budgets) = match counted {
+        Ok((counts, budgets)) => (tally(&counts), budgets),
         Err(e) => {
             eprintln!("smsgw: message log unavailable: {e}");
             return ExitCode::from(EXIT_FAILED);
@@ -263,6 +312,7 @@ pub async fn print_usage(
         print!("{}", csv(&schools));
     } else {
         print_figures(&range, &schools);
+        print_budgets(&budgets);
     }
     warn_if_not_final(settings, &range, &schools, OffsetDateTime::now_utc());
     ExitCode::SUCCESS
@@ -385,6 +435,34 @@ mod tests {
             ]
         );
         assert_eq!(csv(&[]).lines().count(), 1, "the header alone");
+    }
+
+    #[test]
+    fn a_range_covers_the_months_it_touches() {
+        let range = |from, to| UsageRange::new(from, to).expect("a range");
+        let (first, last) = range(
+            datetime!(2026-11-15 0:00 UTC),
+            datetime!(2027-01-01 0:00 UTC),
+        )
+        .months();
+        assert_eq!(
+            (first.to_string(), last.to_string()),
+            ("2026-11-01".into(), "2026-12-01".into())
+        );
+        let one = range(
+            datetime!(2026-12-01 0:00 UTC),
+            datetime!(2026-12-01 0:00:01 UTC),
+        );
+        assert_eq!(one.months().0, one.months().1);
+    }
+
+    #[test]
+    fn use_is_a_share_of_the_budget() {
+        assert_eq!(percent(4, 5), 80);
+        assert_eq!(percent(79, 100), 79);
+        assert_eq!(percent(120, 100), 120);
+        assert_eq!(percent(0, 0), 0);
+        assert_eq!(percent(1, 0), 100);
     }
 
     #[test]

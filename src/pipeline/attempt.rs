@@ -346,6 +346,7 @@ impl<L: MessageLog> Pipeline<L> {
             .await?;
         if recorded.is_none() {
             self.count("suppressed", out.message.job.kind, gateway.name);
+            self.metrics.count_suppressed(verdict.reason);
             verdict.log();
         }
         Ok(Claimed::Settled(Attempted::Done(verdict.disposition)))

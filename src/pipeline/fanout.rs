@@ -26,6 +26,7 @@ use crate::{
     disposition::Disposition,
     job::{BulkRecipient, Job},
     phone::PhoneNumber,
+    policy::SuppressReason,
     provider,
     school::SchoolSettings,
     store::NewMessage,
@@ -80,7 +81,16 @@ impl<L: MessageLog> Pipeline<L> {
     ) -> Result<Disposition, Abandoned> {
         let settings = self.school_settings(job.school_id, abandon).await?;
         if !delivery.fanout_queued {
-            self.queue_recipients(job, recipients, settings.as_deref(), abandon)
+            let first_seen = delivery.first_seen;
+            let admitted = self
+                .admit_announcement(job, recipients, settings.as_deref(), first_seen, abandon)
+                .await?;
+            if !admitted {
+                return self
+                    .refuse_announcement(job, recipients, settings.as_deref(), abandon)
+                    .await;
+            }
+            self.write_recipients(job, recipients, settings.as_deref(), None, abandon)
                 .await?;
         }
         let country = settings.as_ref().and_then(|s| s.country.as_deref());
@@ -104,18 +114,46 @@ impl<L: MessageLog> Pipeline<L> {
         })
     }
 
-    /// Writes a `queued` row for every recipient of an announcement, [`QUEUE_PIECE`] rows a
-    /// statement, before the first chunk is fanned out: the whole announcement is in the
-    /// log (for support, and for `smsgw status`) as soon as it is accepted, while the
-    /// sending goes on a chunk at a time. Each row has the id, recipient, context and
-    /// provider its own message will have; writing them again changes nothing.
-    async fn queue_recipients(
+    /// An announcement its school's budget has no room for, whole: every recipient is
+    /// recorded `suppressed` / `budget_exhausted`, and none is sent.
+    async fn refuse_announcement(
         &self,
         job: &Job,
         recipients: &[BulkRecipient],
         settings: Option<&SchoolSettings>,
         abandon: &CancellationToken,
-    ) -> Result<(), Abandoned> {
+    ) -> Result<Disposition, Abandoned> {
+        let verdict = super::outcome::suppressed(SuppressReason::BudgetExhausted);
+        let written = self
+            .write_recipients(job, recipients, settings, Some(verdict.reason), abandon)
+            .await?;
+        let label = self.provider_label(&provider::route(settings, &self.gateways));
+        for _ in 0..written {
+            self.count(verdict.status.as_str(), job.kind, label);
+            self.metrics.count_suppressed(verdict.reason);
+        }
+        tracing::warn!(
+            recipients = written,
+            "announcement refused whole: the school's monthly budget has no room for it"
+        );
+        Ok(verdict.disposition)
+    }
+
+    /// Writes a row for every recipient of an announcement, [`QUEUE_PIECE`] rows a
+    /// statement, before the first chunk is fanned out: `queued`, or `suppressed` with
+    /// `refused` when the whole announcement is refused. The whole announcement is in the
+    /// log (for support, and for `smsgw status`) as soon as it is accepted, while the
+    /// sending goes on a chunk at a time. Each row has the id, recipient, context and
+    /// provider its own message will have; writing them again changes nothing. Returns
+    /// how many rows it wrote (each recipient once).
+    async fn write_recipients(
+        &self,
+        job: &Job,
+        recipients: &[BulkRecipient],
+        settings: Option<&SchoolSettings>,
+        refused: Option<&str>,
+        abandon: &CancellationToken,
+    ) -> Result<usize, Abandoned> {
         let country = settings.and_then(|s| s.country.as_deref());
         let provider = self.provider_label(&provider::route(settings, &self.gateways));
         let segments = i32::try_from(crate::segments::segment(&job.body).segments).ok();
@@ -146,10 +184,18 @@ impl<L: MessageLog> Pipeline<L> {
                     reopen_failed: false,
                 })
                 .collect();
-            self.persist(abandon, || self.log.queue_messages(&messages))
-                .await?;
+            match refused {
+                None => {
+                    self.persist(abandon, || self.log.queue_messages(&messages))
+                        .await?
+                }
+                Some(reason) => {
+                    self.persist(abandon, || self.log.suppress_messages(&messages, reason))
+                        .await?
+                }
+            }
         }
-        Ok(())
+        Ok(seen.len())
     }
 }
 

@@ -15,8 +15,8 @@ use crate::{
     phone::{PhoneNumber, redact_numbers},
     school::SchoolSettings,
     store::{
-        AttemptRecord, Claim, InboxCopy, MessageState, NewMessage, RejectedJob, Status, Store,
-        StoreError,
+        Admission, AttemptRecord, Claim, GuardCheck, InboxCopy, MessageState, NewMessage,
+        RejectedJob, Status, Store, StoreError,
     },
 };
 
@@ -42,6 +42,21 @@ pub trait MessageLog: ReconcileLog {
         &self,
         messages: &[NewMessage<'_>],
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// `suppressed` rows with `reason` for messages refused before any was queued (an
+    /// announcement refused whole); a row already there stays.
+    fn suppress_messages(
+        &self,
+        messages: &[NewMessage<'_>],
+        reason: &str,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Admits messages past the guards' counts, counting each once, or names the guard
+    /// that refuses them (see [`Store::admit`]).
+    fn admit(
+        &self,
+        check: &GuardCheck<'_>,
+    ) -> impl Future<Output = Result<Admission, StoreError>> + Send;
 
     /// An outcome without a provider call. `Some` is the state found instead when the
     /// message already has an outcome or is in flight.
@@ -157,6 +172,21 @@ impl MessageLog for Store {
         messages: &[NewMessage<'_>],
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
         Store::queue_messages(self, messages)
+    }
+
+    fn suppress_messages(
+        &self,
+        messages: &[NewMessage<'_>],
+        reason: &str,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        Store::suppress_messages(self, messages, reason)
+    }
+
+    fn admit(
+        &self,
+        check: &GuardCheck<'_>,
+    ) -> impl Future<Output = Result<Admission, StoreError>> + Send {
+        Store::admit(self, check)
     }
 
     fn record_without_call(

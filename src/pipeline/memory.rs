@@ -1,6 +1,7 @@
 //! An in-memory message log with the store's semantics, for the pipeline's unit tests:
 //! the claim that checks opt-outs and takes over or refuses, records that never move a
-//! final outcome, and a database that can be made to fail for a number of statements.
+//! final outcome, the guards' counts (as `sms_guard_admit` keeps them, on a clock the
+//! tests may set), and a database that can be made to fail for a number of statements.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -11,16 +12,17 @@ use std::{
     time::Duration,
 };
 
-use time::OffsetDateTime;
+use time::{Date, OffsetDateTime};
 use uuid::Uuid;
 
 use super::{MessageLog, ReconcileLog};
 use crate::{
     phone::PhoneNumber,
+    policy::guards::{Month, day_of, fits, reached},
     school::SchoolSettings,
     store::{
-        AttemptOutcome, AttemptRecord, Claim, InboxCopy, MessageState, NewMessage, RejectedJob,
-        Status, StoreError, UnknownAttempt,
+        Admission, AttemptOutcome, AttemptRecord, Claim, GuardCheck, GuardRefusal, InboxCopy,
+        MessageState, NewMessage, RejectedJob, Status, StoreError, UnknownAttempt,
     },
 };
 
@@ -39,11 +41,17 @@ pub(super) struct Row {
     pub(super) provider_message_id: Option<String>,
     /// Each recorded attempt's number and outcome.
     pub(super) recorded: Vec<(i32, Option<AttemptOutcome>)>,
+    pub(super) created_at: OffsetDateTime,
+    pub(super) school_id: i64,
+    pub(super) segments: Option<i32>,
 }
 
 impl Row {
-    fn new(message: &NewMessage<'_>, status: Status) -> Row {
+    fn new(message: &NewMessage<'_>, status: Status, created_at: OffsetDateTime) -> Row {
         Row {
+            created_at,
+            school_id: message.school_id,
+            segments: message.segments,
             status,
             reason: None,
             recipient: message.recipient.to_owned(),
@@ -103,8 +111,41 @@ pub(super) struct Rejection {
     pub error: String,
 }
 
+/// A school's month of its budget, as `sms_guard_budgets` keeps it.
+#[derive(Debug, Default, Clone, Copy)]
+struct BudgetMonth {
+    used: u64,
+    warned: bool,
+    exhausted: bool,
+}
+
+/// A budget event written: its name, school, month and use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct BudgetEvent {
+    pub(super) name: &'static str,
+    pub(super) school_id: i64,
+    pub(super) month: String,
+    pub(super) used: u64,
+}
+
+/// The guards' counts, as the `sms_guard_*` tables keep them.
+#[derive(Debug, Default)]
+struct Counts {
+    /// When each number's login codes were admitted.
+    recipients: HashMap<String, Vec<OffsetDateTime>>,
+    /// Texts abroad, by UTC day.
+    days: HashMap<Date, u32>,
+    budgets: HashMap<(i64, Month), BudgetMonth>,
+    /// (message, guard) counted.
+    reservations: HashSet<(Uuid, &'static str)>,
+    events: Vec<BudgetEvent>,
+}
+
 #[derive(Debug, Default)]
 struct Tables {
+    /// The database's clock; `None`: the real one.
+    now: Option<OffsetDateTime>,
+    counts: Counts,
     messages: HashMap<Uuid, Row>,
     /// (school, phone); `None` is every school.
     opt_outs: HashSet<(Option<i64>, String)>,
@@ -143,6 +184,27 @@ impl MemoryLog {
         self.tables().rejected.clone()
     }
 
+    /// Sets the database's clock (the guards' windows, days and months run on it).
+    pub(super) fn set_now(&self, at: OffsetDateTime) {
+        self.tables().now = Some(at);
+    }
+
+    /// The budget events written, in order.
+    pub(super) fn budget_events(&self) -> Vec<BudgetEvent> {
+        self.tables().counts.events.clone()
+    }
+
+    /// Segments counted against a school's budget in the month of `at`.
+    pub(super) fn budget_used(&self, school_id: i64, at: OffsetDateTime) -> u64 {
+        let tables = self.tables();
+        let month = Month::of(at);
+        tables
+            .counts
+            .budgets
+            .get(&(school_id, month))
+            .map_or(0, |b| b.used)
+    }
+
     pub(super) fn set_school(&self, settings: SchoolSettings) {
         self.tables().settings.insert(settings.school_id, settings);
     }
@@ -152,11 +214,7 @@ impl MemoryLog {
     }
 
     pub(super) fn is_opted_out(&self, school_id: i64, phone: &str) -> bool {
-        let tables = self.tables();
-        tables.opt_outs.contains(&(None, phone.to_owned()))
-            || tables
-                .opt_outs
-                .contains(&(Some(school_id), phone.to_owned()))
+        self.tables().opted_out(school_id, phone)
     }
 
     /// The inbox's copy of a message: its body and sender.
@@ -195,6 +253,198 @@ impl MemoryLog {
     }
 }
 
+impl Tables {
+    fn clock(&self) -> OffsetDateTime {
+        self.now.unwrap_or_else(OffsetDateTime::now_utc)
+    }
+
+    fn opted_out(&self, school_id: i64, phone: &str) -> bool {
+        self.opt_outs.contains(&(None, phone.to_owned()))
+            || self.opt_outs.contains(&(Some(school_id), phone.to_owned()))
+    }
+
+    fn reserved(&self, id: Uuid, guard: &'static str) -> bool {
+        self.counts.reservations.contains(&(id, guard))
+    }
+}
+
+/// `sms_guard_admit`, rule for rule: every counter checked before any is counted, each
+/// message counted once per counter, messages with an outcome and recipients who opted
+/// out neither counted nor sent to.
+fn admit(t: &mut Tables, check: &GuardCheck<'_>) -> Admission {
+    let now = t.clock();
+    let open: Vec<(&Uuid, &&str)> = check
+        .messages
+        .iter()
+        .zip(check.recipients)
+        .filter(|(id, _)| {
+            t.messages
+                .get(id)
+                .is_none_or(|row| !row.status.is_final() || row.status == Status::Failed)
+        })
+        .collect();
+    if open.is_empty() {
+        return Admission::Admitted;
+    }
+    let wanted: Vec<Uuid> = open
+        .into_iter()
+        .filter(|(_, to)| !t.opted_out(check.school_id, to))
+        .map(|(id, _)| *id)
+        .collect();
+    let Some(first) = wanted.first().copied() else {
+        return Admission::Refused(GuardRefusal::OptedOut);
+    };
+    let recent = match login_room(t, check, first, now) {
+        Ok(recent) => recent,
+        Err(refusal) => return Admission::Refused(refusal),
+    };
+    let abroad = check
+        .international
+        .filter(|_| !t.reserved(first, "international"));
+    let today = day_of(now);
+    if abroad.is_some_and(|limit| t.counts.days.get(&today).copied().unwrap_or(0) >= limit) {
+        return Admission::Refused(GuardRefusal::InternationalLimit);
+    }
+    let (month, adding) = match budget_room(t, check, &wanted, now) {
+        Ok(room) => room,
+        Err(refusal) => return Admission::Refused(refusal),
+    };
+    if let Some(mut times) = recent {
+        times.push(now);
+        let number = check.recipients[0].to_owned();
+        t.counts.recipients.insert(number, times);
+        t.counts.reservations.insert((first, "recipient"));
+    }
+    if abroad.is_some() {
+        *t.counts.days.entry(today).or_default() += 1;
+        t.counts.reservations.insert((first, "international"));
+    }
+    if let Some(budget) = check.budget.filter(|_| adding > 0) {
+        for id in &wanted {
+            t.counts.reservations.insert((*id, "budget"));
+        }
+        count_budget(t, check.school_id, month, budget.budget, adding);
+    }
+    Admission::Admitted
+}
+
+/// A login code's number: the times of its codes still in the window, to add this one
+/// to (`None`: not a login code, or counted before); `Err` when one more is too many.
+fn login_room(
+    t: &Tables,
+    check: &GuardCheck<'_>,
+    first: Uuid,
+    now: OffsetDateTime,
+) -> Result<Option<Vec<OffsetDateTime>>, GuardRefusal> {
+    let Some(limit) = check
+        .login_codes
+        .filter(|_| !t.reserved(first, "recipient"))
+    else {
+        return Ok(None);
+    };
+    let since = now - limit.window;
+    let times: Vec<OffsetDateTime> = t
+        .counts
+        .recipients
+        .get(check.recipients[0])
+        .map(|times| times.iter().copied().filter(|at| *at > since).collect())
+        .unwrap_or_default();
+    if times.len() >= limit.count as usize {
+        return Err(GuardRefusal::RecipientLimit);
+    }
+    Ok(Some(times))
+}
+
+/// `sms_guard_budget_room`: the month the messages count in and the segments they add
+/// (0 without a budget, or when counted before); `Err` when they do not fit, having
+/// written `budget.exhausted` the first time.
+fn budget_room(
+    t: &mut Tables,
+    check: &GuardCheck<'_>,
+    wanted: &[Uuid],
+    now: OffsetDateTime,
+) -> Result<(Month, u64), GuardRefusal> {
+    let created = wanted
+        .iter()
+        .filter_map(|id| t.messages.get(id).map(|row| row.created_at))
+        .min();
+    let month = Month::of(created.unwrap_or(now));
+    let Some(budget) = check.budget else {
+        return Ok((month, 0));
+    };
+    let fresh = wanted
+        .iter()
+        .filter(|id| !t.reserved(**id, "budget"))
+        .count() as u64;
+    let adding = fresh * u64::from(check.segments);
+    if !t.counts.budgets.contains_key(&(check.school_id, month)) {
+        let used = billable(t, check.school_id, month);
+        let first = BudgetMonth {
+            used,
+            ..BudgetMonth::default()
+        };
+        t.counts.budgets.insert((check.school_id, month), first);
+    }
+    let counted = t
+        .counts
+        .budgets
+        .entry((check.school_id, month))
+        .or_default();
+    if adding == 0 || budget.exempt || fits(budget.budget, counted.used, adding) {
+        return Ok((month, adding));
+    }
+    if !counted.exhausted {
+        counted.exhausted = true;
+        let used = counted.used;
+        budget_event(t, "budget.exhausted", check.school_id, month, used);
+    }
+    Err(GuardRefusal::BudgetExhausted)
+}
+
+/// A school's billable segments of a month, as `smsgw usage` counts them: what its first
+/// admission of the month starts from.
+fn billable(t: &Tables, school_id: i64, month: Month) -> u64 {
+    t.messages
+        .values()
+        .filter(|row| row.school_id == school_id && Month::of(row.created_at) == month)
+        .filter(|row| {
+            matches!(
+                row.status,
+                Status::Sent | Status::Delivered | Status::Undelivered
+            )
+        })
+        .map(|row| u64::try_from(row.segments.unwrap_or(0)).unwrap_or(0))
+        .sum()
+}
+
+/// `sms_guard_budget_used`: counts `adding` more and writes the events the use reaches
+/// for the first time that month.
+fn count_budget(t: &mut Tables, school_id: i64, month: Month, budget: u32, adding: u64) {
+    let counted = t.counts.budgets.entry((school_id, month)).or_default();
+    counted.used += adding;
+    let now = reached(budget, counted.used);
+    let warn = now.warning && !counted.warned;
+    let exhaust = now.exhausted && !counted.exhausted;
+    counted.warned |= warn;
+    counted.exhausted |= exhaust;
+    let used = counted.used;
+    if warn {
+        budget_event(t, "budget.warning", school_id, month, used);
+    }
+    if exhaust {
+        budget_event(t, "budget.exhausted", school_id, month, used);
+    }
+}
+
+fn budget_event(t: &mut Tables, name: &'static str, school_id: i64, month: Month, used: u64) {
+    t.counts.events.push(BudgetEvent {
+        name,
+        school_id,
+        month: month.to_string(),
+        used,
+    });
+}
+
 fn claim(
     tables: &mut Tables,
     message: &NewMessage<'_>,
@@ -202,17 +452,11 @@ fn claim(
     reconciled: bool,
     claim: Uuid,
 ) -> Claim {
-    let opted_out = tables
-        .opt_outs
-        .contains(&(None, message.recipient.to_owned()))
-        || tables
-            .opt_outs
-            .contains(&(Some(message.school_id), message.recipient.to_owned()));
-    if opted_out {
+    if tables.opted_out(message.school_id, message.recipient) {
         return Claim::OptedOut;
     }
     let Some(row) = tables.messages.get_mut(&message.id) else {
-        let mut row = Row::new(message, Status::Queued);
+        let mut row = Row::new(message, Status::Queued, tables.clock());
         let attempt = row.start_attempt(message, claim);
         tables.messages.insert(message.id, row);
         return Claim::Started { attempt };
@@ -294,11 +538,32 @@ impl MessageLog for MemoryLog {
     async fn queue_messages(&self, messages: &[NewMessage<'_>]) -> Result<(), StoreError> {
         self.run(|t| {
             for message in messages {
+                let now = t.clock();
                 t.messages
                     .entry(message.id)
-                    .or_insert_with(|| Row::new(message, Status::Queued));
+                    .or_insert_with(|| Row::new(message, Status::Queued, now));
             }
         })
+    }
+
+    async fn suppress_messages(
+        &self,
+        messages: &[NewMessage<'_>],
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        self.run(|t| {
+            let now = t.clock();
+            for message in messages {
+                t.messages.entry(message.id).or_insert_with(|| Row {
+                    reason: Some(reason.to_owned()),
+                    ..Row::new(message, Status::Suppressed, now)
+                });
+            }
+        })
+    }
+
+    async fn admit(&self, check: &GuardCheck<'_>) -> Result<Admission, StoreError> {
+        self.run(|t| admit(t, check))
     }
 
     async fn record_without_call(
@@ -308,10 +573,11 @@ impl MessageLog for MemoryLog {
         reason: Option<&str>,
     ) -> Result<Option<MessageState>, StoreError> {
         self.run(|t| {
+            let now = t.clock();
             let row = t
                 .messages
                 .entry(message.id)
-                .or_insert_with(|| Row::new(message, Status::Queued));
+                .or_insert_with(|| Row::new(message, Status::Queued, now));
             let open = matches!(row.status, Status::Queued | Status::Retrying)
                 || (message.reopen_failed && row.status == Status::Failed);
             if !open {

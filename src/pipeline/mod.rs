@@ -9,9 +9,10 @@
 //!    │        DeadLetter        Ack       Suppress/Expire ─▶ record ─▶ Ack
 //!    │                                    Refuse ─▶ record ─▶ DeadLetter
 //!    │                                    Defer ─▶ record queued ─▶ Defer
-//!    │                                    Send ─▶ claim ─▶ provider ─▶ record
-//!    │                                                  ─▶ Ack / Retry / DeadLetter
-//!    └─ announcement with recipients ─▶ queue their rows ─▶ FanOut
+//!    │                                    Send ─▶ guards ─▶ claim ─▶ provider ─▶ record
+//!    │                                              │             ─▶ Ack / Retry / DeadLetter
+//!    │                                              └ refused ─▶ record suppressed ─▶ Ack
+//!    └─ announcement with recipients ─▶ its budget ─▶ queue their rows ─▶ FanOut
 //! ```
 //!
 //! - [`outcome`]: the pure rules: which status, reason and disposition each decision,
@@ -19,6 +20,8 @@
 //! - `attempt`: wait for a call slot, claim, call, record; failover.
 //! - `reconcile`: ask the provider about an attempt whose outcome is unknown.
 //! - `fanout`: an announcement into one message per recipient.
+//! - `guard`: the guards against fraud and spend: a message (or an announcement, whole)
+//!   admitted past the counts it involves before it is claimed.
 //! - `inbox`: the development inbox's copy of each message, whatever its outcome.
 //! - [`MessageLog`]: the narrow interface to the message log, with an in-memory
 //!   implementation for the unit tests.
@@ -29,11 +32,14 @@
 
 mod attempt;
 mod fanout;
+mod guard;
 mod inbox;
 mod log;
 pub mod outcome;
 mod reconcile;
 
+#[cfg(test)]
+mod guard_tests;
 #[cfg(test)]
 mod memory;
 #[cfg(test)]
@@ -55,6 +61,7 @@ pub use self::{
 use crate::{
     broker::Delivery,
     cache::PolicyCache,
+    config::GuardSettings,
     disposition::{DeadReason, Disposition},
     health::Health,
     job::{self, Job, JobType, Salvaged, Target},
@@ -97,6 +104,8 @@ pub struct PipelineSettings {
     pub quiet_types: Vec<JobType>,
     /// How long after publication a job of a type without `expires_at` expires.
     pub default_expiry: HashMap<JobType, Duration>,
+    /// The account's guards against fraud and spend.
+    pub guards: GuardSettings,
 }
 
 impl PipelineSettings {
@@ -114,6 +123,7 @@ impl PipelineSettings {
             max_job_bytes: 64 * 1024,
             quiet_types: vec![JobType::BookingReminder],
             default_expiry: HashMap::from([(JobType::LoginCode, Duration::from_secs(900))]),
+            guards: GuardSettings::default(),
         }
     }
 
@@ -263,6 +273,9 @@ impl<L: MessageLog> Pipeline<L> {
             .await?;
         match outcome::plan(decision, job.kind, delivery.attempts) {
             Plan::Send { to, sender, route } => {
+                if let Some(refused) = self.guard(&message, &to, settings.as_deref()).await? {
+                    return self.record_without_call(&message, refused).await;
+                }
                 let out = self.outgoing(message, &to, sender.as_ref());
                 self.send(&out, prior, &route).await
             }
@@ -330,6 +343,7 @@ impl<L: MessageLog> Pipeline<L> {
                 segments,
                 max_segments: self.settings.max_segments.get(&job.kind).copied(),
                 quiet_types: &self.settings.quiet_types,
+                allowed_countries: &self.settings.guards.allowed_countries,
                 now: OffsetDateTime::now_utc(),
             },
         );
@@ -363,6 +377,9 @@ impl<L: MessageLog> Pipeline<L> {
         match found {
             None => {
                 self.count(verdict.status.as_str(), job.kind, message.label);
+                if verdict.status == Status::Suppressed {
+                    self.metrics.count_suppressed(verdict.reason);
+                }
                 Ok(verdict.disposition)
             }
             Some(state) => Ok(self

@@ -21,14 +21,14 @@ use crate::{
     store::{AttemptOutcome, Status},
 };
 
-const SCHOOL: i64 = 42;
-const NUMBER: &str = "+447700900123";
+pub(super) const SCHOOL: i64 = 42;
+pub(super) const NUMBER: &str = "+447700900123";
 
-fn school() -> SchoolSettings {
+pub(super) fn school() -> SchoolSettings {
     SchoolSettings::example(SCHOOL)
 }
 
-fn settings() -> PipelineSettings {
+pub(super) fn settings() -> PipelineSettings {
     PipelineSettings {
         fanout_chunk: 2,
         ..PipelineSettings::example()
@@ -37,20 +37,20 @@ fn settings() -> PipelineSettings {
 
 /// A pipeline over an in-memory log, with a primary gateway `twilio` and a second one
 /// `vonage` that schools may name as their fallback.
-struct World {
-    pipeline: Pipeline<MemoryLog>,
-    twilio: Scripted,
+pub(super) struct World {
+    pub(super) pipeline: Pipeline<MemoryLog>,
+    pub(super) twilio: Scripted,
     vonage: Scripted,
     abandon: CancellationToken,
     health: Arc<Health>,
 }
 
 impl World {
-    fn new() -> World {
+    pub(super) fn new() -> World {
         World::with(settings(), school())
     }
 
-    fn with(settings: PipelineSettings, school: SchoolSettings) -> World {
+    pub(super) fn with(settings: PipelineSettings, school: SchoolSettings) -> World {
         let (twilio, vonage) = (Scripted::default(), Scripted::default());
         let gateways = Gateways::scripted(&[("twilio", &twilio), ("vonage", &vonage)], 2);
         let log = MemoryLog::default();
@@ -82,11 +82,11 @@ impl World {
         }
     }
 
-    fn log(&self) -> &MemoryLog {
+    pub(super) fn log(&self) -> &MemoryLog {
         &self.pipeline.log
     }
 
-    async fn handle(&self, delivery: &Delivery) -> Disposition {
+    pub(super) async fn handle(&self, delivery: &Delivery) -> Disposition {
         self.pipeline.handle(delivery, &self.abandon).await
     }
 
@@ -94,13 +94,13 @@ impl World {
         self.log().row(id).expect("the message has a row")
     }
 
-    fn status(&self, id: Uuid) -> (Status, Option<String>) {
+    pub(super) fn status(&self, id: Uuid) -> (Status, Option<String>) {
         let row = self.row(id);
         (row.status, row.reason)
     }
 }
 
-fn job(kind: JobType) -> (Uuid, serde_json::Value) {
+pub(super) fn job(kind: JobType) -> (Uuid, serde_json::Value) {
     let id = Uuid::new_v4();
     let job = json!({
         "id": id, "type": kind.as_str(), "school_id": SCHOOL, "to": NUMBER,
@@ -109,7 +109,7 @@ fn job(kind: JobType) -> (Uuid, serde_json::Value) {
     (id, job)
 }
 
-fn delivery(job: &serde_json::Value) -> Delivery {
+pub(super) fn delivery(job: &serde_json::Value) -> Delivery {
     Delivery::fresh(Lane::Default, job.to_string().into_bytes())
 }
 
@@ -132,7 +132,7 @@ async fn refused_without_a_call(world: &World, job: &serde_json::Value, reason: 
 }
 
 /// The same job coming back from a retry tier after `attempts` calls.
-fn retried(job: &serde_json::Value, attempts: u32) -> Delivery {
+pub(super) fn retried(job: &serde_json::Value, attempts: u32) -> Delivery {
     Delivery {
         requeued: true,
         attempts,
@@ -866,7 +866,7 @@ async fn a_retry_back_before_its_time_is_deferred_without_touching_the_log() {
     assert_eq!(world.log().statements(), 0);
 }
 
-fn smsgw_job(bytes: &[u8]) -> crate::job::Job {
+pub(super) fn smsgw_job(bytes: &[u8]) -> crate::job::Job {
     crate::job::Job::decode(bytes).expect("smsgw publishes valid jobs")
 }
 
@@ -885,6 +885,9 @@ fn row_with_attempts(attempts: i32) -> Row {
         recorded: (1..=attempts)
             .map(|n| (n, Some(AttemptOutcome::TemporaryFailure)))
             .collect(),
+        created_at: OffsetDateTime::now_utc(),
+        school_id: SCHOOL,
+        segments: Some(1),
     }
 }
 

@@ -5,14 +5,17 @@
 //!
 //! Opt-outs are not decided here: the store's claim that starts an attempt reads
 //! `sms_opt_outs` in the same statement, so an opt-out written a moment ago counts, and
-//! the table stays the only authority.
+//! the table stays the only authority. Nor are the guards' counts: [`guards`] says which
+//! a message involves, and the store counts them.
+
+pub mod guards;
 
 use time::OffsetDateTime;
 
 use crate::{
     job::JobType,
-    phone::{PhoneError, PhoneNumber, SenderId},
-    school::SchoolSettings,
+    phone::{Country, PhoneError, PhoneNumber, SenderId},
+    school::{Budget, Destinations, SchoolSettings},
 };
 
 /// Why a message is not sent although nothing failed.
@@ -22,15 +25,46 @@ pub enum SuppressReason {
     SchoolDisabled,
     TypeNotAllowed,
     OptedOut,
+    /// The number's country is not one the school may text.
+    CountryNotAllowed,
+    /// The number had its login codes for the window (`SMSGW_LOGIN_CODE_LIMIT`).
+    RecipientLimit,
+    /// The account had its texts abroad for the UTC day (`SMSGW_INTERNATIONAL_DAILY_LIMIT`).
+    InternationalLimit,
+    /// The school's monthly budget has no room for the message.
+    BudgetExhausted,
+    /// The school's `allowed_countries` holds a code that is not a country.
+    InvalidAllowedCountries,
+    /// The school's `monthly_segment_budget` is negative.
+    InvalidBudget,
 }
 
 impl SuppressReason {
+    pub const ALL: [SuppressReason; 10] = [
+        SuppressReason::NoSchoolSettings,
+        SuppressReason::SchoolDisabled,
+        SuppressReason::TypeNotAllowed,
+        SuppressReason::OptedOut,
+        SuppressReason::CountryNotAllowed,
+        SuppressReason::RecipientLimit,
+        SuppressReason::InternationalLimit,
+        SuppressReason::BudgetExhausted,
+        SuppressReason::InvalidAllowedCountries,
+        SuppressReason::InvalidBudget,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             SuppressReason::NoSchoolSettings => "no_school_settings",
             SuppressReason::SchoolDisabled => "school_disabled",
             SuppressReason::TypeNotAllowed => "type_not_allowed",
             SuppressReason::OptedOut => "opted_out",
+            SuppressReason::CountryNotAllowed => "country_not_allowed",
+            SuppressReason::RecipientLimit => "recipient_limit",
+            SuppressReason::InternationalLimit => "international_limit",
+            SuppressReason::BudgetExhausted => "budget_exhausted",
+            SuppressReason::InvalidAllowedCountries => "invalid_allowed_countries",
+            SuppressReason::InvalidBudget => "invalid_budget",
         }
     }
 }
@@ -98,12 +132,15 @@ pub struct Facts<'a, R> {
     pub max_segments: Option<u32>,
     /// The types that wait out a school's quiet hours.
     pub quiet_types: &'a [JobType],
+    /// The countries every school may text besides its own (`SMSGW_ALLOWED_COUNTRIES`).
+    pub allowed_countries: &'a [Country],
     pub now: OffsetDateTime,
 }
 
 /// Decides a message's fate. Expiry first (an expired text is never useful), then the
-/// school's settings, the recipient, the sender and length, the schedule (`not_before`,
-/// then quiet hours), and last the route: a message that waits is deferred even when its
+/// school's settings (a guard setting it cannot be read with refuses every message), the
+/// recipient and its country, the sender and length, the schedule (`not_before`, then
+/// quiet hours), and last the route: a message that waits is deferred even when its
 /// provider is missing, so that a configuration fixed before it is due still sends it.
 pub fn decide<R: Clone>(
     kind: JobType,
@@ -123,10 +160,16 @@ pub fn decide<R: Clone>(
     if !settings.allows(kind) {
         return Decision::Suppress(SuppressReason::TypeNotAllowed);
     }
+    if let Some(unreadable) = unreadable_guard(settings) {
+        return Decision::Suppress(unreadable);
+    }
     let to = match facts.recipient {
         Ok(number) => number.clone(),
         Err(e) => return Decision::Refuse(Refusal::InvalidRecipient(e.clone())),
     };
+    if !guards::destination_allowed(settings, facts.allowed_countries, to.country()) {
+        return Decision::Suppress(SuppressReason::CountryNotAllowed);
+    }
     let sender = match settings.sender_id.as_deref().map(str::trim) {
         None | Some("") => None,
         Some(raw) => match SenderId::parse(raw) {
@@ -160,6 +203,17 @@ pub fn decide<R: Clone>(
     }
 }
 
+/// A guard setting of the school's that cannot be read: nothing is sent on a guess.
+fn unreadable_guard(settings: &SchoolSettings) -> Option<SuppressReason> {
+    if let Destinations::Invalid(_) = settings.destinations {
+        return Some(SuppressReason::InvalidAllowedCountries);
+    }
+    if let Budget::Invalid(_) = settings.budget {
+        return Some(SuppressReason::InvalidBudget);
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,6 +243,7 @@ mod tests {
                 segments: 1,
                 max_segments: None,
                 quiet_types: &[],
+                allowed_countries: &[],
                 now: NOW,
             },
         )
@@ -251,6 +306,7 @@ mod tests {
             segments: 1,
             max_segments: None,
             quiet_types: &[],
+            allowed_countries: &[],
             now: NOW,
         };
         assert_eq!(
@@ -270,6 +326,7 @@ mod tests {
             segments: 1,
             max_segments: None,
             quiet_types: &[],
+            allowed_countries: &[],
             now: NOW,
         };
         let later = datetime!(2026-11-25 11:00 UTC);
@@ -298,6 +355,7 @@ mod tests {
             segments: 1,
             max_segments: None,
             quiet_types: &[],
+            allowed_countries: &[],
             now: NOW,
         };
         assert_eq!(
@@ -333,6 +391,7 @@ mod tests {
             segments: 2,
             max_segments: Some(1),
             quiet_types: &[],
+            allowed_countries: &[],
             now: NOW,
         };
         assert_eq!(
@@ -363,6 +422,7 @@ mod tests {
             segments: 1,
             max_segments: None,
             quiet_types: &[],
+            allowed_countries: &[],
             now: NOW,
         };
         let decision = decide(JobType::LoginCode, None, None, &facts);
@@ -384,6 +444,7 @@ mod tests {
             segments: 1,
             max_segments: None,
             quiet_types: &[],
+            allowed_countries: &[],
             now: NOW,
         };
         assert_eq!(
@@ -443,6 +504,7 @@ mod tests {
             segments: 1,
             max_segments: None,
             quiet_types: &HELD,
+            allowed_countries: &[],
             now,
         };
         decide(kind, None, expires_at, &facts)
@@ -505,5 +567,70 @@ mod tests {
             decide_at(JobType::BookingReminder, None, &school, LATE),
             Decision::Send { .. }
         ));
+    }
+
+    fn decide_to(raw: &str, settings: &SchoolSettings, account: &[Country]) -> Decision<()> {
+        let recipient = PhoneNumber::parse(raw, None);
+        let facts = Facts {
+            settings: Some(settings),
+            recipient: &recipient,
+            route: &Ok(()),
+            segments: 1,
+            max_segments: None,
+            quiet_types: &[],
+            allowed_countries: account,
+            now: NOW,
+        };
+        decide(JobType::LoginCode, None, None, &facts)
+    }
+
+    #[test]
+    fn a_number_abroad_is_suppressed_unless_its_country_is_allowed() {
+        let jamaica = "+18765551234";
+        assert_eq!(
+            decide_to(jamaica, &school(), &[]),
+            Decision::Suppress(SuppressReason::CountryNotAllowed)
+        );
+        let account = [Country::parse("JM").expect("JM")];
+        assert!(matches!(
+            decide_to(jamaica, &school(), &account),
+            Decision::Send { .. }
+        ));
+        let listed = SchoolSettings {
+            destinations: Destinations::Only(account.to_vec()),
+            ..school()
+        };
+        assert!(matches!(
+            decide_to(jamaica, &listed, &[]),
+            Decision::Send { .. }
+        ));
+        assert_eq!(
+            decide_to("+447700900123", &listed, &[]),
+            Decision::Suppress(SuppressReason::CountryNotAllowed),
+            "a list of its own replaces the school's country"
+        );
+    }
+
+    #[test]
+    fn a_guard_setting_that_cannot_be_read_suppresses_every_message() {
+        let countries = SchoolSettings {
+            destinations: Destinations::Invalid("UK".into()),
+            ..school()
+        };
+        assert_eq!(
+            decide_to("+447700900123", &countries, &[]),
+            Decision::Suppress(SuppressReason::InvalidAllowedCountries)
+        );
+        let budget = SchoolSettings {
+            budget: Budget::Invalid(-5),
+            ..school()
+        };
+        assert_eq!(
+            decide_to("+447700900123", &budget, &[]),
+            Decision::Suppress(SuppressReason::InvalidBudget)
+        );
+        let names: Vec<&str> = SuppressReason::ALL.iter().map(|r| r.as_str()).collect();
+        let unique: std::collections::HashSet<&&str> = names.iter().collect();
+        assert_eq!(unique.len(), names.len());
     }
 }

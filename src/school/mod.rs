@@ -1,6 +1,6 @@
-//! A school's settings as values: the row of `sms_school_settings` the policy reads, and
-//! its quiet hours in the school's own time zone. No I/O: the store reads the row, the
-//! policy decides with it.
+//! A school's settings as values: the row of `sms_school_settings` the policy reads, its
+//! quiet hours in the school's own time zone, and its guards (where it may text, its
+//! monthly budget). No I/O: the store reads the row, the policy decides with it.
 
 pub mod quiet;
 
@@ -8,7 +8,7 @@ pub use quiet::{QuietHours, zone};
 
 use time::OffsetDateTime;
 
-use crate::job::JobType;
+use crate::{job::JobType, phone::Country};
 
 /// A school's quiet hours, as its settings give them.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -71,6 +71,62 @@ pub struct SchoolSettings {
     pub allow_announcements: bool,
     pub allow_login_codes: bool,
     pub quiet: Quiet,
+    /// Where the school may text (`allowed_countries`).
+    pub destinations: Destinations,
+    /// Billable segments a UTC calendar month (`monthly_segment_budget`).
+    pub budget: Budget,
+}
+
+/// The countries a school may text, from its `allowed_countries`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Destinations {
+    /// Null: its own `country` and the account's `SMSGW_ALLOWED_COUNTRIES`.
+    #[default]
+    Default,
+    /// Exactly these (an empty list: nowhere).
+    Only(Vec<Country>),
+    /// A code the numbering plans do not know, as written: the school's messages are
+    /// refused (`invalid_allowed_countries`) until the row is corrected.
+    Invalid(String),
+}
+
+impl Destinations {
+    /// The column as read (a null element of the array is not a code either).
+    pub fn of(column: Option<&[Option<String>]>) -> Self {
+        let Some(codes) = column else {
+            return Destinations::Default;
+        };
+        let mut countries = Vec::with_capacity(codes.len());
+        for code in codes {
+            let raw = code.as_deref().unwrap_or("NULL");
+            match Country::parse(raw) {
+                Some(country) => countries.push(country),
+                None => return Destinations::Invalid(raw.chars().take(16).collect()),
+            }
+        }
+        Destinations::Only(countries)
+    }
+}
+
+/// A school's monthly budget of billable segments, from its `monthly_segment_budget`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Budget {
+    /// Null: no budget.
+    #[default]
+    Unlimited,
+    Segments(u32),
+    /// Negative: the school's messages are refused (`invalid_budget`) until the row is
+    /// corrected.
+    Invalid(i32),
+}
+
+impl Budget {
+    pub fn of(column: Option<i32>) -> Self {
+        match column {
+            None => Budget::Unlimited,
+            Some(n) => u32::try_from(n).map_or(Budget::Invalid(n), Budget::Segments),
+        }
+    }
 }
 
 impl SchoolSettings {
@@ -91,6 +147,8 @@ impl SchoolSettings {
             allow_announcements: true,
             allow_login_codes: true,
             quiet: Quiet::None,
+            destinations: Destinations::Default,
+            budget: Budget::Unlimited,
         }
     }
 
@@ -108,6 +166,42 @@ impl SchoolSettings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn allowed_countries_are_read_code_by_code() {
+        let codes = |list: &[Option<&str>]| -> Vec<Option<String>> {
+            list.iter().map(|c| c.map(str::to_owned)).collect()
+        };
+        assert_eq!(Destinations::of(None), Destinations::Default);
+        let Destinations::Only(list) = Destinations::of(Some(&codes(&[Some("ie"), Some("FR")])))
+        else {
+            panic!("two countries")
+        };
+        assert_eq!(
+            list.iter().map(Country::as_str).collect::<Vec<_>>(),
+            ["IE", "FR"]
+        );
+        assert_eq!(Destinations::of(Some(&[])), Destinations::Only(Vec::new()));
+        assert_eq!(
+            Destinations::of(Some(&codes(&[Some("GB"), Some("UK")]))),
+            Destinations::Invalid("UK".into())
+        );
+        assert_eq!(
+            Destinations::of(Some(&codes(&[None]))),
+            Destinations::Invalid("NULL".into())
+        );
+    }
+
+    #[test]
+    fn a_negative_budget_is_invalid_and_zero_is_a_budget() {
+        assert_eq!(Budget::of(None), Budget::Unlimited);
+        assert_eq!(Budget::of(Some(0)), Budget::Segments(0));
+        assert_eq!(
+            Budget::of(Some(i32::MAX)),
+            Budget::Segments(i32::MAX as u32)
+        );
+        assert_eq!(Budget::of(Some(-1)), Budget::Invalid(-1));
+    }
 
     #[test]
     fn quiet_hours_need_both_ends() {

@@ -633,3 +633,35 @@ pub(crate) async fn queue_batch(
         .await?;
     Ok(())
 }
+
+/// Writes `suppressed` rows with `reason` for messages refused before any of them was
+/// queued (an announcement refused whole); a row already there is left as it is.
+pub(crate) async fn suppress_batch(
+    client: &Client,
+    rows: &[MessageColumns],
+    reason: &str,
+    keep_body: bool,
+) -> Result<(), StoreError> {
+    static SUPPRESS: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "INSERT INTO sms_messages (id, bulk_id, school_id, type, recipient, body, context,
+                                       status, reason, provider, segments)
+             SELECT id, bulk_id, school_id, type, recipient, CASE WHEN {keep} THEN body END,
+                    context, 'suppressed', $10, provider, segments
+               FROM UNNEST($1::uuid[], $2::uuid[], $3::int8[], $4::text[], $5::text[],
+                           $6::text[], $7::jsonb[], $8::text[], $9::int4[])
+                 AS t(id, bulk_id, school_id, type, recipient, body, context, provider, segments)
+             ON CONFLICT (id) DO NOTHING",
+            keep = keeps_body("$11", "type"),
+        )
+    });
+    let columns = MessageArrays::of(rows);
+    let statement = prepared(client, &SUPPRESS).await?;
+    client
+        .execute(
+            &statement,
+            &columns.params(&[&columns.segments, &reason, &keep_body]),
+        )
+        .await?;
+    Ok(())
+}

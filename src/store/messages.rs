@@ -111,6 +111,17 @@ impl Store {
         log::queue_batch(&self.client().await?, &rows).await
     }
 
+    /// Writes a `suppressed` row with `reason` for each message (left alone where the row
+    /// exists): an announcement refused whole before any recipient was queued.
+    pub async fn suppress_messages(
+        &self,
+        messages: &[NewMessage<'_>],
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        let rows: Vec<MessageColumns> = messages.iter().map(NewMessage::columns).collect();
+        log::suppress_batch(&self.client().await?, &rows, reason, self.keep_body).await
+    }
+
     /// Records a message that ends without a provider call (suppressed, expired, refused),
     /// or that waits (queued). Returns the state it found instead when the message already
     /// has an outcome or is in flight.

@@ -101,6 +101,7 @@ pub(crate) static MIGRATIONS: &[Migration] = &[
     migration!(20261204000006, "inbox"),
     migration!(20261204000007, "shared_rates"),
     migration!(20261207000001, "replies"),
+    migration!(20261207000010, "guards"),
 ];
 
 const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS _sqlx_migrations (

@@ -16,7 +16,8 @@
 //!   as support reads it; `lookups`: messages as support searches them, and the usage
 //!   figures billing counts;
 //! - `outbox`: the status events waiting for the relay; `rates`: the account-wide rate
-//!   clocks the replicas lease call slots from;
+//!   clocks the replicas lease call slots from; `guards`: the counts of the guards
+//!   against fraud and spend, shared by the replicas the same way;
 //! - `inbox`: the development inbox's copies of the messages it handled;
 //! - `connect`: connection settings, TLS, the pool; `migrate`: the schema's migrations;
 //!   `notify`: the LISTEN connection of the settings cache.
@@ -30,6 +31,7 @@ use deadpool_postgres::{Pool, PoolError};
 use tokio_postgres::{Row, types::ToSql};
 
 mod connect;
+mod guards;
 mod inbox;
 mod log;
 mod lookups;
@@ -46,6 +48,7 @@ mod views;
 mod vocabulary;
 
 use connect::{Connector, quote_identifier};
+pub use guards::{Admission, BudgetUse, GuardBudget, GuardCheck, GuardRefusal, UnreadableGuard};
 pub use inbox::{InboxCopy, InboxFilter, InboxMessage};
 pub use lookups::{MessageSearch, UsageCount};
 pub use messages::{AttemptRecord, NewMessage};

@@ -8,12 +8,13 @@ use tokio_postgres::Row;
 use super::{Store, StoreError, vocabulary::storable};
 use crate::{
     phone::PhoneNumber,
-    school::{Quiet, SchoolSettings, zone},
+    school::{Budget, Destinations, Quiet, SchoolSettings, zone},
 };
 
 const SETTINGS_SELECT: &str = "SELECT school_id, sms_enabled, country, sender_id, provider,
         fallback_provider, allow_confirmations, allow_reminders, allow_changes,
-        allow_announcements, allow_login_codes, timezone, quiet_hours_start, quiet_hours_end
+        allow_announcements, allow_login_codes, timezone, quiet_hours_start, quiet_hours_end,
+        allowed_countries, monthly_segment_budget
    FROM sms_school_settings";
 
 fn settings_of(row: &Row) -> Result<SchoolSettings, StoreError> {
@@ -34,7 +35,37 @@ fn settings_of(row: &Row) -> Result<SchoolSettings, StoreError> {
         allow_announcements: flag("allow_announcements")?,
         allow_login_codes: flag("allow_login_codes")?,
         quiet: quiet_of(row)?,
+        destinations: destinations_of(row)?,
+        budget: budget_of(row)?,
     })
+}
+
+/// Where the school may text. A code that is not a country refuses its messages, and is
+/// logged each time the school's settings are read.
+fn destinations_of(row: &Row) -> Result<Destinations, StoreError> {
+    let column: Option<Vec<Option<String>>> = row.try_get("allowed_countries")?;
+    let destinations = Destinations::of(column.as_deref());
+    if let Destinations::Invalid(code) = &destinations {
+        let school_id: i64 = row.try_get("school_id")?;
+        tracing::warn!(school_id, code = %code,
+            "the school's allowed_countries holds a code that is not a country: its messages are refused");
+    }
+    Ok(destinations)
+}
+
+/// The school's monthly budget. A negative one refuses its messages, and is logged each
+/// time the school's settings are read.
+fn budget_of(row: &Row) -> Result<Budget, StoreError> {
+    let budget = Budget::of(row.try_get("monthly_segment_budget")?);
+    if let Budget::Invalid(value) = budget {
+        let school_id: i64 = row.try_get("school_id")?;
+        tracing::warn!(
+            school_id,
+            monthly_segment_budget = value,
+            "the school's monthly_segment_budget is negative: its messages are refused"
+        );
+    }
+    Ok(budget)
 }
 
 /// The school's quiet hours. An unknown time zone holds nothing back, and is logged each
