@@ -18,7 +18,7 @@
 --   -v webapp=NAME   smsgw_webapp   the web app: writes sms_school_settings and
 --                                  sms_opt_outs, reads the message log
 --   -v support=NAME  smsgw_support  support: reads every table (smsgw status, replies, usage)
---   -v billing=NAME  smsgw_billing  billing: reads sms_messages (smsgw usage)
+--   -v billing=NAME  smsgw_billing  billing: reads sms_messages and the budgets (smsgw usage)
 --
 -- Running it again changes nothing that is already in place, so run it after every upgrade:
 -- the daemon's and support's grants reach tables later migrations add by themselves
@@ -99,7 +99,8 @@ GRANT SELECT ON ALL TABLES IN SCHEMA public TO :"support";
 ALTER DEFAULT PRIVILEGES FOR ROLE :"owner" IN SCHEMA public
     GRANT SELECT ON TABLES TO :"support";
 
--- Billing reads the message log's rows, which `smsgw usage` counts, and nothing else.
-GRANT SELECT ON sms_messages TO :"billing";
+-- Billing reads what `smsgw usage` shows and nothing else: the message log's rows it
+-- counts, and each school's monthly budget beside its use.
+GRANT SELECT ON sms_messages, sms_school_settings, sms_guard_budgets TO :"billing";
 
 COMMIT;

@@ -25,7 +25,7 @@ const STORE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the pipeline reads from and writes to the message log. Every write is safe to
 /// repeat, even after a try that timed out but did commit.
-pub trait MessageLog: ReconcileLog {
+pub trait MessageLog: ReconcileLog + SideLog {
     /// A school's settings, for one the cache does not know yet.
     fn school_settings(
         &self,
@@ -83,6 +83,13 @@ pub trait MessageLog: ReconcileLog {
         record: &AttemptRecord<'_>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
+    /// A statement got no answer in time: connections may have gone silent.
+    fn stalled(&self) {}
+}
+
+/// What handling a message writes beside its own row: an opt-out a provider reported,
+/// the development inbox's copy, a rejected job's event.
+pub trait SideLog: Send + Sync + 'static {
     fn add_opt_out(
         &self,
         school_id: Option<i64>,
@@ -101,9 +108,6 @@ pub trait MessageLog: ReconcileLog {
         &self,
         rejected: &RejectedJob<'_>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
-
-    /// A statement got no answer in time: connections may have gone silent.
-    fn stalled(&self) {}
 }
 
 /// What reconciling an attempt with an unknown outcome writes: the part of the log that
@@ -217,6 +221,12 @@ impl MessageLog for Store {
         Store::finish_attempt(self, id, attempt, record)
     }
 
+    fn stalled(&self) {
+        self.replace_pool();
+    }
+}
+
+impl SideLog for Store {
     fn add_opt_out(
         &self,
         school_id: Option<i64>,
@@ -238,10 +248,6 @@ impl MessageLog for Store {
         rejected: &RejectedJob<'_>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
         Store::reject_job(self, rejected)
-    }
-
-    fn stalled(&self) {
-        self.replace_pool();
     }
 }
 

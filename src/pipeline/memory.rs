@@ -15,7 +15,7 @@ use std::{
 use time::{Date, OffsetDateTime};
 use uuid::Uuid;
 
-use super::{MessageLog, ReconcileLog};
+use super::{MessageLog, ReconcileLog, SideLog};
 use crate::{
     phone::PhoneNumber,
     policy::guards::{Month, day_of, fits, reached},
@@ -620,7 +620,9 @@ impl MessageLog for MemoryLog {
             }
         })
     }
+}
 
+impl SideLog for MemoryLog {
     async fn add_opt_out(
         &self,
         school_id: Option<i64>,

@@ -56,7 +56,7 @@ use uuid::Uuid;
 use self::outcome::{Plan, Seen, Verdict};
 pub use self::{
     fanout::FanoutTurns,
-    log::{MessageLog, ReconcileLog},
+    log::{MessageLog, ReconcileLog, SideLog},
 };
 use crate::{
     broker::Delivery,
