@@ -460,6 +460,21 @@ async fn a_reply_typed_into_the_page_shows_in_its_conversation() {
         )
         .await;
     assert_eq!(typed, to, "the box answers as the conversation's number");
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let kept: i64 = app
+            .db
+            .scalar(
+                "SELECT count(*) FROM sms_replies WHERE from_number = $1",
+                &[&to],
+            )
+            .await;
+        if kept > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the reply box posted no reply");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let shown = page.wait_for_text("Running 10 min late").await;
     assert!(shown.contains("reply from"), "{shown}");
     let bubbles = page

@@ -22,11 +22,12 @@
     return false;
   }
 
-  function refresh() {
+  // `force`: swap in even while a box holds text (right after a reply was sent).
+  function refresh(force) {
     return fetch('/inbox/conversations' + location.search, { cache: 'no-store' })
       .then(function (response) { return response.ok ? response.text() : null; })
       .then(function (html) {
-        if (html !== null && html !== last && !typing()) {
+        if (html !== null && html !== last && (force === true || !typing())) {
           last = html;
           list.innerHTML = html;
           showCount();
@@ -38,7 +39,7 @@
   function poll() {
     var next = function () { setTimeout(poll, 1000); };
     if (document.hidden) { next(); return; }
-    refresh().then(next, next);
+    refresh(false).then(next, next);
   }
 
   list.addEventListener('submit', function (event) {
@@ -57,8 +58,8 @@
       body: JSON.stringify(reply)
     }).then(function (response) {
       if (response.ok) { input.value = ''; input.blur(); }
-      return refresh();
-    });
+      return refresh(response.ok);
+    }, function () { /* the daemon is restarting: the text stays in the box */ });
   });
 
   document.getElementById('empty').addEventListener('click', function () {
