@@ -4,7 +4,8 @@
 //!
 //! Knobs (environment): `BENCH_JOBS` (default 100000), `BENCH_LATENCIES` (provider latency
 //! in ms, default `0,100`), `BENCH_SCENARIOS` (`0` skips them), `BENCH_RECIPIENTS` (of the
-//! big announcement, default 50000).
+//! big announcement, default 50000), `BENCH_GUARDS` (`0` skips the run with every guard
+//! configured).
 
 #[path = "../tests/helpers/mod.rs"]
 mod helpers;
@@ -359,7 +360,7 @@ async fn finished(app: &helpers::App) -> i64 {
 
 struct Throughput {
     latency_ms: u64,
-    events: bool,
+    variant: Variant,
     /// The lanes' budgets (urgent / default / bulk).
     in_flight: String,
     jobs: usize,
@@ -453,7 +454,31 @@ fn keep_up_with_events(amqp_url: &str, stop: CancellationToken) -> tokio::task::
     })
 }
 
-async fn end_to_end(jobs: usize, latency_ms: u64, events: bool) -> Throughput {
+/// What a run turns on besides the defaults.
+#[derive(Clone, Copy)]
+struct Variant {
+    events: bool,
+    /// Every school with a monthly budget and a country list, and an international cap:
+    /// every guard on the hot path, none of them refusing (the budgets are never reached).
+    guards: bool,
+}
+
+/// The guards' settings for a run with every guard configured. The login-code limit is
+/// always on (it has no "off"), so it is in every run.
+const GUARD_VARS: [(&str, &str); 2] = [
+    ("SMSGW_INTERNATIONAL_DAILY_LIMIT", "1000000"),
+    ("SMSGW_ALLOWED_COUNTRIES", "IE"),
+];
+
+async fn configure_guards(app: &helpers::App) {
+    app.sql(
+        "UPDATE sms_school_settings
+         SET monthly_segment_budget = 100000000, allowed_countries = '{GB,IE}'",
+    )
+    .await;
+}
+
+async fn end_to_end(jobs: usize, latency_ms: u64, variant: Variant) -> Throughput {
     // The lanes' budgets: BENCH_CONCURRENCY for the default and bulk lanes (the urgent
     // one 128); else the daemon's own defaults with a fast provider, and 1,024 in flight
     // in all (128 / 448 / 448) with a slow one, the load the memory target is set for.
@@ -472,8 +497,17 @@ async fn end_to_end(jobs: usize, latency_ms: u64, events: bool) -> Throughput {
         None => (Vec::new(), "defaults".to_owned()),
     };
     let mut extra = lanes;
-    extra.push(("SMSGW_EVENTS", if events { "on" } else { "off" }.to_owned()));
+    extra.push((
+        "SMSGW_EVENTS",
+        if variant.events { "on" } else { "off" }.to_owned(),
+    ));
+    if variant.guards {
+        extra.extend(GUARD_VARS.map(|(k, v)| (k, v.to_owned())));
+    }
     let run = prepare(latency_ms, &extra).await;
+    if variant.guards {
+        configure_guards(&run.app).await;
+    }
     let events_stop = CancellationToken::new();
     let events_consumer = keep_up_with_events(&run.app.env.amqp_url, events_stop.clone());
     opt_out_every_50th(&run.app, jobs).await;
@@ -542,7 +576,7 @@ async fn end_to_end(jobs: usize, latency_ms: u64, events: bool) -> Throughput {
     let _ = daemon.wait_exit(Duration::from_secs(60));
     Throughput {
         latency_ms,
-        events,
+        variant,
         in_flight,
         jobs,
         rate: jobs as f64 / elapsed.as_secs_f64(),
@@ -807,25 +841,41 @@ async fn main() {
         ceiling.stub
     );
 
-    // Status events on (the default) at every latency; off as well at the first, to show
-    // what they cost.
+    // Status events on (the default) at every latency; at the first, events off and every
+    // guard configured as well, to show what each costs.
+    let defaults = Variant {
+        events: true,
+        guards: false,
+    };
     let mut results = Vec::new();
     for (i, latency) in latencies.into_iter().enumerate() {
-        results.push(end_to_end(jobs, latency, true).await);
+        results.push(end_to_end(jobs, latency, defaults).await);
         if i == 0 {
-            results.push(end_to_end(jobs, latency, false).await);
+            let events_off = Variant {
+                events: false,
+                ..defaults
+            };
+            results.push(end_to_end(jobs, latency, events_off).await);
+            if env_number("BENCH_GUARDS", 1) != 0 {
+                let guards = Variant {
+                    guards: true,
+                    ..defaults
+                };
+                results.push(end_to_end(jobs, latency, guards).await);
+            }
         }
     }
     println!();
     println!(
-        "| provider latency | status events | in flight (urgent / default / bulk) | jobs | jobs/s | vs consume ceiling | publish→provider p50 / p99 | peak RSS | CPU s per 10k: worker / PostgreSQL / RabbitMQ |"
+        "| provider latency | status events | guards | in flight (urgent / default / bulk) | jobs | jobs/s | vs consume ceiling | publish→provider p50 / p99 | peak RSS | CPU s per 10k: worker / PostgreSQL / RabbitMQ |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for r in &results {
         println!(
-            "| {} ms | {} | {} | {} | {:.0} | {:.0}% | {:.1} / {:.1} ms | {:.1} MiB | {:.2} / {:.2} / {:.2} |",
+            "| {} ms | {} | {} | {} | {} | {:.0} | {:.0}% | {:.1} / {:.1} ms | {:.1} MiB | {:.2} / {:.2} / {:.2} |",
             r.latency_ms,
-            if r.events { "on" } else { "off" },
+            if r.variant.events { "on" } else { "off" },
+            if r.variant.guards { "all" } else { "defaults" },
             r.in_flight,
             r.jobs,
             r.rate,
