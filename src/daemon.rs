@@ -148,6 +148,12 @@ async fn serve_jobs(
         shared.metrics.clone(),
         background.clone(),
     ));
+    let overdue = tokio::spawn(crate::overdue::run(
+        store.clone(),
+        crate::overdue::Overdue::from(settings),
+        shared.metrics.clone(),
+        background.clone(),
+    ));
     let relay = tokio::spawn(event_relay(shared, &store).run(background.clone()));
     let consumed = async {
         check_school_providers(&store, &shared.gateways, shutdown).await?;
@@ -164,6 +170,7 @@ async fn serve_jobs(
     .await;
     background.cancel();
     let _ = retention.await;
+    let _ = overdue.await;
     let _ = relay.await;
     store.close().await;
     consumed

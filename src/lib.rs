@@ -20,7 +20,7 @@
 //! 2  config school disposition                      settings; a school's row; a broker action
 //! 3  store broker policy telemetry                  the outside systems; the pure decision
 //! 4  provider cache metrics                         adapters and their clocks; what we count
-//! 5  pipeline callbacks events retention ops        the work: deliveries, callbacks, relays
+//! 5  pipeline callbacks events retention overdue ops the work: deliveries, callbacks, relays
 //! 6  http                                           the HTTP surface
 //! 7  daemon                                         wiring, reconnection, shutdown
 //! 8  cli                                            the command line
@@ -55,6 +55,7 @@
 //! - [`events`]: the relay that publishes the outbox's events (status changes, replies,
 //!   rejected jobs) to `sms.events`.
 //! - [`retention`]: purging old bodies, rows, webhook ids and dead letters in the background.
+//! - [`overdue`]: giving up, as `undelivered`, sent messages whose receipt never came.
 //! - [`ops`]: the dead-letter tools, a message's record, support lookups, usage for
 //!   billing and `smsgw check`.
 //! - [`http`]: `/healthz`, `/readyz`, `/metrics` and the providers' webhooks; `/inbox`
@@ -75,6 +76,7 @@ pub mod http;
 pub mod job;
 pub mod metrics;
 pub mod ops;
+pub mod overdue;
 pub mod phone;
 pub mod pipeline;
 pub mod policy;

@@ -120,6 +120,8 @@ pub struct Metrics {
     pub paused: Family<ProviderLabels, Counter>,
     /// Delivery receipts, by provider and the provider's status word.
     pub receipts: Family<ReceiptLabels, Counter>,
+    /// Sent messages given up as `undelivered` / `no_receipt` (`SMSGW_RECEIPT_TIMEOUT`).
+    pub receipt_timeouts: Counter,
     /// Replies kept, by provider and whether the message they answer was found.
     pub replies: Family<ReplyLabels, Counter>,
     /// From a message's acceptance by the provider to its final receipt (delivered,
@@ -213,6 +215,7 @@ impl Metrics {
             circuit_state: Family::default(),
             paused: Family::default(),
             receipts: Family::default(),
+            receipt_timeouts: Counter::default(),
             replies: Family::default(),
             receipt_delay: Family::new_with_constructor(receipt_delay_histogram),
             queue_depth: Family::default(),
@@ -304,6 +307,11 @@ impl Metrics {
             "receipts",
             "Delivery receipts received, by provider and status",
             self.receipts.clone(),
+        );
+        registry.register(
+            "receipt_timeouts",
+            "Sent messages given up as undelivered because no receipt came in time",
+            self.receipt_timeouts.clone(),
         );
         registry.register(
             "replies",

@@ -486,3 +486,60 @@ async fn rate_clocks_hand_out_each_instant_once_at_their_spacing() {
     }
     store.close().await;
 }
+
+/// Five accepted attempts an hour old, through `twilio`, of messages still `sent`; one
+/// more through `log`, and one whose message was delivered.
+async fn accepted_an_hour_ago(db: &Db) {
+    db.batch(
+        "INSERT INTO sms_messages (id, school_id, type, recipient, body, status, provider, attempts, sent_at)
+         SELECT gen_random_uuid(), 1, 'booking_reminder', '+447700900' || lpad(i::text, 3, '0'),
+                'Reminder', CASE WHEN i = 7 THEN 'delivered' ELSE 'sent' END,
+                CASE WHEN i = 6 THEN 'log' ELSE 'twilio' END, 1, now() - interval '1 hour'
+           FROM generate_series(1, 7) i;
+         INSERT INTO sms_attempts (message_id, attempt, provider, started_at, outcome)
+         SELECT id, 1, provider, sent_at, 'sent' FROM sms_messages;",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn overdue_receipts_are_walked_in_batches_each_attempt_once() {
+    let env = TestEnv::new().await;
+    helpers::migrate(&env.database_url).await;
+    let store = store(&env).await;
+    let db = Db::connect(&env.database_url).await;
+    accepted_an_hour_ago(&db).await;
+    let twilio = ["twilio".to_owned()];
+    let hour = Duration::from_secs(3600);
+
+    // Not yet an hour and a minute: nothing looked at, nothing given up.
+    let early = store.give_up_on_receipts(hour + Duration::from_secs(60), &twilio, 3);
+    assert_eq!(early.await.expect("walk").looked, 0);
+    let mut totals = Vec::new();
+    for _ in 0..3 {
+        let walk = store.give_up_on_receipts(Duration::from_secs(60), &twilio, 3);
+        let walk = walk.await.expect("walk");
+        totals.push((walk.looked, walk.given_up));
+    }
+    // Seven attempts in batches of three, then none left: each looked at once; only the
+    // five through twilio still sent are given up.
+    assert_eq!(totals.iter().map(|t| t.0).collect::<Vec<_>>(), [3, 3, 1]);
+    assert_eq!(totals.iter().map(|t| t.1).sum::<u64>(), 5);
+    let statuses: Vec<(String, Option<String>, i64)> = db
+        .rows(
+            "SELECT status, reason, count(*) FROM sms_messages GROUP BY 1, 2 ORDER BY 1",
+            &[],
+        )
+        .await
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            ("delivered".to_owned(), None, 1),
+            ("sent".to_owned(), None, 1),
+            ("undelivered".to_owned(), Some("no_receipt".to_owned()), 5),
+        ]
+    );
+}

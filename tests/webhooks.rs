@@ -16,7 +16,7 @@ use smsgw::{
     provider::twilio::callbacks::{signature as twilio_signature, verify as verify_twilio},
 };
 
-use helpers::{Reply, id_of, job, spawn_app_with, twilio_stub, vonage_stub};
+use helpers::{Reply, events::EventTap, id_of, job, spawn_app_with, twilio_stub, vonage_stub};
 
 const SCHOOL: i64 = 42;
 const PUBLIC: &str = "https://smsgw.example.com";
@@ -741,4 +741,53 @@ async fn a_vonage_receipt_replayed_within_its_window_changes_nothing() {
         .scalar("SELECT count(*) FROM sms_receipts", &[])
         .await;
     assert_eq!(kept, 1, "the replay was answered and not applied");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_whose_receipt_never_comes_is_given_up_and_a_late_receipt_still_applies() {
+    let app = spawn_app_with(&[
+        ("SMSGW_PUBLIC_URL", PUBLIC),
+        ("SMSGW_RECEIPT_TIMEOUT", "2s"),
+    ])
+    .await;
+    app.add_school(SCHOOL, "GB").await;
+    let mut tap = EventTap::bind(&app.env.amqp_url, "*.undelivered").await;
+    let (silent, silent_sid) = sent_message(&app, "+447700900701").await;
+    let (answered, answered_sid) = sent_message(&app, "+447700900702").await;
+    assert_eq!(status(&app, &answered_sid, "delivered").await, 204);
+
+    let given_up = app.wait_for_status(silent, "undelivered").await;
+    assert_eq!(given_up.reason.as_deref(), Some("no_receipt"));
+    let events = tap.until(|e| e.iter().any(|e| e.message() == silent)).await;
+    let event = events
+        .iter()
+        .find(|e| e.message() == silent)
+        .expect("its event");
+    assert_eq!(event.body["reason"], "no_receipt");
+    assert_eq!(event.body["previous_status"], "sent");
+    assert_eq!(
+        app.message(answered).await.expect("row").status,
+        "delivered"
+    );
+    assert!(
+        app.metrics()
+            .await
+            .contains("smsgw_receipt_timeouts_total 1"),
+        "counted once"
+    );
+
+    // The carrier's word, however late, is what happened.
+    assert_eq!(status(&app, &silent_sid, "delivered").await, 204);
+    let row = app.message(silent).await.expect("row");
+    assert_eq!((row.status.as_str(), row.reason), ("delivered", None));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_receipts_to_wait_for_a_sent_message_stays_sent() {
+    // No public URL: the provider is never told where to send receipts.
+    let app = spawn_app_with(&[("SMSGW_RECEIPT_TIMEOUT", "1s")]).await;
+    app.add_school(SCHOOL, "GB").await;
+    let (id, _) = sent_message(&app, "+447700900703").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(app.message(id).await.expect("row").status, "sent");
 }

@@ -19,11 +19,13 @@ use crate::{job::JobType, phone::PhoneNumber};
 mod guards;
 mod inbound;
 mod providers;
+mod receipts;
 mod schedule;
 mod service_url;
 
 pub use guards::{GuardSettings, RateWindow};
 pub use inbound::{Keyword, Keywords};
+pub use receipts::ReceiptWatch;
 pub use service_url::ServiceUrl;
 pub(crate) use service_url::redact_url;
 
@@ -159,6 +161,8 @@ pub struct Settings {
     pub reply_window: Duration,
     /// The account's guards against fraud and spend.
     pub guards: GuardSettings,
+    /// When a sent message stops waiting for its delivery receipt.
+    pub receipt_watch: ReceiptWatch,
 }
 
 /// `SMSGW_MAX_JOB_BYTES` by default, 8 MiB: the contract's largest job, an announcement to
@@ -334,6 +338,7 @@ impl Settings {
             )?,
             reply_window: duration(&get, "SMSGW_REPLY_WINDOW", "7d")?,
             guards: guards::guards(&get)?,
+            receipt_watch: ReceiptWatch::parse(get("SMSGW_RECEIPT_TIMEOUT").as_deref())?,
         })
     }
 

@@ -112,6 +112,16 @@ impl ProviderSettings {
         }
     }
 
+    /// Whether messages sent through this provider get delivery receipts: a real API only
+    /// when smsgw has a public URL to give it; the inbox always simulates them.
+    pub fn sends_receipts(&self, public_url: bool) -> bool {
+        match self.kind {
+            ProviderKindSettings::Log => false,
+            ProviderKindSettings::Inbox => true,
+            ProviderKindSettings::Twilio(_) | ProviderKindSettings::Vonage(_) => public_url,
+        }
+    }
+
     /// Whether this provider reaches real phones: a real API, not the log, the inbox, a
     /// sandbox or a stub. Decided from the base URL's host, so that any port, path or
     /// regional host of the provider counts as real, and staging cannot run unredirected

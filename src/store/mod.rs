@@ -56,7 +56,7 @@ pub(crate) use notify::Listener;
 pub use outbox::{OutboxBacklog, OutboxEvent, RejectedJob, RelayTurn, StatusEvent};
 pub use rates::{ClockSpacing, LeaseStart};
 pub(crate) use receipts::apply_pending_receipts;
-pub use receipts::{Receipt, ReceiptApplied};
+pub use receipts::{NO_RECEIPT, Receipt, ReceiptApplied, ReceiptsGivenUp};
 use recorder::Recorder;
 pub use replies::{NewReply, ReplyRecorded, ReplySearch, ReplyView};
 pub use settings::OptOutChange;

@@ -59,6 +59,52 @@ fn rank(of: &str) -> String {
     RANK.replace("$S", of)
 }
 
+/// A message's rank as a receipt sees it: one given up for want of a receipt ranks as
+/// `sent`, so the receipt that comes late still tells what happened.
+static MESSAGE_RANK: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "CASE WHEN m.reason = '{NO_RECEIPT}' THEN 1 ELSE {} END",
+        rank("m.status")
+    )
+});
+
+/// The reason of a message given up for want of a receipt.
+pub const NO_RECEIPT: &str = "no_receipt";
+
+/// Gives up the sent messages whose attempt was accepted before `now() - $1` seconds
+/// through one of the providers `$2`, walking at most `$3` accepted attempts on from where
+/// the last walk stopped; see `schema/20261208000400_receipt_timeout.sql`. Returns how
+/// many attempts it looked at and how many messages it gave up.
+static GIVE_UP_ON_RECEIPTS: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH watch AS (
+            SELECT started_at, message_id FROM sms_receipt_watch FOR UPDATE
+         ), due AS (
+            SELECT a.started_at, a.message_id, a.provider
+              FROM sms_attempts a, watch w
+             WHERE a.outcome = 'sent'
+               AND (a.started_at, a.message_id) > (w.started_at, w.message_id)
+               AND a.started_at <= now() - make_interval(secs => $1)
+             ORDER BY a.started_at, a.message_id
+             LIMIT $3
+         ), given_up AS (
+            UPDATE sms_messages m
+               SET status = 'undelivered', reason = '{NO_RECEIPT}', updated_at = now()
+              FROM due
+             WHERE m.id = due.message_id AND due.provider = ANY($2) AND m.status = 'sent'
+            RETURNING m.id
+         ), walked AS (
+            UPDATE sms_receipt_watch
+               SET (started_at, message_id) = (
+                       SELECT started_at, message_id FROM due
+                        ORDER BY started_at DESC, message_id DESC LIMIT 1)
+             WHERE EXISTS (SELECT 1 FROM due)
+         )
+         SELECT (SELECT count(*) FROM due) AS looked,
+                (SELECT count(*) FROM given_up) AS given_up"
+    )
+});
+
 /// Applies receipts that came before the messages' own records had the provider ids: per
 /// message, the furthest receipt signed by the provider its attempt went through.
 /// Receipts kept before `signed_by` existed apply as they always did.
@@ -93,6 +139,8 @@ static APPLY_RECEIPT: LazyLock<String> = LazyLock::new(|| {
          )
          UPDATE sms_messages m
             SET status = CASE WHEN {new} > {old} THEN $4 ELSE m.status END,
+                reason = CASE WHEN {new} > {old} AND m.reason = '{NO_RECEIPT}' THEN NULL
+                              ELSE m.reason END,
                 provider_status = CASE WHEN {new} >= {old} THEN $3 ELSE m.provider_status END,
                 error_code = COALESCE($5, m.error_code),
                 delivered_at = CASE WHEN $4 = 'delivered' AND {new} > {old} THEN now()
@@ -105,7 +153,7 @@ static APPLY_RECEIPT: LazyLock<String> = LazyLock::new(|| {
           RETURNING m.id, m.recipient, m.school_id,
                     EXTRACT(EPOCH FROM now() - m.sent_at)::float8 AS since_sent",
         new = rank("$4"),
-        old = rank("m.status"),
+        old = MESSAGE_RANK.as_str(),
     )
 });
 
@@ -119,7 +167,41 @@ pub(crate) async fn apply_pending_receipts(
     Ok(())
 }
 
+/// One walk of [`Store::give_up_on_receipts`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReceiptsGivenUp {
+    /// Accepted attempts looked at: fewer than asked means the walk has caught up.
+    pub looked: u64,
+    /// Messages that became `undelivered` / `no_receipt`.
+    pub given_up: u64,
+}
+
 impl Store {
+    /// Gives up, as `undelivered` / `no_receipt`, the messages still `sent` `timeout`
+    /// after their provider (one of `providers`, those that send receipts) accepted them:
+    /// at most `batch` accepted attempts on from the last walk, in one short statement.
+    pub async fn give_up_on_receipts(
+        &self,
+        timeout: Duration,
+        providers: &[String],
+        batch: i64,
+    ) -> Result<ReceiptsGivenUp, StoreError> {
+        let row = self
+            .row(
+                &GIVE_UP_ON_RECEIPTS,
+                &[&timeout.as_secs_f64(), &providers, &batch],
+            )
+            .await?
+            .ok_or_else(|| StoreError::Config("the receipt watch has no row".into()))?;
+        let count = |name: &str| -> Result<u64, StoreError> {
+            Ok(u64::try_from(row.try_get::<_, i64>(name)?).unwrap_or(0))
+        };
+        Ok(ReceiptsGivenUp {
+            looked: count("looked")?,
+            given_up: count("given_up")?,
+        })
+    }
+
     /// Records a receipt and moves its message forward (never back: `delivered` stays
     /// `delivered`). `None` when no sent message has that provider id yet: the receipt is
     /// kept and applied when the send's own record lands.
