@@ -16,14 +16,14 @@
 //! on it; `tests/layers.rs` reads this table and holds the code to it.
 //!
 //! ```text
-//! 1  job phone segments retry health systemd        values and leaf tools, no I/O of ours
-//! 2  config school disposition                      settings; a school's row; a broker action
-//! 3  store broker policy telemetry                  the outside systems; the pure decision
-//! 4  provider cache metrics                         adapters and their clocks; what we count
-//! 5  pipeline callbacks events retention overdue ops the work: deliveries, callbacks, relays
-//! 6  http                                           the HTTP surface
-//! 7  daemon                                         wiring, reconnection, shutdown
-//! 8  cli                                            the command line
+//! 1  job phone segments retry health systemd                values and leaf tools, no I/O of ours
+//! 2  config school disposition                              settings; a school's row; a broker action
+//! 3  store broker policy telemetry                          the outside systems; the pure decision
+//! 4  provider cache metrics                                 adapters and their clocks; what we count
+//! 5  pipeline callbacks events retention overdue ops        the work: deliveries, callbacks, relays
+//! 6  http                                                   the HTTP surface
+//! 7  daemon                                                 wiring, reconnection, shutdown
+//! 8  cli                                                    the command line
 //! ```
 //!
 //! - [`job`]: the v1 job format, decoded, validated and encoded.
