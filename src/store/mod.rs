@@ -145,6 +145,8 @@ pub struct Store {
     keep_body: bool,
     /// Writes the message log in batches; without it (the tools) each write goes alone.
     recorder: Option<Recorder>,
+    /// Where admissions past the guards' shared counts wait their turn.
+    admission_turns: Arc<guards::AdmissionTurns>,
 }
 
 /// The connection pool, replaceable as a whole (see [`Store::replace_pool`]).
@@ -189,6 +191,7 @@ impl Store {
             }),
             keep_body: true,
             recorder: None,
+            admission_turns: Arc::default(),
         })
     }
 
