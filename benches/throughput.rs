@@ -358,9 +358,48 @@ async fn finished(app: &helpers::App) -> i64 {
         .await
 }
 
+/// A reading taken during a run: calls the stub took so far, and the CPU seconds of
+/// smsgw, PostgreSQL and RabbitMQ.
+#[derive(Clone, Copy)]
+struct Reading {
+    at: Instant,
+    calls: usize,
+    cpu: [f64; 3],
+}
+
+fn reading(stub: &TwilioStub, pid: u32) -> Reading {
+    Reading {
+        at: Instant::now(),
+        calls: stub.arrived(),
+        cpu: [cpu_seconds(pid), cpu_of("postgres"), cpu_of("beam.smp")],
+    }
+}
+
+/// What a worker lives in: the middle of a run, from the reading where a fifth of the
+/// calls were made to the one where four fifths were, without the start-up (connecting,
+/// the first plans) and the tail (the last retries). Calls per second, and each
+/// process's CPU seconds per 10,000 calls.
+struct Steady {
+    rate: f64,
+    cpu: [f64; 3],
+}
+
+fn steady(readings: &[Reading], calls: usize) -> Option<Steady> {
+    let from = readings.iter().find(|r| r.calls * 5 >= calls)?;
+    let to = readings.iter().find(|r| r.calls * 5 >= calls * 4)?;
+    let done = to.calls.checked_sub(from.calls).filter(|&n| n > 0)? as f64;
+    let seconds = to.at.duration_since(from.at).as_secs_f64();
+    let per_10k = |i: usize| (to.cpu[i] - from.cpu[i]) / done * 10_000.0;
+    Some(Steady {
+        rate: done / seconds.max(f64::EPSILON),
+        cpu: [per_10k(0), per_10k(1), per_10k(2)],
+    })
+}
+
 struct Throughput {
     latency_ms: u64,
     variant: Variant,
+    steady: Option<Steady>,
     /// The lanes' budgets (urgent / default / bulk).
     in_flight: String,
     jobs: usize,
@@ -527,9 +566,11 @@ async fn end_to_end(jobs: usize, latency_ms: u64, variant: Variant) -> Throughpu
     // scans the table: every 250 ms all along, it would take CPU from the run it measures).
     let calls = jobs - jobs.div_ceil(50);
     let mut polls = 0u32;
+    let mut readings = Vec::new();
     loop {
         tokio::time::sleep(Duration::from_millis(250)).await;
         polls += 1;
+        readings.push(reading(&run.app.stub, pid));
         let due = run.app.stub.arrived() >= calls || polls.is_multiple_of(20);
         if due && finished(&run.app).await as usize >= jobs && events_relayed(&run.app).await {
             break;
@@ -577,6 +618,7 @@ async fn end_to_end(jobs: usize, latency_ms: u64, variant: Variant) -> Throughpu
     Throughput {
         latency_ms,
         variant,
+        steady: steady(&readings, calls),
         in_flight,
         jobs,
         rate: jobs as f64 / elapsed.as_secs_f64(),
@@ -867,12 +909,19 @@ async fn main() {
     }
     println!();
     println!(
-        "| provider latency | status events | guards | in flight (urgent / default / bulk) | jobs | jobs/s | vs consume ceiling | publish→provider p50 / p99 | peak RSS | CPU s per 10k: worker / PostgreSQL / RabbitMQ |"
+        "| provider latency | status events | guards | in flight (urgent / default / bulk) | jobs | jobs/s | vs consume ceiling | publish→provider p50 / p99 | peak RSS | CPU s per 10k: worker / PostgreSQL / RabbitMQ | steady: calls/s | steady: CPU s per 10k calls |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &results {
+        let (steady_rate, steady_cpu) = match &r.steady {
+            Some(s) => (
+                format!("{:.0}", s.rate),
+                format!("{:.2} / {:.2} / {:.2}", s.cpu[0], s.cpu[1], s.cpu[2]),
+            ),
+            None => ("-".to_owned(), "-".to_owned()),
+        };
         println!(
-            "| {} ms | {} | {} | {} | {} | {:.0} | {:.0}% | {:.1} / {:.1} ms | {:.1} MiB | {:.2} / {:.2} / {:.2} |",
+            "| {} ms | {} | {} | {} | {} | {:.0} | {:.0}% | {:.1} / {:.1} ms | {:.1} MiB | {:.2} / {:.2} / {:.2} | {steady_rate} | {steady_cpu} |",
             r.latency_ms,
             if r.variant.events { "on" } else { "off" },
             if r.variant.guards { "all" } else { "defaults" },
