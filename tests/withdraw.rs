@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
 use helpers::{App, Reply, id_of, job, spawn_app, spawn_app_with};
+use smsgw::store::Store;
 
 const SCHOOL: i64 = 42;
 const REMINDED: &str = "+447700900123";
@@ -187,4 +188,27 @@ async fn final_status(app: &App, job: &Value) -> String {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     panic!("reminder {} never ended", id_of(job));
+}
+
+/// The window applies to lookups at once, and retention deletes a booking past it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancelled_booking_is_forgotten_after_the_window() {
+    let app = spawn_app().await;
+    let store = Store::connect(&app.env.database_url, 1)
+        .await
+        .expect("the store");
+    let hour = Duration::from_secs(3_600);
+    let withdrawn = store.withdraw_booking(SCHOOL, &json!(981)).await;
+    assert_eq!(withdrawn.expect("withdrawn"), [], "nothing to withdraw yet");
+    let found = store.booking_withdrawn(SCHOOL, &json!("981"), hour).await;
+    assert!(found.expect("looked up"), "981 and \"981\" are one booking");
+    let other = store.booking_withdrawn(SCHOOL + 1, &json!(981), hour).await;
+    assert!(!other.expect("looked up"), "another school's booking");
+    app.sql("UPDATE sms_withdrawals SET withdrawn_at = now() - interval '2 hours'")
+        .await;
+    let found = store.booking_withdrawn(SCHOOL, &json!(981), hour).await;
+    assert!(!found.expect("looked up"), "past the window");
+    let forgotten = store.forget_withdrawals(hour, 500).await.expect("purged");
+    assert_eq!(forgotten, 1);
+    store.close().await;
 }
