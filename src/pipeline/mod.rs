@@ -7,6 +7,7 @@
 //!    │            │ invalid      │ done before                             │
 //!    │            ▼              ▼                                         ▼
 //!    │        DeadLetter        Ack       Suppress/Expire ─▶ record ─▶ Ack
+//!    │                                    booking cancelled ─▶ record cancelled ─▶ Ack
 //!    │                                    Refuse ─▶ record ─▶ DeadLetter
 //!    │                                    Defer ─▶ record queued ─▶ Defer
 //!    │                                    Send ─▶ guards ─▶ claim ─▶ provider ─▶ record
@@ -24,7 +25,7 @@
 //!   admitted past the counts it involves before it is claimed.
 //! - `inbox`: the development inbox's copy of each message, whatever its outcome.
 //! - `withdraw`: a booking's cancellation withdraws its unsent reminders and
-//!   confirmations, and those that arrive after it.
+//!   confirmations (before it is sent itself), and those that arrive after it.
 //! - [`MessageLog`]: the narrow interface to the message log, with an in-memory
 //!   implementation for the unit tests.
 //!
