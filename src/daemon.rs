@@ -254,6 +254,7 @@ fn pipeline_settings(settings: &Settings) -> PipelineSettings {
         quiet_types: settings.quiet_types.clone(),
         default_expiry: settings.default_expiry.clone(),
         guards: settings.guards.clone(),
+        withdraw_window: settings.withdraw_window,
         unknown_outcome: if settings.resend_unknown {
             UnknownOutcome::Resend
         } else {

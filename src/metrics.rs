@@ -96,7 +96,7 @@ fn receipt_delay_histogram() -> Histogram {
 pub struct Metrics {
     registry: Registry,
     /// Messages by how their handling ended this time (sent, suppressed, expired,
-    /// retrying, failed, duplicate, deferred).
+    /// cancelled, retrying, failed, duplicate, deferred).
     pub messages: Family<OutcomeLabels, Counter>,
     /// Messages suppressed, by reason: the settings, opt-outs and the guards' refusals.
     pub suppressed: Family<ReasonLabels, Counter>,

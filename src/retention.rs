@@ -6,6 +6,7 @@
 //! - finished messages with their attempts, the records of applied webhooks, and the
 //!   guards' counts (messages' reservations, numbers' login codes, days, schools' months)
 //!   after `SMSGW_LOG_RETENTION`;
+//! - the bookings cancelled after `SMSGW_WITHDRAW_WINDOW`, when they withdraw nothing more;
 //! - dead letters after `SMSGW_DEAD_RETENTION`, from the head of `sms.dead` (RabbitMQ
 //!   cannot delete from the middle of a queue; letters are appended as they die, so the
 //!   head is the oldest). That part runs on each broker session.
@@ -35,6 +36,7 @@ pub struct RetentionSettings {
     pub body_retention: Duration,
     pub log_retention: Duration,
     pub dead_retention: Duration,
+    pub withdraw_window: Duration,
     pub interval: Duration,
 }
 
@@ -44,6 +46,7 @@ impl From<&Settings> for RetentionSettings {
             body_retention: settings.body_retention,
             log_retention: settings.log_retention,
             dead_retention: settings.dead_retention,
+            withdraw_window: settings.withdraw_window,
             interval: settings.retention_interval,
         }
     }
@@ -103,7 +106,14 @@ async fn pass(
         |_| {},
     )
     .await?;
+    let withdrawals = in_batches(
+        stop,
+        || store.forget_withdrawals(settings.withdraw_window, BATCH),
+        |_| {},
+    )
+    .await?;
     let any = [
+        withdrawals,
         purged,
         deleted,
         forgotten,
@@ -121,6 +131,7 @@ async fn pass(
             reply_bodies_purged = reply_bodies,
             replies_deleted = replies,
             guard_counts_deleted = guards,
+            withdrawals_deleted = withdrawals,
             "retention pass"
         );
     }

@@ -122,7 +122,14 @@ async fn every_kind_of_event_the_daemon_publishes_matches_the_schema() {
     expired["expires_at"] = json!("2020-01-01T00:00:00Z");
     let mut reminder = job("booking_reminder", SCHOOL, "+447700900123", "Lesson at 10");
     reminder["context"] = json!({"booking_id": 981});
+    let mut withdrawn = job("booking_reminder", SCHOOL, "+447700900126", "Lesson at 11");
+    withdrawn["context"] = json!({"booking_id": 982});
+    withdrawn["not_before"] = json!("2099-01-01T08:00:00Z");
+    let mut cancellation = job("booking_cancellation", SCHOOL, "+447700900126", "Cancelled");
+    cancellation["context"] = json!({"booking_id": 982});
     let jobs = [
+        withdrawn,
+        cancellation,
         reminder,
         job("booking_change", SCHOOL, "+447700900666", "Moved"),
         job("announcement", 99, "+447700900124", "No such school"),
@@ -135,7 +142,7 @@ async fn every_kind_of_event_the_daemon_publishes_matches_the_schema() {
         ),
     ];
     app.publish_all(&jobs).await;
-    app.wait_for_status(id_of(&jobs[0]), "sent").await;
+    app.wait_for_status(id_of(&jobs[2]), "sent").await;
     app.publish_raw("sms_blast", &Uuid::new_v4().to_string(), b"{}")
         .await;
     let reply = app
@@ -152,6 +159,7 @@ async fn every_kind_of_event_the_daemon_publishes_matches_the_schema() {
         "failed",
         "suppressed",
         "expired",
+        "cancelled",
         "retrying",
         "reply.received",
         "job.rejected",

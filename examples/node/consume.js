@@ -13,7 +13,7 @@ const amqp = require('amqplib');
 // "*.failed" would miss the texts that were suppressed (opted out, SMS disabled), expired
 // or undelivered: they did not reach the student either.
 const BINDINGS = [
-  '*.delivered', '*.failed', '*.undelivered', '*.suppressed', '*.expired',
+  '*.delivered', '*.failed', '*.undelivered', '*.suppressed', '*.expired', '*.cancelled',
   'reply.received', 'job.rejected',
 ];
 

@@ -25,6 +25,7 @@ BINDINGS = [
     "*.undelivered",
     "*.suppressed",
     "*.expired",
+    "*.cancelled",
     "reply.received",
     "job.rejected",
 ]

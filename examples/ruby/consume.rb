@@ -15,7 +15,8 @@ require "set"
 # "*.failed" would miss the texts that were suppressed (opted out, SMS disabled), expired
 # or undelivered: they did not reach the student either.
 BINDINGS = %w[
-  *.delivered *.failed *.undelivered *.suppressed *.expired reply.received job.rejected
+  *.delivered *.failed *.undelivered *.suppressed *.expired *.cancelled reply.received
+  job.rejected
 ].freeze
 
 args = {}

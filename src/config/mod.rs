@@ -159,6 +159,9 @@ pub struct Settings {
     pub keywords: Keywords,
     /// How far back a reply looks for the message it answers.
     pub reply_window: Duration,
+    /// How long after a booking's cancellation a reminder or confirmation of it that
+    /// arrives is withdrawn rather than sent.
+    pub withdraw_window: Duration,
     /// The account's guards against fraud and spend.
     pub guards: GuardSettings,
     /// When a sent message stops waiting for its delivery receipt.
@@ -233,6 +236,7 @@ pub const VARIABLES: &[&str] = &[
     "SMSGW_OPT_OUT_KEYWORDS",
     "SMSGW_OPT_IN_KEYWORDS",
     "SMSGW_REPLY_WINDOW",
+    "SMSGW_WITHDRAW_WINDOW",
     "SMSGW_ALLOWED_COUNTRIES",
     "SMSGW_LOGIN_CODE_LIMIT",
     "SMSGW_INTERNATIONAL_DAILY_LIMIT",
@@ -337,6 +341,7 @@ impl Settings {
                 get("SMSGW_OPT_IN_KEYWORDS").as_deref(),
             )?,
             reply_window: duration(&get, "SMSGW_REPLY_WINDOW", "7d")?,
+            withdraw_window: duration(&get, "SMSGW_WITHDRAW_WINDOW", "30d")?,
             guards: guards::guards(&get)?,
             receipt_watch: ReceiptWatch::parse(get("SMSGW_RECEIPT_TIMEOUT").as_deref())?,
         })
@@ -832,6 +837,18 @@ mod tests {
         assert_eq!(error.variable, "SMSGW_EVENTS");
         let quiet = settings(&[("SMSGW_QUIET_TYPES", "login_code")]).expect_err("refused");
         assert_eq!(quiet.variable, "SMSGW_QUIET_TYPES");
+    }
+
+    #[test]
+    fn the_withdraw_window_is_thirty_days_unless_set_and_never_negative() {
+        let days = |s: &Settings| s.withdraw_window.as_secs() / 86_400;
+        assert_eq!(days(&settings(&[]).expect("defaults")), 30);
+        let set = settings(&[("SMSGW_WITHDRAW_WINDOW", "2d")]).expect("valid");
+        assert_eq!(days(&set), 2);
+        for raw in ["-1d", "soon", "30"] {
+            let error = settings(&[("SMSGW_WITHDRAW_WINDOW", raw)]).expect_err(raw);
+            assert_eq!(error.variable, "SMSGW_WITHDRAW_WINDOW");
+        }
     }
 
     #[test]

@@ -118,6 +118,39 @@ pub struct Job {
     pub reference: Option<String>,
 }
 
+/// What a job's `context.booking_id` asks of the withdrawals (interface section 15).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Withdrawal<'a> {
+    /// Nothing: not a booking's reminder, confirmation or cancellation, or no booking.
+    None,
+    /// A cancellation: withdraw the unsent reminders and confirmations of this booking.
+    Withdraws(&'a Value),
+    /// A reminder or confirmation, which a cancellation of this booking withdraws.
+    Withdrawable(&'a Value),
+    /// A cancellation whose `booking_id` is neither a string nor a number: it is sent,
+    /// and withdraws nothing.
+    Unusable,
+}
+
+impl Job {
+    /// What the job's `booking_id`, if any, asks of the withdrawals. A string or a number
+    /// names a booking; anything else names none.
+    pub fn withdrawal(&self) -> Withdrawal<'_> {
+        let Some(booking) = self.context.as_ref().and_then(|c| c.get("booking_id")) else {
+            return Withdrawal::None;
+        };
+        let usable = booking.is_string() || booking.is_number();
+        match self.kind {
+            JobType::BookingCancellation if usable => Withdrawal::Withdraws(booking),
+            JobType::BookingCancellation => Withdrawal::Unusable,
+            JobType::BookingReminder | JobType::BookingConfirmation if usable => {
+                Withdrawal::Withdrawable(booking)
+            }
+            _ => Withdrawal::None,
+        }
+    }
+}
+
 /// Why a job is invalid. The text names the field and never contains its value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -554,6 +587,48 @@ mod tests {
             mutate(object);
         }
         decode(&value).expect_err("should be invalid").0
+    }
+
+    #[test]
+    fn a_booking_id_names_a_booking_only_as_a_string_or_a_number() {
+        let with = |kind: &str, booking: Value| {
+            let mut value = valid();
+            value["type"] = json!(kind);
+            value["context"] = json!({ "booking_id": booking });
+            decode(&value).expect("valid")
+        };
+        let cancellation = with("booking_cancellation", json!(981));
+        assert_eq!(
+            cancellation.withdrawal(),
+            Withdrawal::Withdraws(&json!(981))
+        );
+        let reminder = with("booking_reminder", json!("b-981"));
+        assert_eq!(
+            reminder.withdrawal(),
+            Withdrawal::Withdrawable(&json!("b-981"))
+        );
+        let confirmation = with("booking_confirmation", json!(981));
+        assert_eq!(
+            confirmation.withdrawal(),
+            Withdrawal::Withdrawable(&json!(981))
+        );
+        for unusable in [json!({"id": 981}), json!([981]), json!(true), Value::Null] {
+            let reminder = with("booking_reminder", unusable.clone());
+            assert_eq!(reminder.withdrawal(), Withdrawal::None);
+            let cancellation = with("booking_cancellation", unusable);
+            assert_eq!(cancellation.withdrawal(), Withdrawal::Unusable);
+        }
+        assert_eq!(
+            with("booking_change", json!(981)).withdrawal(),
+            Withdrawal::None
+        );
+        let mut without = valid();
+        without["type"] = json!("booking_cancellation");
+        without["context"] = json!({ "user_id": 77 });
+        assert_eq!(
+            decode(&without).expect("valid").withdrawal(),
+            Withdrawal::None
+        );
     }
 
     #[test]

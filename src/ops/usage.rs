@@ -73,16 +73,18 @@ enum Column {
     Failed,
     Suppressed,
     Expired,
+    Cancelled,
     InProgress,
 }
 
-const COLUMNS: [Column; 7] = [
+const COLUMNS: [Column; 8] = [
     Column::Sent,
     Column::Delivered,
     Column::Undelivered,
     Column::Failed,
     Column::Suppressed,
     Column::Expired,
+    Column::Cancelled,
     Column::InProgress,
 ];
 
@@ -96,6 +98,7 @@ impl Column {
             Status::Failed => Column::Failed,
             Status::Suppressed => Column::Suppressed,
             Status::Expired => Column::Expired,
+            Status::Cancelled => Column::Cancelled,
             Status::Queued | Status::Sending | Status::Retrying => Column::InProgress,
         }
     }
@@ -108,17 +111,22 @@ impl Column {
             Column::Failed => "failed",
             Column::Suppressed => "suppressed",
             Column::Expired => "expired",
+            Column::Cancelled => "cancelled",
             Column::InProgress => "in_progress",
         }
     }
 
     /// A provider accepted the message: what providers charge for, delivered or not.
-    /// Failed, suppressed and expired messages never reached a carrier; one in progress
+    /// Failed, suppressed, expired and cancelled messages never reached a carrier; one in progress
     /// has not yet.
     fn billable(self) -> bool {
         match self {
             Column::Sent | Column::Delivered | Column::Undelivered => true,
-            Column::Failed | Column::Suppressed | Column::Expired | Column::InProgress => false,
+            Column::Failed
+            | Column::Suppressed
+            | Column::Expired
+            | Column::Cancelled
+            | Column::InProgress => false,
         }
     }
 }
@@ -232,6 +240,7 @@ fn print_figures(range: &UsageRange, schools: &[SchoolUsage]) {
         "FAILED",
         "SUPPRESSED",
         "EXPIRED",
+        "CANCELLED",
         "IN PROGRESS",
         "BILLABLE",
     ]);
@@ -383,6 +392,7 @@ mod tests {
             count(7, Failed, 2, 2),
             count(7, Suppressed, 1, 1),
             count(7, Expired, 1, 1),
+            count(7, Cancelled, 2, 2),
             count(7, Queued, 1, 1),
             count(7, Sending, 1, 3),
             count(7, Retrying, 1, 1),
@@ -394,8 +404,8 @@ mod tests {
         assert_eq!(
             seven.all,
             Count {
-                messages: 12,
-                segments: 16
+                messages: 14,
+                segments: 18
             }
         );
         assert_eq!(
@@ -408,7 +418,7 @@ mod tests {
         );
         assert_eq!(seven.in_progress(), 3);
         assert_eq!(
-            seven.columns[6].segments, 5,
+            seven.columns[7].segments, 5,
             "queued, sending and retrying together"
         );
     }
@@ -429,9 +439,10 @@ mod tests {
                  delivered_messages,delivered_segments,undelivered_messages,\
                  undelivered_segments,failed_messages,failed_segments,\
                  suppressed_messages,suppressed_segments,expired_messages,expired_segments,\
+                 cancelled_messages,cancelled_segments,\
                  in_progress_messages,in_progress_segments,billable_messages,billable_segments",
-                "7,1,2,0,0,0,0,0,0,0,0,1,2,0,0,0,0,0,0",
-                "42,3,4,0,0,2,3,0,0,1,1,0,0,0,0,0,0,2,3",
+                "7,1,2,0,0,0,0,0,0,0,0,1,2,0,0,0,0,0,0,0,0",
+                "42,3,4,0,0,2,3,0,0,1,1,0,0,0,0,0,0,0,0,2,3",
             ]
         );
         assert_eq!(csv(&[]).lines().count(), 1, "the header alone");

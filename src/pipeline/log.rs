@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use backon::Retryable;
+use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -16,7 +17,7 @@ use crate::{
     school::SchoolSettings,
     store::{
         Admission, AttemptRecord, Claim, GuardCheck, InboxCopy, MessageState, NewMessage,
-        RejectedJob, Status, Store, StoreError,
+        RejectedJob, Status, Store, StoreError, Withdrawn,
     },
 };
 
@@ -82,6 +83,23 @@ pub trait MessageLog: ReconcileLog + SideLog {
         attempt: i32,
         record: &AttemptRecord<'_>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Withdraws the school's unsent reminders and confirmations of a cancelled booking,
+    /// and remembers the booking for those that arrive later (see
+    /// [`Store::withdraw_booking`]).
+    fn withdraw_booking(
+        &self,
+        school_id: i64,
+        booking_id: &Value,
+    ) -> impl Future<Output = Result<Vec<Withdrawn>, StoreError>> + Send;
+
+    /// Whether the school's booking was cancelled less than `window` ago.
+    fn booking_withdrawn(
+        &self,
+        school_id: i64,
+        booking_id: &Value,
+        window: Duration,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
     /// A statement got no answer in time: connections may have gone silent.
     fn stalled(&self) {}
@@ -219,6 +237,23 @@ impl MessageLog for Store {
         record: &AttemptRecord<'_>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
         Store::finish_attempt(self, id, attempt, record)
+    }
+
+    fn withdraw_booking(
+        &self,
+        school_id: i64,
+        booking_id: &Value,
+    ) -> impl Future<Output = Result<Vec<Withdrawn>, StoreError>> + Send {
+        Store::withdraw_booking(self, school_id, booking_id)
+    }
+
+    fn booking_withdrawn(
+        &self,
+        school_id: i64,
+        booking_id: &Value,
+        window: Duration,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        Store::booking_withdrawn(self, school_id, booking_id, window)
     }
 
     fn stalled(&self) {

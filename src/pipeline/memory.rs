@@ -12,17 +12,19 @@ use std::{
     time::Duration,
 };
 
+use serde_json::Value;
 use time::{Date, OffsetDateTime};
 use uuid::Uuid;
 
 use super::{MessageLog, ReconcileLog, SideLog};
 use crate::{
+    job::JobType,
     phone::PhoneNumber,
     policy::guards::{Month, day_of, fits, reached},
     school::SchoolSettings,
     store::{
         Admission, AttemptOutcome, AttemptRecord, Claim, GuardCheck, GuardRefusal, InboxCopy,
-        MessageState, NewMessage, RejectedJob, Status, StoreError, UnknownAttempt,
+        MessageState, NewMessage, RejectedJob, Status, StoreError, UnknownAttempt, Withdrawn,
     },
 };
 
@@ -44,6 +46,10 @@ pub(super) struct Row {
     pub(super) created_at: OffsetDateTime,
     pub(super) school_id: i64,
     pub(super) segments: Option<i32>,
+    pub(super) kind: JobType,
+    /// The booking a cancellation withdraws it for: a reminder's or confirmation's
+    /// `booking_id`, as text.
+    pub(super) booking: Option<String>,
 }
 
 impl Row {
@@ -52,6 +58,8 @@ impl Row {
             created_at,
             school_id: message.school_id,
             segments: message.segments,
+            kind: message.kind,
+            booking: booking_of(message),
             status,
             reason: None,
             recipient: message.recipient.to_owned(),
@@ -99,6 +107,28 @@ impl Row {
         self.claim = Some(claim);
         self.last_outcome_unknown = false;
         self.attempts
+    }
+}
+
+/// A message's booking, as the store's index reads it from the context.
+fn booking_of(message: &NewMessage<'_>) -> Option<String> {
+    let withdrawable = matches!(
+        message.kind,
+        JobType::BookingReminder | JobType::BookingConfirmation
+    );
+    message
+        .context
+        .and_then(|context| context.get("booking_id"))
+        .filter(|_| withdrawable)
+        .and_then(booking_text)
+}
+
+/// A `booking_id` as text, as PostgreSQL's `->>` gives it: a string or a number only.
+fn booking_text(booking: &Value) -> Option<String> {
+    match booking {
+        Value::String(text) => Some(text.clone()),
+        Value::Number(number) => Some(number.to_string()),
+        _ => None,
     }
 }
 
@@ -154,6 +184,8 @@ struct Tables {
     inbox: HashMap<Uuid, (String, Option<String>)>,
     /// The `job.rejected` events written.
     rejected: Vec<Rejection>,
+    /// The bookings cancelled, by school and booking, and when.
+    withdrawals: HashMap<(i64, String), OffsetDateTime>,
 }
 
 #[derive(Debug, Default)]
@@ -618,6 +650,47 @@ impl MessageLog for MemoryLog {
                     row.provider_message_id = Some(sid.to_owned());
                 }
             }
+        })
+    }
+
+    async fn withdraw_booking(
+        &self,
+        school_id: i64,
+        booking_id: &Value,
+    ) -> Result<Vec<Withdrawn>, StoreError> {
+        self.run(|t| {
+            let Some(booking) = booking_text(booking_id) else {
+                return Vec::new();
+            };
+            let now = t.clock();
+            t.withdrawals.insert((school_id, booking.clone()), now);
+            t.messages
+                .values_mut()
+                .filter(|row| row.school_id == school_id && row.booking == Some(booking.clone()))
+                .filter(|row| matches!(row.status, Status::Queued | Status::Retrying))
+                .map(|row| {
+                    row.status = Status::Cancelled;
+                    row.reason = Some("booking_cancelled".into());
+                    Withdrawn {
+                        kind: row.kind,
+                        provider: Some(row.provider.clone()),
+                    }
+                })
+                .collect()
+        })
+    }
+
+    async fn booking_withdrawn(
+        &self,
+        school_id: i64,
+        booking_id: &Value,
+        window: Duration,
+    ) -> Result<bool, StoreError> {
+        self.run(|t| {
+            let since = t.clock() - window;
+            booking_text(booking_id)
+                .and_then(|booking| t.withdrawals.get(&(school_id, booking)))
+                .is_some_and(|at| *at > since)
         })
     }
 }

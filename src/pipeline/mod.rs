@@ -7,6 +7,7 @@
 //!    │            │ invalid      │ done before                             │
 //!    │            ▼              ▼                                         ▼
 //!    │        DeadLetter        Ack       Suppress/Expire ─▶ record ─▶ Ack
+//!    │                                    booking cancelled ─▶ record cancelled ─▶ Ack
 //!    │                                    Refuse ─▶ record ─▶ DeadLetter
 //!    │                                    Defer ─▶ record queued ─▶ Defer
 //!    │                                    Send ─▶ guards ─▶ claim ─▶ provider ─▶ record
@@ -23,6 +24,8 @@
 //! - `guard`: the guards against fraud and spend: a message (or an announcement, whole)
 //!   admitted past the counts it involves before it is claimed.
 //! - `inbox`: the development inbox's copy of each message, whatever its outcome.
+//! - `withdraw`: a booking's cancellation withdraws its unsent reminders and
+//!   confirmations (before it is sent itself), and those that arrive after it.
 //! - [`MessageLog`]: the narrow interface to the message log, with an in-memory
 //!   implementation for the unit tests.
 //!
@@ -37,6 +40,7 @@ mod inbox;
 mod log;
 pub mod outcome;
 mod reconcile;
+mod withdraw;
 
 #[cfg(test)]
 mod guard_tests;
@@ -44,6 +48,8 @@ mod guard_tests;
 mod memory;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod withdraw_tests;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
@@ -106,6 +112,9 @@ pub struct PipelineSettings {
     pub default_expiry: HashMap<JobType, Duration>,
     /// The account's guards against fraud and spend.
     pub guards: GuardSettings,
+    /// How long after a booking's cancellation its reminders and confirmations that
+    /// arrive are withdrawn.
+    pub withdraw_window: Duration,
 }
 
 impl PipelineSettings {
@@ -124,6 +133,7 @@ impl PipelineSettings {
             quiet_types: vec![JobType::BookingReminder],
             default_expiry: HashMap::from([(JobType::LoginCode, Duration::from_secs(900))]),
             guards: GuardSettings::default(),
+            withdraw_window: Duration::from_secs(30 * 86_400),
         }
     }
 
@@ -271,7 +281,12 @@ impl<L: MessageLog> Pipeline<L> {
         };
         self.keep_in_inbox(&message, &decision, settings.as_deref())
             .await?;
-        match outcome::plan(decision, job.kind, delivery.attempts) {
+        let plan = if self.withdrawn(job, abandon).await? {
+            Plan::Record(outcome::withdrawn())
+        } else {
+            outcome::plan(decision, job.kind, delivery.attempts)
+        };
+        match plan {
             Plan::Send { to, sender, route } => {
                 if let Some(refused) = self.guard(&message, &to, settings.as_deref()).await? {
                     return self.record_without_call(&message, refused).await;

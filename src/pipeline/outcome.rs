@@ -54,6 +54,9 @@ impl Verdict {
             _ if self.status == Status::Expired => {
                 tracing::info!("expired before it could be sent");
             }
+            _ if self.status == Status::Cancelled => {
+                tracing::info!("withdrawn before it was sent: its booking was cancelled");
+            }
             _ => tracing::info!(reason = self.reason, "suppressed"),
         }
     }
@@ -83,6 +86,15 @@ pub fn plan<R>(decision: Decision<R>, kind: JobType, attempts: u32) -> Plan<R> {
         },
     };
     Plan::Record(verdict)
+}
+
+/// A reminder or confirmation of a booking cancelled: withdrawn, never sent.
+pub fn withdrawn() -> Verdict {
+    Verdict {
+        status: Status::Cancelled,
+        reason: "booking_cancelled",
+        disposition: Disposition::Ack,
+    }
 }
 
 pub fn suppressed(reason: SuppressReason) -> Verdict {

@@ -888,6 +888,8 @@ fn row_with_attempts(attempts: i32) -> Row {
         created_at: OffsetDateTime::now_utc(),
         school_id: SCHOOL,
         segments: Some(1),
+        kind: JobType::BookingReminder,
+        booking: None,
     }
 }
 

@@ -102,6 +102,8 @@ pub(crate) static MIGRATIONS: &[Migration] = &[
     migration!(20261204000007, "shared_rates"),
     migration!(20261207000001, "replies"),
     migration!(20261207000010, "guards"),
+    migration!(20261208000300, "withdrawals"),
+    migration!(20261208000301, "booking_lookup"),
     migration!(20261208000400, "receipt_timeout"),
     migration!(20261208000401, "receipt_timeout_index"),
     migration!(20261208000402, "guard_plans"),

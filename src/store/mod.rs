@@ -19,6 +19,8 @@
 //!   clocks the replicas lease call slots from; `guards`: the counts of the guards
 //!   against fraud and spend, shared by the replicas the same way;
 //! - `inbox`: the development inbox's copies of the messages it handled;
+//! - `withdrawals`: the reminders a cancelled booking withdraws, and the bookings
+//!   cancelled;
 //! - `connect`: connection settings, TLS, the pool; `migrate`: the schema's migrations;
 //!   `notify`: the LISTEN connection of the settings cache.
 
@@ -46,6 +48,7 @@ mod replies;
 mod settings;
 mod views;
 mod vocabulary;
+mod withdrawals;
 
 use connect::{Connector, quote_identifier};
 pub use guards::{Admission, BudgetUse, GuardBudget, GuardCheck, GuardRefusal, UnreadableGuard};
@@ -62,6 +65,7 @@ pub use replies::{NewReply, ReplyRecorded, ReplySearch, ReplyView};
 pub use settings::OptOutChange;
 pub use views::{AttemptView, MessageView};
 pub use vocabulary::{AttemptOutcome, Claim, MessageState, Status, UnknownAttempt};
+pub use withdrawals::Withdrawn;
 
 /// A statement's parameters.
 type Params<'a> = [&'a (dyn ToSql + Sync)];

@@ -21,6 +21,8 @@ pub enum Status {
     Retrying,
     Suppressed,
     Expired,
+    /// Withdrawn before it was sent: its booking was cancelled.
+    Cancelled,
 }
 
 impl Status {
@@ -35,6 +37,7 @@ impl Status {
             Status::Retrying => "retrying",
             Status::Suppressed => "suppressed",
             Status::Expired => "expired",
+            Status::Cancelled => "cancelled",
         }
     }
 
@@ -49,6 +52,7 @@ impl Status {
             Status::Retrying,
             Status::Suppressed,
             Status::Expired,
+            Status::Cancelled,
         ]
         .into_iter()
         .find(|s| s.as_str() == text)
@@ -63,7 +67,8 @@ impl Status {
             | Status::Undelivered
             | Status::Failed
             | Status::Suppressed
-            | Status::Expired => true,
+            | Status::Expired
+            | Status::Cancelled => true,
         }
     }
 }

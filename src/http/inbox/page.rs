@@ -83,7 +83,7 @@ struct Conversations {
 fn tone(status: &str) -> &'static str {
     match status {
         "sent" | "delivered" => "ok",
-        "suppressed" | "expired" => "held",
+        "suppressed" | "expired" | "cancelled" => "held",
         "failed" | "undelivered" => "failed",
         _ => "pending",
     }
