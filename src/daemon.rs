@@ -247,6 +247,7 @@ fn pipeline_settings(settings: &Settings) -> PipelineSettings {
         quiet_types: settings.quiet_types.clone(),
         default_expiry: settings.default_expiry.clone(),
         guards: settings.guards.clone(),
+        smart_encoding: settings.smart_encoding,
         unknown_outcome: if settings.resend_unknown {
             UnknownOutcome::Resend
         } else {

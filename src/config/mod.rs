@@ -159,6 +159,8 @@ pub struct Settings {
     pub reply_window: Duration,
     /// The account's guards against fraud and spend.
     pub guards: GuardSettings,
+    /// Replace GSM-7 look-alikes when that makes a text GSM-7 (`SMSGW_SMART_ENCODING`).
+    pub smart_encoding: bool,
 }
 
 /// `SMSGW_MAX_JOB_BYTES` by default, 8 MiB: the contract's largest job, an announcement to
@@ -224,6 +226,7 @@ pub const VARIABLES: &[&str] = &[
     "SMSGW_FANOUT_CONCURRENCY",
     "SMSGW_PROVIDER_CONCURRENCY",
     "SMSGW_EVENTS",
+    "SMSGW_SMART_ENCODING",
     "SMSGW_QUIET_TYPES",
     "SMSGW_DEFAULT_EXPIRY",
     "SMSGW_OPT_OUT_KEYWORDS",
@@ -334,6 +337,7 @@ impl Settings {
             )?,
             reply_window: duration(&get, "SMSGW_REPLY_WINDOW", "7d")?,
             guards: guards::guards(&get)?,
+            smart_encoding: on_or_off(&get, "SMSGW_SMART_ENCODING", true)?,
         })
     }
 
@@ -818,6 +822,15 @@ mod tests {
     }
 
     const SID: &str = "AC0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn smart_encoding_is_on_unless_turned_off() {
+        assert!(settings(&[]).expect("defaults").smart_encoding);
+        let off = settings(&[("SMSGW_SMART_ENCODING", "off")]).expect("off");
+        assert!(!off.smart_encoding);
+        let error = settings(&[("SMSGW_SMART_ENCODING", "yes")]).expect_err("refused");
+        assert_eq!(error.variable, "SMSGW_SMART_ENCODING");
+    }
 
     #[test]
     fn status_events_are_on_unless_turned_off() {

@@ -45,7 +45,7 @@ mod memory;
 #[cfg(test)]
 mod tests;
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{borrow::Cow, collections::HashMap, sync::Arc, time::Duration};
 
 use serde_json::{Value, json};
 use time::OffsetDateTime;
@@ -71,6 +71,7 @@ use crate::{
     provider::Gateways,
     provider::{self, Route},
     school::SchoolSettings,
+    segments::{Encoding, lookalikes},
     store::{MessageState, NewMessage, RejectedJob, Status, Store, UnknownAttempt},
 };
 
@@ -106,6 +107,8 @@ pub struct PipelineSettings {
     pub default_expiry: HashMap<JobType, Duration>,
     /// The account's guards against fraud and spend.
     pub guards: GuardSettings,
+    /// Replace GSM-7 look-alikes (curly quotes, dashes) when that makes the text GSM-7.
+    pub smart_encoding: bool,
 }
 
 impl PipelineSettings {
@@ -124,6 +127,7 @@ impl PipelineSettings {
             quiet_types: vec![JobType::BookingReminder],
             default_expiry: HashMap::from([(JobType::LoginCode, Duration::from_secs(900))]),
             guards: GuardSettings::default(),
+            smart_encoding: true,
         }
     }
 
@@ -167,6 +171,7 @@ struct Draft {
     recipient: String,
     context: Option<Value>,
     segments: Option<i32>,
+    encoding: Encoding,
     provider: &'static str,
 }
 
@@ -214,6 +219,7 @@ impl<L: MessageLog> Pipeline<L> {
         let decoded = job::check_size(&delivery.body, self.settings.max_job_bytes)
             .and_then(|()| Job::decode(&delivery.body));
         let job = match decoded {
+            Ok(job) if self.settings.smart_encoding => smart_encoded(job),
             Ok(job) => job,
             Err(invalid) => {
                 return match self.invalid(delivery, &invalid.to_string(), abandon).await {
@@ -330,7 +336,8 @@ impl<L: MessageLog> Pipeline<L> {
     ) -> (Decision<Route>, Draft) {
         let country = settings.and_then(|s| s.country.as_deref());
         let recipient = PhoneNumber::parse(to, country);
-        let segments = crate::segments::segment(&job.body).segments;
+        let segmentation = crate::segments::segment(&job.body);
+        let segments = segmentation.segments;
         let route = provider::route(settings, &self.gateways);
         let decision = policy::decide(
             job.kind,
@@ -354,6 +361,7 @@ impl<L: MessageLog> Pipeline<L> {
             },
             context: merged_context(job.context.as_ref(), job.reference.as_deref()),
             segments: i32::try_from(segments).ok(),
+            encoding: segmentation.encoding,
             provider: self.provider_label(&route),
         };
         (decision, draft)
@@ -547,6 +555,15 @@ impl<L: MessageLog> Pipeline<L> {
     }
 }
 
+/// The job with the text as it is sent: every later step (segments, the log, the inbox,
+/// the provider) sees that text, and a copy is made only when a character is replaced.
+fn smart_encoded(mut job: Job) -> Job {
+    if let Cow::Owned(text) = lookalikes::smart_encode(&job.body) {
+        job.body = text;
+    }
+    job
+}
+
 fn new_message<'a>(delivery: &Delivery, job: &'a Job, draft: &'a Draft) -> NewMessage<'a> {
     NewMessage {
         id: job.id,
@@ -558,6 +575,7 @@ fn new_message<'a>(delivery: &Delivery, job: &'a Job, draft: &'a Draft) -> NewMe
         context: draft.context.as_ref(),
         provider: draft.provider,
         segments: draft.segments,
+        encoding: Some(draft.encoding),
         reopen_failed: delivery.replayed,
     }
 }
