@@ -94,3 +94,64 @@ async fn with_smart_encoding_off_the_text_goes_as_written() {
     assert_eq!(request.get("text"), Some(body));
     assert_eq!(request.get("type"), Some("unicode"));
 }
+
+/// Publishes `job` and waits for its `status`; the log row.
+async fn settled(app: &App, job: &serde_json::Value, status: &str) -> helpers::MessageRow {
+    app.publish(job).await;
+    app.wait_for_status(id_of(job), status).await
+}
+
+fn expiring_in(kind: &str, to: &str, seconds: i64) -> serde_json::Value {
+    let mut job = job(kind, SCHOOL, to, "Your code is 4711");
+    let at = time::OffsetDateTime::now_utc() + time::Duration::seconds(seconds);
+    let at = at.format(&time::format_description::well_known::Rfc3339);
+    job["expires_at"] = at.expect("a timestamp").into();
+    job
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn twilio_is_given_the_time_left_as_its_validity_period() {
+    let app = spawn_app_with(&[]).await;
+    app.add_school(SCHOOL, "GB").await;
+    // Its own expiry, ten minutes ahead; the type's default (15 minutes); and a day, more
+    // than Twilio keeps a message.
+    let own = expiring_in("login_code", STUDENT, 600);
+    let default = job("login_code", SCHOOL, "+447700900124", "Your code is 4712");
+    let long = expiring_in("booking_reminder", "+447700900125", 86_400);
+    for job in [&own, &default, &long] {
+        settled(&app, job, "sent").await;
+    }
+    let validity = |to: &str| -> u64 {
+        let requests = app.stub.requests_to(to);
+        let period = requests[0].get("ValidityPeriod").expect("a ValidityPeriod");
+        period.parse().expect("whole seconds")
+    };
+    assert!(
+        (590..=600).contains(&validity(STUDENT)),
+        "{}",
+        validity(STUDENT)
+    );
+    assert!((890..=900).contains(&validity("+447700900124")));
+    assert_eq!(validity("+447700900125"), 36_000, "Twilio's maximum");
+    app.stub.assert_no_violations();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn vonage_is_given_a_ttl_and_nothing_is_sent_below_its_minimum() {
+    let vonage = vonage_stub::VonageStub::start().await;
+    let app = vonage_app(&vonage, &[]).await;
+    let code = expiring_in("login_code", STUDENT, 600);
+    settled(&app, &code, "sent").await;
+    let ttl: u64 = vonage.requests()[0]
+        .get("ttl")
+        .and_then(|t| t.parse().ok())
+        .expect("a ttl in ms");
+    assert!((590_000..=600_000).contains(&ttl), "{ttl}");
+
+    // Ten seconds left: Vonage keeps a text at least 20, so it could arrive late.
+    let late = expiring_in("login_code", "+447700900124", 10);
+    let row = settled(&app, &late, "expired").await;
+    assert_eq!(row.reason.as_deref(), Some("expires_too_soon"));
+    assert_eq!(vonage.requests().len(), 1, "never sent");
+    vonage.assert_no_violations();
+}

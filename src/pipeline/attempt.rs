@@ -35,6 +35,19 @@ const PACE_MAX_WAIT: Duration = Duration::from_secs(30);
 pub(super) struct Outgoing<'a> {
     pub message: Message<'a>,
     pub sms: OutboundSms<'a>,
+    /// The job's `expires_at`, else its type's default expiry: the provider's validity is
+    /// the time left before it, measured again just before each call.
+    pub expires_at: Option<OffsetDateTime>,
+}
+
+/// Less time is left before the message expires than the provider can be asked to keep
+/// it: nothing is sent, rather than a text the carrier may deliver late.
+fn too_late() -> outcome::Verdict {
+    outcome::Verdict {
+        status: Status::Expired,
+        reason: "expires_too_soon",
+        disposition: Disposition::Ack,
+    }
 }
 
 /// What one attempt starts from.
@@ -69,7 +82,7 @@ enum Claimed {
 
 impl<L: MessageLog> Pipeline<L> {
     /// The text as the provider gets it: to the staging redirect when one is set, valid
-    /// until the job expires.
+    /// until the message expires.
     pub(super) fn outgoing<'a>(
         &'a self,
         message: Message<'a>,
@@ -81,17 +94,40 @@ impl<L: MessageLog> Pipeline<L> {
             tracing::info!(to = %to.masked(), redirected_to = %redirect.masked(), "staging redirect");
         }
         let job = message.job;
-        let validity = job
-            .expires_at
-            .and_then(|at| Duration::try_from(at - OffsetDateTime::now_utc()).ok());
+        let expires_at = self.expires_at(message.delivery, job);
         let sms = OutboundSms {
             message_id: job.id,
             to: redirect.unwrap_or(to),
             sender,
             body: &job.body,
-            validity,
+            validity: None,
         };
-        Outgoing { message, sms }
+        Outgoing {
+            message,
+            sms,
+            expires_at,
+        }
+    }
+
+    /// The text with its validity for `gateway`, from the time left now; `Err` when too
+    /// little is left for the provider's minimum.
+    fn timed<'a>(
+        &self,
+        out: &Outgoing<'a>,
+        gateway: &Gateway,
+    ) -> Result<OutboundSms<'a>, outcome::Verdict> {
+        let Some(at) = out.expires_at else {
+            return Ok(out.sms.clone());
+        };
+        let left = Duration::try_from(at - OffsetDateTime::now_utc()).unwrap_or(Duration::ZERO);
+        let validity = match gateway.provider.validity_bounds() {
+            Some(bounds) => bounds.clamp(left).ok_or_else(too_late)?,
+            None => left,
+        };
+        Ok(OutboundSms {
+            validity: Some(validity),
+            ..out.sms.clone()
+        })
     }
 
     /// Sends through the route: reconciles an unknown outcome first, then attempts through
@@ -237,6 +273,13 @@ impl<L: MessageLog> Pipeline<L> {
             Ok(ready) => ready,
             Err(put_off) => return Ok(Attempted::Done(put_off)),
         };
+        let sms = match self.timed(out, gateway) {
+            Ok(sms) => sms,
+            Err(verdict) => {
+                let done = self.record_without_call(&out.message, verdict).await?;
+                return Ok(Attempted::Done(done));
+            }
+        };
         let message = NewMessage {
             provider: gateway.name,
             ..out.message.row.clone()
@@ -245,7 +288,7 @@ impl<L: MessageLog> Pipeline<L> {
             Claimed::Attempt(attempt) => attempt,
             Claimed::Settled(attempted) => return Ok(attempted),
         };
-        let (result, duration) = self.call(gateway, &out.sms, slot, &turn).await;
+        let (result, duration) = self.call(gateway, &sms, slot, &turn).await;
         let attempts = next.attempts_before.saturating_add(1);
         let call = Call {
             gateway,
