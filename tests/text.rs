@@ -155,3 +155,66 @@ async fn vonage_is_given_a_ttl_and_nothing_is_sent_below_its_minimum() {
     assert_eq!(vonage.requests().len(), 1, "never sent");
     vonage.assert_no_violations();
 }
+
+const US: &str = "+12015550123";
+
+/// A school texting Britain and the United States from `sender_id`, with `sender_number`.
+async fn add_sender_school(app: &App, school_id: i64, sender_number: Option<&str>) {
+    app.db
+        .execute(
+            "INSERT INTO sms_school_settings
+                 (school_id, sms_enabled, country, sender_id, sender_number, allowed_countries)
+             VALUES ($1, true, 'GB', 'DriveCo', $2, '{GB,US}')",
+            &[&school_id, &sender_number],
+        )
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_alphanumeric_sender_goes_only_where_the_destination_accepts_one() {
+    let app = spawn_app_with(&[]).await;
+    add_sender_school(&app, SCHOOL, None).await;
+    add_sender_school(&app, 43, Some("+12015550199")).await;
+    let to_gb = job("booking_reminder", SCHOOL, STUDENT, "See you at 10");
+    let to_us = job("booking_reminder", SCHOOL, US, "See you at 10");
+    let own_number = job("booking_reminder", 43, "+12015550124", "See you at 10");
+    for job in [&to_gb, &to_us, &own_number] {
+        settled(&app, job, "sent").await;
+    }
+    let from = |to: &str| app.stub.requests_to(to)[0].get("From").map(str::to_owned);
+    assert_eq!(
+        from(STUDENT).as_deref(),
+        Some("DriveCo"),
+        "Britain accepts names"
+    );
+    let twilio_from = helpers::twilio_stub::DEFAULT_FROM;
+    assert_eq!(
+        from(US).as_deref(),
+        Some(twilio_from),
+        "the provider's number"
+    );
+    assert_eq!(
+        from("+12015550124").as_deref(),
+        Some("+12015550199"),
+        "the school's own"
+    );
+    app.stub.assert_no_violations();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_a_number_to_send_from_a_text_to_the_us_fails_no_sender() {
+    let vonage = vonage_stub::VonageStub::start().await;
+    let app = vonage_app(&vonage, &[("VONAGE_FROM", "DriveCo")]).await;
+    add_sender_school(&app, 43, None).await;
+    let to_us = job("booking_reminder", 43, US, "See you at 10");
+    let row = settled(&app, &to_us, "failed").await;
+    assert_eq!(row.reason.as_deref(), Some("no_sender"));
+    let letters = app.dead_letters(1).await;
+    assert_eq!(letters[0].reason.as_deref(), Some("permanent_failure"));
+    let error = letters[0].error.as_deref().unwrap_or_default();
+    assert!(error.contains("no_sender"), "{error}");
+    assert!(
+        vonage.requests().is_empty(),
+        "never sent from a name the carrier refuses"
+    );
+}

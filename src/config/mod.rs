@@ -14,12 +14,16 @@ use std::{
 
 use secrecy::SecretString;
 
-use crate::{job::JobType, phone::PhoneNumber};
+use crate::{
+    job::JobType,
+    phone::{Country, PhoneNumber},
+};
 
 mod guards;
 mod inbound;
 mod providers;
 mod schedule;
+mod senders;
 mod service_url;
 
 pub use guards::{GuardSettings, RateWindow};
@@ -161,6 +165,8 @@ pub struct Settings {
     pub guards: GuardSettings,
     /// Replace GSM-7 look-alikes when that makes a text GSM-7 (`SMSGW_SMART_ENCODING`).
     pub smart_encoding: bool,
+    /// Countries whose carriers refuse alphanumeric senders (`SMSGW_SENDER_COUNTRIES_FILE`).
+    pub alphanumeric_refused: Vec<Country>,
 }
 
 /// `SMSGW_MAX_JOB_BYTES` by default, 8 MiB: the contract's largest job, an announcement to
@@ -227,6 +233,7 @@ pub const VARIABLES: &[&str] = &[
     "SMSGW_PROVIDER_CONCURRENCY",
     "SMSGW_EVENTS",
     "SMSGW_SMART_ENCODING",
+    "SMSGW_SENDER_COUNTRIES_FILE",
     "SMSGW_QUIET_TYPES",
     "SMSGW_DEFAULT_EXPIRY",
     "SMSGW_OPT_OUT_KEYWORDS",
@@ -338,6 +345,7 @@ impl Settings {
             reply_window: duration(&get, "SMSGW_REPLY_WINDOW", "7d")?,
             guards: guards::guards(&get)?,
             smart_encoding: on_or_off(&get, "SMSGW_SMART_ENCODING", true)?,
+            alphanumeric_refused: senders::refusing_countries(&get)?,
         })
     }
 

@@ -13,10 +13,10 @@ use uuid::Uuid;
 
 use super::{Abandoned, Message, MessageLog, Pipeline, Prior, outcome};
 use crate::{
-    disposition::Disposition,
+    disposition::{DeadReason, Disposition},
     metrics::ProviderLabels,
     phone::{PhoneNumber, SenderId, redact_numbers},
-    policy::SuppressReason,
+    policy::{SuppressReason, sender},
     provider::Route,
     provider::{
         Accepted, Gateway, OutboundSms, ProviderError,
@@ -38,6 +38,24 @@ pub(super) struct Outgoing<'a> {
     /// The job's `expires_at`, else its type's default expiry: the provider's validity is
     /// the time left before it, measured again just before each call.
     pub expires_at: Option<OffsetDateTime>,
+    /// The school's own number, for destinations that refuse its alphanumeric sender.
+    pub sender_number: Option<&'a SenderId>,
+}
+
+/// No sender the destination's carriers accept: the school's sender is a name, and there
+/// is no number to send from. Sent from the name, the text would be dropped on the way.
+fn no_sender(attempts: u32) -> outcome::Verdict {
+    outcome::Verdict {
+        status: Status::Failed,
+        reason: "no_sender",
+        disposition: Disposition::DeadLetter {
+            reason: DeadReason::PermanentFailure,
+            error: "no_sender: the destination's carriers refuse alphanumeric senders, and \
+                    neither the school's sender_number nor the provider's sender is a number"
+                .to_owned(),
+            attempts,
+        },
+    }
 }
 
 /// Less time is left before the message expires than the provider can be asked to keep
@@ -87,7 +105,7 @@ impl<L: MessageLog> Pipeline<L> {
         &'a self,
         message: Message<'a>,
         to: &'a PhoneNumber,
-        sender: Option<&'a SenderId>,
+        (sender, sender_number): (Option<&'a SenderId>, Option<&'a SenderId>),
     ) -> Outgoing<'a> {
         let redirect = self.settings.redirect_to.as_ref();
         if let Some(redirect) = redirect {
@@ -106,18 +124,34 @@ impl<L: MessageLog> Pipeline<L> {
             message,
             sms,
             expires_at,
+            sender_number,
         }
     }
 
-    /// The text with its validity for `gateway`, from the time left now; `Err` when too
-    /// little is left for the provider's minimum.
-    fn timed<'a>(
+    /// The text as `gateway` gets it: from a sender the destination accepts, with its
+    /// validity from the time left now. `Err` when there is no such sender, or too little
+    /// time is left for the provider's minimum.
+    fn for_gateway<'a>(
         &self,
         out: &Outgoing<'a>,
         gateway: &Gateway,
+        attempts: u32,
     ) -> Result<OutboundSms<'a>, outcome::Verdict> {
+        let sender = match gateway.provider.default_sender() {
+            None => out.sms.sender,
+            Some(provider) => {
+                let refused = &self.settings.alphanumeric_refused;
+                let refuses = sender::refuses_alphanumeric(refused, out.sms.to.country());
+                sender::choose(refuses, out.sms.sender, out.sender_number, provider)
+                    .ok_or_else(|| no_sender(attempts))?
+            }
+        };
+        let sms = OutboundSms {
+            sender,
+            ..out.sms.clone()
+        };
         let Some(at) = out.expires_at else {
-            return Ok(out.sms.clone());
+            return Ok(sms);
         };
         let left = Duration::try_from(at - OffsetDateTime::now_utc()).unwrap_or(Duration::ZERO);
         let validity = match gateway.provider.validity_bounds() {
@@ -126,7 +160,7 @@ impl<L: MessageLog> Pipeline<L> {
         };
         Ok(OutboundSms {
             validity: Some(validity),
-            ..out.sms.clone()
+            ..sms
         })
     }
 
@@ -273,7 +307,7 @@ impl<L: MessageLog> Pipeline<L> {
             Ok(ready) => ready,
             Err(put_off) => return Ok(Attempted::Done(put_off)),
         };
-        let sms = match self.timed(out, gateway) {
+        let sms = match self.for_gateway(out, gateway, next.attempts_before) {
             Ok(sms) => sms,
             Err(verdict) => {
                 let done = self.record_without_call(&out.message, verdict).await?;

@@ -66,7 +66,7 @@ use crate::{
     health::Health,
     job::{self, Job, JobType, Salvaged, Target},
     metrics::Metrics,
-    phone::{PhoneNumber, redact_numbers},
+    phone::{Country, PhoneNumber, redact_numbers},
     policy::{self, Decision, Facts},
     provider::Gateways,
     provider::{self, Route},
@@ -109,6 +109,8 @@ pub struct PipelineSettings {
     pub guards: GuardSettings,
     /// Replace GSM-7 look-alikes (curly quotes, dashes) when that makes the text GSM-7.
     pub smart_encoding: bool,
+    /// Countries whose carriers refuse alphanumeric senders.
+    pub alphanumeric_refused: Vec<Country>,
 }
 
 impl PipelineSettings {
@@ -128,6 +130,10 @@ impl PipelineSettings {
             default_expiry: HashMap::from([(JobType::LoginCode, Duration::from_secs(900))]),
             guards: GuardSettings::default(),
             smart_encoding: true,
+            alphanumeric_refused: ["US", "CA"]
+                .into_iter()
+                .filter_map(Country::parse)
+                .collect(),
         }
     }
 
@@ -278,11 +284,17 @@ impl<L: MessageLog> Pipeline<L> {
         self.keep_in_inbox(&message, &decision, settings.as_deref())
             .await?;
         match outcome::plan(decision, job.kind, delivery.attempts) {
-            Plan::Send { to, sender, route } => {
+            Plan::Send {
+                to,
+                sender,
+                sender_number,
+                route,
+            } => {
                 if let Some(refused) = self.guard(&message, &to, settings.as_deref()).await? {
                     return self.record_without_call(&message, refused).await;
                 }
-                let out = self.outgoing(message, &to, sender.as_ref());
+                let senders = (sender.as_ref(), sender_number.as_ref());
+                let out = self.outgoing(message, &to, senders);
                 self.send(&out, prior, &route).await
             }
             Plan::Record(verdict) => self.record_without_call(&message, verdict).await,

@@ -30,6 +30,7 @@ use uuid::Uuid;
 use crate::{
     config::{ProviderKindSettings, ProviderSettings},
     phone::{PhoneNumber, SenderId},
+    policy::sender::ProviderSender,
 };
 
 pub use self::{
@@ -288,6 +289,18 @@ impl Provider {
         match self {
             Provider::Inbox(inbox) => Some(inbox),
             _ => None,
+        }
+    }
+
+    /// What the provider sends from when given no sender; `None` for those that reach no
+    /// carrier (any sender will do).
+    pub fn default_sender(&self) -> Option<ProviderSender> {
+        match self {
+            Provider::Log(_) | Provider::Inbox(_) => None,
+            Provider::Twilio(p) => Some(p.default_sender()),
+            Provider::Vonage(p) => Some(p.default_sender()),
+            #[cfg(test)]
+            Provider::Scripted(_) => Some(ProviderSender::Number),
         }
     }
 

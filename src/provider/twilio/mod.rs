@@ -14,7 +14,10 @@ use secrecy::ExposeSecret;
 use serde_json::Value;
 
 use super::{Accepted, Lookup, OutboundSms, ProviderError, ValidityBounds, parse_retry_after};
-use crate::config::{TwilioSender, TwilioSettings};
+use crate::{
+    config::{TwilioSender, TwilioSettings},
+    policy::sender::ProviderSender,
+};
 
 /// Largest answer we read; Twilio's are a few KiB.
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
@@ -84,6 +87,14 @@ impl Twilio {
             timeout,
             sandbox: settings.sandbox,
         })
+    }
+
+    pub(super) fn default_sender(&self) -> ProviderSender {
+        match &self.default_sender {
+            TwilioSender::From(from) if from.starts_with('+') => ProviderSender::Number,
+            TwilioSender::From(_) => ProviderSender::Alphanumeric,
+            TwilioSender::MessagingService(_) => ProviderSender::Pool,
+        }
     }
 
     fn form<'a>(&'a self, sms: &'a OutboundSms<'a>) -> Vec<(&'static str, String)> {

@@ -13,6 +13,7 @@ use serde_json::Value;
 use super::{Accepted, OutboundSms, ProviderError, ValidityBounds, parse_retry_after};
 use crate::{
     config::VonageSettings,
+    policy::sender::ProviderSender,
     segments::{Encoding, segment},
 };
 
@@ -60,6 +61,16 @@ impl Vonage {
             callback: public_url.map(|url| format!("{url}/webhooks/vonage/status")),
             timeout,
         })
+    }
+
+    /// Vonage's `from` is a number when it is digits (with or without the plus).
+    pub(super) fn default_sender(&self) -> ProviderSender {
+        let digits = self.from.trim_start_matches('+');
+        if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+            ProviderSender::Number
+        } else {
+            ProviderSender::Alphanumeric
+        }
     }
 
     fn form(&self, sms: &OutboundSms<'_>) -> Vec<(&'static str, String)> {
