@@ -218,3 +218,30 @@ async fn without_a_number_to_send_from_a_text_to_the_us_fails_no_sender() {
         "never sent from a name the carrier refuses"
     );
 }
+
+#[test]
+fn a_sender_country_list_that_does_not_parse_stops_the_daemon() {
+    let path = std::env::temp_dir().join(format!("smsgw-senders-{}.txt", uuid::Uuid::new_v4()));
+    std::fs::write(&path, "# ours\nUS\nCanada\n").expect("write the list");
+    let file = path.to_string_lossy().into_owned();
+    let bad = [
+        (
+            "SMSGW_SENDER_COUNTRIES_FILE",
+            file.as_str(),
+            "line 3: 'Canada'",
+        ),
+        ("SMSGW_SMART_ENCODING", "sometimes", "not on or off"),
+    ];
+    for (variable, value, says) in bad {
+        let output = helpers::smsgw_command(&helpers::vars(&[(variable, value)]), &["run"])
+            .output()
+            .expect("run");
+        assert_eq!(output.status.code(), Some(2), "{variable}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains(variable) && stderr.contains(says),
+            "{stderr}"
+        );
+    }
+    let _ = std::fs::remove_file(path);
+}
