@@ -255,6 +255,8 @@ fn pipeline_settings(settings: &Settings) -> PipelineSettings {
         default_expiry: settings.default_expiry.clone(),
         guards: settings.guards.clone(),
         withdraw_window: settings.withdraw_window,
+        smart_encoding: settings.smart_encoding,
+        alphanumeric_refused: settings.alphanumeric_refused.clone(),
         unknown_outcome: if settings.resend_unknown {
             UnknownOutcome::Resend
         } else {

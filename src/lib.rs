@@ -28,7 +28,7 @@
 //!
 //! - [`job`]: the v1 job format, decoded, validated and encoded.
 //! - [`phone`]: phone numbers (E.164, masked in logs) and sender IDs.
-//! - [`segments`]: GSM-7/UCS-2 encoding and segment counts.
+//! - [`segments`]: GSM-7/UCS-2 encoding and segment counts; smart encoding of look-alikes.
 //! - [`retry`]: the one way to wait and try again.
 //! - [`health`]: what the daemon is connected to, for `/readyz`.
 //! - [`systemd`]: the notify protocol (ready, stopping, watchdog).
@@ -41,7 +41,8 @@
 //!   carrying out a [`disposition::Disposition`], dead letters. Only it speaks AMQP.
 //! - [`policy`]: the pure decision: send (by the route it is given), suppress, expire,
 //!   defer, hold for the school's quiet hours, or refuse; and which of the guards' counts
-//!   (login codes per number, texts abroad per day, a school's budget) a message involves.
+//!   (login codes per number, texts abroad per day, a school's budget) a message involves;
+//!   the sender a destination's carriers accept.
 //! - [`telemetry`]: logging setup.
 //! - [`provider`]: the adapters (`log`, the development `inbox`, Twilio, Vonage), each
 //!   behind a gateway with its circuit breaker, pace and call slots; each reads its own

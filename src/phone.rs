@@ -277,6 +277,11 @@ impl SenderId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// A number (E.164), not an alphanumeric name.
+    pub fn is_number(&self) -> bool {
+        self.0.starts_with('+')
+    }
 }
 
 #[cfg(test)]

@@ -2,6 +2,11 @@
 //! (its extension table costs two septets a character), else UCS-2; and into how many
 //! segments it splits (160/153 septets, 70/67 UTF-16 units; a two-septet character or a
 //! surrogate pair is never split across segments).
+//!
+//! - [`lookalikes`]: smart encoding, the GSM-7 look-alikes of curly quotes, dashes and
+//!   odd spaces.
+
+pub mod lookalikes;
 
 /// The GSM 03.38 basic alphabet (without the escape character).
 const GSM_BASIC: &str = "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?\

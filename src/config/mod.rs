@@ -14,13 +14,17 @@ use std::{
 
 use secrecy::SecretString;
 
-use crate::{job::JobType, phone::PhoneNumber};
+use crate::{
+    job::JobType,
+    phone::{Country, PhoneNumber},
+};
 
 mod guards;
 mod inbound;
 mod providers;
 mod receipts;
 mod schedule;
+mod senders;
 mod service_url;
 
 pub use guards::{GuardSettings, RateWindow};
@@ -166,6 +170,10 @@ pub struct Settings {
     pub guards: GuardSettings,
     /// When a sent message stops waiting for its delivery receipt.
     pub receipt_watch: ReceiptWatch,
+    /// Replace GSM-7 look-alikes when that makes a text GSM-7 (`SMSGW_SMART_ENCODING`).
+    pub smart_encoding: bool,
+    /// Countries whose carriers refuse alphanumeric senders (`SMSGW_SENDER_COUNTRIES_FILE`).
+    pub alphanumeric_refused: Vec<Country>,
 }
 
 /// `SMSGW_MAX_JOB_BYTES` by default, 8 MiB: the contract's largest job, an announcement to
@@ -231,6 +239,8 @@ pub const VARIABLES: &[&str] = &[
     "SMSGW_FANOUT_CONCURRENCY",
     "SMSGW_PROVIDER_CONCURRENCY",
     "SMSGW_EVENTS",
+    "SMSGW_SMART_ENCODING",
+    "SMSGW_SENDER_COUNTRIES_FILE",
     "SMSGW_QUIET_TYPES",
     "SMSGW_DEFAULT_EXPIRY",
     "SMSGW_OPT_OUT_KEYWORDS",
@@ -344,6 +354,8 @@ impl Settings {
             withdraw_window: duration(&get, "SMSGW_WITHDRAW_WINDOW", "30d")?,
             guards: guards::guards(&get)?,
             receipt_watch: ReceiptWatch::parse(get("SMSGW_RECEIPT_TIMEOUT").as_deref())?,
+            smart_encoding: on_or_off(&get, "SMSGW_SMART_ENCODING", true)?,
+            alphanumeric_refused: senders::refusing_countries(&get)?,
         })
     }
 
@@ -828,6 +840,15 @@ mod tests {
     }
 
     const SID: &str = "AC0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn smart_encoding_is_on_unless_turned_off() {
+        assert!(settings(&[]).expect("defaults").smart_encoding);
+        let off = settings(&[("SMSGW_SMART_ENCODING", "off")]).expect("off");
+        assert!(!off.smart_encoding);
+        let error = settings(&[("SMSGW_SMART_ENCODING", "yes")]).expect_err("refused");
+        assert_eq!(error.variable, "SMSGW_SMART_ENCODING");
+    }
 
     #[test]
     fn status_events_are_on_unless_turned_off() {

@@ -13,10 +13,10 @@ use uuid::Uuid;
 
 use super::{Abandoned, Message, MessageLog, Pipeline, Prior, outcome};
 use crate::{
-    disposition::Disposition,
+    disposition::{DeadReason, Disposition},
     metrics::ProviderLabels,
     phone::{PhoneNumber, SenderId, redact_numbers},
-    policy::SuppressReason,
+    policy::{SuppressReason, sender},
     provider::Route,
     provider::{
         Accepted, Gateway, OutboundSms, ProviderError,
@@ -35,6 +35,37 @@ const PACE_MAX_WAIT: Duration = Duration::from_secs(30);
 pub(super) struct Outgoing<'a> {
     pub message: Message<'a>,
     pub sms: OutboundSms<'a>,
+    /// The job's `expires_at`, else its type's default expiry: the provider's validity is
+    /// the time left before it, measured again just before each call.
+    pub expires_at: Option<OffsetDateTime>,
+    /// The school's own number, for destinations that refuse its alphanumeric sender.
+    pub sender_number: Option<&'a SenderId>,
+}
+
+/// No sender the destination's carriers accept: the school's sender is a name, and there
+/// is no number to send from. Sent from the name, the text would be dropped on the way.
+fn no_sender(attempts: u32) -> outcome::Verdict {
+    outcome::Verdict {
+        status: Status::Failed,
+        reason: "no_sender",
+        disposition: Disposition::DeadLetter {
+            reason: DeadReason::PermanentFailure,
+            error: "no_sender: the destination's carriers refuse alphanumeric senders, and \
+                    neither the school's sender_number nor the provider's sender is a number"
+                .to_owned(),
+            attempts,
+        },
+    }
+}
+
+/// Less time is left before the message expires than the provider can be asked to keep
+/// it: nothing is sent, rather than a text the carrier may deliver late.
+fn too_late() -> outcome::Verdict {
+    outcome::Verdict {
+        status: Status::Expired,
+        reason: "expires_too_soon",
+        disposition: Disposition::Ack,
+    }
 }
 
 /// What one attempt starts from.
@@ -69,29 +100,68 @@ enum Claimed {
 
 impl<L: MessageLog> Pipeline<L> {
     /// The text as the provider gets it: to the staging redirect when one is set, valid
-    /// until the job expires.
+    /// until the message expires.
     pub(super) fn outgoing<'a>(
         &'a self,
         message: Message<'a>,
         to: &'a PhoneNumber,
-        sender: Option<&'a SenderId>,
+        (sender, sender_number): (Option<&'a SenderId>, Option<&'a SenderId>),
     ) -> Outgoing<'a> {
         let redirect = self.settings.redirect_to.as_ref();
         if let Some(redirect) = redirect {
             tracing::info!(to = %to.masked(), redirected_to = %redirect.masked(), "staging redirect");
         }
         let job = message.job;
-        let validity = job
-            .expires_at
-            .and_then(|at| Duration::try_from(at - OffsetDateTime::now_utc()).ok());
+        let expires_at = self.expires_at(message.delivery, job);
         let sms = OutboundSms {
             message_id: job.id,
             to: redirect.unwrap_or(to),
             sender,
             body: &job.body,
-            validity,
+            validity: None,
         };
-        Outgoing { message, sms }
+        Outgoing {
+            message,
+            sms,
+            expires_at,
+            sender_number,
+        }
+    }
+
+    /// The text as `gateway` gets it: from a sender the destination accepts, with its
+    /// validity from the time left now. `Err` when there is no such sender, or too little
+    /// time is left for the provider's minimum.
+    fn for_gateway<'a>(
+        &self,
+        out: &Outgoing<'a>,
+        gateway: &Gateway,
+        attempts: u32,
+    ) -> Result<OutboundSms<'a>, outcome::Verdict> {
+        let sender = match gateway.provider.default_sender() {
+            None => out.sms.sender,
+            Some(provider) => {
+                let refused = &self.settings.alphanumeric_refused;
+                let refuses = sender::refuses_alphanumeric(refused, out.sms.to.country());
+                sender::choose(refuses, out.sms.sender, out.sender_number, provider)
+                    .ok_or_else(|| no_sender(attempts))?
+            }
+        };
+        let sms = OutboundSms {
+            sender,
+            ..out.sms.clone()
+        };
+        let Some(at) = out.expires_at else {
+            return Ok(sms);
+        };
+        let left = Duration::try_from(at - OffsetDateTime::now_utc()).unwrap_or(Duration::ZERO);
+        let validity = match gateway.provider.validity_bounds() {
+            Some(bounds) => bounds.clamp(left).ok_or_else(too_late)?,
+            None => left,
+        };
+        Ok(OutboundSms {
+            validity: Some(validity),
+            ..sms
+        })
     }
 
     /// Sends through the route: reconciles an unknown outcome first, then attempts through
@@ -237,6 +307,13 @@ impl<L: MessageLog> Pipeline<L> {
             Ok(ready) => ready,
             Err(put_off) => return Ok(Attempted::Done(put_off)),
         };
+        let sms = match self.for_gateway(out, gateway, next.attempts_before) {
+            Ok(sms) => sms,
+            Err(verdict) => {
+                let done = self.record_without_call(&out.message, verdict).await?;
+                return Ok(Attempted::Done(done));
+            }
+        };
         let message = NewMessage {
             provider: gateway.name,
             ..out.message.row.clone()
@@ -245,7 +322,7 @@ impl<L: MessageLog> Pipeline<L> {
             Claimed::Attempt(attempt) => attempt,
             Claimed::Settled(attempted) => return Ok(attempted),
         };
-        let (result, duration) = self.call(gateway, &out.sms, slot, &turn).await;
+        let (result, duration) = self.call(gateway, &sms, slot, &turn).await;
         let attempts = next.attempts_before.saturating_add(1);
         let call = Call {
             gateway,

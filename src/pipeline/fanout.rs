@@ -156,7 +156,8 @@ impl<L: MessageLog> Pipeline<L> {
     ) -> Result<usize, Abandoned> {
         let country = settings.and_then(|s| s.country.as_deref());
         let provider = self.provider_label(&provider::route(settings, &self.gateways));
-        let segments = i32::try_from(crate::segments::segment(&job.body).segments).ok();
+        let segmentation = crate::segments::segment(&job.body);
+        let segments = i32::try_from(segmentation.segments).ok();
         let mut seen = HashSet::with_capacity(recipients.len());
         for piece in recipients.chunks(QUEUE_PIECE) {
             let rows: Vec<(Uuid, String, Option<Value>)> = piece
@@ -181,6 +182,7 @@ impl<L: MessageLog> Pipeline<L> {
                     context: context.as_ref(),
                     provider,
                     segments,
+                    encoding: Some(segmentation.encoding),
                     reopen_failed: false,
                 })
                 .collect();

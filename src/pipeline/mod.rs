@@ -51,7 +51,7 @@ mod tests;
 #[cfg(test)]
 mod withdraw_tests;
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{borrow::Cow, collections::HashMap, sync::Arc, time::Duration};
 
 use serde_json::{Value, json};
 use time::OffsetDateTime;
@@ -72,11 +72,12 @@ use crate::{
     health::Health,
     job::{self, Job, JobType, Salvaged, Target},
     metrics::Metrics,
-    phone::{PhoneNumber, redact_numbers},
+    phone::{Country, PhoneNumber, redact_numbers},
     policy::{self, Decision, Facts},
     provider::Gateways,
     provider::{self, Route},
     school::SchoolSettings,
+    segments::{Encoding, lookalikes},
     store::{MessageState, NewMessage, RejectedJob, Status, Store, UnknownAttempt},
 };
 
@@ -115,6 +116,10 @@ pub struct PipelineSettings {
     /// How long after a booking's cancellation its reminders and confirmations that
     /// arrive are withdrawn.
     pub withdraw_window: Duration,
+    /// Replace GSM-7 look-alikes (curly quotes, dashes) when that makes the text GSM-7.
+    pub smart_encoding: bool,
+    /// Countries whose carriers refuse alphanumeric senders.
+    pub alphanumeric_refused: Vec<Country>,
 }
 
 impl PipelineSettings {
@@ -134,6 +139,11 @@ impl PipelineSettings {
             default_expiry: HashMap::from([(JobType::LoginCode, Duration::from_secs(900))]),
             guards: GuardSettings::default(),
             withdraw_window: Duration::from_secs(30 * 86_400),
+            smart_encoding: true,
+            alphanumeric_refused: ["US", "CA"]
+                .into_iter()
+                .filter_map(Country::parse)
+                .collect(),
         }
     }
 
@@ -177,6 +187,7 @@ struct Draft {
     recipient: String,
     context: Option<Value>,
     segments: Option<i32>,
+    encoding: Encoding,
     provider: &'static str,
 }
 
@@ -224,6 +235,7 @@ impl<L: MessageLog> Pipeline<L> {
         let decoded = job::check_size(&delivery.body, self.settings.max_job_bytes)
             .and_then(|()| Job::decode(&delivery.body));
         let job = match decoded {
+            Ok(job) if self.settings.smart_encoding => smart_encoded(job),
             Ok(job) => job,
             Err(invalid) => {
                 return match self.invalid(delivery, &invalid.to_string(), abandon).await {
@@ -287,11 +299,17 @@ impl<L: MessageLog> Pipeline<L> {
             outcome::plan(decision, job.kind, delivery.attempts)
         };
         match plan {
-            Plan::Send { to, sender, route } => {
+            Plan::Send {
+                to,
+                sender,
+                sender_number,
+                route,
+            } => {
                 if let Some(refused) = self.guard(&message, &to, settings.as_deref()).await? {
                     return self.record_without_call(&message, refused).await;
                 }
-                let out = self.outgoing(message, &to, sender.as_ref());
+                let senders = (sender.as_ref(), sender_number.as_ref());
+                let out = self.outgoing(message, &to, senders);
                 self.send(&out, prior, &route).await
             }
             Plan::Record(verdict) => self.record_without_call(&message, verdict).await,
@@ -345,7 +363,8 @@ impl<L: MessageLog> Pipeline<L> {
     ) -> (Decision<Route>, Draft) {
         let country = settings.and_then(|s| s.country.as_deref());
         let recipient = PhoneNumber::parse(to, country);
-        let segments = crate::segments::segment(&job.body).segments;
+        let segmentation = crate::segments::segment(&job.body);
+        let segments = segmentation.segments;
         let route = provider::route(settings, &self.gateways);
         let decision = policy::decide(
             job.kind,
@@ -369,6 +388,7 @@ impl<L: MessageLog> Pipeline<L> {
             },
             context: merged_context(job.context.as_ref(), job.reference.as_deref()),
             segments: i32::try_from(segments).ok(),
+            encoding: segmentation.encoding,
             provider: self.provider_label(&route),
         };
         (decision, draft)
@@ -562,6 +582,15 @@ impl<L: MessageLog> Pipeline<L> {
     }
 }
 
+/// The job with the text as it is sent: every later step (segments, the log, the inbox,
+/// the provider) sees that text, and a copy is made only when a character is replaced.
+fn smart_encoded(mut job: Job) -> Job {
+    if let Cow::Owned(text) = lookalikes::smart_encode(&job.body) {
+        job.body = text;
+    }
+    job
+}
+
 fn new_message<'a>(delivery: &Delivery, job: &'a Job, draft: &'a Draft) -> NewMessage<'a> {
     NewMessage {
         id: job.id,
@@ -573,6 +602,7 @@ fn new_message<'a>(delivery: &Delivery, job: &'a Job, draft: &'a Draft) -> NewMe
         context: draft.context.as_ref(),
         provider: draft.provider,
         segments: draft.segments,
+        encoding: Some(draft.encoding),
         reopen_failed: delivery.replayed,
     }
 }

@@ -27,6 +27,7 @@ pub enum Plan<R> {
     Send {
         to: PhoneNumber,
         sender: Option<SenderId>,
+        sender_number: Option<SenderId>,
         route: R,
     },
     Record(Verdict),
@@ -66,7 +67,19 @@ impl Verdict {
 /// (a refusal's dead letter carries it).
 pub fn plan<R>(decision: Decision<R>, kind: JobType, attempts: u32) -> Plan<R> {
     let verdict = match decision {
-        Decision::Send { to, sender, route } => return Plan::Send { to, sender, route },
+        Decision::Send {
+            to,
+            sender,
+            sender_number,
+            route,
+        } => {
+            return Plan::Send {
+                to,
+                sender,
+                sender_number,
+                route,
+            };
+        }
         Decision::Expire => Verdict {
             status: Status::Expired,
             reason: "expires_at passed",

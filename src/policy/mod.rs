@@ -9,6 +9,7 @@
 //! a message involves, and the store counts them.
 
 pub mod guards;
+pub mod sender;
 
 use time::OffsetDateTime;
 
@@ -76,6 +77,8 @@ pub enum Refusal {
     InvalidRecipient(PhoneError),
     #[error("invalid school sender_id: {0}")]
     InvalidSender(crate::phone::SenderIdError),
+    #[error("invalid school sender_number: it must be a number in E.164")]
+    InvalidSenderNumber,
     #[error("{segments} segments, more than the {max} allowed for this type")]
     TooManySegments { segments: u32, max: u32 },
     #[error("the school's provider '{0}' is not configured")]
@@ -88,6 +91,7 @@ impl Refusal {
         match self {
             Refusal::InvalidRecipient(_) => "invalid_number",
             Refusal::InvalidSender(_) => "invalid_sender_id",
+            Refusal::InvalidSenderNumber => "invalid_sender_number",
             Refusal::TooManySegments { .. } => "too_many_segments",
             Refusal::UnknownProvider(_) => "unknown_provider",
         }
@@ -99,10 +103,12 @@ impl Refusal {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decision<R> {
     /// Send it now to `to` through `route`, from the school's sender if it has one (else
-    /// the default).
+    /// the default), or from its `sender_number` where the destination refuses
+    /// alphanumeric senders ([`sender::choose`]).
     Send {
         to: PhoneNumber,
         sender: Option<SenderId>,
+        sender_number: Option<SenderId>,
         route: R,
     },
     Suppress(SuppressReason),
@@ -177,6 +183,13 @@ pub fn decide<R: Clone>(
             Err(e) => return Decision::Refuse(Refusal::InvalidSender(e)),
         },
     };
+    let sender_number = match settings.sender_number.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(raw) => match SenderId::parse(raw) {
+            Ok(number) if number.is_number() => Some(number),
+            _ => return Decision::Refuse(Refusal::InvalidSenderNumber),
+        },
+    };
     if let Some(max) = facts.max_segments.filter(|max| facts.segments > *max) {
         return Decision::Refuse(Refusal::TooManySegments {
             segments: facts.segments,
@@ -197,6 +210,7 @@ pub fn decide<R: Clone>(
         Ok(route) => Decision::Send {
             to,
             sender,
+            sender_number,
             route: route.clone(),
         },
         Err(name) => Decision::Refuse(Refusal::UnknownProvider(name.clone())),
@@ -256,6 +270,7 @@ mod tests {
             Decision::Send {
                 to: number().expect("valid"),
                 sender: None,
+                sender_number: None,
                 route: ()
             }
         );
@@ -363,6 +378,7 @@ mod tests {
             Decision::Send {
                 to: number().expect("valid"),
                 sender: Some(SenderId::parse("DriveSafe").expect("valid")),
+                sender_number: None,
                 route: ()
             }
         );

@@ -30,6 +30,7 @@ use uuid::Uuid;
 use crate::{
     config::{ProviderKindSettings, ProviderSettings},
     phone::{PhoneNumber, SenderId},
+    policy::sender::ProviderSender,
 };
 
 pub use self::{
@@ -51,8 +52,25 @@ pub struct OutboundSms<'a> {
     /// The school's own sender; `None` means the provider's configured default.
     pub sender: Option<&'a SenderId>,
     pub body: &'a str,
-    /// How long the provider may keep trying to deliver it (from `expires_at`).
+    /// How long the provider may keep trying to deliver it: the time left before the
+    /// message expires, within the provider's [`ValidityBounds`].
     pub validity: Option<Duration>,
+}
+
+/// How long a provider may be asked to keep a message before it drops it, as the
+/// provider documents it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ValidityBounds {
+    pub min: Duration,
+    pub max: Duration,
+}
+
+impl ValidityBounds {
+    /// The validity to ask for with `left` before the message expires: at most the
+    /// provider's maximum; `None` when less than its minimum is left, too little to send.
+    pub fn clamp(self, left: Duration) -> Option<Duration> {
+        (left >= self.min).then_some(left.min(self.max))
+    }
 }
 
 /// The provider took the message.
@@ -274,6 +292,30 @@ impl Provider {
         }
     }
 
+    /// What the provider sends from when given no sender; `None` for those that reach no
+    /// carrier (any sender will do).
+    pub fn default_sender(&self) -> Option<ProviderSender> {
+        match self {
+            Provider::Log(_) | Provider::Inbox(_) => None,
+            Provider::Twilio(p) => Some(p.default_sender()),
+            Provider::Vonage(p) => Some(p.default_sender()),
+            #[cfg(test)]
+            Provider::Scripted(_) => Some(ProviderSender::Number),
+        }
+    }
+
+    /// The bounds of the validity the provider takes; `None` for those that keep nothing
+    /// waiting at a carrier.
+    pub fn validity_bounds(&self) -> Option<ValidityBounds> {
+        match self {
+            Provider::Log(_) | Provider::Inbox(_) => None,
+            Provider::Twilio(_) => Some(twilio::VALIDITY),
+            Provider::Vonage(_) => Some(vonage::VALIDITY),
+            #[cfg(test)]
+            Provider::Scripted(_) => None,
+        }
+    }
+
     pub async fn send(&self, sms: &OutboundSms<'_>) -> Result<Accepted, ProviderError> {
         match self {
             Provider::Log(p) => p.send(sms).await,
@@ -345,6 +387,29 @@ mod tests {
         assert_eq!(
             parse_retry_after("99999999999"),
             Some(Duration::from_secs(24 * 3600))
+        );
+    }
+
+    #[test]
+    fn validity_is_clamped_to_the_providers_bounds() {
+        let secs = Duration::from_secs;
+        let twilio = twilio::VALIDITY;
+        assert_eq!(twilio.clamp(secs(900)), Some(secs(900)));
+        assert_eq!(twilio.clamp(secs(1)), Some(secs(1)), "Twilio's minimum");
+        assert_eq!(twilio.clamp(Duration::from_millis(999)), None, "too late");
+        assert_eq!(
+            twilio.clamp(secs(3 * 86_400)),
+            Some(secs(36_000)),
+            "Twilio's maximum"
+        );
+        let vonage = vonage::VALIDITY;
+        assert_eq!(vonage.clamp(secs(20)), Some(secs(20)), "Vonage's minimum");
+        assert_eq!(vonage.clamp(secs(19)), None);
+        assert_eq!(vonage.clamp(secs(900)), Some(secs(900)));
+        assert_eq!(
+            vonage.clamp(secs(30 * 86_400)),
+            Some(secs(604_800)),
+            "7 days"
         );
     }
 

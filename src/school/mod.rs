@@ -62,6 +62,8 @@ pub struct SchoolSettings {
     pub sms_enabled: bool,
     pub country: Option<String>,
     pub sender_id: Option<String>,
+    /// The school's own number, for destinations that refuse an alphanumeric `sender_id`.
+    pub sender_number: Option<String>,
     pub provider: Option<String>,
     /// Used when `provider` refuses for a reason it may not share, or its circuit is open.
     pub fallback_provider: Option<String>,
@@ -139,6 +141,7 @@ impl SchoolSettings {
             sms_enabled: true,
             country: Some("GB".into()),
             sender_id: None,
+            sender_number: None,
             provider: None,
             fallback_provider: None,
             allow_confirmations: true,

@@ -44,6 +44,7 @@ struct MessageArrays<'a> {
     context: Vec<Option<&'a Value>>,
     provider: Vec<&'a str>,
     segments: Vec<Option<i32>>,
+    encoding: Vec<Option<&'static str>>,
 }
 
 impl<'a> MessageArrays<'a> {
@@ -59,6 +60,7 @@ impl<'a> MessageArrays<'a> {
             context: columns().map(|m| m.context.as_ref()).collect(),
             provider: columns().map(|m| m.provider.as_str()).collect(),
             segments: columns().map(|m| m.segments).collect(),
+            encoding: columns().map(|m| m.encoding).collect(),
         }
     }
 
@@ -167,17 +169,18 @@ static CLAIM_NEW: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH input AS (
             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::int8[], $4::text[], $5::text[],
-                                 $6::text[], $7::jsonb[], $8::text[], $9::int4[], $10::uuid[])
+                                 $6::text[], $7::jsonb[], $8::text[], $9::int4[], $10::uuid[],
+                                 $11::text[])
               AS t(id, bulk_id, school_id, type, recipient, body, context, provider,
-                   segments, claim)
+                   segments, claim, encoding)
          ),
          {REFUSED}
          inserted AS (
             INSERT INTO sms_messages (id, bulk_id, school_id, type, recipient, body, context,
                                       status, provider, attempts, segments,
-                                      attempt_started_at, attempt_claim)
+                                      attempt_started_at, attempt_claim, encoding)
             SELECT i.id, i.bulk_id, i.school_id, i.type, i.recipient, i.body, i.context,
-                   'sending', i.provider, 1, i.segments, now(), i.claim
+                   'sending', i.provider, 1, i.segments, now(), i.claim, i.encoding
               FROM input i
              WHERE i.id NOT IN (SELECT id FROM refused)
             ON CONFLICT (id) DO NOTHING
@@ -195,9 +198,9 @@ static CLAIM_EXISTING: LazyLock<String> = LazyLock::new(|| {
         "WITH input AS (
             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::int8[], $4::text[], $5::text[],
                                  $6::text[], $7::jsonb[], $8::text[], $9::int4[], $10::bool[],
-                                 $11::uuid[], $12::int4[], $13::bool[])
+                                 $11::uuid[], $12::int4[], $13::bool[], $14::text[])
               AS t(id, bulk_id, school_id, type, recipient, body, context, provider, take_over,
-                   reopen_failed, claim, segments, reconciled)
+                   reopen_failed, claim, segments, reconciled, encoding)
          ),
          cut_off AS (
             INSERT INTO sms_attempts (message_id, attempt, provider, started_at)
@@ -211,7 +214,8 @@ static CLAIM_EXISTING: LazyLock<String> = LazyLock::new(|| {
             UPDATE sms_messages m
                SET status = 'sending', attempts = m.attempts + 1, provider = i.provider,
                    recipient = i.recipient, reason = NULL, attempt_started_at = now(),
-                   attempt_claim = i.claim, last_outcome_unknown = false, updated_at = now()
+                   attempt_claim = i.claim, last_outcome_unknown = false,
+                   encoding = COALESCE(i.encoding, m.encoding), updated_at = now()
               FROM input i
              WHERE m.id = i.id
                AND i.id NOT IN (SELECT id FROM refused)
@@ -224,9 +228,9 @@ static CLAIM_EXISTING: LazyLock<String> = LazyLock::new(|| {
          inserted AS (
             INSERT INTO sms_messages (id, bulk_id, school_id, type, recipient, body, context,
                                       status, provider, attempts, segments, attempt_started_at,
-                                      attempt_claim)
+                                      attempt_claim, encoding)
             SELECT i.id, i.bulk_id, i.school_id, i.type, i.recipient, i.body, i.context,
-                   'sending', i.provider, 1, i.segments, now(), i.claim
+                   'sending', i.provider, 1, i.segments, now(), i.claim, i.encoding
               FROM input i
              WHERE NOT EXISTS (SELECT 1 FROM sms_messages x WHERE x.id = ANY($1) AND x.id = i.id)
                AND i.id NOT IN (SELECT id FROM refused)
@@ -293,7 +297,7 @@ async fn claim_new(client: &Client, rows: &[&ClaimRow]) -> Result<Vec<Option<Cla
     let result = query(
         client,
         &CLAIM_NEW,
-        &columns.params(&[&columns.segments, &claims]),
+        &columns.params(&[&columns.segments, &claims, &columns.encoding]),
     )
     .await?;
     let result = by_first_column(&result)?;
@@ -326,6 +330,7 @@ async fn claim_existing(client: &Client, rows: &[ClaimRow]) -> Result<Vec<Claim>
         &claims,
         &columns.segments,
         &reconciled,
+        &columns.encoding,
     ]);
     let result = query(client, &CLAIM_EXISTING, &params).await?;
     let result = by_first_column(&result)?;
@@ -455,15 +460,15 @@ pub(crate) async fn finish_batch(
 static RECORD_NEW: LazyLock<String> = LazyLock::new(|| {
     format!(
         "INSERT INTO sms_messages (id, bulk_id, school_id, type, recipient, body,
-                               context, status, reason, provider, segments)
+                               context, status, reason, provider, segments, encoding)
      SELECT id, bulk_id, school_id, type, recipient,
             CASE WHEN status = 'queued' OR {keep} THEN body END, context, status, reason,
-            provider, segments
+            provider, segments, encoding
        FROM UNNEST($1::uuid[], $2::uuid[], $3::int8[], $4::text[], $5::text[],
                    $6::text[], $7::jsonb[], $8::text[], $9::int4[], $10::text[],
-                   $11::text[])
+                   $11::text[], $13::text[])
          AS t(id, bulk_id, school_id, type, recipient, body, context, provider,
-              segments, status, reason)
+              segments, status, reason, encoding)
      ON CONFLICT (id) DO NOTHING
      RETURNING id",
         keep = keeps_body("$12", "type"),
@@ -476,9 +481,9 @@ static RECORD_EXISTING: LazyLock<String> = LazyLock::new(|| {
         "WITH input AS (
             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::int8[], $4::text[], $5::text[],
                                  $6::text[], $7::jsonb[], $8::text[], $9::int4[], $10::bool[],
-                                 $11::text[], $12::text[])
+                                 $11::text[], $12::text[], $14::text[])
               AS t(id, bulk_id, school_id, type, recipient, body, context, provider, segments,
-                   reopen_failed, status, reason)
+                   reopen_failed, status, reason, encoding)
          ),
          updated AS (
             UPDATE sms_messages m
@@ -492,10 +497,10 @@ static RECORD_EXISTING: LazyLock<String> = LazyLock::new(|| {
          ),
          inserted AS (
             INSERT INTO sms_messages (id, bulk_id, school_id, type, recipient, body, context,
-                                      status, reason, provider, segments)
+                                      status, reason, provider, segments, encoding)
             SELECT i.id, i.bulk_id, i.school_id, i.type, i.recipient,
                    CASE WHEN i.status = 'queued' OR {keep_input} THEN i.body END, i.context,
-                   i.status, i.reason, i.provider, i.segments
+                   i.status, i.reason, i.provider, i.segments, i.encoding
               FROM input i
              WHERE NOT EXISTS (SELECT 1 FROM sms_messages x WHERE x.id = ANY($1) AND x.id = i.id)
             ON CONFLICT (id) DO NOTHING
@@ -561,7 +566,13 @@ async fn record_new(
     let columns = MessageArrays::of(rows);
     let statuses: Vec<&str> = rows.iter().map(|r| r.status).collect();
     let reasons: Vec<Option<&str>> = rows.iter().map(|r| r.reason.as_deref()).collect();
-    let params = columns.params(&[&columns.segments, &statuses, &reasons, &keep_body]);
+    let params = columns.params(&[
+        &columns.segments,
+        &statuses,
+        &reasons,
+        &keep_body,
+        &columns.encoding,
+    ]);
     query(client, &RECORD_NEW, &params)
         .await?
         .iter()
@@ -587,6 +598,7 @@ async fn record_existing(
         &statuses,
         &reasons,
         &keep_body,
+        &columns.encoding,
     ]);
     let result = query(client, &RECORD_EXISTING, &params).await?;
     let result = by_first_column(&result)?;
@@ -619,17 +631,21 @@ pub(crate) async fn queue_batch(
 ) -> Result<(), StoreError> {
     const QUEUE: &str =
         "INSERT INTO sms_messages (id, bulk_id, school_id, type, recipient, body, context,
-                               status, provider, segments)
+                               status, provider, segments, encoding)
      SELECT id, bulk_id, school_id, type, recipient, body, context, 'queued', provider,
-            segments
+            segments, encoding
        FROM UNNEST($1::uuid[], $2::uuid[], $3::int8[], $4::text[], $5::text[],
-                   $6::text[], $7::jsonb[], $8::text[], $9::int4[])
-         AS t(id, bulk_id, school_id, type, recipient, body, context, provider, segments)
+                   $6::text[], $7::jsonb[], $8::text[], $9::int4[], $10::text[])
+         AS t(id, bulk_id, school_id, type, recipient, body, context, provider, segments,
+              encoding)
      ON CONFLICT (id) DO NOTHING";
     let columns = MessageArrays::of(rows);
     let statement = prepared(client, QUEUE).await?;
     client
-        .execute(&statement, &columns.params(&[&columns.segments]))
+        .execute(
+            &statement,
+            &columns.params(&[&columns.segments, &columns.encoding]),
+        )
         .await?;
     Ok(())
 }
@@ -645,12 +661,13 @@ pub(crate) async fn suppress_batch(
     static SUPPRESS: LazyLock<String> = LazyLock::new(|| {
         format!(
             "INSERT INTO sms_messages (id, bulk_id, school_id, type, recipient, body, context,
-                                       status, reason, provider, segments)
+                                       status, reason, provider, segments, encoding)
              SELECT id, bulk_id, school_id, type, recipient, CASE WHEN {keep} THEN body END,
-                    context, 'suppressed', $10, provider, segments
+                    context, 'suppressed', $10, provider, segments, encoding
                FROM UNNEST($1::uuid[], $2::uuid[], $3::int8[], $4::text[], $5::text[],
-                           $6::text[], $7::jsonb[], $8::text[], $9::int4[])
-                 AS t(id, bulk_id, school_id, type, recipient, body, context, provider, segments)
+                           $6::text[], $7::jsonb[], $8::text[], $9::int4[], $12::text[])
+                 AS t(id, bulk_id, school_id, type, recipient, body, context, provider, segments,
+                      encoding)
              ON CONFLICT (id) DO NOTHING",
             keep = keeps_body("$11", "type"),
         )
@@ -660,7 +677,7 @@ pub(crate) async fn suppress_batch(
     client
         .execute(
             &statement,
-            &columns.params(&[&columns.segments, &reason, &keep_body]),
+            &columns.params(&[&columns.segments, &reason, &keep_body, &columns.encoding]),
         )
         .await?;
     Ok(())

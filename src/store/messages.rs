@@ -14,7 +14,7 @@ use super::{
         Status, keeps_body, storable,
     },
 };
-use crate::job::JobType;
+use crate::{job::JobType, segments::Encoding};
 
 /// A message as first recorded.
 #[derive(Debug, Clone)]
@@ -29,6 +29,7 @@ pub struct NewMessage<'a> {
     pub context: Option<&'a Value>,
     pub provider: &'a str,
     pub segments: Option<i32>,
+    pub encoding: Option<Encoding>,
     /// Replayed from the dead-letter queue: a `failed` message may be tried again.
     pub reopen_failed: bool,
 }
@@ -46,6 +47,7 @@ impl NewMessage<'_> {
             context: self.context.cloned(),
             provider: self.provider.to_owned(),
             segments: self.segments,
+            encoding: self.encoding.map(Encoding::as_str),
             reopen_failed: self.reopen_failed,
         }
     }

@@ -102,6 +102,8 @@ pub(crate) static MIGRATIONS: &[Migration] = &[
     migration!(20261204000007, "shared_rates"),
     migration!(20261207000001, "replies"),
     migration!(20261207000010, "guards"),
+    migration!(20261208000200, "encoding"),
+    migration!(20261208000201, "sender_number"),
     migration!(20261208000300, "withdrawals"),
     migration!(20261208000301, "booking_lookup"),
     migration!(20261208000400, "receipt_timeout"),

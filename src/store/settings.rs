@@ -11,7 +11,8 @@ use crate::{
     school::{Budget, Destinations, Quiet, SchoolSettings, zone},
 };
 
-const SETTINGS_SELECT: &str = "SELECT school_id, sms_enabled, country, sender_id, provider,
+const SETTINGS_SELECT: &str =
+    "SELECT school_id, sms_enabled, country, sender_id, sender_number, provider,
         fallback_provider, allow_confirmations, allow_reminders, allow_changes,
         allow_announcements, allow_login_codes, timezone, quiet_hours_start, quiet_hours_end,
         allowed_countries, monthly_segment_budget
@@ -27,6 +28,7 @@ fn settings_of(row: &Row) -> Result<SchoolSettings, StoreError> {
         sms_enabled: flag("sms_enabled")?,
         country: row.try_get("country")?,
         sender_id: row.try_get("sender_id")?,
+        sender_number: row.try_get("sender_number")?,
         provider: row.try_get("provider")?,
         fallback_provider: row.try_get("fallback_provider")?,
         allow_confirmations: flag("allow_confirmations")?,

@@ -151,6 +151,8 @@ pub(crate) struct MessageColumns {
     pub context: Option<Value>,
     pub provider: String,
     pub segments: Option<i32>,
+    /// `GSM-7` or `UCS-2`: what the text was sent as.
+    pub encoding: Option<&'static str>,
     pub reopen_failed: bool,
 }
 

@@ -13,8 +13,11 @@ use reqwest::{
 use secrecy::ExposeSecret;
 use serde_json::Value;
 
-use super::{Accepted, Lookup, OutboundSms, ProviderError, parse_retry_after};
-use crate::config::{TwilioSender, TwilioSettings};
+use super::{Accepted, Lookup, OutboundSms, ProviderError, ValidityBounds, parse_retry_after};
+use crate::{
+    config::{TwilioSender, TwilioSettings},
+    policy::sender::ProviderSender,
+};
 
 /// Largest answer we read; Twilio's are a few KiB.
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
@@ -22,8 +25,12 @@ const MAX_ANSWER_BYTES: usize = 64 * 1024;
 const MAX_LIST_BYTES: usize = 1024 * 1024;
 /// How far before the attempt's start a message may have been created (clock skew).
 const LOOKUP_SKEW: time::Duration = time::Duration::minutes(5);
-/// Twilio's documented maximum `ValidityPeriod`, in seconds.
-const MAX_VALIDITY_SECS: u64 = 36_000;
+/// `ValidityPeriod`: whole seconds from 1 to 36,000 in Twilio's queue, as its Create
+/// Message description documents.
+pub const VALIDITY: ValidityBounds = ValidityBounds {
+    min: Duration::from_secs(1),
+    max: Duration::from_secs(36_000),
+};
 
 /// The recipient replied STOP: do not try this number again.
 const CODE_UNSUBSCRIBED: &str = "21610";
@@ -82,6 +89,14 @@ impl Twilio {
         })
     }
 
+    pub(super) fn default_sender(&self) -> ProviderSender {
+        match &self.default_sender {
+            TwilioSender::From(from) if from.starts_with('+') => ProviderSender::Number,
+            TwilioSender::From(_) => ProviderSender::Alphanumeric,
+            TwilioSender::MessagingService(_) => ProviderSender::Pool,
+        }
+    }
+
     fn form<'a>(&'a self, sms: &'a OutboundSms<'a>) -> Vec<(&'static str, String)> {
         let mut form = vec![
             ("To", sms.to.as_str().to_owned()),
@@ -104,7 +119,10 @@ impl Twilio {
             form.push(("StatusCallback", url.clone()));
         }
         if let Some(validity) = sms.validity {
-            let seconds = validity.as_secs().clamp(1, MAX_VALIDITY_SECS);
+            // Rounded down: the message must not outlive its expiry.
+            let seconds = validity
+                .as_secs()
+                .clamp(VALIDITY.min.as_secs(), VALIDITY.max.as_secs());
             form.push(("ValidityPeriod", seconds.to_string()));
         }
         form

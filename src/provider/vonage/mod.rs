@@ -10,15 +10,20 @@ use reqwest::{StatusCode, header::RETRY_AFTER};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 
-use super::{Accepted, OutboundSms, ProviderError, parse_retry_after};
+use super::{Accepted, OutboundSms, ProviderError, ValidityBounds, parse_retry_after};
 use crate::{
     config::VonageSettings,
+    policy::sender::ProviderSender,
     segments::{Encoding, segment},
 };
 
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
-/// Vonage's bounds for `ttl`, in milliseconds.
-const TTL_MS: std::ops::RangeInclusive<u64> = 20_000..=604_800_000;
+/// `ttl`: milliseconds from 20,000 to 604,800,000 (7 days) the carrier keeps trying, as
+/// Vonage's SMS API description documents.
+pub const VALIDITY: ValidityBounds = ValidityBounds {
+    min: Duration::from_millis(20_000),
+    max: Duration::from_millis(604_800_000),
+};
 
 /// Vonage status codes (`x-errors`) that another gateway may not share: our account,
 /// credentials, sender or credit, not the recipient.
@@ -58,6 +63,16 @@ impl Vonage {
         })
     }
 
+    /// Vonage's `from` is a number when it is digits (with or without the plus).
+    pub(super) fn default_sender(&self) -> ProviderSender {
+        let digits = self.from.trim_start_matches('+');
+        if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+            ProviderSender::Number
+        } else {
+            ProviderSender::Alphanumeric
+        }
+    }
+
     fn form(&self, sms: &OutboundSms<'_>) -> Vec<(&'static str, String)> {
         let kind = match segment(sms.body).encoding {
             Encoding::Gsm7 => "text",
@@ -83,8 +98,8 @@ impl Vonage {
             form.push(("callback", callback.clone()));
         }
         if let Some(validity) = sms.validity {
-            let ms = u64::try_from(validity.as_millis()).unwrap_or(u64::MAX);
-            form.push(("ttl", ms.clamp(*TTL_MS.start(), *TTL_MS.end()).to_string()));
+            let ms = validity.clamp(VALIDITY.min, VALIDITY.max).as_millis();
+            form.push(("ttl", ms.to_string()));
         }
         form
     }
