@@ -112,6 +112,7 @@ impl Http {
                 health,
                 hooks,
                 shared.settings.http_limits,
+                shared.settings.inbox_hosts.clone(),
                 stop.clone(),
             )),
             watchdog: tokio::spawn(crate::systemd::watchdog(stop.clone())),

@@ -18,6 +18,7 @@ use crate::{job::JobType, phone::PhoneNumber};
 
 mod guards;
 mod inbound;
+mod network;
 mod providers;
 mod schedule;
 mod service_url;
@@ -96,6 +97,8 @@ pub struct Settings {
     pub http_addr: SocketAddr,
     /// Against slow and idle clients of the HTTP server.
     pub http_limits: HttpLimits,
+    /// Names the development inbox answers to besides localhost and its own address.
+    pub inbox_hosts: Vec<String>,
     /// Base URL that providers call back; `None` means no status callbacks are asked for.
     pub public_url: Option<String>,
     /// Every configured provider (one from the environment, or several from `SMSGW_CONFIG`).
@@ -191,6 +194,7 @@ pub const VARIABLES: &[&str] = &[
     "SMSGW_HTTP_ADDR",
     "SMSGW_HTTP_HEADER_TIMEOUT",
     "SMSGW_HTTP_MAX_CONNECTIONS",
+    "SMSGW_INBOX_HOSTS",
     "SMSGW_PUBLIC_URL",
     "SMSGW_PROVIDER",
     "SMSGW_REDIRECT_TO",
@@ -294,6 +298,7 @@ impl Settings {
             ),
             http_addr: parsed(&get, "SMSGW_HTTP_ADDR", "127.0.0.1:9464")?,
             http_limits: http_limits(&get)?,
+            inbox_hosts: network::inbox_hosts(get("SMSGW_INBOX_HOSTS").as_deref())?,
             public_url,
             providers: provider_config.providers,
             default_provider: provider_config.default_provider,
