@@ -301,18 +301,35 @@ impl Provider {
     }
 }
 
+/// Idle time before a pooled provider connection is probed, the time between probes,
+/// and the probes unanswered before it is dropped: a connection a firewall or a load
+/// balancer silently forgot is found in about a minute, before a call waits on it.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_PROBES: u32 = 3;
+/// Longest a connection to a provider may take to open (TCP and TLS), at most the call's
+/// own timeout.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The HTTP client of an adapter: every call time-limited, no redirects followed (a
 /// provider that redirects a POST is misconfigured, not to be followed blindly), and as
 /// many pooled connections as there are calls in flight (at most the gateway's call
-/// slots, `SMSGW_PROVIDER_CONCURRENCY`).
+/// slots, `SMSGW_PROVIDER_CONCURRENCY`). Each connection opens within its own bound, is
+/// probed by TCP keepalive while idle, and (on Linux) gives up on data the provider does
+/// not acknowledge within the call's timeout.
 pub(crate) fn http_client(timeout: Duration) -> Result<reqwest::Client, reqwest::Error> {
     crate::install_crypto_provider();
-    reqwest::Client::builder()
+    let builder = reqwest::Client::builder()
         .timeout(timeout)
-        .connect_timeout(timeout.min(Duration::from_secs(5)))
+        .connect_timeout(timeout.min(CONNECT_TIMEOUT))
+        .tcp_keepalive(KEEPALIVE_IDLE)
+        .tcp_keepalive_interval(KEEPALIVE_INTERVAL)
+        .tcp_keepalive_retries(KEEPALIVE_PROBES)
         .redirect(reqwest::redirect::Policy::none())
-        .user_agent(concat!("smsgw/", env!("CARGO_PKG_VERSION")))
-        .build()
+        .user_agent(concat!("smsgw/", env!("CARGO_PKG_VERSION")));
+    #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
+    let builder = builder.tcp_user_timeout(timeout);
+    builder.build()
 }
 
 /// Parses `Retry-After`: delay-seconds or an HTTP date.
