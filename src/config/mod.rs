@@ -92,6 +92,8 @@ pub struct Settings {
     pub env: Environment,
     /// May hold a password: printed only redacted.
     pub amqp_url: ServiceUrl,
+    /// How long one broker node may take to take a connection.
+    pub broker_connect_timeout: Duration,
     /// May hold a password: printed only redacted.
     pub database_url: ServiceUrl,
     pub http_addr: SocketAddr,
@@ -190,6 +192,7 @@ pub(crate) fn bad(variable: &'static str, problem: impl Into<String>) -> ConfigE
 pub const VARIABLES: &[&str] = &[
     "SMSGW_ENV",
     "SMSGW_AMQP_URL",
+    "SMSGW_BROKER_CONNECT_TIMEOUT",
     "SMSGW_DATABASE_URL",
     "SMSGW_HTTP_ADDR",
     "SMSGW_HTTP_HEADER_TIMEOUT",
@@ -292,6 +295,7 @@ impl Settings {
         Ok(Settings {
             env,
             amqp_url: amqp_url(&get)?,
+            broker_connect_timeout: network::broker_connect_timeout(&get)?,
             database_url: ServiceUrl::new(
                 get("SMSGW_DATABASE_URL")
                     .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/smsgw".to_owned()),
