@@ -545,7 +545,13 @@ async fn send(settings: &Settings, args: SendArgs) -> ExitCode {
         delivery_limit: settings.delivery_limit,
     };
     let result = async {
-        let broker = Broker::connect(&settings.amqp_url, "smsgw send", topology).await?;
+        let broker = Broker::connect(
+            &settings.amqp_url,
+            settings.broker_connect_timeout,
+            "smsgw send",
+            topology,
+        )
+        .await?;
         // Declaring is idempotent; it makes a job sent before the daemon's first start
         // land in its queue instead of nowhere.
         broker.declare_topology().await?;

@@ -13,7 +13,7 @@ use tokio::{net::TcpListener, sync::watch, task::JoinSet};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    broker::{Broker, BrokerEvent, Incoming, LaneConsumer, Topology},
+    broker::{Broker, BrokerEvent, Incoming, LaneConsumer, NodeCursor, Topology},
     cache::PolicyCache,
     callbacks::{Callbacks, post_inbox_receipts},
     config::{Environment, Settings},
@@ -112,6 +112,7 @@ impl Http {
                 health,
                 hooks,
                 shared.settings.http_limits,
+                shared.settings.inbox_hosts.clone(),
                 stop.clone(),
             )),
             watchdog: tokio::spawn(crate::systemd::watchdog(stop.clone())),
@@ -181,6 +182,7 @@ fn event_relay(shared: &Shared, store: &Store) -> crate::events::Relay {
     crate::events::Relay {
         store: store.clone(),
         amqp_url: settings.amqp_url.clone(),
+        connect_timeout: settings.broker_connect_timeout,
         topology: Topology {
             delays: settings.retry_delays.clone(),
             delivery_limit: settings.delivery_limit,
@@ -418,17 +420,18 @@ impl Worker<'_> {
         // Where the next connection starts in the node list: past the node of the last
         // one, so that a node that went away, or took the connection but could not declare
         // the queues, is tried last.
-        let mut first_node = 0;
+        let mut cursor = NodeCursor::default();
         while !shutdown.is_cancelled() {
             let connected = async {
                 let broker = Broker::connect_from(
                     &self.settings.amqp_url,
-                    first_node,
+                    cursor,
+                    self.settings.broker_connect_timeout,
                     &name,
                     self.topology(),
                 )
                 .await?;
-                first_node = broker.node_index() + 1;
+                cursor.connected_to(broker.node_index());
                 broker.declare_topology().await?;
                 Ok::<_, crate::broker::BrokerError>(broker)
             }

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::{
-    broker::{Broker, BrokerError, OutgoingEvent, Topology},
+    broker::{Broker, BrokerError, NodeCursor, OutgoingEvent, Topology},
     config::ServiceUrl,
     metrics::Metrics,
     retry::pause,
@@ -146,6 +146,8 @@ pub struct Relay {
     pub store: Store,
     /// Printed (`Display`) without its password.
     pub amqp_url: ServiceUrl,
+    /// How long one node may take to take a connection.
+    pub connect_timeout: Duration,
     /// The queues' shape (the relay declares only `sms.events`).
     pub topology: Topology,
     /// Events on: new events are looked for often.
@@ -158,11 +160,14 @@ impl Relay {
     /// is left for a few seconds more.
     pub async fn run(self, stop: CancellationToken) {
         let mut backlog = BacklogWatch::default();
+        // As the lanes' session does: each connection starts past the node of the last,
+        // so a node that is down costs its connect timeout once, not at every reconnect.
+        let cursor = std::sync::Mutex::new(NodeCursor::default());
         loop {
             let connected = crate::retry::until_ok(
                 crate::retry::reconnecting(),
                 &stop,
-                || self.connect(),
+                || self.connect(&cursor),
                 |e, wait| {
                     tracing::warn!(broker = %self.amqp_url, error = %e, retry_in = ?wait,
                         "status events: broker unavailable");
@@ -185,13 +190,27 @@ impl Relay {
         }
     }
 
-    async fn connect(&self) -> Result<Broker, BrokerError> {
+    async fn connect(&self, cursor: &std::sync::Mutex<NodeCursor>) -> Result<Broker, BrokerError> {
         let name = format!(
             "smsgw {} events pid {}",
             env!("CARGO_PKG_VERSION"),
             std::process::id()
         );
-        let broker = Broker::connect(&self.amqp_url, &name, self.topology.clone()).await?;
+        let first = *cursor
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let broker = Broker::connect_from(
+            &self.amqp_url,
+            first,
+            self.connect_timeout,
+            &name,
+            self.topology.clone(),
+        )
+        .await?;
+        cursor
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .connected_to(broker.node_index());
         broker.declare_events_exchange().await?;
         Ok(broker)
     }

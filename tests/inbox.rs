@@ -284,6 +284,52 @@ async fn filters_select_by_school_and_number_and_emptying_keeps_the_log() {
     assert_eq!(api(&app, "").await.len(), 1, "new texts show again");
 }
 
+/// An inbox request with `Host: host`, as a browser sends it to a name rebound to us.
+async fn with_host(app: &App, method: reqwest::Method, path: &str, host: &str) -> u16 {
+    let response = reqwest::Client::new()
+        .request(method, format!("{}{path}", app.http_url))
+        .header(reqwest::header::HOST, host)
+        .send()
+        .await
+        .expect("answers");
+    response.status().as_u16()
+}
+
+#[tokio::test]
+async fn a_request_for_another_host_name_is_refused_against_dns_rebinding() {
+    let app = spawn_app_with(&[
+        ("SMSGW_PROVIDER", "inbox"),
+        ("SMSGW_INBOX_HOSTS", "smsgw.test"),
+    ])
+    .await;
+    app.add_school(SCHOOL, "GB").await;
+    let code = send(&app, "login_code", "+447700900001", "Your code is 4711").await;
+    wait_in_inbox(&app, code, "delivered").await;
+    let port = app.http_url.rsplit(':').next().expect("a port");
+    let forged = format!("rebind.example:{port}");
+    for path in ["/inbox", "/inbox/api/messages", "/inbox/api/replies"] {
+        assert_eq!(
+            with_host(&app, reqwest::Method::GET, path, &forged).await,
+            421
+        );
+    }
+    let delete = with_host(
+        &app,
+        reqwest::Method::DELETE,
+        "/inbox/api/messages",
+        &forged,
+    );
+    assert_eq!(delete.await, 421);
+    assert_eq!(api(&app, "").await.len(), 1, "nothing was emptied");
+
+    for host in [format!("localhost:{port}"), "smsgw.test".to_owned()] {
+        let read = with_host(&app, reqwest::Method::GET, "/inbox/api/messages", &host);
+        assert_eq!(read.await, 200, "{host}");
+    }
+    let health = with_host(&app, reqwest::Method::GET, "/healthz", &forged);
+    assert_eq!(health.await, 200, "only the inbox is checked");
+}
+
 #[tokio::test]
 async fn a_bad_filter_is_a_400() {
     let app = inbox_app().await;

@@ -262,6 +262,51 @@ async fn a_stop_in_a_receipt_records_an_opt_out() {
     assert_eq!(row.reason.as_deref(), Some("opted_out"));
 }
 
+async fn opt_out_receipt(app: &helpers::App, sid: &str) -> u16 {
+    let params = [
+        ("MessageSid", sid),
+        ("MessageStatus", "undelivered"),
+        ("ErrorCode", "21610"),
+    ];
+    let response = app
+        .post_twilio(PUBLIC, "/webhooks/twilio/status", &params, None)
+        .await;
+    response.status().as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replayed_opt_out_receipt_does_not_undo_a_later_start() {
+    let app = spawn_app_with(&[("SMSGW_PUBLIC_URL", PUBLIC)]).await;
+    app.add_school(SCHOOL, "GB").await;
+    let to = "+447700900123";
+    let (_, sid) = sent_message(&app, to).await;
+    assert_eq!(opt_out_receipt(&app, &sid).await, 204);
+    let opted_out = "SELECT count(*) FROM sms_opt_outs WHERE phone = $1";
+    assert_eq!(app.db.scalar::<i64>(opted_out, &[&to]).await, 1);
+    let start = "SM0000000000000000000000000000005a";
+    assert_eq!(inbound(&app, to, "START", start).await.status(), 200);
+    assert_eq!(app.db.scalar::<i64>(opted_out, &[&to]).await, 0);
+
+    // The receipt captured on its way in, sent again: answered, and nothing changes.
+    assert_eq!(opt_out_receipt(&app, &sid).await, 204);
+    assert_eq!(
+        app.db.scalar::<i64>(opted_out, &[&to]).await,
+        0,
+        "the START after the receipt is still in force"
+    );
+    let receipts: i64 = app
+        .db
+        .scalar(
+            "SELECT count(*) FROM sms_receipts WHERE provider_message_id = $1",
+            &[&sid],
+        )
+        .await;
+    assert_eq!(receipts, 1, "a replay keeps no receipt row");
+    let next = job("booking_reminder", SCHOOL, to, "Reminder");
+    app.publish(&next).await;
+    app.wait_for_status(id_of(&next), "sent").await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn stop_and_start_round_trip_through_a_real_send() {
     let app = spawn_app_with(&[("SMSGW_PUBLIC_URL", PUBLIC)]).await;

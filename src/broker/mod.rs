@@ -154,30 +154,57 @@ fn parse_url(url: &str) -> Result<AMQPUri, BrokerError> {
     Ok(uri)
 }
 
+/// Where the next connection starts in a list of nodes: past the node of the last one,
+/// so that a node that went away (or took the connection, then failed) is tried last,
+/// and a node that black-holes costs its connect timeout once, not at every reconnect.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NodeCursor(usize);
+
+impl NodeCursor {
+    /// The place of the node to try first.
+    pub fn first(self) -> usize {
+        self.0
+    }
+
+    /// Notes the node a connection went to ([`Broker::node_index`]): the next connection
+    /// starts after it.
+    pub fn connected_to(&mut self, node_index: usize) {
+        self.0 = node_index + 1;
+    }
+}
+
 impl Broker {
     /// Connects to the first node of `urls` (one URL, or a comma-separated list of one
-    /// cluster's nodes) that answers.
+    /// cluster's nodes) that answers, giving each `connect_timeout` to open the
+    /// connection and its channel.
     pub async fn connect(
         urls: &ServiceUrl,
+        connect_timeout: Duration,
         name: &str,
         topology: Topology,
     ) -> Result<Self, BrokerError> {
-        Self::connect_from(urls, 0, name, topology).await
+        Self::connect_from(urls, NodeCursor::default(), connect_timeout, name, topology).await
     }
 
-    /// As [`Broker::connect`], trying the nodes from the `first`-th on (and then from the
+    /// As [`Broker::connect`], trying the nodes from the `cursor`'s on (and then from the
     /// start): a node that just failed is tried last.
     pub async fn connect_from(
         urls: &ServiceUrl,
-        first: usize,
+        cursor: NodeCursor,
+        connect_timeout: Duration,
         name: &str,
         topology: Topology,
     ) -> Result<Self, BrokerError> {
         let nodes: Vec<&str> = urls.nodes().collect();
         let mut failure = BrokerError::BadUrl;
-        for index in node_order(nodes.len(), first) {
+        for index in node_order(nodes.len(), cursor.first()) {
             let node = nodes[index];
-            match Self::connect_node(node, name, topology.clone()).await {
+            let connecting = Self::connect_node(node, name, topology.clone());
+            let connected = match tokio::time::timeout(connect_timeout, connecting).await {
+                Ok(connected) => connected,
+                Err(_) => Err(BrokerError::Timeout(connect_timeout)),
+            };
+            match connected {
                 Ok(broker) => return Ok(broker.numbered(index)),
                 Err(e @ BrokerError::BadUrl) => return Err(e),
                 Err(e) => {
@@ -202,9 +229,11 @@ impl Broker {
     async fn connect_node(url: &str, name: &str, topology: Topology) -> Result<Self, BrokerError> {
         let properties =
             ConnectionProperties::default().with_connection_name(LongString::from(name));
-        let connection = within(Connection::connect_uri(parse_url(url)?, properties)).await?;
-        let publisher = within(connection.create_channel()).await?;
-        within(publisher.confirm_select(ConfirmSelectOptions::default())).await?;
+        let connection = Connection::connect_uri(parse_url(url)?, properties).await?;
+        let publisher = connection.create_channel().await?;
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
         Ok(Broker {
             connection: Arc::new(connection),
             publisher,
@@ -253,6 +282,16 @@ mod tests {
         // Past the last node: from the start again.
         assert_eq!(node_order(3, 3).collect::<Vec<_>>(), [0, 1, 2]);
         assert_eq!(node_order(1, 1).collect::<Vec<_>>(), [0]);
+    }
+
+    #[test]
+    fn a_cursor_starts_at_the_first_node_then_after_the_last_connected() {
+        let mut cursor = NodeCursor::default();
+        assert_eq!(node_order(3, cursor.first()).collect::<Vec<_>>(), [0, 1, 2]);
+        cursor.connected_to(1);
+        assert_eq!(node_order(3, cursor.first()).collect::<Vec<_>>(), [2, 0, 1]);
+        cursor.connected_to(2);
+        assert_eq!(node_order(3, cursor.first()).collect::<Vec<_>>(), [0, 1, 2]);
     }
 
     #[test]

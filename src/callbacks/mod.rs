@@ -67,16 +67,26 @@ impl Callbacks {
         self.store.borrow().clone().ok_or(CallbackError::NotReady)
     }
 
-    /// Applies a provider's receipt once: one with a replay key already applied changes
-    /// nothing.
+    /// Applies a provider's receipt once: one with a replay key already claimed changes
+    /// nothing. The key is claimed before the receipt is applied, and given back if it
+    /// could not be, so that the provider's retry goes through.
     pub async fn receive_receipt(&self, report: &ReceiptReport) -> Result<(), CallbackError> {
         if let Some(key) = &report.replay_key
-            && self.seen_before(report.provider, key).await?
+            && !self.claim(report.provider, key).await?
         {
             return Ok(());
         }
         let receipt = report.receipt();
-        match self.apply_receipt(&receipt).await? {
+        let applied = match self.apply_receipt(&receipt).await {
+            Ok(applied) => applied,
+            Err(e) => {
+                if let Some(key) = &report.replay_key {
+                    self.release(report.provider, key).await;
+                }
+                return Err(e);
+            }
+        };
+        match applied {
             Some(applied) => tracing::debug!(
                 job_id = %applied.id,
                 provider_status = receipt.provider_status,
@@ -87,9 +97,6 @@ impl Callbacks {
                 provider_message_id = receipt.provider_message_id,
                 "receipt for a message not (yet) known; kept"
             ),
-        }
-        if let Some(key) = &report.replay_key {
-            self.remember(report.provider, key).await;
         }
         Ok(())
     }
@@ -210,25 +217,26 @@ impl Callbacks {
         Ok(Some(recorded.id))
     }
 
-    /// Whether a webhook was applied before (a replay: nothing is changed).
-    async fn seen_before(&self, provider: &str, webhook_id: &str) -> Result<bool, CallbackError> {
-        let seen = self.store()?.webhook_seen(provider, webhook_id).await?;
-        if seen {
+    /// Claims a webhook for applying; `false` when it was applied before (a replay:
+    /// nothing is changed).
+    async fn claim(&self, provider: &str, webhook_id: &str) -> Result<bool, CallbackError> {
+        let claimed = self.store()?.claim_webhook(provider, webhook_id).await?;
+        if !claimed {
             tracing::warn!(
                 provider,
                 "a webhook already applied came again (a replay?); changed nothing"
             );
         }
-        Ok(seen)
+        Ok(claimed)
     }
 
-    /// Records an applied webhook. Failing here loses only the replay check of a receipt,
-    /// which never moves a message backwards anyway.
-    async fn remember(&self, provider: &str, webhook_id: &str) {
+    /// Gives back the claim of a webhook that failed. Failing here makes the provider's
+    /// retry of that receipt change nothing, which the log shows.
+    async fn release(&self, provider: &str, webhook_id: &str) {
         if let Ok(store) = self.store()
-            && let Err(e) = store.record_webhook(provider, webhook_id).await
+            && let Err(e) = store.release_webhook(provider, webhook_id).await
         {
-            tracing::warn!(error = %e, "could not record an applied webhook");
+            tracing::warn!(error = %e, provider, "could not release the claim of a failed webhook");
         }
     }
 }

@@ -21,6 +21,7 @@ use crate::{
 
 mod guards;
 mod inbound;
+mod network;
 mod providers;
 mod receipts;
 mod schedule;
@@ -97,11 +98,15 @@ pub struct Settings {
     pub env: Environment,
     /// May hold a password: printed only redacted.
     pub amqp_url: ServiceUrl,
+    /// How long one broker node may take to take a connection.
+    pub broker_connect_timeout: Duration,
     /// May hold a password: printed only redacted.
     pub database_url: ServiceUrl,
     pub http_addr: SocketAddr,
     /// Against slow and idle clients of the HTTP server.
     pub http_limits: HttpLimits,
+    /// Names the development inbox answers to besides localhost and its own address.
+    pub inbox_hosts: Vec<String>,
     /// Base URL that providers call back; `None` means no status callbacks are asked for.
     pub public_url: Option<String>,
     /// Every configured provider (one from the environment, or several from `SMSGW_CONFIG`).
@@ -202,10 +207,12 @@ pub(crate) fn bad(variable: &'static str, problem: impl Into<String>) -> ConfigE
 pub const VARIABLES: &[&str] = &[
     "SMSGW_ENV",
     "SMSGW_AMQP_URL",
+    "SMSGW_BROKER_CONNECT_TIMEOUT",
     "SMSGW_DATABASE_URL",
     "SMSGW_HTTP_ADDR",
     "SMSGW_HTTP_HEADER_TIMEOUT",
     "SMSGW_HTTP_MAX_CONNECTIONS",
+    "SMSGW_INBOX_HOSTS",
     "SMSGW_PUBLIC_URL",
     "SMSGW_PROVIDER",
     "SMSGW_REDIRECT_TO",
@@ -307,12 +314,14 @@ impl Settings {
         Ok(Settings {
             env,
             amqp_url: amqp_url(&get)?,
+            broker_connect_timeout: network::broker_connect_timeout(&get)?,
             database_url: ServiceUrl::new(
                 get("SMSGW_DATABASE_URL")
                     .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/smsgw".to_owned()),
             ),
             http_addr: parsed(&get, "SMSGW_HTTP_ADDR", "127.0.0.1:9464")?,
             http_limits: http_limits(&get)?,
+            inbox_hosts: network::inbox_hosts(get("SMSGW_INBOX_HOSTS").as_deref())?,
             public_url,
             providers: provider_config.providers,
             default_provider: provider_config.default_provider,

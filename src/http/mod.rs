@@ -41,10 +41,12 @@ pub async fn serve(
     health: Arc<Health>,
     hooks: Webhooks,
     limits: HttpLimits,
+    inbox_hosts: Vec<String>,
     shutdown: CancellationToken,
 ) {
     warn_if_inbox_is_exposed(&listener, &hooks);
-    let app = router(health, hooks);
+    let allowed = inbox::AllowedHosts::new(listener.local_addr().ok(), &inbox_hosts);
+    let app = router(health, hooks, allowed);
     server::run(listener, app, limits, shutdown).await;
 }
 
@@ -71,12 +73,13 @@ fn warn_if_inbox_is_exposed(listener: &TcpListener, hooks: &Webhooks) {
 }
 
 /// Every endpoint, with the limits on each request.
-fn router(health: Arc<Health>, hooks: Webhooks) -> Router {
+fn router(health: Arc<Health>, hooks: Webhooks, inbox_hosts: inbox::AllowedHosts) -> Router {
     let inbox = has_inbox(&hooks).then(|| {
-        inbox::routes(inbox::Inbox {
+        let inbox = inbox::Inbox {
             store: hooks.callbacks.store.clone(),
             callbacks: hooks.callbacks.clone(),
-        })
+        };
+        inbox::routes(inbox, inbox_hosts)
     });
     let webhooks = Router::new()
         .route(

@@ -65,7 +65,14 @@ async fn check_broker(settings: &Settings) -> bool {
     let nodes: Vec<ServiceUrl> = settings.amqp_url.nodes().map(ServiceUrl::new).collect();
     for node in &nodes {
         let shown = node.redacted();
-        match Broker::connect(node, "smsgw check", topology(settings)).await {
+        match Broker::connect(
+            node,
+            settings.broker_connect_timeout,
+            "smsgw check",
+            topology(settings),
+        )
+        .await
+        {
             Ok(broker) => {
                 line("broker", true, &shown);
                 broker.close().await;

@@ -107,7 +107,13 @@ fn topology(settings: &Settings) -> Topology {
 
 async fn connect_broker(settings: &Settings) -> Result<Broker, ExitCode> {
     let connected = async {
-        let broker = Broker::connect(&settings.amqp_url, "smsgw dlq", topology(settings)).await?;
+        let broker = Broker::connect(
+            &settings.amqp_url,
+            settings.broker_connect_timeout,
+            "smsgw dlq",
+            topology(settings),
+        )
+        .await?;
         broker.declare_topology().await?;
         Ok::<_, crate::broker::BrokerError>(broker)
     }

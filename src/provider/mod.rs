@@ -343,18 +343,36 @@ impl Provider {
     }
 }
 
+/// Idle time before a pooled provider connection is probed, the time between probes,
+/// and the probes unanswered before it is dropped: a connection a firewall or a load
+/// balancer silently forgot is found in about a minute, before a call waits on it.
+/// reqwest's own defaults today, stated so that a change of theirs cannot drop them.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(15);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
+const KEEPALIVE_PROBES: u32 = 3;
+/// Longest a connection to a provider may take to open (TCP and TLS), at most the call's
+/// own timeout.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The HTTP client of an adapter: every call time-limited, no redirects followed (a
 /// provider that redirects a POST is misconfigured, not to be followed blindly), and as
 /// many pooled connections as there are calls in flight (at most the gateway's call
-/// slots, `SMSGW_PROVIDER_CONCURRENCY`).
+/// slots, `SMSGW_PROVIDER_CONCURRENCY`). Each connection opens within its own bound, is
+/// probed by TCP keepalive while idle, and (on Linux) gives up on data the provider does
+/// not acknowledge within the call's timeout.
 pub(crate) fn http_client(timeout: Duration) -> Result<reqwest::Client, reqwest::Error> {
     crate::install_crypto_provider();
-    reqwest::Client::builder()
+    let builder = reqwest::Client::builder()
         .timeout(timeout)
-        .connect_timeout(timeout.min(Duration::from_secs(5)))
+        .connect_timeout(timeout.min(CONNECT_TIMEOUT))
+        .tcp_keepalive(KEEPALIVE_IDLE)
+        .tcp_keepalive_interval(KEEPALIVE_INTERVAL)
+        .tcp_keepalive_retries(KEEPALIVE_PROBES)
         .redirect(reqwest::redirect::Policy::none())
-        .user_agent(concat!("smsgw/", env!("CARGO_PKG_VERSION")))
-        .build()
+        .user_agent(concat!("smsgw/", env!("CARGO_PKG_VERSION")));
+    #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
+    let builder = builder.tcp_user_timeout(timeout);
+    builder.build()
 }
 
 /// Parses `Retry-After`: delay-seconds or an HTTP date.
@@ -432,6 +450,51 @@ mod tests {
         assert_eq!(
             rejected.to_string(),
             "refused by the provider (HTTP 400): 21211 invalid To"
+        );
+    }
+
+    /// The `tr` (timer) field of `/proc/net/tcp` for the established connections to
+    /// 127.0.0.1:`port`: `02` while a keepalive timer runs, `00` with none.
+    #[cfg(target_os = "linux")]
+    fn timers_of_connections_to(port: u16) -> Vec<String> {
+        let peer = format!("0100007F:{port:04X}");
+        let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+        table
+            .lines()
+            .map(|line| line.split_whitespace().collect::<Vec<_>>())
+            .filter(|fields| fields.get(2) == Some(&peer.as_str()) && fields.get(3) == Some(&"01"))
+            .filter_map(|fields| fields.get(5).map(|t| t[..2].to_owned()))
+            .collect()
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn an_idle_provider_connection_is_probed_by_keepalive() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.expect("accept");
+            let mut request = [0u8; 4096];
+            let _ = socket.read(&mut request).await;
+            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+            let _ = socket.write_all(answer).await;
+            // Held open, idle, as a provider's pooled connection is between calls.
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        });
+        let client = http_client(Duration::from_secs(10)).expect("client");
+        let answer = client
+            .get(format!("http://127.0.0.1:{port}/"))
+            .send()
+            .await
+            .expect("an answer");
+        assert_eq!(answer.status(), 200);
+        assert_eq!(
+            timers_of_connections_to(port),
+            ["02"],
+            "a keepalive timer runs"
         );
     }
 }

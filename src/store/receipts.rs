@@ -227,22 +227,33 @@ impl Store {
         rows.first().map(ReceiptApplied::from_row).transpose()
     }
 
-    /// Whether a webhook (`provider`, `webhook_id`) was applied before.
-    pub async fn webhook_seen(&self, provider: &str, webhook_id: &str) -> Result<bool, StoreError> {
+    /// Claims a webhook (`provider`, `webhook_id`) for applying: `false` when it was
+    /// claimed before (a replay, or the same request arriving twice at once), which must
+    /// then change nothing. One statement, so two copies racing cannot both win.
+    pub async fn claim_webhook(
+        &self,
+        provider: &str,
+        webhook_id: &str,
+    ) -> Result<bool, StoreError> {
         Ok(self
             .row(
-                "SELECT 1 FROM sms_webhooks_seen WHERE provider = $1 AND webhook_id = $2",
+                "INSERT INTO sms_webhooks_seen (provider, webhook_id) VALUES ($1, $2)
+                 ON CONFLICT DO NOTHING RETURNING 1",
                 &[&provider, &storable(webhook_id)],
             )
             .await?
             .is_some())
     }
 
-    /// Records that a webhook (`provider`, `webhook_id`) was applied.
-    pub async fn record_webhook(&self, provider: &str, webhook_id: &str) -> Result<(), StoreError> {
+    /// Gives back the claim of a webhook that could not be applied, so that the
+    /// provider's retry of it is applied.
+    pub async fn release_webhook(
+        &self,
+        provider: &str,
+        webhook_id: &str,
+    ) -> Result<(), StoreError> {
         self.execute(
-            "INSERT INTO sms_webhooks_seen (provider, webhook_id) VALUES ($1, $2)
-             ON CONFLICT DO NOTHING",
+            "DELETE FROM sms_webhooks_seen WHERE provider = $1 AND webhook_id = $2",
             &[&provider, &storable(webhook_id)],
         )
         .await?;

@@ -10,6 +10,8 @@
 //! - `POST /inbox/api/replies` (`{"from", "to", "body"}`): a reply, as if a phone had sent
 //!   it, through the same path as a provider's inbound webhook; `GET /inbox/api/replies`
 //!   lists replies, newest first, with the same filters as the messages.
+//!
+//! Each answers only a request addressed to this machine by name (`hosts`): 421 otherwise.
 
 use axum::{
     Json, Router,
@@ -24,7 +26,10 @@ use time::format_description::well_known::Rfc3339;
 use tokio::sync::watch;
 use uuid::Uuid;
 
+mod hosts;
 mod page;
+
+pub(super) use hosts::AllowedHosts;
 
 use crate::{
     callbacks::{CallbackError, Callbacks, Inbound},
@@ -82,8 +87,8 @@ impl IntoResponse for Refused {
     }
 }
 
-/// The inbox's routes.
-pub(super) fn routes(inbox: Inbox) -> Router {
+/// The inbox's routes, answering only requests addressed to one of the `allowed` hosts.
+pub(super) fn routes(inbox: Inbox, allowed: AllowedHosts) -> Router {
     Router::new()
         .route("/inbox", get(page::page))
         .route("/inbox/conversations", get(page::conversations_block))
@@ -92,6 +97,10 @@ pub(super) fn routes(inbox: Inbox) -> Router {
         .route("/inbox/api/messages", get(list).delete(empty))
         .route("/inbox/api/replies", get(replies).post(reply))
         .with_state(inbox)
+        .layer(axum::middleware::from_fn_with_state(
+            allowed,
+            hosts::refuse_other_hosts,
+        ))
 }
 
 /// The query of every inbox request, as it came.

@@ -44,8 +44,16 @@ pub fn read_status(gateways: &Gateways, request: &Callback<'_>) -> Result<Receip
         error_code: error_code.map(str::to_owned),
         opted_out: error_code == Some(CODE_UNSUBSCRIBED),
         signed_by,
-        replay_key: None,
+        // Twilio's signature carries no time, so a captured receipt stays valid for ever:
+        // replayed after the student's START, its opt-out would undo it. Twilio sends
+        // each status of a message once, with the same error code.
+        replay_key: Some(replay_key(sid, status, error_code)),
     })
+}
+
+/// The key a status callback is applied once by.
+fn replay_key(sid: &str, status: &str, error_code: Option<&str>) -> String {
+    format!("status:{sid}:{status}:{}", error_code.unwrap_or_default())
 }
 
 /// An inbound message, read once its signature is checked.
