@@ -1,6 +1,8 @@
 //! A TCP proxy a test owns, between the daemon and RabbitMQ or PostgreSQL, to break the
 //! connection without touching the shared service: cut every connection, refuse new ones,
-//! or stall (hold the bytes, as a dead peer would).
+//! stall (hold the bytes, as a dead peer would), or go silent and heal (a partition that
+//! drops packets without a reset, as a firewall losing its state or a load balancer's
+//! idle timeout does).
 
 use std::{
     net::SocketAddr,
@@ -67,7 +69,8 @@ impl Proxy {
     }
 
     /// Open connections go silent for good (open, but no byte ever passes again), as
-    /// with a peer that vanished without a reset; new connections work.
+    /// with a peer that vanished without a reset; new connections work (during a
+    /// silence: once it heals).
     pub fn freeze(&self) {
         self.control.freezes.send_modify(|n| *n += 1);
     }
@@ -75,6 +78,31 @@ impl Proxy {
     /// Stops forwarding bytes (both ways) while `true`; connections stay open.
     pub fn stall(&self, stalled: bool) {
         self.control.stalled.send_replace(stalled);
+    }
+
+    /// A silent partition: every connection, open or opened from now on, stays open but
+    /// no byte passes in either direction, and nobody is told (no FIN, no RST). What was
+    /// sent meanwhile arrives after [`Proxy::heal`], as TCP retransmits it; a peer that
+    /// gave up on its connection has closed it by then.
+    pub fn silence(&self) {
+        self.stall(true);
+    }
+
+    /// Ends the partition begun by [`Proxy::silence`]: every connection passes again.
+    pub fn heal(&self) {
+        self.stall(false);
+    }
+
+    /// Ends the partition as a stateful firewall or NAT that lost its state does: new
+    /// connections pass, but those open before stay silent for good (their packets are
+    /// dropped), and nobody is told.
+    pub fn heal_forgetting(&self) {
+        self.freeze();
+        self.stall(false);
+    }
+
+    pub fn is_silent(&self) -> bool {
+        *self.control.stalled.borrow()
     }
 
     /// The upstream URL with this proxy's address in its place.
@@ -87,6 +115,22 @@ impl Proxy {
 }
 
 async fn relay(client: TcpStream, control: Arc<Control>) {
+    let mut cuts = control.cuts.subscribe();
+    cuts.borrow_and_update();
+    let mut freezes = control.freezes.subscribe();
+    freezes.borrow_and_update();
+    // During a partition a new connection reaches nobody until it heals.
+    let mut stalled = control.stalled.subscribe();
+    let reaches = tokio::select! {
+        biased;
+        _ = cuts.changed() => return,
+        _ = freezes.changed() => false,
+        healed = stalled.wait_for(|stalled| !*stalled) => healed.is_ok(),
+    };
+    if !reaches {
+        let _ = cuts.changed().await;
+        return;
+    }
     let Ok(server) = TcpStream::connect(control.upstream).await else {
         return;
     };
@@ -94,10 +138,6 @@ async fn relay(client: TcpStream, control: Arc<Control>) {
     let _ = server.set_nodelay(true);
     let (mut client_read, mut client_write) = client.into_split();
     let (mut server_read, mut server_write) = server.into_split();
-    let mut cuts = control.cuts.subscribe();
-    cuts.borrow_and_update();
-    let mut freezes = control.freezes.subscribe();
-    freezes.borrow_and_update();
     let frozen = {
         let up = pump(
             &mut client_read,
@@ -109,10 +149,12 @@ async fn relay(client: TcpStream, control: Arc<Control>) {
             &mut client_write,
             control.stalled.subscribe(),
         );
+        // Freezing wins over bytes that an unstall lets through at the same moment.
         tokio::select! {
-            _ = async { tokio::join!(up, down) } => false,
+            biased;
             _ = cuts.changed() => false,
             _ = freezes.changed() => true,
+            _ = async { tokio::join!(up, down) } => false,
         }
     };
     if frozen {
