@@ -302,7 +302,13 @@ async fn connect_store(
             if development {
                 Store::create_database_if_missing(settings.database_url.expose()).await?;
             }
-            Store::connect_with_events(settings.database_url.expose(), 16, settings.events).await
+            Store::connect_with_events(
+                settings.database_url.expose(),
+                16,
+                settings.events,
+                settings.database_timeout,
+            )
+            .await
         };
         match attempt.await {
             Ok(store) => {

@@ -93,6 +93,9 @@ pub struct Settings {
     pub amqp_url: ServiceUrl,
     /// May hold a password: printed only redacted.
     pub database_url: ServiceUrl,
+    /// Every database call's bound: a statement's time on the server, and what the
+    /// daemon waits before it gives up on a connection (see `store::connect::Bounds`).
+    pub database_timeout: Duration,
     pub http_addr: SocketAddr,
     /// Against slow and idle clients of the HTTP server.
     pub http_limits: HttpLimits,
@@ -292,6 +295,12 @@ impl Settings {
                 get("SMSGW_DATABASE_URL")
                     .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/smsgw".to_owned()),
             ),
+            database_timeout: bounded_duration(
+                &get,
+                "SMSGW_DATABASE_TIMEOUT",
+                "15s",
+                (Duration::from_secs(1), Duration::from_secs(3_600)),
+            )?,
             http_addr: parsed(&get, "SMSGW_HTTP_ADDR", "127.0.0.1:9464")?,
             http_limits: http_limits(&get)?,
             public_url,
@@ -791,6 +800,27 @@ fn duration(
         .map_err(|e| bad(variable, format!("'{raw}' is not a duration ({e})")))
 }
 
+/// A duration within `(min, max)`, both included.
+fn bounded_duration(
+    get: &impl Fn(&str) -> Option<String>,
+    variable: &'static str,
+    default: &str,
+    (min, max): (Duration, Duration),
+) -> Result<Duration, ConfigError> {
+    let value = duration(get, variable, default)?;
+    if value < min || value > max {
+        return Err(bad(
+            variable,
+            format!(
+                "must be between {} and {}",
+                humantime::format_duration(min),
+                humantime::format_duration(max)
+            ),
+        ));
+    }
+    Ok(value)
+}
+
 fn parsed<T: FromStr>(
     get: &impl Fn(&str) -> Option<String>,
     variable: &'static str,
@@ -818,6 +848,20 @@ mod tests {
     }
 
     const SID: &str = "AC0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn the_database_timeout_is_a_duration_within_reason() {
+        assert_eq!(
+            settings(&[]).expect("defaults").database_timeout,
+            Duration::from_secs(15)
+        );
+        let short = settings(&[("SMSGW_DATABASE_TIMEOUT", "2s")]).expect("2s");
+        assert_eq!(short.database_timeout, Duration::from_secs(2));
+        for wrong in ["soon", "0s", "500ms", "2h"] {
+            let error = settings(&[("SMSGW_DATABASE_TIMEOUT", wrong)]).expect_err(wrong);
+            assert_eq!(error.variable, "SMSGW_DATABASE_TIMEOUT");
+        }
+    }
 
     #[test]
     fn status_events_are_on_unless_turned_off() {

@@ -11,12 +11,17 @@
 //! confirm and its commit: then the next turn publishes those rows again, with the same
 //! `event_id`.
 
+use std::{
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
+
 use serde_json::Value;
 use time::OffsetDateTime;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
-use super::{Store, StoreError};
+use super::{Store, StoreError, connect::within};
 
 /// The advisory lock that makes relay turns take turns (any constant unique to smsgw).
 const RELAY_LOCK: i64 = 0x736d_7367_7700_0001;
@@ -36,6 +41,27 @@ pub enum OutboxEvent {
         routing_key: String,
         payload: Value,
     },
+}
+
+/// The turn's advisory lock, if no other relay holds it.
+async fn try_lock(turn: &deadpool_postgres::Transaction<'_>) -> Result<bool, StoreError> {
+    let lock = turn
+        .prepare_cached("SELECT pg_try_advisory_xact_lock($1)")
+        .await?;
+    Ok(turn.query_one(&lock, &[&RELAY_LOCK]).await?.try_get(0)?)
+}
+
+/// One step of a relay turn, within `limit`; `stuck` remembers that one ran out of time.
+async fn bounded<T>(
+    limit: Duration,
+    stuck: &AtomicBool,
+    step: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    let result = within(limit, step).await;
+    if matches!(result, Err(StoreError::Timeout(_))) {
+        stuck.store(true, Ordering::Relaxed);
+    }
+    result
 }
 
 /// Takes up to `limit` rows out with `statement`, in `id` order (RETURNING gives none).
@@ -152,33 +178,37 @@ impl Store {
         Fut: Future<Output = Result<(), E>>,
     {
         // Taken out and published in one transaction: if publishing fails, the turn
-        // rolls back and the rows are back for the next one.
+        // rolls back and the rows are back for the next one. Each statement is bounded,
+        // publishing is bounded by the broker, and the server ends the session (and its
+        // lock) if the daemon falls silent in between (`connect::Bounds`).
         let mut client = self.client().await?;
-        let turn = client.transaction().await.map_err(StoreError::from)?;
-        let lock = turn
-            .prepare_cached("SELECT pg_try_advisory_xact_lock($1)")
-            .await
-            .map_err(StoreError::from)?;
-        let ours: bool = turn
-            .query_one(&lock, &[&RELAY_LOCK])
-            .await
-            .and_then(|row| row.try_get(0))
-            .map_err(StoreError::from)?;
-        if !ours {
-            return Ok(RelayTurn::Busy);
+        let time = self.call_limit();
+        let stuck = AtomicBool::new(false);
+        let result = async {
+            let turn = bounded(time, &stuck, async { Ok(client.transaction().await?) }).await?;
+            if !bounded(time, &stuck, try_lock(&turn)).await? {
+                return Ok(RelayTurn::Busy);
+            }
+            let status = take(&turn, TAKE_STATUS, limit, |row| {
+                StatusEvent::from_row(row).map(OutboxEvent::Status)
+            });
+            let mut events = bounded(time, &stuck, status).await?;
+            let others = take(&turn, TAKE_PAYLOADS, limit, payload_event);
+            events.extend(bounded(time, &stuck, others).await?);
+            if events.is_empty() {
+                return Ok(RelayTurn::Relayed(0));
+            }
+            let taken = events.len();
+            publish(events).await?;
+            bounded(time, &stuck, async { Ok(turn.commit().await?) }).await?;
+            Ok(RelayTurn::Relayed(taken))
         }
-        let mut events = take(&turn, TAKE_STATUS, limit, |row| {
-            StatusEvent::from_row(row).map(OutboxEvent::Status)
-        })
-        .await?;
-        events.extend(take(&turn, TAKE_PAYLOADS, limit, payload_event).await?);
-        if events.is_empty() {
-            return Ok(RelayTurn::Relayed(0));
+        .await;
+        if stuck.load(Ordering::Relaxed) {
+            drop(deadpool_postgres::Client::take(client));
+            self.replace_pool();
         }
-        let taken = events.len();
-        publish(events).await?;
-        turn.commit().await.map_err(StoreError::from)?;
-        Ok(RelayTurn::Relayed(taken))
+        result
     }
 
     /// How many events wait in the outbox, and for how long the oldest has.
