@@ -29,7 +29,12 @@ const RECOVERY: Duration = Duration::from_secs(20);
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_database_link_gone_silent_is_replaced_and_nothing_is_lost() {
-    let overrides = [("SMSGW_DATABASE_TIMEOUT", DATABASE_TIMEOUT)];
+    // Every call leases its slot from the rate clock in the database, so a lease is
+    // caught on a connection that goes silent, holding the clock's lock for its gateway.
+    let overrides = [
+        ("SMSGW_DATABASE_TIMEOUT", DATABASE_TIMEOUT),
+        ("SMSGW_RATE_LIMIT", "300"),
+    ];
     let app = spawn_app_behind_proxies(&overrides, false, true).await;
     let proxy = app.db_proxy.clone().expect("proxy");
     app.add_school(SCHOOL, "GB").await;

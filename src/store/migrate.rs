@@ -102,6 +102,7 @@ pub(crate) static MIGRATIONS: &[Migration] = &[
     migration!(20261204000007, "shared_rates"),
     migration!(20261207000001, "replies"),
     migration!(20261207000010, "guards"),
+    migration!(20261208000001, "rate_clock_steps"),
 ];
 
 const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS _sqlx_migrations (
