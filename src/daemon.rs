@@ -313,7 +313,8 @@ async fn connect_store(
         match attempt.await {
             Ok(store) => {
                 if development {
-                    store.migrate().await.map_err(|e| {
+                    let locks = settings.migrate_lock_timeout;
+                    store.migrate_waiting_for_locks(locks).await.map_err(|e| {
                         DaemonError::Runtime(format!("database migration failed: {e}"))
                     })?;
                 } else {

@@ -96,6 +96,9 @@ pub struct Settings {
     /// Every database call's bound: a statement's time on the server, and what the
     /// daemon waits before it gives up on a connection (see `store::connect::Bounds`).
     pub database_timeout: Duration,
+    /// How long a migration's statement waits for a table's lock before it gives up and
+    /// tries again (PostgreSQL's `lock_timeout`).
+    pub migrate_lock_timeout: Duration,
     pub http_addr: SocketAddr,
     /// Against slow and idle clients of the HTTP server.
     pub http_limits: HttpLimits,
@@ -300,6 +303,12 @@ impl Settings {
                 "SMSGW_DATABASE_TIMEOUT",
                 "15s",
                 (Duration::from_secs(1), Duration::from_secs(3_600)),
+            )?,
+            migrate_lock_timeout: bounded_duration(
+                &get,
+                "SMSGW_MIGRATE_LOCK_TIMEOUT",
+                "10s",
+                (Duration::from_millis(100), Duration::from_secs(3_600)),
             )?,
             http_addr: parsed(&get, "SMSGW_HTTP_ADDR", "127.0.0.1:9464")?,
             http_limits: http_limits(&get)?,
@@ -861,6 +870,14 @@ mod tests {
             let error = settings(&[("SMSGW_DATABASE_TIMEOUT", wrong)]).expect_err(wrong);
             assert_eq!(error.variable, "SMSGW_DATABASE_TIMEOUT");
         }
+        let migrate = settings(&[("SMSGW_MIGRATE_LOCK_TIMEOUT", "500ms")]).expect("500ms");
+        assert_eq!(migrate.migrate_lock_timeout, Duration::from_millis(500));
+        assert_eq!(
+            settings(&[]).expect("defaults").migrate_lock_timeout,
+            Duration::from_secs(10)
+        );
+        let error = settings(&[("SMSGW_MIGRATE_LOCK_TIMEOUT", "never")]).expect_err("never");
+        assert_eq!(error.variable, "SMSGW_MIGRATE_LOCK_TIMEOUT");
     }
 
     #[test]

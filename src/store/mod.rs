@@ -65,6 +65,8 @@ mod vocabulary;
 use connect::{Connector, quote_identifier};
 /// `SMSGW_DATABASE_TIMEOUT`'s default.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
+/// `SMSGW_MIGRATE_LOCK_TIMEOUT`'s default.
+pub const DEFAULT_MIGRATE_LOCK_TIMEOUT: Duration = Duration::from_secs(10);
 pub use guards::{Admission, BudgetUse, GuardBudget, GuardCheck, GuardRefusal, UnreadableGuard};
 pub use inbox::{InboxCopy, InboxFilter, InboxMessage};
 pub use lookups::{MessageSearch, UsageCount};
@@ -342,8 +344,18 @@ impl Store {
     /// migrator holds a PostgreSQL advisory lock while it works, on a connection of its
     /// own so that the lock cannot outlive it in the pool.
     pub async fn migrate(&self) -> Result<(), StoreError> {
+        self.migrate_waiting_for_locks(DEFAULT_MIGRATE_LOCK_TIMEOUT)
+            .await
+    }
+
+    /// As [`Store::migrate`], each statement waiting at most `lock_timeout` for a
+    /// table's lock (`SMSGW_MIGRATE_LOCK_TIMEOUT`; see `migrate`).
+    pub async fn migrate_waiting_for_locks(
+        &self,
+        lock_timeout: Duration,
+    ) -> Result<(), StoreError> {
         let mut client = self.pools.connector.connect().await?;
-        migrate::run(&mut client).await
+        migrate::run(&mut client, lock_timeout).await
     }
 
     /// Version of the newest migration this build knows.
