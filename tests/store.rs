@@ -530,3 +530,21 @@ async fn a_migration_behind_a_long_reader_gives_up_and_names_it() {
         .await
         .expect("applied once the reader is done");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_outbox_backlog_is_read_from_the_ids_not_counted() {
+    let env = TestEnv::new().await;
+    let store = store(&env).await;
+    store.migrate().await.expect("migrate");
+    let db = Db::connect(&env.database_url).await;
+    let empty = store.outbox_backlog().await.expect("backlog");
+    assert_eq!(empty.events, 0);
+    db.batch(
+        "INSERT INTO sms_outbox (event_id, routing_key, payload)
+         SELECT gen_random_uuid(), 'job.rejected', '{}'::jsonb FROM generate_series(1, 300);
+         DELETE FROM sms_outbox WHERE id IN (SELECT id FROM sms_outbox ORDER BY id LIMIT 100)",
+    )
+    .await;
+    // Two hundred wait: from the first waiting id to the last, whatever the table's size.
+    assert_eq!(store.outbox_backlog().await.expect("backlog").events, 200);
+}
