@@ -467,7 +467,9 @@ async fn migrate(settings: &Settings) -> ExitCode {
     let result = async {
         Store::create_database_if_missing(settings.database_url.expose()).await?;
         let store = Store::connect(settings.database_url.expose(), 2).await?;
-        store.migrate().await?;
+        store
+            .migrate_waiting_for_locks(settings.migrate_lock_timeout)
+            .await?;
         let version = store.schema_version().await?;
         store.close().await;
         Ok::<_, crate::store::StoreError>(version)

@@ -314,12 +314,19 @@ async fn connect_store(
             if development {
                 Store::create_database_if_missing(settings.database_url.expose()).await?;
             }
-            Store::connect_with_events(settings.database_url.expose(), 16, settings.events).await
+            Store::connect_with_events(
+                settings.database_url.expose(),
+                16,
+                settings.events,
+                settings.database_timeout,
+            )
+            .await
         };
         match attempt.await {
             Ok(store) => {
                 if development {
-                    store.migrate().await.map_err(|e| {
+                    let locks = settings.migrate_lock_timeout;
+                    store.migrate_waiting_for_locks(locks).await.map_err(|e| {
                         DaemonError::Runtime(format!("database migration failed: {e}"))
                     })?;
                 } else {

@@ -3,9 +3,11 @@
 //!
 //! - message bodies after `SMSGW_BODY_RETENTION`, and the development inbox's copies of
 //!   them then too (or with their messages, if `SMSGW_LOG_RETENTION` is shorter);
-//! - finished messages with their attempts, the records of applied webhooks, and the
-//!   guards' counts (messages' reservations, numbers' login codes, days, schools' months)
-//!   after `SMSGW_LOG_RETENTION`;
+//! - finished messages with their attempts, delivery receipts, the records of applied
+//!   webhooks, and the guards' counts (messages' reservations, numbers' login codes,
+//!   days, schools' months) after `SMSGW_LOG_RETENTION`;
+//! - the records of Vonage's webhooks (their signatures) once a replay of them would be
+//!   refused anyway, ten minutes on (`provider::vonage::callbacks::REPLAY_WINDOW`);
 //! - the bookings cancelled after `SMSGW_WITHDRAW_WINDOW`, when they withdraw nothing more;
 //! - dead letters after `SMSGW_DEAD_RETENTION`, from the head of `sms.dead` (RabbitMQ
 //!   cannot delete from the middle of a queue; letters are appended as they die, so the
@@ -20,6 +22,7 @@ use crate::{
     broker::Broker,
     config::Settings,
     metrics::Metrics,
+    provider::vonage::callbacks::REPLAY_WINDOW,
     retry::pause,
     store::{Store, StoreError},
 };
@@ -91,9 +94,10 @@ async fn pass(
         },
     )
     .await?;
-    let forgotten = in_batches(
+    let forgotten = forget_webhooks(store, settings, stop).await?;
+    let receipts = in_batches(
         stop,
-        || store.forget_webhooks(settings.log_retention, BATCH),
+        || store.purge_receipts(settings.log_retention, BATCH),
         |_| {},
     )
     .await?;
@@ -117,6 +121,7 @@ async fn pass(
         purged,
         deleted,
         forgotten,
+        receipts,
         inbox,
         reply_bodies,
         replies,
@@ -127,6 +132,7 @@ async fn pass(
             bodies_purged = purged,
             messages_deleted = deleted,
             webhook_ids_deleted = forgotten,
+            receipts_deleted = receipts,
             inbox_copies_deleted = inbox,
             reply_bodies_purged = reply_bodies,
             replies_deleted = replies,
@@ -136,6 +142,29 @@ async fn pass(
         );
     }
     Ok(())
+}
+
+/// Webhooks' records: Vonage's once their signatures' window closed, the rest (Twilio's
+/// inbound ids, whose signatures carry no time) with the log.
+async fn forget_webhooks(
+    store: &Store,
+    settings: &RetentionSettings,
+    stop: &CancellationToken,
+) -> Result<u64, StoreError> {
+    let window = REPLAY_WINDOW.min(settings.log_retention);
+    let signed = in_batches(
+        stop,
+        || store.forget_signed_webhooks("vonage", window, BATCH),
+        |_| {},
+    )
+    .await?;
+    let rest = in_batches(
+        stop,
+        || store.forget_webhooks(settings.log_retention, BATCH),
+        |_| {},
+    )
+    .await?;
+    Ok(signed + rest)
 }
 
 /// Reply bodies go with message bodies, whole replies with whole messages.

@@ -45,6 +45,35 @@ async fn the_rate_limit_holds_every_second_to_at_most_the_rate() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_rate_clock_stepped_an_hour_ahead_sends_again_within_seconds() {
+    let app = spawn_app_with(&[("SMSGW_RATE_LIMIT", "5")]).await;
+    app.add_school(SCHOOL, "GB").await;
+    let first = app.publish_many(1, "booking_reminder", SCHOOL).await;
+    assert_eq!(
+        app.wait_all(&first, "sent", Duration::from_secs(30)).await,
+        0
+    );
+
+    // As after a failover to a database whose clock is an hour behind the old one's.
+    app.sql("UPDATE sms_rate_clocks SET next_slot = now() + interval '1 hour'")
+        .await;
+    let ids = app.publish_many(3, "booking_reminder", SCHOOL).await;
+    assert_eq!(
+        app.wait_all(&ids, "sent", Duration::from_secs(10)).await,
+        0,
+        "still waiting for the stepped clock"
+    );
+    let ahead: f64 = app
+        .db
+        .scalar(
+            "SELECT extract(epoch FROM max(next_slot) - now())::float8 FROM sms_rate_clocks",
+            &[],
+        )
+        .await;
+    assert!(ahead < 60.0, "the clock is still {ahead} s ahead");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_providers_own_rate_in_the_config_file_paces_it() {
     let stub = TwilioStub::start().await;
     let path = helpers::write_config(

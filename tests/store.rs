@@ -552,3 +552,65 @@ async fn overdue_receipts_are_walked_in_batches_each_attempt_once() {
         ]
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_migration_behind_a_long_reader_gives_up_and_names_it() {
+    let env = TestEnv::new().await;
+    let store = store(&env).await;
+    store.migrate().await.expect("migrate");
+    let db = Db::connect(&env.database_url).await;
+    // Pending again: a migration whose ALTERs take sms_messages' strongest lock.
+    db.batch("DELETE FROM _sqlx_migrations WHERE version = 20261125000006")
+        .await;
+    let reader = Db::connect(&env.database_url).await;
+    reader
+        .batch("SET application_name = 'long_reader'; BEGIN; SELECT count(*) FROM sms_messages")
+        .await;
+
+    let migrating = store.migrate_waiting_for_locks(Duration::from_millis(300));
+    let other_reader = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let asked = Instant::now();
+        let _: i64 = db.scalar("SELECT count(*) FROM sms_messages", &[]).await;
+        asked.elapsed()
+    };
+    let (refused, queued) = tokio::time::timeout(
+        Duration::from_secs(20),
+        futures_util::future::join(migrating, other_reader),
+    )
+    .await
+    .expect("the migration gave up in time");
+    let message = refused
+        .expect_err("refused while the reader runs")
+        .to_string();
+    assert!(message.contains("long_reader"), "{message}");
+    assert!(message.contains("20261125000006"), "{message}");
+    assert!(
+        queued < Duration::from_secs(2),
+        "a reader queued {queued:?} behind the waiting migration"
+    );
+
+    reader.batch("COMMIT").await;
+    store
+        .migrate_waiting_for_locks(Duration::from_millis(300))
+        .await
+        .expect("applied once the reader is done");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_outbox_backlog_is_read_from_the_ids_not_counted() {
+    let env = TestEnv::new().await;
+    let store = store(&env).await;
+    store.migrate().await.expect("migrate");
+    let db = Db::connect(&env.database_url).await;
+    let empty = store.outbox_backlog().await.expect("backlog");
+    assert_eq!(empty.events, 0);
+    db.batch(
+        "INSERT INTO sms_outbox (event_id, routing_key, payload)
+         SELECT gen_random_uuid(), 'job.rejected', '{}'::jsonb FROM generate_series(1, 300);
+         DELETE FROM sms_outbox WHERE id IN (SELECT id FROM sms_outbox ORDER BY id LIMIT 100)",
+    )
+    .await;
+    // Two hundred wait: from the first waiting id to the last, whatever the table's size.
+    assert_eq!(store.outbox_backlog().await.expect("backlog").events, 200);
+}

@@ -102,6 +102,12 @@ pub struct Settings {
     pub broker_connect_timeout: Duration,
     /// May hold a password: printed only redacted.
     pub database_url: ServiceUrl,
+    /// Every database call's bound: a statement's time on the server, and what the
+    /// daemon waits before it gives up on a connection (see `store::connect::Bounds`).
+    pub database_timeout: Duration,
+    /// How long a migration's statement waits for a table's lock before it gives up and
+    /// tries again (PostgreSQL's `lock_timeout`).
+    pub migrate_lock_timeout: Duration,
     pub http_addr: SocketAddr,
     /// Against slow and idle clients of the HTTP server.
     pub http_limits: HttpLimits,
@@ -209,6 +215,8 @@ pub const VARIABLES: &[&str] = &[
     "SMSGW_AMQP_URL",
     "SMSGW_BROKER_CONNECT_TIMEOUT",
     "SMSGW_DATABASE_URL",
+    "SMSGW_DATABASE_TIMEOUT",
+    "SMSGW_MIGRATE_LOCK_TIMEOUT",
     "SMSGW_HTTP_ADDR",
     "SMSGW_HTTP_HEADER_TIMEOUT",
     "SMSGW_HTTP_MAX_CONNECTIONS",
@@ -319,6 +327,18 @@ impl Settings {
                 get("SMSGW_DATABASE_URL")
                     .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/smsgw".to_owned()),
             ),
+            database_timeout: bounded_duration(
+                &get,
+                "SMSGW_DATABASE_TIMEOUT",
+                "15s",
+                (Duration::from_secs(1), Duration::from_secs(3_600)),
+            )?,
+            migrate_lock_timeout: bounded_duration(
+                &get,
+                "SMSGW_MIGRATE_LOCK_TIMEOUT",
+                "10s",
+                (Duration::from_millis(100), Duration::from_secs(3_600)),
+            )?,
             http_addr: parsed(&get, "SMSGW_HTTP_ADDR", "127.0.0.1:9464")?,
             http_limits: http_limits(&get)?,
             inbox_hosts: network::inbox_hosts(get("SMSGW_INBOX_HOSTS").as_deref())?,
@@ -823,6 +843,27 @@ fn duration(
         .map_err(|e| bad(variable, format!("'{raw}' is not a duration ({e})")))
 }
 
+/// A duration within `(min, max)`, both included.
+fn bounded_duration(
+    get: &impl Fn(&str) -> Option<String>,
+    variable: &'static str,
+    default: &str,
+    (min, max): (Duration, Duration),
+) -> Result<Duration, ConfigError> {
+    let value = duration(get, variable, default)?;
+    if value < min || value > max {
+        return Err(bad(
+            variable,
+            format!(
+                "must be between {} and {}",
+                humantime::format_duration(min),
+                humantime::format_duration(max)
+            ),
+        ));
+    }
+    Ok(value)
+}
+
 fn parsed<T: FromStr>(
     get: &impl Fn(&str) -> Option<String>,
     variable: &'static str,
@@ -858,6 +899,28 @@ mod tests {
         assert!(!off.smart_encoding);
         let error = settings(&[("SMSGW_SMART_ENCODING", "yes")]).expect_err("refused");
         assert_eq!(error.variable, "SMSGW_SMART_ENCODING");
+    }
+
+    #[test]
+    fn the_database_timeout_is_a_duration_within_reason() {
+        assert_eq!(
+            settings(&[]).expect("defaults").database_timeout,
+            Duration::from_secs(15)
+        );
+        let short = settings(&[("SMSGW_DATABASE_TIMEOUT", "2s")]).expect("2s");
+        assert_eq!(short.database_timeout, Duration::from_secs(2));
+        for wrong in ["soon", "0s", "500ms", "2h"] {
+            let error = settings(&[("SMSGW_DATABASE_TIMEOUT", wrong)]).expect_err(wrong);
+            assert_eq!(error.variable, "SMSGW_DATABASE_TIMEOUT");
+        }
+        let migrate = settings(&[("SMSGW_MIGRATE_LOCK_TIMEOUT", "500ms")]).expect("500ms");
+        assert_eq!(migrate.migrate_lock_timeout, Duration::from_millis(500));
+        assert_eq!(
+            settings(&[]).expect("defaults").migrate_lock_timeout,
+            Duration::from_secs(10)
+        );
+        let error = settings(&[("SMSGW_MIGRATE_LOCK_TIMEOUT", "never")]).expect_err("never");
+        assert_eq!(error.variable, "SMSGW_MIGRATE_LOCK_TIMEOUT");
     }
 
     #[test]

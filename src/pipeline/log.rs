@@ -21,7 +21,7 @@ use crate::{
     },
 };
 
-/// Longest wait for one database statement before it counts as failed.
+/// Longest wait for one log operation before it counts as failed, unless the log says.
 const STORE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the pipeline reads from and writes to the message log. Every write is safe to
@@ -103,6 +103,11 @@ pub trait MessageLog: ReconcileLog + SideLog {
 
     /// A statement got no answer in time: connections may have gone silent.
     fn stalled(&self) {}
+
+    /// Longest wait for one operation (a connection, then its statements).
+    fn time_limit(&self) -> Duration {
+        STORE_TIMEOUT
+    }
 }
 
 /// What handling a message writes beside its own row: an opt-out a provider reported,
@@ -259,6 +264,10 @@ impl MessageLog for Store {
     fn stalled(&self) {
         self.replace_pool();
     }
+
+    fn time_limit(&self) -> Duration {
+        self.operation_limit()
+    }
 }
 
 impl SideLog for Store {
@@ -302,12 +311,13 @@ impl<L: MessageLog> Pipeline<L> {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, StoreError>>,
     {
+        let limit = self.log.time_limit();
         let limited = || {
             let attempt = op();
             async move {
-                tokio::time::timeout(STORE_TIMEOUT, attempt)
+                tokio::time::timeout(limit, attempt)
                     .await
-                    .unwrap_or(Err(StoreError::Timeout(STORE_TIMEOUT)))
+                    .unwrap_or(Err(StoreError::Timeout(limit)))
             }
         };
         let retrying = limited

@@ -17,6 +17,9 @@
 //! one that dies takes that much of the rate with it, once. Slots left unused for longer
 //! than [`STALE`] are dropped, not used late.
 //!
+//! A clock far ahead of the database's time (a clock step) starts again from now (see the
+//! `rate_clock_steps` migration), with a warning.
+//!
 //! The cost is one statement per lease, about ten a second per rate, whatever the rate;
 //! a call under two rates leases alone, one statement per call ([`batch_size`]).
 
@@ -121,6 +124,13 @@ impl SharedClock {
             })
             .await
             .ok()?;
+        if start.clock_stepped {
+            tracing::warn!(
+                clocks = ?self.clocks.iter().map(|c| &c.name).collect::<Vec<_>>(),
+                "a rate clock was far ahead of the database's time (a clock step?): \
+                 it starts again from now"
+            );
+        }
         Some((place(start, sent, answered, wall), self.step()))
     }
 
@@ -237,6 +247,7 @@ mod tests {
         LeaseStart {
             after: Duration::from_millis(after_ms),
             unix_seconds,
+            clock_stepped: false,
         }
     }
 

@@ -39,10 +39,94 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::StoreError;
 
-/// Longest wait for a connection from the pool, or for a new one to be set up.
+/// Longest wait for a connection from the pool, or for a new one to be set up (shorter
+/// when the database timeout is).
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
-/// The server gives up on a statement the daemon has stopped waiting for.
-const STATEMENT_TIMEOUT: &str = "15s";
+/// How much longer the daemon waits for a statement than the server lets it run: a slow
+/// statement ends with the server's error, and only a link that went silent with the
+/// daemon's own time limit.
+const CLIENT_MARGIN: Duration = Duration::from_secs(2);
+/// Keepalive probes sent before the kernel gives a silent connection up.
+const KEEPALIVE_PROBES: u32 = 3;
+
+/// The bounds of every database call, all from `SMSGW_DATABASE_TIMEOUT` (`limit`):
+///
+/// - the server ends a statement after `limit` (`statement_timeout`), and a session left
+///   idle inside a transaction after twice that (`idle_in_transaction_session_timeout`),
+///   so that a daemon that vanished mid-transaction releases its locks (the relay's
+///   advisory lock among them) even when no reset ever reaches the server;
+/// - the kernel probes a connection idle for `limit` (TCP keepalive, [`KEEPALIVE_PROBES`]
+///   probes `limit / 3` apart) and drops one whose data goes unacknowledged for twice
+///   `limit` (`TCP_USER_TIMEOUT`);
+/// - the daemon waits `limit` plus [`CLIENT_MARGIN`] for any statement, then closes the
+///   connection instead of returning it to the pool ([`settle`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Bounds {
+    pub(crate) limit: Duration,
+}
+
+impl Bounds {
+    /// How long the daemon waits for one statement (or a few, in one call).
+    pub(crate) fn call(self) -> Duration {
+        self.limit + CLIENT_MARGIN
+    }
+
+    /// A connection, then one call.
+    pub(crate) fn operation(self) -> Duration {
+        self.acquire() + self.call()
+    }
+
+    fn acquire(self) -> Duration {
+        ACQUIRE_TIMEOUT.min(self.limit)
+    }
+
+    fn session_options(self) -> String {
+        format!(
+            "-c statement_timeout={} -c idle_in_transaction_session_timeout={}",
+            self.limit.as_millis(),
+            (self.limit * 2).as_millis()
+        )
+    }
+
+    fn apply(self, config: &mut Config) {
+        let options = match config.get_options() {
+            Some(given) => format!("{given} {}", self.session_options()),
+            None => self.session_options(),
+        };
+        config.options(options);
+        config
+            .keepalives(true)
+            .keepalives_idle(self.limit)
+            .keepalives_interval((self.limit / 3).max(Duration::from_secs(1)))
+            .keepalives_retries(KEEPALIVE_PROBES)
+            .tcp_user_timeout(self.limit * 2);
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(self.acquire());
+        }
+    }
+}
+
+/// Waits for `work` (statements on one connection) at most `limit`.
+pub(crate) async fn within<T>(
+    limit: Duration,
+    work: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    tokio::time::timeout(limit, work)
+        .await
+        .unwrap_or(Err(StoreError::Timeout(limit)))
+}
+
+/// Gives `client` back to the pool, or closes it when its work ran out of time: a
+/// connection that went silent looks healthy to the pool and would be handed out again.
+pub(crate) fn settle<T>(
+    client: deadpool_postgres::Client,
+    result: Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    if matches!(result, Err(StoreError::Timeout(_))) {
+        drop(deadpool_postgres::Client::take(client));
+    }
+    result
+}
 
 /// How much of the server's certificate is checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +141,7 @@ enum Verify {
 pub(crate) struct Connector {
     config: Config,
     tls: MakeRustlsConnect,
+    pub(crate) bounds: Bounds,
 }
 
 impl std::fmt::Debug for Connector {
@@ -69,24 +154,20 @@ impl std::fmt::Debug for Connector {
 }
 
 impl Connector {
-    /// Parses a `postgres://` URL and adds the daemon's own settings.
-    pub(crate) fn from_url(url: &str) -> Result<Self, StoreError> {
+    /// Parses a `postgres://` URL and adds the daemon's own settings, `limit` being the
+    /// database timeout (see [`Bounds`]).
+    pub(crate) fn from_url(url: &str, limit: Duration) -> Result<Self, StoreError> {
         let (url, verify) = split_verification(url);
         let mut config: Config = url
             .parse()
             .map_err(|e| StoreError::Config(format!("the database URL: {e}")))?;
         config.application_name("smsgw");
-        let options = match config.get_options() {
-            Some(given) => format!("{given} -c statement_timeout={STATEMENT_TIMEOUT}"),
-            None => format!("-c statement_timeout={STATEMENT_TIMEOUT}"),
-        };
-        config.options(options);
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(ACQUIRE_TIMEOUT);
-        }
+        let bounds = Bounds { limit };
+        bounds.apply(&mut config);
         Ok(Connector {
             config,
             tls: MakeRustlsConnect::new(tls_config(verify)?),
+            bounds,
         })
     }
 
@@ -120,7 +201,7 @@ impl Connector {
             self.tls.clone(),
             // No test query when a connection goes back into use: a connection that went
             // silent would hang it. A dead one fails its next statement, and a silent one
-            // times out there, and the caller replaces the pool (`Store::replace_pool`).
+            // times out there and is closed (`settle`).
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -131,9 +212,9 @@ impl Connector {
                     .unwrap_or(usize::MAX)
                     .max(1),
             )
-            .wait_timeout(Some(ACQUIRE_TIMEOUT))
-            .create_timeout(Some(ACQUIRE_TIMEOUT))
-            .recycle_timeout(Some(ACQUIRE_TIMEOUT))
+            .wait_timeout(Some(self.bounds.acquire()))
+            .create_timeout(Some(self.bounds.acquire()))
+            .recycle_timeout(Some(self.bounds.acquire()))
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|e| StoreError::Config(format!("the connection pool: {e}")))
@@ -141,7 +222,10 @@ impl Connector {
 
     /// One connection of its own, outside the pool, driven by a task that ends with it.
     pub(crate) async fn connect(&self) -> Result<Client, StoreError> {
-        let (client, connection) = self.config.connect(self.tls.clone()).await?;
+        let (client, connection) = within(self.bounds.call(), async {
+            Ok(self.config.connect(self.tls.clone()).await?)
+        })
+        .await?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "a database connection ended");
@@ -153,7 +237,10 @@ impl Connector {
     /// One connection whose asynchronous messages (notifications) the caller reads: it
     /// must poll the connection itself.
     pub(crate) async fn connect_raw(&self) -> Result<(Client, RawConnection), StoreError> {
-        Ok(self.config.connect(self.tls.clone()).await?)
+        within(self.bounds.call(), async {
+            Ok(self.config.connect(self.tls.clone()).await?)
+        })
+        .await
     }
 }
 
@@ -163,12 +250,17 @@ pub(crate) type RawConnection = tokio_postgres::Connection<
     <MakeRustlsConnect as tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>>::Stream,
 >;
 
-/// A connection from `pool`, trying for up to 5 s while the server cannot be reached: a
+/// A connection from `pool`, trying for up to 5 s (at most the database timeout) while the server cannot be reached: a
 /// server that restarts refuses connections for a moment, and a caller that gave up at once
 /// would learn it is back only after its own back-off (seconds later). An error that
 /// waiting cannot mend (a wrong password, an unknown database) returns at once.
 pub(crate) async fn acquire(pool: &Pool) -> Result<deadpool_postgres::Client, StoreError> {
-    let deadline = Instant::now() + ACQUIRE_TIMEOUT;
+    let deadline = Instant::now()
+        + pool
+            .timeouts()
+            .wait
+            .unwrap_or(ACQUIRE_TIMEOUT)
+            .min(ACQUIRE_TIMEOUT);
     let mut pause = Duration::from_millis(20);
     loop {
         match pool.get().await {
@@ -384,19 +476,53 @@ mod tests {
 
     #[test]
     fn the_daemon_adds_its_own_settings() {
-        let connector =
-            Connector::from_url("postgres://postgres@127.0.0.1/smsgw?options=-c%20work_mem%3D8MB")
-                .expect("parses");
+        let connector = Connector::from_url(
+            "postgres://postgres@127.0.0.1/smsgw?options=-c%20work_mem%3D8MB",
+            Duration::from_secs(15),
+        )
+        .expect("parses");
         assert_eq!(connector.config.get_application_name(), Some("smsgw"));
         assert_eq!(
             connector.config.get_options(),
-            Some("-c work_mem=8MB -c statement_timeout=15s")
+            Some(
+                "-c work_mem=8MB -c statement_timeout=15000 \
+                 -c idle_in_transaction_session_timeout=30000"
+            )
         );
         assert_eq!(connector.database(), Some("smsgw"));
         assert_eq!(
             connector.for_database("postgres").database(),
             Some("postgres")
         );
+    }
+
+    #[test]
+    fn every_connection_is_bounded_by_the_database_timeout() {
+        let connector = Connector::from_url(
+            "postgres://postgres@127.0.0.1/smsgw?connect_timeout=3",
+            Duration::from_secs(6),
+        )
+        .expect("parses");
+        let config = &connector.config;
+        assert!(config.get_keepalives());
+        assert_eq!(config.get_keepalives_idle(), Duration::from_secs(6));
+        assert_eq!(
+            config.get_keepalives_interval(),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(config.get_keepalives_retries(), Some(KEEPALIVE_PROBES));
+        assert_eq!(
+            config.get_tcp_user_timeout(),
+            Some(&Duration::from_secs(12))
+        );
+        // What the URL says is kept.
+        assert_eq!(config.get_connect_timeout(), Some(&Duration::from_secs(3)));
+        assert_eq!(connector.bounds.call(), Duration::from_secs(8));
+        assert_eq!(connector.bounds.acquire(), Duration::from_secs(5));
+        let short = Bounds {
+            limit: Duration::from_secs(2),
+        };
+        assert_eq!(short.acquire(), Duration::from_secs(2));
     }
 
     #[test]

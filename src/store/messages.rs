@@ -103,14 +103,14 @@ impl Store {
     }
 
     pub async fn message_state(&self, id: Uuid) -> Result<Option<MessageState>, StoreError> {
-        log::read_state(&self.client().await?, id).await
+        on_connection!(self, |client| log::read_state(&client, id).await)
     }
 
     /// Writes a `queued` row for each message (left alone where the row exists): the
     /// recipients of an announcement are in the log as soon as it is accepted.
     pub async fn queue_messages(&self, messages: &[NewMessage<'_>]) -> Result<(), StoreError> {
         let rows: Vec<MessageColumns> = messages.iter().map(NewMessage::columns).collect();
-        log::queue_batch(&self.client().await?, &rows).await
+        on_connection!(self, |client| log::queue_batch(&client, &rows).await)
     }
 
     /// Writes a `suppressed` row with `reason` for each message (left alone where the row
@@ -121,7 +121,13 @@ impl Store {
         reason: &str,
     ) -> Result<(), StoreError> {
         let rows: Vec<MessageColumns> = messages.iter().map(NewMessage::columns).collect();
-        log::suppress_batch(&self.client().await?, &rows, reason, self.keep_body).await
+        on_connection!(self, |client| log::suppress_batch(
+            &client,
+            &rows,
+            reason,
+            self.keep_body
+        )
+        .await)
     }
 
     /// Records a message that ends without a provider call (suppressed, expired, refused),
@@ -140,10 +146,14 @@ impl Store {
         };
         match &self.recorder {
             Some(recorder) => recorder.write(|reply| Op::Record(row, reply)).await,
-            None => log::record_batch(&self.client().await?, &[row], self.keep_body)
-                .await?
-                .pop()
-                .ok_or_else(|| StoreError::Corrupt("no answer".into())),
+            None => on_connection!(self, |client| log::record_batch(
+                &client,
+                &[row],
+                self.keep_body
+            )
+            .await)?
+            .pop()
+            .ok_or_else(|| StoreError::Corrupt("no answer".into())),
         }
     }
 
@@ -169,8 +179,7 @@ impl Store {
         };
         match &self.recorder {
             Some(recorder) => recorder.write(|reply| Op::Claim(row, reply)).await,
-            None => log::claim_batch(&self.client().await?, &[row])
-                .await?
+            None => on_connection!(self, |client| log::claim_batch(&client, &[row]).await)?
                 .pop()
                 .ok_or_else(|| StoreError::Corrupt("no answer".into())),
         }
@@ -198,7 +207,12 @@ impl Store {
         };
         match &self.recorder {
             Some(recorder) => recorder.write(|reply| Op::Finish(row, reply)).await,
-            None => log::finish_batch(&self.client().await?, &[row], self.keep_body).await,
+            None => on_connection!(self, |client| log::finish_batch(
+                &client,
+                &[row],
+                self.keep_body
+            )
+            .await),
         }
     }
 
@@ -229,7 +243,6 @@ impl Store {
     ) -> Result<(), StoreError> {
         let provider_message_id = storable(provider_message_id);
         let provider_message_id = provider_message_id.as_str();
-        let client = self.client().await?;
         static ADOPT: LazyLock<String> = LazyLock::new(|| {
             format!(
                 "WITH attempt AS (
@@ -252,14 +265,16 @@ impl Store {
                 keep = keeps_body("$4", "type"),
             )
         });
-        let adopt = prepared(&client, &ADOPT).await?;
-        client
-            .execute(
-                &adopt,
-                &[&id, &attempt, &provider_message_id, &self.keep_body],
-            )
-            .await?;
-        apply_pending_receipts(&client, &[provider_message_id]).await
+        on_connection!(self, |client| {
+            let adopt = prepared(&client, &ADOPT).await?;
+            client
+                .execute(
+                    &adopt,
+                    &[&id, &attempt, &provider_message_id, &self.keep_body],
+                )
+                .await?;
+            apply_pending_receipts(&client, &[provider_message_id]).await
+        })
     }
 
     /// Whether the provider's message `provider_message_id` is recorded on an attempt of a

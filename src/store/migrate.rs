@@ -29,7 +29,11 @@
 //! before it applied; each of its statements ends with a `;` at the end of a line.
 //!
 //! Migrations run without the pool's statement timeout: one on a big table may take
-//! minutes, and cut off half-way it would have to start over.
+//! minutes, and cut off half-way it would have to start over. They do wait for their locks
+//! a bounded time (`SMSGW_MIGRATE_LOCK_TIMEOUT`, PostgreSQL's `lock_timeout`): an `ALTER`
+//! queued behind a long reader would queue every statement on its table behind it, so it
+//! gives up, rolls back and tries again a little later; after [`LOCK_TRIES`] the
+//! migration stops, naming the oldest open transactions, the likely blockers.
 
 use std::time::{Duration, Instant};
 
@@ -51,6 +55,10 @@ pub(crate) struct Migration {
 const NO_TRANSACTION: &str = "-- smsgw:no-transaction";
 /// Pause between two tries for the migrators' lock.
 const LOCK_POLL: Duration = Duration::from_millis(200);
+/// Tries of a migration that waited too long for a table's lock.
+const LOCK_TRIES: u32 = 3;
+/// Pause between two such tries, for the traffic queued behind the last one.
+const LOCK_PAUSE: Duration = Duration::from_secs(1);
 
 impl Migration {
     fn in_transaction(&self) -> bool {
@@ -102,6 +110,7 @@ pub(crate) static MIGRATIONS: &[Migration] = &[
     migration!(20261204000007, "shared_rates"),
     migration!(20261207000001, "replies"),
     migration!(20261207000010, "guards"),
+    migration!(20261208000001, "rate_clock_steps"),
     migration!(20261208000200, "encoding"),
     migration!(20261208000201, "sender_number"),
     migration!(20261208000300, "withdrawals"),
@@ -122,14 +131,19 @@ const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS _sqlx_migrations (
 
 /// Applies what is missing, on `client`, a connection of its own: the advisory lock is
 /// the session's, so it goes with the connection whatever happens here.
-pub(crate) async fn run(client: &mut Client) -> Result<(), StoreError> {
+pub(crate) async fn run(client: &mut Client, lock_timeout: Duration) -> Result<(), StoreError> {
     let database: String = client
         .query_one("SELECT current_database()", &[])
         .await?
         .try_get(0)?;
     // The pool's 15 s limit is for the daemon's statements; a migration of a big table
     // may take longer.
-    client.batch_execute("SET statement_timeout = 0").await?;
+    client
+        .batch_execute(&format!(
+            "SET statement_timeout = 0; SET lock_timeout = {}",
+            lock_timeout.as_millis().max(1)
+        ))
+        .await?;
     lock(client, lock_key(&database)).await?;
     client.batch_execute(CREATE_TABLE).await?;
     let applied = applied(client).await?;
@@ -143,7 +157,7 @@ pub(crate) async fn run(client: &mut Client) -> Result<(), StoreError> {
     }
     for migration in MIGRATIONS {
         if !applied.known.contains(&migration.version) {
-            apply(client, migration).await?;
+            apply_when_locks_allow(client, migration, lock_timeout).await?;
         }
     }
     client
@@ -247,10 +261,73 @@ fn check_applied(migrations: &[Migration], recorded: &[Recorded]) -> Result<Appl
     Ok(applied)
 }
 
+/// Applies `migration`, trying again when it waited `lock_timeout` for a lock.
+async fn apply_when_locks_allow(
+    client: &mut Client,
+    migration: &Migration,
+    lock_timeout: Duration,
+) -> Result<(), StoreError> {
+    for tries in 1.. {
+        match apply(client, migration).await {
+            Err(e) if waited_for_lock(&e) && tries < LOCK_TRIES => {
+                tracing::warn!(
+                    version = migration.version,
+                    name = migration.name,
+                    "a migration waited too long for a table's lock; trying again"
+                );
+                tokio::time::sleep(LOCK_PAUSE).await;
+            }
+            Err(e) if waited_for_lock(&e) => {
+                return Err(StoreError::Migrate(format!(
+                    "{} {}: waited {} for a lock {LOCK_TRIES} times; the oldest open \
+                     transactions, the likely blockers: {}. End them or let them finish, \
+                     then migrate again",
+                    migration.version,
+                    migration.name,
+                    humantime::format_duration(lock_timeout),
+                    open_transactions(client).await
+                )));
+            }
+            other => return other,
+        }
+    }
+    Ok(())
+}
+
+fn waited_for_lock(e: &StoreError) -> bool {
+    e.server_error()
+        .is_some_and(|db| db.code() == &tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE)
+}
+
+/// The other sessions' open transactions on this database, oldest first: who they are,
+/// never what they run (a statement may hold a number).
+async fn open_transactions(client: &Client) -> String {
+    const OLDEST: &str = "SELECT format('pid %s (%s, user %s, %s for %s s)', pid,
+                                 COALESCE(NULLIF(application_name, ''), 'no application name'),
+                                 COALESCE(usename, '?'), COALESCE(state, '?'),
+                                 extract(epoch FROM now() - xact_start)::bigint)
+                            FROM pg_stat_activity
+                           WHERE datname = current_database() AND pid <> pg_backend_pid()
+                             AND xact_start IS NOT NULL
+                           ORDER BY xact_start LIMIT 3";
+    match client.query(OLDEST, &[]).await {
+        Ok(rows) if !rows.is_empty() => rows
+            .iter()
+            .filter_map(|row| row.try_get::<_, String>(0).ok())
+            .collect::<Vec<_>>()
+            .join("; "),
+        Ok(_) => "none left open".to_owned(),
+        Err(e) => format!("unknown ({})", super::describe(&e)),
+    }
+}
+
 /// One migration and its record: in one transaction, or one statement after the other.
 async fn apply(client: &mut Client, migration: &Migration) -> Result<(), StoreError> {
     let started = Instant::now();
     let failed = |e: tokio_postgres::Error| {
+        if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) {
+            return StoreError::Database(e);
+        }
         StoreError::Migrate(format!(
             "{} {}: {}",
             migration.version,

@@ -32,6 +32,21 @@ use std::{
 use deadpool_postgres::{Pool, PoolError};
 use tokio_postgres::{Row, types::ToSql};
 
+/// Runs `$work`, statements on `$client` (a connection from `$store`'s pool), within the
+/// time limit of one call. A connection whose work ran out of time is closed, not
+/// returned to the pool, and the pool starts over: its idle connections went through
+/// the same silent link.
+macro_rules! on_connection {
+    ($store:expr, |$client:ident| $work:expr) => {{
+        let $client = $store.client().await?;
+        let result = $crate::store::connect::within($store.call_limit(), async { $work }).await;
+        if matches!(result, Err(StoreError::Timeout(_))) {
+            $store.replace_pool();
+        }
+        $crate::store::connect::settle($client, result)
+    }};
+}
+
 mod connect;
 mod guards;
 mod inbox;
@@ -51,6 +66,10 @@ mod vocabulary;
 mod withdrawals;
 
 use connect::{Connector, quote_identifier};
+/// `SMSGW_DATABASE_TIMEOUT`'s default.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
+/// `SMSGW_MIGRATE_LOCK_TIMEOUT`'s default.
+pub const DEFAULT_MIGRATE_LOCK_TIMEOUT: Duration = Duration::from_secs(10);
 pub use guards::{Admission, BudgetUse, GuardBudget, GuardCheck, GuardRefusal, UnreadableGuard};
 pub use inbox::{InboxCopy, InboxFilter, InboxMessage};
 pub use lookups::{MessageSearch, UsageCount};
@@ -168,19 +187,21 @@ impl Store {
     /// Connects a pool of at most `max_connections`, and opens one connection at once so
     /// that a wrong URL or an unreachable server is reported here. Taking a connection
     /// from the pool waits about 5 s at most (for a free one, or for the server to answer
-    /// again); each statement may run 15 s on the server.
+    /// again); each statement may run [`DEFAULT_TIMEOUT`] on the server.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
-        Self::connect_with_events(url, max_connections, true).await
+        Self::connect_with_events(url, max_connections, true, DEFAULT_TIMEOUT).await
     }
 
     /// As [`Store::connect`]; with `events` false, the status changes made through this
-    /// store write no status events (`SMSGW_EVENTS=off`).
+    /// store write no status events (`SMSGW_EVENTS=off`). `timeout` bounds every call
+    /// (`SMSGW_DATABASE_TIMEOUT`: see `docs/operations.md`).
     pub async fn connect_with_events(
         url: &str,
         max_connections: u32,
         events: bool,
+        timeout: Duration,
     ) -> Result<Self, StoreError> {
-        let mut connector = Connector::from_url(url)?;
+        let mut connector = Connector::from_url(url, timeout)?;
         if !events {
             connector = connector.without_events();
         }
@@ -203,7 +224,8 @@ impl Store {
     /// (group commit). Call once the body policy is set.
     pub fn with_recorder(mut self) -> Self {
         let store = self.clone();
-        self.recorder = Some(Recorder::start(move || store.pool(), self.keep_body));
+        let limit = self.call_limit();
+        self.recorder = Some(Recorder::start(move || store.pool(), self.keep_body, limit));
         self
     }
 
@@ -253,28 +275,43 @@ impl Store {
         self
     }
 
+    /// How long the daemon waits for one call's statements before it gives up on them
+    /// and on their connection.
+    pub fn call_limit(&self) -> Duration {
+        self.pools.connector.bounds.call()
+    }
+
+    /// How long one operation may take at most: waiting for a connection, then its
+    /// statements.
+    pub fn operation_limit(&self) -> Duration {
+        self.pools.connector.bounds.operation()
+    }
+
     /// A connection from the current pool.
     async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
         connect::acquire(&self.pool()).await
     }
 
     async fn rows(&self, sql: &str, params: &Params<'_>) -> Result<Vec<Row>, StoreError> {
-        let client = self.client().await?;
-        let statement = prepared(&client, sql).await?;
-        Ok(client.query(&statement, params).await?)
+        on_connection!(self, |client| {
+            let statement = prepared(&client, sql).await?;
+            Ok(client.query(&statement, params).await?)
+        })
     }
 
     async fn row(&self, sql: &str, params: &Params<'_>) -> Result<Option<Row>, StoreError> {
-        let client = self.client().await?;
-        let statement = prepared(&client, sql).await?;
-        Ok(client.query_opt(&statement, params).await?)
+        on_connection!(self, |client| {
+            let statement = prepared(&client, sql).await?;
+            Ok(client.query_opt(&statement, params).await?)
+        })
     }
 
     /// Runs a statement; how many rows it changed.
     async fn execute(&self, sql: &str, params: &Params<'_>) -> Result<u64, StoreError> {
-        let client = self.client().await?;
-        let statement = prepared(&client, sql).await?;
-        Ok(client.execute(&statement, params).await?)
+        on_connection!(self, |client| {
+            let statement = prepared(&client, sql).await?;
+            Ok(client.execute(&statement, params).await?)
+        })
     }
 
     /// A connection of its own that hears the notifications of `channel`.
@@ -285,7 +322,7 @@ impl Store {
     /// Creates the database named in `url` if it does not exist yet (connected to the
     /// server's `postgres` database to do it); `true` when it created it.
     pub async fn create_database_if_missing(url: &str) -> Result<bool, StoreError> {
-        let connector = Connector::from_url(url)?;
+        let connector = Connector::from_url(url, DEFAULT_TIMEOUT)?;
         let name = connector
             .database()
             .ok_or_else(|| StoreError::Config("the database URL names no database".into()))?
@@ -314,8 +351,18 @@ impl Store {
     /// migrator holds a PostgreSQL advisory lock while it works, on a connection of its
     /// own so that the lock cannot outlive it in the pool.
     pub async fn migrate(&self) -> Result<(), StoreError> {
+        self.migrate_waiting_for_locks(DEFAULT_MIGRATE_LOCK_TIMEOUT)
+            .await
+    }
+
+    /// As [`Store::migrate`], each statement waiting at most `lock_timeout` for a
+    /// table's lock (`SMSGW_MIGRATE_LOCK_TIMEOUT`; see `migrate`).
+    pub async fn migrate_waiting_for_locks(
+        &self,
+        lock_timeout: Duration,
+    ) -> Result<(), StoreError> {
         let mut client = self.pools.connector.connect().await?;
-        migrate::run(&mut client).await
+        migrate::run(&mut client, lock_timeout).await
     }
 
     /// Version of the newest migration this build knows.
@@ -347,10 +394,9 @@ impl Store {
     }
 
     pub async fn ping(&self) -> bool {
-        match self.client().await {
-            Ok(client) => client.batch_execute("SELECT 1").await.is_ok(),
-            Err(_) => false,
-        }
+        let ping =
+            async { on_connection!(self, |client| Ok(client.batch_execute("SELECT 1").await?)) };
+        ping.await.is_ok()
     }
 
     /// Closes the pool: idle connections now, the others as they come back.

@@ -11,12 +11,17 @@
 //! confirm and its commit: then the next turn publishes those rows again, with the same
 //! `event_id`.
 
+use std::{
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
+
 use serde_json::Value;
 use time::OffsetDateTime;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
-use super::{Store, StoreError};
+use super::{Store, StoreError, connect::within};
 
 /// The advisory lock that makes relay turns take turns (any constant unique to smsgw).
 const RELAY_LOCK: i64 = 0x736d_7367_7700_0001;
@@ -36,6 +41,27 @@ pub enum OutboxEvent {
         routing_key: String,
         payload: Value,
     },
+}
+
+/// The turn's advisory lock, if no other relay holds it.
+async fn try_lock(turn: &deadpool_postgres::Transaction<'_>) -> Result<bool, StoreError> {
+    let lock = turn
+        .prepare_cached("SELECT pg_try_advisory_xact_lock($1)")
+        .await?;
+    Ok(turn.query_one(&lock, &[&RELAY_LOCK]).await?.try_get(0)?)
+}
+
+/// One step of a relay turn, within `limit`; `stuck` remembers that one ran out of time.
+async fn bounded<T>(
+    limit: Duration,
+    stuck: &AtomicBool,
+    step: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    let result = within(limit, step).await;
+    if matches!(result, Err(StoreError::Timeout(_))) {
+        stuck.store(true, Ordering::Relaxed);
+    }
+    result
 }
 
 /// Takes up to `limit` rows out with `statement`, in `id` order (RETURNING gives none).
@@ -109,15 +135,12 @@ impl StatusEvent {
 /// How far behind the relay is.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct OutboxBacklog {
-    /// Rows waiting (counted up to [`BACKLOG_COUNT_LIMIT`]).
+    /// Rows waiting, from the ids: those between the first and the last waiting, the ids
+    /// of rolled-back writes among them (a slight overestimate).
     pub events: i64,
     /// Age of the oldest, in seconds; 0 when none waits.
     pub oldest_seconds: f64,
 }
-
-/// Counting stops here, so that reading the backlog stays cheap however far behind the
-/// relay is.
-const BACKLOG_COUNT_LIMIT: i64 = 1_000_000;
 
 /// What a relay turn did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,44 +175,51 @@ impl Store {
         Fut: Future<Output = Result<(), E>>,
     {
         // Taken out and published in one transaction: if publishing fails, the turn
-        // rolls back and the rows are back for the next one.
+        // rolls back and the rows are back for the next one. Each statement is bounded,
+        // publishing is bounded by the broker, and the server ends the session (and its
+        // lock) if the daemon falls silent in between (`connect::Bounds`).
         let mut client = self.client().await?;
-        let turn = client.transaction().await.map_err(StoreError::from)?;
-        let lock = turn
-            .prepare_cached("SELECT pg_try_advisory_xact_lock($1)")
-            .await
-            .map_err(StoreError::from)?;
-        let ours: bool = turn
-            .query_one(&lock, &[&RELAY_LOCK])
-            .await
-            .and_then(|row| row.try_get(0))
-            .map_err(StoreError::from)?;
-        if !ours {
-            return Ok(RelayTurn::Busy);
+        let time = self.call_limit();
+        let stuck = AtomicBool::new(false);
+        let result = async {
+            let turn = bounded(time, &stuck, async { Ok(client.transaction().await?) }).await?;
+            if !bounded(time, &stuck, try_lock(&turn)).await? {
+                return Ok(RelayTurn::Busy);
+            }
+            let status = take(&turn, TAKE_STATUS, limit, |row| {
+                StatusEvent::from_row(row).map(OutboxEvent::Status)
+            });
+            let mut events = bounded(time, &stuck, status).await?;
+            let others = take(&turn, TAKE_PAYLOADS, limit, payload_event);
+            events.extend(bounded(time, &stuck, others).await?);
+            if events.is_empty() {
+                return Ok(RelayTurn::Relayed(0));
+            }
+            let taken = events.len();
+            publish(events).await?;
+            bounded(time, &stuck, async { Ok(turn.commit().await?) }).await?;
+            Ok(RelayTurn::Relayed(taken))
         }
-        let mut events = take(&turn, TAKE_STATUS, limit, |row| {
-            StatusEvent::from_row(row).map(OutboxEvent::Status)
-        })
-        .await?;
-        events.extend(take(&turn, TAKE_PAYLOADS, limit, payload_event).await?);
-        if events.is_empty() {
-            return Ok(RelayTurn::Relayed(0));
+        .await;
+        if stuck.load(Ordering::Relaxed) {
+            drop(deadpool_postgres::Client::take(client));
+            self.replace_pool();
         }
-        let taken = events.len();
-        publish(events).await?;
-        turn.commit().await.map_err(StoreError::from)?;
-        Ok(RelayTurn::Relayed(taken))
+        result
     }
 
-    /// How many events wait in the outbox, and for how long the oldest has.
+    /// How many events wait in the outbox, and for how long the oldest has. Read from
+    /// the ends of the tables' primary keys, so it costs the same with a million rows
+    /// waiting as with none (counting them would add load just when the relay is
+    /// behind).
     pub async fn outbox_backlog(&self) -> Result<OutboxBacklog, StoreError> {
-        const BACKLOG: &str = "SELECT (SELECT count(*) FROM (SELECT 1 FROM sms_events LIMIT $1) t)
-                  + (SELECT count(*) FROM (SELECT 1 FROM sms_outbox LIMIT $1) u),
+        const BACKLOG: &str = "SELECT COALESCE((SELECT max(id) - min(id) + 1 FROM sms_events), 0)
+                  + COALESCE((SELECT max(id) - min(id) + 1 FROM sms_outbox), 0),
                     COALESCE(extract(epoch FROM now() - LEAST(
                         (SELECT occurred_at FROM sms_events ORDER BY id LIMIT 1),
                         (SELECT occurred_at FROM sms_outbox ORDER BY id LIMIT 1))), 0)::float8";
         let row = self
-            .row(BACKLOG, &[&BACKLOG_COUNT_LIMIT])
+            .row(BACKLOG, &[])
             .await?
             .ok_or_else(|| StoreError::Corrupt("no backlog row".into()))?;
         Ok(OutboxBacklog {

@@ -20,6 +20,9 @@ pub struct LeaseStart {
     pub after: Duration,
     /// As a Unix time, in seconds.
     pub unix_seconds: f64,
+    /// A clock was far ahead of the database's time (a clock step) and started again
+    /// from now.
+    pub clock_stepped: bool,
 }
 
 impl Store {
@@ -30,7 +33,7 @@ impl Store {
         clocks: &[ClockSpacing],
         slots: u32,
     ) -> Result<LeaseStart, StoreError> {
-        const LEASE: &str = "SELECT starts_in, starts_at FROM sms_lease_slots($1, $2, $3)";
+        const LEASE: &str = "SELECT starts_in, starts_at, stepped FROM sms_lease_slots($1, $2, $3)";
         let names: Vec<&str> = clocks.iter().map(|c| c.name.as_str()).collect();
         let spacings: Vec<f64> = clocks.iter().map(|c| c.spacing.as_secs_f64()).collect();
         let slots = i32::try_from(slots.max(1)).unwrap_or(i32::MAX);
@@ -43,6 +46,7 @@ impl Store {
             // The function never answers a negative wait; read one as "now".
             after: Duration::try_from_secs_f64(after).unwrap_or(Duration::ZERO),
             unix_seconds: row.try_get(1)?,
+            clock_stepped: row.try_get(2)?,
         })
     }
 }

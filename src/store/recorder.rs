@@ -14,6 +14,7 @@ use uuid::Uuid;
 
 use super::{
     StoreError,
+    connect::{acquire, settle, within},
     log::{claim_batch, finish_batch, record_batch},
     vocabulary::{Claim, ClaimRow, FinishRow, MessageState, RecordRow},
 };
@@ -27,8 +28,6 @@ const CONCURRENT_BATCHES: usize = 2;
 const LINGER: Duration = Duration::from_millis(1);
 /// Below this many rows, a batch lingers.
 const SMALL_BATCH: usize = 32;
-/// Longest wait for one batch's statements.
-const BATCH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A write waiting for the recorder, and where its answer goes.
 pub(crate) enum Op {
@@ -60,9 +59,14 @@ pub(crate) struct Recorder {
 impl Recorder {
     /// Starts the recorder task writing through `pool()`. The task ends once every
     /// handle is dropped and the writes it holds are written.
-    pub(crate) fn start(pool: impl Fn() -> Pool + Send + Sync + 'static, keep_body: bool) -> Self {
+    /// `limit` bounds each batch's statements (see `connect::Bounds`).
+    pub(crate) fn start(
+        pool: impl Fn() -> Pool + Send + Sync + 'static,
+        keep_body: bool,
+        limit: Duration,
+    ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(collect(rx, Arc::new(pool), keep_body));
+        tokio::spawn(collect(rx, Arc::new(pool), keep_body, limit));
         Recorder { tx }
     }
 
@@ -89,7 +93,12 @@ type PoolSource = Arc<dyn Fn() -> Pool + Send + Sync>;
 
 /// Gathers the waiting writes into batches until the last handle is gone (the channel
 /// closes) and nothing is deferred.
-async fn collect(mut rx: mpsc::UnboundedReceiver<Op>, pool: PoolSource, keep_body: bool) {
+async fn collect(
+    mut rx: mpsc::UnboundedReceiver<Op>,
+    pool: PoolSource,
+    keep_body: bool,
+    limit: Duration,
+) {
     let permits = Arc::new(Semaphore::new(CONCURRENT_BATCHES));
     let mut later: Vec<Op> = Vec::new();
     loop {
@@ -126,7 +135,7 @@ async fn collect(mut rx: mpsc::UnboundedReceiver<Op>, pool: PoolSource, keep_bod
         later = deferred;
         let pool = pool.clone();
         tokio::spawn(async move {
-            write(&pool(), now, keep_body).await;
+            write(&pool(), now, keep_body, limit).await;
             drop(permit);
         });
     }
@@ -134,7 +143,7 @@ async fn collect(mut rx: mpsc::UnboundedReceiver<Op>, pool: PoolSource, keep_bod
 
 /// Writes one batch and answers every waiter. A failed statement is retried row by row,
 /// so that one bad row cannot hold up the others.
-async fn write(pool: &Pool, ops: Vec<Op>, keep_body: bool) {
+async fn write(pool: &Pool, ops: Vec<Op>, keep_body: bool, limit: Duration) {
     let mut claims = Vec::new();
     let mut finishes = Vec::new();
     let mut records = Vec::new();
@@ -150,14 +159,20 @@ async fn write(pool: &Pool, ops: Vec<Op>, keep_body: bool) {
     // its slowest statement, not the sum of them.
     tokio::join!(
         answer(claims, |rows| async move {
-            claim_batch(&super::connect::acquire(pool).await?, &rows).await
+            let client = acquire(pool).await?;
+            let result = within(limit, claim_batch(&client, &rows)).await;
+            settle(client, result)
         }),
         answer(finishes, |rows| async move {
-            finish_batch(&super::connect::acquire(pool).await?, &rows, keep_body).await?;
+            let client = acquire(pool).await?;
+            let result = within(limit, finish_batch(&client, &rows, keep_body)).await;
+            settle(client, result)?;
             Ok(vec![(); rows.len()])
         }),
         answer(records, |rows| async move {
-            record_batch(&super::connect::acquire(pool).await?, &rows, keep_body).await
+            let client = acquire(pool).await?;
+            let result = within(limit, record_batch(&client, &rows, keep_body)).await;
+            settle(client, result)
         }),
     );
 }
@@ -173,9 +188,8 @@ where
         return;
     }
     let (rows, replies): (Vec<R>, Vec<_>) = writes.into_iter().unzip();
-    let all = tokio::time::timeout(BATCH_TIMEOUT, run(rows.clone()))
-        .await
-        .unwrap_or(Err(StoreError::Timeout(BATCH_TIMEOUT)));
+    // `run` bounds its own statements (and closes a connection that ran out of time).
+    let all = run(rows.clone()).await;
     match all {
         Ok(answers) => {
             for (reply, answer) in replies.into_iter().zip(answers) {
@@ -185,14 +199,11 @@ where
         Err(e) if rows.len() > 1 && e.server_error().is_some() => {
             // The database refused the statement: find the row it refused.
             for (row, reply) in rows.into_iter().zip(replies) {
-                let one = tokio::time::timeout(BATCH_TIMEOUT, run(vec![row]))
-                    .await
-                    .unwrap_or(Err(StoreError::Timeout(BATCH_TIMEOUT)))
-                    .and_then(|mut answers| {
-                        answers
-                            .pop()
-                            .ok_or_else(|| StoreError::Corrupt("no answer".into()))
-                    });
+                let one = run(vec![row]).await.and_then(|mut answers| {
+                    answers
+                        .pop()
+                        .ok_or_else(|| StoreError::Corrupt("no answer".into()))
+                });
                 let _ = reply.send(one);
             }
         }
@@ -204,10 +215,13 @@ where
         }
         Err(e) => {
             let text = e.to_string();
-            let timeout = matches!(e, StoreError::Timeout(_));
+            let timeout = match e {
+                StoreError::Timeout(after) => Some(after),
+                _ => None,
+            };
             for reply in replies {
-                let _ = reply.send(Err(if timeout {
-                    StoreError::Timeout(BATCH_TIMEOUT)
+                let _ = reply.send(Err(if let Some(after) = timeout {
+                    StoreError::Timeout(after)
                 } else {
                     StoreError::Batch(text.clone())
                 }));

@@ -27,6 +27,12 @@ use crate::{
 /// How old a signed webhook may be (its `timestamp`), against replays.
 const MAX_AGE_SECONDS: i64 = 300;
 
+/// How long a Vonage webhook can be replayed and accepted: its timestamp may be up to
+/// [`MAX_AGE_SECONDS`] from our clock either way, so a copy of one received now is
+/// refused from twice that on. Its record is useless after.
+pub const REPLAY_WINDOW: std::time::Duration =
+    std::time::Duration::from_secs(2 * MAX_AGE_SECONDS as u64);
+
 type Params = BTreeMap<String, String>;
 
 /// A delivery receipt, read once its signature is checked. Its replay key is its
