@@ -104,6 +104,7 @@ pub(crate) static MIGRATIONS: &[Migration] = &[
     migration!(20261207000010, "guards"),
     migration!(20261208000300, "withdrawals"),
     migration!(20261208000301, "booking_lookup"),
+    migration!(20261208000302, "guard_outcomes"),
 ];
 
 const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS _sqlx_migrations (
