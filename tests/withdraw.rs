@@ -212,3 +212,31 @@ async fn a_cancelled_booking_is_forgotten_after_the_window() {
     assert_eq!(forgotten, 1);
     store.close().await;
 }
+
+/// A withdrawn message has its outcome: published again, it counts for no guard.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_withdrawn_message_counts_against_no_budget() {
+    let app = spawn_app().await;
+    let id = uuid::Uuid::new_v4();
+    app.db
+        .execute(
+            "INSERT INTO sms_messages (id, school_id, type, recipient, status, reason, segments)
+             VALUES ($1, $2, 'booking_reminder', $3, 'cancelled', 'booking_cancelled', 1)",
+            &[&id, &SCHOOL, &REMINDED],
+        )
+        .await;
+    let refused: Option<String> = app
+        .db
+        .scalar(
+            "SELECT sms_guard_admit(ARRAY[$1::uuid], ARRAY[$2::text], $3, 1, 10, false,
+                                    NULL, NULL, NULL)",
+            &[&id, &REMINDED, &SCHOOL],
+        )
+        .await;
+    assert_eq!(refused, None, "admitted: nothing to count");
+    let counted: i64 = app
+        .db
+        .scalar("SELECT count(*) FROM sms_guard_reservations", &[])
+        .await;
+    assert_eq!(counted, 0);
+}

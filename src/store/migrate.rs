@@ -115,6 +115,7 @@ pub(crate) static MIGRATIONS: &[Migration] = &[
     migration!(20261208000201, "sender_number"),
     migration!(20261208000300, "withdrawals"),
     migration!(20261208000301, "booking_lookup"),
+    migration!(20261208000302, "guard_outcomes"),
     migration!(20261208000400, "receipt_timeout"),
     migration!(20261208000401, "receipt_timeout_index"),
     migration!(20261208000402, "guard_plans"),
