@@ -103,7 +103,7 @@ pub(crate) static MIGRATIONS: &[Migration] = &[
     migration!(20261207000001, "replies"),
     migration!(20261207000010, "guards"),
     migration!(20261208000200, "encoding"),
-    migration!(20261208000210, "sender_number"),
+    migration!(20261208000201, "sender_number"),
 ];
 
 const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS _sqlx_migrations (
