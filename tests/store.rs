@@ -185,8 +185,10 @@ async fn a_schema_a_later_version_migrated_is_accepted_but_another_history_is_no
         "{said}"
     );
 
-    // An unknown migration among the build's own: another branch applied it.
-    let between = Store::latest_migration() - 1;
+    // An unknown migration among the build's own: another branch applied it. A day
+    // before the newest (in the timestamp's digits), where none of ours is: the newest two
+    // may be one apart.
+    let between = Store::latest_migration() - 1_000_000;
     db.execute(
         "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
          VALUES ($1, 'elsewhere', TRUE, '\\x00', 1)",
