@@ -64,6 +64,20 @@ enum Command {
     /// Replies (inbound texts that are not STOP/START keywords), newest first, with the
     /// message each answers.
     Replies(RepliesArgs),
+    /// A person's right to erasure: removes the bodies of their messages and replies and
+    /// their inbox copies, masks their number in the log (keeping what billing needs),
+    /// and keeps their opt-out. Without --yes it only says what it would do.
+    Erase(EraseArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct EraseArgs {
+    /// Their number (E.164, +447700900123).
+    #[arg(long, value_name = "NUMBER")]
+    to: String,
+    /// Erase; without it, nothing is changed.
+    #[arg(long)]
+    yes: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -264,7 +278,8 @@ pub fn main() -> ExitCode {
         | Command::Dlq { .. }
         | Command::Status(_)
         | Command::Usage(_)
-        | Command::Replies(_) => Settings::from_env_for_tools(),
+        | Command::Replies(_)
+        | Command::Erase(_) => Settings::from_env_for_tools(),
     };
     let settings = match settings {
         Ok(settings) => settings,
@@ -284,6 +299,7 @@ pub fn main() -> ExitCode {
             Command::Status(args) => status(&settings, args).await,
             Command::Usage(args) => usage(&settings, args).await,
             Command::Replies(args) => replies(&settings, args).await,
+            Command::Erase(args) => erase(&settings, args).await,
         }
     })
 }
@@ -335,6 +351,17 @@ async fn status(settings: &Settings, args: StatusArgs) -> ExitCode {
         reveal: args.reveal,
     };
     crate::ops::find_messages(settings, &lookup).await
+}
+
+async fn erase(settings: &Settings, args: EraseArgs) -> ExitCode {
+    // Parsed here rather than by clap, whose message would repeat the number in full.
+    match PhoneNumber::parse(&args.to, None) {
+        Ok(number) => crate::ops::erase(settings, &number, args.yes).await,
+        Err(e) => refuse(
+            "erase",
+            format!("invalid value for '--to <NUMBER>': {e} (E.164: +447700900123)"),
+        ),
+    }
 }
 
 async fn replies(settings: &Settings, args: RepliesArgs) -> ExitCode {

@@ -468,3 +468,84 @@ async fn retention_purges_reply_bodies_with_the_others() {
         .await;
     assert_eq!(kept.as_deref(), Some("new reply"));
 }
+
+/// What the log holds of `number`: messages to it, replies from it.
+async fn kept_of(app: &App, number: &str) -> (i64, i64) {
+    let messages = app
+        .db
+        .scalar(
+            "SELECT count(*) FROM sms_messages WHERE recipient = $1",
+            &[&number],
+        )
+        .await;
+    let replies = app
+        .db
+        .scalar(
+            "SELECT count(*) FROM sms_replies WHERE from_number = $1",
+            &[&number],
+        )
+        .await;
+    (messages, replies)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn erase_removes_a_persons_texts_and_number_and_keeps_their_opt_out() {
+    let app = app_with(&[]).await;
+    let other = "+447700900456";
+    let theirs = [reminder(&app, STUDENT).await, reminder(&app, STUDENT).await];
+    let kept = reminder(&app, other).await;
+    app.post_twilio_inbound(PUBLIC, STUDENT, "Running late", &sid())
+        .await;
+    app.post_twilio_inbound(PUBLIC, STUDENT, "STOP", &sid())
+        .await;
+
+    // Without --yes: what it would do, and nothing changed.
+    let preview = app.run_cli(&["erase", "--to", STUDENT]);
+    let said = String::from_utf8_lossy(&preview.stdout);
+    assert!(preview.status.success(), "{said}");
+    assert!(
+        said.contains("messages: 2") && said.contains("replies: 1"),
+        "{said}"
+    );
+    assert!(
+        said.contains("nothing changed") && !said.contains(STUDENT),
+        "{said}"
+    );
+    assert_eq!(kept_of(&app, STUDENT).await, (2, 1));
+
+    let erased = app.run_cli(&["erase", "--to", STUDENT, "--yes"]);
+    let said = String::from_utf8_lossy(&erased.stdout);
+    assert!(erased.status.success(), "{said}");
+    assert!(said.contains("opt-outs: 1 (kept"), "{said}");
+    assert_eq!(
+        kept_of(&app, STUDENT).await,
+        (0, 0),
+        "no trace of the number"
+    );
+    for id in theirs {
+        let row = app.message(id).await.expect("the row stays for billing");
+        assert_eq!(
+            (row.status.as_str(), row.recipient.as_str()),
+            ("sent", "+44*******123")
+        );
+    }
+    let bodies: i64 = app
+        .db
+        .scalar(
+            "SELECT count(body) FROM sms_messages WHERE id = ANY($1)",
+            &[&theirs.to_vec()],
+        )
+        .await;
+    assert_eq!(bodies, 0);
+    let reply_bodies: i64 = app
+        .db
+        .scalar("SELECT count(body) FROM sms_replies", &[])
+        .await;
+    assert_eq!(reply_bodies, 0);
+    assert!(opted_out(&app, STUDENT).await, "never texted again");
+    let other_row = app.message(kept).await.expect("row");
+    assert_eq!(
+        other_row.recipient, other,
+        "someone else's log is untouched"
+    );
+}

@@ -10,6 +10,7 @@
 mod args;
 mod check;
 mod dlq;
+mod erase;
 mod recipients;
 mod replies;
 mod status;
@@ -23,6 +24,7 @@ pub use self::{
     args::{ContextMatch, ContextMatchError, NumberQuery, parse_instant, parse_since},
     check::check,
     dlq::{DeadFilter, dlq_list, dlq_purge, dlq_replay, dlq_show},
+    erase::erase,
     recipients::{RecipientsError, parse_recipients},
     replies::{ReplyLookup, list_replies},
     status::{Lookup, find_messages, print_log},

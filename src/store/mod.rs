@@ -48,6 +48,7 @@ macro_rules! on_connection {
 }
 
 mod connect;
+mod erasure;
 mod guards;
 mod inbox;
 mod log;
@@ -66,6 +67,7 @@ mod vocabulary;
 mod withdrawals;
 
 use connect::{Connector, quote_identifier};
+pub use erasure::Erasure;
 /// `SMSGW_DATABASE_TIMEOUT`'s default.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
 /// `SMSGW_MIGRATE_LOCK_TIMEOUT`'s default.
