@@ -498,6 +498,16 @@ async fn a_reply_typed_into_the_page_shows_in_its_conversation() {
 
     let mut page = browser::Browser::open(&chromium, &format!("{}/inbox", app.http_url)).await;
     page.wait_for_text("Lesson at 10:00").await;
+    // The text is in the page before its script runs; a box submitted before the script
+    // took it would submit natively, and no reply would be posted.
+    let deadline = Instant::now() + PATIENCE;
+    while page.eval("document.readyState").await != "complete" {
+        assert!(
+            Instant::now() < deadline,
+            "the inbox page never finished loading"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let typed = page
         .eval(
             "(function () { var form = document.querySelector('.reply-box'); \

@@ -1229,8 +1229,8 @@ async fn usage_counts_what_was_created_from_the_first_day_up_to_the_last_one_exc
     assert_eq!(
         lines[1..],
         [
-            "7,3,6,0,0,1,2,1,2,0,0,0,0,0,0,1,2,2,4",
-            "8,1,2,0,0,0,0,0,0,1,2,0,0,0,0,0,0,0,0",
+            "7,3,6,0,0,1,2,1,2,0,0,0,0,0,0,0,0,1,2,2,4",
+            "8,1,2,0,0,0,0,0,0,1,2,0,0,0,0,0,0,0,0,0,0",
         ],
         "the first instant counts, the last one does not"
     );

@@ -115,9 +115,11 @@ async fn an_unknown_timezone_holds_nothing_back_and_check_lists_it() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_login_code_retried_past_its_default_expiry_ends_expired_without_a_call() {
+    // Time enough for the first call (a provider takes no validity under a second),
+    // none for the retry.
     let app = spawn_app_with(&[
-        ("SMSGW_DEFAULT_EXPIRY", "login_code=1s"),
-        ("SMSGW_RETRY_DELAYS", "2s"),
+        ("SMSGW_DEFAULT_EXPIRY", "login_code=3s"),
+        ("SMSGW_RETRY_DELAYS", "4s"),
     ])
     .await;
     app.add_school(SCHOOL, "GB").await;
