@@ -11,8 +11,10 @@ COPY benches benches
 COPY .cargo .cargo
 COPY src src
 COPY schema schema
-# The inbox page's template, compiled into the binary.
+# The inbox page's template and the countries that refuse alphanumeric senders,
+# compiled into the binary.
 COPY templates templates
+COPY data data
 # The image's build has no .git (.dockerignore): the commit comes as a build argument,
 #   docker build --build-arg SMSGW_COMMIT=$(git rev-parse --short HEAD) .
 # and `smsgw --version` says "unknown" without it.
