@@ -327,18 +327,8 @@ impl Settings {
                 get("SMSGW_DATABASE_URL")
                     .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/smsgw".to_owned()),
             ),
-            database_timeout: bounded_duration(
-                &get,
-                "SMSGW_DATABASE_TIMEOUT",
-                "15s",
-                (Duration::from_secs(1), Duration::from_secs(3_600)),
-            )?,
-            migrate_lock_timeout: bounded_duration(
-                &get,
-                "SMSGW_MIGRATE_LOCK_TIMEOUT",
-                "10s",
-                (Duration::from_millis(100), Duration::from_secs(3_600)),
-            )?,
+            database_timeout: database_timeout(&get)?,
+            migrate_lock_timeout: migrate_lock_timeout(&get)?,
             http_addr: parsed(&get, "SMSGW_HTTP_ADDR", "127.0.0.1:9464")?,
             http_limits: http_limits(&get)?,
             inbox_hosts: network::inbox_hosts(get("SMSGW_INBOX_HOSTS").as_deref())?,
@@ -363,13 +353,7 @@ impl Settings {
             circuit_threshold: number(&get, "SMSGW_CIRCUIT_THRESHOLD", 5, 1, 10_000)?,
             circuit_cooldown: duration(&get, "SMSGW_CIRCUIT_COOLDOWN", "30s")?,
             fanout_chunk: number(&get, "SMSGW_FANOUT_CHUNK", 1_000, 1, 50_000)?,
-            max_job_bytes: number(
-                &get,
-                "SMSGW_MAX_JOB_BYTES",
-                DEFAULT_MAX_JOB_BYTES,
-                64 * 1024,
-                128 * 1024 * 1024,
-            )?,
+            max_job_bytes: max_job_bytes(&get)?,
             fanout_concurrency: number(&get, "SMSGW_FANOUT_CONCURRENCY", 2, 1, 64)?,
             provider_concurrency: number(&get, "SMSGW_PROVIDER_CONCURRENCY", 512, 1, 10_000)?,
             resend_unknown: resend_unknown(&get)?,
@@ -831,6 +815,30 @@ where
         return Err(bad(variable, format!("must be between {min} and {max}")));
     }
     Ok(value)
+}
+
+/// Every database call's bound (`SMSGW_DATABASE_TIMEOUT`).
+fn database_timeout(get: &impl Fn(&str) -> Option<String>) -> Result<Duration, ConfigError> {
+    let range = (Duration::from_secs(1), Duration::from_secs(3_600));
+    bounded_duration(get, "SMSGW_DATABASE_TIMEOUT", "15s", range)
+}
+
+/// A migration's wait for a table's lock (`SMSGW_MIGRATE_LOCK_TIMEOUT`).
+fn migrate_lock_timeout(get: &impl Fn(&str) -> Option<String>) -> Result<Duration, ConfigError> {
+    let range = (Duration::from_millis(100), Duration::from_secs(3_600));
+    bounded_duration(get, "SMSGW_MIGRATE_LOCK_TIMEOUT", "10s", range)
+}
+
+/// The largest job accepted (`SMSGW_MAX_JOB_BYTES`).
+fn max_job_bytes(get: &impl Fn(&str) -> Option<String>) -> Result<usize, ConfigError> {
+    let (least, most) = (64 * 1024, 128 * 1024 * 1024);
+    number(
+        get,
+        "SMSGW_MAX_JOB_BYTES",
+        DEFAULT_MAX_JOB_BYTES,
+        least,
+        most,
+    )
 }
 
 fn duration(
