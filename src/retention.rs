@@ -154,13 +154,13 @@ async fn forget_webhooks(
     let window = REPLAY_WINDOW.min(settings.log_retention);
     let signed = in_batches(
         stop,
-        || store.forget_signed_webhooks("vonage", window, BATCH),
+        || store.forget_webhooks(Some("vonage"), window, BATCH),
         |_| {},
     )
     .await?;
     let rest = in_batches(
         stop,
-        || store.forget_webhooks(settings.log_retention, BATCH),
+        || store.forget_webhooks(None, settings.log_retention, BATCH),
         |_| {},
     )
     .await?;

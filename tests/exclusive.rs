@@ -159,15 +159,7 @@ async fn postgres_stopped_for_10_s_nothing_is_lost_or_sent_unrecorded() {
         started.elapsed(),
     );
     assert_eq!((lost, duplicates), (0, 0));
-    let attempts: i64 = app
-        .db
-        .scalar("SELECT count(*) FROM sms_attempts", &[])
-        .await;
-    assert_eq!(
-        attempts as usize,
-        app.stub.requests().len(),
-        "no call without its record"
-    );
+    app.assert_every_call_recorded().await;
     assert!(
         calls_during <= 200,
         "{calls_during} calls while the database was down"

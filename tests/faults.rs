@@ -445,14 +445,6 @@ async fn a_database_that_stops_answering_is_given_up_on_and_retried() {
         started.elapsed(),
     );
     assert_eq!((lost, duplicates), (0, 0));
-    let attempts: i64 = app
-        .db
-        .scalar("SELECT count(*) FROM sms_attempts", &[])
-        .await;
-    assert_eq!(
-        attempts as usize,
-        app.stub.requests().len(),
-        "no call without its record"
-    );
+    app.assert_every_call_recorded().await;
     proxy.cut();
 }

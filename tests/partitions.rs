@@ -76,14 +76,6 @@ async fn a_database_link_gone_silent_is_replaced_and_nothing_is_lost() {
     );
     println!("events published again: {copies}");
     assert_eq!((lost, duplicates), (0, 0), "lost, texted twice");
-    let attempts: i64 = app
-        .db
-        .scalar("SELECT count(*) FROM sms_attempts", &[])
-        .await;
-    assert_eq!(
-        attempts as usize,
-        app.stub.requests().len(),
-        "no call without its record"
-    );
+    app.assert_every_call_recorded().await;
     proxy.cut();
 }

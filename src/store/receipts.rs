@@ -260,27 +260,6 @@ impl Store {
         Ok(())
     }
 
-    /// Deletes at most `batch` records of `provider`'s applied webhooks older than
-    /// `older_than`; returns how many. For a provider whose every webhook is signed with
-    /// a time, a record outlives the window in which a replay would be accepted by no
-    /// use.
-    pub async fn forget_signed_webhooks(
-        &self,
-        provider: &str,
-        older_than: Duration,
-        batch: i64,
-    ) -> Result<u64, StoreError> {
-        self.execute(
-            "DELETE FROM sms_webhooks_seen
-              WHERE (provider, webhook_id) IN (
-                    SELECT provider, webhook_id FROM sms_webhooks_seen
-                     WHERE received_at < now() - make_interval(secs => $1) AND provider = $3
-                     LIMIT $2)",
-            &[&older_than.as_secs_f64(), &batch, &provider],
-        )
-        .await
-    }
-
     /// Deletes at most `batch` of the oldest receipts, those received before
     /// `older_than`; returns how many. Receipts are numbered as they come, so the oldest
     /// are the first by id: only the head of the table is read, however long it is.
@@ -299,10 +278,13 @@ impl Store {
         .await
     }
 
-    /// Deletes at most `batch` records of applied webhooks older than `older_than`;
-    /// returns how many.
+    /// Deletes at most `batch` records of applied webhooks older than `older_than`, of
+    /// `provider` only when given; returns how many. For a provider whose every webhook is
+    /// signed with a time, a record outlives the window in which a replay would be
+    /// accepted by no use.
     pub async fn forget_webhooks(
         &self,
+        provider: Option<&str>,
         older_than: Duration,
         batch: i64,
     ) -> Result<u64, StoreError> {
@@ -311,8 +293,9 @@ impl Store {
               WHERE (provider, webhook_id) IN (
                     SELECT provider, webhook_id FROM sms_webhooks_seen
                      WHERE received_at < now() - make_interval(secs => $1)
+                       AND ($3::text IS NULL OR provider = $3)
                      LIMIT $2)",
-            &[&older_than.as_secs_f64(), &batch],
+            &[&older_than.as_secs_f64(), &batch, &provider],
         )
         .await
     }

@@ -821,6 +821,19 @@ impl App {
     }
 
     /// Waits until every job in `ids` reached `status`; returns how many never did.
+    /// Every call the stub took has its attempt row: nothing was sent unrecorded.
+    pub async fn assert_every_call_recorded(&self) {
+        let attempts: i64 = self
+            .db
+            .scalar("SELECT count(*) FROM sms_attempts", &[])
+            .await;
+        assert_eq!(
+            attempts as usize,
+            self.stub.requests().len(),
+            "no call without its record"
+        );
+    }
+
     pub async fn wait_all(&self, ids: &[Uuid], status: &str, patience: Duration) -> usize {
         let deadline = Instant::now() + patience;
         loop {
