@@ -499,6 +499,11 @@ async fn erase_removes_a_persons_texts_and_number_and_keeps_their_opt_out() {
     app.post_twilio_inbound(PUBLIC, STUDENT, "STOP", &sid())
         .await;
 
+    // A number that is not one: refused (exit 2) without echoing it.
+    let refused = app.run_cli(&["erase", "--to", "07700 90012x", "--yes"]);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(!String::from_utf8_lossy(&refused.stderr).contains("90012x"));
+
     // Without --yes: what it would do, and nothing changed.
     let preview = app.run_cli(&["erase", "--to", STUDENT]);
     let said = String::from_utf8_lossy(&preview.stdout);
