@@ -4,8 +4,8 @@
 //!
 //! Knobs (environment): `BENCH_JOBS` (default 100000), `BENCH_LATENCIES` (provider latency
 //! in ms, default `0,100`), `BENCH_SCENARIOS` (`0` skips them), `BENCH_RECIPIENTS` (of the
-//! big announcement, default 50000), `BENCH_GUARDS` (`0` skips the run with every guard
-//! configured).
+//! big announcement, default 50000), `BENCH_VARIANTS` (the runs beside the defaults at the
+//! first latency, default `events-off,guards`; see [`Variant::named`]).
 
 #[path = "../tests/helpers/mod.rs"]
 mod helpers;
@@ -334,17 +334,32 @@ async fn opt_out_every_50th(app: &helpers::App, count: usize) {
         .await;
 }
 
-fn single_jobs(from: usize, count: usize, tag: &str) -> Vec<Value> {
+/// Plain ASCII, as the web app's templates mostly are.
+const PLAIN: &str = "driving lesson tomorrow 10:00 with Sam.";
+/// With the look-alikes a template pasted from a word processor has: GSM-7 once smart
+/// encoding replaces them, UCS-2 as written.
+const LOOKALIKES: &str =
+    "you\u{2019}re booked \u{2013} driving lesson tomorrow 10:00 with Sam\u{2026}";
+
+fn single_jobs(from: usize, count: usize, tag: &str, variant: Variant) -> Vec<Value> {
+    let text = if variant.lookalikes {
+        LOOKALIKES
+    } else {
+        PLAIN
+    };
     (from..from + count)
         .map(|i| {
-            json!({
+            let mut job = json!({
                 "id": Uuid::new_v4(),
                 "type": kind_for(i),
                 "school_id": (i % 20) + 1,
                 "to": number(i),
-                "body": format!("{tag}: driving lesson tomorrow 10:00 with Sam."),
-                "context": {"booking_id": i},
-            })
+                "body": format!("{tag}: {text}"),
+            });
+            if variant.bookings {
+                job["context"] = json!({"booking_id": i});
+            }
+            job
         })
         .collect()
 }
@@ -496,10 +511,64 @@ fn keep_up_with_events(amqp_url: &str, stop: CancellationToken) -> tokio::task::
 /// What a run turns on besides the defaults.
 #[derive(Clone, Copy)]
 struct Variant {
+    name: &'static str,
     events: bool,
     /// Every school with a monthly budget and a country list, and an international cap:
     /// every guard on the hot path, none of them refusing (the budgets are never reached).
     guards: bool,
+    /// Texts with look-alikes (`’`, `–`, `…`), and every school with an alphanumeric sender
+    /// and a number, so each call chooses between them.
+    lookalikes: bool,
+    /// `SMSGW_SMART_ENCODING`.
+    smart_encoding: bool,
+    /// Every job's context has a `booking_id`: reminders and confirmations are looked
+    /// up among the cancelled bookings.
+    bookings: bool,
+}
+
+impl Variant {
+    const DEFAULTS: Variant = Variant {
+        name: "defaults",
+        events: true,
+        guards: false,
+        lookalikes: false,
+        smart_encoding: true,
+        bookings: true,
+    };
+
+    /// The runs `BENCH_VARIANTS` may name.
+    fn named(name: &str) -> Option<Variant> {
+        let d = Variant::DEFAULTS;
+        Some(match name {
+            "events-off" => Variant {
+                name: "events off",
+                events: false,
+                ..d
+            },
+            "guards" => Variant {
+                name: "every guard",
+                guards: true,
+                ..d
+            },
+            "lookalikes" => Variant {
+                name: "look-alikes, smart encoding",
+                lookalikes: true,
+                ..d
+            },
+            "lookalikes-as-written" => Variant {
+                name: "look-alikes, as written",
+                lookalikes: true,
+                smart_encoding: false,
+                ..d
+            },
+            "no-bookings" => Variant {
+                name: "no booking_id",
+                bookings: false,
+                ..d
+            },
+            _ => return None,
+        })
+    }
 }
 
 /// The guards' settings for a run with every guard configured. The login-code limit is
@@ -536,16 +605,20 @@ async fn end_to_end(jobs: usize, latency_ms: u64, variant: Variant) -> Throughpu
         None => (Vec::new(), "defaults".to_owned()),
     };
     let mut extra = lanes;
-    extra.push((
-        "SMSGW_EVENTS",
-        if variant.events { "on" } else { "off" }.to_owned(),
-    ));
+    let on = |on: bool| if on { "on" } else { "off" }.to_owned();
+    extra.push(("SMSGW_EVENTS", on(variant.events)));
+    extra.push(("SMSGW_SMART_ENCODING", on(variant.smart_encoding)));
     if variant.guards {
         extra.extend(GUARD_VARS.map(|(k, v)| (k, v.to_owned())));
     }
     let run = prepare(latency_ms, &extra).await;
     if variant.guards {
         configure_guards(&run.app).await;
+    }
+    if variant.lookalikes {
+        run.app
+            .sql("UPDATE sms_school_settings SET sender_id = 'DriveCo', sender_number = '+447700900001'")
+            .await;
     }
     let events_stop = CancellationToken::new();
     let events_consumer = keep_up_with_events(&run.app.env.amqp_url, events_stop.clone());
@@ -555,7 +628,7 @@ async fn end_to_end(jobs: usize, latency_ms: u64, variant: Variant) -> Throughpu
     helpers::process::wait_ready(run.port, &mut daemon).await;
     daemon.signal("TERM");
     let _ = daemon.wait_exit(Duration::from_secs(30));
-    let all = single_jobs(0, jobs, "Reminder");
+    let all = single_jobs(0, jobs, "Reminder", variant);
     run.app.publish_all(&all).await;
 
     let (pg0, rabbit0) = (cpu_of("postgres"), cpu_of("beam.smp"));
@@ -588,7 +661,7 @@ async fn end_to_end(jobs: usize, latency_ms: u64, variant: Variant) -> Throughpu
 
     // Latency: jobs published one by one at a steady rate while the worker is idle.
     let probes = 2_000.min(jobs);
-    let probe_jobs = single_jobs(10_000_000, probes, "Probe");
+    let probe_jobs = single_jobs(10_000_000, probes, "Probe", variant);
     let mut published = HashMap::new();
     let pace = Duration::from_micros(1_000_000 / 1_000);
     let probe_start = Instant::now();
@@ -752,7 +825,7 @@ async fn pacing(rate: u32) -> (String, String) {
     let count = (rate as usize * 5).min(5_000);
     let mut daemon = Daemon::spawn(&run.vars);
     helpers::process::wait_ready(run.port, &mut daemon).await;
-    let jobs = single_jobs(20_000_000, count, "Paced");
+    let jobs = single_jobs(20_000_000, count, "Paced", Variant::DEFAULTS);
     run.app.publish_all(&jobs).await;
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(120)
@@ -811,7 +884,7 @@ async fn two_processes(jobs: usize) -> (String, String) {
     second_vars.push(("SMSGW_HTTP_ADDR".into(), format!("127.0.0.1:{second_port}")));
     let mut second = Daemon::spawn(&second_vars);
     helpers::process::wait_ready(second_port, &mut second).await;
-    let all = single_jobs(30_000_000, jobs, "Shared");
+    let all = single_jobs(30_000_000, jobs, "Shared", Variant::DEFAULTS);
     let started = Instant::now();
     run.app.publish_all(&all).await;
     while (finished(&run.app).await as usize) < jobs && started.elapsed() < Duration::from_secs(900)
@@ -883,35 +956,30 @@ async fn main() {
         ceiling.stub
     );
 
-    // Status events on (the default) at every latency; at the first, events off and every
-    // guard configured as well, to show what each costs.
-    let defaults = Variant {
-        events: true,
-        guards: false,
-    };
+    // The defaults at every latency; at the first, the variants beside them.
+    let variants: Vec<Variant> = std::env::var("BENCH_VARIANTS")
+        .unwrap_or_else(|_| "events-off,guards".into())
+        .split(',')
+        .map(str::trim)
+        .filter(|name| !name.is_empty())
+        .map(|name| {
+            Variant::named(name).unwrap_or_else(|| panic!("BENCH_VARIANTS: no variant '{name}'"))
+        })
+        .collect();
     let mut results = Vec::new();
     for (i, latency) in latencies.into_iter().enumerate() {
-        results.push(end_to_end(jobs, latency, defaults).await);
+        results.push(end_to_end(jobs, latency, Variant::DEFAULTS).await);
         if i == 0 {
-            let events_off = Variant {
-                events: false,
-                ..defaults
-            };
-            results.push(end_to_end(jobs, latency, events_off).await);
-            if env_number("BENCH_GUARDS", 1) != 0 {
-                let guards = Variant {
-                    guards: true,
-                    ..defaults
-                };
-                results.push(end_to_end(jobs, latency, guards).await);
+            for variant in &variants {
+                results.push(end_to_end(jobs, latency, *variant).await);
             }
         }
     }
     println!();
     println!(
-        "| provider latency | status events | guards | in flight (urgent / default / bulk) | jobs | jobs/s | vs consume ceiling | publish→provider p50 / p99 | peak RSS | CPU s per 10k: worker / PostgreSQL / RabbitMQ | steady: calls/s | steady: CPU s per 10k calls |"
+        "| provider latency | run | in flight (urgent / default / bulk) | jobs | jobs/s | vs consume ceiling | publish→provider p50 / p99 | peak RSS | CPU s per 10k: worker / PostgreSQL / RabbitMQ | steady: calls/s | steady: CPU s per 10k calls |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &results {
         let (steady_rate, steady_cpu) = match &r.steady {
             Some(s) => (
@@ -921,10 +989,9 @@ async fn main() {
             None => ("-".to_owned(), "-".to_owned()),
         };
         println!(
-            "| {} ms | {} | {} | {} | {} | {:.0} | {:.0}% | {:.1} / {:.1} ms | {:.1} MiB | {:.2} / {:.2} / {:.2} | {steady_rate} | {steady_cpu} |",
+            "| {} ms | {} | {} | {} | {:.0} | {:.0}% | {:.1} / {:.1} ms | {:.1} MiB | {:.2} / {:.2} / {:.2} | {steady_rate} | {steady_cpu} |",
             r.latency_ms,
-            if r.variant.events { "on" } else { "off" },
-            if r.variant.guards { "all" } else { "defaults" },
+            r.variant.name,
             r.in_flight,
             r.jobs,
             r.rate,

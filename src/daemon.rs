@@ -189,6 +189,7 @@ fn event_relay(shared: &Shared, store: &Store) -> crate::events::Relay {
         },
         events: settings.events,
         metrics: shared.metrics.clone(),
+        health: shared.health.clone(),
     }
 }
 
@@ -317,7 +318,7 @@ async fn connect_store(
             Store::connect_with_events(
                 settings.database_url.expose(),
                 16,
-                settings.events,
+                settings.events.on,
                 settings.database_timeout,
             )
             .await

@@ -22,10 +22,11 @@ use uuid::Uuid;
 
 use crate::{
     broker::{Broker, BrokerError, NodeCursor, OutgoingEvent, Topology},
-    config::ServiceUrl,
+    config::{EventSettings, ServiceUrl},
+    health::Health,
     metrics::Metrics,
     retry::pause,
-    store::{OutboxEvent, RelayTurn, StatusEvent, Store, StoreError},
+    store::{OutboxBacklog, OutboxEvent, RelayTurn, StatusEvent, Store, StoreError},
 };
 
 /// Most events per relay turn.
@@ -36,7 +37,8 @@ const POLL: Duration = Duration::from_millis(50);
 const POLL_OFF: Duration = Duration::from_secs(5);
 /// How often a relay waiting for another daemon's turn to end asks again.
 const BUSY_POLL: Duration = Duration::from_millis(500);
-/// How often the backlog metrics are read.
+/// How often the backlog metrics are read, and the outbox's bound checked: the outbox
+/// may pass its bound by what is written in that time.
 const BACKLOG_EVERY: Duration = Duration::from_secs(5);
 /// How long a stopping daemon goes on relaying what its last messages wrote.
 const FLUSH: Duration = Duration::from_secs(5);
@@ -150,25 +152,39 @@ pub struct Relay {
     pub connect_timeout: Duration,
     /// The queues' shape (the relay declares only `sms.events`).
     pub topology: Topology,
-    /// Events on: new events are looked for often.
-    pub events: bool,
+    /// On (new events are looked for often) or off, and the outbox's bound.
+    pub events: EventSettings,
     pub metrics: Arc<Metrics>,
+    /// Where `/readyz` learns whether this relay can publish.
+    pub health: Arc<Health>,
 }
 
 impl Relay {
     /// Relays until `stop` fires, reconnecting to the broker as needed, then relays what
     /// is left for a few seconds more.
     pub async fn run(self, stop: CancellationToken) {
-        let mut backlog = BacklogWatch::default();
+        let backlog = BacklogWatch {
+            bound: self.events.max_backlog,
+        };
+        // The backlog is watched apart from the broker's connection: a relay that cannot
+        // connect is exactly when the outbox fills.
+        tokio::join!(
+            backlog.run(&self.store, &self.metrics, &stop),
+            self.relay(&stop)
+        );
+    }
+
+    async fn relay(&self, stop: &CancellationToken) {
         // As the lanes' session does: each connection starts past the node of the last,
         // so a node that is down costs its connect timeout once, not at every reconnect.
         let cursor = std::sync::Mutex::new(NodeCursor::default());
         loop {
             let connected = crate::retry::until_ok(
                 crate::retry::reconnecting(),
-                &stop,
+                stop,
                 || self.connect(&cursor),
                 |e, wait| {
+                    self.publishing(false);
                     tracing::warn!(broker = %self.amqp_url, error = %e, retry_in = ?wait,
                         "status events: broker unavailable");
                 },
@@ -176,13 +192,14 @@ impl Relay {
             let Some(broker) = connected.await else {
                 return;
             };
-            match self.relay_on(&broker, &mut backlog, &stop).await {
+            match self.relay_on(&broker, stop).await {
                 Ok(()) => {
                     self.flush(&broker).await;
                     broker.close().await;
                     return;
                 }
                 Err(e) => {
+                    self.publishing(false);
                     tracing::warn!(error = %e, "status events: lost the broker; reconnecting");
                     broker.close().await;
                 }
@@ -217,17 +234,13 @@ impl Relay {
 
     /// Takes relay turns until `stop` fires (`Ok`) or the broker fails (`Err`). A database
     /// failure is waited out here: the broker connection is fine.
-    async fn relay_on(
-        &self,
-        broker: &Broker,
-        backlog: &mut BacklogWatch,
-        stop: &CancellationToken,
-    ) -> Result<(), BrokerError> {
-        let idle = if self.events { POLL } else { POLL_OFF };
+    async fn relay_on(&self, broker: &Broker, stop: &CancellationToken) -> Result<(), BrokerError> {
+        let idle = if self.events.on { POLL } else { POLL_OFF };
         let mut store_backoff = crate::retry::reconnecting().build();
         loop {
-            backlog.refresh(&self.store, &self.metrics).await;
-            let wait = match self.turn(broker).await {
+            let turn = self.turn(broker).await;
+            self.publishing(turn.is_ok());
+            let wait = match turn {
                 Ok(RelayTurn::Relayed(n)) if n == BATCH => Duration::ZERO,
                 Ok(RelayTurn::Relayed(_)) => idle,
                 Ok(RelayTurn::Busy) => BUSY_POLL,
@@ -246,6 +259,13 @@ impl Relay {
                 return Ok(());
             }
         }
+    }
+
+    /// Whether this relay can publish (its last turn went through, or another relay's
+    /// turn was running), for `/readyz` and `smsgw_events_relay_up`.
+    fn publishing(&self, up: bool) {
+        self.health.set_events_relay(up);
+        self.metrics.events_relay_up.set(i64::from(up));
     }
 
     /// One turn: publishes up to [`BATCH`] events and removes them from the outbox.
@@ -280,22 +300,69 @@ impl Relay {
     }
 }
 
-/// Reads the outbox's backlog into the metrics every few seconds.
-#[derive(Default)]
+/// Reads the outbox's backlog into the metrics every few seconds, and keeps the outbox
+/// within its bound.
 struct BacklogWatch {
-    last: Option<Instant>,
+    bound: Option<i64>,
 }
 
 impl BacklogWatch {
-    async fn refresh(&mut self, store: &Store, metrics: &Metrics) {
-        if self.last.is_some_and(|last| last.elapsed() < BACKLOG_EVERY) {
+    async fn run(&self, store: &Store, metrics: &Metrics, stop: &CancellationToken) {
+        loop {
+            self.refresh(store, metrics).await;
+            if pause(BACKLOG_EVERY, stop).await {
+                return;
+            }
+        }
+    }
+
+    async fn refresh(&self, store: &Store, metrics: &Metrics) {
+        let Ok(backlog) = store.outbox_backlog().await else {
             return;
+        };
+        metrics.events_outbox.set(backlog.events);
+        metrics.events_outbox_oldest.set(backlog.oldest_seconds);
+        metrics.events_dropped.set(backlog.dropped);
+        let change =
+            gate_wanted(backlog.events, self.bound).filter(|&open| open != backlog.accepting);
+        if let Some(open) = change {
+            self.set_gate(store, open, &backlog).await;
         }
-        self.last = Some(Instant::now());
-        if let Ok(backlog) = store.outbox_backlog().await {
-            metrics.events_outbox.set(backlog.events);
-            metrics.events_outbox_oldest.set(backlog.oldest_seconds);
+    }
+
+    async fn set_gate(&self, store: &Store, open: bool, backlog: &OutboxBacklog) {
+        match store.accept_events(open).await {
+            // Another relay saw the same and changed it first.
+            Ok(false) => {}
+            Ok(true) if open => tracing::warn!(
+                waiting = backlog.events,
+                dropped_in_all = backlog.dropped,
+                "status events: the outbox is below its bound again; new events are written"
+            ),
+            Ok(true) => tracing::error!(
+                waiting = backlog.events,
+                bound = self.bound,
+                "status events: the outbox is full (SMSGW_EVENTS_MAX_BACKLOG); new events are \
+                 dropped, and counted in smsgw_events_dropped, until the relay publishes"
+            ),
+            Err(e) => tracing::warn!(error = %e, "status events: cannot set the outbox's bound"),
         }
+    }
+}
+
+/// Whether the outbox should take new events, given how many wait and its bound: `None`
+/// leaves it as it is, between the bound and a tenth below it, so that it does not open
+/// and close at every look while the backlog hovers at the bound.
+fn gate_wanted(backlog: i64, bound: Option<i64>) -> Option<bool> {
+    let Some(bound) = bound else {
+        return Some(true);
+    };
+    if backlog >= bound {
+        Some(false)
+    } else if backlog <= bound - bound / 10 {
+        Some(true)
+    } else {
+        None
     }
 }
 
@@ -345,6 +412,17 @@ mod tests {
                 "occurred_at": "2026-11-25T08:00:01.123Z"
             })
         );
+    }
+
+    #[test]
+    fn the_outbox_closes_at_its_bound_and_opens_a_tenth_below_it() {
+        let bound = Some(1_000);
+        assert_eq!(gate_wanted(1_000, bound), Some(false));
+        assert_eq!(gate_wanted(950, bound), None);
+        assert_eq!(gate_wanted(900, bound), Some(true));
+        assert_eq!(gate_wanted(0, bound), Some(true));
+        // No bound (any more): an outbox a bound closed opens.
+        assert_eq!(gate_wanted(5_000_000, None), Some(true));
     }
 
     #[test]

@@ -9,6 +9,8 @@ pub struct Health {
     database: AtomicBool,
     /// The broker blocked our connection (resource alarm): publishes would hang.
     blocked: AtomicBool,
+    /// The events relay can publish; reported, not required for readiness.
+    events_relay: AtomicBool,
 }
 
 impl Health {
@@ -26,6 +28,14 @@ impl Health {
 
     pub fn set_blocked(&self, blocked: bool) {
         self.blocked.store(blocked, Ordering::Relaxed);
+    }
+
+    pub fn set_events_relay(&self, publishing: bool) {
+        self.events_relay.store(publishing, Ordering::Relaxed);
+    }
+
+    pub fn events_relay(&self) -> bool {
+        self.events_relay.load(Ordering::Relaxed)
     }
 
     pub fn blocked(&self) -> bool {

@@ -137,6 +137,10 @@ pub struct Metrics {
     pub events_outbox: Gauge,
     /// Age of the oldest status event waiting in the outbox.
     pub events_outbox_oldest: Gauge<f64, AtomicU64>,
+    /// Events ever dropped because the outbox was at its bound, account-wide.
+    pub events_dropped: Gauge,
+    /// 1 while this process's events relay can publish, else 0.
+    pub events_relay_up: Gauge,
     /// 1 while `/readyz` would answer 200, else 0; set at each scrape.
     pub ready: Gauge,
 }
@@ -223,6 +227,8 @@ impl Metrics {
             events_published: Counter::default(),
             events_outbox: Gauge::default(),
             events_outbox_oldest: Gauge::default(),
+            events_dropped: Gauge::default(),
+            events_relay_up: Gauge::default(),
             ready: Gauge::default(),
         }
     }
@@ -358,6 +364,16 @@ impl Metrics {
             "events_outbox_oldest_seconds",
             "Age of the oldest status event waiting in the outbox",
             self.events_outbox_oldest.clone(),
+        );
+        registry.register(
+            "events_dropped",
+            "Events dropped, account-wide, because the outbox held SMSGW_EVENTS_MAX_BACKLOG",
+            self.events_dropped.clone(),
+        );
+        registry.register(
+            "events_relay_up",
+            "1 while this process's events relay can publish to sms.events",
+            self.events_relay_up.clone(),
         );
     }
 

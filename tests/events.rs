@@ -318,3 +318,120 @@ async fn an_invalid_job_gives_a_job_rejected_event_with_what_could_be_read() {
         "no number"
     );
 }
+
+async fn outbox(app: &helpers::App) -> (i64, bool, i64) {
+    let rows = app
+        .db
+        .rows(
+            "SELECT (SELECT count(*) FROM sms_events), (SELECT open FROM sms_events_gate),
+                    (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM sms_events_dropped)",
+            &[],
+        )
+        .await;
+    (rows[0].get(0), rows[0].get(1), rows[0].get(2))
+}
+
+async fn wait_for_outbox(
+    app: &helpers::App,
+    done: impl Fn((i64, bool, i64)) -> bool,
+) -> (i64, bool, i64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let state = outbox(app).await;
+        if done(state) {
+            return state;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the outbox stays {state:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn get(port: u16, path: &str) -> String {
+    reqwest::get(format!("http://127.0.0.1:{port}{path}"))
+        .await
+        .expect("the daemon answers")
+        .text()
+        .await
+        .expect("a body")
+}
+
+async fn metric(port: u16, name: &str) -> f64 {
+    let text = get(port, "/metrics").await;
+    text.lines()
+        .find_map(|line| {
+            line.strip_prefix(name)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+}
+
+/// The broker refuses the relay `sms.events` (a permission missing), so nothing can be
+/// published: past `SMSGW_EVENTS_MAX_BACKLOG` the outbox stops growing and the events
+/// dropped are counted, while texts still go; once the relay may publish, the backlog
+/// drains and new events flow again.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_outbox_no_relay_can_empty_stops_at_its_bound_and_flows_again_once_one_can() {
+    let env = helpers::TestEnv::new().await;
+    helpers::allow_configuring(&env, r"^(?!sms\.events$).*");
+    helpers::migrate(&env.database_url).await;
+    let port = free_port();
+    let stub = helpers::TwilioStub::start().await;
+    let vars: Vec<(String, String)> = base_settings(&env, &stub, port)
+        .into_iter()
+        .chain([("SMSGW_EVENTS_MAX_BACKLOG".to_owned(), "10".to_owned())])
+        .collect();
+    let app = helpers::attach(env, stub).await;
+    app.add_school(SCHOOL, "GB").await;
+    let mut daemon = Daemon::spawn(&vars);
+    wait_ready(port, &mut daemon).await;
+
+    let before = app.publish_many(8, "booking_reminder", SCHOOL).await;
+    assert_eq!(app.wait_all(&before, "sent", helpers::PATIENCE).await, 0);
+    let (full, _, _) = wait_for_outbox(&app, |(_, open, _)| !open).await;
+    assert!(full >= 10, "closed at {full} events");
+    let during = app.publish_many(8, "booking_reminder", SCHOOL).await;
+    assert_eq!(
+        app.wait_all(&during, "sent", helpers::PATIENCE).await,
+        0,
+        "texts still go"
+    );
+    let (waiting, _, dropped) = outbox(&app).await;
+    assert_eq!(waiting, full, "no event is written past the bound");
+    // Each text's claim and its sending give at least two events.
+    assert!(dropped >= 16, "{dropped} dropped");
+    assert_eq!(metric(port, "smsgw_events_relay_up").await, 0.0);
+    // Read every few seconds: it may be a look behind the count.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while metric(port, "smsgw_events_dropped").await < dropped as f64 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no metric of the {dropped} dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let readiness: Value = serde_json::from_str(&get(port, "/readyz").await).expect("JSON");
+    assert_eq!(readiness["ready"], json!(true), "{readiness}");
+    assert_eq!(readiness["events_relay"], json!(false), "{readiness}");
+
+    helpers::allow_configuring(&app.env, ".*");
+    wait_for_outbox(&app, |(waiting, open, _)| waiting == 0 && open).await;
+    let mut tap = tap(&app).await;
+    let after = job("booking_reminder", SCHOOL, "+447700900999", "Reminder");
+    app.publish(&after).await;
+    let events = tap
+        .until(|events| {
+            events
+                .iter()
+                .any(|e| e.message() == id_of(&after) && e.status() == "sent")
+        })
+        .await;
+    assert!(!events.is_empty());
+    assert_eq!(metric(port, "smsgw_events_relay_up").await, 1.0);
+    daemon.signal("TERM");
+}

@@ -19,6 +19,7 @@ use crate::{
     phone::{Country, PhoneNumber},
 };
 
+mod events;
 mod guards;
 mod inbound;
 mod network;
@@ -28,6 +29,7 @@ mod schedule;
 mod senders;
 mod service_url;
 
+pub use events::{DEFAULT_MAX_BACKLOG, EventSettings};
 pub use guards::{GuardSettings, RateWindow};
 pub use inbound::{Keyword, Keywords};
 pub use receipts::ReceiptWatch;
@@ -163,9 +165,8 @@ pub struct Settings {
     pub fanout_concurrency: usize,
     /// Most calls in flight to one gateway at once (and so most connections open to it).
     pub provider_concurrency: u32,
-    /// Status changes write events to the outbox, and the daemon relays them to
-    /// `sms.events` (`SMSGW_EVENTS`).
-    pub events: bool,
+    /// Status events: on or off, and the outbox's bound.
+    pub events: EventSettings,
     /// The types that wait while a school's quiet hours last.
     pub quiet_types: Vec<JobType>,
     /// How long after publication a job of a type without `expires_at` expires.
@@ -254,6 +255,7 @@ pub const VARIABLES: &[&str] = &[
     "SMSGW_FANOUT_CONCURRENCY",
     "SMSGW_PROVIDER_CONCURRENCY",
     "SMSGW_EVENTS",
+    "SMSGW_EVENTS_MAX_BACKLOG",
     "SMSGW_SMART_ENCODING",
     "SMSGW_SENDER_COUNTRIES_FILE",
     "SMSGW_QUIET_TYPES",
@@ -357,7 +359,7 @@ impl Settings {
             fanout_concurrency: number(&get, "SMSGW_FANOUT_CONCURRENCY", 2, 1, 64)?,
             provider_concurrency: number(&get, "SMSGW_PROVIDER_CONCURRENCY", 512, 1, 10_000)?,
             resend_unknown: resend_unknown(&get)?,
-            events: on_or_off(&get, "SMSGW_EVENTS", true)?,
+            events: events::events(&get)?,
             quiet_types: schedule::quiet_types(get("SMSGW_QUIET_TYPES").as_deref())?,
             default_expiry: schedule::default_expiry(get("SMSGW_DEFAULT_EXPIRY").as_deref())?,
             keywords: Keywords::parse(
@@ -933,8 +935,8 @@ mod tests {
 
     #[test]
     fn status_events_are_on_unless_turned_off() {
-        assert!(settings(&[]).expect("defaults").events);
-        assert!(!settings(&[("SMSGW_EVENTS", "off")]).expect("off").events);
+        assert!(settings(&[]).expect("defaults").events.on);
+        assert!(!settings(&[("SMSGW_EVENTS", "off")]).expect("off").events.on);
         let error = settings(&[("SMSGW_EVENTS", "sometimes")]).expect_err("refused");
         assert_eq!(error.variable, "SMSGW_EVENTS");
         let quiet = settings(&[("SMSGW_QUIET_TYPES", "login_code")]).expect_err("refused");

@@ -159,6 +159,9 @@ async fn readiness(state: &AppState) -> (bool, serde_json::Value) {
         "broker_blocked": blocked,
         "consumers": consumers,
         "database": database,
+        // Events wait in the outbox while the relay cannot publish: worth an alert, not
+        // a reason to stop taking providers' callbacks.
+        "events_relay": state.health.events_relay(),
     });
     (ready, parts)
 }

@@ -12,7 +12,7 @@ use crate::{
         ConfigError, ProviderKindSettings, ProviderSettings, ServiceUrl, Settings, TwilioSender,
     },
     policy::guards::{Month, reached},
-    store::Store,
+    store::{OutboxBacklog, Store},
 };
 
 fn line(item: &str, ok: bool, text: &str) {
@@ -130,7 +130,7 @@ async fn check_database(settings: &Settings) -> bool {
         }
     };
     if current {
-        report_events(&store, settings.events).await;
+        report_events(&store, settings.events.on).await;
         report_timezones(&store).await;
         report_guards(&store).await;
         report_budgets(&store, Month::of(OffsetDateTime::now_utc())).await;
@@ -228,29 +228,47 @@ async fn report_budgets(store: &Store, month: Month) {
 }
 
 /// The status events waiting to be published: a warning, not a failure, when they are
-/// late (the daemon relays them once it can; nothing is lost meanwhile).
+/// late (the daemon relays them once it can; nothing is lost meanwhile) or when the
+/// outbox is at its bound (new events are dropped).
 async fn report_events(store: &Store, on: bool) {
     let mode = if on { "on" } else { "off" };
     match store.outbox_backlog().await {
-        Ok(backlog) if backlog.events == 0 => {
-            line("events", true, &format!("{mode}; the outbox is empty"));
-        }
         Ok(backlog) => {
-            let late = backlog.oldest_seconds > EVENTS_STALE_AFTER;
-            let text = format!(
-                "{mode}; {} waiting in the outbox, the oldest for {:.0} s{}",
-                backlog.events,
-                backlog.oldest_seconds,
-                if late {
-                    ": is a daemon running, and can it reach the broker?"
-                } else {
-                    ""
-                }
-            );
-            say("events", if late { "WARN" } else { "ok" }, &text);
+            let (ok, text) = events_line(mode, &backlog);
+            say("events", if ok { "ok" } else { "WARN" }, &text);
         }
         Err(e) => line("events", false, &e.to_string()),
     }
+}
+
+fn events_line(mode: &str, backlog: &OutboxBacklog) -> (bool, String) {
+    let dropped = match backlog.dropped {
+        0 => String::new(),
+        n => format!(" ({n} dropped for the bound in all)"),
+    };
+    if !backlog.accepting {
+        let text = format!(
+            "{mode}; {} waiting: the outbox is at SMSGW_EVENTS_MAX_BACKLOG and new events \
+             are dropped{dropped}: can a daemon reach the broker and declare sms.events?",
+            backlog.events
+        );
+        return (false, text);
+    }
+    if backlog.events == 0 {
+        return (true, format!("{mode}; the outbox is empty{dropped}"));
+    }
+    let late = backlog.oldest_seconds > EVENTS_STALE_AFTER;
+    let text = format!(
+        "{mode}; {} waiting in the outbox, the oldest for {:.0} s{dropped}{}",
+        backlog.events,
+        backlog.oldest_seconds,
+        if late {
+            ": is a daemon running, and can it reach the broker?"
+        } else {
+            ""
+        }
+    );
+    (!late, text)
 }
 
 /// What a provider's configuration says, with the credentials shortened to a hint.

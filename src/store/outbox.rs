@@ -140,6 +140,11 @@ pub struct OutboxBacklog {
     pub events: i64,
     /// Age of the oldest, in seconds; 0 when none waits.
     pub oldest_seconds: f64,
+    /// New events are written; when false, they are dropped and counted instead
+    /// (`SMSGW_EVENTS_MAX_BACKLOG`).
+    pub accepting: bool,
+    /// Events ever dropped for the bound, account-wide.
+    pub dropped: i64,
 }
 
 /// What a relay turn did.
@@ -217,7 +222,10 @@ impl Store {
                   + COALESCE((SELECT max(id) - min(id) + 1 FROM sms_outbox), 0),
                     COALESCE(extract(epoch FROM now() - LEAST(
                         (SELECT occurred_at FROM sms_events ORDER BY id LIMIT 1),
-                        (SELECT occurred_at FROM sms_outbox ORDER BY id LIMIT 1))), 0)::float8";
+                        (SELECT occurred_at FROM sms_outbox ORDER BY id LIMIT 1))), 0)::float8,
+                    smsgw_events_gate_open(),
+                    (SELECT CASE WHEN is_called THEN last_value ELSE 0 END
+                       FROM sms_events_dropped)";
         let row = self
             .row(BACKLOG, &[])
             .await?
@@ -225,7 +233,17 @@ impl Store {
         Ok(OutboxBacklog {
             events: row.try_get(0)?,
             oldest_seconds: row.try_get::<_, f64>(1)?.max(0.0),
+            accepting: row.try_get(2)?,
+            dropped: row.try_get(3)?,
         })
+    }
+
+    /// Opens or closes the outbox to new events (see [`OutboxBacklog::accepting`]); true
+    /// if this call changed it (several relays may decide the same at once).
+    pub async fn accept_events(&self, accept: bool) -> Result<bool, StoreError> {
+        const GATE: &str = "UPDATE sms_events_gate SET open = $1, changed_at = now()
+                             WHERE open IS DISTINCT FROM $1";
+        Ok(self.execute(GATE, &[&accept]).await? == 1)
     }
 }
 

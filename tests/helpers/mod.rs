@@ -62,6 +62,28 @@ fn rabbitmqctl(args: &[&str]) {
     );
 }
 
+/// Sets what the tests' broker user may configure in `env`'s vhost (reading and writing
+/// stay open to everything), as a deployment's permissions would.
+pub fn allow_configuring(env: &TestEnv, pattern: &str) {
+    rabbitmqctl(&[
+        "set_permissions",
+        "-p",
+        &env.name,
+        &broker_user(),
+        pattern,
+        ".*",
+        ".*",
+    ]);
+}
+
+fn broker_user() -> String {
+    reqwest::Url::parse(&base_amqp_url())
+        .map(|u| u.username().to_owned())
+        .ok()
+        .filter(|user| !user.is_empty())
+        .unwrap_or_else(|| "guest".to_owned())
+}
+
 /// A vhost and a database that belong to one test; both are removed when it ends.
 pub struct TestEnv {
     pub name: String,
@@ -72,16 +94,16 @@ pub struct TestEnv {
 impl TestEnv {
     pub async fn new() -> TestEnv {
         let name = format!("smsgw_test_{}", Uuid::new_v4().simple());
-        let user = reqwest::Url::parse(&base_amqp_url())
-            .map(|u| u.username().to_owned())
-            .unwrap_or_else(|_| "guest".to_owned());
-        let user = if user.is_empty() {
-            "guest".to_owned()
-        } else {
-            user
-        };
         rabbitmqctl(&["add_vhost", &name]);
-        rabbitmqctl(&["set_permissions", "-p", &name, &user, ".*", ".*", ".*"]);
+        rabbitmqctl(&[
+            "set_permissions",
+            "-p",
+            &name,
+            &broker_user(),
+            ".*",
+            ".*",
+            ".*",
+        ]);
 
         let mut amqp = reqwest::Url::parse(&base_amqp_url()).expect("SMSGW_AMQP_URL is a URL");
         amqp.set_path(&format!("/{name}"));
