@@ -540,6 +540,8 @@ impl Variant {
     fn named(name: &str) -> Option<Variant> {
         let d = Variant::DEFAULTS;
         Some(match name {
+            // Again, to see how far two runs of the same build differ in one sitting.
+            "defaults" => d,
             "events-off" => Variant {
                 name: "events off",
                 events: false,
