@@ -5,7 +5,8 @@
 //! Knobs (environment): `BENCH_JOBS` (default 100000), `BENCH_LATENCIES` (provider latency
 //! in ms, default `0,100`), `BENCH_SCENARIOS` (`0` skips them), `BENCH_RECIPIENTS` (of the
 //! big announcement, default 50000), `BENCH_VARIANTS` (the runs beside the defaults at the
-//! first latency, default `events-off,guards`; see [`Variant::named`]).
+//! first latency, default `events-off,guards`; see [`Variant::named`]), `BENCH_DAEMON_ENV`
+//! (`K=V;K=V`: more of the daemon's environment, for an experiment).
 
 #[path = "../tests/helpers/mod.rs"]
 mod helpers;
@@ -311,9 +312,20 @@ async fn prepare(latency_ms: u64, extra: &[(&str, String)]) -> Run {
     if let Ok(threads) = std::env::var("BENCH_WORKER_THREADS") {
         vars.push(("TOKIO_WORKER_THREADS".into(), threads));
     }
+    // Anything else the daemon should run with, for an experiment: `K=V;K=V`.
+    let passed: Vec<(String, String)> = std::env::var("BENCH_DAEMON_ENV")
+        .unwrap_or_default()
+        .split(';')
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(k, v)| (k.trim().to_owned(), v.to_owned()))
+        .collect();
+    let extra = extra
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), v.clone()))
+        .chain(passed);
     for (k, v) in extra {
-        vars.retain(|(key, _)| key != k);
-        vars.push(((*k).to_owned(), v.clone()));
+        vars.retain(|(key, _)| *key != k);
+        vars.push((k, v));
     }
     let app = helpers::attach(env, stub).await;
     app.sql(
