@@ -368,9 +368,13 @@ fn single_jobs(from: usize, count: usize, tag: &str, variant: Variant) -> Vec<Va
                 "to": number(i),
                 "body": format!("{tag}: {text}"),
             });
-            if variant.bookings {
-                job["context"] = json!({"booking_id": i});
-            }
+            // A context of the same size either way: it is stored and in every event.
+            let cancels = kind_for(i) == "booking_cancellation";
+            job["context"] = if variant.bookings && !(cancels && variant.no_withdrawals) {
+                json!({"booking_id": i})
+            } else {
+                json!({"lesson_id": i})
+            };
             job
         })
         .collect()
@@ -533,9 +537,12 @@ struct Variant {
     lookalikes: bool,
     /// `SMSGW_SMART_ENCODING`.
     smart_encoding: bool,
-    /// Every job's context has a `booking_id`: reminders and confirmations are looked
-    /// up among the cancelled bookings.
+    /// Every job's context has a `booking_id` (else a `lesson_id`): reminders and
+    /// confirmations are looked up among the cancelled bookings, and cancellations
+    /// withdraw theirs.
     bookings: bool,
+    /// Cancellations without one: only the lookups, nothing withdrawn.
+    no_withdrawals: bool,
 }
 
 impl Variant {
@@ -546,6 +553,7 @@ impl Variant {
         lookalikes: false,
         smart_encoding: true,
         bookings: true,
+        no_withdrawals: false,
     };
 
     /// The runs `BENCH_VARIANTS` may name.
@@ -573,6 +581,11 @@ impl Variant {
                 name: "look-alikes, as written",
                 lookalikes: true,
                 smart_encoding: false,
+                ..d
+            },
+            "lookups-only" => Variant {
+                name: "booking_id, cancellations without",
+                no_withdrawals: true,
                 ..d
             },
             "no-bookings" => Variant {

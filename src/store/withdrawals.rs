@@ -36,6 +36,14 @@ impl Store {
     /// string or a number) and remembers the booking for those that arrive later; returns
     /// the messages withdrawn. Safe to repeat: a second run finds nothing left to
     /// withdraw, and starts the window again.
+    ///
+    /// Its commit does not wait for the disk (`synchronous_commit` off for it alone):
+    /// waiting took 4 ms of the statement's 4.3 (`pgbench`, on the bench's machine).
+    /// Nothing is given up. The cancellation's own record (its claim, or whatever it
+    /// ends as) is committed after this and waits for the disk, which writes the log up
+    /// to it, this commit included; and its job is acked only then. A database crash can
+    /// take away only a withdrawal whose job was not settled: it comes back and
+    /// withdraws again.
     pub async fn withdraw_booking(
         &self,
         school_id: i64,
@@ -47,7 +55,7 @@ impl Store {
                     INSERT INTO sms_withdrawals (school_id, booking_id)
                     VALUES ($1, $2::jsonb #>> '{{}}')
                     ON CONFLICT (school_id, booking_id) DO UPDATE SET withdrawn_at = now()
-                    RETURNING booking_id
+                    RETURNING booking_id, set_config('synchronous_commit', 'off', true)
                  )
                  UPDATE sms_messages m
                     SET status = 'cancelled', reason = 'booking_cancelled',
