@@ -13,7 +13,7 @@ use tokio::{net::TcpListener, sync::watch, task::JoinSet};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    broker::{Broker, BrokerEvent, Incoming, LaneConsumer, NodeCursor, Topology},
+    broker::{Broker, BrokerEvent, Incoming, LaneConsumer, NodeCursor},
     cache::PolicyCache,
     callbacks::{Callbacks, post_inbox_receipts},
     config::{Environment, Settings},
@@ -22,7 +22,7 @@ use crate::{
     http,
     job::Lane,
     metrics::{LaneLabels, Metrics, ReasonLabels},
-    pipeline::{FanoutTurns, Pipeline, PipelineSettings, UnknownOutcome},
+    pipeline::{FanoutTurns, Pipeline, PipelineSettings},
     provider::Gateways,
     retry::pause,
     store::Store,
@@ -88,7 +88,7 @@ impl Http {
         shared: &Shared,
         store: watch::Receiver<Option<Store>>,
     ) -> Result<Http, DaemonError> {
-        let address = shared.settings.http_addr;
+        let address = shared.settings.http.addr;
         let listener = TcpListener::bind(address)
             .await
             .map_err(|e| DaemonError::Runtime(format!("cannot listen on {address}: {e}")))?;
@@ -98,12 +98,11 @@ impl Http {
             gateways: shared.gateways.clone(),
             store,
             metrics: shared.metrics.clone(),
-            keywords: shared.settings.keywords.clone(),
-            reply_window: shared.settings.reply_window,
+            inbound: shared.settings.inbound.clone(),
         };
         let hooks = http::webhooks::Webhooks {
             callbacks: callbacks.clone(),
-            public_url: shared.settings.public_url.clone(),
+            public_url: shared.settings.http.public_url.clone(),
         };
         let health = shared.health.clone();
         Ok(Http {
@@ -111,8 +110,7 @@ impl Http {
                 listener,
                 health,
                 hooks,
-                shared.settings.http_limits,
-                shared.settings.inbox_hosts.clone(),
+                shared.settings.http.clone(),
                 stop.clone(),
             )),
             watchdog: tokio::spawn(crate::systemd::watchdog(stop.clone())),
@@ -139,13 +137,16 @@ async fn serve_jobs(
     let Some(store) = connect_store(settings, shutdown).await? else {
         return Ok(());
     };
-    let store = store.keep_bodies(settings.keep_body).with_recorder();
+    let store = store
+        .keep_bodies(settings.retention.keep_body)
+        .with_recorder();
     shared.health.set_database(true);
     let _ = store_tx.send(Some(store.clone()));
     let background = CancellationToken::new();
     let retention = tokio::spawn(crate::retention::run(
         store.clone(),
-        crate::retention::RetentionSettings::from(settings),
+        settings.retention.clone(),
+        settings.schedule.withdraw_window,
         shared.metrics.clone(),
         background.clone(),
     ));
@@ -181,12 +182,7 @@ fn event_relay(shared: &Shared, store: &Store) -> crate::events::Relay {
     let settings = &shared.settings;
     crate::events::Relay {
         store: store.clone(),
-        amqp_url: settings.amqp_url.clone(),
-        connect_timeout: settings.broker_connect_timeout,
-        topology: Topology {
-            delays: settings.retry_delays.clone(),
-            delivery_limit: settings.delivery_limit,
-        },
+        broker: settings.broker.clone(),
         events: settings.events,
         metrics: shared.metrics.clone(),
         health: shared.health.clone(),
@@ -223,7 +219,7 @@ async fn consume(
         store,
         cache,
         shared.gateways.clone(),
-        pipeline_settings(&shared.settings),
+        PipelineSettings::from(&shared.settings),
         shared.health.clone(),
         shared.metrics.clone(),
     );
@@ -236,36 +232,13 @@ async fn consume(
         abandon: CancellationToken::new(),
         default_provider: shared.gateways.default_gateway().name,
         turns: FanoutTurns::new(
-            shared.settings.fanout_concurrency,
-            shared.settings.max_job_bytes,
+            shared.settings.lanes.fanout_concurrency,
+            shared.settings.lanes.max_job_bytes,
         ),
     };
     let consumed = worker.consume_until_stopped(shutdown).await;
     worker.drain(consumed.as_ref().ok()).await;
     consumed.map(|_| ())
-}
-
-fn pipeline_settings(settings: &Settings) -> PipelineSettings {
-    PipelineSettings {
-        max_attempts: settings.max_attempts,
-        retry_delays: settings.retry_delays.clone(),
-        redirect_to: settings.redirect_to.clone(),
-        provider_timeout: settings.provider_timeout,
-        max_segments: settings.max_segments.clone(),
-        fanout_chunk: settings.fanout_chunk,
-        max_job_bytes: settings.max_job_bytes,
-        quiet_types: settings.quiet_types.clone(),
-        default_expiry: settings.default_expiry.clone(),
-        guards: settings.guards.clone(),
-        withdraw_window: settings.withdraw_window,
-        smart_encoding: settings.smart_encoding,
-        alphanumeric_refused: settings.alphanumeric_refused.clone(),
-        unknown_outcome: if settings.resend_unknown {
-            UnknownOutcome::Resend
-        } else {
-            UnknownOutcome::DeadLetter
-        },
-    }
 }
 
 /// Refuses to start when a school's settings name a provider that is not configured: a
@@ -313,20 +286,20 @@ async fn connect_store(
     loop {
         let attempt = async {
             if development {
-                Store::create_database_if_missing(settings.database_url.expose()).await?;
+                Store::create_database_if_missing(settings.store.url.expose()).await?;
             }
             Store::connect_with_events(
-                settings.database_url.expose(),
+                settings.store.url.expose(),
                 16,
                 settings.events.on,
-                settings.database_timeout,
+                settings.store.timeout,
             )
             .await
         };
         match attempt.await {
             Ok(store) => {
                 if development {
-                    let locks = settings.migrate_lock_timeout;
+                    let locks = settings.store.migrate_lock_timeout;
                     store.migrate_waiting_for_locks(locks).await.map_err(|e| {
                         DaemonError::Runtime(format!("database migration failed: {e}"))
                     })?;
@@ -351,13 +324,13 @@ async fn connect_store(
                         );
                     }
                 }
-                tracing::info!(database = %settings.database_url_redacted(), "database ready");
+                tracing::info!(database = %settings.store.url.redacted(), "database ready");
                 return Ok(Some(store));
             }
             Err(e) => {
                 let wait = backoff.next().unwrap_or(Duration::from_secs(10));
                 tracing::warn!(
-                    database = %settings.database_url_redacted(),
+                    database = %settings.store.url.redacted(),
                     error = %e,
                     retry_in = ?wait,
                     "database unavailable"
@@ -399,21 +372,6 @@ enum SessionEnd {
 }
 
 impl Worker<'_> {
-    fn topology(&self) -> Topology {
-        Topology {
-            delays: self.settings.retry_delays.clone(),
-            delivery_limit: self.settings.delivery_limit,
-        }
-    }
-
-    fn budget(&self, lane: Lane) -> u16 {
-        match lane {
-            Lane::Urgent => self.settings.lanes.urgent,
-            Lane::Default => self.settings.lanes.default,
-            Lane::Bulk => self.settings.lanes.bulk,
-        }
-    }
-
     /// Connects, declares, consumes; reconnects with backoff whenever the broker is lost.
     async fn consume_until_stopped(
         &self,
@@ -431,14 +389,7 @@ impl Worker<'_> {
         let mut cursor = NodeCursor::default();
         while !shutdown.is_cancelled() {
             let connected = async {
-                let broker = Broker::connect_from(
-                    &self.settings.amqp_url,
-                    cursor,
-                    self.settings.broker_connect_timeout,
-                    &name,
-                    self.topology(),
-                )
-                .await?;
+                let broker = Broker::connect_from(&self.settings.broker, cursor, &name).await?;
                 cursor.connected_to(broker.node_index());
                 broker.declare_topology().await?;
                 Ok::<_, crate::broker::BrokerError>(broker)
@@ -458,7 +409,7 @@ impl Worker<'_> {
                 Err(e) => {
                     let wait = backoff.next().unwrap_or(Duration::from_secs(10));
                     tracing::warn!(
-                        broker = %self.settings.amqp_url_redacted(),
+                        broker = %self.settings.broker.url.redacted(),
                         error = %e,
                         retry_in = ?wait,
                         "broker unavailable"
@@ -491,7 +442,7 @@ impl Worker<'_> {
     async fn session(&self, broker: &Broker, shutdown: &CancellationToken) -> SessionEnd {
         let mut consumers = Vec::new();
         for lane in Lane::ALL {
-            match broker.consume(lane, self.budget(lane)).await {
+            match broker.consume(lane, self.settings.lanes.budget(lane)).await {
                 Ok(consumer) => consumers.push(consumer),
                 Err(e) => {
                     return SessionEnd::Lost(format!("cannot consume {}: {e}", lane.as_str()));
@@ -514,7 +465,7 @@ impl Worker<'_> {
         ));
         let pruning = tokio::spawn(crate::retention::prune_dead_letters(
             broker.clone(),
-            crate::retention::RetentionSettings::from(self.settings),
+            self.settings.retention.clone(),
             self.metrics.clone(),
             stop.clone(),
         ));
@@ -570,7 +521,7 @@ impl Worker<'_> {
         if in_flight > 0 {
             tracing::info!(in_flight, "finishing in-flight messages");
         }
-        if tokio::time::timeout(self.settings.shutdown_grace, self.tracker.wait())
+        if tokio::time::timeout(self.settings.lanes.shutdown_grace, self.tracker.wait())
             .await
             .is_err()
         {

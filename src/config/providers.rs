@@ -37,7 +37,7 @@ use std::collections::BTreeMap;
 use secrecy::SecretString;
 use serde::Deserialize;
 
-use super::{ConfigError, TwilioSender, TwilioSettings, bad};
+use super::{ConfigError, bad};
 
 pub const DEFAULT_TWILIO_BASE_URL: &str = "https://api.twilio.com";
 pub const DEFAULT_VONAGE_BASE_URL: &str = "https://rest.nexmo.com";
@@ -57,6 +57,27 @@ fn host_within(base_url: &str, domains: &[&str]) -> bool {
     domains
         .iter()
         .any(|d| host == *d || host.ends_with(&format!(".{d}")))
+}
+
+/// The default sender when a school has no `sender_id` of its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TwilioSender {
+    From(String),
+    MessagingService(String),
+}
+
+/// Twilio credentials and endpoint.
+#[derive(Debug, Clone)]
+pub struct TwilioSettings {
+    pub account_sid: String,
+    /// Never logged; exposed only to build the Authorization header.
+    pub auth_token: SecretString,
+    pub sender: TwilioSender,
+    /// `https://api.twilio.com` in real use; tests point it at a local stub.
+    pub base_url: String,
+    /// Test credentials (`sandbox = true`): Twilio accepts every request and delivers
+    /// nothing. Never a real destination; refused in production.
+    pub sandbox: bool,
 }
 
 /// How Vonage signs its webhooks (the account's "signature method").
