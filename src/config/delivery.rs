@@ -15,6 +15,7 @@ use std::{
 use super::{
     ConfigError, Environment, bad,
     parse::{duration, number, on_or_off},
+    provider_file,
     providers::{self, ProviderKindSettings, ProviderSettings},
     senders,
 };
@@ -163,7 +164,7 @@ fn provider_config(
         });
     }
     if let Some(path) = get("SMSGW_CONFIG") {
-        return providers::from_file(get, &path, get("SMSGW_PROVIDER"));
+        return provider_file::from_file(get, &path, get("SMSGW_PROVIDER"));
     }
     let kind = match get("SMSGW_PROVIDER") {
         None if env == Environment::Production => {

@@ -20,6 +20,7 @@ mod http;
 mod inbound;
 mod lanes;
 mod parse;
+mod provider_file;
 mod providers;
 mod receipts;
 mod retention;
