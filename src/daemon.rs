@@ -667,7 +667,10 @@ impl Handler {
             } => Some((*kind, messages.len(), rest.is_some())),
             _ => None,
         };
-        let settled = settle(&self.broker, &incoming, disposition, &self.abandon).await;
+        let settled = self
+            .broker
+            .settle_retrying(&incoming, disposition, &self.abandon)
+            .await;
         if let (true, Some((kind, recipients, more))) = (settled, fanned_out) {
             let provider = self.default_provider;
             self.metrics
@@ -693,48 +696,4 @@ impl Handler {
             _ => {}
         }
     }
-}
-
-/// Settles a delivery, trying a refused or timed-out republish again; says whether it was
-/// settled as `disposition` asked. If it keeps failing the delivery is requeued rather
-/// than acked: nothing is acked before its republish is confirmed. A fan-out that fails
-/// is requeued at once: fanning out again sends nobody anything twice.
-async fn settle(
-    broker: &Broker,
-    incoming: &Incoming,
-    mut disposition: Disposition,
-    abandon: &CancellationToken,
-) -> bool {
-    // Made at the first failure: most deliveries settle at once.
-    let mut waits = None;
-    let mut asked = true;
-    for attempt in 1.. {
-        let Err(e) = broker.settle(incoming, &disposition).await else {
-            return asked;
-        };
-        if !incoming.settleable() {
-            tracing::debug!(error = %e, "channel gone; the broker will deliver it again");
-            return false;
-        }
-        if matches!(disposition, Disposition::FanOut { .. }) {
-            tracing::warn!(error = %e, "fan-out failed; the announcement goes back to its lane");
-        } else {
-            tracing::warn!(error = %e, attempt, "could not settle the delivery; trying again");
-        }
-        let give_back = matches!(disposition, Disposition::FanOut { .. }) || attempt >= 5;
-        if give_back && !matches!(disposition, Disposition::Requeue) {
-            disposition = Disposition::Requeue;
-            asked = false;
-        }
-        let wait = waits
-            .get_or_insert_with(|| {
-                crate::retry::backoff(Duration::from_millis(100), Duration::from_secs(5)).build()
-            })
-            .next()
-            .unwrap_or(Duration::from_secs(5));
-        if pause(wait, abandon).await {
-            return false;
-        }
-    }
-    false
 }

@@ -29,7 +29,8 @@
 //! - `topology`: the queues and exchanges, declared at every start.
 //! - `delivery`: consuming a lane; a delivery decoded into plain data for the pipeline.
 //! - `acks`: a lane's acks gathered into `multiple` acks.
-//! - `publish`: confirmed publishing, and carrying out a [`Disposition`].
+//! - `publish`: confirmed publishing, and carrying out a [`Disposition`] once.
+//! - `settle`: carrying it out with retries, giving the delivery back when they fail.
 //! - `dead`: browsing, replaying and (retention) removing the dead letters.
 //! - `events`: publishing status events.
 //! - `headers`: our headers and AMQP values.
@@ -42,6 +43,7 @@ mod delivery;
 mod events;
 mod headers;
 mod publish;
+mod settle;
 mod topology;
 
 use std::{sync::Arc, time::Duration};
