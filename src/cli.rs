@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::{
-    broker::{Broker, Topology},
+    broker::Broker,
     config::Settings,
     daemon::{self, DaemonError},
     job::{Job, JobType},
@@ -492,10 +492,10 @@ async fn wait_for_signal() {
 
 async fn migrate(settings: &Settings) -> ExitCode {
     let result = async {
-        Store::create_database_if_missing(settings.database_url.expose()).await?;
-        let store = Store::connect(settings.database_url.expose(), 2).await?;
+        Store::create_database_if_missing(settings.store.url.expose()).await?;
+        let store = Store::connect(settings.store.url.expose(), 2).await?;
         store
-            .migrate_waiting_for_locks(settings.migrate_lock_timeout)
+            .migrate_waiting_for_locks(settings.store.migrate_lock_timeout)
             .await?;
         let version = store.schema_version().await?;
         store.close().await;
@@ -518,7 +518,7 @@ async fn migrate(settings: &Settings) -> ExitCode {
         Err(e) => {
             eprintln!(
                 "smsgw: migration failed ({}): {e}",
-                settings.database_url_redacted()
+                settings.store.url.redacted()
             );
             ExitCode::from(EXIT_FAILED)
         }
@@ -558,29 +558,19 @@ async fn send(settings: &Settings, args: SendArgs) -> ExitCode {
         eprintln!("smsgw: this job would be invalid: {e}");
         return ExitCode::from(EXIT_USAGE);
     }
-    if body.len() > settings.max_job_bytes {
+    if body.len() > settings.lanes.max_job_bytes {
         return refuse(
             "send",
             format!(
                 "the job is {} bytes, more than SMSGW_MAX_JOB_BYTES ({}): the daemon would \
                  refuse it unread; send the recipients in several announcements",
                 body.len(),
-                settings.max_job_bytes
+                settings.lanes.max_job_bytes
             ),
         );
     }
-    let topology = Topology {
-        delays: settings.retry_delays.clone(),
-        delivery_limit: settings.delivery_limit,
-    };
     let result = async {
-        let broker = Broker::connect(
-            &settings.amqp_url,
-            settings.broker_connect_timeout,
-            "smsgw send",
-            topology,
-        )
-        .await?;
+        let broker = Broker::connect(&settings.broker, "smsgw send").await?;
         // Declaring is idempotent; it makes a job sent before the daemon's first start
         // land in its queue instead of nowhere.
         broker.declare_topology().await?;
@@ -597,7 +587,7 @@ async fn send(settings: &Settings, args: SendArgs) -> ExitCode {
         Err(e) => {
             eprintln!(
                 "smsgw: could not publish to {}: {e}",
-                settings.amqp_url_redacted()
+                settings.broker.url.redacted()
             );
             ExitCode::from(EXIT_FAILED)
         }

@@ -21,8 +21,8 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::{
-    broker::{Broker, BrokerError, NodeCursor, OutgoingEvent, Topology},
-    config::{EventSettings, ServiceUrl},
+    broker::{Broker, BrokerError, NodeCursor, OutgoingEvent},
+    config::{BrokerSettings, EventSettings},
     health::Health,
     metrics::Metrics,
     retry::pause,
@@ -146,12 +146,8 @@ enum RelayError {
 /// What the relay needs to run.
 pub struct Relay {
     pub store: Store,
-    /// Printed (`Display`) without its password.
-    pub amqp_url: ServiceUrl,
-    /// How long one node may take to take a connection.
-    pub connect_timeout: Duration,
-    /// The queues' shape (the relay declares only `sms.events`).
-    pub topology: Topology,
+    /// Where the broker is, and the queues' shape (the relay declares only `sms.events`).
+    pub broker: BrokerSettings,
     /// On (new events are looked for often) or off, and the outbox's bound.
     pub events: EventSettings,
     pub metrics: Arc<Metrics>,
@@ -185,7 +181,7 @@ impl Relay {
                 || self.connect(&cursor),
                 |e, wait| {
                     self.publishing(false);
-                    tracing::warn!(broker = %self.amqp_url, error = %e, retry_in = ?wait,
+                    tracing::warn!(broker = %self.broker.url, error = %e, retry_in = ?wait,
                         "status events: broker unavailable");
                 },
             );
@@ -216,14 +212,7 @@ impl Relay {
         let first = *cursor
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let broker = Broker::connect_from(
-            &self.amqp_url,
-            first,
-            self.connect_timeout,
-            &name,
-            self.topology.clone(),
-        )
-        .await?;
+        let broker = Broker::connect_from(&self.broker, first, &name).await?;
         cursor
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())

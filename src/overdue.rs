@@ -33,10 +33,11 @@ pub struct Overdue {
 
 impl From<&Settings> for Overdue {
     fn from(settings: &Settings) -> Self {
-        let public_url = settings.public_url.is_some();
+        let public_url = settings.http.public_url.is_some();
         Overdue {
-            watch: settings.receipt_watch,
+            watch: settings.receipts,
             providers: settings
+                .delivery
                 .providers
                 .iter()
                 .filter(|p| p.sends_receipts(public_url))

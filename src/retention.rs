@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     broker::Broker,
-    config::Settings,
+    config::RetentionSettings,
     metrics::Metrics,
     provider::vonage::callbacks::REPLAY_WINDOW,
     retry::pause,
@@ -34,36 +34,17 @@ const BREATHER: Duration = Duration::from_millis(50);
 /// Dead letters one pass reads at most: a pass holds them while it looks.
 const DEAD_BATCH: u32 = 500;
 
-#[derive(Debug, Clone)]
-pub struct RetentionSettings {
-    pub body_retention: Duration,
-    pub log_retention: Duration,
-    pub dead_retention: Duration,
-    pub withdraw_window: Duration,
-    pub interval: Duration,
-}
-
-impl From<&Settings> for RetentionSettings {
-    fn from(settings: &Settings) -> Self {
-        RetentionSettings {
-            body_retention: settings.body_retention,
-            log_retention: settings.log_retention,
-            dead_retention: settings.dead_retention,
-            withdraw_window: settings.withdraw_window,
-            interval: settings.retention_interval,
-        }
-    }
-}
-
 /// Runs a pass over the database at start and then every `interval`, until `stop` fires.
+/// Cancelled bookings are forgotten `withdraw_window` on, when they withdraw nothing more.
 pub async fn run(
     store: Store,
     settings: RetentionSettings,
+    withdraw_window: Duration,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) {
     loop {
-        if let Err(e) = pass(&store, &settings, &metrics, &stop).await {
+        if let Err(e) = pass(&store, &settings, withdraw_window, &metrics, &stop).await {
             tracing::warn!(error = %e, "retention pass failed; trying again next time");
         }
         if pause(settings.interval, &stop).await {
@@ -75,6 +56,7 @@ pub async fn run(
 async fn pass(
     store: &Store,
     settings: &RetentionSettings,
+    withdraw_window: Duration,
     metrics: &Metrics,
     stop: &CancellationToken,
 ) -> Result<(), StoreError> {
@@ -112,7 +94,7 @@ async fn pass(
     .await?;
     let withdrawals = in_batches(
         stop,
-        || store.forget_withdrawals(settings.withdraw_window, BATCH),
+        || store.forget_withdrawals(withdraw_window, BATCH),
         |_| {},
     )
     .await?;

@@ -29,7 +29,8 @@
 //! - `topology`: the queues and exchanges, declared at every start.
 //! - `delivery`: consuming a lane; a delivery decoded into plain data for the pipeline.
 //! - `acks`: a lane's acks gathered into `multiple` acks.
-//! - `publish`: confirmed publishing, and carrying out a [`Disposition`].
+//! - `publish`: confirmed publishing, and carrying out a [`Disposition`] once.
+//! - `settle`: carrying it out with retries, giving the delivery back when they fail.
 //! - `dead`: browsing, replaying and (retention) removing the dead letters.
 //! - `events`: publishing status events.
 //! - `headers`: our headers and AMQP values.
@@ -42,11 +43,12 @@ mod delivery;
 mod events;
 mod headers;
 mod publish;
+mod settle;
 mod topology;
 
 use std::{sync::Arc, time::Duration};
 
-use crate::config::{ServiceUrl, redact_url};
+use crate::config::{BrokerSettings, redact_url};
 use futures_util::StreamExt;
 use lapin::{
     Channel, Connection, ConnectionProperties, options::ConfirmSelectOptions, types::LongString,
@@ -174,28 +176,23 @@ impl NodeCursor {
 }
 
 impl Broker {
-    /// Connects to the first node of `urls` (one URL, or a comma-separated list of one
-    /// cluster's nodes) that answers, giving each `connect_timeout` to open the
+    /// Connects to the first node of `settings.url` (one URL, or a comma-separated list of
+    /// one cluster's nodes) that answers, giving each `settings.connect_timeout` to open the
     /// connection and its channel.
-    pub async fn connect(
-        urls: &ServiceUrl,
-        connect_timeout: Duration,
-        name: &str,
-        topology: Topology,
-    ) -> Result<Self, BrokerError> {
-        Self::connect_from(urls, NodeCursor::default(), connect_timeout, name, topology).await
+    pub async fn connect(settings: &BrokerSettings, name: &str) -> Result<Self, BrokerError> {
+        Self::connect_from(settings, NodeCursor::default(), name).await
     }
 
     /// As [`Broker::connect`], trying the nodes from the `cursor`'s on (and then from the
     /// start): a node that just failed is tried last.
     pub async fn connect_from(
-        urls: &ServiceUrl,
+        settings: &BrokerSettings,
         cursor: NodeCursor,
-        connect_timeout: Duration,
         name: &str,
-        topology: Topology,
     ) -> Result<Self, BrokerError> {
-        let nodes: Vec<&str> = urls.nodes().collect();
+        let nodes: Vec<&str> = settings.url.nodes().collect();
+        let topology = Topology::from(settings);
+        let connect_timeout = settings.connect_timeout;
         let mut failure = BrokerError::BadUrl;
         for index in node_order(nodes.len(), cursor.first()) {
             let node = nodes[index];

@@ -12,7 +12,10 @@ use super::{
     Broker, BrokerError, DEAD_EXCHANGE, DEAD_QUEUE, JOBS_EXCHANGE, REPLAY_EXCHANGE,
     REQUEUE_EXCHANGE, UNROUTED_EXCHANGE, headers::long_string, within,
 };
-use crate::job::{JobType, Lane};
+use crate::{
+    config::BrokerSettings,
+    job::{JobType, Lane},
+};
 
 pub fn lane_queue(lane: Lane) -> &'static str {
     match lane {
@@ -37,6 +40,15 @@ pub struct Topology {
     /// Delay tiers, shortest first.
     pub delays: Vec<Duration>,
     pub delivery_limit: u32,
+}
+
+impl From<&BrokerSettings> for Topology {
+    fn from(settings: &BrokerSettings) -> Self {
+        Topology {
+            delays: settings.retry_delays.clone(),
+            delivery_limit: settings.delivery_limit,
+        }
+    }
 }
 
 impl Topology {

@@ -9,13 +9,13 @@ mod inbox;
 
 pub use inbox::post_inbox_receipts;
 
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::{
-    config::{Keyword, Keywords},
+    config::{InboundSettings, Keyword},
     metrics::{Metrics, ReceiptLabels},
     phone::PhoneNumber,
     provider::{Gateways, InboundText, ReceiptReport},
@@ -29,10 +29,9 @@ pub struct Callbacks {
     /// `None` until the database is first reached.
     pub store: watch::Receiver<Option<Store>>,
     pub metrics: Arc<Metrics>,
-    /// Which inbound texts are opt-out or opt-in keywords.
-    pub keywords: Keywords,
-    /// How far back a reply looks for the message it answers.
-    pub reply_window: Duration,
+    /// Which inbound texts are keywords, and how far back a reply looks for the message
+    /// it answers.
+    pub inbound: InboundSettings,
 }
 
 /// Why a callback could not be applied. Whoever sent it should try again, except after
@@ -148,7 +147,7 @@ impl Callbacks {
                 "the text is longer than 1,600 characters\n",
             ));
         }
-        match self.keywords.classify(&text.body) {
+        match self.inbound.keywords.classify(&text.body) {
             Some(word) => {
                 self.apply_keyword(text, word).await?;
                 Ok(Inbound::Keyword(word))
@@ -194,7 +193,7 @@ impl Callbacks {
                 provider: text.provider,
                 provider_message_id: &text.provider_message_id,
                 gateways: &gateways,
-                window: self.reply_window,
+                window: self.inbound.reply_window,
             })
             .await?;
         let Some(recorded) = recorded else {

@@ -2,7 +2,7 @@
 //! (`SMSGW_EVENTS`), and how many may wait in the outbox before new ones are dropped
 //! (`SMSGW_EVENTS_MAX_BACKLOG`).
 
-use super::{ConfigError, bad, on_or_off};
+use super::{ConfigError, bad, parse::on_or_off};
 
 const MAX_BACKLOG: &str = "SMSGW_EVENTS_MAX_BACKLOG";
 

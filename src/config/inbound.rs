@@ -2,10 +2,30 @@
 //! `SMSGW_OPT_IN_KEYWORDS`), or else a reply, attributed to a message sent within
 //! `SMSGW_REPLY_WINDOW`.
 
-use super::{ConfigError, bad};
+use std::time::Duration;
+
+use super::{ConfigError, bad, parse::duration};
 
 const OPT_OUT: &str = "SMSGW_OPT_OUT_KEYWORDS";
 const OPT_IN: &str = "SMSGW_OPT_IN_KEYWORDS";
+
+/// What inbound texts mean.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboundSettings {
+    /// What inbound texts are opt-out or opt-in keywords; any other text is a reply.
+    pub keywords: Keywords,
+    /// How far back a reply looks for the message it answers.
+    pub reply_window: Duration,
+}
+
+pub(super) fn inbound(
+    get: &impl Fn(&str) -> Option<String>,
+) -> Result<InboundSettings, ConfigError> {
+    Ok(InboundSettings {
+        keywords: Keywords::parse(get(OPT_OUT).as_deref(), get(OPT_IN).as_deref())?,
+        reply_window: duration(get, "SMSGW_REPLY_WINDOW", "7d")?,
+    })
+}
 
 /// Twilio's own lists, so that ours matches what the provider itself enforces; with
 /// REVOKE and OPTOUT, the words of a consent revoked that Twilio also honours and smsgw

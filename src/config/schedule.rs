@@ -1,17 +1,41 @@
 //! When texts may go: which types wait out a school's quiet hours (`SMSGW_QUIET_TYPES`),
-//! and how long a job without `expires_at` stays worth sending (`SMSGW_DEFAULT_EXPIRY`).
+//! how long a job without `expires_at` stays worth sending (`SMSGW_DEFAULT_EXPIRY`), and
+//! how long a booking's cancellation withdraws what arrives for it
+//! (`SMSGW_WITHDRAW_WINDOW`).
 
 use std::{collections::HashMap, time::Duration};
 
-use super::{ConfigError, bad};
+use super::{ConfigError, bad, parse::duration};
 use crate::job::{JobType, Lane};
 
 const QUIET_TYPES: &str = "SMSGW_QUIET_TYPES";
 const DEFAULT_EXPIRY: &str = "SMSGW_DEFAULT_EXPIRY";
 
+/// When texts may go, and when they are no longer worth sending.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScheduleSettings {
+    /// The types that wait while a school's quiet hours last.
+    pub quiet_types: Vec<JobType>,
+    /// How long after publication a job of a type without `expires_at` expires.
+    pub default_expiry: HashMap<JobType, Duration>,
+    /// How long after a booking's cancellation a reminder or confirmation of it that
+    /// arrives is withdrawn rather than sent.
+    pub withdraw_window: Duration,
+}
+
+pub(super) fn schedule(
+    get: &impl Fn(&str) -> Option<String>,
+) -> Result<ScheduleSettings, ConfigError> {
+    Ok(ScheduleSettings {
+        quiet_types: quiet_types(get(QUIET_TYPES).as_deref())?,
+        default_expiry: default_expiry(get(DEFAULT_EXPIRY).as_deref())?,
+        withdraw_window: duration(get, "SMSGW_WITHDRAW_WINDOW", "30d")?,
+    })
+}
+
 /// The types that wait while a school's quiet hours last. Urgent types (login codes,
 /// changes, cancellations) never wait: naming one is a configuration error.
-pub(super) fn quiet_types(raw: Option<&str>) -> Result<Vec<JobType>, ConfigError> {
+fn quiet_types(raw: Option<&str>) -> Result<Vec<JobType>, ConfigError> {
     let raw = raw.unwrap_or("booking_confirmation,booking_reminder,announcement");
     if raw.trim() == "none" {
         return Ok(Vec::new());
@@ -35,7 +59,7 @@ pub(super) fn quiet_types(raw: Option<&str>) -> Result<Vec<JobType>, ConfigError
 
 /// `TYPE=DURATION,...`: a job of that type without `expires_at` expires that long after
 /// it was published.
-pub(super) fn default_expiry(raw: Option<&str>) -> Result<HashMap<JobType, Duration>, ConfigError> {
+fn default_expiry(raw: Option<&str>) -> Result<HashMap<JobType, Duration>, ConfigError> {
     let raw = raw.unwrap_or("login_code=15m");
     if raw.trim() == "none" {
         return Ok(HashMap::new());
@@ -59,6 +83,19 @@ pub(super) fn default_expiry(raw: Option<&str>) -> Result<HashMap<JobType, Durat
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::tests::settings;
+
+    #[test]
+    fn the_withdraw_window_is_thirty_days_unless_set_and_never_negative() {
+        let days = |s: &ScheduleSettings| s.withdraw_window.as_secs() / 86_400;
+        assert_eq!(days(&settings(&[]).expect("defaults").schedule), 30);
+        let set = settings(&[("SMSGW_WITHDRAW_WINDOW", "2d")]).expect("valid");
+        assert_eq!(days(&set.schedule), 2);
+        for raw in ["-1d", "soon", "30"] {
+            let error = settings(&[("SMSGW_WITHDRAW_WINDOW", raw)]).expect_err(raw);
+            assert_eq!(error.variable, "SMSGW_WITHDRAW_WINDOW");
+        }
+    }
 
     #[test]
     fn reminders_confirmations_and_announcements_wait_by_default() {

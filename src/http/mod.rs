@@ -20,7 +20,7 @@ mod server;
 pub mod webhooks;
 
 use self::webhooks::Webhooks;
-use crate::{config::HttpLimits, health::Health, job::Lane, metrics::Metrics, store::Store};
+use crate::{config::HttpSettings, health::Health, job::Lane, metrics::Metrics, store::Store};
 
 /// Largest request body: a webhook is a few hundred bytes.
 const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -40,14 +40,13 @@ pub async fn serve(
     listener: TcpListener,
     health: Arc<Health>,
     hooks: Webhooks,
-    limits: HttpLimits,
-    inbox_hosts: Vec<String>,
+    settings: HttpSettings,
     shutdown: CancellationToken,
 ) {
     warn_if_inbox_is_exposed(&listener, &hooks);
-    let allowed = inbox::AllowedHosts::new(listener.local_addr().ok(), &inbox_hosts);
+    let allowed = inbox::AllowedHosts::new(listener.local_addr().ok(), &settings.inbox_hosts);
     let app = router(health, hooks, allowed);
-    server::run(listener, app, limits, shutdown).await;
+    server::run(listener, app, settings.limits, shutdown).await;
 }
 
 /// Whether a provider is the development inbox: then `/inbox` is served.

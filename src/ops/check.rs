@@ -5,11 +5,12 @@ use std::process::ExitCode;
 
 use time::OffsetDateTime;
 
-use super::{EXIT_FAILED, EXIT_USAGE, topology, usage::percent};
+use super::{EXIT_FAILED, EXIT_USAGE, usage::percent};
 use crate::{
     broker::Broker,
     config::{
-        ConfigError, ProviderKindSettings, ProviderSettings, ServiceUrl, Settings, TwilioSender,
+        BrokerSettings, ConfigError, ProviderKindSettings, ProviderSettings, ServiceUrl, Settings,
+        TwilioSender,
     },
     policy::guards::{Month, reached},
     store::{OutboxBacklog, Store},
@@ -39,8 +40,8 @@ pub async fn check(settings: Result<Settings, ConfigError>) -> ExitCode {
     };
     let broker = check_broker(&settings).await;
     let database = check_database(&settings).await;
-    for provider in &settings.providers {
-        let default = if provider.name == settings.default_provider {
+    for provider in &settings.delivery.providers {
+        let default = if provider.name == settings.delivery.default_provider {
             " (default)"
         } else {
             ""
@@ -62,17 +63,18 @@ pub async fn check(settings: Result<Settings, ConfigError>) -> ExitCode {
 /// Every node of the broker list: one down is a warning, all down a failure.
 async fn check_broker(settings: &Settings) -> bool {
     let mut answered = 0;
-    let nodes: Vec<ServiceUrl> = settings.amqp_url.nodes().map(ServiceUrl::new).collect();
+    let nodes: Vec<BrokerSettings> = settings
+        .broker
+        .url
+        .nodes()
+        .map(|node| BrokerSettings {
+            url: ServiceUrl::new(node),
+            ..settings.broker.clone()
+        })
+        .collect();
     for node in &nodes {
-        let shown = node.redacted();
-        match Broker::connect(
-            node,
-            settings.broker_connect_timeout,
-            "smsgw check",
-            topology(settings),
-        )
-        .await
-        {
+        let shown = node.url.redacted();
+        match Broker::connect(node, "smsgw check").await {
             Ok(broker) => {
                 line("broker", true, &shown);
                 broker.close().await;
@@ -96,8 +98,8 @@ async fn check_broker(settings: &Settings) -> bool {
 }
 
 async fn check_database(settings: &Settings) -> bool {
-    let url = settings.database_url_redacted();
-    let store = match Store::connect(settings.database_url.expose(), 1).await {
+    let url = settings.store.url.redacted();
+    let store = match Store::connect(settings.store.url.expose(), 1).await {
         Ok(store) => store,
         Err(e) => {
             line("database", false, &format!("{url}: {e}"));

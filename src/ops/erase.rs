@@ -12,7 +12,7 @@ use crate::{
 
 /// Erases what smsgw keeps of `number` (or, without `apply`, counts it) and prints it.
 pub async fn erase(settings: &Settings, number: &PhoneNumber, apply: bool) -> ExitCode {
-    let store = match Store::connect(settings.database_url.expose(), 1).await {
+    let store = match Store::connect(settings.store.url.expose(), 1).await {
         Ok(store) => store,
         Err(e) => {
             eprintln!("smsgw: message log unavailable: {e}");

@@ -31,7 +31,7 @@ pub use self::{
     usage::{UsageRange, UsageRangeError, print_usage},
 };
 use crate::{
-    broker::{Broker, DeadBrowser, Topology},
+    broker::{Broker, DeadBrowser},
     config::Settings,
 };
 
@@ -100,22 +100,9 @@ fn print_table(header: &[&str], rows: &[Vec<String>]) {
     }
 }
 
-fn topology(settings: &Settings) -> Topology {
-    Topology {
-        delays: settings.retry_delays.clone(),
-        delivery_limit: settings.delivery_limit,
-    }
-}
-
 async fn connect_broker(settings: &Settings) -> Result<Broker, ExitCode> {
     let connected = async {
-        let broker = Broker::connect(
-            &settings.amqp_url,
-            settings.broker_connect_timeout,
-            "smsgw dlq",
-            topology(settings),
-        )
-        .await?;
+        let broker = Broker::connect(&settings.broker, "smsgw dlq").await?;
         broker.declare_topology().await?;
         Ok::<_, crate::broker::BrokerError>(broker)
     }
@@ -123,7 +110,7 @@ async fn connect_broker(settings: &Settings) -> Result<Broker, ExitCode> {
     connected.map_err(|e| {
         eprintln!(
             "smsgw: cannot reach the broker at {}: {e}",
-            settings.amqp_url_redacted()
+            settings.broker.url.redacted()
         );
         ExitCode::from(EXIT_FAILED)
     })

@@ -40,7 +40,7 @@ impl ReplyLookup {
 
 /// `smsgw replies`: the matching replies, newest first. None is an answer (exit 0).
 pub async fn list_replies(settings: &Settings, lookup: &ReplyLookup) -> ExitCode {
-    let store = match Store::connect(settings.database_url.expose(), 1).await {
+    let store = match Store::connect(settings.store.url.expose(), 1).await {
         Ok(store) => store,
         Err(e) => {
             eprintln!("smsgw: message log unavailable: {e}");

@@ -36,7 +36,7 @@ pub struct Lookup {
 /// `smsgw status --to/--school/--since/--context`: the matching messages, newest first.
 /// Finding none is an answer, not a failure (exit 0).
 pub async fn find_messages(settings: &Settings, lookup: &Lookup) -> ExitCode {
-    let store = match Store::connect(settings.database_url.expose(), 1).await {
+    let store = match Store::connect(settings.store.url.expose(), 1).await {
         Ok(store) => store,
         Err(e) => return unavailable(&e),
     };
@@ -254,7 +254,7 @@ fn rfc3339(at: Option<OffsetDateTime>) -> Option<String> {
 /// `smsgw status ID`: prints the message's row and attempts from the log; says whether it
 /// found the row.
 pub async fn print_log(settings: &Settings, id: uuid::Uuid, reveal: bool) -> bool {
-    let store = match Store::connect(settings.database_url.expose(), 1).await {
+    let store = match Store::connect(settings.store.url.expose(), 1).await {
         Ok(store) => store,
         Err(e) => {
             println!("message log: unavailable ({e})");

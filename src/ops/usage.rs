@@ -302,7 +302,7 @@ pub async fn print_usage(
     as_csv: bool,
 ) -> ExitCode {
     let counted = async {
-        let store = Store::connect(settings.database_url.expose(), 1).await?;
+        let store = Store::connect(settings.store.url.expose(), 1).await?;
         let (first, last) = range.months();
         let counts = store.usage(range.from, range.to, school).await;
         let budgets = store.budget_use(first, last, school).await;
@@ -334,14 +334,14 @@ fn warn_if_not_final(
     schools: &[SchoolUsage],
     now: OffsetDateTime,
 ) {
-    let kept_since = time::Duration::try_from(settings.log_retention)
+    let kept_since = time::Duration::try_from(settings.retention.log_retention)
         .ok()
         .and_then(|kept| now.checked_sub(kept));
     if kept_since.is_some_and(|since| range.from < since) {
         eprintln!(
             "smsgw: warning: finished messages older than SMSGW_LOG_RETENTION ({}) have \
              been deleted; figures before then are incomplete",
-            humantime::format_duration(settings.log_retention)
+            humantime::format_duration(settings.retention.log_retention)
         );
     }
     if range.to > now {

@@ -67,7 +67,7 @@ pub use self::{
 use crate::{
     broker::Delivery,
     cache::PolicyCache,
-    config::GuardSettings,
+    config::{GuardSettings, Settings},
     disposition::{DeadReason, Disposition},
     health::Health,
     job::{self, Job, JobType, Salvaged, Target},
@@ -151,6 +151,33 @@ impl PipelineSettings {
     /// this was cut off, and a message busy elsewhere is looked at again after it.
     pub fn recheck_after(&self) -> Duration {
         self.provider_timeout * 2
+    }
+}
+
+impl From<&Settings> for PipelineSettings {
+    /// The parts of each concern's settings that one delivery needs.
+    fn from(settings: &Settings) -> Self {
+        let delivery = &settings.delivery;
+        PipelineSettings {
+            max_attempts: delivery.max_attempts,
+            retry_delays: settings.broker.retry_delays.clone(),
+            redirect_to: delivery.redirect_to.clone(),
+            provider_timeout: delivery.provider_timeout,
+            max_segments: delivery.max_segments.clone(),
+            fanout_chunk: settings.lanes.fanout_chunk,
+            max_job_bytes: settings.lanes.max_job_bytes,
+            quiet_types: settings.schedule.quiet_types.clone(),
+            default_expiry: settings.schedule.default_expiry.clone(),
+            guards: settings.guards.clone(),
+            withdraw_window: settings.schedule.withdraw_window,
+            smart_encoding: delivery.smart_encoding,
+            alphanumeric_refused: delivery.alphanumeric_refused.clone(),
+            unknown_outcome: if delivery.resend_unknown {
+                UnknownOutcome::Resend
+            } else {
+                UnknownOutcome::DeadLetter
+            },
+        }
     }
 }
 

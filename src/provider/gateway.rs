@@ -61,6 +61,8 @@ impl Gateways {
         settings: &Settings,
         store: Option<watch::Receiver<Option<Store>>>,
     ) -> Result<Self, ProviderSetupError> {
+        let public_url = settings.http.public_url.as_deref();
+        let settings = &settings.delivery;
         let mut all = Vec::new();
         // One process-wide limit, shared by every gateway.
         let global = settings
@@ -72,11 +74,7 @@ impl Gateways {
             let name: &'static str = Box::leak(provider.name.clone().into_boxed_str());
             all.push(Arc::new(Gateway {
                 name,
-                provider: Provider::new(
-                    provider,
-                    settings.public_url.as_deref(),
-                    settings.provider_timeout,
-                )?,
+                provider: Provider::new(provider, public_url, settings.provider_timeout)?,
                 circuit: Circuit::new(
                     name,
                     settings.circuit_threshold,
