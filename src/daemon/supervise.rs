@@ -489,8 +489,12 @@ mod tests {
             }
         }
 
+        /// Runs the sessions; a loop that never ends fails the test rather than hang it.
         async fn run(&self) -> Result<Option<(usize, usize)>, DaemonError> {
-            run_sessions(self, &self.health, &self.shutdown).await
+            let running = run_sessions(self, &self.health, &self.shutdown);
+            tokio::time::timeout(Duration::from_secs(5), running)
+                .await
+                .expect("the sessions end")
         }
     }
 
