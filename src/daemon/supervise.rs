@@ -1,5 +1,9 @@
 //! Supervision: the store's connect loop, the broker sessions (reconnecting from the next
 //! node when one is lost), and the drain when told to stop.
+//!
+//! The reconnecting loop sees the broker through the small [`Sessions`] trait, and the
+//! drain is handed the closing as a future, so that both are unit-tested with a scripted
+//! cluster and plain tasks, no broker needed.
 
 use std::{sync::Arc, time::Duration};
 
@@ -12,7 +16,7 @@ use super::{
     reconnect_backoff,
 };
 use crate::{
-    broker::{Broker, BrokerEvent, LaneConsumer, NodeCursor},
+    broker::{Broker, BrokerError, BrokerEvent, LaneConsumer, NodeCursor},
     config::{Environment, Settings},
     health::Health,
     job::Lane,
@@ -113,9 +117,136 @@ pub(super) struct Stopped {
     consumers: Vec<LaneConsumer>,
 }
 
-enum SessionEnd {
-    Stopped(Vec<LaneConsumer>),
+/// How a session ended; `Stopped` holds what it keeps open for the drain.
+enum SessionEnd<K> {
+    Stopped(K),
     Lost(String),
+}
+
+/// The broker sessions, apart from the reconnecting around them.
+trait Sessions {
+    /// One connection to one node.
+    type Session;
+    /// What a stopped session keeps open (its consumers) for the drain to settle on.
+    type Kept;
+    /// Connects to the first node that answers, trying them from `cursor`'s on.
+    async fn connect(&self, cursor: NodeCursor) -> Result<Self::Session, BrokerError>;
+    /// The place in the node list of the node `session` went to.
+    fn node_index(session: &Self::Session) -> usize;
+    /// Declares the queues and exchanges on `session`.
+    async fn declare(&self, session: &Self::Session) -> Result<(), BrokerError>;
+    /// Runs the lanes on `session` until one of them ends or `shutdown` fires.
+    async fn run(
+        &self,
+        session: &Self::Session,
+        shutdown: &CancellationToken,
+    ) -> SessionEnd<Self::Kept>;
+    /// Closes a lost session's connection.
+    async fn close(&self, session: Self::Session);
+    /// The broker's address, its passwords hidden, for the logs.
+    fn redacted_url(&self) -> String;
+}
+
+struct OnBroker<'a, 'w> {
+    worker: &'a Worker<'w>,
+    /// The connection's name, as the broker's management shows it.
+    name: String,
+}
+
+impl Sessions for OnBroker<'_, '_> {
+    type Session = Broker;
+    type Kept = Vec<LaneConsumer>;
+
+    async fn connect(&self, cursor: NodeCursor) -> Result<Broker, BrokerError> {
+        Broker::connect_from(&self.worker.settings.broker, cursor, &self.name).await
+    }
+
+    fn node_index(broker: &Broker) -> usize {
+        broker.node_index()
+    }
+
+    async fn declare(&self, broker: &Broker) -> Result<(), BrokerError> {
+        broker.declare_topology().await
+    }
+
+    async fn run(
+        &self,
+        broker: &Broker,
+        shutdown: &CancellationToken,
+    ) -> SessionEnd<Vec<LaneConsumer>> {
+        tracing::info!(broker = %broker.node(), "broker connected; consuming");
+        self.worker.session(broker, shutdown).await
+    }
+
+    async fn close(&self, broker: Broker) {
+        broker.close().await;
+    }
+
+    fn redacted_url(&self) -> String {
+        self.worker.settings.broker.url.redacted()
+    }
+}
+
+/// Connects, declares, runs a session; reconnects with backoff whenever the broker is
+/// lost. Returns the session that `shutdown` stopped, with what it kept open, or `None`
+/// when stopped between sessions.
+async fn run_sessions<S: Sessions>(
+    sessions: &S,
+    health: &Health,
+    shutdown: &CancellationToken,
+) -> Result<Option<(S::Session, S::Kept)>, DaemonError> {
+    let mut backoff = reconnect_backoff();
+    // Where the next connection starts in the node list: past the node of the last
+    // one, so that a node that went away, or took the connection but could not declare
+    // the queues, is tried last.
+    let mut cursor = NodeCursor::default();
+    while !shutdown.is_cancelled() {
+        let connected = async {
+            let session = sessions.connect(cursor).await?;
+            cursor.connected_to(S::node_index(&session));
+            sessions.declare(&session).await?;
+            Ok::<_, BrokerError>(session)
+        }
+        .await;
+        let session = match connected {
+            Ok(session) => session,
+            Err(e @ BrokerError::BadUrl) => {
+                return Err(DaemonError::Config(format!("SMSGW_AMQP_URL: {e}")));
+            }
+            Err(e) if e.is_precondition_failed() => {
+                return Err(DaemonError::Runtime(format!(
+                    "the broker's queues do not match this configuration ({e}); \
+                     see the README on changing queue arguments"
+                )));
+            }
+            Err(e) => {
+                let wait = backoff.next().unwrap_or(Duration::from_secs(10));
+                tracing::warn!(
+                    broker = %sessions.redacted_url(),
+                    error = %e,
+                    retry_in = ?wait,
+                    "broker unavailable"
+                );
+                crate::systemd::status("waiting for the broker");
+                if pause(wait, shutdown).await {
+                    break;
+                }
+                continue;
+            }
+        };
+        health.set_broker(true);
+        backoff = reconnect_backoff();
+        match sessions.run(&session, shutdown).await {
+            SessionEnd::Stopped(kept) => return Ok(Some((session, kept))),
+            SessionEnd::Lost(reason) => {
+                health.set_broker(false);
+                crate::systemd::status("broker connection lost; reconnecting");
+                tracing::warn!(reason = %reason, "lost the broker; reconnecting");
+                sessions.close(session).await;
+            }
+        }
+    }
+    Ok(None)
 }
 
 impl Worker<'_> {
@@ -124,69 +255,21 @@ impl Worker<'_> {
         &self,
         shutdown: &CancellationToken,
     ) -> Result<Option<Stopped>, DaemonError> {
-        let mut backoff = reconnect_backoff();
         let name = format!(
             "smsgw {} pid {}",
             env!("CARGO_PKG_VERSION"),
             std::process::id()
         );
-        // Where the next connection starts in the node list: past the node of the last
-        // one, so that a node that went away, or took the connection but could not declare
-        // the queues, is tried last.
-        let mut cursor = NodeCursor::default();
-        while !shutdown.is_cancelled() {
-            let connected = async {
-                let broker = Broker::connect_from(&self.settings.broker, cursor, &name).await?;
-                cursor.connected_to(broker.node_index());
-                broker.declare_topology().await?;
-                Ok::<_, crate::broker::BrokerError>(broker)
-            }
-            .await;
-            let broker = match connected {
-                Ok(broker) => broker,
-                Err(e @ crate::broker::BrokerError::BadUrl) => {
-                    return Err(DaemonError::Config(format!("SMSGW_AMQP_URL: {e}")));
-                }
-                Err(e) if e.is_precondition_failed() => {
-                    return Err(DaemonError::Runtime(format!(
-                        "the broker's queues do not match this configuration ({e}); \
-                         see the README on changing queue arguments"
-                    )));
-                }
-                Err(e) => {
-                    let wait = backoff.next().unwrap_or(Duration::from_secs(10));
-                    tracing::warn!(
-                        broker = %self.settings.broker.url.redacted(),
-                        error = %e,
-                        retry_in = ?wait,
-                        "broker unavailable"
-                    );
-                    crate::systemd::status("waiting for the broker");
-                    if pause(wait, shutdown).await {
-                        break;
-                    }
-                    continue;
-                }
-            };
-            self.health.set_broker(true);
-            tracing::info!(broker = %broker.node(), "broker connected; consuming");
-            backoff = reconnect_backoff();
-            match self.session(&broker, shutdown).await {
-                SessionEnd::Stopped(consumers) => {
-                    return Ok(Some(Stopped { broker, consumers }));
-                }
-                SessionEnd::Lost(reason) => {
-                    self.health.set_broker(false);
-                    crate::systemd::status("broker connection lost; reconnecting");
-                    tracing::warn!(reason = %reason, "lost the broker; reconnecting");
-                    broker.close().await;
-                }
-            }
-        }
-        Ok(None)
+        let on = OnBroker { worker: self, name };
+        let stopped = run_sessions(&on, &self.health, shutdown).await?;
+        Ok(stopped.map(|(broker, consumers)| Stopped { broker, consumers }))
     }
 
-    async fn session(&self, broker: &Broker, shutdown: &CancellationToken) -> SessionEnd {
+    async fn session(
+        &self,
+        broker: &Broker,
+        shutdown: &CancellationToken,
+    ) -> SessionEnd<Vec<LaneConsumer>> {
         let mut consumers = Vec::new();
         for lane in Lane::ALL {
             match broker.consume(lane, self.settings.lanes.budget(lane)).await {
@@ -263,29 +346,42 @@ impl Worker<'_> {
     /// and the connection.
     pub(super) async fn drain(&self, stopped: Option<&Option<Stopped>>) {
         crate::systemd::stopping();
-        self.tracker.close();
-        let in_flight = self.tracker.len();
-        if in_flight > 0 {
-            tracing::info!(in_flight, "finishing in-flight messages");
-        }
-        if tokio::time::timeout(self.settings.lanes.shutdown_grace, self.tracker.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                left = self.tracker.len(),
-                "grace period over; leaving the rest to the broker"
-            );
-            self.abandon.cancel();
-            let _ = tokio::time::timeout(Duration::from_secs(2), self.tracker.wait()).await;
-        }
-        if let Some(Some(stopped)) = stopped {
-            for consumer in &stopped.consumers {
-                consumer.close().await;
+        let close = async {
+            if let Some(Some(stopped)) = stopped {
+                for consumer in &stopped.consumers {
+                    consumer.close().await;
+                }
+                stopped.broker.close().await;
             }
-            stopped.broker.close().await;
-        }
+        };
+        let grace = self.settings.lanes.shutdown_grace;
+        drain(&self.tracker, grace, &self.abandon, close).await;
     }
+}
+
+/// Waits for the tasks of `tracker` up to `grace`, then fires `abandon` and waits a
+/// little more for them to give up; then runs `close`, so that what finished in time
+/// is settled on channels still open.
+async fn drain(
+    tracker: &TaskTracker,
+    grace: Duration,
+    abandon: &CancellationToken,
+    close: impl Future<Output = ()>,
+) {
+    tracker.close();
+    let in_flight = tracker.len();
+    if in_flight > 0 {
+        tracing::info!(in_flight, "finishing in-flight messages");
+    }
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!(
+            left = tracker.len(),
+            "grace period over; leaving the rest to the broker"
+        );
+        abandon.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
+    }
+    close.await;
 }
 
 /// Follows the broker's resource alarms: a blocked connection takes no publishes, so the
@@ -329,5 +425,261 @@ async fn watch_queue_depths(broker: Broker, metrics: Arc<Metrics>, stop: Cancell
         if pause(Duration::from_secs(5), &stop).await {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        cell::{Cell, RefCell},
+        collections::VecDeque,
+        sync::{
+            Arc,
+            atomic::{AtomicBool, Ordering},
+        },
+        time::Instant,
+    };
+
+    use super::*;
+
+    /// How a scripted session ends.
+    #[derive(Clone, Copy)]
+    enum End {
+        Lost,
+        Stopped,
+    }
+
+    /// A cluster whose nodes all answer; its sessions end as scripted, its nodes in
+    /// `undeclarable` take the connection but refuse the topology.
+    struct Cluster {
+        nodes: usize,
+        undeclarable: Vec<usize>,
+        /// Refuses the URL instead of connecting.
+        bad_url: bool,
+        /// Fails every connection, firing `shutdown` (stopped while waiting to retry).
+        unreachable: bool,
+        /// How each session ends, in turn; a session past the script is stopped.
+        ends: RefCell<VecDeque<End>>,
+        shutdown: CancellationToken,
+        /// The node each connection went to, each session ran on, each close was for.
+        connected: RefCell<Vec<usize>>,
+        ran: RefCell<Vec<usize>>,
+        closed: RefCell<Vec<usize>>,
+        health: Health,
+        /// What health said of the broker as each session ran, and as each was closed.
+        up_when_running: RefCell<Vec<bool>>,
+        up_when_closed: RefCell<Vec<bool>>,
+    }
+
+    impl Cluster {
+        fn of(nodes: usize, ends: &[End]) -> Self {
+            Cluster {
+                nodes,
+                undeclarable: Vec::new(),
+                bad_url: false,
+                unreachable: false,
+                ends: RefCell::new(ends.iter().copied().collect()),
+                shutdown: CancellationToken::new(),
+                connected: RefCell::new(Vec::new()),
+                ran: RefCell::new(Vec::new()),
+                closed: RefCell::new(Vec::new()),
+                health: Health::default(),
+                up_when_running: RefCell::new(Vec::new()),
+                up_when_closed: RefCell::new(Vec::new()),
+            }
+        }
+
+        /// Runs the sessions; a loop that never ends fails the test rather than hang it.
+        async fn run(&self) -> Result<Option<(usize, usize)>, DaemonError> {
+            let running = run_sessions(self, &self.health, &self.shutdown);
+            tokio::time::timeout(Duration::from_secs(5), running)
+                .await
+                .expect("the sessions end")
+        }
+    }
+
+    impl Sessions for Cluster {
+        /// The node's place in the list.
+        type Session = usize;
+        /// The node the stopped session ran on.
+        type Kept = usize;
+
+        async fn connect(&self, cursor: NodeCursor) -> Result<usize, BrokerError> {
+            if self.bad_url {
+                return Err(BrokerError::BadUrl);
+            }
+            if self.unreachable {
+                self.shutdown.cancel();
+                return Err(BrokerError::Timeout(Duration::from_secs(1)));
+            }
+            // Every node answers, so the first one tried takes the connection.
+            let node = cursor.first() % self.nodes;
+            self.connected.borrow_mut().push(node);
+            Ok(node)
+        }
+
+        fn node_index(node: &usize) -> usize {
+            *node
+        }
+
+        async fn declare(&self, node: &usize) -> Result<(), BrokerError> {
+            if self.undeclarable.contains(node) {
+                return Err(BrokerError::Nacked);
+            }
+            Ok(())
+        }
+
+        async fn run(&self, node: &usize, shutdown: &CancellationToken) -> SessionEnd<usize> {
+            self.ran.borrow_mut().push(*node);
+            self.up_when_running.borrow_mut().push(self.health.broker());
+            let end = self.ends.borrow_mut().pop_front().unwrap_or(End::Stopped);
+            match end {
+                End::Lost => SessionEnd::Lost(format!("node {node} went away")),
+                End::Stopped => {
+                    shutdown.cancel();
+                    SessionEnd::Stopped(*node)
+                }
+            }
+        }
+
+        async fn close(&self, node: usize) {
+            self.closed.borrow_mut().push(node);
+            self.up_when_closed.borrow_mut().push(self.health.broker());
+        }
+
+        fn redacted_url(&self) -> String {
+            format!("{} nodes", self.nodes)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lost_session_reconnects_from_the_node_after_its_own() {
+        use End::{Lost, Stopped};
+        let cluster = Cluster::of(3, &[Lost, Lost, Lost, Stopped]);
+        let stopped = cluster.run().await.expect("no error");
+        assert_eq!(*cluster.ran.borrow(), [0, 1, 2, 0]);
+        assert_eq!(
+            *cluster.closed.borrow(),
+            [0, 1, 2],
+            "each lost session closed"
+        );
+        assert_eq!(stopped, Some((0, 0)));
+    }
+
+    #[tokio::test]
+    async fn a_node_that_cannot_declare_the_queues_is_tried_last() {
+        let cluster = Cluster {
+            undeclarable: vec![0],
+            ..Cluster::of(3, &[End::Stopped])
+        };
+        let stopped = cluster.run().await.expect("no error");
+        assert_eq!(*cluster.connected.borrow(), [0, 1]);
+        assert_eq!(*cluster.ran.borrow(), [1]);
+        assert_eq!(stopped, Some((1, 1)));
+    }
+
+    #[tokio::test]
+    async fn a_stopped_session_is_left_open_for_the_drain() {
+        let cluster = Cluster::of(2, &[End::Stopped]);
+        let stopped = cluster.run().await.expect("no error");
+        assert_eq!(stopped, Some((0, 0)));
+        assert!(cluster.closed.borrow().is_empty(), "closing is the drain's");
+        assert!(cluster.health.broker());
+    }
+
+    #[tokio::test]
+    async fn health_shows_the_broker_down_between_sessions() {
+        let cluster = Cluster::of(2, &[End::Lost]);
+        cluster.run().await.expect("no error");
+        assert_eq!(*cluster.up_when_running.borrow(), [true, true]);
+        assert_eq!(*cluster.up_when_closed.borrow(), [false]);
+    }
+
+    #[tokio::test]
+    async fn a_bad_url_is_a_configuration_error_not_retried() {
+        let cluster = Cluster {
+            bad_url: true,
+            ..Cluster::of(1, &[])
+        };
+        let result = cluster.run().await;
+        assert!(matches!(result, Err(DaemonError::Config(_))), "{result:?}");
+        assert!(cluster.ran.borrow().is_empty());
+    }
+
+    #[tokio::test]
+    async fn stopping_while_waiting_for_the_broker_ends_without_a_session() {
+        let cluster = Cluster {
+            unreachable: true,
+            ..Cluster::of(1, &[])
+        };
+        let result = cluster.run().await;
+        assert!(matches!(result, Ok(None)), "{result:?}");
+    }
+
+    /// Runs `drain` with `close` noting whether `done` was set by then.
+    async fn drain_noting(
+        tracker: &TaskTracker,
+        grace: Duration,
+        abandon: &CancellationToken,
+        done: &AtomicBool,
+    ) -> Option<bool> {
+        let seen = Cell::new(None);
+        let close = async { seen.set(Some(done.load(Ordering::SeqCst))) };
+        drain(tracker, grace, abandon, close).await;
+        seen.get()
+    }
+
+    #[tokio::test]
+    async fn draining_finishes_in_flight_messages_before_closing_the_channels() {
+        let tracker = TaskTracker::new();
+        let done = Arc::new(AtomicBool::new(false));
+        let finished = done.clone();
+        tracker.spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            finished.store(true, Ordering::SeqCst);
+        });
+        let abandon = CancellationToken::new();
+        let grace = Duration::from_secs(30);
+        let seen = drain_noting(&tracker, grace, &abandon, &done).await;
+        assert_eq!(seen, Some(true), "closed after the message finished");
+        assert!(!abandon.is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn past_the_grace_period_in_flight_messages_are_abandoned_then_closed() {
+        let tracker = TaskTracker::new();
+        let abandon = CancellationToken::new();
+        let gave_up = Arc::new(AtomicBool::new(false));
+        let (told, noted) = (abandon.clone(), gave_up.clone());
+        tracker.spawn(async move {
+            told.cancelled().await;
+            noted.store(true, Ordering::SeqCst);
+        });
+        let began = Instant::now();
+        let seen = drain_noting(&tracker, Duration::from_millis(50), &abandon, &gave_up).await;
+        assert!(abandon.is_cancelled());
+        assert_eq!(seen, Some(true), "closed after the message gave up");
+        assert!(
+            began.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            began.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_message_deaf_to_abandon_holds_the_drain_two_seconds_at_most() {
+        let tracker = TaskTracker::new();
+        tracker.spawn(tokio::time::sleep(Duration::from_secs(3_600)));
+        let abandon = CancellationToken::new();
+        let began = Instant::now();
+        let never = AtomicBool::new(false);
+        let seen = drain_noting(&tracker, Duration::from_millis(10), &abandon, &never).await;
+        assert_eq!(seen, Some(false), "closed all the same");
+        let took = began.elapsed();
+        assert!(
+            took >= Duration::from_secs(2),
+            "given its two seconds: {took:?}"
+        );
+        assert!(took < Duration::from_secs(3), "{took:?}");
     }
 }
