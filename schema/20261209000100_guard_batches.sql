@@ -21,8 +21,15 @@
 -- All rows are locked before any is read to decide: the numbers' (ascending), then the
 -- day's, then the schools' months (ascending school, then month). sms_guard_admit locks
 -- in the same order, so no two admissions, batched or not, of this replica or another,
--- wait for each other in a circle. The reservations are read once the rows are locked:
--- an admission that waited sees what the one before it counted.
+-- wait for each other in a circle.
+--
+-- What each message counted before (its reservations) is read with the rest, before the
+-- locks: an admission that waited for another's locks may not see what that one
+-- reserved. It cannot count a message twice for it: reservations are inserted without
+-- ON CONFLICT, so one already there makes the insert fail (a unique violation), the
+-- batch counts nothing, and the replica admits its checks again, each alone, which then
+-- find the reservation. That takes two admissions of one message at the same moment (a
+-- redelivery racing its first delivery); every other batch reads each reservation once.
 CREATE OR REPLACE FUNCTION sms_guard_admit_many(
     message_entries integer[], message_ids uuid[], message_numbers text[],
     entry_schools bigint[], entry_segments integer[], entry_budgets integer[],
@@ -33,9 +40,8 @@ DECLARE
     entry_count integer := cardinality(entry_schools);
     today date := (now() AT TIME ZONE 'UTC')::date;
     refusals text[] := array_fill(NULL::text, ARRAY[entry_count]);
-    -- Each message: it has no outcome, and its recipient did not opt out; it would count
-    -- against its budget for the first time.
-    message_wanted boolean[];
+    -- Each message: whether it counts against its budget for the first time (it has no
+    -- outcome, its recipient did not opt out, it has no reservation of its budget).
     message_fresh boolean[];
     -- Each entry: whether some message of it has no outcome; its first wanted message
     -- (null: every recipient opted out); its school's month (an index of month_*); whether
@@ -68,30 +74,37 @@ BEGIN
     -- A message with an outcome (a job published again) is not counted: its claim finds
     -- it done. A failed one may be replayed, and counts (once) like any other. Recipients
     -- who opted out are neither counted nor sent to (their claim refuses them). The month
-    -- is the one the messages were created in, as `smsgw usage` counts them.
+    -- is the one the messages were created in, as `smsgw usage` counts them. Each
+    -- message is 'done' (it has an outcome), 'opted_out', 'wanted' (to be sent; no
+    -- budget, or counted on it before) or 'fresh' (to count on its budget now).
     WITH message AS (
-        SELECT i.entry, i.n, i.number,
-               NOT COALESCE(x.status IN ('sent', 'delivered', 'undelivered', 'suppressed',
-                                         'expired', 'cancelled'), false) AS open,
-               x.created_at
+        SELECT i.entry, i.n, x.created_at,
+               CASE WHEN x.status IN ('sent', 'delivered', 'undelivered', 'suppressed',
+                                      'expired', 'cancelled') THEN 'done'
+                    WHEN EXISTS (SELECT 1 FROM sms_opt_outs o
+                                  WHERE o.phone = i.number
+                                    AND (o.school_id IS NULL
+                                         OR o.school_id = entry_schools[i.entry])
+                                 OFFSET 0) THEN 'opted_out'
+                    WHEN entry_budgets[i.entry] IS NULL
+                      OR EXISTS (SELECT 1 FROM sms_guard_reservations r
+                                  WHERE r.message_id = i.id AND r.guard = 'budget'
+                                 OFFSET 0) THEN 'wanted'
+                    ELSE 'fresh'
+               END AS state
           FROM unnest(message_entries, message_ids, message_numbers)
                WITH ORDINALITY AS i (entry, id, number, n)
           LEFT JOIN LATERAL (SELECT m.status, m.created_at FROM sms_messages m
                               WHERE m.id = i.id OFFSET 0) x ON true
-    ), wanted AS (
-        SELECT w.*, w.open AND NOT EXISTS (
-                   SELECT 1 FROM sms_opt_outs o
-                    WHERE o.phone = w.number
-                      AND (o.school_id IS NULL OR o.school_id = entry_schools[w.entry])
-                   OFFSET 0) AS wanted
-          FROM message w
     ), entry AS (
-        SELECT g.entry, COALESCE(bool_or(w.open), false) AS open,
-               min(w.n) FILTER (WHERE w.wanted) AS first,
-               date_trunc('month', COALESCE(min(w.created_at) FILTER (WHERE w.wanted), now())
-                                   AT TIME ZONE 'UTC')::date AS month
+        SELECT g.entry, COALESCE(bool_or(m.state <> 'done'), false) AS open,
+               min(m.n) FILTER (WHERE m.state IN ('wanted', 'fresh')) AS first,
+               count(*) FILTER (WHERE m.state = 'fresh') * entry_segments[g.entry] AS adding,
+               date_trunc('month', COALESCE(min(m.created_at) FILTER (WHERE m.state <> 'done'
+                                                                       AND m.state <> 'opted_out'),
+                                            now()) AT TIME ZONE 'UTC')::date AS month
           FROM generate_series(1, entry_count) AS g (entry)
-          LEFT JOIN wanted w ON w.entry = g.entry
+          LEFT JOIN message m ON m.entry = g.entry
          GROUP BY g.entry
     ), budgeted AS (
         SELECT e.entry, entry_schools[e.entry] AS school, e.month,
@@ -99,12 +112,24 @@ BEGIN
           FROM entry e
          WHERE entry_budgets[e.entry] IS NOT NULL AND e.first IS NOT NULL
     )
-    SELECT (SELECT array_agg(w.wanted ORDER BY w.n) FROM wanted w),
+    SELECT (SELECT array_agg(m.state = 'fresh' ORDER BY m.n) FROM message m),
            array_agg(e.open ORDER BY e.entry), array_agg(e.first::integer ORDER BY e.entry),
+           array_agg(e.adding ORDER BY e.entry),
+           array_agg(entry_login[e.entry] AND e.first IS NOT NULL
+                     AND NOT EXISTS (SELECT 1 FROM sms_guard_reservations r
+                                      WHERE r.message_id = message_ids[e.first]
+                                        AND r.guard = 'recipient' OFFSET 0)
+                     ORDER BY e.entry),
+           array_agg(entry_abroad[e.entry] AND e.first IS NOT NULL
+                     AND NOT EXISTS (SELECT 1 FROM sms_guard_reservations r
+                                      WHERE r.message_id = message_ids[e.first]
+                                        AND r.guard = 'international' OFFSET 0)
+                     ORDER BY e.entry),
            array_agg(b.slot ORDER BY e.entry),
            ARRAY(SELECT DISTINCT ON (b.slot) b.school FROM budgeted b ORDER BY b.slot),
            ARRAY(SELECT DISTINCT ON (b.slot) b.month FROM budgeted b ORDER BY b.slot)
-      INTO message_wanted, entry_open, entry_first, entry_month, month_schools, month_starts
+      INTO message_fresh, entry_open, entry_first, entry_adding, entry_login_new,
+           entry_abroad_new, entry_month, month_schools, month_starts
       FROM entry e
       LEFT JOIN budgeted b ON b.entry = e.entry;
 
@@ -166,35 +191,6 @@ BEGIN
                    FOR UPDATE) l;
     END IF;
 
-    -- What each message and entry would count for the first time, read under the rows'
-    -- locks.
-    WITH fresh AS (
-        SELECT w.entry, w.n,
-               w.wanted AND entry_budgets[w.entry] IS NOT NULL
-               AND NOT EXISTS (SELECT 1 FROM sms_guard_reservations r
-                                WHERE r.message_id = w.id AND r.guard = 'budget' OFFSET 0)
-                 AS fresh
-          FROM unnest(message_entries, message_ids, message_wanted)
-               WITH ORDINALITY AS w (entry, id, wanted, n)
-    ), counted AS (
-        SELECT f.entry, count(*) AS messages FROM fresh f WHERE f.fresh GROUP BY f.entry
-    )
-    SELECT (SELECT array_agg(f.fresh ORDER BY f.n) FROM fresh f),
-           array_agg(COALESCE(c.messages, 0) * entry_segments[g.entry] ORDER BY g.entry),
-           array_agg(entry_login[g.entry] AND entry_first[g.entry] IS NOT NULL
-                     AND NOT EXISTS (SELECT 1 FROM sms_guard_reservations r
-                                      WHERE r.message_id = message_ids[entry_first[g.entry]]
-                                        AND r.guard = 'recipient' OFFSET 0)
-                     ORDER BY g.entry),
-           array_agg(entry_abroad[g.entry] AND entry_first[g.entry] IS NOT NULL
-                     AND NOT EXISTS (SELECT 1 FROM sms_guard_reservations r
-                                      WHERE r.message_id = message_ids[entry_first[g.entry]]
-                                        AND r.guard = 'international' OFFSET 0)
-                     ORDER BY g.entry)
-      INTO message_fresh, entry_adding, entry_login_new, entry_abroad_new
-      FROM generate_series(1, entry_count) AS g (entry)
-      LEFT JOIN counted c ON c.entry = g.entry;
-
     -- Each entry in turn, against the counts as the entries before it left them: every
     -- count checked before any is added to, so a refusal counts nothing.
     FOR ent IN 1 .. entry_count LOOP
@@ -255,11 +251,8 @@ BEGIN
         END IF;
     END LOOP;
 
-    -- Each reservation was looked for under the locks of the rows its count is on, so it
-    -- is new: another admission of the same message waited for those locks and will
-    -- find it. One that could not (its replica placed the message in another month, at
-    -- a month's turn) makes this insert fail rather than count the message twice; the
-    -- batch is then admitted again, and finds it.
+    -- Without ON CONFLICT: a reservation made since it was looked for fails the batch
+    -- rather than count its message twice (see above).
     INSERT INTO sms_guard_reservations (message_id, guard)
     SELECT message_ids[entry_first[g.entry]], 'recipient'
       FROM generate_series(1, entry_count) AS g (entry)

@@ -558,6 +558,53 @@ async fn one_statement_gives_each_message_of_a_batch_its_own_answer() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_batch_that_waited_on_another_admission_of_its_message_fails_rather_than_count_twice() {
+    let env = TestEnv::new().await;
+    helpers::migrate(&env.database_url).await;
+    let store = Store::connect(&env.database_url, 2).await.expect("store");
+    let (raced, other, to) = ([Uuid::new_v4()], [Uuid::new_v4()], [NUMBER]);
+    // Another replica's admission of `raced`, under way: it counted the message on its
+    // school's month and reserved it, and has not committed yet.
+    let replica = Db::connect(&env.database_url).await;
+    replica
+        .batch(&format!(
+            "BEGIN;
+             INSERT INTO sms_guard_budgets (school_id, month, used)
+             VALUES ({SCHOOL}, date_trunc('month', now() AT TIME ZONE 'UTC')::date, 1);
+             INSERT INTO sms_guard_reservations (message_id, guard)
+             VALUES ('{}', 'budget');",
+            raced[0]
+        ))
+        .await;
+    let admitting = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let checks = [
+                mixed(&raced, &to, Counts::Budget(1)),
+                mixed(&other, &to, Counts::Budget(1)),
+            ];
+            store.admit_all(&checks).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!admitting.is_finished(), "waits for the other's row");
+
+    replica.batch("COMMIT").await;
+
+    let first = admitting.await.expect("task");
+    assert!(first.is_err(), "{first:?}");
+    let checks = [
+        mixed(&raced, &to, Counts::Budget(1)),
+        mixed(&other, &to, Counts::Budget(1)),
+    ];
+    let again = store.admit_all(&checks).await.expect("admit again");
+    assert_eq!(again, [Admission::Admitted, Admission::Admitted]);
+    let db = Db::connect(&env.database_url).await;
+    let used: i64 = db.scalar("SELECT used FROM sms_guard_budgets", &[]).await;
+    assert_eq!(used, 2, "the other replica's one and `other`; `raced` once");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn two_stores_admitting_at_once_admit_exactly_what_the_budget_holds() {
     let env = TestEnv::new().await;
     helpers::migrate(&env.database_url).await;
