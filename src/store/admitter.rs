@@ -47,7 +47,8 @@ const SMALL_BATCH: usize = 32;
 /// international limit once, so the checks that count against one of them name the same
 /// (they come from one process's settings: a check with another waits for the next
 /// batch). A message is in one check of a batch at most: the statement reads what each
-/// message counted before it counts anything, so a message twice would count twice.
+/// message counted before it counts anything, so the second check of a message would
+/// find nothing counted, and its reservation would fail the whole batch.
 #[derive(Default)]
 struct Batch {
     rows: Vec<CheckRow>,
@@ -198,4 +199,78 @@ async fn admit_waiting(pool: &Pool, batch: Vec<Waiting>, limit: Duration) {
         settle(client, result)
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(messages: usize) -> CheckRow {
+        CheckRow {
+            messages: (0..messages).map(|_| Uuid::new_v4()).collect(),
+            recipients: vec!["+447700900123".to_owned(); messages],
+            school_id: 42,
+            segments: 1,
+            login_codes: None,
+            international: None,
+            budget: None,
+        }
+    }
+
+    fn sizes(batches: &[Vec<CheckRow>]) -> Vec<usize> {
+        batches.iter().map(Vec::len).collect()
+    }
+
+    #[test]
+    fn checks_go_together_until_a_message_comes_again() {
+        let first = row(1);
+        let again = first.clone();
+        let batches = in_order(vec![first, row(1), again, row(1)]);
+        assert_eq!(sizes(&batches), [2, 2]);
+    }
+
+    #[test]
+    fn a_check_with_another_limit_of_a_counter_starts_the_next_statement() {
+        let hourly = RateWindow {
+            count: 5,
+            window: Duration::from_secs(3600),
+        };
+        let daily = RateWindow {
+            window: Duration::from_secs(86_400),
+            ..hourly
+        };
+        let code = |limit| CheckRow {
+            login_codes: Some(limit),
+            ..row(1)
+        };
+        let abroad = |limit| CheckRow {
+            international: Some(limit),
+            ..row(1)
+        };
+        let batches = in_order(vec![code(hourly), row(1), code(hourly), code(daily)]);
+        assert_eq!(sizes(&batches), [3, 1]);
+        let batches = in_order(vec![abroad(7), code(hourly), abroad(8)]);
+        assert_eq!(sizes(&batches), [2, 1]);
+    }
+
+    #[test]
+    fn an_announcement_bigger_than_a_batch_goes_alone() {
+        let batches = in_order(vec![row(1), row(MAX_MESSAGES + 1), row(MAX_MESSAGES - 1)]);
+        assert_eq!(sizes(&batches), [1, 1, 1]);
+    }
+
+    #[test]
+    fn a_waiting_check_that_does_not_fit_stays_for_the_next_batch_in_its_place() {
+        let first = row(1);
+        let again = first.clone();
+        let mut waiting: VecDeque<Waiting> = [first, again, row(1)]
+            .into_iter()
+            .map(|r| (r, oneshot::channel().0))
+            .collect();
+        let taken = next_batch(&mut waiting);
+        assert_eq!(taken.len(), 2);
+        assert_eq!(waiting.len(), 1);
+        assert_eq!(next_batch(&mut waiting).len(), 1);
+        assert!(waiting.is_empty());
+    }
 }
