@@ -1,7 +1,9 @@
 //! The guards against fraud and spend (interface section 14), through the daemon, against
 //! the real RabbitMQ and PostgreSQL, Twilio at the local stub: where a school may text,
 //! login codes per number, the account's texts abroad per day, each school's monthly
-//! budget and its events; and two replicas sharing the account-wide counts.
+//! budget and its events; and two replicas sharing the account-wide counts. Then the
+//! store's admissions themselves: many in one statement, each with its own answer, and a
+//! budget exact however many stores admit at once.
 
 mod helpers;
 
@@ -10,8 +12,14 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
+use smsgw::{
+    config::RateWindow,
+    store::{Admission, GuardBudget, GuardCheck, GuardRefusal, Store},
+};
+
 use helpers::{
-    App, base_settings,
+    App, TestEnv, base_settings,
+    db::Db,
     events::EventTap,
     free_port, id_of, job,
     process::{Daemon, wait_ready},
@@ -416,4 +424,253 @@ async fn two_replicas_share_the_international_cap_and_the_login_code_limit() {
         "{here} here, {there} in the second replica"
     );
     second.signal("TERM");
+}
+
+/// A check of one message of `segments` to `to` for `school`, with nothing counted yet.
+fn check<'a>(id: &'a [Uuid], to: &'a [&'a str], school: i64, segments: u32) -> GuardCheck<'a> {
+    GuardCheck {
+        messages: id,
+        recipients: to,
+        school_id: school,
+        segments,
+        login_codes: None,
+        international: None,
+        budget: None,
+    }
+}
+
+fn budget(budget: u32, exempt: bool) -> Option<GuardBudget> {
+    Some(GuardBudget { budget, exempt })
+}
+
+/// The budget events written, as (name, used), oldest first.
+async fn budget_events_written(db: &Db) -> Vec<(String, i64)> {
+    let rows = db
+        .rows(
+            "SELECT routing_key, (payload->>'used')::int8 FROM sms_outbox
+              WHERE routing_key LIKE 'budget.%' ORDER BY id",
+            &[],
+        )
+        .await;
+    rows.iter().map(|r| (r.get(0), r.get(1))).collect()
+}
+
+/// What a message of the mixed batch counts against: `SCHOOL`'s budget of 6 (with its
+/// segments), one login code an hour (counted on that budget, never refused by it), one
+/// text abroad a day (of school 43, which has no budget).
+#[derive(Clone, Copy)]
+enum Counts {
+    Budget(u32),
+    LoginCode,
+    Abroad,
+}
+
+fn mixed<'a>(id: &'a [Uuid], to: &'a [&'a str], counts: Counts) -> GuardCheck<'a> {
+    let one_code = RateWindow {
+        count: 1,
+        window: Duration::from_secs(3600),
+    };
+    match counts {
+        Counts::Budget(segments) => GuardCheck {
+            budget: budget(6, false),
+            ..check(id, to, SCHOOL, segments)
+        },
+        Counts::LoginCode => GuardCheck {
+            login_codes: Some(one_code),
+            budget: budget(6, true),
+            ..check(id, to, SCHOOL, 1)
+        },
+        Counts::Abroad => GuardCheck {
+            international: Some(1),
+            ..check(id, to, 43, 1)
+        },
+    }
+}
+
+/// `SCHOOL`'s segments used, the day's texts abroad, and the reservations.
+async fn counts(db: &Db) -> (i64, i32, i64) {
+    let used = "SELECT used FROM sms_guard_budgets WHERE school_id = $1";
+    (
+        db.scalar(used, &[&SCHOOL]).await,
+        db.scalar("SELECT international FROM sms_guard_days", &[])
+            .await,
+        db.scalar("SELECT count(*) FROM sms_guard_reservations", &[])
+            .await,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_statement_gives_each_message_of_a_batch_its_own_answer() {
+    let env = TestEnv::new().await;
+    helpers::migrate(&env.database_url).await;
+    let db = Db::connect(&env.database_url).await;
+    let opted_out = "+447700900999";
+    db.execute(
+        "INSERT INTO sms_opt_outs (school_id, phone, source) VALUES (NULL, $1, 'web')",
+        &[&opted_out],
+    )
+    .await;
+    let store = Store::connect(&env.database_url, 2).await.expect("store");
+    let ids: Vec<[Uuid; 1]> = (0..8).map(|_| [Uuid::new_v4()]).collect();
+    let (home, abroad, opted) = ([NUMBER], [JAMAICA], [opted_out]);
+    use Counts::{Abroad, Budget, LoginCode};
+    let checks = [
+        mixed(&ids[0], &home, Budget(2)),
+        mixed(&ids[1], &home, Budget(5)),
+        mixed(&ids[2], &home, Budget(4)),
+        mixed(&ids[3], &opted, Budget(1)),
+        mixed(&ids[4], &home, LoginCode),
+        mixed(&ids[5], &home, LoginCode),
+        mixed(&ids[6], &abroad, Abroad),
+        mixed(&ids[7], &abroad, Abroad),
+        // Counted before: admitted, and not counted twice.
+        mixed(&ids[0], &home, Budget(2)),
+    ];
+
+    let answers = store.admit_all(&checks).await.expect("admit");
+
+    let refused = Admission::Refused;
+    assert_eq!(
+        answers,
+        [
+            Admission::Admitted,
+            refused(GuardRefusal::BudgetExhausted),
+            Admission::Admitted,
+            refused(GuardRefusal::OptedOut),
+            Admission::Admitted,
+            refused(GuardRefusal::RecipientLimit),
+            Admission::Admitted,
+            refused(GuardRefusal::InternationalLimit),
+            Admission::Admitted,
+        ]
+    );
+    // Segments 2 + 4 + the login code's 1, no refusal counted; budget reservations of the
+    // 1st, 3rd and 5th, the 5th's login code, the 7th's text abroad.
+    assert_eq!(counts(&db).await, (7, 1, 5));
+    assert_eq!(
+        budget_events_written(&db).await,
+        [
+            ("budget.exhausted".to_owned(), 2),
+            ("budget.warning".to_owned(), 6)
+        ],
+        "exhausted when the 2nd did not fit, then only the warning when the 3rd used it up"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_that_waited_on_another_admission_of_its_message_fails_rather_than_count_twice() {
+    let env = TestEnv::new().await;
+    helpers::migrate(&env.database_url).await;
+    let store = Store::connect(&env.database_url, 2).await.expect("store");
+    let (raced, other, to) = ([Uuid::new_v4()], [Uuid::new_v4()], [NUMBER]);
+    // Another replica's admission of `raced`, under way: it counted the message on its
+    // school's month and reserved it, and has not committed yet.
+    let replica = Db::connect(&env.database_url).await;
+    replica
+        .batch(&format!(
+            "BEGIN;
+             INSERT INTO sms_guard_budgets (school_id, month, used)
+             VALUES ({SCHOOL}, date_trunc('month', now() AT TIME ZONE 'UTC')::date, 1);
+             INSERT INTO sms_guard_reservations (message_id, guard)
+             VALUES ('{}', 'budget');",
+            raced[0]
+        ))
+        .await;
+    let admitting = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let checks = [
+                mixed(&raced, &to, Counts::Budget(1)),
+                mixed(&other, &to, Counts::Budget(1)),
+            ];
+            store.admit_all(&checks).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!admitting.is_finished(), "waits for the other's row");
+
+    replica.batch("COMMIT").await;
+
+    let first = admitting.await.expect("task");
+    assert!(first.is_err(), "{first:?}");
+    let checks = [
+        mixed(&raced, &to, Counts::Budget(1)),
+        mixed(&other, &to, Counts::Budget(1)),
+    ];
+    let again = store.admit_all(&checks).await.expect("admit again");
+    assert_eq!(again, [Admission::Admitted, Admission::Admitted]);
+    let db = Db::connect(&env.database_url).await;
+    let used: i64 = db.scalar("SELECT used FROM sms_guard_budgets", &[]).await;
+    assert_eq!(used, 2, "the other replica's one and `other`; `raced` once");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_stores_admitting_at_once_admit_exactly_what_the_budget_holds() {
+    let env = TestEnv::new().await;
+    helpers::migrate(&env.database_url).await;
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        let store = Store::connect(&env.database_url, 4).await.expect("store");
+        replicas.push(store.with_recorder());
+    }
+    let ids: Vec<Uuid> = (0..200).map(|_| Uuid::new_v4()).collect();
+    let admit = |store: &Store, id: Uuid| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let (id, to) = ([id], [NUMBER]);
+            let one = GuardCheck {
+                budget: budget(50, false),
+                ..check(&id, &to, SCHOOL, 1)
+            };
+            store.admit(&one).await.expect("admit")
+        })
+    };
+
+    let tasks: Vec<_> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| admit(&replicas[i % 2], *id))
+        .collect();
+    let mut answers = Vec::new();
+    for task in tasks {
+        answers.push(task.await.expect("task"));
+    }
+
+    let admitted: Vec<Uuid> = ids
+        .iter()
+        .zip(&answers)
+        .filter(|(_, answer)| **answer == Admission::Admitted)
+        .map(|(id, _)| *id)
+        .collect();
+    assert_eq!(admitted.len(), 50);
+    let refused = Admission::Refused(GuardRefusal::BudgetExhausted);
+    assert!(
+        answers
+            .iter()
+            .all(|a| *a == Admission::Admitted || *a == refused)
+    );
+    // Each admitted message tried again passes without counting again.
+    let again: Vec<_> = admitted.iter().map(|id| admit(&replicas[1], *id)).collect();
+    for task in again {
+        assert_eq!(task.await.expect("task"), Admission::Admitted);
+    }
+    let db = Db::connect(&env.database_url).await;
+    let used: i64 = db
+        .scalar(
+            "SELECT used FROM sms_guard_budgets WHERE school_id = $1",
+            &[&SCHOOL],
+        )
+        .await;
+    assert_eq!(used, 50);
+    let reserved: i64 = db
+        .scalar("SELECT count(*) FROM sms_guard_reservations", &[])
+        .await;
+    assert_eq!(reserved, 50);
+    assert_eq!(
+        budget_events_written(&db).await,
+        [
+            ("budget.warning".to_owned(), 40),
+            ("budget.exhausted".to_owned(), 50)
+        ]
+    );
 }

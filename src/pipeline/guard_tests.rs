@@ -1,5 +1,5 @@
 //! The guards against fraud and spend through the pipeline, without services: the
-//! in-memory log counts as `sms_guard_admit` does, on a clock the tests set, so the
+//! in-memory log counts as `sms_guard_admit_many` does, on a clock the tests set, so the
 //! windows', days' and months' edges are given instants.
 
 use serde_json::json;

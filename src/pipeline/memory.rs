@@ -1,7 +1,8 @@
 //! An in-memory message log with the store's semantics, for the pipeline's unit tests:
 //! the claim that checks opt-outs and takes over or refuses, records that never move a
-//! final outcome, the guards' counts (as `sms_guard_admit` keeps them, on a clock the
-//! tests may set), and a database that can be made to fail for a number of statements.
+//! final outcome, the guards' counts (as `sms_guard_admit_many` keeps them, on a clock
+//! the tests may set), and a database that can be made to fail for a number of
+//! statements.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -300,9 +301,9 @@ impl Tables {
     }
 }
 
-/// `sms_guard_admit`, rule for rule: every counter checked before any is counted, each
-/// message counted once per counter, messages with an outcome and recipients who opted
-/// out neither counted nor sent to.
+/// `sms_guard_admit_many` for one check, rule for rule: every counter checked before any
+/// is counted, each message counted once per counter, messages with an outcome and
+/// recipients who opted out neither counted nor sent to.
 fn admit(t: &mut Tables, check: &GuardCheck<'_>) -> Admission {
     let now = t.clock();
     let open: Vec<(&Uuid, &&str)> = check

@@ -2,8 +2,8 @@
 //! number is abroad, which counters a message involves, whether segments fit a budget,
 //! which budget events a use sets off, and which UTC day and month an instant falls in.
 //!
-//! Counting itself happens in PostgreSQL (the store's `sms_guard_admit`), atomically and
-//! once per message, so that every replica shares one count; these rules decide, from
+//! Counting itself happens in PostgreSQL (the store's `sms_guard_admit_many`), atomically
+//! and once per message, so that every replica shares one count; these rules decide, from
 //! the cached settings alone, whether a message needs a count at all. Most do not, and
 //! pay nothing: a domestic text that is not a login code, from a school without a budget.
 

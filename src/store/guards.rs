@@ -1,22 +1,22 @@
-//! The guards' counts (interface section 14): a message admitted past them, or the guard
-//! that refuses it, in one statement (`sms_guard_admit`, in the guards migration, which
-//! also writes the budget events); what each school used of its budget; the schools whose
-//! guard settings cannot be read; and the purge of old counts.
+//! The guards' counts (interface section 14): messages admitted past them, or the guard
+//! that refuses each, in one statement for many messages (`sms_guard_admit_many`, in the
+//! guard batches' migration, which also writes the budget events); what each school used
+//! of its budget; the schools whose guard settings cannot be read; and the purge of old
+//! counts.
 //!
 //! Every count lives in PostgreSQL and changes under its row's lock, so all replicas
 //! share it and none passes a limit. A message is counted once, through its reservations
 //! (`sms_guard_reservations`, one per message and counter): a retry finds them and passes.
+//! The daemon's admissions wait in the admitter (`admitter.rs`), which gathers them into
+//! batches.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::time::Duration;
 
+use deadpool_postgres::Client;
 use time::Date;
 use uuid::Uuid;
 
-use super::{Store, StoreError};
+use super::{Store, StoreError, prepared};
 use crate::{
     config::RateWindow,
     school::{Budget, Destinations},
@@ -99,44 +99,29 @@ pub struct UnreadableGuard {
     pub value: String,
 }
 
-/// A row of counts that many messages of one process would wait on at once: the day's
-/// texts abroad (one for the whole account) and a school's month.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum SharedCount {
-    Abroad,
-    School(i64),
+/// A [`GuardCheck`] of its own, to wait in the admitter's queue.
+#[derive(Debug, Clone)]
+pub(crate) struct CheckRow {
+    pub messages: Vec<Uuid>,
+    pub recipients: Vec<String>,
+    pub school_id: i64,
+    pub segments: i32,
+    pub login_codes: Option<RateWindow>,
+    pub international: Option<u32>,
+    pub budget: Option<GuardBudget>,
 }
 
-/// Admissions of one process that involve the same shared count take turns here, before
-/// they take a connection. Waiting on the row's lock instead, each would hold one of the
-/// pool's few connections: a school's messages, hundreds in flight, would take them all
-/// from the claims and records every other message needs, and sending would crawl.
-#[derive(Debug, Default)]
-pub(super) struct AdmissionTurns {
-    turns: Mutex<HashMap<SharedCount, Arc<tokio::sync::Mutex<()>>>>,
-}
-
-impl AdmissionTurns {
-    /// The turn of each shared count `check` involves, in the order the statement locks
-    /// their rows (the day's before the school's), so two admissions never wait for each
-    /// other in a circle.
-    async fn take(&self, check: &GuardCheck<'_>) -> Vec<tokio::sync::OwnedMutexGuard<()>> {
-        let mut wanted = Vec::with_capacity(2);
-        if check.international.is_some() {
-            wanted.push(SharedCount::Abroad);
+impl CheckRow {
+    pub(crate) fn of(check: &GuardCheck<'_>) -> Self {
+        CheckRow {
+            messages: check.messages.to_vec(),
+            recipients: check.recipients.iter().map(|&r| r.to_owned()).collect(),
+            school_id: check.school_id,
+            segments: int4(check.segments),
+            login_codes: check.login_codes,
+            international: check.international,
+            budget: check.budget,
         }
-        if check.budget.is_some() {
-            wanted.push(SharedCount::School(check.school_id));
-        }
-        let mut held = Vec::with_capacity(wanted.len());
-        for count in wanted {
-            let turn = {
-                let mut turns = self.turns.lock().unwrap_or_else(|p| p.into_inner());
-                turns.entry(count).or_default().clone()
-            };
-            held.push(turn.lock_owned().await);
-        }
-        held
     }
 }
 
@@ -145,50 +130,142 @@ fn int4(n: u32) -> i32 {
     i32::try_from(n).unwrap_or(i32::MAX)
 }
 
+/// The arrays `sms_guard_admit_many` takes: each message with its entry (1-based), and
+/// each entry's school and counters.
+#[derive(Default)]
+struct BatchArrays<'a> {
+    message_entries: Vec<i32>,
+    message_ids: Vec<Uuid>,
+    message_numbers: Vec<&'a str>,
+    schools: Vec<i64>,
+    segments: Vec<i32>,
+    budgets: Vec<Option<i32>>,
+    exempt: Vec<bool>,
+    login: Vec<bool>,
+    abroad: Vec<bool>,
+}
+
+impl<'a> BatchArrays<'a> {
+    fn of(rows: &'a [CheckRow]) -> Self {
+        let mut arrays = BatchArrays::default();
+        for (entry, row) in (1..).zip(rows) {
+            for (id, number) in row.messages.iter().zip(&row.recipients) {
+                arrays.message_entries.push(entry);
+                arrays.message_ids.push(*id);
+                arrays.message_numbers.push(number);
+            }
+            arrays.schools.push(row.school_id);
+            arrays.segments.push(row.segments);
+            arrays.budgets.push(row.budget.map(|b| int4(b.budget)));
+            arrays.exempt.push(row.budget.is_some_and(|b| b.exempt));
+            arrays.login.push(row.login_codes.is_some());
+            arrays.abroad.push(row.international.is_some());
+        }
+        arrays
+    }
+}
+
+/// Admits `rows` in one statement, in their order, each as if alone. The rows' messages
+/// are distinct, and those that count against the login-code limit or the international
+/// limit name the same one (the statement takes each limit once: see `admitter::Batch`).
+///
+/// The commit does not wait for the disk (`synchronous_commit` off for it alone): it is
+/// short, and the row locks it holds are released sooner. Nothing is given up by that. A
+/// message is claimed after it is admitted, and a commit that waits for the disk flushes
+/// the write-ahead log up to itself, every commit before it included; so an admission a
+/// database crash can take away is one whose message was never claimed, never sent, and
+/// then counts nothing, as it should.
+pub(super) async fn admit_batch(
+    client: &Client,
+    rows: &[CheckRow],
+) -> Result<Vec<Admission>, StoreError> {
+    const ADMIT: &str = "SELECT sms_guard_admit_many($1::int4[], $2::uuid[], $3::text[],
+                                                    $4::int8[], $5::int4[], $6::int4[],
+                                                    $7::bool[], $8::bool[], $9::bool[],
+                                                    $10::int4, $11::float8, $12::int4),
+                                set_config('synchronous_commit', 'off', true)";
+    let a = BatchArrays::of(rows);
+    let login = rows.iter().find_map(|r| r.login_codes);
+    let login_limit = login.map(|l| int4(l.count));
+    let login_window = login.map(|l| l.window.as_secs_f64());
+    let international = rows.iter().find_map(|r| r.international).map(int4);
+    let statement = prepared(client, ADMIT).await?;
+    let row = client
+        .query_one(
+            &statement,
+            &[
+                &a.message_entries,
+                &a.message_ids,
+                &a.message_numbers,
+                &a.schools,
+                &a.segments,
+                &a.budgets,
+                &a.exempt,
+                &a.login,
+                &a.abroad,
+                &login_limit,
+                &login_window,
+                &international,
+            ],
+        )
+        .await?;
+    let refusals: Vec<Option<String>> = row.try_get(0)?;
+    if refusals.len() != rows.len() {
+        return Err(StoreError::Corrupt(format!(
+            "sms_guard_admit_many answered {} of {} admissions",
+            refusals.len(),
+            rows.len()
+        )));
+    }
+    refusals.into_iter().map(admission).collect()
+}
+
+/// An admission as `sms_guard_admit_many` gives it: null, or the refusal's name.
+fn admission(refusal: Option<String>) -> Result<Admission, StoreError> {
+    match refusal {
+        None => Ok(Admission::Admitted),
+        Some(reason) => GuardRefusal::parse(&reason)
+            .map(Admission::Refused)
+            .ok_or_else(|| StoreError::Corrupt(format!("guard refusal '{reason}'"))),
+    }
+}
+
 impl Store {
     /// Admits the messages past the guards they involve, counting them once, or says
     /// which guard refuses them (and counts nothing).
     ///
-    /// The admission's commit does not wait for the disk (`synchronous_commit` off for
-    /// it alone): it is short, and the row locks it holds are released sooner. Nothing is
-    /// given up by that. A message is claimed after it is admitted, and a commit that
-    /// waits for the disk flushes the write-ahead log up to itself, every commit before
-    /// it included; so an admission a database crash can take away is one whose message
-    /// was never claimed, never sent, and then counts nothing, as it should.
+    /// With the admitter (the daemon's store), the check waits to go with the others
+    /// waiting, in one statement (see `admitter.rs`); without it, it goes alone.
     pub async fn admit(&self, check: &GuardCheck<'_>) -> Result<Admission, StoreError> {
-        const ADMIT: &str = "SELECT sms_guard_admit($1::uuid[], $2::text[], $3::int8, $4::int4,
-                                                   $5::int4, $6::bool, $7::int4, $8::float8,
-                                                   $9::int4),
-                                   set_config('synchronous_commit', 'off', true)";
-        let _turns = self.admission_turns.take(check).await;
-        let login_limit = check.login_codes.map(|l| int4(l.count));
-        let login_window = check.login_codes.map(|l| l.window.as_secs_f64());
-        let international = check.international.map(int4);
-        let budget = check.budget.map(|b| int4(b.budget));
-        let exempt = check.budget.is_some_and(|b| b.exempt);
-        let row = self
-            .row(
-                ADMIT,
-                &[
-                    &check.messages,
-                    &check.recipients,
-                    &check.school_id,
-                    &int4(check.segments),
-                    &budget,
-                    &exempt,
-                    &login_limit,
-                    &login_window,
-                    &international,
-                ],
-            )
-            .await?
-            .ok_or_else(|| StoreError::Corrupt("no answer from sms_guard_admit".into()))?;
-        match row.try_get::<_, Option<String>>(0)? {
-            None => Ok(Admission::Admitted),
-            Some(reason) => GuardRefusal::parse(&reason)
-                .map(Admission::Refused)
-                .ok_or_else(|| StoreError::Corrupt(format!("guard refusal '{reason}'"))),
+        if check.messages.is_empty() {
+            return Ok(Admission::Admitted);
         }
+        let row = CheckRow::of(check);
+        match &self.admitter {
+            Some(admitter) => admitter.admit(row).await,
+            None => {
+                self.admit_in_order(vec![row]).await?.pop().ok_or_else(|| {
+                    StoreError::Corrupt("no answer from sms_guard_admit_many".into())
+                })
+            }
+        }
+    }
+
+    /// Admits `checks` in their order, each as if alone: in one statement when they can
+    /// go together, else in as few as their order allows (a message checked twice, or
+    /// another limit of the same counter, starts the next). One answer per check.
+    pub async fn admit_all(&self, checks: &[GuardCheck<'_>]) -> Result<Vec<Admission>, StoreError> {
+        self.admit_in_order(checks.iter().map(CheckRow::of).collect())
+            .await
+    }
+
+    async fn admit_in_order(&self, rows: Vec<CheckRow>) -> Result<Vec<Admission>, StoreError> {
+        let mut answers = Vec::with_capacity(rows.len());
+        for batch in super::admitter::in_order(rows) {
+            let admitted = on_connection!(self, |client| admit_batch(&client, &batch).await)?;
+            answers.extend(admitted);
+        }
+        Ok(answers)
     }
 
     /// Each school with a budget (a negative one is none: see

@@ -120,6 +120,7 @@ pub(crate) static MIGRATIONS: &[Migration] = &[
     migration!(20261208000401, "receipt_timeout_index"),
     migration!(20261208000402, "guard_plans"),
     migration!(20261209000001, "events_bound"),
+    migration!(20261209000100, "guard_batches"),
 ];
 
 const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS _sqlx_migrations (

@@ -17,7 +17,8 @@
 //!   figures billing counts;
 //! - `outbox`: the status events waiting for the relay; `rates`: the account-wide rate
 //!   clocks the replicas lease call slots from; `guards`: the counts of the guards
-//!   against fraud and spend, shared by the replicas the same way;
+//!   against fraud and spend, shared by the replicas the same way, and `admitter` the
+//!   group commit that admits messages past them in batches;
 //! - `inbox`: the development inbox's copies of the messages it handled;
 //! - `withdrawals`: the reminders a cancelled booking withdraws, and the bookings
 //!   cancelled;
@@ -47,6 +48,7 @@ macro_rules! on_connection {
     }};
 }
 
+mod admitter;
 mod connect;
 mod erasure;
 mod guards;
@@ -66,6 +68,7 @@ mod views;
 mod vocabulary;
 mod withdrawals;
 
+use admitter::Admitter;
 use connect::{Connector, quote_identifier};
 pub use erasure::Erasure;
 /// `SMSGW_DATABASE_TIMEOUT`'s default.
@@ -170,8 +173,9 @@ pub struct Store {
     keep_body: bool,
     /// Writes the message log in batches; without it (the tools) each write goes alone.
     recorder: Option<Recorder>,
-    /// Where admissions past the guards' shared counts wait their turn.
-    admission_turns: Arc<guards::AdmissionTurns>,
+    /// Admits messages past the guards in batches; without it (the tools) each admission
+    /// goes alone.
+    admitter: Option<Admitter>,
 }
 
 /// The connection pool, replaceable as a whole (see [`Store::replace_pool`]).
@@ -218,16 +222,21 @@ impl Store {
             }),
             keep_body: true,
             recorder: None,
-            admission_turns: Arc::default(),
+            admitter: None,
         })
     }
 
-    /// From now on, writes of the message log from all callers are gathered into batches
-    /// (group commit). Call once the body policy is set.
+    /// From now on, writes of the message log and admissions past the guards, from all
+    /// callers, are gathered into batches (group commit). Call once the body policy is set.
     pub fn with_recorder(mut self) -> Self {
-        let store = self.clone();
         let limit = self.call_limit();
-        self.recorder = Some(Recorder::start(move || store.pool(), self.keep_body, limit));
+        let (recording, admitting) = (self.clone(), self.clone());
+        self.recorder = Some(Recorder::start(
+            move || recording.pool(),
+            self.keep_body,
+            limit,
+        ));
+        self.admitter = Some(Admitter::start(move || admitting.pool(), limit));
         self
     }
 

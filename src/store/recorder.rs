@@ -177,9 +177,12 @@ async fn write(pool: &Pool, ops: Vec<Op>, keep_body: bool, limit: Duration) {
     );
 }
 
-/// Runs the writes of one kind as one statement and hands each waiter its answer.
-async fn answer<R, T, F, Fut>(writes: Vec<(R, oneshot::Sender<Result<T, StoreError>>)>, run: F)
-where
+/// Runs the writes of one kind as one statement and hands each waiter its answer (the
+/// admitter's batches too).
+pub(super) async fn answer<R, T, F, Fut>(
+    writes: Vec<(R, oneshot::Sender<Result<T, StoreError>>)>,
+    run: F,
+) where
     R: Clone,
     F: Fn(Vec<R>) -> Fut,
     Fut: Future<Output = Result<Vec<T>, StoreError>>,
