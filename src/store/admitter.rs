@@ -29,9 +29,9 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::{
-    StoreError,
+    Store, StoreError,
     connect::{acquire, settle, within},
-    guards::{Admission, CheckRow, admit_batch},
+    guards::{Admission, CheckRow, GuardCheck, admit_batch},
     recorder::answer,
 };
 use crate::config::RateWindow;
@@ -95,6 +95,45 @@ pub(super) fn in_order(rows: Vec<CheckRow>) -> Vec<Vec<CheckRow>> {
         batches.push(batch.rows);
     }
     batches
+}
+
+impl Store {
+    /// Admits the messages past the guards they involve, counting them once, or says
+    /// which guard refuses them (and counts nothing).
+    ///
+    /// With the admitter (the daemon's store), the check waits to go with the others
+    /// waiting, in one statement (see `admitter.rs`); without it, it goes alone.
+    pub async fn admit(&self, check: &GuardCheck<'_>) -> Result<Admission, StoreError> {
+        if check.messages.is_empty() {
+            return Ok(Admission::Admitted);
+        }
+        let row = CheckRow::of(check);
+        match &self.admitter {
+            Some(admitter) => admitter.admit(row).await,
+            None => {
+                self.admit_in_order(vec![row]).await?.pop().ok_or_else(|| {
+                    StoreError::Corrupt("no answer from sms_guard_admit_many".into())
+                })
+            }
+        }
+    }
+
+    /// Admits `checks` in their order, each as if alone: in one statement when they can
+    /// go together, else in as few as their order allows (a message checked twice, or
+    /// another limit of the same counter, starts the next). One answer per check.
+    pub async fn admit_all(&self, checks: &[GuardCheck<'_>]) -> Result<Vec<Admission>, StoreError> {
+        self.admit_in_order(checks.iter().map(CheckRow::of).collect())
+            .await
+    }
+
+    async fn admit_in_order(&self, rows: Vec<CheckRow>) -> Result<Vec<Admission>, StoreError> {
+        let mut answers = Vec::with_capacity(rows.len());
+        for batch in in_order(rows) {
+            let admitted = on_connection!(self, |client| admit_batch(&client, &batch).await)?;
+            answers.extend(admitted);
+        }
+        Ok(answers)
+    }
 }
 
 /// An admission waiting, and where its answer goes.

@@ -167,7 +167,7 @@ impl<'a> BatchArrays<'a> {
 
 /// Admits `rows` in one statement, in their order, each as if alone. The rows' messages
 /// are distinct, and those that count against the login-code limit or the international
-/// limit name the same one (the statement takes each limit once: see `admitter::Batch`).
+/// limit name the same one (the statement takes each limit once: see the admitter's batches).
 ///
 /// The commit does not wait for the disk (`synchronous_commit` off for it alone): it is
 /// short, and the row locks it holds are released sooner. Nothing is given up by that. A
@@ -231,43 +231,6 @@ fn admission(refusal: Option<String>) -> Result<Admission, StoreError> {
 }
 
 impl Store {
-    /// Admits the messages past the guards they involve, counting them once, or says
-    /// which guard refuses them (and counts nothing).
-    ///
-    /// With the admitter (the daemon's store), the check waits to go with the others
-    /// waiting, in one statement (see `admitter.rs`); without it, it goes alone.
-    pub async fn admit(&self, check: &GuardCheck<'_>) -> Result<Admission, StoreError> {
-        if check.messages.is_empty() {
-            return Ok(Admission::Admitted);
-        }
-        let row = CheckRow::of(check);
-        match &self.admitter {
-            Some(admitter) => admitter.admit(row).await,
-            None => {
-                self.admit_in_order(vec![row]).await?.pop().ok_or_else(|| {
-                    StoreError::Corrupt("no answer from sms_guard_admit_many".into())
-                })
-            }
-        }
-    }
-
-    /// Admits `checks` in their order, each as if alone: in one statement when they can
-    /// go together, else in as few as their order allows (a message checked twice, or
-    /// another limit of the same counter, starts the next). One answer per check.
-    pub async fn admit_all(&self, checks: &[GuardCheck<'_>]) -> Result<Vec<Admission>, StoreError> {
-        self.admit_in_order(checks.iter().map(CheckRow::of).collect())
-            .await
-    }
-
-    async fn admit_in_order(&self, rows: Vec<CheckRow>) -> Result<Vec<Admission>, StoreError> {
-        let mut answers = Vec::with_capacity(rows.len());
-        for batch in super::admitter::in_order(rows) {
-            let admitted = on_connection!(self, |client| admit_batch(&client, &batch).await)?;
-            answers.extend(admitted);
-        }
-        Ok(answers)
-    }
-
     /// Each school with a budget (a negative one is none: see
     /// [`Store::schools_with_unreadable_guards`]), of one school or all, and what it used
     /// in each month from `first` to `last` (first days, inclusive); a month it used
