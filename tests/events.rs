@@ -377,6 +377,7 @@ async fn metric(port: u16, name: &str) -> f64 {
 /// drains and new events flow again.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_outbox_no_relay_can_empty_stops_at_its_bound_and_flows_again_once_one_can() {
+    helpers::init_logs();
     let env = helpers::TestEnv::new().await;
     helpers::allow_configuring(&env, r"^(?!sms\.events$).*");
     helpers::migrate(&env.database_url).await;
